@@ -1,0 +1,3 @@
+from della_cli.cli import main
+
+main()

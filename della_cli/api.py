@@ -1,0 +1,170 @@
+"""The library entry points behind the CLI: plan a merge, run it, report what happened."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from della_cli.card import render_card
+from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
+from della_cli.errors import MergeFailure, ModelError, UsageError
+from della_cli.io.metadata import copy_metadata, write_config
+from della_cli.io.output import check_destination, staged_folder
+from della_cli.io.reader import ModelReader
+from della_cli.io.writer import ShardWriter
+from della_cli.plan import Plan, build_plan
+from della_cli.recipe import Recipe, load_recipe
+
+RECIPE_FILE = "della_recipe.yaml"
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class MergeOptions:
+    device: str = "auto"
+    seed: int | None = None
+    out_shard_bytes: int = DEFAULT_SHARD_BYTES
+    overwrite: bool = False
+
+
+@dataclass
+class MergeReport:
+    """The machine-readable summary of a finished merge (``--json``)."""
+
+    output: str
+    method: str
+    device: str
+    seed: int
+    recipe_sha256: str
+    tensors: int
+    shards: int
+    bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_model_path(ref: str, recipe_dir: Path | None) -> Path:
+    """A model reference as a local folder: relative to the working directory as mergekit
+    does, else relative to the recipe's folder."""
+    path = Path(ref).expanduser()
+    if path.is_dir() or path.is_absolute() or recipe_dir is None:
+        return path
+    beside_recipe = recipe_dir / path
+    if beside_recipe.is_dir():
+        return beside_recipe
+    if not ref.startswith((".", "~")) and ref.count("/") == 1:
+        raise ModelError(
+            f"model '{ref}' is not a local folder, and Hub model ids are not "
+            "supported yet; download it and give its folder"
+        )
+    return path
+
+
+def open_inputs(recipe: Recipe) -> MergeInputs:
+    recipe_dir = recipe.path.parent if recipe.path else None
+
+    def open_model(ref: str) -> ModelReader:
+        path = resolve_model_path(ref, recipe_dir)
+        if not path.exists():
+            raise ModelError(f"model '{ref}': {path} does not exist")
+        return ModelReader(path, ref)
+
+    base = open_model(recipe.schema.base_model) if recipe.schema.base_model else None
+    return MergeInputs(base, [open_model(ref) for ref in recipe.model_refs])
+
+
+def select_device(name: str):
+    """``auto`` is CUDA when available; an explicit CUDA device must exist."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(
+            f"--device: '{name}' is not a device; use auto, cpu, cuda or cuda:N"
+        ) from error
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def prepare(recipe_path: Path, options: MergeOptions) -> tuple[Recipe, MergeInputs, Plan]:
+    """Read the recipe, open the models' headers and plan: everything short of reading data."""
+    recipe = load_recipe(recipe_path)
+    if options.seed is not None:
+        recipe = recipe.with_seed(options.seed)
+    inputs = open_inputs(recipe)
+    plan = build_plan(recipe, inputs.base, inputs.experts, options.out_shard_bytes)
+    return recipe, inputs, plan
+
+
+def run_merge(
+    recipe_path: Path,
+    out: Path,
+    options: MergeOptions,
+    on_start: Callable[[Plan], None] | None = None,
+    on_progress: ProgressCallback | None = None,
+    on_warning: WarningCallback | None = None,
+) -> MergeReport:
+    """Merge as the recipe says into ``out``, which appears only once complete."""
+    started = time.perf_counter()
+    recipe, inputs, plan = prepare(recipe_path, options)
+    device = select_device(options.device)
+    reference = inputs.base or inputs.experts[0]
+    input_folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
+    check_destination(out, options.overwrite, input_folders)
+    warnings = list(plan.warnings)
+    for message in warnings:
+        (on_warning or (lambda m: None))(message)
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning:
+            on_warning(message)
+
+    if on_start:
+        on_start(plan)
+    writer: ShardWriter | None = None
+    try:
+        with staged_folder(out) as staging:
+            writer = ShardWriter(staging, plan.shards)
+            MergeEngine(recipe, plan, inputs, device, on_progress, warn).run(writer)
+            writer.close()
+            write_config(reference.config, staging, plan.config_dtype, plan.tie_word_embeddings)
+            copy_metadata(reference.folder, staging)
+            (staging / RECIPE_FILE).write_text(recipe.text)
+            (staging / "README.md").write_text(render_card(recipe, out.name, recipe.seed))
+    except OSError as error:
+        if writer is not None:
+            writer.abort()
+        raise MergeFailure(
+            f"writing {out} failed: {error.strerror or error}; nothing was left behind"
+        ) from error
+    finally:
+        for reader in [inputs.base, *inputs.experts]:
+            if reader is not None:
+                reader.close()
+    return MergeReport(
+        output=str(out),
+        method=recipe.method.name,
+        device=str(device),
+        seed=recipe.seed,
+        recipe_sha256=recipe.sha256,
+        tensors=len(plan.jobs),
+        shards=len(plan.shards),
+        bytes=plan.output_bytes,
+        seconds=round(time.perf_counter() - started, 3),
+        warnings=warnings,
+    )

@@ -1,0 +1,272 @@
+"""The ``della`` command line: parse arguments, call the API, map errors to exit codes.
+
+Results go to stdout (human text, or one JSON object with ``--json``); progress, warnings and
+errors go to stderr. User mistakes are one line and exit 2; merge and IO failures exit 1; an
+interrupt exits 130. Set DELLA_DEBUG=1 to see tracebacks. Torch is imported inside commands so
+that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from della_cli import __version__
+from della_cli.errors import DellaError
+
+EXIT_INTERRUPTED = 130
+app = typer.Typer(
+    name="della",
+    help="Merge fine-tuned language models without training (DELLA-Merging and baselines).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 524288000, '1024' -> 1024 bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise typer.BadParameter("must be at least 1 byte")
+    return size
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def reported_errors():
+    """Turn known errors into one line and an exit code; SIGTERM behaves like Ctrl-C."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    except DellaError as error:
+        if os.environ.get("DELLA_DEBUG"):
+            traceback.print_exc()
+        raise fail(str(error), error.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; nothing was written", EXIT_INTERRUPTED) from None
+    except typer.Exit:
+        raise
+    except Exception as error:
+        if os.environ.get("DELLA_DEBUG"):
+            traceback.print_exc()
+        raise fail(
+            f"unexpected {type(error).__name__}: {error} (set DELLA_DEBUG=1 for the "
+            "traceback and report it)",
+            1,
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"della {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Merge fine-tuned language models without training."""
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Output model folder.", show_default=False)],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int | None, typer.Option(min=0, help="Overrides the recipe's seed.")] = None,
+    out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Plan only: check everything, write nothing.")
+    ] = False,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Merge the models of RECIPE into the folder OUT."""
+    from della_cli.api import MergeOptions
+
+    options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite)
+    with reported_errors():
+        if dry_run:
+            _dry_run(recipe, options, as_json)
+            return
+        report = _merge_with_progress(recipe, out, options, quiet or as_json)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    elif not quiet:
+        typer.echo(
+            f"merged {report.tensors} tensors into {report.output} "
+            f"({report.shards} shard(s), {_human(report.bytes)}) in {report.seconds:.1f}s"
+        )
+
+
+def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):
+    from tqdm import tqdm
+
+    from della_cli.api import run_merge
+
+    show_bar = not quiet and sys.stderr.isatty()
+    bar = None
+
+    def on_start(plan) -> None:
+        nonlocal bar
+        if show_bar:
+            bar = tqdm(
+                total=plan.output_bytes,
+                unit="B",
+                unit_scale=True,
+                desc="merging",
+                file=sys.stderr,
+                postfix={"tensors": f"0/{len(plan.jobs)}"},
+            )
+            bar.jobs_total, bar.jobs_done = len(plan.jobs), 0
+
+    def on_progress(job) -> None:
+        if bar is not None:
+            bar.jobs_done += 1
+            bar.set_postfix(tensors=f"{bar.jobs_done}/{bar.jobs_total}", refresh=False)
+            bar.update(job.numel * _itemsize(job.out_dtype))
+
+    def on_warning(message: str) -> None:
+        if not quiet:
+            (bar.write if bar else lambda m: typer.echo(m, err=True))(f"warning: {message}")
+
+    try:
+        return run_merge(recipe, out, options, on_start, on_progress, on_warning)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _itemsize(code: str) -> int:
+    from della_cli.io.dtypes import itemsize
+
+    return itemsize(code)
+
+
+def _dry_run(recipe_path: Path, options, as_json: bool) -> None:
+    from della_cli.api import prepare, select_device
+
+    recipe, _inputs, plan = prepare(recipe_path, options)
+    device = select_device(options.device)
+    merged = sum(job.action == "merge" for job in plan.jobs)
+    summary = {
+        "method": recipe.method.name,
+        "device": str(device),
+        "tensors": len(plan.jobs),
+        "merged": merged,
+        "copied": len(plan.jobs) - merged,
+        "shards": len(plan.shards),
+        "output_bytes": plan.output_bytes,
+        "peak_tensor_bytes": plan.peak_tensor_bytes(len(recipe.model_refs)),
+        "warnings": plan.warnings,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    for message in plan.warnings:
+        typer.echo(f"warning: {message}", err=True)
+    typer.echo(
+        f"{recipe.method.name}: {summary['tensors']} tensors ({merged} merged, "
+        f"{summary['copied']} copied) into {summary['shards']} shard(s), "
+        f"{_human(plan.output_bytes)} out; peak working memory about "
+        f"{_human(summary['peak_tensor_bytes'])} on {device}; nothing written (dry run)"
+    )
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+@app.command()
+def methods(as_json: JsonOption = False) -> None:
+    """List the merge methods, their parameters and defaults."""
+    from della_cli.methods import METHODS
+
+    rows = []
+    for spec in METHODS.values():
+        rows.append(
+            {
+                "name": spec.name,
+                "summary": spec.summary,
+                "paper": spec.paper,
+                "needs_base": spec.needs_base,
+                "sign_consensus": spec.sign_consensus,
+                "normalize_default": spec.normalize_default,
+                "model_parameters": list(spec.expert_parameters),
+                "merge_parameters": list(spec.global_parameters),
+                "required": list(spec.required_parameters),
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        typer.echo(f"{row['name']}: {row['summary']}")
+        typer.echo(f"    paper: {row['paper']}")
+        typer.echo(
+            f"    per model: {', '.join(row['model_parameters'])} (weight defaults to 1.0"
+            + (f"; required: {', '.join(row['required'])})" if row["required"] else ")")
+        )
+        typer.echo(
+            f"    merge-wide: {', '.join(row['merge_parameters'])} (normalize defaults "
+            f"to {str(row['normalize_default']).lower()}"
+            + ("; lambda to 1.0" if "lambda" in row["merge_parameters"] else "")
+            + ")"
+        )
+
+
+def main() -> None:
+    app()

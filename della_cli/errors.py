@@ -1,0 +1,45 @@
+"""The project's error types. Each maps to an exit code and is shown as one line, no traceback.
+
+Exit codes: 0 success, 2 bad usage, recipe or input model, 1 merge or IO failure,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+
+class DellaError(Exception):
+    """Base of every error della reports to the user as one line."""
+
+    exit_code = 1
+
+
+class UsageError(DellaError):
+    """The user asked for something that cannot be done as asked (exit 2)."""
+
+    exit_code = 2
+
+
+class RecipeError(UsageError):
+    """The recipe is malformed or breaks a rule; the message names the field path."""
+
+
+class ModelError(UsageError):
+    """An input model folder or file is missing, malformed, or incompatible."""
+
+
+class PlanError(UsageError):
+    """The models cannot be merged as the recipe says; lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        count = len(problems)
+        head = "1 problem" if count == 1 else f"{count} problems"
+        super().__init__(f"the merge cannot run ({head}):\n  - " + "\n  - ".join(problems))
+
+
+class OutputError(UsageError):
+    """The output destination cannot be used as asked (exists, is a file, ...)."""
+
+
+class MergeFailure(DellaError):
+    """The merge started but failed (IO error, disk full, ...); nothing was left behind."""

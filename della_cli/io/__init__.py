@@ -1,0 +1,1 @@
+"""Reading input model folders and writing the merged one: the only modules that touch files."""

@@ -1,0 +1,66 @@
+"""The non-weight files of the output: config, generation config and tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+# Every file a Hugging Face tokenizer or processor may be made of, by name or pattern.
+TOKENIZER_PATTERNS = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    found: set[Path] = set()
+    for pattern in TOKENIZER_PATTERNS:
+        found.update(p for p in folder.glob(pattern) if p.is_file())
+    return sorted(found)
+
+
+def copy_metadata(source: Path, destination: Path) -> list[str]:
+    """Copy generation config and tokenizer files from ``source``; return what was copied."""
+    copied = []
+    for path in [source / "generation_config.json", *tokenizer_files(source)]:
+        if path.is_file():
+            target = destination / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            copied.append(str(path.relative_to(source)))
+    return copied
+
+
+def write_config(
+    config: dict | None, destination: Path, dtype_name: str | None, tie_word_embeddings: bool | None
+) -> None:
+    """config.json from the base, with the dtype and embedding tying of what was written."""
+    if config is None:
+        return
+    config = dict(config)
+    if dtype_name is not None:
+        config["dtype"] = dtype_name  # transformers >= 4.56 reads "dtype"
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name
+    if tie_word_embeddings is not None:
+        config["tie_word_embeddings"] = tie_word_embeddings
+        text_config = config.get("text_config")
+        if isinstance(text_config, dict) and "tie_word_embeddings" in text_config:
+            config["text_config"] = {**text_config, "tie_word_embeddings": tie_word_embeddings}
+    (destination / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,211 @@
+"""Lazy, validated access to the tensors of a model folder stored as safetensors.
+
+A folder holds either one ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``. Headers are read and checked up front (cheap: JSON only), so a
+plan can be made from shapes alone; tensor data is read on demand, one tensor at a time, with
+positioned reads into a fresh buffer. Reading instead of memory-mapping keeps the process's
+resident memory bounded by the tensors in flight, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from della_cli.errors import ModelError
+from della_cli.io.dtypes import TORCH_DTYPES, itemsize
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, from a safetensors header."""
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    path: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_floating(self) -> bool:
+        return TORCH_DTYPES[self.dtype].is_floating_point
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header; raise ModelError naming the file."""
+    try:
+        file_size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ModelError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (header_size,) = struct.unpack("<Q", prefix)
+            if header_size > min(file_size - 8, _MAX_HEADER_BYTES):
+                raise ModelError(
+                    f"{path}: header length {header_size} runs past the end of the file "
+                    f"({file_size} bytes); the file is truncated or not safetensors"
+                )
+            raw = handle.read(header_size)
+    except OSError as error:
+        raise ModelError(f"{path}: cannot read ({error.strerror})") from error
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path}: safetensors header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_size
+    infos = {
+        name: _tensor_info(path, name, entry, data_start, file_size)
+        for name, entry in header.items()
+    }
+    _check_no_overlap(path, infos.values())
+    return infos
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    def bad(reason: str) -> ModelError:
+        return ModelError(f"{path}: tensor '{name}' {reason}; the file is corrupt")
+
+    if not isinstance(entry, dict):
+        raise bad("has a malformed header entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in TORCH_DTYPES:
+        raise ModelError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise bad(f"has an invalid shape {shape!r}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int and o >= 0 for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise bad(f"has invalid data offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * itemsize(dtype)
+    if end - begin != expected:
+        raise bad(f"holds {end - begin} bytes but {dtype} {tuple(shape)} needs {expected}")
+    if data_start + end > size:
+        raise bad(f"runs past the end of the file ({data_start + end} > {size} bytes)")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def _check_no_overlap(path: Path, infos: object) -> None:
+    spans = sorted((info.offset, info.offset + info.nbytes, info.name) for info in infos)
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:
+            raise ModelError(f"{path}: tensors '{first}' and '{second}' overlap; file is corrupt")
+
+
+def _confined(folder: Path, relative: str, what: str) -> Path:
+    """Resolve ``relative`` inside ``folder``, refusing anything that leaves it."""
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise ModelError(f"{what} names '{relative}', which is outside the model folder")
+    resolved = (folder / candidate).resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise ModelError(f"{what} names '{relative}', which leads outside the model folder")
+    if not resolved.is_file():
+        raise ModelError(f"{what} names '{relative}', which does not exist")
+    return resolved
+
+
+def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a model folder and, if sharded, the index's weight map."""
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ModelError(f"{index_path}: not a valid index (no weight_map object)") from error
+        names = sorted(set(weight_map.values()))
+        return [_confined(folder, name, str(index_path)) for name in names], weight_map
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME], None
+    singles = sorted(folder.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles, None
+    if list(folder.glob("pytorch_model*.bin")) or (folder / "model.pt").exists():
+        raise ModelError(
+            f"{folder}: has only pickle weights (pytorch_model*.bin); convert them to "
+            "safetensors first, e.g. with transformers' save_pretrained(safe_serialization=True)"
+        )
+    raise ModelError(f"{folder}: no model.safetensors or {INDEX_NAME} found")
+
+
+class ModelReader:
+    """One input model folder: its tensors' headers and lazy reads of their data."""
+
+    def __init__(self, folder: Path, label: str):
+        self.folder = folder
+        self.label = label
+        if not folder.is_dir():
+            raise ModelError(f"model '{label}': {folder} is not a folder")
+        files, weight_map = weight_files(folder)
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in files:
+            self.tensors.update(read_header(path))
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.tensors))
+            if missing:
+                raise ModelError(
+                    f"{folder / INDEX_NAME}: names {len(missing)} tensor(s) absent from the "
+                    f"shards, first '{missing[0]}'"
+                )
+        self.config = self._read_json("config.json")
+        self._handles: dict[Path, int] = {}
+
+    def _read_json(self, name: str) -> dict | None:
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ModelError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(value, dict):
+            raise ModelError(f"{path}: expected a JSON object")
+        return value
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into a new CPU tensor of its stored dtype and shape."""
+        info = self.tensors[name]
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        descriptor = self._descriptor(info.path)
+        done = 0
+        while done < info.nbytes:
+            count = os.preadv(descriptor, [view[done:]], info.offset + done)
+            if count <= 0:
+                raise ModelError(f"{info.path}: ended early while reading '{name}'")
+            done += count
+        return buffer.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+    def _descriptor(self, path: Path) -> int:
+        if path not in self._handles:
+            self._handles[path] = os.open(path, os.O_RDONLY)
+        return self._handles[path]
+
+    def close(self) -> None:
+        for descriptor in self._handles.values():
+            os.close(descriptor)
+        self._handles.clear()

@@ -1,0 +1,151 @@
+"""Streaming writer of sharded safetensors files.
+
+The shard layout is decided before any tensor is computed (names, dtypes and shapes are known
+from the plan), so each shard's header is written first and tensors are appended as the engine
+produces them: nothing but the tensor in hand is held in memory. Files follow the Hugging Face
+convention: one ``model.safetensors`` when everything fits in a shard, else
+``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json`` with ``total_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from della_cli.io.dtypes import CODES, itemsize
+from della_cli.io.reader import INDEX_NAME, SINGLE_NAME
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor the writer will receive: its name, safetensors dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def split_into_shards(
+    tensors: Sequence[OutputTensor], max_shard_bytes: int
+) -> list[list[OutputTensor]]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` of data each.
+
+    A tensor larger than the limit gets a shard of its own, as transformers does.
+    """
+    shards: list[list[OutputTensor]] = []
+    current: list[OutputTensor] = []
+    current_bytes = 0
+    for tensor in tensors:
+        if current and current_bytes + tensor.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(tensor)
+        current_bytes += tensor.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def encode_header(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """The length prefix and JSON header of a safetensors file, padded to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes planned shards into ``folder``; tensors must arrive in plan order."""
+
+    def __init__(self, folder: Path, shards: list[list[OutputTensor]]):
+        self.folder = folder
+        self.shards = shards
+        self.file_names = shard_file_names(len(shards))
+        self._order = [(k, t) for k, shard in enumerate(shards) for t in shard]
+        self._next = 0
+        self._open_shard = -1
+        self._handle = None
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; its name, dtype and shape must match the plan."""
+        shard_index, expected = self._order[self._next]
+        if name != expected.name:
+            raise RuntimeError(f"writer expected '{expected.name}' next, got '{name}'")
+        if CODES.get(tensor.dtype) != expected.dtype or tuple(tensor.shape) != expected.shape:
+            raise RuntimeError(
+                f"writer expected '{name}' as {expected.dtype} {expected.shape}, got "
+                f"{tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if shard_index != self._open_shard:
+            self._start_shard(shard_index)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._handle.write(memoryview(data.numpy()))
+        self.bytes_written += expected.nbytes
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != shard_index:
+            self._finish_shard()
+
+    def _start_shard(self, shard_index: int) -> None:
+        self._open_shard = shard_index
+        self._handle = (self.folder / self.file_names[shard_index]).open("wb")
+        self._handle.write(encode_header(self.shards[shard_index], {"format": "pt"}))
+
+    def _finish_shard(self) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        self._handle = None
+
+    def close(self) -> list[str]:
+        """Finish: check every tensor arrived, write empty shards and the index if sharded."""
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise RuntimeError(f"writer closed before '{missing}' was written")
+        for index, shard in enumerate(self.shards):
+            if not shard:  # a model with no tensors still gets a valid file
+                self._start_shard(index)
+                self._finish_shard()
+        if len(self.shards) > 1:
+            self._write_index()
+        return self.file_names
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _write_index(self) -> None:
+        weight_map = {
+            tensor.name: self.file_names[k]
+            for k, shard in enumerate(self.shards)
+            for tensor in shard
+        }
+        total = sum(tensor.nbytes for shard in self.shards for tensor in shard)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,236 @@
+"""From safetensors headers alone, the list of tensor jobs of a merge.
+
+Every presence, shape and dtype problem surfaces here, all at once, before any tensor data is
+read. Output tensors follow the reference model (the base, or the first model of a ``linear``
+merge without one) in its file order, so reads are sequential. Merging is by tensor name with no
+per-architecture table: only vocabulary rows and tied embeddings get special handling, and they
+are recognised by shape and by name patterns every Hugging Face causal LM shares.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from della_cli.errors import PlanError
+from della_cli.io.dtypes import CONFIG_NAMES, DTYPE_NAMES, itemsize
+from della_cli.io.reader import ModelReader, TensorInfo
+from della_cli.io.writer import OutputTensor, split_into_shards
+from della_cli.methods import Sparsifier
+from della_cli.recipe import Recipe
+
+BASE = -1  # model index of the base model in a Source
+
+_EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+)
+_VOCAB_NAME = re.compile(
+    r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|embed_out|lm_head|"
+    r"tok_embeddings|output)(\.|$)"
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one input of a job comes from: a model (BASE or a recipe index) and a tensor name."""
+
+    model: int
+    tensor: str
+    rows: int | None = None  # set when the rows must be cropped or padded to the job's shape
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: merged from sources, or copied from the reference model."""
+
+    name: str
+    action: Literal["merge", "copy"]
+    shape: tuple[int, ...]
+    out_dtype: str
+    reference: Source  # the base of a delta merge, or what a copy copies
+    experts: tuple[Source, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Plan:
+    """Everything the engine needs, and what a dry run reports."""
+
+    jobs: list[TensorJob]
+    shards: list[list[OutputTensor]]
+    warnings: list[str] = field(default_factory=list)
+    compute_dtype: str = "F32"
+    tie_word_embeddings: bool | None = None
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for shard in self.shards for t in shard)
+
+    @property
+    def config_dtype(self) -> str | None:
+        """The dtype name config.json should carry: that of the floating tensors written."""
+        for job in self.jobs:
+            if job.out_dtype in CONFIG_NAMES:
+                return CONFIG_NAMES[job.out_dtype]
+        return None
+
+    def peak_tensor_bytes(self, n_models: int) -> int:
+        """An upper estimate of the memory one job needs: the raw inputs, each model's task
+        vector in the compute dtype, accumulators and a sort's temporaries."""
+        compute = itemsize(self.compute_dtype)
+        worst = 0
+        for job in self.jobs:
+            per_element = itemsize(job.out_dtype) * (len(job.experts) + 2)
+            if job.action == "merge":
+                per_element += compute * (len(job.experts) + 4) + 16
+            worst = max(worst, job.numel * per_element)
+        return worst
+
+
+def find_embedding(reader: ModelReader) -> str | None:
+    """The input embedding matrix of a model, found by the names transformers models use."""
+    for name, info in reader.tensors.items():
+        if name.endswith(_EMBEDDING_SUFFIXES) and len(info.shape) == 2:
+            return name
+    return None
+
+
+def _vocab_size(reader: ModelReader) -> int | None:
+    config = reader.config or {}
+    value = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return value if isinstance(value, int) else None
+
+
+def _is_vocab_mismatch(name: str, ref: TensorInfo, other: TensorInfo, vocab: set[int]) -> bool:
+    """Shapes that differ only in their first dimension, on a vocabulary-indexed tensor."""
+    if len(ref.shape) != len(other.shape) or ref.shape[1:] != other.shape[1:]:
+        return False
+    return bool(_VOCAB_NAME.search(name)) or ref.shape[0] in vocab or other.shape[0] in vocab
+
+
+def _is_tied(reader: ModelReader) -> bool:
+    return find_embedding(reader) is not None and not any(
+        n.endswith("lm_head.weight") for n in reader.tensors
+    )
+
+
+class _Planner:
+    def __init__(
+        self, recipe: Recipe, reference: ModelReader, ref_model: int, experts: list[ModelReader]
+    ):
+        self.recipe = recipe
+        self.reference = reference
+        self.ref_model = ref_model
+        self.experts = experts
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.vocab = {v for v in map(_vocab_size, [reference, *experts]) if v}
+        self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or "")
+
+    def source_for(self, index: int, name: str, ref: TensorInfo) -> Source | None:
+        """Expert ``index``'s input for output tensor ``name`` (None: it sits this one out)."""
+        expert = self.experts[index]
+        label = self.recipe.model_refs[index]
+        tensor = name
+        if name not in expert.tensors and name.endswith("lm_head.weight") and _is_tied(expert):
+            tensor = find_embedding(expert)  # a tied model's lm_head is its embedding matrix
+        info = expert.tensors.get(tensor)
+        if info is None:
+            self.warnings.append(f"'{label}' has no '{name}'; it is left out of that tensor")
+            return None
+        if info.shape == ref.shape:
+            if ref.is_floating and not info.is_floating:
+                self.problems.append(
+                    f"'{label}' has '{name}' as {info.dtype} but the reference has {ref.dtype}"
+                )
+            return Source(index, tensor)
+        if _is_vocab_mismatch(name, ref, info, self.vocab):
+            how = "cropped" if info.shape[0] > ref.shape[0] else "padded with zero deltas"
+            self.warnings.append(
+                f"'{label}' has {info.shape[0]} rows in '{name}', the base "
+                f"{ref.shape[0]}: {how} to the base's vocabulary"
+            )
+            return Source(index, tensor, rows=info.shape[0])
+        self.problems.append(
+            f"'{label}' has '{name}' of shape {info.shape} but the base has {ref.shape}; all "
+            "models must share the base's architecture"
+        )
+        return None
+
+    def job_for(self, name: str, ref: TensorInfo, ref_source: Source) -> TensorJob:
+        out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else ref.dtype
+        if not ref.is_floating:
+            return TensorJob(name, "copy", ref.shape, ref.dtype, ref_source)
+        sources = [self.source_for(i, name, ref) for i in range(len(self.experts))]
+        present = tuple(s for s in sources if s is not None)
+        if not present:
+            self.warnings.append(f"no model has '{name}'; copied from the base")
+            return TensorJob(name, "copy", ref.shape, out_dtype, ref_source)
+        self.check_keep_count(name, ref, present)
+        return TensorJob(name, "merge", ref.shape, out_dtype, ref_source, present)
+
+    def check_keep_count(self, name: str, ref: TensorInfo, present: tuple[Source, ...]) -> None:
+        """Trim methods must keep at least one entry of every tensor (ALGORITHMS.md)."""
+        sparsifier = self.recipe.method.sparsifier
+        if sparsifier not in (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS):
+            return
+        for source in present:
+            density = self.recipe.expert_params(source.model, name).density or 1.0
+            if density < 1 and math.floor(density * ref.numel) < 1:
+                self.problems.append(
+                    f"density {density} keeps no entry of '{name}' ({ref.numel} entries) for "
+                    f"'{self.recipe.model_refs[source.model]}'; raise it to at least "
+                    f"{1 / ref.numel:.3g}"
+                )
+
+
+def build_plan(
+    recipe: Recipe, base: ModelReader | None, experts: list[ModelReader], max_shard_bytes: int
+) -> Plan:
+    """Plan the merge from headers; raise PlanError listing every problem found."""
+    reference, ref_model = (base, BASE) if base is not None else (experts[0], 0)
+    planner = _Planner(recipe, reference, ref_model, experts)
+    ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
+    jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
+    jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
+    for index, expert in enumerate(experts):
+        extra = sorted(set(expert.tensors) - set(reference.tensors) - {j.name for j in jobs})
+        if extra:
+            planner.warnings.append(
+                f"'{recipe.model_refs[index]}' has {len(extra)} tensor(s) the base lacks "
+                f"(first '{extra[0]}'); they are not in the output"
+            )
+    if planner.problems:
+        raise PlanError(planner.problems)
+    outputs = [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs]
+    compute = "F64" if recipe.schema.dtype == "float64" else "F32"
+    tied = None
+    if find_embedding(reference) is not None:
+        tied = not any(j.name.endswith("lm_head.weight") for j in jobs)
+    return Plan(jobs, split_into_shards(outputs, max_shard_bytes), planner.warnings, compute, tied)
+
+
+def _untied_lm_head_jobs(planner: _Planner, reference_names: set[str]) -> list[TensorJob]:
+    """A tied reference merged with untied experts: the output gets an lm_head, whose
+    reference is the reference model's embedding matrix."""
+    if not _is_tied(planner.reference):
+        return []
+    untied = [e for e in planner.experts if any(n == "lm_head.weight" for n in e.tensors)]
+    if not untied or "lm_head.weight" in reference_names:
+        return []
+    embedding = find_embedding(planner.reference)
+    ref = planner.reference.tensors[embedding]
+    planner.warnings.append(
+        "the base ties its embeddings but an expert has its own lm_head; "
+        "the output gets an untied lm_head.weight"
+    )
+    return [planner.job_for("lm_head.weight", ref, Source(planner.ref_model, embedding))]
