@@ -87,7 +87,7 @@ def fuse(
         total_weight = sum(weights)
         return numerator.div_(total_weight if total_weight != 0 else 1.0)
     denominator = torch.zeros_like(weighted[0])
-    for vector, weight in zip(weighted, weights, strict=False):
+    for vector, weight in zip(weighted, weights, strict=True):
         agree = torch.sign(vector) == signs
         numerator.add_(torch.where(agree, vector, 0.0))
         denominator.add_(agree.to(vector.dtype), alpha=weight)
@@ -115,12 +115,12 @@ def merge_tensor(
         raise ValueError("merge_tensor needs at least one model")
     weights = [p.weight for p in params]
     if not spec.on_deltas:
-        scaled = [model * weight for model, weight in zip(models, weights, strict=False)]
+        scaled = [model * weight for model, weight in zip(models, weights, strict=True)]
         return fuse(scaled, weights, global_params.normalize)
     if base is None:
         raise ValueError(f"{spec.name} merges task vectors and needs a base tensor")
     weighted = []
-    for index, (model, expert) in enumerate(zip(models, params, strict=False)):
+    for index, (model, expert) in enumerate(zip(models, params, strict=True)):
         draws = (lambda i=index: uniform(i)) if uniform is not None else None
         mask = keep_masks[index] if keep_masks is not None else None
         sparse = sparsify_delta(spec.sparsifier, model - base, expert, global_params, draws, mask)
