@@ -268,5 +268,24 @@ def methods(as_json: JsonOption = False) -> None:
         )
 
 
+@app.command()
+def demo(
+    folder: Annotated[
+        Path | None, typer.Argument(help="Where to build the example (default: a temp folder).")
+    ] = None,
+) -> None:
+    """Merge tiny built-in example models with DELLA, then load and run the result."""
+    import tempfile
+
+    from della_cli.demo import run_demo
+
+    with reported_errors():
+        if folder is not None:
+            run_demo(folder, typer.echo)
+            return
+        with tempfile.TemporaryDirectory(prefix="della-demo-") as scratch:
+            run_demo(Path(scratch), typer.echo)
+
+
 def main() -> None:
     app()

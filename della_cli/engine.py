@@ -15,11 +15,14 @@ import torch
 from della_cli.io.dtypes import TORCH_DTYPES
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import merge_tensor
+from della_cli.methods import Rescale, Sparsifier, merge_tensor
 from della_cli.methods.randomness import derive_key, uniform_from_key
+from della_cli.methods.sparsify import as_rows, magnitude_keep_mask, outlier_keep_mask
 from della_cli.plan import BASE, Plan, Source, TensorJob
 from della_cli.recipe import Recipe
 
+# 4M elements: each float32 temporary of a block is 16 MiB, small next to any real model.
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
 ProgressCallback = Callable[[TensorJob], None]
 WarningCallback = Callable[[str], None]
 
@@ -38,14 +41,6 @@ class MergeInputs:
         return self.experts[model]
 
 
-def fit_rows(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Crop extra vocabulary rows, or pad missing ones with the reference's rows (zero delta)."""
-    rows = reference.shape[0]
-    if tensor.shape[0] >= rows:
-        return tensor[:rows]
-    return torch.cat([tensor, reference[tensor.shape[0] :]], dim=0)
-
-
 class MergeEngine:
     """Runs a plan: one tensor at a time, on ``device``, in plan order."""
 
@@ -57,6 +52,7 @@ class MergeEngine:
         device: torch.device,
         on_progress: ProgressCallback | None = None,
         on_warning: WarningCallback | None = None,
+        block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     ):
         self.recipe = recipe
         self.plan = plan
@@ -65,48 +61,111 @@ class MergeEngine:
         self.compute_dtype = TORCH_DTYPES[plan.compute_dtype]
         self.on_progress = on_progress or (lambda job: None)
         self.on_warning = on_warning or (lambda message: None)
+        self.block_elements = block_elements
 
     def run(self, writer: ShardWriter) -> None:
         for job in self.plan.jobs:
             writer.write(job.name, self.compute(job))
             self.on_progress(job)
 
-    def load(self, source: Source, dtype: torch.dtype | None = None) -> torch.Tensor:
-        tensor = self.inputs.reader(source.model).read(source.tensor)
-        return tensor.to(self.device, dtype=dtype, non_blocking=True)
+    def read(self, source: Source) -> torch.Tensor:
+        """One input tensor, as stored, on the CPU."""
+        return self.inputs.reader(source.model).read(source.tensor)
 
     def compute(self, job: TensorJob) -> torch.Tensor:
         """The output tensor of one job, on the CPU in its output dtype."""
         out_dtype = TORCH_DTYPES[job.out_dtype]
         if job.action == "copy":
             self.warn_if_experts_differ(job)
-            return self.inputs.reader(job.reference.model).read(job.reference.tensor).to(out_dtype)
-        reference = self.load(job.reference, self.compute_dtype)
-        models = [self.load_expert(source, reference) for source in job.experts]
+            return self.read(job.reference).to(out_dtype)
+        reference = self.read(job.reference)
+        models = [self.read(source) for source in job.experts]
+        output = torch.empty(job.shape, dtype=out_dtype)
+        out_rows = as_rows(output)
+        masks = self.global_keep_masks(job, reference, models)
+        for start, stop in self.row_blocks(job):
+            merged = self.merge_rows(job, reference, models, masks, start, stop)
+            out_rows[start:stop] = merged.to(out_dtype)
+        return output
+
+    def row_blocks(self, job: TensorJob) -> list[tuple[int, int]]:
+        """Blocks of whole rows to merge at a time, so temporaries stay small.
+
+        Every step of the pipeline is element-wise or row-wise once whole-tensor selections
+        (TIES, breadcrumbs) are made up front, so merging by blocks gives the same bytes as
+        merging the whole tensor; only the L1 rescale, a whole-tensor norm, needs it whole.
+        """
+        rows = as_rows(torch.empty(job.shape, device="meta"))
+        total_rows, row_length = rows.shape
+        whole = self.recipe.global_params().rescale is Rescale.L1 and self.recipe.method.is_random
+        if whole or total_rows * row_length <= self.block_elements:
+            return [(0, total_rows)]
+        step = max(1, self.block_elements // max(row_length, 1))
+        return [(r, min(r + step, total_rows)) for r in range(0, total_rows, step)]
+
+    def rows(self, tensor: torch.Tensor, start: int, stop: int, like: torch.Tensor | None = None):
+        """Rows ``start:stop`` on the device in the compute dtype; rows an expert lacks (a
+        smaller vocabulary) are taken from ``like``, the reference, so their delta is zero."""
+        tensor_rows = as_rows(tensor)
+        have = tensor_rows.shape[0]
+        if like is not None and stop > have:
+            parts = [tensor_rows[start:have]] if start < have else []
+            parts.append(as_rows(like)[max(start, have) : stop])
+            block = torch.cat([p.to(self.compute_dtype) for p in parts])
+        else:
+            block = tensor_rows[start:stop]
+        return block.to(self.device, dtype=self.compute_dtype, non_blocking=True)
+
+    def merge_rows(self, job, reference, models, masks, start: int, stop: int) -> torch.Tensor:
+        base = self.rows(reference, start, stop)
+        blocks = [
+            self.rows(model, start, stop, like=reference if source.rows else None)
+            for model, source in zip(models, job.experts, strict=True)
+        ]
         recipe_indices = [source.model for source in job.experts]
+        mask_blocks = None if masks is None else [as_rows(m)[start:stop] for m in masks]
         merged = merge_tensor(
             self.recipe.method,
-            reference,
-            models,
+            base,
+            blocks,
             [self.recipe.expert_params(i, job.name) for i in recipe_indices],
             self.recipe.global_params(),
-            uniform=self.uniform_draws(job, recipe_indices),
+            uniform=self.uniform_draws(job, recipe_indices, base.shape, start * base.shape[1]),
+            keep_masks=mask_blocks,
         )
-        return merged.to(out_dtype).cpu()
+        return merged.cpu()
 
-    def load_expert(self, source: Source, reference: torch.Tensor) -> torch.Tensor:
-        tensor = self.load(source, self.compute_dtype)
-        return fit_rows(tensor, reference) if source.rows is not None else tensor
+    def global_keep_masks(self, job, reference, models) -> list[torch.Tensor] | None:
+        """Whole-tensor selections (TIES trim, breadcrumbs), made once before blocking."""
+        sparsifier = self.recipe.method.sparsifier
+        if sparsifier not in (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS):
+            return None
+        masks = []
+        total_rows = as_rows(reference).shape[0]
+        for model, source in zip(models, job.experts, strict=True):
+            params = self.recipe.expert_params(source.model, job.name)
+            like = reference if source.rows else None
+            delta = self.rows(model, 0, total_rows, like) - self.rows(reference, 0, total_rows)
+            delta = delta.reshape(job.shape)
+            if params.density is None or params.density >= 1:
+                masks.append(torch.ones_like(delta, dtype=torch.bool))
+            elif sparsifier is Sparsifier.MAGNITUDE:
+                masks.append(magnitude_keep_mask(delta, params.density))
+            else:
+                masks.append(outlier_keep_mask(delta, params.density, params.gamma or 0.0))
+            del delta
+        return masks
 
-    def uniform_draws(self, job: TensorJob, recipe_indices: Sequence[int]):
-        """Draws for the expert at each position, keyed by its index in the recipe."""
+    def uniform_draws(self, job: TensorJob, recipe_indices: Sequence[int], shape, start: int):
+        """Draws for the expert at each position, keyed by its index in the recipe and by the
+        flat index of the block's first element, so blocks draw what the whole tensor would."""
         if not self.recipe.method.is_random:
             return None
         seed = self.recipe.seed
 
         def draw(position: int) -> torch.Tensor:
             key = derive_key(seed, job.name, recipe_indices[position])
-            return uniform_from_key(key, job.shape, device=self.device)
+            return uniform_from_key(key, shape, start=start, device=self.device)
 
         return draw
 

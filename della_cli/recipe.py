@@ -70,6 +70,14 @@ class ModelParameters(_Strict):
     def _numbers_only(cls, value: Any) -> Any:
         return _reject_lists(value)
 
+    @field_validator("rescale", mode="before")
+    @classmethod
+    def _check_rescale(cls, value: Any) -> Any:
+        # Checked before the union so the error names the field, not a union member.
+        if value is None or isinstance(value, bool) or value == "l1":
+            return value
+        raise ValueError(f"must be true, false or l1, got {value!r}")
+
     @field_validator("weight", "density", "epsilon", "gamma", "lambda_")
     @classmethod
     def _check_finite(cls, value: float | None) -> float | None:
@@ -115,7 +123,7 @@ class RecipeSchema(_Strict):
     parameters: GlobalParameters = Field(default_factory=GlobalParameters)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: int | None = Field(default=None, ge=0, lt=2**63, strict=True)  # strict: no `true`
     tokenizer_source: Literal["base"] | None = None
 
 

@@ -7,12 +7,12 @@ are exactly what a user's models look like), plus a word-level tokenizer, and ex
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gemma")
 VOCAB_SIZE = 96
@@ -138,5 +138,5 @@ def make_demo_models(root: Path, architecture: str = "llama") -> Path:
         "seed": 42,
     }
     path = root / "recipe.yaml"
-    path.write_text(json.dumps(recipe, indent=2) + "\n")  # JSON is valid YAML
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
