@@ -140,7 +140,12 @@ def run_merge(
     try:
         with staged_folder(out) as staging:
             writer = ShardWriter(staging, plan.shards)
-            MergeEngine(recipe, plan, inputs, device, on_progress, warn).run(writer)
+            try:
+                MergeEngine(recipe, plan, inputs, device, on_progress, warn).run(writer)
+            finally:
+                # Close a half-written shard on any failure (Ctrl-C included) before the
+                # staging folder is removed; a no-op after a complete run.
+                writer.abort()
             writer.close()
             write_config(reference.config, staging, plan.config_dtype, plan.tie_word_embeddings)
             copy_metadata(reference.folder, staging)

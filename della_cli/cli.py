@@ -49,13 +49,15 @@ _UNITS = {
 
 def parse_size(text: str) -> int:
     """'5GB' -> 5e9, '500MiB' -> 524288000, '1024' -> 1024 bytes."""
+    from della_cli.errors import UsageError
+
     match = _SIZE.match(text)
     if not match:
-        raise typer.BadParameter(f"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB")
+        raise UsageError(f"--out-shard-size: '{text}' is not a size; use e.g. 5GB, 500MB or 2GiB")
     unit = (match.group(2) or "").lower().removesuffix("b")
     size = int(float(match.group(1)) * _UNITS[unit])
     if size < 1:
-        raise typer.BadParameter("must be at least 1 byte")
+        raise UsageError(f"--out-shard-size: must be at least 1 byte, got '{text}'")
     return size
 
 
@@ -121,7 +123,7 @@ def merge(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)],
     out: Annotated[Path, typer.Argument(help="Output model folder.", show_default=False)],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int | None, typer.Option(min=0, help="Overrides the recipe's seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     dry_run: Annotated[
@@ -133,10 +135,10 @@ def merge(
     """Merge the models of RECIPE into the folder OUT."""
     from della_cli.api import MergeOptions
 
-    options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite)
     with reported_errors():
+        options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite)
         if dry_run:
-            _dry_run(recipe, options, as_json)
+            _dry_run(recipe, out, options, as_json)
             return
         report = _merge_with_progress(recipe, out, options, quiet or as_json)
     if as_json:
@@ -192,11 +194,15 @@ def _itemsize(code: str) -> int:
     return itemsize(code)
 
 
-def _dry_run(recipe_path: Path, options, as_json: bool) -> None:
+def _dry_run(recipe_path: Path, out: Path, options, as_json: bool) -> None:
     from della_cli.api import prepare, select_device
+    from della_cli.io.output import check_destination
 
-    recipe, _inputs, plan = prepare(recipe_path, options)
+    recipe, inputs, plan = prepare(recipe_path, options)
     device = select_device(options.device)
+    # The output checks of a real run, so that a clean dry run means the merge can start.
+    folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
+    check_destination(out, options.overwrite, folders)
     merged = sum(job.action == "merge" for job in plan.jobs)
     summary = {
         "method": recipe.method.name,

@@ -106,6 +106,11 @@ class MergeEngine:
     def rows(self, tensor: torch.Tensor, start: int, stop: int, like: torch.Tensor | None = None):
         """Rows ``start:stop`` on the device in the compute dtype; rows an expert lacks (a
         smaller vocabulary) are taken from ``like``, the reference, so their delta is zero."""
+        if like is not None and tensor.dim() == 1 and tensor.shape != like.shape:
+            # A 1-D vocabulary tensor (an lm_head bias) is a single row: fit its entries.
+            kept = min(tensor.shape[0], like.shape[0])
+            parts = (tensor[:kept], like[kept:])
+            tensor = torch.cat([part.to(self.compute_dtype) for part in parts])
         tensor_rows = as_rows(tensor)
         have = tensor_rows.shape[0]
         if like is not None and stop > have:

@@ -203,6 +203,12 @@ def build_plan(
     jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
     jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
     for index, expert in enumerate(experts):
+        if not set(expert.tensors) & set(reference.tensors):
+            planner.problems.append(
+                f"'{recipe.model_refs[index]}' shares no tensor name with the base; it is "
+                "another architecture, and all models must share the base's"
+            )
+            continue
         extra = sorted(set(expert.tensors) - set(reference.tensors) - {j.name for j in jobs})
         if extra:
             planner.warnings.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,8 @@ def _finite(value: float | None) -> float | None:
 
 
 def _reject_lists(value: Any) -> Any:
+    if isinstance(value, str):
+        raise ValueError(f"must be a number, got {value!r}")
     if isinstance(value, (list, dict)):
         raise ValueError(
             "per-tensor filters and gradients (lists) are not supported yet; give one number"
@@ -123,8 +126,24 @@ class RecipeSchema(_Strict):
     parameters: GlobalParameters = Field(default_factory=GlobalParameters)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63, strict=True)  # strict: no `true`
-    tokenizer_source: Literal["base"] | None = None
+    seed: int | None = Field(default=None, strict=True)  # strict: `true` is not a seed
+    tokenizer_source: str | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value < 2**63:
+            raise ValueError(f"must be an integer in [0, 2**63), got {value}")
+        return value
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _check_tokenizer_source(cls, value: str | None) -> str | None:
+        if value is not None and value != "base":
+            raise ValueError(
+                f"'{value}' is not supported yet; only tokenizer_source: base (the default)"
+            )
+        return value
 
 
 @dataclass(frozen=True)
@@ -184,7 +203,15 @@ class Recipe:
         return self.schema.seed if self.schema.seed is not None else 0
 
     def with_seed(self, seed: int) -> Recipe:
-        return Recipe(self.schema.model_copy(update={"seed": seed}), self.text, self.path)
+        """The recipe with its seed replaced, in the schema and in the text (so that the text
+        written next to the merged model reproduces it)."""
+        if not 0 <= seed < 2**63:
+            raise RecipeError(f"--seed: must be an integer in [0, 2**63), got {seed}")
+        line = f"seed: {seed}  # set by della merge --seed"
+        text, count = re.subn(r"(?m)^seed:.*$", line, self.text)
+        if count == 0:
+            text = self.text.rstrip("\n") + "\n" + line + "\n"
+        return Recipe(self.schema.model_copy(update={"seed": seed}), text, self.path)
 
 
 def _first_set(*values: Any) -> Any:
@@ -205,11 +232,26 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(text, path)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing duplicate keys (which would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     """Parse recipe text; raise RecipeError naming the field path of the first problem."""
     where = str(path) if path else "recipe"
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no object tags
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         position = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -255,6 +297,8 @@ def _describe(error: dict[str, Any], data: Any) -> str:
         return f"{field}: must be a list of models, got {value!r}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return f"{field}: must be a mapping, got {value!r}"
+    if kind == "string_too_short":
+        return f"{field}: must not be empty"
     if kind == "string_type":
         return f"{field}: must be a string, got {value!r}"
     return f"{field}: {error['msg']}"
@@ -335,9 +379,14 @@ def _check_expert_values(recipe: Recipe, index: int) -> None:
     for name in spec.required_parameters:
         if getattr(params, name) is None:
             example = {"density": "density: 0.7", "epsilon": "epsilon: 0.07"}[name]
+            article = "an" if name[0] in "aeiou" else "a"
+            someone_sets_it = any(
+                getattr(entry.parameters, name) is not None for entry in recipe.schema.models
+            )
+            where = f"models.{index}.parameters.{name}" if someone_sets_it else f"parameters.{name}"
             raise RecipeError(
-                f"models.{index}.parameters.{name}: {spec.name} needs a {name} for every model "
-                f"and has no default; add '{example}' under parameters (or per model)"
+                f"{where}: {spec.name} needs {article} {name} for every model and has no "
+                f"default; add '{example}' under parameters (or per model)"
             )
     density = params.density
     in_window = (

@@ -133,10 +133,15 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(file_name, str) for file_name in weight_map.values()
+            ):
                 raise TypeError
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ModelError(f"{index_path}: not a valid index (no weight_map object)") from error
+            raise ModelError(
+                f"{index_path}: not a valid index (needs a weight_map object from tensor "
+                "names to file names)"
+            ) from error
         names = sorted(set(weight_map.values()))
         return [_confined(folder, name, str(index_path)) for name in names], weight_map
     if (folder / SINGLE_NAME).is_file():
