@@ -10,10 +10,11 @@ from pathlib import Path
 from della_cli.card import render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
 from della_cli.errors import MergeFailure, ModelError, UsageError
+from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
 from della_cli.io.metadata import copy_metadata, write_config
 from della_cli.io.output import check_destination, staged_folder
 from della_cli.io.reader import ModelReader
-from della_cli.io.writer import ShardWriter
+from della_cli.io.writer import ShardWriter, shard_file_names
 from della_cli.plan import Plan, build_plan
 from della_cli.recipe import Recipe, load_recipe
 
@@ -27,6 +28,7 @@ class MergeOptions:
     seed: int | None = None
     out_shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
+    resume: bool = False
 
 
 @dataclass
@@ -42,6 +44,7 @@ class MergeReport:
     shards: int
     bytes: int
     seconds: float
+    resumed_shards: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -136,24 +139,18 @@ def run_merge(
 
     if on_start:
         on_start(plan)
-    writer: ShardWriter | None = None
+    resumed_shards = 0
     try:
-        with staged_folder(out) as staging:
-            writer = ShardWriter(staging, plan.shards)
-            try:
-                MergeEngine(recipe, plan, inputs, device, on_progress, warn).run(writer)
-            finally:
-                # Close a half-written shard on any failure (Ctrl-C included) before the
-                # staging folder is removed; a no-op after a complete run.
-                writer.abort()
-            writer.close()
+        with staged_folder(out, keep_partial=options.resume) as staging:
+            resumed_shards = _write_weights(
+                recipe, plan, inputs, device, staging, options, on_progress, warn
+            )
             write_config(reference.config, staging, plan.config_dtype, plan.tie_word_embeddings)
             copy_metadata(reference.folder, staging)
             (staging / RECIPE_FILE).write_text(recipe.text)
             (staging / "README.md").write_text(render_card(recipe, out.name, recipe.seed))
+            (staging / JOURNAL_NAME).unlink(missing_ok=True)
     except OSError as error:
-        if writer is not None:
-            writer.abort()
         raise MergeFailure(
             f"writing {out} failed: {error.strerror or error}; nothing was left behind"
         ) from error
@@ -171,5 +168,40 @@ def run_merge(
         shards=len(plan.shards),
         bytes=plan.output_bytes,
         seconds=round(time.perf_counter() - started, 3),
+        resumed_shards=resumed_shards,
         warnings=warnings,
     )
+
+
+def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, warn) -> int:
+    """Merge every tensor into shards in ``staging``, journaling finished shards; with
+    ``options.resume``, keep the verified shards a killed run left and return their count."""
+    layout = [[(t.name, t.dtype, list(t.shape)) for t in shard] for shard in plan.shards]
+    folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
+    journal = Journal(merge_fingerprint(recipe.text, recipe.seed, layout, folders))
+    file_names = shard_file_names(len(plan.shards))
+    done = 0
+    if options.resume:
+        previous = Journal.load(staging)
+        if previous is not None and previous.fingerprint == journal.fingerprint:
+            done = verified_shard_count(staging, previous, file_names)
+            journal.shards = {name: previous.shards[name] for name in file_names[:done]}
+        elif previous is not None:
+            warn("the partial output was made by a different recipe, seed or inputs; starting over")
+        for stale in file_names[done:]:
+            (staging / stale).unlink(missing_ok=True)
+
+    def record(file_name: str, digest: str) -> None:
+        journal.shards[file_name] = digest
+        journal.save(staging)
+
+    writer = ShardWriter(staging, plan.shards, first_shard=done, on_shard_finished=record)
+    try:
+        engine = MergeEngine(recipe, plan, inputs, device, on_progress, warn)
+        engine.run(writer, start=writer.next_index)
+    finally:
+        # Close a half-written shard on any failure (Ctrl-C included) before the staging
+        # folder is removed; a no-op after a complete run.
+        writer.abort()
+    writer.close()
+    return done

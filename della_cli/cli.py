@@ -126,6 +126,9 @@ def merge(
     seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue a merge that was killed, keeping its verified shards.")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Plan only: check everything, write nothing.")
     ] = False,
@@ -136,7 +139,7 @@ def merge(
     from della_cli.api import MergeOptions
 
     with reported_errors():
-        options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite)
+        options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite, resume)
         if dry_run:
             _dry_run(recipe, out, options, as_json)
             return

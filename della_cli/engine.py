@@ -63,8 +63,9 @@ class MergeEngine:
         self.on_warning = on_warning or (lambda message: None)
         self.block_elements = block_elements
 
-    def run(self, writer: ShardWriter) -> None:
-        for job in self.plan.jobs:
+    def run(self, writer: ShardWriter, start: int = 0) -> None:
+        """Compute and write the jobs from position ``start`` on (later ones on resume)."""
+        for job in self.plan.jobs[start:]:
             writer.write(job.name, self.compute(job))
             self.on_progress(job)
 

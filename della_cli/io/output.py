@@ -14,6 +14,11 @@ from pathlib import Path
 
 from della_cli.errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent merges are not detected there
+    fcntl = None
+
 TEMP_MARKER = ".della-tmp-"
 
 
@@ -36,20 +41,61 @@ def check_destination(out: Path, overwrite: bool, inputs: list[Path]) -> None:
         raise OutputError(f"cannot write into {parent}: permission denied")
 
 
+def staging_path(out: Path) -> Path:
+    """The temporary sibling a merge into ``out`` is written to (a fixed name, so that a merge
+    killed outright can be resumed from it)."""
+    out = out.resolve()
+    return out.parent / f".{out.name}{TEMP_MARKER}partial"
+
+
 @contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``out``; on success, move it to ``out``."""
+def staged_folder(out: Path, keep_partial: bool = False) -> Iterator[Path]:
+    """Yield the locked temporary folder next to ``out``; on success, move it to ``out``.
+
+    The folder is locked (``flock`` on its descriptor, released by the kernel even if the
+    process is killed) so a second merge into the same output refuses instead of interleaving.
+    A partial folder left by a killed merge is emptied unless ``keep_partial`` (resume).
+    On an exception or interrupt the folder is removed and ``out`` is untouched.
+    """
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}{TEMP_MARKER}{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = staging_path(out)
+    staging.mkdir(exist_ok=True)
+    lock = _lock_folder(staging, out)
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_folder(staging, out)
+        if not keep_partial:
+            _empty_folder(staging)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replace_folder(staging, out)
+    finally:
+        os.close(lock)
+
+
+def _lock_folder(folder: Path, out: Path) -> int:
+    descriptor = os.open(folder, os.O_RDONLY)
+    if fcntl is None:
+        return descriptor
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise OutputError(
+            f"another della merge is writing {out} right now; wait for it to finish or "
+            "choose another output"
+        ) from None
+    return descriptor
+
+
+def _empty_folder(folder: Path) -> None:
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def replace_folder(staging: Path, out: Path) -> None:

@@ -9,11 +9,12 @@ convention: one ``model.safetensors`` when everything fits in a shard, else
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +83,31 @@ def encode_header(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> 
 class ShardWriter:
     """Writes planned shards into ``folder``; tensors must arrive in plan order."""
 
-    def __init__(self, folder: Path, shards: list[list[OutputTensor]]):
+    def __init__(
+        self,
+        folder: Path,
+        shards: list[list[OutputTensor]],
+        first_shard: int = 0,
+        on_shard_finished: Callable[[str, str], None] | None = None,
+    ):
+        """``first_shard`` > 0 resumes after shards already on disk; ``on_shard_finished``
+        receives each completed shard's file name and SHA-256 (for the resume journal)."""
         self.folder = folder
         self.shards = shards
         self.file_names = shard_file_names(len(shards))
         self._order = [(k, t) for k, shard in enumerate(shards) for t in shard]
-        self._next = 0
+        self._next = sum(len(shard) for shard in shards[:first_shard])
+        self._first_shard = first_shard
         self._open_shard = -1
         self._handle = None
+        self._digest = hashlib.sha256()
+        self._on_shard_finished = on_shard_finished
         self.bytes_written = 0
+
+    @property
+    def next_index(self) -> int:
+        """Position in plan order of the next tensor to write."""
+        return self._next
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; its name, dtype and shape must match the plan."""
@@ -104,8 +121,11 @@ class ShardWriter:
             )
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._handle.write(memoryview(data.numpy()))
+        data = memoryview(
+            tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        )
+        self._handle.write(data)
+        self._digest.update(data)
         self.bytes_written += expected.nbytes
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
@@ -114,13 +134,17 @@ class ShardWriter:
     def _start_shard(self, shard_index: int) -> None:
         self._open_shard = shard_index
         self._handle = (self.folder / self.file_names[shard_index]).open("wb")
-        self._handle.write(encode_header(self.shards[shard_index], {"format": "pt"}))
+        header = encode_header(self.shards[shard_index], {"format": "pt"})
+        self._handle.write(header)
+        self._digest = hashlib.sha256(header)
 
     def _finish_shard(self) -> None:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
         self._handle = None
+        if self._on_shard_finished is not None:
+            self._on_shard_finished(self.file_names[self._open_shard], self._digest.hexdigest())
 
     def close(self) -> list[str]:
         """Finish: check every tensor arrived, write empty shards and the index if sharded."""
@@ -128,7 +152,7 @@ class ShardWriter:
             missing = self._order[self._next][1].name
             raise RuntimeError(f"writer closed before '{missing}' was written")
         for index, shard in enumerate(self.shards):
-            if not shard:  # a model with no tensors still gets a valid file
+            if not shard and index >= self._first_shard:  # no tensors: still a valid file
                 self._start_shard(index)
                 self._finish_shard()
         if len(self.shards) > 1:
