@@ -19,6 +19,7 @@ from della_cli.io.dtypes import CONFIG_NAMES, DTYPE_NAMES, itemsize
 from della_cli.io.reader import ModelReader, TensorInfo
 from della_cli.io.writer import OutputTensor, split_into_shards
 from della_cli.methods import Sparsifier
+from della_cli.methods.sparsify import fraction_count
 from della_cli.recipe import Recipe
 
 BASE = -1  # model index of the base model in a Source
@@ -185,7 +186,7 @@ class _Planner:
             return
         for source in present:
             density = self.recipe.expert_params(source.model, name).density or 1.0
-            if density < 1 and math.floor(density * ref.numel) < 1:
+            if density < 1 and fraction_count(density, ref.numel) < 1:
                 self.problems.append(
                     f"density {density} keeps no entry of '{name}' ({ref.numel} entries) for "
                     f"'{self.recipe.model_refs[source.model]}'; raise it to at least "

@@ -84,7 +84,9 @@ def fuse(
             numerator.add_(vector)
         if not normalize:
             return numerator
-        total_weight = sum(weights)
+        # D as the compute dtype holds it: a sum of weights too small for float32 is 0 there,
+        # and dividing by it would turn zeros into NaN.
+        total_weight = float(torch.tensor(sum(weights), dtype=numerator.dtype))
         return numerator.div_(total_weight if total_weight != 0 else 1.0)
     denominator = torch.zeros_like(weighted[0])
     for vector, weight in zip(weighted, weights, strict=True):

@@ -15,6 +15,7 @@ pure: random draws are passed in as uniform numbers in [0, 1).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -79,18 +80,23 @@ def rank_at_least_mask(magnitude: torch.Tensor, min_rank: int) -> torch.Tensor:
     return keep.reshape(magnitude.shape)
 
 
+def fraction_count(fraction: float, numel: int) -> int:
+    """⌊fraction·N⌋ on the decimal the user wrote: 0.29 of 100 is 29, where float
+    multiplication gives 28.999999999999996 and would keep one entry too few."""
+    return math.floor(Fraction(repr(fraction)) * numel)
+
+
 def magnitude_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the k = ⌊d·N⌋ largest magnitudes of the whole tensor."""
     numel = delta.numel()
-    keep_count = math.floor(density * numel)
-    return rank_at_least_mask(delta.abs(), numel - keep_count)
+    return rank_at_least_mask(delta.abs(), numel - fraction_count(density, numel))
 
 
 def outlier_keep_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs: drop the ⌊γN⌋ largest and enough of the smallest to keep ⌊d·N⌋ entries."""
     numel = delta.numel()
-    top_count = math.floor(gamma * numel)
-    keep_count = min(math.floor(density * numel), numel - top_count)
+    top_count = fraction_count(gamma, numel)
+    keep_count = min(fraction_count(density, numel), numel - top_count)
     magnitude = delta.abs()
     first_kept = numel - top_count - keep_count
     keep = rank_at_least_mask(magnitude, first_kept)

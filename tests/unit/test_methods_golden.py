@@ -539,3 +539,14 @@ def test_density_one_merges_without_draws(method):
         reference = "linear"
     expected = merge_tensor(METHODS[reference], base, models, [ExpertParams()] * 2, GlobalParams())
     assert torch.equal(merged, expected)
+
+
+def test_weights_too_small_for_float32_do_not_make_nan():
+    """Σw = 1e-300 is 0 in float32: the normalizer must be taken as 1, not divide 0 by 0."""
+    base = torch.tensor([0.5, -1.0])
+    expert = torch.tensor([0.75, -1.0])
+    spec = METHODS["task_arithmetic"]
+    merged = merge_tensor(
+        spec, base, [expert], [ExpertParams(weight=1e-300)], GlobalParams(normalize=True)
+    )
+    assert torch.equal(merged, base)

@@ -275,3 +275,10 @@ def test_apply_keep_mask_does_not_modify_its_input():
     apply_keep_mask(delta, KEEP, 0.5, Rescale.KEEP_PROB)
     apply_keep_mask(delta, KEEP, 0.5, Rescale.L1)
     assert torch.equal(delta, DELTA)
+
+
+def test_keep_count_uses_the_written_decimal():
+    """0.29 · 100 is 28.999999999999996 in floating point; the user asked for 29 entries."""
+    delta = torch.arange(1, 101, dtype=torch.float32)
+    assert int(magnitude_keep_mask(delta, 0.29).sum()) == 29
+    assert bool(magnitude_keep_mask(delta, 0.29)[-29:].all())

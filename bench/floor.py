@@ -1,0 +1,48 @@
+"""The I/O floor of a merge: read every input byte, write the output's bytes, nothing else.
+
+Run as its own process (``python bench/floor.py OUT_FILE OUT_BYTES INPUT...``) so that it is timed
+exactly like the merge tools, Python start-up included. Reads are plain ``readinto`` calls on
+16 MiB buffers; the output is written from the same buffer and fsync'ed before exit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+BUFFER_BYTES = 16 * 2**20
+
+
+def read_all(paths: list[str], buffer: bytearray) -> int:
+    view, total = memoryview(buffer), 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while count := handle.readinto(view):
+                total += count
+    return total
+
+
+def write_bytes(path: str, size: int, buffer: bytearray) -> None:
+    view = memoryview(buffer)
+    with open(path, "wb", buffering=0) as handle:
+        left = size
+        while left > 0:
+            left -= handle.write(view[: min(left, len(view))])
+        os.fsync(handle.fileno())
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print("usage: floor.py OUT_FILE OUT_BYTES INPUT...", file=sys.stderr)
+        return 2
+    out, size, inputs = argv[0], int(argv[1]), argv[2:]
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    buffer = bytearray(BUFFER_BYTES)
+    read = read_all(inputs, buffer)
+    write_bytes(out, size, buffer)
+    print(f"read {read} bytes, wrote {size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
