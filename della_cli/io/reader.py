@@ -194,16 +194,29 @@ class ModelReader:
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into a new CPU tensor of its stored dtype and shape."""
         info = self.tensors[name]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self._read_bytes(info, 0, info.nbytes).reshape(info.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor seen as (shape[0], -1) (a 1-D or 0-D tensor is one
+        row), read without touching the rest of it: rows are contiguous in the file."""
+        info = self.tensors[name]
+        if len(info.shape) <= 1:
+            return self.read(name).reshape(1, -1)[start:stop]
+        row_bytes = info.nbytes // info.shape[0]
+        flat = self._read_bytes(info, start * row_bytes, (stop - start) * row_bytes)
+        return flat.reshape(stop - start, -1)
+
+    def _read_bytes(self, info: TensorInfo, begin: int, count: int) -> torch.Tensor:
+        buffer = torch.empty(count, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         descriptor = self._descriptor(info.path)
         done = 0
-        while done < info.nbytes:
-            count = os.preadv(descriptor, [view[done:]], info.offset + done)
-            if count <= 0:
-                raise ModelError(f"{info.path}: ended early while reading '{name}'")
-            done += count
-        return buffer.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        while done < count:
+            got = os.preadv(descriptor, [view[done:]], info.offset + begin + done)
+            if got <= 0:
+                raise ModelError(f"{info.path}: ended early while reading '{info.name}'")
+            done += got
+        return buffer.view(TORCH_DTYPES[info.dtype])
 
     def _descriptor(self, path: Path) -> int:
         if path not in self._handles:

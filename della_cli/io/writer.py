@@ -102,6 +102,7 @@ class ShardWriter:
         self._handle = None
         self._digest = hashlib.sha256()
         self._on_shard_finished = on_shard_finished
+        self._part_bytes = 0
         self.bytes_written = 0
 
     @property
@@ -111,21 +112,34 @@ class ShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; its name, dtype and shape must match the plan."""
+        expected = self._order[self._next][1]
+        if tuple(tensor.shape) != expected.shape:
+            raise RuntimeError(
+                f"writer expected '{name}' of shape {expected.shape}, got {tuple(tensor.shape)}"
+            )
+        self.write_part(name, tensor)
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Append the next piece of the current tensor (pieces in order, e.g. blocks of
+        rows); the tensor is complete when its pieces add up to its size."""
         shard_index, expected = self._order[self._next]
         if name != expected.name:
             raise RuntimeError(f"writer expected '{expected.name}' next, got '{name}'")
-        if CODES.get(tensor.dtype) != expected.dtype or tuple(tensor.shape) != expected.shape:
-            raise RuntimeError(
-                f"writer expected '{name}' as {expected.dtype} {expected.shape}, got "
-                f"{tensor.dtype} {tuple(tensor.shape)}"
-            )
+        if CODES.get(part.dtype) != expected.dtype:
+            raise RuntimeError(f"writer expected '{name}' as {expected.dtype}, got {part.dtype}")
+        data = memoryview(
+            part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        )
+        if self._part_bytes + data.nbytes > expected.nbytes:
+            raise RuntimeError(f"writer got more bytes for '{name}' than its shape holds")
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
-        data = memoryview(
-            tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        )
         self._handle.write(data)
         self._digest.update(data)
+        self._part_bytes += data.nbytes
+        if self._part_bytes < expected.nbytes:
+            return
+        self._part_bytes = 0
         self.bytes_written += expected.nbytes
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:

@@ -90,9 +90,11 @@ def fuse(
         return numerator.div_(total_weight if total_weight != 0 else 1.0)
     denominator = torch.zeros_like(weighted[0])
     for vector, weight in zip(weighted, weights, strict=True):
-        agree = torch.sign(vector) == signs
-        numerator.add_(torch.where(agree, vector, 0.0))
-        denominator.add_(agree.to(vector.dtype), alpha=weight)
+        # 1.0 where the entry agrees with the elected sign, else 0.0; the products with it
+        # are exact, so one fused multiply-add gives the same bits on every backend.
+        agree = (torch.sign(vector) == signs).to(vector.dtype)
+        numerator.addcmul_(vector, agree)
+        denominator.add_(agree, alpha=weight)
     if not normalize:
         return numerator
     return numerator.div_(denominator.masked_fill_(denominator == 0, 1.0))
@@ -126,7 +128,7 @@ def merge_tensor(
         draws = (lambda i=index: uniform(i)) if uniform is not None else None
         mask = keep_masks[index] if keep_masks is not None else None
         sparse = sparsify_delta(spec.sparsifier, model - base, expert, global_params, draws, mask)
-        weighted.append(sparse.mul_(expert.weight))
+        weighted.append(sparse if expert.weight == 1.0 else sparse.mul_(expert.weight))
     signs = None
     if spec.sign_consensus:
         total = torch.zeros_like(weighted[0])

@@ -389,11 +389,12 @@ def test_debug_variable_shows_the_traceback(setup: Setup):
 def fail_after(
     monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseException | Callable[[], None]
 ):
-    """Make MergeEngine.compute raise ``error`` (or call it) once ``calls`` jobs are done."""
-    original = MergeEngine.compute
+    """Make MergeEngine.compute_block raise ``error`` (or call it) once ``calls`` blocks are
+    done (tiny models: one block per tensor)."""
+    original = MergeEngine.compute_block
     done = 0
 
-    def compute(self, job):
+    def compute_block(self, task, loaded):
         nonlocal done
         if done == calls:
             if callable(error) and not isinstance(error, BaseException):
@@ -401,9 +402,9 @@ def fail_after(
             else:
                 raise error
         done += 1
-        return original(self, job)
+        return original(self, task, loaded)
 
-    monkeypatch.setattr(MergeEngine, "compute", compute)
+    monkeypatch.setattr(MergeEngine, "compute_block", compute_block)
 
 
 MID_MERGE_FAILURES = {

@@ -17,6 +17,7 @@ from della_cli.methods.sparsify import (
     outlier_keep_mask,
     random_keep_mask,
     rank_at_least_mask,
+    stable_row_order,
     stable_row_ranks,
 )
 
@@ -282,3 +283,27 @@ def test_keep_count_uses_the_written_decimal():
     delta = torch.arange(1, 101, dtype=torch.float32)
     assert int(magnitude_keep_mask(delta, 0.29).sum()) == 29
     assert bool(magnitude_keep_mask(delta, 0.29)[-29:].all())
+
+
+@pytest.mark.parametrize("shape", [(96, 2816), (3, 70_000), (700, 64)])
+def test_radix_order_equals_a_stable_comparison_sort(shape):
+    """The CPU radix path (large float32 inputs) must give torch's stable sort order exactly,
+    ties included: bf16-derived magnitudes repeat often, and zeros and infinities occur."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=generator).bfloat16().float()
+    expert = torch.randn(shape, generator=generator).bfloat16().float()
+    magnitude = (expert - base).abs()
+    magnitude[:, ::7] = magnitude[:, :1]  # long runs of equal values
+    magnitude[:, 5::11] = 0.0
+    magnitude[0, 3] = float("inf")
+    assert magnitude.numel() >= 1 << 14  # the radix path is taken
+    expected = torch.sort(magnitude, dim=-1, stable=True).indices
+    assert torch.equal(stable_row_order(magnitude), expected)
+
+
+def test_keep_prob_on_the_radix_path_follows_the_rank_formula():
+    generator = torch.Generator().manual_seed(3)
+    delta = torch.randn(64, 1024, generator=generator).bfloat16().float()
+    ranks = torch.sort(torch.sort(delta.abs(), dim=-1, stable=True).indices, dim=-1).indices
+    expected = (ranks.to(torch.float32) / 1023) * (2 * 0.1) + (0.7 - 0.1)
+    assert torch.equal(magprune_keep_prob(delta, 0.7, 0.1), expected)
