@@ -11,7 +11,7 @@ from della_cli.card import render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
 from della_cli.errors import MergeFailure, ModelError, UsageError
 from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
-from della_cli.io.metadata import copy_metadata, write_config
+from della_cli.io.metadata import copy_metadata, metadata_files, write_config
 from della_cli.io.output import check_destination, staged_folder
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
@@ -29,6 +29,7 @@ class MergeOptions:
     out_shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
     resume: bool = False
+    strict: bool = False  # missing tensors and NaN/Inf inputs are errors, not warnings
 
 
 @dataclass
@@ -109,7 +110,11 @@ def prepare(recipe_path: Path, options: MergeOptions) -> tuple[Recipe, MergeInpu
     if options.seed is not None:
         recipe = recipe.with_seed(options.seed)
     inputs = open_inputs(recipe)
-    plan = build_plan(recipe, inputs.base, inputs.experts, options.out_shard_bytes)
+    reference = inputs.base or inputs.experts[0]
+    metadata_files(reference.folder, reference.root)  # refuse escaping files before merging
+    plan = build_plan(
+        recipe, inputs.base, inputs.experts, options.out_shard_bytes, strict=options.strict
+    )
     return recipe, inputs, plan
 
 
@@ -146,7 +151,7 @@ def run_merge(
                 recipe, plan, inputs, device, staging, options, on_progress, warn
             )
             write_config(reference.config, staging, plan.config_dtype, plan.tie_word_embeddings)
-            copy_metadata(reference.folder, staging)
+            copy_metadata(reference.folder, staging, reference.root)
             (staging / RECIPE_FILE).write_text(recipe.text)
             (staging / "README.md").write_text(render_card(recipe, out.name, recipe.seed))
             (staging / JOURNAL_NAME).unlink(missing_ok=True)
@@ -197,7 +202,7 @@ def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, 
 
     writer = ShardWriter(staging, plan.shards, first_shard=done, on_shard_finished=record)
     try:
-        engine = MergeEngine(recipe, plan, inputs, device, on_progress, warn)
+        engine = MergeEngine(recipe, plan, inputs, device, on_progress, warn, strict=options.strict)
         engine.run(writer, start=writer.next_index)
     finally:
         # Close a half-written shard on any failure (Ctrl-C included) before the staging

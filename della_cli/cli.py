@@ -129,6 +129,9 @@ def merge(
     resume: Annotated[
         bool, typer.Option(help="Continue a merge that was killed, keeping its verified shards.")
     ] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on tensors missing from a model and on NaN/Inf inputs.")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Plan only: check everything, write nothing.")
     ] = False,
@@ -139,7 +142,7 @@ def merge(
     from della_cli.api import MergeOptions
 
     with reported_errors():
-        options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite, resume)
+        options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite, resume, strict)
         if dry_run:
             _dry_run(recipe, out, options, as_json)
             return

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from della_cli.errors import ModelError
 from della_cli.io.dtypes import TORCH_DTYPES
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
@@ -78,6 +79,7 @@ class MergeEngine:
         on_progress: ProgressCallback | None = None,
         on_warning: WarningCallback | None = None,
         block_elements: int | None = None,
+        strict: bool = False,
     ):
         self.recipe = recipe
         self.plan = plan
@@ -90,7 +92,9 @@ class MergeEngine:
             block_elements = CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS
         self.block_elements = block_elements
         self.global_params = recipe.global_params()
+        self.strict = strict
         self._masks: dict[str, list[torch.Tensor] | None] = {}
+        self._reported_nonfinite: set[tuple[int, str]] = set()
 
     def run(self, writer: ShardWriter, start: int = 0) -> None:
         """Compute and write the jobs from position ``start`` on (later ones on resume)."""
@@ -186,6 +190,7 @@ class MergeEngine:
         if task.last:
             del self._masks[job.name]
         base, *models = (self.to_device(raw) for raw in loaded)
+        self.check_finite([job.reference, *job.experts], [base, *models])
         recipe_indices = [source.model for source in job.experts]
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
         merged = merge_tensor(
@@ -198,6 +203,28 @@ class MergeEngine:
             keep_masks=mask_blocks,
         )
         return merged.to(out_dtype).cpu()
+
+    def check_finite(self, sources: Sequence[Source], blocks: Sequence[torch.Tensor]) -> None:
+        """Warn (or, under ``strict``, fail) when an input holds NaN or Inf. One sum per block
+        is the cheap test (a non-finite value makes it non-finite); only then is each input
+        searched, so clean inputs cost a single reduction."""
+        sums = torch.stack([block.sum() for block in blocks])
+        if bool(torch.isfinite(sums).all()):
+            return
+        for source, block in zip(sources, blocks, strict=True):
+            key = (source.model, source.tensor)
+            if key in self._reported_nonfinite or bool(torch.isfinite(block).all()):
+                continue
+            self._reported_nonfinite.add(key)
+            message = f"'{self.label(source.model)}' has NaN or Inf values in '{source.tensor}'"
+            if self.strict:
+                raise ModelError(f"{message}; refusing to merge under --strict")
+            self.on_warning(f"{message}; the merged tensor may hold them too")
+
+    def label(self, model: int) -> str:
+        if model == BASE:
+            return self.recipe.schema.base_model or "base"
+        return self.recipe.model_refs[model]
 
     def to_device(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.to(self.device, dtype=self.compute_dtype, non_blocking=True)

@@ -126,7 +126,12 @@ def _is_tied(reader: ModelReader) -> bool:
 
 class _Planner:
     def __init__(
-        self, recipe: Recipe, reference: ModelReader, ref_model: int, experts: list[ModelReader]
+        self,
+        recipe: Recipe,
+        reference: ModelReader,
+        ref_model: int,
+        experts: list[ModelReader],
+        strict: bool,
     ):
         self.recipe = recipe
         self.reference = reference
@@ -134,6 +139,7 @@ class _Planner:
         self.experts = experts
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self.strict = strict
         self.vocab = {v for v in map(_vocab_size, [reference, *experts]) if v}
         self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or "")
 
@@ -146,7 +152,11 @@ class _Planner:
             tensor = find_embedding(expert)  # a tied model's lm_head is its embedding matrix
         info = expert.tensors.get(tensor)
         if info is None:
-            self.warnings.append(f"'{label}' has no '{name}'; it is left out of that tensor")
+            message = f"'{label}' has no '{name}'"
+            if self.strict:
+                self.problems.append(f"{message} (--strict)")
+            else:
+                self.warnings.append(f"{message}; it is left out of that tensor")
             return None
         if info.shape == ref.shape:
             if ref.is_floating and not info.is_floating:
@@ -195,11 +205,16 @@ class _Planner:
 
 
 def build_plan(
-    recipe: Recipe, base: ModelReader | None, experts: list[ModelReader], max_shard_bytes: int
+    recipe: Recipe,
+    base: ModelReader | None,
+    experts: list[ModelReader],
+    max_shard_bytes: int,
+    strict: bool = False,
 ) -> Plan:
-    """Plan the merge from headers; raise PlanError listing every problem found."""
+    """Plan the merge from headers; raise PlanError listing every problem found. Under
+    ``strict``, a tensor missing from a model is a problem rather than a warning."""
     reference, ref_model = (base, BASE) if base is not None else (experts[0], 0)
-    planner = _Planner(recipe, reference, ref_model, experts)
+    planner = _Planner(recipe, reference, ref_model, experts, strict)
     ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
     jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
     jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})

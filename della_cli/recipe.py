@@ -256,8 +256,8 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         mark = error.problem_mark
         position = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"{where}:{position}: invalid YAML ({error.problem})") from error
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{where}: invalid YAML ({error})") from error
+    except yaml.YAMLError as error:  # e.g. a control character, with a multi-line message
+        raise RecipeError(f"{where}: invalid YAML ({' '.join(str(error).split())})") from error
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with merge_method and models")
     for key, reason in UNSUPPORTED_KEYS.items():
@@ -266,7 +266,8 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     try:
         schema = RecipeSchema.model_validate(data)
     except ValidationError as error:
-        raise RecipeError(_describe(error.errors()[0], data)) from error
+        message = _describe(error.errors()[0], data)
+        raise RecipeError(message.replace("\r", "\\r").replace("\n", "\\n")) from error
     recipe = Recipe(schema, text, path)
     check_rules(recipe)
     return recipe

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from della_cli.io.reader import ensure_inside
+
 # Every file a Hugging Face tokenizer or processor may be made of, by name or pattern.
 TOKENIZER_PATTERNS = (
     "tokenizer.json",
@@ -28,17 +30,21 @@ TOKENIZER_PATTERNS = (
 )
 
 
-def tokenizer_files(folder: Path) -> list[Path]:
+def metadata_files(folder: Path, root: Path | None = None) -> list[Path]:
+    """The generation config and tokenizer files of a model folder; a file that resolves
+    outside ``root`` (default: the folder) is refused rather than copied."""
     found: set[Path] = set()
-    for pattern in TOKENIZER_PATTERNS:
+    for pattern in ("generation_config.json", *TOKENIZER_PATTERNS):
         found.update(p for p in folder.glob(pattern) if p.is_file())
+    for path in found:
+        ensure_inside(path, root or folder)
     return sorted(found)
 
 
-def copy_metadata(source: Path, destination: Path) -> list[str]:
+def copy_metadata(source: Path, destination: Path, root: Path | None = None) -> list[str]:
     """Copy generation config and tokenizer files from ``source``; return what was copied."""
     copied = []
-    for path in [source / "generation_config.json", *tokenizer_files(source)]:
+    for path in metadata_files(source, root):
         if path.is_file():
             target = destination / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,13 @@ def check_destination(out: Path, overwrite: bool, inputs: list[Path]) -> None:
                 f"output {out} overlaps input model folder {folder}; "
                 "choose a path outside the inputs"
             )
-    parent = resolved.parent
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write into {parent}: permission denied")
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create {out}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {ancestor}: permission denied")
 
 
 def staging_path(out: Path) -> Path:

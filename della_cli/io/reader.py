@@ -114,21 +114,34 @@ def _check_no_overlap(path: Path, infos: object) -> None:
             raise ModelError(f"{path}: tensors '{first}' and '{second}' overlap; file is corrupt")
 
 
-def _confined(folder: Path, relative: str, what: str) -> Path:
-    """Resolve ``relative`` inside ``folder``, refusing anything that leaves it."""
+def ensure_inside(path: Path, root: Path) -> Path:
+    """``path`` resolved, refusing a symlink (or anything) that leads outside ``root``: della
+    reads no file beyond the model folders it was given."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ModelError(f"{path} leads outside its model folder (to {resolved}); refusing it")
+    return resolved
+
+
+def _confined(folder: Path, relative: str, what: str, root: Path | None = None) -> Path:
+    """Resolve ``relative`` inside ``folder``, refusing anything that leaves it (or ``root``,
+    a wider folder some layouts keep their files in, such as a Hub cache entry)."""
     candidate = Path(relative)
     if candidate.is_absolute() or ".." in candidate.parts:
         raise ModelError(f"{what} names '{relative}', which is outside the model folder")
     resolved = (folder / candidate).resolve()
-    if not resolved.is_relative_to(folder.resolve()):
+    if not resolved.is_relative_to((root or folder).resolve()):
         raise ModelError(f"{what} names '{relative}', which leads outside the model folder")
     if not resolved.is_file():
         raise ModelError(f"{what} names '{relative}', which does not exist")
     return resolved
 
 
-def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+def weight_files(
+    folder: Path, root: Path | None = None
+) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a model folder and, if sharded, the index's weight map."""
+    root = root or folder
     index_path = folder / INDEX_NAME
     if index_path.is_file():
         try:
@@ -143,12 +156,13 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
                 "names to file names)"
             ) from error
         names = sorted(set(weight_map.values()))
-        return [_confined(folder, name, str(index_path)) for name in names], weight_map
+        ensure_inside(index_path, root)
+        return [_confined(folder, name, str(index_path), root) for name in names], weight_map
     if (folder / SINGLE_NAME).is_file():
-        return [folder / SINGLE_NAME], None
+        return [ensure_inside(folder / SINGLE_NAME, root)], None
     singles = sorted(folder.glob("*.safetensors"))
     if len(singles) == 1:
-        return singles, None
+        return [ensure_inside(singles[0], root)], None
     if list(folder.glob("pytorch_model*.bin")) or (folder / "model.pt").exists():
         raise ModelError(
             f"{folder}: has only pickle weights (pytorch_model*.bin); convert them to "
@@ -160,12 +174,14 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
 class ModelReader:
     """One input model folder: its tensors' headers and lazy reads of their data."""
 
-    def __init__(self, folder: Path, label: str):
+    def __init__(self, folder: Path, label: str, root: Path | None = None):
+        """``root``: the folder every file must resolve into (default ``folder``)."""
         self.folder = folder
         self.label = label
+        self.root = root or folder
         if not folder.is_dir():
             raise ModelError(f"model '{label}': {folder} is not a folder")
-        files, weight_map = weight_files(folder)
+        files, weight_map = weight_files(folder, self.root)
         self.tensors: dict[str, TensorInfo] = {}
         for path in files:
             self.tensors.update(read_header(path))
@@ -183,6 +199,7 @@ class ModelReader:
         path = self.folder / name
         if not path.is_file():
             return None
+        ensure_inside(path, self.root)
         try:
             value = json.loads(path.read_text())
         except (OSError, ValueError) as error:
