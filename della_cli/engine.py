@@ -20,7 +20,7 @@ from della_cli.io.dtypes import TORCH_DTYPES
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
 from della_cli.methods import Rescale, Sparsifier, merge_tensor
-from della_cli.methods.randomness import derive_key, uniform_from_key
+from della_cli.methods.randomness import Draws, derive_key
 from della_cli.methods.sparsify import magnitude_keep_mask, outlier_keep_mask
 from della_cli.plan import BASE, Plan, Source, TensorJob
 from della_cli.recipe import Recipe
@@ -199,7 +199,7 @@ class MergeEngine:
             models,
             [self.recipe.expert_params(i, job.name) for i in recipe_indices],
             self.global_params,
-            uniform=self.uniform_draws(job, recipe_indices, base.shape, task.start * base.shape[1]),
+            uniform=self.uniform_draws(job, recipe_indices, task.start * base.shape[1]),
             keep_masks=mask_blocks,
         )
         return merged.to(out_dtype).cpu()
@@ -251,16 +251,15 @@ class MergeEngine:
             del delta
         return masks
 
-    def uniform_draws(self, job: TensorJob, recipe_indices: Sequence[int], shape, start: int):
+    def uniform_draws(self, job: TensorJob, recipe_indices: Sequence[int], start: int):
         """Draws for the expert at each position, keyed by its index in the recipe and by the
         flat index of the block's first element, so blocks draw what the whole tensor would."""
         if not self.recipe.method.is_random:
             return None
         seed = self.recipe.seed
 
-        def draw(position: int) -> torch.Tensor:
-            key = derive_key(seed, job.name, recipe_indices[position])
-            return uniform_from_key(key, shape, start=start, device=self.device)
+        def draw(position: int) -> Draws:
+            return Draws(derive_key(seed, job.name, recipe_indices[position]), start)
 
         return draw
 

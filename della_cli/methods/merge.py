@@ -20,18 +20,22 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from della_cli.methods.parameters import ExpertParams, GlobalParams
+from della_cli.methods import cpu_kernels
+from della_cli.methods.parameters import ExpertParams, GlobalParams, Rescale
+from della_cli.methods.randomness import Draws
 from della_cli.methods.registry import MethodSpec, Sparsifier
 from della_cli.methods.sparsify import (
     apply_keep_mask,
+    as_rows,
     magnitude_keep_mask,
     magprune_keep_prob,
     outlier_keep_mask,
     random_keep_mask,
 )
 
-UniformDraws = Callable[[int], torch.Tensor]
-"""Given an expert's position in the list, its uniform draws in [0, 1) (the tensor's shape)."""
+UniformDraws = Callable[[int], "torch.Tensor | Draws"]
+"""Given an expert's position in the list, its uniform draws in [0, 1) (a tensor of the
+tensor's shape, or the ``Draws`` key that generates them)."""
 
 
 def sparsify_delta(
@@ -39,30 +43,72 @@ def sparsify_delta(
     delta: torch.Tensor,
     params: ExpertParams,
     global_params: GlobalParams,
-    uniform: Callable[[], torch.Tensor] | None = None,
+    uniform: Callable[[], torch.Tensor | Draws] | None = None,
     keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sparsify one task vector. ``keep_mask`` replaces the method's own choice (for tests)."""
+    """Sparsify one task vector. ``uniform`` gives the draws (a tensor of them, or a ``Draws``
+    key); ``keep_mask`` replaces the method's own choice (for tests)."""
     density = params.density
     if sparsifier is Sparsifier.NONE or density is None or density >= 1.0:
         return delta  # d = 1 keeps everything: no rescale, no randomness
-    zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
     if sparsifier is Sparsifier.MAGNITUDE:
         keep = keep_mask if keep_mask is not None else magnitude_keep_mask(delta, density)
-        return torch.where(keep, delta, zero)
+        return delta * keep
     if sparsifier is Sparsifier.MAGNITUDE_OUTLIERS:
         gamma = params.gamma if params.gamma is not None else 0.0
         keep = keep_mask if keep_mask is not None else outlier_keep_mask(delta, density, gamma)
-        return torch.where(keep, delta, zero)
-    if sparsifier is Sparsifier.RANDOM:
-        keep_prob: torch.Tensor | float = density
-    else:
-        keep_prob = magprune_keep_prob(delta, density, params.epsilon or 0.0).to(delta.dtype)
+        return delta * keep
+    drawn = None
     if keep_mask is None:
         if uniform is None:
             raise ValueError(f"the {sparsifier.value} sparsifier needs uniform draws")
-        keep_mask = random_keep_mask(uniform(), keep_prob)
+        drawn = uniform()
+    epsilon = params.epsilon or 0.0
+    if _fused_kernel_applies(sparsifier, delta, drawn, global_params):
+        fused = cpu_kernels.random_sparsify(
+            as_rows(delta),
+            density,
+            epsilon if sparsifier is Sparsifier.MAGPRUNE else None,
+            drawn.key_words,
+            drawn.start,
+            rescale=global_params.rescale is Rescale.KEEP_PROB,
+        )
+        return fused.reshape(delta.shape)
+    if sparsifier is Sparsifier.RANDOM:
+        keep_prob: torch.Tensor | float = density
+    else:
+        keep_prob = magprune_keep_prob(delta, density, epsilon).to(delta.dtype)
+    if keep_mask is None:
+        draws = drawn.uniform(delta.shape, delta.device) if isinstance(drawn, Draws) else drawn
+        keep_mask = random_keep_mask(draws, keep_prob)
     return apply_keep_mask(delta, keep_mask, keep_prob, global_params.rescale)
+
+
+def _fused_kernel_applies(
+    sparsifier: Sparsifier, delta: torch.Tensor, drawn, global_params: GlobalParams
+) -> bool:
+    """The compiled kernel computes the same bytes as the torch path for float32 CPU tensors
+    (MAGPRUNE: rows of more than one entry) with the per-element rescale or none."""
+    return (
+        isinstance(drawn, Draws)
+        and cpu_kernels.available()
+        and delta.device.type == "cpu"
+        and delta.dtype == torch.float32
+        and (sparsifier is Sparsifier.RANDOM or as_rows(delta).shape[-1] > 1)
+        and global_params.rescale in (Rescale.KEEP_PROB, Rescale.NONE)
+    )
+
+
+def _fused_kernel_fits(base: torch.Tensor, weighted: Sequence[torch.Tensor]) -> bool:
+    """The compiled fuse gives the reference's bits for float32 CPU tensors; it pays off
+    once a tensor is large enough to amortize the call."""
+    return (
+        cpu_kernels.available()
+        and base.device.type == "cpu"
+        and base.dtype == torch.float32
+        and base.numel() >= 1 << 12
+        and all(v.dtype == torch.float32 and v.shape == base.shape for v in weighted)
+    )
 
 
 def elect_signs(weighted_sum: torch.Tensor) -> torch.Tensor:
@@ -129,6 +175,15 @@ def merge_tensor(
         mask = keep_masks[index] if keep_masks is not None else None
         sparse = sparsify_delta(spec.sparsifier, model - base, expert, global_params, draws, mask)
         weighted.append(sparse if expert.weight == 1.0 else sparse.mul_(expert.weight))
+    if _fused_kernel_fits(base, weighted):
+        return cpu_kernels.fuse_into_base(
+            base,
+            weighted,
+            weights,
+            spec.sign_consensus,
+            global_params.normalize,
+            global_params.lambda_,
+        )
     signs = None
     if spec.sign_consensus:
         total = torch.zeros_like(weighted[0])

@@ -18,6 +18,7 @@ mask, since torch's shifts on signed integers are arithmetic.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -98,3 +99,20 @@ def uniform_from_key(
     hashed = _avalanche(hashed)
     draws = (hashed >> (32 - _UNIFORM_BITS)).bitwise_and_((1 << _UNIFORM_BITS) - 1)
     return draws.to(torch.float32).mul_(2.0**-_UNIFORM_BITS).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The uniform draws of one expert on one block: a key and the flat index of the block's
+    first element. Passing this (rather than a tensor) lets a fused kernel hash its draws
+    where it needs them instead of materializing them."""
+
+    key: int
+    start: int = 0
+
+    def uniform(self, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu"):
+        return uniform_from_key(self.key, shape, self.start, device)
+
+    @property
+    def key_words(self) -> tuple[int, int, int]:
+        return _key_words(self.key)

@@ -116,6 +116,11 @@ def rank_at_least_mask(magnitude: torch.Tensor, min_rank: int) -> torch.Tensor:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if min_rank >= numel:
         return torch.zeros_like(magnitude, dtype=torch.bool)
+    if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32:
+        from della_cli.methods import cpu_kernels  # the same selection, compiled
+
+        if cpu_kernels.available():
+            return cpu_kernels.rank_at_least_mask(magnitude, min_rank)
     pivot = torch.kthvalue(flat, min_rank + 1).values
     below = int((flat < pivot).sum())
     equal = flat == pivot

@@ -7,8 +7,8 @@ another exception, never a hang. Examples are bounded so the default run stays f
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 import struct
 import tempfile
 from pathlib import Path

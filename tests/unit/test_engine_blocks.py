@@ -43,3 +43,28 @@ def test_blocked_merge_equals_whole_tensor_merge(method, model_zoo, write_recipe
     assert any(len(blocked.row_blocks(job)) > 1 for job in plan.jobs)
     for job in plan.jobs:
         assert torch.equal(whole.compute(job), blocked.compute(job)), job.name
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMETERS))
+def test_compiled_kernel_and_torch_path_write_the_same_bytes(
+    method, model_zoo, write_recipe, tmp_path, monkeypatch
+):
+    from della_cli.api import run_merge
+    from della_cli.methods import cpu_kernels
+
+    recipe_path = write_recipe(
+        {
+            "merge_method": method,
+            "base_model": str(model_zoo("llama")),
+            "models": [
+                {"model": str(model_zoo("llama", expert=1))},
+                {"model": str(model_zoo("llama", expert=2)), "parameters": {"weight": 0.5}},
+            ],
+            "parameters": METHOD_PARAMETERS[method],
+        }
+    )
+    run_merge(recipe_path, tmp_path / "fused", MergeOptions())
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    run_merge(recipe_path, tmp_path / "torch", MergeOptions())
+    fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
+    assert fused == (tmp_path / "torch" / "model.safetensors").read_bytes()

@@ -1,0 +1,239 @@
+"""Compiled CPU kernel for the random drops (MAGPRUNE, DARE): rank, keep probability, draw,
+drop and rescale in one pass.
+
+The torch functions in ``sparsify.py`` and ``randomness.py`` are the reference; this kernel
+computes exactly the same float32 bits (the tests compare them byte for byte) but fuses the
+steps per row, so a row is read once and stays in cache. Torch needs about a dozen passes over
+memory for the same work plus a comparison sort per row; here each row is ranked by a stable LSD
+radix sort (four 8-bit digits of the magnitude's bit pattern, a digit that is the same across
+the row skipped), and rows run in parallel. On the 2-core reference machine this makes the
+MAGPRUNE step several times faster than the torch path (see bench/RESULTS.md).
+
+numba is optional: without it (or off the CPU) the torch path runs, giving the same bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is not installed
+    numba = None
+
+_MASK32 = 0xFFFFFFFF
+
+
+def available() -> bool:
+    return numba is not None
+
+
+if numba is not None:
+
+    @numba.njit(cache=True, inline="always")
+    def _avalanche(x):
+        x ^= x >> np.uint64(16)
+        x = (x * np.uint64(0x7FEB352D)) & np.uint64(_MASK32)
+        x ^= x >> np.uint64(15)
+        x = (x * np.uint64(0x846CA68B)) & np.uint64(_MASK32)
+        x ^= x >> np.uint64(16)
+        return x
+
+    @numba.njit(cache=True)
+    def _stable_ranks(keys, ranks, order, spare, counts):
+        """Ascending rank of each key, equal keys in position order (LSD radix sort)."""
+        n = keys.shape[0]
+        for i in range(n):
+            order[i] = i
+        for shift in range(0, 32, 8):
+            first = (keys[0] >> shift) & 255
+            constant = True
+            for i in range(1, n):
+                if (keys[i] >> shift) & 255 != first:
+                    constant = False
+                    break
+            if constant:  # this digit orders nothing
+                continue
+            counts[:] = 0
+            for i in range(n):
+                counts[(keys[i] >> shift) & 255] += 1
+            total = 0
+            for digit in range(256):
+                count = counts[digit]
+                counts[digit] = total
+                total += count
+            for i in range(n):
+                position = order[i]
+                digit = (keys[position] >> shift) & 255
+                spare[counts[digit]] = position
+                counts[digit] += 1
+            order, spare = spare, order
+        for j in range(n):
+            ranks[order[j]] = j
+
+    @numba.njit(parallel=True, cache=True)
+    def _sparsify_rows(
+        delta, out, ranked, low_prob, two_epsilon, multiplier, offset, round_key, start, rescale
+    ):
+        rows, n = delta.shape
+        denominator = np.float32(max(n - 1, 1))
+        scale = np.float32(2.0**-24)
+        for row in numba.prange(rows):
+            values = delta[row]
+            ranks = np.zeros(n, dtype=np.int64)
+            if ranked:
+                keys = np.empty(n, dtype=np.uint32)
+                bits = values.view(np.uint32)
+                for i in range(n):
+                    keys[i] = bits[i] & np.uint32(0x7FFFFFFF)  # |δ| sorts as its bits
+                order = np.empty(n, dtype=np.int64)
+                spare = np.empty(n, dtype=np.int64)
+                counts = np.empty(256, dtype=np.int64)
+                _stable_ranks(keys, ranks, order, spare, counts)
+            base_index = start + row * n
+            for i in range(n):
+                keep_prob = low_prob
+                if ranked:
+                    # k = (rank / (n - 1)) * 2ε + (d - ε), each step rounded to float32 as torch
+                    keep_prob = (np.float32(ranks[i]) / denominator) * two_epsilon + low_prob
+                index = np.uint64(base_index + i)
+                x = ((index & np.uint64(_MASK32)) * multiplier + offset) & np.uint64(_MASK32)
+                x = (x + (index >> np.uint64(32)) * np.uint64(0x9E3779B9)) & np.uint64(_MASK32)
+                x = _avalanche(_avalanche(x) ^ round_key)
+                draw = np.float32(x >> np.uint64(8)) * scale
+                kept = np.float32(1.0) if draw < keep_prob else np.float32(0.0)
+                if rescale:
+                    out[row, i] = (values[i] / keep_prob) * kept
+                else:
+                    out[row, i] = values[i] * kept
+
+    @numba.njit(parallel=True, cache=True)
+    def _rank_at_least(values, min_rank, keep, chunks):
+        """keep[i] = (stable ascending rank of |values[i]| >= min_rank), by radix selection:
+        four 8-bit digits narrow down the magnitude at rank ``min_rank`` (the pivot); larger
+        magnitudes are kept, and of those equal to the pivot the last ones by position."""
+        n = values.shape[0]
+        bits = values.view(np.uint32)
+        wanted = n - min_rank  # entries to keep, counted from the top
+        prefix = np.uint32(0)
+        prefix_mask = np.uint32(0)
+        for shift in range(24, -8, -8):
+            partial = np.zeros((chunks, 256), dtype=np.int64)
+            for chunk in numba.prange(chunks):
+                for i in range(chunk * n // chunks, (chunk + 1) * n // chunks):
+                    key = bits[i] & np.uint32(0x7FFFFFFF)
+                    if (key & prefix_mask) == prefix:
+                        partial[chunk, (key >> shift) & 255] += 1
+            counts = partial.sum(axis=0)
+            digit = 255
+            while counts[digit] < wanted:
+                wanted -= counts[digit]
+                digit -= 1
+            prefix |= np.uint32(digit) << np.uint32(shift)
+            prefix_mask |= np.uint32(255) << np.uint32(shift)
+        for i in numba.prange(n):
+            keep[i] = (bits[i] & np.uint32(0x7FFFFFFF)) > prefix
+        # ``wanted`` entries equal to the pivot are kept too: the last ones by position.
+        i = n - 1
+        while wanted > 0:
+            if (bits[i] & np.uint32(0x7FFFFFFF)) == prefix:
+                keep[i] = True
+                wanted -= 1
+            i -= 1
+
+    @numba.njit(parallel=True, cache=True)
+    def _fuse_into_base(base, vectors, weights, consensus, normalize, total_weight, lam, out):
+        """Elect, fuse, scale and add to the base in one pass, in the reference's float32
+        operation order (sums over experts in list order)."""
+        count = len(vectors)
+        for j in numba.prange(base.shape[0]):
+            numerator = np.float32(0.0)
+            if consensus:
+                total = np.float32(0.0)
+                for t in range(count):
+                    total += vectors[t][j]
+                positive = total >= 0  # an exact zero elects +; NaN elects -
+                denominator = np.float32(0.0)
+                for t in range(count):
+                    value = vectors[t][j]
+                    agrees = (value > 0) if positive else (value < 0)  # zeros never agree
+                    agree = np.float32(1.0) if agrees else np.float32(0.0)
+                    numerator += value * agree
+                    denominator += weights[t] * agree
+                if normalize:
+                    numerator /= denominator if denominator != 0 else np.float32(1.0)
+            else:
+                for t in range(count):
+                    numerator += vectors[t][j]
+                if normalize:
+                    numerator /= total_weight
+            out[j] = base[j] + numerator * lam
+
+
+def fuse_into_base(
+    base: torch.Tensor,
+    weighted: list[torch.Tensor],
+    weights: list[float],
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """θ₀ + λ·Δ for float32 CPU tensors of one shape: the kernel form of ``merge.fuse``
+    followed by the final scale and add, with the same float32 bits."""
+    flat = [v.contiguous().reshape(-1).numpy() for v in weighted]
+    out = np.empty(base.numel(), dtype=np.float32)
+    total_weight = np.float32(sum(weights))
+    _fuse_into_base(
+        base.contiguous().reshape(-1).numpy(),
+        tuple(flat),
+        np.array(weights, dtype=np.float32),
+        consensus,
+        normalize,
+        total_weight if total_weight != 0 else np.float32(1.0),
+        np.float32(lambda_),
+        out,
+    )
+    return torch.from_numpy(out).reshape(base.shape)
+
+
+def rank_at_least_mask(magnitude: torch.Tensor, min_rank: int) -> torch.Tensor:
+    """The kernel form of ``sparsify.rank_at_least_mask`` for float32 CPU tensors with
+    0 < min_rank < numel: a radix selection in five linear passes instead of a quickselect,
+    a cumulative sum and several comparisons over the tensor."""
+    values = magnitude.contiguous().reshape(-1).numpy()
+    keep = np.empty(values.shape, dtype=np.bool_)
+    _rank_at_least(values, min_rank, keep, numba.get_num_threads())
+    return torch.from_numpy(keep).reshape(magnitude.shape)
+
+
+def random_sparsify(
+    delta_rows: torch.Tensor,
+    density: float,
+    epsilon: float | None,
+    key_words: tuple[int, int, int],
+    start: int,
+    rescale: bool,
+) -> torch.Tensor:
+    """Random drop of a (rows, n) float32 CPU tensor: MAGPRUNE's rank-based keep probability
+    when ``epsilon`` is given (rows of more than one entry), else DARE's constant ``density``.
+    The draws are those of ``uniform_from_key`` for a key with these ``key_words`` from flat
+    index ``start``; survivors are divided by their keep probability when ``rescale``."""
+    values = delta_rows.contiguous().numpy()
+    out = np.empty_like(values)
+    ranked = epsilon is not None
+    low_prob = density - epsilon if ranked else density
+    multiplier, offset, round_key = (np.uint64(w & _MASK32) for w in key_words)
+    _sparsify_rows(
+        values,
+        out,
+        ranked,
+        np.float32(low_prob),
+        np.float32(2.0 * epsilon if ranked else 0.0),
+        multiplier,
+        offset,
+        round_key,
+        start,
+        rescale,
+    )
+    return torch.from_numpy(out)
