@@ -21,7 +21,7 @@ from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
 from della_cli.methods import Rescale, Sparsifier, merge_tensor
 from della_cli.methods.randomness import Draws, derive_key
-from della_cli.methods.sparsify import magnitude_keep_mask, outlier_keep_mask
+from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
 from della_cli.plan import BASE, Plan, Source, TensorJob
 from della_cli.recipe import Recipe
 
@@ -236,19 +236,20 @@ class MergeEngine:
         if sparsifier not in (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS):
             return None
         total_rows, _ = _rows_shape(job.shape)
-        reference = self.to_device(self.read_rows(job.reference, 0, total_rows))
+        reference = self.read_rows(job.reference, 0, total_rows)  # kept as stored: smaller
         masks = []
         for source in job.experts:
             params = self.recipe.expert_params(source.model, job.name)
-            delta = self.to_device(self.read_expert_rows(job, source, 0, total_rows))
-            delta = delta.sub_(reference)
+            magnitude = self.to_device(self.read_expert_rows(job, source, 0, total_rows))
+            magnitude = magnitude.sub_(self.to_device(reference)).abs_()
             if params.density is None or params.density >= 1:
-                masks.append(torch.ones_like(delta, dtype=torch.bool))
+                masks.append(torch.ones_like(magnitude, dtype=torch.bool))
             elif sparsifier is Sparsifier.MAGNITUDE:
-                masks.append(magnitude_keep_mask(delta, params.density))
+                masks.append(top_magnitude_mask(magnitude, params.density))
             else:
-                masks.append(outlier_keep_mask(delta, params.density, params.gamma or 0.0))
-            del delta
+                gamma = params.gamma or 0.0
+                masks.append(middle_magnitude_mask(magnitude, params.density, gamma))
+            del magnitude
         return masks
 
     def uniform_draws(self, job: TensorJob, recipe_indices: Sequence[int], start: int):

@@ -138,16 +138,25 @@ def fraction_count(fraction: float, numel: int) -> int:
 
 def magnitude_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the k = ⌊d·N⌋ largest magnitudes of the whole tensor."""
-    numel = delta.numel()
-    return rank_at_least_mask(delta.abs(), numel - fraction_count(density, numel))
+    return top_magnitude_mask(delta.abs(), density)
+
+
+def top_magnitude_mask(magnitude: torch.Tensor, density: float) -> torch.Tensor:
+    """``magnitude_keep_mask`` given |δ| already (so a caller can take it in place)."""
+    numel = magnitude.numel()
+    return rank_at_least_mask(magnitude, numel - fraction_count(density, numel))
 
 
 def outlier_keep_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs: drop the ⌊γN⌋ largest and enough of the smallest to keep ⌊d·N⌋ entries."""
-    numel = delta.numel()
+    return middle_magnitude_mask(delta.abs(), density, gamma)
+
+
+def middle_magnitude_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """``outlier_keep_mask`` given |δ| already."""
+    numel = magnitude.numel()
     top_count = fraction_count(gamma, numel)
     keep_count = min(fraction_count(density, numel), numel - top_count)
-    magnitude = delta.abs()
     first_kept = numel - top_count - keep_count
     keep = rank_at_least_mask(magnitude, first_kept)
     if top_count > 0:  # with no outliers to drop, the top entries stay
