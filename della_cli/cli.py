@@ -202,6 +202,7 @@ def _itemsize(code: str) -> int:
 
 def _dry_run(recipe_path: Path, out: Path, options, as_json: bool) -> None:
     from della_cli.api import prepare, select_device
+    from della_cli.engine import WHOLE_TENSOR_SPARSIFIERS, block_elements_for
     from della_cli.io.output import check_destination
 
     recipe, inputs, plan = prepare(recipe_path, options)
@@ -218,7 +219,9 @@ def _dry_run(recipe_path: Path, out: Path, options, as_json: bool) -> None:
         "copied": len(plan.jobs) - merged,
         "shards": len(plan.shards),
         "output_bytes": plan.output_bytes,
-        "peak_tensor_bytes": plan.peak_tensor_bytes(len(recipe.model_refs)),
+        "working_memory_bytes": plan.working_memory_bytes(
+            block_elements_for(device), recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
+        ),
         "warnings": plan.warnings,
     }
     if as_json:
@@ -230,7 +233,8 @@ def _dry_run(recipe_path: Path, out: Path, options, as_json: bool) -> None:
         f"{recipe.method.name}: {summary['tensors']} tensors ({merged} merged, "
         f"{summary['copied']} copied) into {summary['shards']} shard(s), "
         f"{_human(plan.output_bytes)} out; peak working memory about "
-        f"{_human(summary['peak_tensor_bytes'])} on {device}; nothing written (dry run)"
+        f"{_human(summary['working_memory_bytes'])} on {device} beyond the runtime; "
+        "nothing written (dry run)"
     )
 
 

@@ -1,8 +1,8 @@
 """The one loop over tensors: read inputs, merge on the device, hand the result to the writer.
 
-Only the current job's tensors are alive at any time, so peak memory is bounded by the largest
-tensor (see ``Plan.peak_tensor_bytes``), never by the model's size. The engine never prints:
-progress and warnings go to callbacks.
+Tensors are merged in blocks of rows, so memory is bounded by a few blocks (plus, for trim
+methods, one tensor at a time; see ``Plan.working_memory_bytes``), never by the model's size.
+The engine never prints: progress and warnings go to callbacks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from della_cli.errors import ModelError
 from della_cli.io.dtypes import TORCH_DTYPES
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import Rescale, Sparsifier, merge_tensor
+from della_cli.methods import Rescale, Sparsifier, cpu_kernels, merge_tensor
 from della_cli.methods.randomness import Draws, derive_key
 from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
 from della_cli.plan import BASE, Plan, Source, TensorJob
@@ -32,6 +32,14 @@ CPU_BLOCK_ELEMENTS = 1 << 22
 CUDA_BLOCK_ELEMENTS = 1 << 26
 DEFAULT_BLOCK_ELEMENTS = CPU_BLOCK_ELEMENTS
 MAX_WRITES_IN_FLIGHT = 2
+# Sparsifiers that select over a whole tensor before it can be merged in blocks.
+WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
+
+
+def block_elements_for(device: torch.device) -> int:
+    return CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS
+
+
 ProgressCallback = Callable[[TensorJob], None]
 WarningCallback = Callable[[str], None]
 
@@ -88,9 +96,7 @@ class MergeEngine:
         self.compute_dtype = TORCH_DTYPES[plan.compute_dtype]
         self.on_progress = on_progress or (lambda job: None)
         self.on_warning = on_warning or (lambda message: None)
-        if block_elements is None:
-            block_elements = CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS
-        self.block_elements = block_elements
+        self.block_elements = block_elements or block_elements_for(device)
         self.global_params = recipe.global_params()
         self.strict = strict
         self._masks: dict[str, list[torch.Tensor] | None] = {}
@@ -227,13 +233,22 @@ class MergeEngine:
         return self.recipe.model_refs[model]
 
     def to_device(self, raw: torch.Tensor) -> torch.Tensor:
+        widen_on_cpu = (
+            self.device.type == "cpu"
+            and raw.dtype == torch.bfloat16
+            and self.compute_dtype == torch.float32
+            and raw.numel() >= 1 << 16
+            and cpu_kernels.available()
+        )
+        if widen_on_cpu:  # the same bits as torch's conversion, on all cores
+            return cpu_kernels.bfloat16_to_float32(raw)
         return raw.to(self.device, dtype=self.compute_dtype, non_blocking=True)
 
     def global_keep_masks(self, job: TensorJob) -> list[torch.Tensor] | None:
         """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks, made before
         blocking, one expert at a time so only one full task vector is alive."""
         sparsifier = self.recipe.method.sparsifier
-        if sparsifier not in (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS):
+        if sparsifier not in WHOLE_TENSOR_SPARSIFIERS:
             return None
         total_rows, _ = _rows_shape(job.shape)
         reference = self.read_rows(job.reference, 0, total_rows)  # kept as stored: smaller

@@ -84,16 +84,29 @@ class Plan:
                 return CONFIG_NAMES[job.out_dtype]
         return None
 
-    def peak_tensor_bytes(self, n_models: int) -> int:
-        """An upper estimate of the memory one job needs: the raw inputs, each model's task
-        vector in the compute dtype, accumulators and a sort's temporaries."""
+    def working_memory_bytes(self, block_elements: int, whole_tensor_selection: bool) -> int:
+        """An upper estimate of the memory the engine holds at once, beyond the runtime.
+
+        A merge works on blocks of about ``block_elements`` (whole rows): two blocks of raw
+        inputs in flight (read-ahead), the block's inputs and task vectors in the compute dtype
+        with a few temporaries, and up to three output blocks waiting to be written. Trim
+        methods (``whole_tensor_selection``) also hold, per tensor, the reference as stored,
+        one expert's task vector and a keep mask per expert. A copy holds its tensor twice.
+        """
         compute = itemsize(self.compute_dtype)
         worst = 0
         for job in self.jobs:
-            per_element = itemsize(job.out_dtype) * (len(job.experts) + 2)
-            if job.action == "merge":
-                per_element += compute * (len(job.experts) + 4) + 16
-            worst = max(worst, job.numel * per_element)
+            stored = itemsize(job.out_dtype)
+            if job.action == "copy":
+                worst = max(worst, 2 * job.numel * stored)
+                continue
+            experts = len(job.experts)
+            row = job.numel // job.shape[0] if len(job.shape) > 1 else job.numel
+            block = min(job.numel, max(row, block_elements // max(row, 1) * row))
+            need = block * (2 * (experts + 1) * stored + (2 * experts + 5) * compute + 3 * stored)
+            if whole_tensor_selection:
+                need += job.numel * (2 * stored + 2 * compute + experts)
+            worst = max(worst, need)
         return worst
 
 

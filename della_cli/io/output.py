@@ -41,8 +41,12 @@ def check_destination(out: Path, overwrite: bool, inputs: list[Path]) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise OutputError(f"cannot create {out}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not _writable(ancestor):
         raise OutputError(f"cannot write into {ancestor}: permission denied")
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def staging_path(out: Path) -> Path:

@@ -41,36 +41,48 @@ if numba is not None:
         return x
 
     @numba.njit(cache=True)
-    def _stable_ranks(keys, ranks, order, spare, counts):
-        """Ascending rank of each key, equal keys in position order (LSD radix sort)."""
+    def _stable_ranks(keys, ranks, keys_a, keys_b, index_a, index_b, counts):
+        """Ascending rank of each key, equal keys in position order: an LSD radix sort over
+        four 8-bit digits whose histograms come from one counting pass; keys travel with
+        their positions so each pass reads sequentially, and a digit that is the same for
+        every key is skipped."""
         n = keys.shape[0]
+        counts[:, :] = 0
         for i in range(n):
-            order[i] = i
-        for shift in range(0, 32, 8):
-            first = (keys[0] >> shift) & 255
-            constant = True
-            for i in range(1, n):
-                if (keys[i] >> shift) & 255 != first:
-                    constant = False
-                    break
-            if constant:  # this digit orders nothing
-                continue
-            counts[:] = 0
-            for i in range(n):
-                counts[(keys[i] >> shift) & 255] += 1
+            key = keys[i]
+            counts[0, key & 255] += 1
+            counts[1, (key >> 8) & 255] += 1
+            counts[2, (key >> 16) & 255] += 1
+            counts[3, key >> 24] += 1
+        source_keys, source_index = keys, index_a
+        target_keys, target_index = keys_a, index_b
+        for i in range(n):
+            index_a[i] = i
+        for digit in range(4):
+            shift = 8 * digit
+            if counts[digit, (keys[0] >> shift) & 255] == n:
+                continue  # this digit orders nothing
             total = 0
-            for digit in range(256):
-                count = counts[digit]
-                counts[digit] = total
+            for bucket in range(256):
+                count = counts[digit, bucket]
+                counts[digit, bucket] = total
                 total += count
             for i in range(n):
-                position = order[i]
-                digit = (keys[position] >> shift) & 255
-                spare[counts[digit]] = position
-                counts[digit] += 1
-            order, spare = spare, order
+                key = source_keys[i]
+                bucket = (key >> shift) & 255
+                slot = counts[digit, bucket]
+                counts[digit, bucket] = slot + 1
+                target_keys[slot] = key
+                target_index[slot] = source_index[i]
+            spare_keys = keys_b if target_keys is keys_a else keys_a
+            source_keys, source_index, target_keys, target_index = (
+                target_keys,
+                target_index,
+                spare_keys,
+                source_index,
+            )
         for j in range(n):
-            ranks[order[j]] = j
+            ranks[source_index[j]] = j
 
     @numba.njit(parallel=True, cache=True)
     def _sparsify_rows(
@@ -87,10 +99,12 @@ if numba is not None:
                 bits = values.view(np.uint32)
                 for i in range(n):
                     keys[i] = bits[i] & np.uint32(0x7FFFFFFF)  # |δ| sorts as its bits
-                order = np.empty(n, dtype=np.int64)
-                spare = np.empty(n, dtype=np.int64)
-                counts = np.empty(256, dtype=np.int64)
-                _stable_ranks(keys, ranks, order, spare, counts)
+                keys_a = np.empty(n, dtype=np.uint32)
+                keys_b = np.empty(n, dtype=np.uint32)
+                index_a = np.empty(n, dtype=np.int32)
+                index_b = np.empty(n, dtype=np.int32)
+                counts = np.empty((4, 256), dtype=np.int64)
+                _stable_ranks(keys, ranks, keys_a, keys_b, index_a, index_b, counts)
             base_index = start + row * n
             for i in range(n):
                 keep_prob = low_prob
@@ -170,6 +184,11 @@ if numba is not None:
                     numerator /= total_weight
             out[j] = base[j] + numerator * lam
 
+    @numba.njit(parallel=True, cache=True)
+    def _widen_bfloat16(bits, out):
+        for i in numba.prange(bits.shape[0]):
+            out[i] = np.uint32(bits[i]) << np.uint32(16)
+
 
 def fuse_into_base(
     base: torch.Tensor,
@@ -195,6 +214,15 @@ def fuse_into_base(
         out,
     )
     return torch.from_numpy(out).reshape(base.shape)
+
+
+def bfloat16_to_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """bfloat16 is the top half of a float32, so widening is a 16-bit shift of the bits: exact,
+    NaN payloads included, and in parallel (torch's conversion runs on one thread here)."""
+    bits = tensor.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
+    out = np.empty(bits.shape[0], dtype=np.uint32)
+    _widen_bfloat16(bits, out)
+    return torch.from_numpy(out.view(np.float32)).reshape(tensor.shape)
 
 
 def rank_at_least_mask(magnitude: torch.Tensor, min_rank: int) -> torch.Tensor:

@@ -162,3 +162,13 @@ def test_output_below_a_file_exits_2(toy, tmp_path):
     result = invoke("merge", recipe, tmp_path / "plain" / "merged")
     assert result.exit_code == 2
     assert "is a file, not a folder" in result.output
+
+
+def test_unwritable_output_folder_exits_2(toy, tmp_path, monkeypatch):
+    """As root every folder is writable, so the permission answer is simulated."""
+    recipe, _ = toy
+    monkeypatch.setattr("della_cli.io.output._writable", lambda folder: False)
+    result = invoke("merge", recipe, tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"cannot write into {tmp_path}: permission denied" in result.output
+    assert not (tmp_path / "out").exists()

@@ -126,3 +126,13 @@ def test_fused_fuse_matches_the_torch_reference(consensus, normalize, weights, m
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     reference = merge_tensor(spec, base, models, params, global_params)
     assert torch.equal(fused.view(torch.int32), reference.view(torch.int32))
+
+
+def test_bfloat16_widening_keeps_every_bit():
+    generator = torch.Generator().manual_seed(5)
+    values = (torch.randn(70_000, generator=generator) * 1e30).bfloat16()
+    specials = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -3e38]
+    values[: len(specials)] = torch.tensor(specials).bfloat16()
+    widened = cpu_kernels.bfloat16_to_float32(values.reshape(700, 100))
+    expected = values.float().reshape(700, 100)
+    assert torch.equal(widened.view(torch.int32), expected.view(torch.int32))
