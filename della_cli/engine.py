@@ -233,16 +233,18 @@ class MergeEngine:
         return self.recipe.model_refs[model]
 
     def to_device(self, raw: torch.Tensor) -> torch.Tensor:
-        widen_on_cpu = (
+        if raw.dtype == torch.bfloat16 and self._widens_on_cpu(raw):
+            return cpu_kernels.bfloat16_to_float32(raw)  # torch's bits, on all cores
+        return raw.to(self.device, dtype=self.compute_dtype, non_blocking=True)
+
+    def _widens_on_cpu(self, raw: torch.Tensor) -> bool:
+        """Whether a large input is widened to float32 by the compiled CPU kernels."""
+        return (
             self.device.type == "cpu"
-            and raw.dtype == torch.bfloat16
             and self.compute_dtype == torch.float32
             and raw.numel() >= 1 << 16
             and cpu_kernels.available()
         )
-        if widen_on_cpu:  # the same bits as torch's conversion, on all cores
-            return cpu_kernels.bfloat16_to_float32(raw)
-        return raw.to(self.device, dtype=self.compute_dtype, non_blocking=True)
 
     def global_keep_masks(self, job: TensorJob) -> list[torch.Tensor] | None:
         """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks, made before
@@ -255,8 +257,9 @@ class MergeEngine:
         masks = []
         for source in job.experts:
             params = self.recipe.expert_params(source.model, job.name)
-            magnitude = self.to_device(self.read_expert_rows(job, source, 0, total_rows))
-            magnitude = magnitude.sub_(self.to_device(reference)).abs_()
+            magnitude = self.task_vector_magnitude(
+                self.read_expert_rows(job, source, 0, total_rows), reference
+            )
             if params.density is None or params.density >= 1:
                 masks.append(torch.ones_like(magnitude, dtype=torch.bool))
             elif sparsifier is Sparsifier.MAGNITUDE:
@@ -266,6 +269,13 @@ class MergeEngine:
                 masks.append(middle_magnitude_mask(magnitude, params.density, gamma))
             del magnitude
         return masks
+
+    def task_vector_magnitude(self, expert: torch.Tensor, reference: torch.Tensor):
+        """|expert - reference| in the compute dtype, from the tensors as stored."""
+        both_bfloat16 = expert.dtype == reference.dtype == torch.bfloat16
+        if both_bfloat16 and self._widens_on_cpu(expert):
+            return cpu_kernels.bfloat16_delta_magnitude(expert, reference)
+        return self.to_device(expert).sub_(self.to_device(reference)).abs_()
 
     def uniform_draws(self, job: TensorJob, recipe_indices: Sequence[int], start: int):
         """Draws for the expert at each position, keyed by its index in the recipe and by the

@@ -189,6 +189,25 @@ if numba is not None:
         for i in numba.prange(bits.shape[0]):
             out[i] = np.uint32(bits[i]) << np.uint32(16)
 
+    @numba.njit(parallel=True, cache=True)
+    def _bfloat16_delta_magnitude(expert_bits, base_bits, out):
+        """|float32(expert) - float32(base)| from bfloat16 bit patterns, in chunks so the
+        widened values live only in small per-thread buffers."""
+        n = expert_bits.shape[0]
+        chunk = 4096
+        for first in numba.prange((n + chunk - 1) // chunk):
+            start = first * chunk
+            stop = min(start + chunk, n)
+            expert = np.empty(stop - start, dtype=np.uint32)
+            base = np.empty(stop - start, dtype=np.uint32)
+            for j in range(stop - start):
+                expert[j] = np.uint32(expert_bits[start + j]) << np.uint32(16)
+                base[j] = np.uint32(base_bits[start + j]) << np.uint32(16)
+            expert_values = expert.view(np.float32)
+            base_values = base.view(np.float32)
+            for j in range(stop - start):
+                out[start + j] = abs(expert_values[j] - base_values[j])
+
 
 def fuse_into_base(
     base: torch.Tensor,
@@ -223,6 +242,18 @@ def bfloat16_to_float32(tensor: torch.Tensor) -> torch.Tensor:
     out = np.empty(bits.shape[0], dtype=np.uint32)
     _widen_bfloat16(bits, out)
     return torch.from_numpy(out.view(np.float32)).reshape(tensor.shape)
+
+
+def bfloat16_delta_magnitude(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|δ| in float32 for bfloat16 inputs of one shape, without widening either input first:
+    the same bits as ``(expert.float() - base.float()).abs()`` in a third of the memory."""
+
+    def bits(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
+
+    out = np.empty(expert.numel(), dtype=np.float32)
+    _bfloat16_delta_magnitude(bits(expert), bits(base), out)
+    return torch.from_numpy(out).reshape(expert.shape)
 
 
 def rank_at_least_mask(magnitude: torch.Tensor, min_rank: int) -> torch.Tensor:

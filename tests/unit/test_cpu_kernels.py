@@ -136,3 +136,13 @@ def test_bfloat16_widening_keeps_every_bit():
     widened = cpu_kernels.bfloat16_to_float32(values.reshape(700, 100))
     expected = values.float().reshape(700, 100)
     assert torch.equal(widened.view(torch.int32), expected.view(torch.int32))
+
+
+def test_bfloat16_delta_magnitude_equals_widen_subtract_abs():
+    generator = torch.Generator().manual_seed(6)
+    base = torch.randn(300, 257, generator=generator).bfloat16()
+    expert = (base.float() + 0.01 * torch.randn(300, 257, generator=generator)).bfloat16()
+    expert.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0]).bfloat16()
+    fused = cpu_kernels.bfloat16_delta_magnitude(expert, base)
+    expected = (expert.float() - base.float()).abs()
+    assert torch.equal(fused.view(torch.int32), expected.view(torch.int32))
