@@ -17,6 +17,7 @@ from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
 from della_cli.plan import Plan, build_plan
 from della_cli.recipe import Recipe, load_recipe
+from della_cli.verify import verify_model
 
 RECIPE_FILE = "della_recipe.yaml"
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -155,6 +156,7 @@ def run_merge(
             (staging / RECIPE_FILE).write_text(recipe.text)
             (staging / "README.md").write_text(render_card(recipe, out.name, recipe.seed))
             (staging / JOURNAL_NAME).unlink(missing_ok=True)
+            _check_own_output(staging, warn)
     except OSError as error:
         raise MergeFailure(
             f"writing {out} failed: {error.strerror or error}; nothing was left behind"
@@ -176,6 +178,19 @@ def run_merge(
         resumed_shards=resumed_shards,
         warnings=warnings,
     )
+
+
+def _check_own_output(staging: Path, warn: WarningCallback) -> None:
+    """The cheap part of ``della verify`` on what was just written, before it is published:
+    unreadable files are a failure (nothing is left behind); shapes that disagree with the
+    config, which comes from the base, are reported as a warning."""
+    report = verify_model(staging, read_tensors=False, tokenizer=False)
+    for check in report.checks:
+        if check.ok:
+            continue
+        if check.name == "files":
+            raise MergeFailure(f"the merged output failed its own check: {check.detail}")
+        warn(f"the merged output: {check.detail}")
 
 
 def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, warn) -> int:

@@ -247,6 +247,33 @@ def _human(size: float) -> str:
 
 
 @app.command()
+def verify(
+    folder: Annotated[Path, typer.Argument(help="A model folder.", show_default=False)],
+    generate: Annotated[
+        bool, typer.Option(help="Also load the model with transformers and generate.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a model folder: files, shapes against config, NaN/Inf, tokenizer (exit 0 healthy,
+    1 not)."""
+    from della_cli.errors import UsageError
+    from della_cli.verify import verify_model
+
+    with reported_errors():
+        if not folder.is_dir():
+            raise UsageError(f"{folder} is not a folder")
+        report = verify_model(folder, generate=generate)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        for check in report.checks:
+            typer.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+        typer.echo(f"{folder}: {'healthy' if report.healthy else 'NOT healthy'}")
+    if not report.healthy:
+        raise typer.Exit(1)
+
+
+@app.command()
 def methods(as_json: JsonOption = False) -> None:
     """List the merge methods, their parameters and defaults."""
     from della_cli.methods import METHODS
