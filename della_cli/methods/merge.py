@@ -132,7 +132,9 @@ def fuse(
             return numerator
         # D as the compute dtype holds it: a sum of weights too small for float32 is 0 there,
         # and dividing by it would turn zeros into NaN.
-        total_weight = float(torch.tensor(sum(weights), dtype=numerator.dtype))
+        total_weight = torch.tensor(sum(weights), dtype=numerator.dtype, device=numerator.device)
+        # Divided by a device tensor: CUDA turns division by a host scalar into a multiply by
+        # its reciprocal, which would differ from the CPU in the last bit.
         return numerator.div_(total_weight if total_weight != 0 else 1.0)
     denominator = torch.zeros_like(weighted[0])
     for vector, weight in zip(weighted, weights, strict=True):

@@ -96,8 +96,10 @@ def magprune_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> t
     if n == 1:
         q = torch.full_like(magnitude_rows, 0.5, dtype=torch.float32)
         return q.mul_(2.0 * epsilon).add_(density - epsilon).reshape(delta.shape)
-    by_rank = torch.arange(n, dtype=torch.float32, device=delta.device).div_(n - 1)
-    by_rank = by_rank.mul_(2.0 * epsilon).add_(density - epsilon)
+    # The n values are made on the CPU and moved: CUDA divides by a host scalar as a multiply by
+    # its reciprocal, which differs in the last bit and would make the keep set device-dependent.
+    by_rank = torch.arange(n, dtype=torch.float32).div_(n - 1)
+    by_rank = by_rank.mul_(2.0 * epsilon).add_(density - epsilon).to(delta.device)
     order = stable_row_order(magnitude_rows).to(delta.device)
     keep_prob = torch.empty(magnitude_rows.shape, dtype=torch.float32, device=delta.device)
     return keep_prob.scatter_(-1, order, by_rank.expand_as(order)).reshape(delta.shape)
@@ -181,6 +183,9 @@ def apply_keep_mask(
     element-wise; ``Rescale.L1`` scales the whole tensor so its L1 norm equals the original's.
     """
     if rescale is Rescale.KEEP_PROB and keep_prob is not None:
+        if not isinstance(keep_prob, torch.Tensor):
+            # A device tensor, not a host scalar, so CUDA divides exactly as the CPU does.
+            keep_prob = torch.tensor(keep_prob, dtype=delta.dtype, device=delta.device)
         return (delta / keep_prob).mul_(keep)  # multiplying by the mask beats a select
     kept = delta * keep
     if rescale is Rescale.L1:

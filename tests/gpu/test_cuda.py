@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from della_cli.api import MergeOptions, run_merge
 
 pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
 
 PARAMETERS = {
     "della": {"density": 0.7, "epsilon": 0.07, "lambda": 1.1},
@@ -43,7 +44,7 @@ def test_cuda_merge_matches_cpu_merge(method, model_zoo, write_recipe, tmp_path)
         }
     )
     run_merge(recipe, tmp_path / "cpu", MergeOptions(device="cpu"))
-    run_merge(recipe, tmp_path / "cuda", MergeOptions(device="cuda"))
+    run_merge(recipe, tmp_path / "cuda", MergeOptions(device=DEVICE))
     cpu = load_file(tmp_path / "cpu" / "model.safetensors")
     cuda = load_file(tmp_path / "cuda" / "model.safetensors")
     assert cpu.keys() == cuda.keys()
@@ -52,3 +53,47 @@ def test_cuda_merge_matches_cpu_merge(method, model_zoo, write_recipe, tmp_path)
             assert torch.equal(cuda[name].view(torch.int32), expected.view(torch.int32)), name
         else:
             torch.testing.assert_close(cuda[name], expected, rtol=1e-6, atol=1e-7)
+
+
+def _write_bfloat16_model(folder, tensors):
+    """A model folder of bfloat16 tensors large enough to be merged in row blocks."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text('{"model_type": "synthetic"}')
+    return folder
+
+
+@pytest.mark.parametrize("method", ["della", "dare_ties", "ties", "task_arithmetic"])
+def test_cuda_matches_cpu_on_large_bfloat16_tensors(method, write_recipe, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"layers.0.up_proj.weight": (2560, 2048), "norm.weight": (2048,)}
+    base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+    folders = [_write_bfloat16_model(tmp_path / "base", {k: v.bfloat16() for k, v in base.items()})]
+    for index in (1, 2):
+        expert = {
+            k: (v + torch.randn(v.shape, generator=generator) * 0.01).bfloat16()
+            for k, v in base.items()
+        }
+        folders.append(_write_bfloat16_model(tmp_path / f"expert{index}", expert))
+    recipe = write_recipe(
+        {
+            "merge_method": method,
+            "base_model": str(folders[0]),
+            "models": [{"model": str(folder)} for folder in folders[1:]],
+            "parameters": PARAMETERS[method],
+            "seed": 5,
+        }
+    )
+    run_merge(recipe, tmp_path / "cpu", MergeOptions(device="cpu"))
+    run_merge(recipe, tmp_path / "cuda", MergeOptions(device=DEVICE))
+    cpu = load_file(tmp_path / "cpu" / "model.safetensors")
+    cuda = load_file(tmp_path / "cuda" / "model.safetensors")
+    assert cpu.keys() == cuda.keys() == shapes.keys()
+    for name, expected in cpu.items():
+        assert cuda[name].dtype == torch.bfloat16
+        if method in EXACT:
+            assert torch.equal(cuda[name].view(torch.int16), expected.view(torch.int16)), name
+        else:
+            torch.testing.assert_close(cuda[name], expected)
