@@ -14,8 +14,26 @@ from pathlib import Path
 import torch
 import yaml
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gemma")
 VOCAB_SIZE = 96
+# Decoder-only configs built from the shared toy sizes: name -> (config class, extra fields).
+_DECODERS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+    "gemma": ("GemmaConfig", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", {"head_dim": 8}),
+    "phi3": ("Phi3Config", {}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+ARCHITECTURES = (*_DECODERS, "gpt2", "llava")
+# Architectures whose model class is not a plain causal LM.
+_AUTO_CLASSES = {"llava": "AutoModelForImageTextToText"}
+
+
+def auto_class_name(architecture: str) -> str:
+    """The transformers Auto class that loads ``architecture``."""
+    return _AUTO_CLASSES.get(architecture, "AutoModelForCausalLM")
 
 
 def tiny_config(architecture: str, vocab_size: int = VOCAB_SIZE, tie: bool | None = None):
@@ -33,11 +51,23 @@ def tiny_config(architecture: str, vocab_size: int = VOCAB_SIZE, tie: bool | Non
     )
     if architecture == "gpt2":
         config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
-    elif architecture == "gemma":
-        config = transformers.GemmaConfig(head_dim=8, **decoder, **common)
+    elif architecture == "llava":  # a vision-language model: CLIP vision tower + Llama
+        vision = transformers.CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+            projection_dim=16,
+        )
+        text = transformers.LlamaConfig(**decoder, **common)
+        config = transformers.LlavaConfig(
+            vision_config=vision, text_config=text, image_token_index=vocab_size - 1
+        )
     else:
-        classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
-        config = getattr(transformers, classes[architecture])(**decoder, **common)
+        class_name, extra = _DECODERS[architecture]
+        config = getattr(transformers, class_name)(**decoder, **extra, **common)
     if tie is not None:
         config.tie_word_embeddings = tie
     return config
@@ -72,13 +102,15 @@ def make_base(
     tie: bool | None = None,
 ) -> Path:
     """Build and save a tiny random model of ``architecture`` with its tokenizer."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    import transformers
+    from transformers import GenerationConfig
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     torch.manual_seed(seed)
     config = tiny_config(architecture, vocab_size, tie)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    auto_class = getattr(transformers, auto_class_name(architecture))
+    model = auto_class.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=1, eos_token_id=[2], pad_token_id=0, max_new_tokens=8
     )
