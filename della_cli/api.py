@@ -11,7 +11,13 @@ from della_cli.card import render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
 from della_cli.errors import MergeFailure, ModelError, UsageError
 from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
-from della_cli.io.metadata import copy_metadata, metadata_files, write_config
+from della_cli.io.metadata import (
+    GENERATION_PATTERNS,
+    TOKENIZER_PATTERNS,
+    copy_metadata,
+    metadata_files,
+    write_config,
+)
 from della_cli.io.output import check_destination, staged_folder
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
@@ -83,6 +89,15 @@ def open_inputs(recipe: Recipe) -> MergeInputs:
     return MergeInputs(base, [open_model(ref) for ref in recipe.model_refs])
 
 
+def tokenizer_reader(recipe: Recipe, inputs: MergeInputs) -> ModelReader:
+    """The model whose tokenizer files the output gets: ``tokenizer_source``, by default the
+    base (or, without one, the first model)."""
+    index = recipe.tokenizer_model
+    if index is not None:
+        return inputs.experts[index]
+    return inputs.base or inputs.experts[0]
+
+
 def select_device(name: str):
     """``auto`` is CUDA when available; an explicit CUDA device must exist."""
     import torch
@@ -112,7 +127,10 @@ def prepare(recipe_path: Path, options: MergeOptions) -> tuple[Recipe, MergeInpu
         recipe = recipe.with_seed(options.seed)
     inputs = open_inputs(recipe)
     reference = inputs.base or inputs.experts[0]
-    metadata_files(reference.folder, reference.root)  # refuse escaping files before merging
+    tokenizer = tokenizer_reader(recipe, inputs)
+    # Refuse files that escape their folders before merging.
+    metadata_files(reference.folder, reference.root, GENERATION_PATTERNS)
+    metadata_files(tokenizer.folder, tokenizer.root, TOKENIZER_PATTERNS)
     plan = build_plan(
         recipe, inputs.base, inputs.experts, options.out_shard_bytes, strict=options.strict
     )
@@ -151,8 +169,16 @@ def run_merge(
             resumed_shards = _write_weights(
                 recipe, plan, inputs, device, staging, options, on_progress, warn
             )
-            write_config(reference.config, staging, plan.config_dtype, plan.tie_word_embeddings)
-            copy_metadata(reference.folder, staging, reference.root)
+            write_config(
+                reference.config,
+                staging,
+                plan.config_dtype,
+                plan.tie_word_embeddings,
+                plan.vocab_size,
+            )
+            copy_metadata(reference.folder, staging, reference.root, GENERATION_PATTERNS)
+            tokenizer = tokenizer_reader(recipe, inputs)
+            copy_metadata(tokenizer.folder, staging, tokenizer.root, TOKENIZER_PATTERNS)
             (staging / RECIPE_FILE).write_text(recipe.text)
             (staging / "README.md").write_text(render_card(recipe, out.name, recipe.seed))
             (staging / JOURNAL_NAME).unlink(missing_ok=True)

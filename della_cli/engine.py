@@ -155,8 +155,11 @@ class MergeEngine:
         """The raw rows of a block (reference first, then each expert), as stored."""
         job = task.job
         if job.action == "copy":
-            return [self.read(job.reference)]
-        reference = self.read_rows(job.reference, task.start, task.stop)
+            if job.reference.rows is None:
+                return [self.read(job.reference)]
+            rows, _ = _rows_shape(job.shape)
+            return [self.read_reference_rows(job, 0, rows).reshape(job.shape)]
+        reference = self.read_reference_rows(job, task.start, task.stop)
         experts = [self.read_expert_rows(job, s, task.start, task.stop) for s in job.experts]
         return [reference, *experts]
 
@@ -167,20 +170,40 @@ class MergeEngine:
     def read_rows(self, source: Source, start: int, stop: int) -> torch.Tensor:
         return self.inputs.reader(source.model).read_rows(source.tensor, start, stop)
 
+    def read_reference_rows(self, job: TensorJob, start: int, stop: int) -> torch.Tensor:
+        """The reference's rows, fitted to the job's shape when ``tokenizer_source`` changed the
+        vocabulary: rows past the job's are not read, and rows past the reference's own come
+        from its ``fill`` source."""
+        source = job.reference
+        if source.rows is None:
+            return self.read_rows(source, start, stop)
+        if len(job.shape) <= 1:  # a 1-D vocabulary tensor (an lm_head bias) is one row
+            own = self.read(source)[: job.shape[0]]
+            parts = [own]
+            if source.fill is not None and own.shape[0] < job.shape[0]:
+                parts.append(self.read(source.fill)[own.shape[0] : job.shape[0]])
+            return torch.cat(parts).reshape(1, -1)
+        have = min(source.rows, stop)
+        parts = [self.read_rows(source, start, have)] if start < have else []
+        if stop > have:
+            parts.append(self.read_rows(source.fill, max(start, have), stop))
+        return torch.cat(parts)
+
     def read_expert_rows(self, job: TensorJob, source: Source, start: int, stop: int):
         """An expert's rows, fitted to the reference's vocabulary: extra rows are cropped, and
         rows it lacks are the reference's own (a zero delta), in the compute dtype."""
         if source.rows is None:
             return self.read_rows(source, start, stop)
         if len(job.shape) <= 1:  # a 1-D vocabulary tensor (an lm_head bias) is one row
-            tensor, reference = self.read(source), self.read(job.reference)
+            tensor = self.read(source)
+            reference = self.read_reference_rows(job, 0, 1).reshape(-1)
             kept = min(tensor.shape[0], reference.shape[0])
             parts = [tensor[:kept], reference[kept:]]
             return torch.cat([p.to(self.compute_dtype) for p in parts]).reshape(1, -1)
         have = min(source.rows, stop)
         parts = [self.read_rows(source, start, have)] if start < have else []
         if stop > have:
-            parts.append(self.read_rows(job.reference, max(start, have), stop))
+            parts.append(self.read_reference_rows(job, max(start, have), stop))
         return torch.cat([p.to(self.compute_dtype) for p in parts])
 
     def compute_block(self, task: BlockTask, loaded: list[torch.Tensor]) -> torch.Tensor:
@@ -253,7 +276,7 @@ class MergeEngine:
         if sparsifier not in WHOLE_TENSOR_SPARSIFIERS:
             return None
         total_rows, _ = _rows_shape(job.shape)
-        reference = self.read_rows(job.reference, 0, total_rows)  # kept as stored: smaller
+        reference = self.read_reference_rows(job, 0, total_rows)  # kept as stored: smaller
         masks = []
         for source in job.experts:
             params = self.recipe.expert_params(source.model, job.name)

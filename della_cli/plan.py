@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from della_cli.errors import PlanError
@@ -44,6 +44,7 @@ class Source:
     model: int
     tensor: str
     rows: int | None = None  # set when the rows must be cropped or padded to the job's shape
+    fill: Source | None = None  # a reference's rows past ``rows`` come from here
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     compute_dtype: str = "F32"
     tie_word_embeddings: bool | None = None
+    vocab_size: int | None = None  # set when tokenizer_source changes the vocabulary rows
 
     @property
     def output_bytes(self) -> int:
@@ -155,6 +157,45 @@ class _Planner:
         self.strict = strict
         self.vocab = {v for v in map(_vocab_size, [reference, *experts]) if v}
         self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or "")
+        self.tokenizer_model = recipe.tokenizer_model
+        if self.tokenizer_model == ref_model:
+            self.tokenizer_model = None  # the reference is the source: nothing to refit
+
+    def vocabulary_target(
+        self, name: str, ref: TensorInfo, own: Source
+    ) -> tuple[TensorInfo, Source]:
+        """The output shape of ``name`` and its reference source: the reference's own, unless
+        ``tokenizer_source`` names a model whose rows differ, whose row count is then the
+        output's. Reference rows past that are cropped; rows the reference lacks (tokens only
+        the source model has) are the source model's own, so their task vectors are zero for
+        every model that lacks them too."""
+        if self.tokenizer_model is None or not ref.shape:
+            return ref, own
+        source = self.experts[self.tokenizer_model]
+        tensor = name
+        if name not in source.tensors and name.endswith("lm_head.weight") and _is_tied(source):
+            tensor = find_embedding(source)
+        info = source.tensors.get(tensor)
+        if (
+            info is None
+            or info.shape == ref.shape
+            or not _is_vocab_mismatch(name, ref, info, self.vocab)
+        ):
+            return ref, own
+        rows = info.shape[0]
+        label = self.recipe.model_refs[self.tokenizer_model]
+        if rows > ref.shape[0]:
+            how = f"its {rows - ref.shape[0]} extra rows are taken from '{label}'"
+            fill = Source(self.tokenizer_model, tensor)
+        else:
+            how = f"the base's last {ref.shape[0] - rows} rows are dropped"
+            fill = None
+        self.warnings.append(
+            f"tokenizer_source '{label}': '{name}' gets its {rows} rows (the base has "
+            f"{ref.shape[0]}); {how}"
+        )
+        target = replace(ref, shape=(rows, *ref.shape[1:]))
+        return target, replace(own, rows=ref.shape[0], fill=fill)
 
     def source_for(self, index: int, name: str, ref: TensorInfo) -> Source | None:
         """Expert ``index``'s input for output tensor ``name`` (None: it sits this one out)."""
@@ -179,9 +220,10 @@ class _Planner:
             return Source(index, tensor)
         if _is_vocab_mismatch(name, ref, info, self.vocab):
             how = "cropped" if info.shape[0] > ref.shape[0] else "padded with zero deltas"
+            whose = "the base's" if self.tokenizer_model is None else "the output's"
             self.warnings.append(
-                f"'{label}' has {info.shape[0]} rows in '{name}', the base "
-                f"{ref.shape[0]}: {how} to the base's vocabulary"
+                f"'{label}' has {info.shape[0]} rows in '{name}', the output "
+                f"{ref.shape[0]}: {how} to {whose} vocabulary"
             )
             return Source(index, tensor, rows=info.shape[0])
         self.problems.append(
@@ -191,6 +233,7 @@ class _Planner:
         return None
 
     def job_for(self, name: str, ref: TensorInfo, ref_source: Source) -> TensorJob:
+        ref, ref_source = self.vocabulary_target(name, ref, ref_source)
         out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else ref.dtype
         if not ref.is_floating:
             return TensorJob(name, "copy", ref.shape, ref.dtype, ref_source)
@@ -249,9 +292,14 @@ def build_plan(
     outputs = [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs]
     compute = "F64" if recipe.schema.dtype == "float64" else "F32"
     tied = None
-    if find_embedding(reference) is not None:
+    vocab_size = None
+    embedding = find_embedding(reference)
+    if embedding is not None:
         tied = not any(j.name.endswith("lm_head.weight") for j in jobs)
-    return Plan(jobs, split_into_shards(outputs, max_shard_bytes), planner.warnings, compute, tied)
+        rows = next(j.shape[0] for j in jobs if j.name == embedding)
+        vocab_size = rows if rows != reference.tensors[embedding].shape[0] else None
+    shards = split_into_shards(outputs, max_shard_bytes)
+    return Plan(jobs, shards, planner.warnings, compute, tied, vocab_size)
 
 
 def _untied_lm_head_jobs(planner: _Planner, reference_names: set[str]) -> list[TensorJob]:

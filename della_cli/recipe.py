@@ -29,7 +29,9 @@ DEFAULT_GAMMA = 0.01  # mergekit's breadcrumbs default
 UNSUPPORTED_KEYS = {
     "slices": "slice-wise merges (slices) are not supported yet; merge whole models",
     "modules": "per-module merges (modules) are not supported yet; merge whole models",
-    "tokenizer": "the tokenizer: block is not supported yet; use tokenizer_source: base",
+    "tokenizer": (
+        "the tokenizer: block is not supported yet; use tokenizer_source: base or a model's name"
+    ),
     "chat_template": "chat_template is not supported yet; the base's template is kept",
 }
 
@@ -139,9 +141,10 @@ class RecipeSchema(_Strict):
     @field_validator("tokenizer_source")
     @classmethod
     def _check_tokenizer_source(cls, value: str | None) -> str | None:
-        if value is not None and value != "base":
+        if value == "union":
             raise ValueError(
-                f"'{value}' is not supported yet; only tokenizer_source: base (the default)"
+                "'union' (a tokenizer merged from several models) is not supported yet; "
+                "use base or the name of one of the models"
             )
         return value
 
@@ -165,6 +168,15 @@ class Recipe:
     @property
     def model_refs(self) -> list[str]:
         return [entry.model for entry in self.schema.models]
+
+    @property
+    def tokenizer_model(self) -> int | None:
+        """The recipe index of the model named by ``tokenizer_source``, or None for the base
+        (the default, and also what ``base`` and the base model's own name mean)."""
+        source = self.schema.tokenizer_source
+        if source in (None, "base", self.schema.base_model):
+            return None
+        return self.model_refs.index(source)
 
     def expert_params(self, model_index: int, tensor_name: str) -> ExpertParams:
         """Parameters of model ``model_index`` for ``tensor_name``.
@@ -338,6 +350,12 @@ def check_rules(recipe: Recipe) -> None:
                 f"models.{index}.model: '{ref}' is the base model; its task vector is zero, "
                 "so remove it from models"
             )
+    source = schema.tokenizer_source
+    if source not in (None, "base", schema.base_model, *recipe.model_refs):
+        names = ", ".join(f"'{ref}'" for ref in recipe.model_refs)
+        raise RecipeError(
+            f"tokenizer_source: '{source}' is neither base nor one of the models ({names})"
+        )
     _check_parameter_names(recipe)
     for index in range(len(schema.models)):
         _check_expert_values(recipe, index)

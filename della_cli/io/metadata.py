@@ -30,21 +30,35 @@ TOKENIZER_PATTERNS = (
 )
 
 
-def metadata_files(folder: Path, root: Path | None = None) -> list[Path]:
-    """The generation config and tokenizer files of a model folder; a file that resolves
-    outside ``root`` (default: the folder) is refused rather than copied."""
+GENERATION_PATTERNS = ("generation_config.json",)
+
+
+def metadata_files(
+    folder: Path,
+    root: Path | None = None,
+    patterns: tuple[str, ...] = (*GENERATION_PATTERNS, *TOKENIZER_PATTERNS),
+) -> list[Path]:
+    """The generation config and tokenizer files of a model folder (or those ``patterns``
+    match); a file that resolves outside ``root`` (default: the folder) is refused rather
+    than copied."""
     found: set[Path] = set()
-    for pattern in ("generation_config.json", *TOKENIZER_PATTERNS):
+    for pattern in patterns:
         found.update(p for p in folder.glob(pattern) if p.is_file())
     for path in found:
         ensure_inside(path, root or folder)
     return sorted(found)
 
 
-def copy_metadata(source: Path, destination: Path, root: Path | None = None) -> list[str]:
-    """Copy generation config and tokenizer files from ``source``; return what was copied."""
+def copy_metadata(
+    source: Path,
+    destination: Path,
+    root: Path | None = None,
+    patterns: tuple[str, ...] = (*GENERATION_PATTERNS, *TOKENIZER_PATTERNS),
+) -> list[str]:
+    """Copy generation config and tokenizer files (or those ``patterns`` match) from
+    ``source``; return what was copied."""
     copied = []
-    for path in metadata_files(source, root):
+    for path in metadata_files(source, root, patterns):
         if path.is_file():
             target = destination / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -54,12 +68,23 @@ def copy_metadata(source: Path, destination: Path, root: Path | None = None) -> 
 
 
 def write_config(
-    config: dict | None, destination: Path, dtype_name: str | None, tie_word_embeddings: bool | None
+    config: dict | None,
+    destination: Path,
+    dtype_name: str | None,
+    tie_word_embeddings: bool | None,
+    vocab_size: int | None = None,
 ) -> None:
-    """config.json from the base, with the dtype and embedding tying of what was written."""
+    """config.json from the base, with the dtype, embedding tying and (when the tokenizer
+    comes from another model) vocabulary size of what was written."""
     if config is None:
         return
     config = dict(config)
+    if vocab_size is not None:
+        text_config = config.get("text_config")
+        if isinstance(text_config, dict) and "vocab_size" in text_config:
+            config["text_config"] = {**text_config, "vocab_size": vocab_size}
+        if "vocab_size" in config or not isinstance(text_config, dict):
+            config["vocab_size"] = vocab_size
     if dtype_name is not None:
         config["dtype"] = dtype_name  # transformers >= 4.56 reads "dtype"
         if "torch_dtype" in config:

@@ -315,9 +315,15 @@ BAD_RECIPES = [
     ),
     pytest.param(
         edited(("tokenizer_source", "union")),
-        "tokenizer_source: 'union' is not supported yet",
-        ["only tokenizer_source: base"],
-        id="tokenizer-source",
+        "tokenizer_source: 'union' (a tokenizer merged from several models) is not supported yet",
+        ["use base or the name of one of the models"],
+        id="tokenizer-source-union",
+    ),
+    pytest.param(
+        edited(("tokenizer_source", "./nowhere")),
+        "tokenizer_source: './nowhere' is neither base nor one of the models",
+        [],
+        id="tokenizer-source-unknown",
     ),
     # the MAGPRUNE window d ± ε must lie in (0, 1], named where epsilon was set
     pytest.param(
@@ -501,7 +507,7 @@ BAD_RECIPES = [
     pytest.param(
         edited(("tokenizer", {"source": "union"})),
         "tokenizer: the tokenizer: block is not supported yet",
-        ["tokenizer_source: base"],
+        ["tokenizer_source"],
         id="tokenizer",
     ),
     pytest.param(
