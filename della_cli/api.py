@@ -19,6 +19,7 @@ from della_cli.io.metadata import (
     write_config,
 )
 from della_cli.io.output import check_destination, staged_folder
+from della_cli.io.pickle_reader import PickleModelReader, has_only_pickle_weights
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
 from della_cli.plan import Plan, build_plan
@@ -37,6 +38,7 @@ class MergeOptions:
     overwrite: bool = False
     resume: bool = False
     strict: bool = False  # missing tensors and NaN/Inf inputs are errors, not warnings
+    allow_pickle: bool = False  # load pytorch_model*.bin folders (weights-only unpickler)
 
 
 @dataclass
@@ -76,13 +78,16 @@ def resolve_model_path(ref: str, recipe_dir: Path | None) -> Path:
     return path
 
 
-def open_inputs(recipe: Recipe) -> MergeInputs:
+def open_inputs(recipe: Recipe, allow_pickle: bool = False) -> MergeInputs:
+    """Open every model's headers; pickle-only folders only with ``allow_pickle``."""
     recipe_dir = recipe.path.parent if recipe.path else None
 
     def open_model(ref: str) -> ModelReader:
         path = resolve_model_path(ref, recipe_dir)
         if not path.exists():
             raise ModelError(f"model '{ref}': {path} does not exist")
+        if allow_pickle and path.is_dir() and has_only_pickle_weights(path):
+            return PickleModelReader(path, ref)
         return ModelReader(path, ref)
 
     base = open_model(recipe.schema.base_model) if recipe.schema.base_model else None
@@ -125,7 +130,7 @@ def prepare(recipe_path: Path, options: MergeOptions) -> tuple[Recipe, MergeInpu
     recipe = load_recipe(recipe_path)
     if options.seed is not None:
         recipe = recipe.with_seed(options.seed)
-    inputs = open_inputs(recipe)
+    inputs = open_inputs(recipe, options.allow_pickle)
     reference = inputs.base or inputs.experts[0]
     tokenizer = tokenizer_reader(recipe, inputs)
     # Refuse files that escape their folders before merging.

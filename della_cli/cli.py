@@ -132,6 +132,13 @@ def merge(
     strict: Annotated[
         bool, typer.Option(help="Fail on tensors missing from a model and on NaN/Inf inputs.")
     ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Load models stored only as pytorch_model*.bin, with torch's weights-only "
+            "loader (pickles from untrusted sources can still be risky)."
+        ),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Plan only: check everything, write nothing.")
     ] = False,
@@ -142,7 +149,15 @@ def merge(
     from della_cli.api import MergeOptions
 
     with reported_errors():
-        options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite, resume, strict)
+        options = MergeOptions(
+            device=device,
+            seed=seed,
+            out_shard_bytes=parse_size(out_shard_size),
+            overwrite=overwrite,
+            resume=resume,
+            strict=strict,
+            allow_pickle=allow_pickle,
+        )
         if dry_run:
             _dry_run(recipe, out, options, as_json)
             return

@@ -69,7 +69,8 @@ def merge_fingerprint(recipe_text: str, seed: int, layout: object, inputs: list[
     """A digest of what determines the output bytes; input files by name, size and mtime."""
     files = []
     for folder in inputs:
-        for path in sorted(folder.glob("*.safetensors*")):
+        weights = [*folder.glob("*.safetensors*"), *folder.glob("pytorch_model*.bin*")]
+        for path in sorted(weights):
             stat = path.stat()
             files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
     material = json.dumps([recipe_text, seed, layout, files], sort_keys=True, default=str)

@@ -165,8 +165,9 @@ def weight_files(
         return [ensure_inside(singles[0], root)], None
     if list(folder.glob("pytorch_model*.bin")) or (folder / "model.pt").exists():
         raise ModelError(
-            f"{folder}: has only pickle weights (pytorch_model*.bin); convert them to "
-            "safetensors first, e.g. with transformers' save_pretrained(safe_serialization=True)"
+            f"{folder}: has only pickle weights (pytorch_model*.bin); pass --allow-pickle to "
+            "load them with torch's weights-only loader, or convert them to safetensors, e.g. "
+            "with transformers' save_pretrained(safe_serialization=True)"
         )
     raise ModelError(f"{folder}: no model.safetensors or {INDEX_NAME} found")
 
