@@ -172,3 +172,43 @@ def test_qwen2_padded_vocabulary_keeps_its_padding(model_zoo, write_recipe, tmp_
     result = verify_model(out)
     assert result.healthy, result
     assert torch.isfinite(forward_logits(out, "qwen2")).all()
+
+
+def _with_rows(source: Path, folder: Path, rows: int) -> Path:
+    """``source`` with its vocabulary tensors cut or grown (seeded rows) to ``rows``."""
+    tensors = load_model(source)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensor = tensors[name]
+        extra = torch.randn(max(0, rows - len(tensor)), tensor.shape[1])
+        tensors[name] = torch.cat([tensor, extra])[:rows].contiguous()
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    return folder
+
+
+@pytest.mark.parametrize(("base_rows", "expert_rows"), [(32000, 32001), (32001, 32000)])
+def test_llama_32000_and_32001_row_vocabularies_merge_to_the_base(
+    base_rows, expert_rows, model_zoo, write_recipe, tmp_path
+):
+    """The most common mismatch in the wild: a fine-tune that added a pad token."""
+    base = _with_rows(model_zoo("llama", vocab_size=32000), tmp_path / "base", base_rows)
+    shutil.copy2(model_zoo("llama", vocab_size=32000) / "tokenizer.json", base)
+    expert_source = model_zoo("llama", expert=1, vocab_size=32000)
+    expert = _with_rows(expert_source, tmp_path / "expert", expert_rows)
+    recipe = {
+        "merge_method": "della",
+        "base_model": str(base),
+        "models": [{"model": str(expert)}],
+        "parameters": {"density": 0.7, "epsilon": 0.1},
+    }
+    out, report = merge(write_recipe, tmp_path, recipe)
+    merged = load_model(out)
+    assert merged["model.embed_tokens.weight"].shape[0] == base_rows
+    assert merged["lm_head.weight"].shape[0] == base_rows
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == base_rows
+    how = "cropped" if expert_rows > base_rows else "padded with zero deltas"
+    expected = f"has {expert_rows} rows in 'model.embed_tokens.weight', the output {base_rows}"
+    assert any(expected in w and how in w for w in report.warnings), report.warnings
+    assert torch.isfinite(forward_logits(out, "llama")).all()
