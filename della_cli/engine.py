@@ -19,7 +19,7 @@ from della_cli.errors import ModelError
 from della_cli.io.dtypes import TORCH_DTYPES
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import Rescale, Sparsifier, cpu_kernels, merge_tensor
+from della_cli.methods import Rescale, Sparsifier, cpu_kernels, fused_merge, merge_tensor
 from della_cli.methods.randomness import Draws, derive_key
 from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
 from della_cli.plan import BASE, Plan, Source, TensorJob
@@ -88,6 +88,7 @@ class MergeEngine:
         on_warning: WarningCallback | None = None,
         block_elements: int | None = None,
         strict: bool = False,
+        fused_kernels: bool = True,
     ):
         self.recipe = recipe
         self.plan = plan
@@ -97,6 +98,8 @@ class MergeEngine:
         self.on_progress = on_progress or (lambda job: None)
         self.on_warning = on_warning or (lambda message: None)
         self.block_elements = block_elements or block_elements_for(device)
+        # The compiled whole-merge pass (same bytes as the torch path; off for comparisons).
+        self.fused_kernels = fused_kernels
         self.global_params = recipe.global_params()
         self.strict = strict
         self._masks: dict[str, list[torch.Tensor] | None] = {}
@@ -218,10 +221,13 @@ class MergeEngine:
         masks = self._masks[job.name]
         if task.last:
             del self._masks[job.name]
+        mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
+        fused = self.fused_block(task, loaded, mask_blocks)
+        if fused is not None:
+            return fused
         base, *models = (self.to_device(raw) for raw in loaded)
         self.check_finite([job.reference, *job.experts], [base, *models])
         recipe_indices = [source.model for source in job.experts]
-        mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
         merged = merge_tensor(
             self.recipe.method,
             base,
@@ -233,6 +239,68 @@ class MergeEngine:
         )
         return merged.to(out_dtype).cpu()
 
+    def fused_block(
+        self, task: BlockTask, loaded: list[torch.Tensor], mask_blocks: list | None
+    ) -> torch.Tensor | None:
+        """The block merged by the compiled whole-merge pass, straight from the inputs as
+        stored, or None where that pass does not apply (the torch path then runs)."""
+        job = task.job
+        out_dtype = TORCH_DTYPES[job.out_dtype]
+        if not self._fused_applies(loaded, out_dtype):
+            return None
+        n = loaded[0].shape[1]
+        plans = [self._expert_plan(job.name, source.model, n) for source in job.experts]
+        if any(plan is None for plan in plans):
+            return None
+        if mask_blocks is None and any(plan.mode == fused_merge.MASK for plan in plans):
+            return None
+        merged, nonfinite = fused_merge.merge_block(
+            loaded[0],
+            loaded[1:],
+            plans,
+            mask_blocks,
+            start=task.start * n,
+            rescale=self.global_params.rescale is Rescale.KEEP_PROB,
+            on_deltas=self.recipe.method.on_deltas,
+            consensus=self.recipe.method.sign_consensus,
+            normalize=self.global_params.normalize,
+            lambda_=self.global_params.lambda_,
+            out_dtype=out_dtype,
+        )
+        if nonfinite.any():
+            self.report_nonfinite([job.reference, *job.experts], [bool(f) for f in nonfinite])
+        return merged
+
+    def _fused_applies(self, loaded: list[torch.Tensor], out_dtype: torch.dtype) -> bool:
+        first = loaded[0]
+        return (
+            self.fused_kernels
+            and self.device.type == "cpu"
+            and self.compute_dtype == torch.float32
+            and fused_merge.supports(first.dtype)
+            and fused_merge.supports(out_dtype)
+            and first.dim() == 2
+            and all(t.dtype == first.dtype and t.shape == first.shape for t in loaded)
+            and self.global_params.rescale in (Rescale.KEEP_PROB, Rescale.NONE)
+        )
+
+    def _expert_plan(self, name: str, index: int, n: int) -> fused_merge.ExpertPlan | None:
+        """How expert ``index`` is sparsified in the fused pass, as ``sparsify_delta`` does it
+        (None: a case only the torch path handles)."""
+        params = self.recipe.expert_params(index, name)
+        sparsifier = self.recipe.method.sparsifier
+        density = params.density
+        if sparsifier is Sparsifier.NONE or density is None or density >= 1.0:
+            return fused_merge.ExpertPlan(fused_merge.KEEP_ALL, weight=params.weight)
+        if sparsifier in WHOLE_TENSOR_SPARSIFIERS:
+            return fused_merge.ExpertPlan(fused_merge.MASK, weight=params.weight)
+        if sparsifier is Sparsifier.MAGPRUNE and n == 1:
+            return None  # a row of one entry has q = 1/2, which the torch path computes
+        key = Draws(derive_key(self.recipe.seed, name, index), 0).key_words
+        mode = fused_merge.MAGPRUNE if sparsifier is Sparsifier.MAGPRUNE else fused_merge.RANDOM
+        epsilon = (params.epsilon or 0.0) if mode == fused_merge.MAGPRUNE else 0.0
+        return fused_merge.ExpertPlan(mode, density, epsilon, params.weight, key)
+
     def check_finite(self, sources: Sequence[Source], blocks: Sequence[torch.Tensor]) -> None:
         """Warn (or, under ``strict``, fail) when an input holds NaN or Inf. One sum per block
         is the cheap test (a non-finite value makes it non-finite); only then is each input
@@ -240,9 +308,13 @@ class MergeEngine:
         sums = torch.stack([block.sum() for block in blocks])
         if bool(torch.isfinite(sums).all()):
             return
-        for source, block in zip(sources, blocks, strict=True):
+        self.report_nonfinite(sources, [not bool(torch.isfinite(b).all()) for b in blocks])
+
+    def report_nonfinite(self, sources: Sequence[Source], flagged: Sequence[bool]) -> None:
+        """Warn once per input tensor that held NaN or Inf; under ``strict``, fail."""
+        for source, bad in zip(sources, flagged, strict=True):
             key = (source.model, source.tensor)
-            if key in self._reported_nonfinite or bool(torch.isfinite(block).all()):
+            if key in self._reported_nonfinite or not bad:
                 continue
             self._reported_nonfinite.add(key)
             message = f"'{self.label(source.model)}' has NaN or Inf values in '{source.tensor}'"

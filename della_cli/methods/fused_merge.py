@@ -1,0 +1,326 @@
+"""The whole merge of a block of rows in one compiled pass over the inputs as stored.
+
+The torch path (``merge.merge_tensor``) widens every input to float32, then makes a dozen passes
+over memory: task vectors, ranks, draws, drops, weights, sign election, disjoint mean, lambda,
+the base, and the cast to the output dtype, each a full-size temporary. Here each row goes
+through all of it while it is in cache: bfloat16 (or float32) inputs are widened into small
+per-row buffers, every expert's row is sparsified and weighted, then elected, fused, scaled,
+added to the base and rounded to the output dtype, rows in parallel. The float32 operations are
+the reference's, in its order, so the bytes are the same (the tests compare them), and the
+non-finite check the engine needs comes out of the same pass.
+
+Per expert, ``mode`` says how its task vector is sparsified: kept whole, DARE's random drop,
+MAGPRUNE's rank-based drop, or a given keep mask (TIES and breadcrumbs, selected beforehand
+over the whole tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from della_cli.methods import cpu_kernels
+
+try:
+    import numba
+    from numba.core import types
+    from numba.extending import overload
+except ImportError:  # pragma: no cover - exercised only where numba is not installed
+    numba = None
+
+KEEP_ALL, RANDOM, MAGPRUNE, MASK = 0, 1, 2, 3
+_MASK32 = 0xFFFFFFFF
+_NUMPY_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.float32, np.float32)}
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """How one expert's rows are sparsified and weighted in the fused pass."""
+
+    mode: int
+    density: float = 1.0
+    epsilon: float = 0.0
+    weight: float = 1.0
+    key_words: tuple[int, int, int] = (0, 0, 0)  # the expert's draw key (random modes)
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Inputs and outputs the compiled pass handles: bfloat16 and float32 (and only where
+    the compiled kernels are on at all)."""
+    return cpu_kernels.available() and dtype in _NUMPY_BITS
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A (rows, n) tensor's storage as numpy: float32 values, or bfloat16 bits as uint16."""
+    view_dtype, numpy_dtype = _NUMPY_BITS[tensor.dtype]
+    return tensor.contiguous().view(view_dtype).numpy().view(numpy_dtype)
+
+
+def merge_block(
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    plans: list[ExpertPlan],
+    masks: list[torch.Tensor] | None,
+    *,
+    start: int,
+    rescale: bool,
+    on_deltas: bool,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Merge a (rows, n) block whose first element has flat index ``start`` in its tensor.
+
+    Returns the merged rows in ``out_dtype`` and, per input (base first), whether it held a
+    NaN or Inf. ``rescale`` divides random-drop survivors by their keep probability; without
+    ``on_deltas`` (``linear``) the models themselves are averaged and the base only checked.
+    """
+    rows, n = base.shape
+    mask_arrays = tuple(m.contiguous().numpy() for m in masks) if masks else None
+    if mask_arrays is None:
+        mask_arrays = tuple(np.zeros((1, 1), dtype=np.bool_) for _ in experts)
+    out_view, out_numpy = _NUMPY_BITS[out_dtype]
+    out = np.empty((rows, n), dtype=out_numpy)
+    nonfinite = np.zeros((rows, len(experts) + 1), dtype=np.bool_)
+    _merge_rows(
+        _as_numpy(base),
+        tuple(_as_numpy(e) for e in experts),
+        mask_arrays,
+        np.array([p.mode for p in plans], dtype=np.int64),
+        np.array([p.density for p in plans], dtype=np.float32),
+        np.array([p.density - p.epsilon for p in plans], dtype=np.float32),
+        np.array([2.0 * p.epsilon for p in plans], dtype=np.float32),
+        np.array([p.weight for p in plans], dtype=np.float32),
+        np.array([p.weight != 1.0 for p in plans], dtype=np.bool_),
+        np.array([[w & _MASK32 for w in p.key_words] for p in plans], dtype=np.uint32),
+        start,
+        rescale,
+        on_deltas,
+        consensus,
+        normalize,
+        np.float32(sum(p.weight for p in plans)),
+        np.float32(lambda_),
+        out,
+        nonfinite,
+    )
+    merged = torch.from_numpy(out.view(np.int16) if out_numpy is np.uint16 else out)
+    return merged.view(out_dtype) if out_view is torch.int16 else merged, nonfinite.any(axis=0)
+
+
+if numba is not None:
+
+    def _widen_row(source, target):
+        """Copy a row of stored values into a float32 buffer."""
+
+    @overload(_widen_row, inline="always")
+    def _widen_row_impl(source, target):
+        if source.dtype == types.uint16:  # bfloat16 bits: the top half of a float32
+
+            def widen_bfloat16(source, target):
+                bits = target.view(np.uint32)
+                for i in range(source.shape[0]):
+                    bits[i] = np.uint32(source[i]) << np.uint32(16)
+
+            return widen_bfloat16
+
+        def copy(source, target):
+            for i in range(source.shape[0]):
+                target[i] = source[i]
+
+        return copy
+
+    def _store_row(values, target):
+        """Write a float32 row into the output row, rounded to its dtype."""
+
+    @overload(_store_row, inline="always")
+    def _store_row_impl(values, target):
+        if target.dtype == types.uint16:  # round to nearest even, as torch; NaN as torch's
+
+            def store_bfloat16(values, target):
+                bits = values.view(np.uint32)
+                for i in range(values.shape[0]):
+                    x = bits[i]
+                    if values[i] != values[i]:
+                        target[i] = np.uint16(0xFFFF)
+                    else:
+                        bias = ((x >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+                        target[i] = np.uint16(np.uint32(x + bias) >> np.uint32(16))
+
+            return store_bfloat16
+
+        def store_float32(values, target):
+            for i in range(values.shape[0]):
+                target[i] = values[i]
+
+        return store_float32
+
+    @numba.njit(cache=True, inline="always")
+    def _has_nonfinite(values):
+        bits = values.view(np.uint32)
+        for i in range(values.shape[0]):
+            if (bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000):
+                return True
+        return False
+
+    @numba.njit(cache=True, inline="always")
+    def _avalanche32(x):
+        x = np.uint32(x ^ (x >> np.uint32(16)))
+        x = np.uint32(x * np.uint32(0x7FEB352D))
+        x = np.uint32(x ^ (x >> np.uint32(15)))
+        x = np.uint32(x * np.uint32(0x846CA68B))
+        return np.uint32(x ^ (x >> np.uint32(16)))
+
+    @numba.njit(cache=True)
+    def _row_draws(first, n, key):
+        """``randomness.uniform_from_key`` at flat indices ``first`` .. ``first + n - 1``, in
+        32-bit lanes. The index's high word is the same across a row unless its low word wraps,
+        so its term is hoisted and the loop vectorizes; a row that wraps takes the plain loop."""
+        multiplier, offset, round_key = key[0], key[1], key[2]
+        golden = np.uint32(0x9E3779B9)
+        draws = np.empty(n, dtype=np.float32)
+        scale = np.float32(2.0**-24)
+        if (first & _MASK32) + n <= _MASK32 + 1:
+            low = np.uint32(first & _MASK32)
+            high_term = np.uint32(np.uint32(first >> 32) * golden)
+            for i in range(n):
+                x = np.uint32(np.uint32(np.uint32(low + np.uint32(i)) * multiplier) + offset)
+                x = _avalanche32(np.uint32(_avalanche32(np.uint32(x + high_term)) ^ round_key))
+                draws[i] = np.float32(x >> np.uint32(8)) * scale
+        else:
+            for i in range(n):
+                index = first + i
+                x = np.uint32(np.uint32(np.uint32(index & _MASK32) * multiplier) + offset)
+                x = np.uint32(x + np.uint32(np.uint32(index >> 32) * golden))
+                x = _avalanche32(np.uint32(_avalanche32(x) ^ round_key))
+                draws[i] = np.float32(x >> np.uint32(8)) * scale
+        return draws
+
+    @numba.njit(cache=True)
+    def _random_drop(values, ranked, density, low_prob, two_epsilon, key, first, rescale):
+        """DARE (constant ``density``) or MAGPRUNE (probability from the stable magnitude
+        rank) on one row, in place, as ``cpu_kernels._sparsify_rows`` computes it."""
+        n = values.shape[0]
+        draws = _row_draws(first, n, key)
+        if not ranked:
+            for i in range(n):
+                kept = np.float32(1.0) if draws[i] < density else np.float32(0.0)
+                values[i] = ((values[i] / density) if rescale else values[i]) * kept
+            return
+        ranks = np.empty(n, dtype=np.int64)
+        keys = values.view(np.uint32) & np.uint32(0x7FFFFFFF)  # |δ| sorts as its bits
+        cpu_kernels._stable_ranks(
+            keys,
+            ranks,
+            np.empty(n, dtype=np.uint32),
+            np.empty(n, dtype=np.uint32),
+            np.empty(n, dtype=np.int32),
+            np.empty(n, dtype=np.int32),
+            np.empty((4, 256), dtype=np.int64),
+        )
+        denominator = np.float32(max(n - 1, 1))
+        for i in range(n):
+            keep_prob = (np.float32(ranks[i]) / denominator) * two_epsilon + low_prob
+            kept = np.float32(1.0) if draws[i] < keep_prob else np.float32(0.0)
+            values[i] = ((values[i] / keep_prob) if rescale else values[i]) * kept
+
+    @numba.njit(cache=True)
+    def _fuse_row(vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas):
+        """Elect, fuse, scale and add one row, as ``cpu_kernels._fuse_into_base`` does per
+        entry, but expert by expert over the whole row so each loop is branch-free and
+        vectorizes; every entry still sums its experts in list order, so the bits agree."""
+        count, n = vectors.shape
+        numerator = np.zeros(n, dtype=np.float32)
+        if consensus:
+            total = np.zeros(n, dtype=np.float32)
+            for t in range(count):
+                for i in range(n):
+                    total[i] += vectors[t, i]
+            denominator = np.zeros(n, dtype=np.float32)
+            for t in range(count):
+                weight = weights[t]
+                for i in range(n):
+                    value = vectors[t, i]
+                    # an exact zero total elects +, NaN elects -; zeros never agree
+                    agrees = (value > 0) if total[i] >= 0 else (value < 0)
+                    agree = np.float32(1.0) if agrees else np.float32(0.0)
+                    numerator[i] += value * agree
+                    denominator[i] += weight * agree
+            if normalize:
+                for i in range(n):
+                    d = denominator[i]
+                    numerator[i] /= d if d != 0 else np.float32(1.0)
+        else:
+            for t in range(count):
+                for i in range(n):
+                    numerator[i] += vectors[t, i]
+            if normalize:
+                divisor = total_weight if total_weight != 0 else np.float32(1.0)
+                for i in range(n):
+                    numerator[i] /= divisor
+        if on_deltas:
+            for i in range(n):
+                numerator[i] = reference[i] + numerator[i] * lam
+        return numerator
+
+    @numba.njit(parallel=True, cache=True)
+    def _merge_rows(
+        base,
+        experts,
+        masks,
+        modes,
+        densities,
+        low_probs,
+        two_epsilons,
+        weights,
+        weighted,
+        keys,
+        start,
+        rescale,
+        on_deltas,
+        consensus,
+        normalize,
+        total_weight,
+        lam,
+        out,
+        nonfinite,
+    ):
+        rows, n = base.shape
+        count = len(experts)
+        for row in numba.prange(rows):
+            reference = np.empty(n, dtype=np.float32)
+            _widen_row(base[row], reference)
+            nonfinite[row, 0] = _has_nonfinite(reference)
+            vectors = np.empty((count, n), dtype=np.float32)
+            for t in range(count):
+                vector = vectors[t]
+                _widen_row(experts[t][row], vector)
+                nonfinite[row, t + 1] = _has_nonfinite(vector)
+                if on_deltas:
+                    for i in range(n):
+                        vector[i] = vector[i] - reference[i]
+                mode = modes[t]
+                if RANDOM <= mode <= MAGPRUNE:  # the random drops
+                    _random_drop(
+                        vector,
+                        mode == MAGPRUNE,
+                        densities[t],
+                        low_probs[t],
+                        two_epsilons[t],
+                        keys[t],
+                        start + row * n,
+                        rescale,
+                    )
+                elif mode == MASK:
+                    keep = masks[t][row]
+                    for i in range(n):
+                        vector[i] = vector[i] * (np.float32(1.0) if keep[i] else np.float32(0.0))
+                if weighted[t]:
+                    for i in range(n):
+                        vector[i] = vector[i] * weights[t]
+            result = _fuse_row(
+                vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas
+            )
+            _store_row(result, out[row])
