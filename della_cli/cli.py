@@ -67,15 +67,17 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 @contextmanager
-def reported_errors():
-    """Turn known errors into one line and an exit code; SIGTERM behaves like Ctrl-C."""
+def reported_errors(hint: str | None = None):
+    """Turn known errors into one line and an exit code; SIGTERM behaves like Ctrl-C.
+    ``hint`` is added to merge and IO failures (exit 1)."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     except DellaError as error:
         if os.environ.get("DELLA_DEBUG"):
             traceback.print_exc()
-        raise fail(str(error), error.exit_code) from None
+        message = f"{error}; {hint}" if hint and error.exit_code == 1 else str(error)
+        raise fail(message, error.exit_code) from None
     except KeyboardInterrupt:
         raise fail("interrupted; nothing was written", EXIT_INTERRUPTED) from None
     except typer.Exit:
@@ -116,6 +118,11 @@ def root(
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
+PrivateOption = Annotated[bool, typer.Option(help="Create the Hub repository as private.")]
+RevisionOption = Annotated[
+    str | None, typer.Option(help="Branch to push to (created if missing; default main).")
+]
+MessageOption = Annotated[str | None, typer.Option(help="Commit message on the Hub.")]
 
 
 @app.command()
@@ -135,25 +142,65 @@ def merge(
     dry_run: Annotated[
         bool, typer.Option(help="Plan only: check everything, write nothing.")
     ] = False,
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Then upload OUT to this Hub repository (org/name).")
+    ] = None,
+    private: PrivateOption = False,
+    revision: RevisionOption = None,
+    commit_message: MessageOption = None,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Merge the models of RECIPE into the folder OUT."""
+    """Merge the models of RECIPE into the folder OUT (and push it with --push-to-hub)."""
     from della_cli.api import MergeOptions
 
     with reported_errors():
         options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite, resume, strict)
+        options.progress = not (quiet or as_json)
+        if push_to_hub:
+            from della_cli.hub import check_repo_id
+
+            check_repo_id(push_to_hub)
         if dry_run:
             _dry_run(recipe, out, options, as_json)
             return
         report = _merge_with_progress(recipe, out, options, quiet or as_json)
-    if as_json:
-        typer.echo(json.dumps(report.to_dict()))
-    elif not quiet:
+    summary = report.to_dict()
+    if not as_json and not quiet:
         typer.echo(
             f"merged {report.tensors} tensors into {report.output} "
             f"({report.shards} shard(s), {_human(report.bytes)}) in {report.seconds:.1f}s"
         )
+    if push_to_hub:
+        summary["url"] = _push(out, push_to_hub, private, revision, commit_message, as_json)
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+def _push(out: Path, repo_id: str, private, revision, message, as_json: bool) -> str:
+    """Push a folder; a failure keeps the folder and says how to push it again."""
+    from della_cli.api import push_model
+
+    with reported_errors(f"{out} is intact; push it later with `della push {out} {repo_id}`"):
+        url = push_model(out, repo_id, private, revision, message)
+    if not as_json:
+        typer.echo(f"pushed {out} to {url}")
+    return url
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A merged model folder.", show_default=False)],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, org/name.", show_default=False)],
+    private: PrivateOption = False,
+    revision: RevisionOption = None,
+    commit_message: MessageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload FOLDER to the Hub repository REPO_ID in one commit (created if missing)."""
+    url = _push(folder, repo_id, private, revision, commit_message, as_json)
+    if as_json:
+        typer.echo(json.dumps({"folder": str(folder), "repo_id": repo_id, "url": url}))
 
 
 def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):

@@ -1,0 +1,286 @@
+"""Hub models end to end through a local stand-in for the Hub (tests/hub_server.py).
+
+The real ``huggingface_hub`` client talks HTTP to 127.0.0.1: downloads pinned to commits, the
+offline cache, pushes in one commit, and every failure as one line with the right exit code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hub_server import VALID_TOKEN, FakeHub
+from safetensors.torch import load_file
+from typer.testing import CliRunner, Result
+
+from della_cli.api import MergeOptions, run_merge
+from della_cli.cli import app
+from della_cli.tiny import make_expert, random_delta
+
+PARAMETERS = {"density": 0.7, "epsilon": 0.07, "lambda": 1.1}
+runner = CliRunner()
+
+
+def invoke(*args: object) -> Result:
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def recipe(base: str, *models: str) -> dict:
+    return {
+        "merge_method": "della",
+        "base_model": base,
+        "models": [{"model": ref, "parameters": {"weight": 1.0}} for ref in models],
+        "parameters": PARAMETERS,
+        "seed": 3,
+    }
+
+
+def front_matter(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def one_line_error(result: Result, code: int, fragment: str) -> str:
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+    assert VALID_TOKEN not in result.output
+    return lines[0]
+
+
+@pytest.fixture
+def published(fake_hub: FakeHub, model_zoo) -> dict[str, str]:
+    """org/base (tagged v1), org/math and org/code on the fake Hub; their commits by id."""
+    commits = {"org/base": fake_hub.add_model("org/base", model_zoo("llama"), tag="v1")}
+    for index, name in enumerate(("org/math", "org/code"), start=1):
+        commits[name] = fake_hub.add_model(name, model_zoo("llama", expert=index))
+    return commits
+
+
+def test_hub_merge_pins_commits_equals_local_merge_and_reruns_offline(
+    fake_hub, published, model_zoo, write_recipe, tmp_path, monkeypatch
+):
+    math_commit = published["org/math"]
+    hub_recipe = write_recipe(recipe("org/base@v1", f"org/math@{math_commit}", "org/code"))
+    report = run_merge(hub_recipe, tmp_path / "hub-out", MergeOptions(device="cpu"))
+    assert report.inputs == {
+        "org/base@v1": published["org/base"],
+        f"org/math@{math_commit}": math_commit,
+        "org/code": published["org/code"],
+    }
+    local = [str(model_zoo("llama", expert=i)) for i in (1, 2)]
+    local_recipe = write_recipe(recipe(str(model_zoo("llama")), *local), "local.yaml")
+    run_merge(local_recipe, tmp_path / "local-out", MergeOptions(device="cpu"))
+    hub_out, local_out = tmp_path / "hub-out", tmp_path / "local-out"
+    assert (hub_out / "model.safetensors").read_bytes() == (
+        local_out / "model.safetensors"
+    ).read_bytes()
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (hub_out / name).read_bytes() == (local_out / name).read_bytes()
+
+    front = front_matter((hub_out / "README.md").read_text())
+    assert front["base_model"] == ["org/base", "org/math", "org/code"]
+    assert front["base_model_relation"] == "merge"
+    assert [(i["model"], i["commit"]) for i in front["merge_inputs"]] == [
+        (name, published[name]) for name in ("org/base", "org/math", "org/code")
+    ]
+    assert front["merge_inputs"][0]["revision"] == "v1"
+
+    # The Hub moves on and goes away; offline, the cache gives the same inputs back.
+    fake_hub.add_model("org/code", model_zoo("llama", expert=3))
+    fake_hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    requests_before = len(fake_hub.requests)
+    again = run_merge(hub_recipe, tmp_path / "offline-out", MergeOptions(device="cpu"))
+    assert again.inputs == report.inputs
+    assert len(fake_hub.requests) == requests_before
+    assert (tmp_path / "offline-out" / "model.safetensors").read_bytes() == (
+        hub_out / "model.safetensors"
+    ).read_bytes()
+
+
+def test_revisions_resolve_to_their_commits_and_only_merge_files_download(
+    fake_hub, model_zoo, write_recipe, tmp_path
+):
+    base = model_zoo("llama")
+    first = fake_hub.add_model("org/base", base)
+    expert = model_zoo("llama", expert=1)
+    first_math = fake_hub.add_model("org/math", expert)
+    # A later commit on main changes the expert and adds files a merge must not download.
+    changed = make_expert(base, tmp_path / "changed", random_delta(9))
+    (changed / "training_args.bin").write_bytes(b"x" * 1000)
+    (changed / "optimizer.pt").write_bytes(b"y" * 1000)
+    latest_math = fake_hub.add_model("org/math", changed)
+
+    pinned = write_recipe(recipe("org/base", f"org/math@{first_math}"), "pinned.yaml")
+    report = run_merge(pinned, tmp_path / "pinned", MergeOptions(device="cpu"))
+    assert report.inputs == {"org/base": first, f"org/math@{first_math}": first_math}
+    latest = write_recipe(recipe("org/base", "org/math@main"), "latest.yaml")
+    assert run_merge(latest, tmp_path / "latest", MergeOptions(device="cpu")).inputs == {
+        "org/base": first,
+        "org/math@main": latest_math,
+    }
+    expected = load_file(expert / "model.safetensors")
+    got = {k: v for k, v in load_file(changed / "model.safetensors").items()}
+    assert any(not (expected[k] == got[k]).all() for k in expected)
+    downloaded = {r.path.rsplit("/", 1)[-1] for r in fake_hub.requests if r.served_bytes}
+    assert "training_args.bin" not in downloaded and "optimizer.pt" not in downloaded
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "fragment"),
+    [
+        ("org/nowhere", 2, "model 'org/nowhere': no such repository on the Hub"),
+        ("org/base@no-such-branch", 2, "no such revision (branch, tag or commit)"),
+    ],
+    ids=["missing-repo", "missing-revision"],
+)
+def test_unknown_repo_or_revision_is_one_line(
+    published, write_recipe, tmp_path, model, code, fragment
+):
+    path = write_recipe(recipe(model, "org/math"))
+    result = invoke("merge", path, tmp_path / "out")
+    one_line_error(result, code, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_down_is_one_line_exit_1(published, fake_hub, write_recipe, tmp_path):
+    fake_hub.stop()
+    result = invoke("merge", write_recipe(recipe("org/base", "org/math")), tmp_path / "out")
+    one_line_error(result, 1, "cannot be reached")
+    assert not (tmp_path / "out").exists()
+
+
+# --- push --------------------------------------------------------------------------------
+
+
+def test_merge_push_to_hub_uploads_the_folder_in_one_commit(
+    fake_hub, published, write_recipe, tmp_path
+):
+    out = tmp_path / "merged"
+    path = write_recipe(recipe("org/base@v1", "org/math", "org/code"))
+    result = invoke("merge", path, out, "--push-to-hub", "me/merged", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["url"] == f"{fake_hub.url}/me/merged"
+    assert summary["inputs"]["org/base@v1"] == published["org/base"]
+
+    commits = fake_hub.commits("me/merged")
+    assert len(commits) == 1
+    local_files = {p.name for p in out.iterdir()}
+    assert set(commits[0].files) == local_files
+    assert all(commits[0].files[name] == (out / name).read_bytes() for name in local_files)
+    card = commits[0].files["README.md"].decode()
+    commits_in_card = {i["model"]: i["commit"] for i in front_matter(card)["merge_inputs"]}
+    assert commits_in_card == published
+    assert not fake_hub.repos["me/merged"].private
+
+
+def test_push_redacts_local_paths_and_honours_private_revision_message(
+    fake_hub, published, model_zoo, write_recipe, tmp_path
+):
+    local_expert = model_zoo("llama", expert=1)
+    out = tmp_path / "merged"
+    run_merge(
+        write_recipe(recipe("org/base", str(local_expert), "org/code")),
+        out,
+        MergeOptions(device="cpu"),
+    )
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = invoke(
+        "push", out, "me/secret", "--private", "--revision", "exp", "--commit-message", "try 1"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"pushed {out} to {fake_hub.url}/me/secret/tree/exp"
+    assert fake_hub.repos["me/secret"].private
+    assert fake_hub.commits("me/secret", "main") == []
+    (commit,) = fake_hub.commits("me/secret", "exp")
+    assert commit.message == "try 1"
+    for name in ("README.md", "della_recipe.yaml"):
+        text = commit.files[name].decode()
+        assert str(local_expert.parent) not in text, name
+        assert local_expert.name in text
+    front = front_matter(commit.files["README.md"].decode())
+    assert front["base_model"] == ["org/base", "org/code"]
+    assert {"model": local_expert.name, "role": "model", "source": "local folder"} in front[
+        "merge_inputs"
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the folder is untouched"
+
+
+@pytest.fixture
+def merged(published, write_recipe, tmp_path) -> Path:
+    out = tmp_path / "merged"
+    run_merge(write_recipe(recipe("org/base", "org/math")), out, MergeOptions(device="cpu"))
+    return out
+
+
+def test_push_failures_are_one_line_and_keep_the_folder(fake_hub, merged, monkeypatch):
+    snapshot = {p.name: p.read_bytes() for p in merged.iterdir()}
+    fake_hub.forbidden_orgs.add("them")
+    one_line_error(invoke("push", merged, "them/model"), 1, "no write access there (403)")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    one_line_error(invoke("push", merged, "me/model"), 1, "the Hub refused the token (401)")
+
+    monkeypatch.delenv("HF_TOKEN")
+    one_line_error(invoke("push", merged, "me/model"), 1, "no Hugging Face token found")
+
+    monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)
+    fake_hub.stop()
+    one_line_error(invoke("push", merged, "me/model"), 1, "cannot be reached")
+    one_line_error(invoke("push", merged, "not-a-repo-id"), 2, "not a Hub repository id")
+    one_line_error(invoke("push", merged.parent, "me/model"), 2, "not a complete model folder")
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == snapshot
+    assert "me/model" not in fake_hub.repos
+
+
+def test_merge_then_failed_push_keeps_the_merge_and_says_how_to_retry(
+    fake_hub, published, write_recipe, tmp_path
+):
+    fake_hub.forbidden_orgs.add("them")
+    out = tmp_path / "merged"
+    result = invoke(
+        "merge", write_recipe(recipe("org/base", "org/math")), out, "--push-to-hub", "them/m"
+    )
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        "error: pushing to them/m: the token has no write access there (403); use a token "
+        f"with write access; {out} is intact; push it later with `della push {out} them/m`"
+    )
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert invoke("verify", out).exit_code == 0
+
+
+def test_the_token_never_appears_in_output_files_or_uploads(
+    fake_hub, published, write_recipe, tmp_path
+):
+    out = tmp_path / "merged"
+    path = write_recipe(recipe("org/base", "org/math"))
+    results = [
+        invoke("merge", path, out, "--push-to-hub", "me/m"),
+        invoke("merge", path, tmp_path / "json", "--json", "--push-to-hub", "me/j"),
+        invoke("merge", path, tmp_path / "x", "--dry-run"),
+        invoke("push", out, "me/again", "--json"),
+    ]
+    for result in results:
+        assert result.exit_code == 0, result.output
+        assert VALID_TOKEN not in result.output
+    for folder in (out, tmp_path / "json"):
+        for file in folder.iterdir():
+            assert VALID_TOKEN.encode() not in file.read_bytes(), file
+    for repo in fake_hub.repos.values():
+        for history in repo.branches.values():
+            for commit in history:
+                assert all(VALID_TOKEN.encode() not in data for data in commit.files.values())
+    assert all(r.authorized for r in fake_hub.requests if r.method == "POST")
+
+
+def test_cache_is_shared_and_honours_hf_home(published, write_recipe, tmp_path, monkeypatch):
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    run_merge(write_recipe(recipe("org/base", "org/math")), tmp_path / "o", MergeOptions())
+    snapshot = home / "hub" / "models--org--base" / "snapshots" / published["org/base"]
+    assert (snapshot / "model.safetensors").is_file()
