@@ -9,8 +9,8 @@ from pathlib import Path
 
 from della_cli.card import public_recipe, render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
-from della_cli.errors import MergeFailure, ModelError, UsageError
-from della_cli.hub import HubRef, parse_hub_ref, push_files, resolve_model
+from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError
+from della_cli.hub import HubRef, parse_hub_ref, push_files, remote_headers, resolve_model
 from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
 from della_cli.io.metadata import copy_metadata, metadata_files, write_config
 from della_cli.io.output import check_destination, staged_folder
@@ -69,24 +69,35 @@ def locate_model(ref: str, recipe_dir: Path | None) -> Path | HubRef:
     return parse_hub_ref(ref) or path
 
 
-def open_inputs(recipe: Recipe, progress: bool = True) -> MergeInputs:
-    """Open every model of the recipe, downloading Hub models into the Hub cache first."""
+def open_inputs(
+    recipe: Recipe, progress: bool = True, weights: bool = True, pins: dict[str, str] | None = None
+) -> MergeInputs:
+    """Open every model of the recipe. Hub models are downloaded into the Hub cache first
+    (at the commits in ``pins`` when given); without ``weights`` only their configs, indexes
+    and tokenizers are, and their readers hold headers read remotely (plan only)."""
     recipe_dir = recipe.path.parent if recipe.path else None
-    pins: dict[str, str] = {}
+    resolved_pins: dict[str, str] = {}
+    download_bytes = 0
 
     def open_model(ref: str) -> ModelReader:
+        nonlocal download_bytes
         where = locate_model(ref, recipe_dir)
-        if isinstance(where, HubRef):
-            resolved = resolve_model(where, progress=progress)
-            pins[ref] = resolved.commit
+        if not isinstance(where, HubRef):
+            if not where.exists():
+                raise ModelError(f"model '{ref}': {where} does not exist")
+            return ModelReader(where, ref)
+        commit = (pins or {}).get(ref)
+        resolved = resolve_model(where, weights=weights, progress=progress, commit=commit)
+        resolved_pins[ref] = resolved.commit
+        if weights:
             return ModelReader(resolved.folder, ref, resolved.root)
-        if not where.exists():
-            raise ModelError(f"model '{ref}': {where} does not exist")
-        return ModelReader(where, ref)
+        headers, missing = remote_headers(resolved)
+        download_bytes += missing
+        return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
 
     base = open_model(recipe.schema.base_model) if recipe.schema.base_model else None
     experts = [open_model(ref) for ref in recipe.model_refs]
-    return MergeInputs(base, experts, pins)
+    return MergeInputs(base, experts, resolved_pins, download_bytes)
 
 
 def select_device(name: str):
@@ -111,12 +122,18 @@ def select_device(name: str):
     return device
 
 
-def prepare(recipe_path: Path, options: MergeOptions) -> tuple[Recipe, MergeInputs, Plan]:
-    """Read the recipe, open the models' headers and plan: everything short of reading data."""
+def read_recipe(recipe_path: Path, options: MergeOptions) -> Recipe:
     recipe = load_recipe(recipe_path)
-    if options.seed is not None:
-        recipe = recipe.with_seed(options.seed)
-    inputs = open_inputs(recipe, options.progress)
+    return recipe.with_seed(options.seed) if options.seed is not None else recipe
+
+
+def prepare(
+    recipe_path: Path, options: MergeOptions, pins: dict[str, str] | None = None
+) -> tuple[Recipe, MergeInputs, Plan]:
+    """Read the recipe, open the models (downloading Hub models, at the commits in ``pins``
+    when given) and plan: everything short of reading tensor data."""
+    recipe = read_recipe(recipe_path, options)
+    inputs = open_inputs(recipe, options.progress, pins=pins)
     reference = inputs.base or inputs.experts[0]
     metadata_files(reference.folder, reference.root)  # refuse escaping files before merging
     plan = build_plan(
@@ -134,8 +151,14 @@ def run_merge(
     on_warning: WarningCallback | None = None,
 ) -> MergeReport:
     """Merge as the recipe says into ``out``, which appears only once complete."""
+    from della_cli.preflight import plan_merge
+
     started = time.perf_counter()
-    recipe, inputs, plan = prepare(recipe_path, options)
+    # Everything is checked from headers (Hub models' read remotely) before any download.
+    preflight = plan_merge(recipe_path, out, options)
+    if not preflight.can_run:
+        raise PlanError(preflight.problems)
+    recipe, inputs, plan = prepare(recipe_path, options, preflight.inputs)
     device = select_device(options.device)
     reference = inputs.base or inputs.experts[0]
     input_folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]

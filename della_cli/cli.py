@@ -247,41 +247,47 @@ def _itemsize(code: str) -> int:
     return itemsize(code)
 
 
-def _dry_run(recipe_path: Path, out: Path, options, as_json: bool) -> None:
-    from della_cli.api import prepare, select_device
-    from della_cli.engine import WHOLE_TENSOR_SPARSIFIERS, block_elements_for
-    from della_cli.io.output import check_destination
+def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> None:
+    """Plan without downloading or writing; print the report; exit 2 when it cannot run."""
+    from della_cli.errors import PlanError
+    from della_cli.preflight import plan_merge
 
-    recipe, inputs, plan = prepare(recipe_path, options)
-    device = select_device(options.device)
-    # The output checks of a real run, so that a clean dry run means the merge can start.
-    folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
-    check_destination(out, options.overwrite, folders)
-    merged = sum(job.action == "merge" for job in plan.jobs)
-    summary = {
-        "method": recipe.method.name,
-        "device": str(device),
-        "tensors": len(plan.jobs),
-        "merged": merged,
-        "copied": len(plan.jobs) - merged,
-        "shards": len(plan.shards),
-        "output_bytes": plan.output_bytes,
-        "working_memory_bytes": plan.working_memory_bytes(
-            block_elements_for(device), recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
-        ),
-        "warnings": plan.warnings,
-    }
+    report = plan_merge(recipe_path, out, options)
     if as_json:
-        typer.echo(json.dumps(summary))
+        typer.echo(json.dumps(report.to_dict()))
+        if not report.can_run:
+            raise typer.Exit(2)
         return
-    for message in plan.warnings:
+    if not report.can_run:
+        raise PlanError(report.problems)
+    for message in report.warnings:
         typer.echo(f"warning: {message}", err=True)
+    for ref, commit in report.inputs.items():
+        typer.echo(f"{ref}: commit {commit}")
+    width = max(len(group["action"]) for group in report.groups)
+    for group in report.groups:
+        count = f" ({group['count']})" if group["count"] > 1 else ""
+        typer.echo(f"  {group['action']:<{width}}  {group['tensors']}{count}")
     typer.echo(
-        f"{recipe.method.name}: {summary['tensors']} tensors ({merged} merged, "
-        f"{summary['copied']} copied) into {summary['shards']} shard(s), "
-        f"{_human(plan.output_bytes)} out; peak working memory about "
-        f"{_human(summary['working_memory_bytes'])} on {device} beyond the runtime; "
-        "nothing written (dry run)"
+        f"{report.method}: {report.tensors} tensors ({report.merged} merged, "
+        f"{report.copied} copied) into {report.shards} shard(s), "
+        f"{_human(report.output_bytes)} out; {_human(report.download_bytes)} to download; "
+        f"peak working memory about {_human(report.working_memory_bytes)} on {report.device} "
+        "beyond the runtime"
+        + (
+            f" ({_human(report.available_memory_bytes)} available)"
+            if report.available_memory_bytes is not None
+            else ""
+        )
+    )
+    for entry in report.disk:
+        typer.echo(
+            f"disk: {' and '.join(entry['holds'])} "
+            f"need{'s' if len(entry['holds']) == 1 else ''} {_human(entry['needed_bytes'])} on "
+            f"{entry['path']}, {_human(entry['free_bytes'])} free"
+        )
+    typer.echo(
+        "the merge can run; nothing downloaded, nothing written" + (" (dry run)" if out else "")
     )
 
 
@@ -291,6 +297,30 @@ def _human(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)],
+    out: Annotated[
+        Path | None, typer.Option(help="Where the output would go (checked, disk counted).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="OUT may exist (it would be replaced).")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Tensors missing from a model are problems.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Plan the merge of RECIPE from headers only, downloading no weights (exit 0 when it can
+    run, 2 when it cannot)."""
+    from della_cli.api import MergeOptions
+
+    with reported_errors():
+        options = MergeOptions(device, None, parse_size(out_shard_size), overwrite, strict=strict)
+        options.progress = not as_json
+        _dry_run(recipe, out, options, as_json)
 
 
 @app.command()

@@ -52,6 +52,7 @@ class MergeInputs:
     experts: list[ModelReader]
     # The commit each Hub input was pinned to, by its reference in the recipe.
     pins: dict[str, str] = field(default_factory=dict)
+    download_bytes: int = 0  # weight files of Hub inputs not in the cache yet
 
     def reader(self, model: int) -> ModelReader:
         if model == BASE:

@@ -9,7 +9,6 @@ honoured. Tokens are handed to ``huggingface_hub`` and never appear in della's m
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from della_cli.errors import HubError, ModelError, UsageError
 from della_cli.io.metadata import TOKENIZER_PATTERNS
-from della_cli.io.reader import INDEX_NAME
+from della_cli.io.reader import INDEX_NAME, SINGLE_NAME, read_weight_map
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # What a merge reads from a model repository besides its weight shards.
@@ -127,49 +126,53 @@ def _snapshot(ref: HubRef, revision: str, patterns: list[str], progress: bool) -
     return Path(folder)
 
 
-def resolve_model(ref: HubRef, weights: bool = True, progress: bool = True) -> ResolvedModel:
+def resolve_model(
+    ref: HubRef, weights: bool = True, progress: bool = True, commit: str | None = None
+) -> ResolvedModel:
     """Download what a merge reads of ``ref`` (config, generation config, tokenizer files,
     index, and with ``weights`` the safetensors shards the index names) into the Hub cache,
-    pinned to the commit its revision points to now. Offline, the cache alone answers."""
+    pinned to the commit its revision points to now (or to ``commit``, pinned earlier).
+    Offline, the cache alone answers."""
     with hub_errors(f"model '{ref}'"):
-        folder = _snapshot(ref, ref.revision or "main", METADATA_PATTERNS, progress)
+        revision = commit or ref.revision or "main"
+        folder = _snapshot(ref, revision, METADATA_PATTERNS, progress)
         commit = folder.name  # the snapshot folder is named by its commit
         if weights:
             folder = _snapshot(ref, commit, weight_names(folder), progress)
     return ResolvedModel(ref, commit, folder, folder.parent.parent)
 
 
-def weight_names(folder: Path) -> list[str]:
-    """The safetensors files a model's index names; without an index, its single file."""
-    index = folder / INDEX_NAME
-    if not index.is_file():
-        return ["*.safetensors"]
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({str(name) for name in weight_map.values()})
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ModelError(f"{index}: not a valid index (needs a weight_map object)") from error
+def weight_names(folder: Path, remote: bool = False) -> list[str]:
+    """The safetensors files a model's index names. Without an index: its single file, as a
+    pattern for downloads, or the name ``model.safetensors`` for remote header reads."""
+    weight_map = read_weight_map(folder)
+    if weight_map is None:
+        return [SINGLE_NAME] if remote else ["*.safetensors"]
+    return sorted(set(weight_map.values()))
 
 
-def remote_headers(resolved: ResolvedModel, file_names: list[str]) -> dict[str, tuple[dict, int]]:
-    """The safetensors header of each file at the pinned commit, read with HTTP range requests
-    (the first 8 bytes, then the header itself) so that no tensor data is downloaded; with the
-    file's total size. Files already in the cache are read from it."""
-    found = {}
+def remote_headers(resolved: ResolvedModel) -> tuple[dict[str, tuple[bytes, int]], int]:
+    """The raw safetensors header and size of each weight file at the pinned commit, read
+    with HTTP range requests (the first 8 bytes, then the header) so that no tensor data is
+    downloaded; and the bytes a merge still has to download. Cached files are read locally."""
+    found: dict[str, tuple[bytes, int]] = {}
+    missing_bytes = 0
     with hub_errors(f"model '{resolved.ref}'"):
-        for name in file_names:
+        for name in weight_names(resolved.folder, remote=True):
             cached = resolved.folder / name
             if cached.is_file():
-                found[name] = _local_header(cached)
+                with cached.open("rb") as handle:
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    found[name] = (handle.read(length), cached.stat().st_size)
                 continue
             prefix = _read_range(resolved, name, 0, 7)
             total = int(prefix.headers.get("Content-Range", "/0").rsplit("/", 1)[-1] or 0)
             (length,) = struct.unpack("<Q", prefix.content)
             if length > min(total - 8, 100 * 1024 * 1024):
                 raise ModelError(f"model '{resolved.ref}': {name} has a header past its end")
-            raw = _read_range(resolved, name, 8, 7 + length).content
-            found[name] = (_parse_header(raw, name, resolved), total)
-    return found
+            found[name] = (_read_range(resolved, name, 8, 7 + length).content, total)
+            missing_bytes += total
+    return found, missing_bytes
 
 
 def _read_range(resolved: ResolvedModel, name: str, first: int, last: int):
@@ -184,22 +187,6 @@ def _read_range(resolved: ResolvedModel, name: str, first: int, last: int):
     if len(response.content) != last - first + 1:
         raise ModelError(f"model '{resolved.ref}': {name} is not a safetensors file")
     return response
-
-
-def _local_header(path: Path) -> tuple[dict, int]:
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(length)), path.stat().st_size
-
-
-def _parse_header(raw: bytes, name: str, resolved: ResolvedModel) -> dict:
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ModelError(f"model '{resolved.ref}': {name} has a header that is not JSON") from error
-    if not isinstance(header, dict):
-        raise ModelError(f"model '{resolved.ref}': {name} has a header that is not a JSON object")
-    return header
 
 
 @contextmanager

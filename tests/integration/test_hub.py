@@ -7,12 +7,14 @@ offline cache, pushes in one commit, and every failure as one line with the righ
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hub_server import VALID_TOKEN, FakeHub
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
 from della_cli.api import MergeOptions, run_merge
@@ -284,3 +286,122 @@ def test_cache_is_shared_and_honours_hf_home(published, write_recipe, tmp_path, 
     run_merge(write_recipe(recipe("org/base", "org/math")), tmp_path / "o", MergeOptions())
     snapshot = home / "hub" / "models--org--base" / "snapshots" / published["org/base"]
     assert (snapshot / "model.safetensors").is_file()
+
+
+# --- plan before download ------------------------------------------------------------------
+
+
+def edited_copy(source: Path, folder: Path, edit) -> Path:
+    """``source`` with its tensors edited by ``edit`` (a function of the tensor dict)."""
+    folder.mkdir()
+    tensors = load_file(source / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    for path in source.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy2(path, folder / path.name)
+    return folder
+
+
+def shard_bytes_served(hub: FakeHub) -> int:
+    """Bytes of safetensors served beyond what a header read needs (8 + the header)."""
+    return sum(
+        r.served_bytes
+        for r in hub.requests
+        if r.path.endswith(".safetensors") and not (r.range or "").startswith("bytes=")
+    )
+
+
+def test_plan_of_an_incompatible_recipe_lists_every_problem_and_downloads_no_shard(
+    fake_hub, published, model_zoo, write_recipe, tmp_path
+):
+    base = model_zoo("llama")
+
+    def narrow_norm(tensors):
+        tensors["model.norm.weight"] = torch.ones(24)
+        tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][
+            :, :8
+        ].contiguous()
+
+    fake_hub.add_model("org/narrow", edited_copy(base, tmp_path / "narrow", narrow_norm))
+    fake_hub.add_model("org/gpt", model_zoo("gpt2"))
+    path = write_recipe(recipe("org/base", "org/narrow", "org/gpt", "org/math"))
+    result = invoke("plan", path, "--json")
+    assert result.exit_code == 2, result.output
+    report = json.loads(result.stdout)
+    assert report["can_run"] is False
+    problems = "\n".join(report["problems"])
+    assert "'org/narrow' has 'model.norm.weight' of shape (24,) but the base has (32,)" in problems
+    assert "'org/narrow' has 'model.layers.0.mlp.up_proj.weight' of shape" in problems
+    assert "'org/gpt' shares no tensor name with the base" in problems
+    assert set(report["inputs"]) == {"org/base", "org/narrow", "org/gpt", "org/math"}
+
+    human = invoke("plan", path)
+    assert human.exit_code == 2 and human.stdout == ""
+    assert human.stderr.startswith("error: the merge cannot run (3 problems):")
+    assert shard_bytes_served(fake_hub) == 0
+    shard_reads = [r for r in fake_hub.requests if r.path.endswith(".safetensors")]
+    assert shard_reads and all(r.method == "GET" and r.range for r in shard_reads)
+
+
+def test_plan_reports_groups_vocab_rows_download_and_disk_then_merge_downloads(
+    fake_hub, published, model_zoo, write_recipe, tmp_path
+):
+    def add_rows(tensors):
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = torch.cat([tensors[name], tensors[name][:3]])
+
+    wide = edited_copy(model_zoo("llama", expert=1), tmp_path / "wide", add_rows)
+    fake_hub.add_model("org/wide", wide)
+    path = write_recipe(recipe("org/base", "org/wide", "org/code"))
+    out = tmp_path / "merged"
+    result = invoke("merge", path, out, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["can_run"] and report["problems"] == []
+    expected = (
+        sum(
+            (model_zoo(*spec) / "model.safetensors").stat().st_size
+            for spec in (("llama",), ("llama", 2))
+        )
+        + (wide / "model.safetensors").stat().st_size
+    )
+    assert report["download_bytes"] == expected
+    groups = {(g["tensors"], g["action"]): g["count"] for g in report["groups"]}
+    assert groups[("model.layers.*.mlp.up_proj.weight", "merged")] == 2
+    rows = model_zoo_rows = load_file(model_zoo("llama") / "model.safetensors")[
+        "model.embed_tokens.weight"
+    ].shape[0]
+    crop = f"cropped: 'org/wide' {rows + 3} rows to {model_zoo_rows}"
+    assert groups[("model.embed_tokens.weight", crop)] == 1
+    assert report["output_bytes"] > 0 and report["working_memory_bytes"] > 0
+    (disk,) = report["disk"]
+    assert set(disk["holds"]) == {"output", "Hub cache"}
+    assert disk["needed_bytes"] == report["output_bytes"] + expected
+    assert shard_bytes_served(fake_hub) == 0
+    assert not out.exists()
+
+    human = invoke("plan", path)
+    assert human.exit_code == 0, human.output
+    assert f"org/wide: commit {fake_hub.commits('org/wide')[-1].sha}" in human.stdout
+    assert "  merged" in human.stdout and "cropped: 'org/wide'" in human.stdout
+    assert "to download" in human.stdout
+
+    assert invoke("merge", path, out, "--quiet").exit_code == 0
+    assert shard_bytes_served(fake_hub) == expected
+    again = json.loads(invoke("plan", path, "--json").stdout)
+    assert again["download_bytes"] == 0, "everything is cached now"
+
+
+def test_a_merge_that_cannot_fit_on_disk_is_refused_before_download(
+    fake_hub, published, write_recipe, tmp_path, monkeypatch
+):
+    import della_cli.preflight as preflight
+
+    monkeypatch.setattr(preflight, "free_bytes", lambda path: 1000)
+    out = tmp_path / "merged"
+    result = invoke("merge", write_recipe(recipe("org/base", "org/math")), out)
+    assert result.exit_code == 2
+    assert "free some space" in result.stderr and "1.0 kB is free" in result.stderr
+    assert shard_bytes_served(fake_hub) == 0
+    assert not out.exists()
