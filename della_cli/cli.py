@@ -172,18 +172,20 @@ def merge(
             f"({report.shards} shard(s), {_human(report.bytes)}) in {report.seconds:.1f}s"
         )
     if push_to_hub:
-        summary["url"] = _push(out, push_to_hub, private, revision, commit_message, as_json)
+        summary["url"] = _push(
+            out, push_to_hub, private, revision, commit_message, silent=as_json or quiet
+        )
     if as_json:
         typer.echo(json.dumps(summary))
 
 
-def _push(out: Path, repo_id: str, private, revision, message, as_json: bool) -> str:
+def _push(out: Path, repo_id: str, private, revision, message, silent: bool) -> str:
     """Push a folder; a failure keeps the folder and says how to push it again."""
     from della_cli.api import push_model
 
     with reported_errors(f"{out} is intact; push it later with `della push {out} {repo_id}`"):
         url = push_model(out, repo_id, private, revision, message)
-    if not as_json:
+    if not silent:
         typer.echo(f"pushed {out} to {url}")
     return url
 
@@ -198,7 +200,7 @@ def push(
     as_json: JsonOption = False,
 ) -> None:
     """Upload FOLDER to the Hub repository REPO_ID in one commit (created if missing)."""
-    url = _push(folder, repo_id, private, revision, commit_message, as_json)
+    url = _push(folder, repo_id, private, revision, commit_message, silent=as_json)
     if as_json:
         typer.echo(json.dumps({"folder": str(folder), "repo_id": repo_id, "url": url}))
 

@@ -405,3 +405,52 @@ def test_a_merge_that_cannot_fit_on_disk_is_refused_before_download(
     assert "free some space" in result.stderr and "1.0 kB is free" in result.stderr
     assert shard_bytes_served(fake_hub) == 0
     assert not out.exists()
+
+
+# --- the README's batch script -------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_batch_script() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("```bash\n#!/usr/bin/env bash") + len("```bash\n")
+    return text[start : text.index("```", start)]
+
+
+def test_readme_batch_script_merges_pushes_and_reports_failures(
+    fake_hub, published, tmp_path, monkeypatch
+):
+    """The README's script, run as written by bash with ``della`` on the PATH, against the
+    fake Hub: one good recipe merged and pushed, one naming a missing model reported."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "della").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m della_cli "$@"\n')
+    (bin_dir / "della").chmod(0o755)
+    batch = tmp_path / "recipes" / "batch"
+    batch.mkdir(parents=True)
+    (batch / "good.yaml").write_text(json.dumps(recipe("org/base", "org/math")))
+    (batch / "broken.yaml").write_text(json.dumps(recipe("org/base", "org/missing")))
+    (tmp_path / "batch.sh").write_text(readme_batch_script())
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        ["bash", "batch.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stdout.splitlines() == [
+        "bad     broken (recipe, models or options; see the error above)",
+        "ok      good",
+    ]
+    assert "error: model 'org/missing': no such repository" in done.stderr
+    assert VALID_TOKEN not in done.stdout + done.stderr
+    (commit,) = fake_hub.commits("me/good")
+    assert set(commit.files) == {p.name for p in (tmp_path / "merged" / "good").iterdir()}
+    assert "me/broken" not in fake_hub.repos
