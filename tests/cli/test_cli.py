@@ -451,3 +451,16 @@ def test_every_command_is_documented_in_the_readme():
     assert "merge" in commands and "methods" in commands
     missing = [name for name in commands if f"della {name}" not in text]
     assert missing == [], f"commands not shown as `della <command>` in README.md: {missing}"
+
+
+def test_plan_of_local_models_reports_groups_sizes_and_disk(setup: Setup):
+    text = invoke("plan", setup.recipe())
+    assert text.exit_code == 0, text.output
+    assert "  merged" in text.stdout and "model.layers.*." in text.stdout
+    assert "0 B to download" in text.stdout and "disk: output needs" in text.stdout
+    assert text.stdout.rstrip().endswith("the merge can run; nothing downloaded, nothing written")
+    report = json.loads(invoke("plan", setup.recipe(), "--out", setup.out, "--json").stdout)
+    assert report["can_run"] and report["inputs"] == {} and report["download_bytes"] == 0
+    assert report["tensors"] == len(read_tensors(setup.base))
+    assert report["disk"][0]["holds"] == ["output"]
+    assert not setup.out.exists()
