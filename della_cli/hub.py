@@ -212,6 +212,7 @@ def describe_hub_error(error: BaseException) -> tuple[bool, str] | None:
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -225,6 +226,11 @@ def describe_hub_error(error: BaseException) -> tuple[bool, str] | None:
         )
     if isinstance(error, RevisionNotFoundError):
         return True, "no such revision (branch, tag or commit) in the repository"
+    if isinstance(error, RemoteEntryNotFoundError):
+        return True, (
+            "the repository lacks a weight file at this commit; della merges safetensors "
+            "weights (model.safetensors, or shards listed in model.safetensors.index.json)"
+        )
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         where = "HF_HUB_OFFLINE is set" if offline() else f"{endpoint()} cannot be reached"
         return False, (

@@ -67,6 +67,7 @@ def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
     device = select_device(options.device)
     report = PlanReport(recipe.method.name, str(device), dict(inputs.pins))
     report.download_bytes = inputs.download_bytes
+    report.warnings = architecture_warnings(inputs)
     try:
         plan = build_plan(
             recipe, inputs.base, inputs.experts, options.out_shard_bytes, strict=options.strict
@@ -83,8 +84,29 @@ def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
     return report
 
 
+def architecture_warnings(inputs) -> list[str]:
+    """Models whose config names another model type or architecture than the reference's:
+    their tensors may still line up (the plan decides), but the user should know."""
+    reference = inputs.base or inputs.experts[0]
+
+    def kind(reader) -> tuple[str | None, str]:
+        config = reader.config or {}
+        return config.get("model_type"), ", ".join(config.get("architectures") or ["?"])
+
+    warnings = []
+    for reader in inputs.experts:
+        own, theirs = kind(reader), kind(reference)
+        if reader is reference or own == theirs or None in (own[0], theirs[0]):
+            continue
+        warnings.append(
+            f"'{reader.label}' is a {own[0]} model ({own[1]}) but '{reference.label}' is a "
+            f"{theirs[0]} model ({theirs[1]}); check that they share an architecture"
+        )
+    return warnings
+
+
 def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
-    report.warnings = list(plan.warnings)
+    report.warnings += list(plan.warnings)
     report.tensors = len(plan.jobs)
     report.merged = sum(job.action == "merge" for job in plan.jobs)
     report.copied = report.tensors - report.merged

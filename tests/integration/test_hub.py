@@ -335,6 +335,10 @@ def test_plan_of_an_incompatible_recipe_lists_every_problem_and_downloads_no_sha
     assert "'org/narrow' has 'model.layers.0.mlp.up_proj.weight' of shape" in problems
     assert "'org/gpt' shares no tensor name with the base" in problems
     assert set(report["inputs"]) == {"org/base", "org/narrow", "org/gpt", "org/math"}
+    assert report["warnings"] == [
+        "'org/gpt' is a gpt2 model (GPT2LMHeadModel) but 'org/base' is a llama model "
+        "(LlamaForCausalLM); check that they share an architecture"
+    ]
 
     human = invoke("plan", path)
     assert human.exit_code == 2 and human.stdout == ""
@@ -454,3 +458,14 @@ def test_readme_batch_script_merges_pushes_and_reports_failures(
     (commit,) = fake_hub.commits("me/good")
     assert set(commit.files) == {p.name for p in (tmp_path / "merged" / "good").iterdir()}
     assert "me/broken" not in fake_hub.repos
+
+
+def test_plan_of_a_repo_without_safetensors_names_it(fake_hub, published, tmp_path, write_recipe):
+    pickle_only = tmp_path / "pickle-only"
+    pickle_only.mkdir()
+    (pickle_only / "config.json").write_text('{"model_type": "llama"}')
+    (pickle_only / "pytorch_model.bin").write_bytes(b"not read")
+    fake_hub.add_model("org/pickled", pickle_only)
+    result = invoke("plan", write_recipe(recipe("org/base", "org/pickled")))
+    one_line_error(result, 2, "model 'org/pickled': the repository lacks a weight file")
+    assert fake_hub.served("pytorch_model.bin") == 0
