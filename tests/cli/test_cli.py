@@ -464,3 +464,15 @@ def test_plan_of_local_models_reports_groups_sizes_and_disk(setup: Setup):
     assert report["tensors"] == len(read_tensors(setup.base))
     assert report["disk"][0]["holds"] == ["output"]
     assert not setup.out.exists()
+
+
+def test_a_merge_that_cannot_fit_in_memory_is_refused_before_it_starts(setup: Setup, monkeypatch):
+    from della_cli import preflight
+
+    monkeypatch.setattr(preflight, "available_memory", lambda device: 1000)
+    result = invoke("merge", setup.recipe(), setup.out, "--device", "cpu")
+    assert result.exit_code == 2
+    assert "of memory on cpu but 1.0 kB is available" in result.stderr
+    assert not setup.out.exists() and leftovers(setup.tmp) == []
+    plan = json.loads(invoke("plan", setup.recipe(), "--device", "cpu", "--json").stdout)
+    assert plan["can_run"] is False and plan["available_memory_bytes"] == 1000
