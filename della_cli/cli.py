@@ -157,10 +157,10 @@ def merge(
     with reported_errors():
         options = MergeOptions(device, seed, parse_size(out_shard_size), overwrite, resume, strict)
         options.progress = not (quiet or as_json)
-        if push_to_hub:
-            from della_cli.hub import check_repo_id
+        if push_to_hub:  # before a merge that may take hours, not after
+            from della_cli.hub import check_can_push
 
-            check_repo_id(push_to_hub)
+            check_can_push(push_to_hub)
         if dry_run:
             _dry_run(recipe, out, options, as_json)
             return

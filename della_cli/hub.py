@@ -255,6 +255,19 @@ def check_repo_id(repo_id: str) -> None:
         raise UsageError(f"'{repo_id}' is not a Hub repository id; give it as org/name")
 
 
+def check_can_push(repo_id: str) -> str:
+    """Refuse a push that cannot work before anything else is done; return the token."""
+    check_repo_id(repo_id)
+    secret = token()
+    if secret is None:
+        raise HubError(
+            "no Hugging Face token found; set HF_TOKEN or run `hf auth login`, then push again"
+        )
+    if offline():
+        raise HubError("HF_HUB_OFFLINE is set; unset it to push")
+    return secret
+
+
 def push_files(
     repo_id: str,
     files: dict[str, Path | bytes],
@@ -268,14 +281,7 @@ def push_files(
     URL of the uploaded tree."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    check_repo_id(repo_id)
-    secret = token()
-    if secret is None:
-        raise HubError(
-            "no Hugging Face token found; set HF_TOKEN or run `hf auth login`, then push again"
-        )
-    if offline():
-        raise HubError("HF_HUB_OFFLINE is set; unset it to push")
+    secret = check_can_push(repo_id)
     api = HfApi(endpoint=endpoint(), token=secret, library_name="della")
     with hub_errors(f"pushing to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True)

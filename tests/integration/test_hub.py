@@ -256,6 +256,16 @@ def test_merge_then_failed_push_keeps_the_merge_and_says_how_to_retry(
     assert invoke("verify", out).exit_code == 0
 
 
+def test_merge_push_to_hub_without_a_token_fails_before_merging(
+    fake_hub, published, write_recipe, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("HF_TOKEN")
+    out = tmp_path / "merged"
+    path = write_recipe(recipe("org/base", "org/math"))
+    one_line_error(invoke("merge", path, out, "--push-to-hub", "me/m"), 1, "no Hugging Face token")
+    assert not out.exists() and fake_hub.requests == []
+
+
 def test_the_token_never_appears_in_output_files_or_uploads(
     fake_hub, published, write_recipe, tmp_path
 ):
