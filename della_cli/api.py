@@ -7,9 +7,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from della_cli.card import render_card
+from della_cli.card import public_recipe, render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
-from della_cli.errors import MergeFailure, ModelError, UsageError
+from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError
+from della_cli.hub import HubRef, parse_hub_ref, push_files, remote_headers, resolve_model
 from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
 from della_cli.io.metadata import (
     GENERATION_PATTERNS,
@@ -39,6 +40,7 @@ class MergeOptions:
     resume: bool = False
     strict: bool = False  # missing tensors and NaN/Inf inputs are errors, not warnings
     allow_pickle: bool = False  # load pytorch_model*.bin folders (weights-only unpickler)
+    progress: bool = True  # download progress bars for Hub models (on stderr)
 
 
 @dataclass
@@ -55,43 +57,62 @@ class MergeReport:
     bytes: int
     seconds: float
     resumed_shards: int = 0
+    inputs: dict[str, str] = field(default_factory=dict)  # Hub reference -> pinned commit
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def resolve_model_path(ref: str, recipe_dir: Path | None) -> Path:
-    """A model reference as a local folder: relative to the working directory as mergekit
-    does, else relative to the recipe's folder."""
+def locate_model(ref: str, recipe_dir: Path | None) -> Path | HubRef:
+    """A model reference as a local folder (relative to the working directory as mergekit
+    does, else to the recipe's folder) or, when it is no existing folder and reads
+    ``org/name[@revision]``, a Hub model. Strings starting with ``.``, ``/`` or ``~`` are
+    always local."""
     path = Path(ref).expanduser()
-    if path.is_dir() or path.is_absolute() or recipe_dir is None:
+    if path.is_dir() or path.is_absolute():
         return path
-    beside_recipe = recipe_dir / path
-    if beside_recipe.is_dir():
-        return beside_recipe
-    if not ref.startswith((".", "~")) and ref.count("/") == 1:
-        raise ModelError(
-            f"model '{ref}' is not a local folder, and Hub model ids are not "
-            "supported yet; download it and give its folder"
-        )
-    return path
+    if recipe_dir is not None and (recipe_dir / path).is_dir():
+        return recipe_dir / path
+    return parse_hub_ref(ref) or path
 
 
-def open_inputs(recipe: Recipe, allow_pickle: bool = False) -> MergeInputs:
-    """Open every model's headers; pickle-only folders only with ``allow_pickle``."""
+def open_inputs(
+    recipe: Recipe,
+    progress: bool = True,
+    weights: bool = True,
+    pins: dict[str, str] | None = None,
+    allow_pickle: bool = False,
+) -> MergeInputs:
+    """Open every model of the recipe. Hub models are downloaded into the Hub cache first
+    (at the commits in ``pins`` when given); without ``weights`` only their configs, indexes
+    and tokenizers are, and their readers hold headers read remotely (plan only). Local
+    pickle-only folders open only with ``allow_pickle``."""
     recipe_dir = recipe.path.parent if recipe.path else None
+    resolved_pins: dict[str, str] = {}
+    download_bytes = 0
 
     def open_model(ref: str) -> ModelReader:
-        path = resolve_model_path(ref, recipe_dir)
-        if not path.exists():
-            raise ModelError(f"model '{ref}': {path} does not exist")
-        if allow_pickle and path.is_dir() and has_only_pickle_weights(path):
-            return PickleModelReader(path, ref)
-        return ModelReader(path, ref)
+        nonlocal download_bytes
+        where = locate_model(ref, recipe_dir)
+        if not isinstance(where, HubRef):
+            if not where.exists():
+                raise ModelError(f"model '{ref}': {where} does not exist")
+            if allow_pickle and where.is_dir() and has_only_pickle_weights(where):
+                return PickleModelReader(where, ref)
+            return ModelReader(where, ref)
+        commit = (pins or {}).get(ref)
+        resolved = resolve_model(where, weights=weights, progress=progress, commit=commit)
+        resolved_pins[ref] = resolved.commit
+        if weights:
+            return ModelReader(resolved.folder, ref, resolved.root)
+        headers, missing = remote_headers(resolved)
+        download_bytes += missing
+        return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
 
     base = open_model(recipe.schema.base_model) if recipe.schema.base_model else None
-    return MergeInputs(base, [open_model(ref) for ref in recipe.model_refs])
+    experts = [open_model(ref) for ref in recipe.model_refs]
+    return MergeInputs(base, experts, resolved_pins, download_bytes)
 
 
 def tokenizer_reader(recipe: Recipe, inputs: MergeInputs) -> ModelReader:
@@ -125,12 +146,18 @@ def select_device(name: str):
     return device
 
 
-def prepare(recipe_path: Path, options: MergeOptions) -> tuple[Recipe, MergeInputs, Plan]:
-    """Read the recipe, open the models' headers and plan: everything short of reading data."""
+def read_recipe(recipe_path: Path, options: MergeOptions) -> Recipe:
     recipe = load_recipe(recipe_path)
-    if options.seed is not None:
-        recipe = recipe.with_seed(options.seed)
-    inputs = open_inputs(recipe, options.allow_pickle)
+    return recipe.with_seed(options.seed) if options.seed is not None else recipe
+
+
+def prepare(
+    recipe_path: Path, options: MergeOptions, pins: dict[str, str] | None = None
+) -> tuple[Recipe, MergeInputs, Plan]:
+    """Read the recipe, open the models (downloading Hub models, at the commits in ``pins``
+    when given) and plan: everything short of reading tensor data."""
+    recipe = read_recipe(recipe_path, options)
+    inputs = open_inputs(recipe, options.progress, pins=pins, allow_pickle=options.allow_pickle)
     reference = inputs.base or inputs.experts[0]
     tokenizer = tokenizer_reader(recipe, inputs)
     # Refuse files that escape their folders before merging.
@@ -151,8 +178,14 @@ def run_merge(
     on_warning: WarningCallback | None = None,
 ) -> MergeReport:
     """Merge as the recipe says into ``out``, which appears only once complete."""
+    from della_cli.preflight import plan_merge
+
     started = time.perf_counter()
-    recipe, inputs, plan = prepare(recipe_path, options)
+    # Everything is checked from headers (Hub models' read remotely) before any download.
+    preflight = plan_merge(recipe_path, out, options)
+    if not preflight.can_run:
+        raise PlanError(preflight.problems)
+    recipe, inputs, plan = prepare(recipe_path, options, preflight.inputs)
     device = select_device(options.device)
     reference = inputs.base or inputs.experts[0]
     input_folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
@@ -185,7 +218,8 @@ def run_merge(
             tokenizer = tokenizer_reader(recipe, inputs)
             copy_metadata(tokenizer.folder, staging, tokenizer.root, TOKENIZER_PATTERNS)
             (staging / RECIPE_FILE).write_text(recipe.text)
-            (staging / "README.md").write_text(render_card(recipe, out.name, recipe.seed))
+            card = render_card(recipe, out.name, recipe.seed, inputs.pins)
+            (staging / "README.md").write_text(card)
             (staging / JOURNAL_NAME).unlink(missing_ok=True)
             _check_own_output(staging, warn)
     except OSError as error:
@@ -207,6 +241,7 @@ def run_merge(
         bytes=plan.output_bytes,
         seconds=round(time.perf_counter() - started, 3),
         resumed_shards=resumed_shards,
+        inputs=dict(inputs.pins),
         warnings=warnings,
     )
 
@@ -256,3 +291,40 @@ def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, 
         writer.abort()
     writer.close()
     return done
+
+
+def push_model(
+    folder: Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a merged model folder to the Hub in one commit; return its URL. The folder must
+    pass the file checks of ``della verify``; it is only read, never changed. The copy of the
+    recipe that is uploaded names local input folders by their own name only."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder")
+    report = verify_model(folder, read_tensors=False, tokenizer=False)
+    broken = [c.detail for c in report.checks if c.name == "files" and not c.ok]
+    if broken:
+        raise UsageError(f"{folder} is not a complete model folder: {broken[0]}")
+    files: dict[str, Path | bytes] = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            files[relative.as_posix()] = path  # dot files: della's journal, editors' files
+    if RECIPE_FILE in files:
+        files[RECIPE_FILE] = _public_recipe_file(folder / RECIPE_FILE)
+    message = commit_message or f"Upload {folder.resolve().name}, merged with della"
+    return push_files(repo_id, files, private=private, revision=revision, commit_message=message)
+
+
+def _public_recipe_file(path: Path) -> bytes:
+    text = path.read_text()
+    try:
+        recipe = load_recipe(path)
+    except UsageError:
+        return text.encode()
+    refs = [r for r in [recipe.schema.base_model, *recipe.model_refs] if r]
+    return public_recipe(text, [r for r in refs if parse_hub_ref(r) is None]).encode()

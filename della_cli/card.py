@@ -12,31 +12,65 @@ from della_cli.recipe import Recipe
 _RESCALE_NAMES = {Rescale.KEEP_PROB: "true (1/p)", Rescale.L1: "l1", Rescale.NONE: "false"}
 
 
-def display_name(ref: str) -> str:
-    """A model's name for the card: Hub ids as written, local folders by their own name only,
-    so that the user's file system layout does not leak into a published card."""
+def display_name(ref: str, pins: dict[str, str] | None = None) -> str:
+    """A model's name for the card: Hub inputs as ``org/name@commit`` (short), local folders
+    by their own name only, so that the user's file system layout does not leak into a
+    published card."""
+    if pins and ref in pins:
+        return f"{ref.split('@')[0]}@{pins[ref][:12]}"
     path = Path(ref).expanduser()
     if ref.startswith((".", "/", "~")) or path.exists():
         return path.resolve().name or ref
     return ref
 
 
-def render_card(recipe: Recipe, title: str, seed: int) -> str:
-    schema, spec = recipe.schema, recipe.method
-    inputs = ([schema.base_model] if schema.base_model else []) + [
+def public_recipe(text: str, local_refs: list[str]) -> str:
+    """The recipe text with each local model path replaced by the folder's own name."""
+    for ref in sorted(set(local_refs), key=len, reverse=True):
+        name = display_name(ref)
+        if name != ref:
+            text = text.replace(ref, name)
+    return text
+
+
+def front_matter(recipe: Recipe, pins: dict[str, str]) -> dict:
+    """Hub metadata: the Hub inputs as ``base_model`` (relation ``merge``), tags, and every
+    input with the commit it was pinned to (local ones by folder name only)."""
+    schema = recipe.schema
+    refs = ([schema.base_model] if schema.base_model else []) + [
         ref for ref in recipe.model_refs if ref != schema.base_model
     ]
-    front = {
-        "base_model": [display_name(ref) for ref in inputs],
-        "tags": list(dict.fromkeys(["merge", "della", spec.name])),
-        "library_name": "transformers",
-    }
+    front: dict = {}
+    hub_ids = [ref.split("@")[0] for ref in refs if ref in pins]
+    if hub_ids:
+        front["base_model"] = list(dict.fromkeys(hub_ids))
+        front["base_model_relation"] = "merge"
+    front["tags"] = list(dict.fromkeys(["merge", "della", recipe.method.name]))
+    front["library_name"] = "transformers"
+    front["merge_inputs"] = [
+        {
+            "model": ref.split("@")[0] if ref in pins else display_name(ref),
+            "role": "base" if ref == schema.base_model else "model",
+            **({"revision": ref.split("@")[1]} if ref in pins and "@" in ref else {}),
+            **({"commit": pins[ref]} if ref in pins else {"source": "local folder"}),
+        }
+        for ref in refs
+    ]
+    return front
+
+
+def render_card(recipe: Recipe, title: str, seed: int, pins: dict[str, str] | None = None) -> str:
+    """The card; ``pins`` maps each Hub input's reference to the commit it resolved to."""
+    pins = pins or {}
+    schema, spec = recipe.schema, recipe.method
+    front = front_matter(recipe, pins)
+    local_refs = [r for r in [schema.base_model, *recipe.model_refs] if r and r not in pins]
     rows = []
     for index, ref in enumerate(recipe.model_refs):
         params = recipe.expert_params(index, "")
         values = {name: getattr(params, name) for name in spec.expert_parameters}
         rows.append(
-            f"| {display_name(ref)} | "
+            f"| {display_name(ref, pins)} | "
             + " | ".join(f"{values[n]:g}" for n in spec.expert_parameters)
             + " |"
         )
@@ -54,7 +88,7 @@ def render_card(recipe: Recipe, title: str, seed: int) -> str:
         "",
         "## Models",
         "",
-        f"Base model: {display_name(schema.base_model) if schema.base_model else 'none'}",
+        f"Base model: {display_name(schema.base_model, pins) if schema.base_model else 'none'}",
         "",
         header,
         rule,
@@ -72,7 +106,7 @@ def render_card(recipe: Recipe, title: str, seed: int) -> str:
         "## Recipe",
         "",
         "```yaml",
-        recipe.text.rstrip(),
+        public_recipe(recipe.text, local_refs).rstrip(),
         "```",
         "",
     ]

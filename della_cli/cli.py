@@ -67,15 +67,17 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 @contextmanager
-def reported_errors():
-    """Turn known errors into one line and an exit code; SIGTERM behaves like Ctrl-C."""
+def reported_errors(hint: str | None = None):
+    """Turn known errors into one line and an exit code; SIGTERM behaves like Ctrl-C.
+    ``hint`` is added to merge and IO failures (exit 1)."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     except DellaError as error:
         if os.environ.get("DELLA_DEBUG"):
             traceback.print_exc()
-        raise fail(str(error), error.exit_code) from None
+        message = f"{error}; {hint}" if hint and error.exit_code == 1 else str(error)
+        raise fail(message, error.exit_code) from None
     except KeyboardInterrupt:
         raise fail("interrupted; nothing was written", EXIT_INTERRUPTED) from None
     except typer.Exit:
@@ -115,7 +117,19 @@ def root(
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+AllowPickleOption = Annotated[
+    bool,
+    typer.Option(
+        help="Load models stored only as pytorch_model*.bin, with torch's weights-only "
+        "loader (pickles from untrusted sources can still be risky)."
+    ),
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
+PrivateOption = Annotated[bool, typer.Option(help="Create the Hub repository as private.")]
+RevisionOption = Annotated[
+    str | None, typer.Option(help="Branch to push to (created if missing; default main).")
+]
+MessageOption = Annotated[str | None, typer.Option(help="Commit message on the Hub.")]
 
 
 @app.command()
@@ -132,20 +146,20 @@ def merge(
     strict: Annotated[
         bool, typer.Option(help="Fail on tensors missing from a model and on NaN/Inf inputs.")
     ] = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            help="Load models stored only as pytorch_model*.bin, with torch's weights-only "
-            "loader (pickles from untrusted sources can still be risky)."
-        ),
-    ] = False,
+    allow_pickle: AllowPickleOption = False,
     dry_run: Annotated[
         bool, typer.Option(help="Plan only: check everything, write nothing.")
     ] = False,
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Then upload OUT to this Hub repository (org/name).")
+    ] = None,
+    private: PrivateOption = False,
+    revision: RevisionOption = None,
+    commit_message: MessageOption = None,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Merge the models of RECIPE into the folder OUT."""
+    """Merge the models of RECIPE into the folder OUT (and push it with --push-to-hub)."""
     from della_cli.api import MergeOptions
 
     with reported_errors():
@@ -158,17 +172,53 @@ def merge(
             strict=strict,
             allow_pickle=allow_pickle,
         )
+        options.progress = not (quiet or as_json)
+        if push_to_hub:  # before a merge that may take hours, not after
+            from della_cli.hub import check_can_push
+
+            check_can_push(push_to_hub)
         if dry_run:
             _dry_run(recipe, out, options, as_json)
             return
         report = _merge_with_progress(recipe, out, options, quiet or as_json)
-    if as_json:
-        typer.echo(json.dumps(report.to_dict()))
-    elif not quiet:
+    summary = report.to_dict()
+    if not as_json and not quiet:
         typer.echo(
             f"merged {report.tensors} tensors into {report.output} "
             f"({report.shards} shard(s), {_human(report.bytes)}) in {report.seconds:.1f}s"
         )
+    if push_to_hub:
+        summary["url"] = _push(
+            out, push_to_hub, private, revision, commit_message, silent=as_json or quiet
+        )
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+def _push(out: Path, repo_id: str, private, revision, message, silent: bool) -> str:
+    """Push a folder; a failure keeps the folder and says how to push it again."""
+    from della_cli.api import push_model
+
+    with reported_errors(f"{out} is intact; push it later with `della push {out} {repo_id}`"):
+        url = push_model(out, repo_id, private, revision, message)
+    if not silent:
+        typer.echo(f"pushed {out} to {url}")
+    return url
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A merged model folder.", show_default=False)],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, org/name.", show_default=False)],
+    private: PrivateOption = False,
+    revision: RevisionOption = None,
+    commit_message: MessageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload FOLDER to the Hub repository REPO_ID in one commit (created if missing)."""
+    url = _push(folder, repo_id, private, revision, commit_message, silent=as_json)
+    if as_json:
+        typer.echo(json.dumps({"folder": str(folder), "repo_id": repo_id, "url": url}))
 
 
 def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):
@@ -215,41 +265,47 @@ def _itemsize(code: str) -> int:
     return itemsize(code)
 
 
-def _dry_run(recipe_path: Path, out: Path, options, as_json: bool) -> None:
-    from della_cli.api import prepare, select_device
-    from della_cli.engine import WHOLE_TENSOR_SPARSIFIERS, block_elements_for
-    from della_cli.io.output import check_destination
+def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> None:
+    """Plan without downloading or writing; print the report; exit 2 when it cannot run."""
+    from della_cli.errors import PlanError
+    from della_cli.preflight import plan_merge
 
-    recipe, inputs, plan = prepare(recipe_path, options)
-    device = select_device(options.device)
-    # The output checks of a real run, so that a clean dry run means the merge can start.
-    folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
-    check_destination(out, options.overwrite, folders)
-    merged = sum(job.action == "merge" for job in plan.jobs)
-    summary = {
-        "method": recipe.method.name,
-        "device": str(device),
-        "tensors": len(plan.jobs),
-        "merged": merged,
-        "copied": len(plan.jobs) - merged,
-        "shards": len(plan.shards),
-        "output_bytes": plan.output_bytes,
-        "working_memory_bytes": plan.working_memory_bytes(
-            block_elements_for(device), recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
-        ),
-        "warnings": plan.warnings,
-    }
+    report = plan_merge(recipe_path, out, options)
     if as_json:
-        typer.echo(json.dumps(summary))
+        typer.echo(json.dumps(report.to_dict()))
+        if not report.can_run:
+            raise typer.Exit(2)
         return
-    for message in plan.warnings:
+    if not report.can_run:
+        raise PlanError(report.problems)
+    for message in report.warnings:
         typer.echo(f"warning: {message}", err=True)
+    for ref, commit in report.inputs.items():
+        typer.echo(f"{ref}: commit {commit}")
+    width = max(len(group["action"]) for group in report.groups)
+    for group in report.groups:
+        count = f" ({group['count']})" if group["count"] > 1 else ""
+        typer.echo(f"  {group['action']:<{width}}  {group['tensors']}{count}")
     typer.echo(
-        f"{recipe.method.name}: {summary['tensors']} tensors ({merged} merged, "
-        f"{summary['copied']} copied) into {summary['shards']} shard(s), "
-        f"{_human(plan.output_bytes)} out; peak working memory about "
-        f"{_human(summary['working_memory_bytes'])} on {device} beyond the runtime; "
-        "nothing written (dry run)"
+        f"{report.method}: {report.tensors} tensors ({report.merged} merged, "
+        f"{report.copied} copied) into {report.shards} shard(s), "
+        f"{_human(report.output_bytes)} out; {_human(report.download_bytes)} to download; "
+        f"peak working memory about {_human(report.working_memory_bytes)} on {report.device} "
+        "beyond the runtime"
+        + (
+            f" ({_human(report.available_memory_bytes)} available)"
+            if report.available_memory_bytes is not None
+            else ""
+        )
+    )
+    for entry in report.disk:
+        typer.echo(
+            f"disk: {' and '.join(entry['holds'])} "
+            f"need{'s' if len(entry['holds']) == 1 else ''} {_human(entry['needed_bytes'])} on "
+            f"{entry['path']}, {_human(entry['free_bytes'])} free"
+        )
+    typer.echo(
+        "the merge can run; nothing downloaded, nothing written" + (" (dry run)" if out else "")
     )
 
 
@@ -259,6 +315,37 @@ def _human(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)],
+    out: Annotated[
+        Path | None, typer.Option(help="Where the output would go (checked, disk counted).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="OUT may exist (it would be replaced).")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Tensors missing from a model are problems.")
+    ] = False,
+    allow_pickle: AllowPickleOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Plan the merge of RECIPE from headers only, downloading no weights (exit 0 when it can
+    run, 2 when it cannot)."""
+    from della_cli.api import MergeOptions
+
+    with reported_errors():
+        options = MergeOptions(
+            device=device,
+            out_shard_bytes=parse_size(out_shard_size),
+            overwrite=overwrite,
+            strict=strict,
+            allow_pickle=allow_pickle,
+        )
+        options.progress = not as_json
+        _dry_run(recipe, out, options, as_json)
 
 
 @app.command()

@@ -11,7 +11,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,9 @@ class MergeInputs:
 
     base: ModelReader | None
     experts: list[ModelReader]
+    # The commit each Hub input was pinned to, by its reference in the recipe.
+    pins: dict[str, str] = field(default_factory=dict)
+    download_bytes: int = 0  # weight files of Hub inputs not in the cache yet
 
     def reader(self, model: int) -> ModelReader:
         if model == BASE:

@@ -43,3 +43,7 @@ class OutputError(UsageError):
 
 class MergeFailure(DellaError):
     """The merge started but failed (IO error, disk full, ...); nothing was left behind."""
+
+
+class HubError(DellaError):
+    """Talking to the Hugging Face Hub failed: no token, no permission, network down (exit 1)."""

@@ -21,6 +21,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _no_real_hub(tmp_path_factory, monkeypatch):
+    """No test reaches the real Hub or the user's token and cache: offline, with an empty
+    Hub home, unless a test starts the fake Hub (tests/hub_server.py)."""
+    import huggingface_hub.constants as hub_constants
+
+    home = tmp_path_factory.mktemp("hf-home")
+    hub_variables = ("HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE")
+    for name in (*hub_variables, "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+
+
 @pytest.fixture(scope="session")
 def model_zoo(tmp_path_factory) -> Callable[..., Path]:
     """Build (once per session) a tiny model: ``model_zoo("llama")``, or an expert of it with
@@ -53,3 +69,17 @@ def write_recipe(tmp_path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A local stand-in for the Hub (tests/hub_server.py) on 127.0.0.1, online, with
+    ``HF_ENDPOINT`` pointing at it and ``HF_TOKEN`` set to its one valid (fake) token."""
+    from hub_server import VALID_TOKEN, FakeHub
+
+    hub = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", hub.start())
+    monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    yield hub
+    hub.stop()

@@ -64,6 +64,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raw = handle.read(header_size)
     except OSError as error:
         raise ModelError(f"{path}: cannot read ({error.strerror})") from error
+    return parse_header(path, raw, file_size)
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> dict[str, TensorInfo]:
+    """Validate the JSON header ``raw`` of a safetensors file of ``file_size`` bytes (read
+    from disk, or from the Hub with range requests); raise ModelError naming the file."""
+    header_size = len(raw)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -137,24 +144,33 @@ def _confined(folder: Path, relative: str, what: str, root: Path | None = None) 
     return resolved
 
 
+def read_weight_map(folder: Path) -> dict[str, str] | None:
+    """The weight map of a sharded model's index (tensor name -> file name); None without one."""
+    index_path = folder / INDEX_NAME
+    if not index_path.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(file_name, str) for file_name in weight_map.values()
+        ):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(
+            f"{index_path}: not a valid index (needs a weight_map object from tensor "
+            "names to file names)"
+        ) from error
+    return weight_map
+
+
 def weight_files(
     folder: Path, root: Path | None = None
 ) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a model folder and, if sharded, the index's weight map."""
     root = root or folder
     index_path = folder / INDEX_NAME
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(file_name, str) for file_name in weight_map.values()
-            ):
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ModelError(
-                f"{index_path}: not a valid index (needs a weight_map object from tensor "
-                "names to file names)"
-            ) from error
+    weight_map = read_weight_map(folder)
+    if weight_map is not None:
         names = sorted(set(weight_map.values()))
         ensure_inside(index_path, root)
         return [_confined(folder, name, str(index_path), root) for name in names], weight_map
@@ -175,17 +191,30 @@ def weight_files(
 class ModelReader:
     """One input model folder: its tensors' headers and lazy reads of their data."""
 
-    def __init__(self, folder: Path, label: str, root: Path | None = None):
-        """``root``: the folder every file must resolve into (default ``folder``)."""
+    def __init__(
+        self,
+        folder: Path,
+        label: str,
+        root: Path | None = None,
+        headers: dict[str, tuple[bytes, int]] | None = None,
+    ):
+        """``root``: the folder every file must resolve into (default ``folder``).
+        ``headers``: each weight file's raw header and size, read elsewhere (from the Hub,
+        without downloading the file): such a reader plans but cannot read tensor data."""
         self.folder = folder
         self.label = label
         self.root = root or folder
         if not folder.is_dir():
             raise ModelError(f"model '{label}': {folder} is not a folder")
-        files, weight_map = weight_files(folder, self.root)
         self.tensors: dict[str, TensorInfo] = {}
-        for path in files:
-            self.tensors.update(read_header(path))
+        if headers is None:
+            files, weight_map = weight_files(folder, self.root)
+            for path in files:
+                self.tensors.update(read_header(path))
+        else:
+            weight_map = read_weight_map(folder)
+            for name, (raw, size) in headers.items():
+                self.tensors.update(parse_header(folder / name, raw, size))
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self.tensors))
             if missing:

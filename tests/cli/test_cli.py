@@ -302,10 +302,10 @@ BAD_CALLS = {
     ),
     "recipe-missing": BadCall(lambda s: [s.tmp / "nope.yaml", s.out], 2, "no such recipe file"),
     "model-missing": BadCall(_missing_model, 2, "does not exist"),
-    "hub-id": BadCall(
+    "hub-id-offline-uncached": BadCall(
         lambda s: [s.recipe(base_model="meta-llama/Llama-2-13b-hf"), s.out],
-        2,
-        "Hub model ids are not supported yet",
+        1,
+        "not in the local Hub cache",
     ),
     "output-is-file": BadCall(_output_is_file, 2, "exists and is a file"),
     "output-exists": BadCall(_output_exists, 2, "already exists; pass --overwrite"),
@@ -366,10 +366,11 @@ def test_device_cuda_without_cuda(setup: Setup):
     assert not setup.out.exists()
 
 
-def test_example_recipes_fail_cleanly_on_hub_ids():
-    """The shipped examples name Hub ids; della says to download them rather than crash."""
+def test_example_recipes_fail_cleanly_on_hub_ids_offline():
+    """The shipped examples name Hub ids; offline with an empty cache, della says so in one
+    line (tests run with HF_HUB_OFFLINE=1, see conftest.py) rather than crash."""
     result = invoke("merge", REPO / "recipes" / "della.yaml", REPO / "no-output", "--dry-run")
-    assert_one_line_error(result, 2, "Hub model ids are not supported yet")
+    assert_one_line_error(result, 1, "HF_HUB_OFFLINE is set; connect once to download it")
     assert not (REPO / "no-output").exists()
 
 
@@ -450,3 +451,28 @@ def test_every_command_is_documented_in_the_readme():
     assert "merge" in commands and "methods" in commands
     missing = [name for name in commands if f"della {name}" not in text]
     assert missing == [], f"commands not shown as `della <command>` in README.md: {missing}"
+
+
+def test_plan_of_local_models_reports_groups_sizes_and_disk(setup: Setup):
+    text = invoke("plan", setup.recipe())
+    assert text.exit_code == 0, text.output
+    assert "  merged" in text.stdout and "model.layers.*." in text.stdout
+    assert "0 B to download" in text.stdout and "disk: output needs" in text.stdout
+    assert text.stdout.rstrip().endswith("the merge can run; nothing downloaded, nothing written")
+    report = json.loads(invoke("plan", setup.recipe(), "--out", setup.out, "--json").stdout)
+    assert report["can_run"] and report["inputs"] == {} and report["download_bytes"] == 0
+    assert report["tensors"] == len(read_tensors(setup.base))
+    assert report["disk"][0]["holds"] == ["output"]
+    assert not setup.out.exists()
+
+
+def test_a_merge_that_cannot_fit_in_memory_is_refused_before_it_starts(setup: Setup, monkeypatch):
+    from della_cli import preflight
+
+    monkeypatch.setattr(preflight, "available_memory", lambda device: 1000)
+    result = invoke("merge", setup.recipe(), setup.out, "--device", "cpu")
+    assert result.exit_code == 2
+    assert "of memory on cpu but 1.0 kB is available" in result.stderr
+    assert not setup.out.exists() and leftovers(setup.tmp) == []
+    plan = json.loads(invoke("plan", setup.recipe(), "--device", "cpu", "--json").stdout)
+    assert plan["can_run"] is False and plan["available_memory_bytes"] == 1000

@@ -97,3 +97,30 @@ def test_cuda_matches_cpu_on_large_bfloat16_tensors(method, write_recipe, tmp_pa
             assert torch.equal(cuda[name].view(torch.int16), expected.view(torch.int16)), name
         else:
             torch.testing.assert_close(cuda[name], expected)
+
+
+def test_plan_on_cuda_measures_the_device_and_refuses_what_cannot_fit(
+    model_zoo, write_recipe, monkeypatch
+):
+    from della_cli import preflight
+    from della_cli.errors import PlanError
+
+    recipe = write_recipe(
+        {
+            "merge_method": "della",
+            "base_model": str(model_zoo("llama")),
+            "models": [{"model": str(model_zoo("llama", expert=1))}],
+            "parameters": {"density": 0.7, "epsilon": 0.07},
+        }
+    )
+    report = preflight.plan_merge(recipe, None, MergeOptions(device=DEVICE))
+    free, total = torch.cuda.mem_get_info()
+    assert report.can_run and report.device.startswith("cuda")
+    assert 0 < report.available_memory_bytes <= total
+    assert abs(report.available_memory_bytes - free) < total // 10
+    monkeypatch.setattr(preflight, "available_memory", lambda device: 1000)
+    report = preflight.plan_merge(recipe, None, MergeOptions(device=DEVICE))
+    assert "of memory on cuda" in report.problems[0]
+    with pytest.raises(PlanError, match=r"1\.0 kB is available"):
+        run_merge(recipe, recipe.parent / "out", MergeOptions(device=DEVICE))
+    assert not (recipe.parent / "out").exists()

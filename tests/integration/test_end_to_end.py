@@ -357,10 +357,18 @@ def test_merged_architectures_load_and_generate(model_zoo, merge, architecture, 
     assert (out / "della_recipe.yaml").read_text() == recipe_text
     card = (out / "README.md").read_text()
     front = front_matter(card)
-    assert front["base_model"] == [base.name, experts[0].name, experts[1].name]
+    assert "base_model" not in front, "base_model lists Hub inputs only; these are local"
+    assert front["merge_inputs"] == [
+        {"model": base.name, "role": "base", "source": "local folder"},
+        {"model": experts[0].name, "role": "model", "source": "local folder"},
+        {"model": experts[1].name, "role": "model", "source": "local folder"},
+    ]
     assert front["tags"] == list(dict.fromkeys(["merge", "della", method]))
     assert front["library_name"] == "transformers"
+    for folder in (base, *experts):
+        recipe_text = recipe_text.replace(str(folder), folder.name)
     assert recipe_text.rstrip() in card
+    assert str(base.parent) not in card, "no local path leaks into the card"
 
     tokenizer, base_tokenizer = (AutoTokenizer.from_pretrained(f) for f in (out, base))
     assert tokenizer.chat_template is not None

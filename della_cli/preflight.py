@@ -1,0 +1,200 @@
+"""Plan before download: what a merge will do and need, from headers alone, and whether it fits.
+
+Reads only configs, indexes and safetensors headers (those of Hub models through range
+requests, downloading no shard), then reports per group of tensors what happens to them
+(merged, copied from the base, vocabulary rows cropped or padded), every problem at once, the
+bytes still to download, the peak working memory on the chosen device, the output size and the
+free disk where the output and the Hub cache go. A merge that cannot fit is refused here, before
+any download or write (``della plan``, ``della merge --dry-run``, and every ``della merge``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from della_cli.errors import PlanError
+from della_cli.hub import cache_dir
+from della_cli.plan import Plan, build_plan
+
+_LAYER_INDEX = re.compile(r"\.\d+\.")
+
+
+@dataclass
+class PlanReport:
+    """What ``della plan`` prints (``--json``: this as one object, with ``can_run``)."""
+
+    method: str
+    device: str
+    inputs: dict[str, str]  # Hub reference -> the commit it resolved to
+    groups: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tensors: int = 0
+    merged: int = 0
+    copied: int = 0
+    shards: int = 0
+    output_bytes: int = 0
+    download_bytes: int = 0
+    working_memory_bytes: int = 0
+    available_memory_bytes: int | None = None
+    disk: list[dict] = field(default_factory=list)
+
+    @property
+    def can_run(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "can_run": self.can_run}
+
+
+def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
+    """Plan the merge of ``recipe_path`` into ``out`` (None: only the plan, disk checked in
+    the working directory) without downloading or writing anything."""
+    from della_cli.api import open_inputs, read_recipe, select_device
+    from della_cli.engine import WHOLE_TENSOR_SPARSIFIERS, block_elements_for
+    from della_cli.io.output import check_destination
+
+    recipe = read_recipe(recipe_path, options)
+    inputs = open_inputs(recipe, options.progress, weights=False, allow_pickle=options.allow_pickle)
+    if out is not None:
+        folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
+        check_destination(out, options.overwrite, folders)
+    device = select_device(options.device)
+    report = PlanReport(recipe.method.name, str(device), dict(inputs.pins))
+    report.download_bytes = inputs.download_bytes
+    report.warnings = architecture_warnings(inputs)
+    try:
+        plan = build_plan(
+            recipe, inputs.base, inputs.experts, options.out_shard_bytes, strict=options.strict
+        )
+    except PlanError as error:
+        report.problems = list(error.problems)
+        return report
+    whole = recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
+    _describe_plan(report, plan, recipe.model_refs)
+    report.working_memory_bytes = plan.working_memory_bytes(block_elements_for(device), whole)
+    report.available_memory_bytes = available_memory(device)
+    report.disk = disk_needs(out or Path.cwd(), plan.output_bytes, report.download_bytes)
+    report.problems = fit_problems(report)
+    return report
+
+
+def architecture_warnings(inputs) -> list[str]:
+    """Models whose config names another model type or architecture than the reference's:
+    their tensors may still line up (the plan decides), but the user should know."""
+    reference = inputs.base or inputs.experts[0]
+
+    def kind(reader) -> tuple[str | None, str]:
+        config = reader.config or {}
+        return config.get("model_type"), ", ".join(config.get("architectures") or ["?"])
+
+    warnings = []
+    for reader in inputs.experts:
+        own, theirs = kind(reader), kind(reference)
+        if reader is reference or own == theirs or None in (own[0], theirs[0]):
+            continue
+        warnings.append(
+            f"'{reader.label}' is a {own[0]} model ({own[1]}) but '{reference.label}' is a "
+            f"{theirs[0]} model ({theirs[1]}); check that they share an architecture"
+        )
+    return warnings
+
+
+def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
+    report.warnings += list(plan.warnings)
+    report.tensors = len(plan.jobs)
+    report.merged = sum(job.action == "merge" for job in plan.jobs)
+    report.copied = report.tensors - report.merged
+    report.shards = len(plan.shards)
+    report.output_bytes = plan.output_bytes
+    counts: Counter[tuple[str, str]] = Counter()
+    for job in plan.jobs:
+        pattern = _LAYER_INDEX.sub(".*.", job.name)
+        counts[(pattern, "merged" if job.action == "merge" else "copied from base")] += 1
+        for source in job.experts:
+            if source.rows is not None:
+                how = "cropped" if source.rows > job.shape[0] else "padded"
+                detail = f"{how}: '{refs[source.model]}' {source.rows} rows to {job.shape[0]}"
+                counts[(job.name, detail)] += 1
+    report.groups = [
+        {"tensors": pattern, "action": action, "count": count}
+        for (pattern, action), count in counts.items()
+    ]
+
+
+def available_memory(device) -> int | None:
+    """Free memory on ``device`` now: the CUDA device's, or the host's available memory."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _existing(path: Path) -> Path:
+    path = path.expanduser().resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def disk_needs(out: Path, output_bytes: int, download_bytes: int) -> list[dict]:
+    """Free and needed bytes on the file systems of the output and (when something is to be
+    downloaded) of the Hub cache; one entry when they share a file system."""
+    places = [("output", _existing(out), output_bytes)]
+    if download_bytes:
+        places.append(("Hub cache", _existing(cache_dir()), download_bytes))
+    by_device: dict[int, dict] = {}
+    for role, path, needed in places:
+        entry = by_device.setdefault(
+            path.stat().st_dev,
+            {"holds": [], "path": str(path), "free_bytes": free_bytes(path)},
+        )
+        entry["holds"].append(role)
+        entry["needed_bytes"] = entry.get("needed_bytes", 0) + needed
+    return list(by_device.values())
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def fit_problems(report: PlanReport) -> list[str]:
+    problems = []
+    for entry in report.disk:
+        if entry["needed_bytes"] > entry["free_bytes"]:
+            problems.append(
+                f"the {' and '.join(entry['holds'])} need {human(entry['needed_bytes'])} on "
+                f"{entry['path']} but {human(entry['free_bytes'])} is free; free some space or "
+                "choose another output (or HF_HOME for the cache)"
+            )
+    available = report.available_memory_bytes
+    if available is not None and report.working_memory_bytes > available:
+        problems.append(
+            f"the merge needs about {human(report.working_memory_bytes)} of memory on "
+            f"{report.device} but {human(available)} is available; use another device or "
+            "free memory"
+        )
+    return problems
+
+
+def human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
