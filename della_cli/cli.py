@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 import traceback
@@ -22,6 +21,7 @@ import typer
 
 from della_cli import __version__
 from della_cli.errors import DellaError
+from della_cli.sizes import human_size, parse_size
 
 EXIT_INTERRUPTED = 130
 app = typer.Typer(
@@ -31,34 +31,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-}
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 524288000, '1024' -> 1024 bytes."""
-    from della_cli.errors import UsageError
-
-    match = _SIZE.match(text)
-    if not match:
-        raise UsageError(f"--out-shard-size: '{text}' is not a size; use e.g. 5GB, 500MB or 2GiB")
-    unit = (match.group(2) or "").lower().removesuffix("b")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise UsageError(f"--out-shard-size: must be at least 1 byte, got '{text}'")
-    return size
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -185,7 +157,7 @@ def merge(
     if not as_json and not quiet:
         typer.echo(
             f"merged {report.tensors} tensors into {report.output} "
-            f"({report.shards} shard(s), {_human(report.bytes)}) in {report.seconds:.1f}s"
+            f"({report.shards} shard(s), {human_size(report.bytes)}) in {report.seconds:.1f}s"
         )
     if push_to_hub:
         summary["url"] = _push(
@@ -289,11 +261,11 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> Non
     typer.echo(
         f"{report.method}: {report.tensors} tensors ({report.merged} merged, "
         f"{report.copied} copied) into {report.shards} shard(s), "
-        f"{_human(report.output_bytes)} out; {_human(report.download_bytes)} to download; "
-        f"peak working memory about {_human(report.working_memory_bytes)} on {report.device} "
+        f"{human_size(report.output_bytes)} out; {human_size(report.download_bytes)} to download; "
+        f"peak working memory about {human_size(report.working_memory_bytes)} on {report.device} "
         "beyond the runtime"
         + (
-            f" ({_human(report.available_memory_bytes)} available)"
+            f" ({human_size(report.available_memory_bytes)} available)"
             if report.available_memory_bytes is not None
             else ""
         )
@@ -301,20 +273,12 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> Non
     for entry in report.disk:
         typer.echo(
             f"disk: {' and '.join(entry['holds'])} "
-            f"need{'s' if len(entry['holds']) == 1 else ''} {_human(entry['needed_bytes'])} on "
-            f"{entry['path']}, {_human(entry['free_bytes'])} free"
+            f"need{'s' if len(entry['holds']) == 1 else ''} {human_size(entry['needed_bytes'])} on "
+            f"{entry['path']}, {human_size(entry['free_bytes'])} free"
         )
     typer.echo(
         "the merge can run; nothing downloaded, nothing written" + (" (dry run)" if out else "")
     )
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
 
 
 @app.command()

@@ -19,9 +19,20 @@ from della_cli.errors import ModelError
 from della_cli.io.dtypes import TORCH_DTYPES
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import Rescale, Sparsifier, cpu_kernels, fused_merge, merge_tensor
+from della_cli.methods import (
+    Rescale,
+    Sparsifier,
+    cpu_kernels,
+    fused_merge,
+    merge_tensor,
+    trim_select,
+)
 from della_cli.methods.randomness import Draws, derive_key
-from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
+from della_cli.methods.sparsify import (
+    magnitude_rank_window,
+    middle_magnitude_mask,
+    top_magnitude_mask,
+)
 from della_cli.plan import BASE, Plan, Source, TensorJob
 from della_cli.recipe import Recipe
 
@@ -32,6 +43,8 @@ CPU_BLOCK_ELEMENTS = 1 << 22
 CUDA_BLOCK_ELEMENTS = 1 << 26
 DEFAULT_BLOCK_ELEMENTS = CPU_BLOCK_ELEMENTS
 MAX_WRITES_IN_FLIGHT = 2
+# TIES selects from the inputs as stored (no float32 |δ| of the whole tensor) from this size.
+LEAN_SELECTION_ELEMENTS = 1 << 24
 # Sparsifiers that select over a whole tensor before it can be merged in blocks.
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
@@ -355,18 +368,37 @@ class MergeEngine:
         masks = []
         for source in job.experts:
             params = self.recipe.expert_params(source.model, job.name)
-            magnitude = self.task_vector_magnitude(
-                self.read_expert_rows(job, source, 0, total_rows), reference
-            )
+            expert = self.read_expert_rows(job, source, 0, total_rows)
             if params.density is None or params.density >= 1:
-                masks.append(torch.ones_like(magnitude, dtype=torch.bool))
-            elif sparsifier is Sparsifier.MAGNITUDE:
+                masks.append(torch.ones(expert.shape, dtype=torch.bool))
+                continue
+            if self.lean_selection(sparsifier, expert, reference):
+                gamma = (params.gamma or 0.0) if sparsifier is not Sparsifier.MAGNITUDE else None
+                low, high = magnitude_rank_window(expert.numel(), params.density, gamma)
+                masks.append(trim_select.window_keep_mask(expert, reference, low, high))
+                continue
+            magnitude = self.task_vector_magnitude(expert, reference)
+            del expert
+            if sparsifier is Sparsifier.MAGNITUDE:
                 masks.append(top_magnitude_mask(magnitude, params.density))
             else:
                 gamma = params.gamma or 0.0
                 masks.append(middle_magnitude_mask(magnitude, params.density, gamma))
             del magnitude
         return masks
+
+    def lean_selection(
+        self, sparsifier: Sparsifier, expert: torch.Tensor, reference: torch.Tensor
+    ) -> bool:
+        """Whether to select from the inputs as stored (``trim_select``), never holding a
+        float32 |δ| of the whole tensor. It recomputes |δ| in each pass: for a breadcrumbs
+        window that is still faster (both ends share the passes); for a TIES cut it costs
+        about a third more time, so it is kept for tensors whose |δ| would weigh on peak
+        memory (measured: bench/RESULTS.md)."""
+        if self.device.type != "cpu" or not trim_select.supports(expert, reference):
+            return False
+        outliers = sparsifier is Sparsifier.MAGNITUDE_OUTLIERS
+        return outliers or expert.numel() >= LEAN_SELECTION_ELEMENTS
 
     def task_vector_magnitude(self, expert: torch.Tensor, reference: torch.Tensor):
         """|expert - reference| in the compute dtype, from the tensors as stored."""

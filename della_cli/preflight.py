@@ -20,6 +20,7 @@ from pathlib import Path
 from della_cli.errors import PlanError
 from della_cli.hub import cache_dir
 from della_cli.plan import Plan, build_plan
+from della_cli.sizes import human_size
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
@@ -177,24 +178,17 @@ def fit_problems(report: PlanReport) -> list[str]:
     problems = []
     for entry in report.disk:
         if entry["needed_bytes"] > entry["free_bytes"]:
+            needed, free = human_size(entry["needed_bytes"]), human_size(entry["free_bytes"])
             problems.append(
-                f"the {' and '.join(entry['holds'])} need {human(entry['needed_bytes'])} on "
-                f"{entry['path']} but {human(entry['free_bytes'])} is free; free some space or "
-                "choose another output (or HF_HOME for the cache)"
+                f"the {' and '.join(entry['holds'])} need {needed} on {entry['path']} but "
+                f"{free} is free; free some space or choose another output (or HF_HOME for the "
+                "cache)"
             )
     available = report.available_memory_bytes
     if available is not None and report.working_memory_bytes > available:
         problems.append(
-            f"the merge needs about {human(report.working_memory_bytes)} of memory on "
-            f"{report.device} but {human(available)} is available; use another device or "
+            f"the merge needs about {human_size(report.working_memory_bytes)} of memory on "
+            f"{report.device} but {human_size(available)} is available; use another device or "
             "free memory"
         )
     return problems
-
-
-def human(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"

@@ -145,8 +145,18 @@ def magnitude_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def top_magnitude_mask(magnitude: torch.Tensor, density: float) -> torch.Tensor:
     """``magnitude_keep_mask`` given |δ| already (so a caller can take it in place)."""
-    numel = magnitude.numel()
-    return rank_at_least_mask(magnitude, numel - fraction_count(density, numel))
+    low, _ = magnitude_rank_window(magnitude.numel(), density, None)
+    return rank_at_least_mask(magnitude, low)
+
+
+def magnitude_rank_window(numel: int, density: float, gamma: float | None) -> tuple[int, int]:
+    """The stable ascending magnitude ranks ``[low, high)`` a trim keeps: TIES (``gamma``
+    None) the top ⌊d·N⌋; breadcrumbs the ⌊d·N⌋ (at most) below the ⌊γN⌋ largest."""
+    if gamma is None:
+        return numel - fraction_count(density, numel), numel
+    top_count = fraction_count(gamma, numel)
+    keep_count = min(fraction_count(density, numel), numel - top_count)
+    return numel - top_count - keep_count, numel - top_count
 
 
 def outlier_keep_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -156,13 +166,10 @@ def outlier_keep_mask(delta: torch.Tensor, density: float, gamma: float) -> torc
 
 def middle_magnitude_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """``outlier_keep_mask`` given |δ| already."""
-    numel = magnitude.numel()
-    top_count = fraction_count(gamma, numel)
-    keep_count = min(fraction_count(density, numel), numel - top_count)
-    first_kept = numel - top_count - keep_count
-    keep = rank_at_least_mask(magnitude, first_kept)
-    if top_count > 0:  # with no outliers to drop, the top entries stay
-        keep &= ~rank_at_least_mask(magnitude, numel - top_count)
+    low, high = magnitude_rank_window(magnitude.numel(), density, gamma)
+    keep = rank_at_least_mask(magnitude, low)
+    if high < magnitude.numel():  # with no outliers to drop, the top entries stay
+        keep &= ~rank_at_least_mask(magnitude, high)
     return keep
 
 

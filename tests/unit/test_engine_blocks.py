@@ -113,3 +113,40 @@ def test_whole_block_pass_and_per_step_kernels_agree_on_every_tensor(
     for job in plan.jobs:
         a, b = fused.compute(job), stepwise.compute(job)
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), job.name
+
+
+def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(
+    model_zoo, write_recipe, tmp_path, monkeypatch
+):
+    """TIES selects from the inputs as stored on large tensors only; forced on every tensor
+    here, it must still give the plain torch path's bytes."""
+    from della_cli import engine
+    from della_cli.api import run_merge
+    from della_cli.methods import cpu_kernels, trim_select
+
+    recipe_path = write_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
+            "models": [
+                {"model": str(model_zoo("llama", expert=1, dtype=torch.bfloat16))},
+                {"model": str(model_zoo("llama", expert=2, dtype=torch.bfloat16))},
+            ],
+            "parameters": {"density": 0.3},
+        }
+    )
+    selections = []
+    window_keep_mask = trim_select.window_keep_mask
+
+    def counted(*args):
+        selections.append(args[0].shape)
+        return window_keep_mask(*args)
+
+    monkeypatch.setattr(engine, "LEAN_SELECTION_ELEMENTS", 1)
+    monkeypatch.setattr(trim_select, "window_keep_mask", counted)
+    run_merge(recipe_path, tmp_path / "lean", MergeOptions(device="cpu"))
+    assert selections
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
+    lean = (tmp_path / "lean" / "model.safetensors").read_bytes()
+    assert lean == (tmp_path / "torch" / "model.safetensors").read_bytes()

@@ -1,0 +1,138 @@
+"""The TIES and breadcrumbs selections, made from the two inputs as stored.
+
+Both keep the entries of a task vector whose stable ascending magnitude rank over the whole
+tensor lies in a window ``[low, high)``: TIES the top ``k`` (``high`` = N), breadcrumbs the ``k``
+below the ``⌊γN⌋`` largest. ``sparsify.rank_at_least_mask`` selects from a float32 |δ| made
+beforehand; here |δ| is recomputed in small chunks from the expert and the base (bfloat16 or
+float32) inside each pass of a radix selection, so the full-size float32 |δ| of the largest
+tensor (the embedding, often) is never held, and both ends of a breadcrumbs window come out of
+the same four passes. Equal magnitudes rank by position, as in the reference, so the masks are
+the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from della_cli.methods import cpu_kernels, fused_merge
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is not installed
+    numba = None
+
+_CHUNK = 4096
+
+
+def window_keep_mask(expert: torch.Tensor, base: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Keep mask of the entries of ``expert - base`` whose stable ascending |δ| rank r over the
+    whole tensor has ``low <= r < high`` (0 <= low <= high <= N), shaped like the inputs."""
+    numel = expert.numel()
+    keep = np.empty(numel, dtype=np.bool_)
+    if low >= high:
+        keep[:] = False
+    elif low <= 0 and high >= numel:
+        keep[:] = True
+    else:
+        e = fused_merge._as_numpy(expert.reshape(1, -1))[0]
+        b = fused_merge._as_numpy(base.reshape(1, -1))[0]
+        # Entries to keep counted from the top, for "rank >= low" and "rank >= high".
+        wanted = np.array([numel - max(low, 0), numel - min(high, numel)], dtype=np.int64)
+        active = np.array([low > 0, high < numel], dtype=np.bool_)
+        chunks = max(1, min(numba.get_num_threads() * 4, numel // _CHUNK))
+        pivots, wanted = _pivots(e, b, wanted, active, chunks)
+        _mark(e, b, pivots, wanted, active, keep, chunks)
+    return torch.from_numpy(keep).reshape(expert.shape)
+
+
+def supports(expert: torch.Tensor, base: torch.Tensor) -> bool:
+    return (
+        cpu_kernels.available()
+        and expert.dtype == base.dtype
+        and expert.shape == base.shape
+        and fused_merge.supports(expert.dtype)
+    )
+
+
+if numba is not None:
+
+    @numba.njit(cache=True)
+    def _keys(expert, base, start, stop, scratch_expert, scratch_base, keys):
+        """|float32(expert) - float32(base)| bit patterns (sign cleared) of ``start:stop``."""
+        count = stop - start
+        fused_merge._widen_row(expert[start:stop], scratch_expert[:count])
+        fused_merge._widen_row(base[start:stop], scratch_base[:count])
+        for j in range(count):
+            scratch_expert[j] = abs(scratch_expert[j] - scratch_base[j])
+        bits = scratch_expert.view(np.uint32)
+        for j in range(count):
+            keys[j] = bits[j] & np.uint32(0x7FFFFFFF)
+
+    @numba.njit(parallel=True, cache=True)
+    def _pivots(expert, base, wanted, active, chunks):
+        """Radix selection of the magnitude at each of the two ranks, 8 bits a pass from the
+        top: returns each pivot and how many entries equal to it are still to be kept."""
+        n = expert.shape[0]
+        wanted = wanted.copy()
+        prefix = np.zeros(2, dtype=np.uint32)
+        prefix_mask = np.uint32(0)
+        for shift in range(24, -8, -8):
+            partial = np.zeros((chunks, 2, 256), dtype=np.int64)
+            for chunk in numba.prange(chunks):
+                first, last = chunk * n // chunks, (chunk + 1) * n // chunks
+                scratch_expert = np.empty(_CHUNK, dtype=np.float32)
+                scratch_base = np.empty(_CHUNK, dtype=np.float32)
+                keys = np.empty(_CHUNK, dtype=np.uint32)
+                for start in range(first, last, _CHUNK):
+                    stop = min(start + _CHUNK, last)
+                    _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
+                    for j in range(stop - start):
+                        key = keys[j]
+                        digit = (key >> np.uint32(shift)) & np.uint32(255)
+                        for selection in range(2):
+                            if active[selection] and (key & prefix_mask) == prefix[selection]:
+                                partial[chunk, selection, digit] += 1
+            counts = partial.sum(axis=0)
+            for selection in range(2):
+                if not active[selection]:
+                    continue
+                digit = 255
+                while counts[selection, digit] < wanted[selection]:
+                    wanted[selection] -= counts[selection, digit]
+                    digit -= 1
+                prefix[selection] |= np.uint32(digit) << np.uint32(shift)
+            prefix_mask |= np.uint32(255) << np.uint32(shift)
+        return prefix, wanted
+
+    @numba.njit(parallel=True, cache=True)
+    def _mark(expert, base, pivots, wanted, active, keep, chunks):
+        """keep = (rank >= low) and not (rank >= high): entries above each pivot in parallel,
+        then, of those equal to a pivot, the last ones by position, low first."""
+        n = expert.shape[0]
+        for chunk in numba.prange(chunks):
+            first, last = chunk * n // chunks, (chunk + 1) * n // chunks
+            scratch_expert = np.empty(_CHUNK, dtype=np.float32)
+            scratch_base = np.empty(_CHUNK, dtype=np.float32)
+            keys = np.empty(_CHUNK, dtype=np.uint32)
+            for start in range(first, last, _CHUNK):
+                stop = min(start + _CHUNK, last)
+                _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
+                for j in range(stop - start):
+                    above_low = keys[j] > pivots[0] if active[0] else True
+                    above_high = keys[j] > pivots[1] if active[1] else False
+                    keep[start + j] = above_low and not above_high
+        scratch_expert = np.empty(_CHUNK, dtype=np.float32)
+        scratch_base = np.empty(_CHUNK, dtype=np.float32)
+        keys = np.empty(_CHUNK, dtype=np.uint32)
+        for selection in range(2):
+            remaining = wanted[selection] if active[selection] else 0
+            stop = n
+            while remaining > 0:
+                start = max(0, stop - _CHUNK)
+                _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
+                for j in range(stop - start - 1, -1, -1):
+                    if remaining > 0 and keys[j] == pivots[selection]:
+                        keep[start + j] = selection == 0  # in the window's low end, or out
+                        remaining -= 1
+                stop = start

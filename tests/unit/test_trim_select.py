@@ -1,0 +1,68 @@
+"""The TIES / breadcrumbs selection from the inputs as stored equals the reference's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from della_cli.methods import cpu_kernels
+from della_cli.methods.sparsify import (
+    magnitude_rank_window,
+    middle_magnitude_mask,
+    top_magnitude_mask,
+)
+from della_cli.methods.trim_select import window_keep_mask
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs numba")
+
+
+def pair(shape, dtype, seed, ties=False):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator) * 0.02
+    delta = torch.randn(shape, generator=generator) * 0.002
+    if ties:  # coarse deltas: many equal magnitudes, zeros among them
+        delta = (delta * 2000).round() / 2000
+    return (base + delta).to(dtype), base.to(dtype)
+
+
+def reference_mask(expert, base, density, gamma, monkeypatch):
+    """The torch reference (quickselect + cumulative sums) on a float32 |δ|."""
+    magnitude = (expert.float() - base.float()).abs()
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    try:
+        if gamma is None:
+            return top_magnitude_mask(magnitude, density)
+        return middle_magnitude_mask(magnitude, density, gamma)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize(
+    ("density", "gamma"),
+    [(0.5, None), (0.01, None), (0.999, None), (0.3, 0.05), (0.9, 0.2), (0.5, 0.0)],
+)
+@pytest.mark.parametrize("shape", [(64, 300), (5000,), (3, 7)])
+def test_window_mask_equals_the_reference(dtype, ties, density, gamma, shape, monkeypatch):
+    expert, base = pair(shape, dtype, seed=len(shape) + shape[0], ties=ties)
+    low, high = magnitude_rank_window(expert.numel(), density, gamma)
+    mask = window_keep_mask(expert, base, low, high)
+    expected = reference_mask(expert, base, density, gamma, monkeypatch)
+    assert mask.shape == expert.shape
+    assert torch.equal(mask, expected)
+    assert int(mask.sum()) == high - low
+
+
+def test_all_equal_magnitudes_rank_by_position():
+    base = torch.zeros(1000, dtype=torch.bfloat16)
+    expert = torch.full((1000,), 0.5, dtype=torch.bfloat16)
+    mask = window_keep_mask(expert, base, 300, 900)
+    assert torch.equal(mask, torch.arange(1000).ge(300) & torch.arange(1000).lt(900))
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 10), (0, 0), (4, 4), (10, 10)])
+def test_empty_and_full_windows(low, high):
+    expert, base = pair((10,), torch.float32, seed=1)
+    mask = window_keep_mask(expert, base, low, high)
+    assert int(mask.sum()) == high - low
