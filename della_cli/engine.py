@@ -265,6 +265,8 @@ class MergeEngine:
         if not self._fused_applies(loaded, out_dtype):
             return None
         n = loaded[0].shape[1]
+        if loaded[0].numel() == 0:
+            return None  # nothing to merge; the torch path returns the empty block
         plans = [self._expert_plan(job.name, source.model, n) for source in job.experts]
         if any(plan is None for plan in plans):
             return None
@@ -310,7 +312,7 @@ class MergeEngine:
             return fused_merge.ExpertPlan(fused_merge.KEEP_ALL, weight=params.weight)
         if sparsifier in WHOLE_TENSOR_SPARSIFIERS:
             return fused_merge.ExpertPlan(fused_merge.MASK, weight=params.weight)
-        if sparsifier is Sparsifier.MAGPRUNE and n == 1:
+        if sparsifier is Sparsifier.MAGPRUNE and n <= 1:
             return None  # a row of one entry has q = 1/2, which the torch path computes
         key = Draws(derive_key(self.recipe.seed, name, index), 0).key_words
         mode = fused_merge.MAGPRUNE if sparsifier is Sparsifier.MAGPRUNE else fused_merge.RANDOM

@@ -103,7 +103,7 @@ class Plan:
                 worst = max(worst, 2 * job.numel * stored)
                 continue
             experts = len(job.experts)
-            row = job.numel // job.shape[0] if len(job.shape) > 1 else job.numel
+            row = job.numel // max(job.shape[0], 1) if len(job.shape) > 1 else job.numel
             block = min(job.numel, max(row, block_elements // max(row, 1) * row))
             need = block * (2 * (experts + 1) * stored + (2 * experts + 5) * compute + 3 * stored)
             if whole_tensor_selection:
@@ -250,6 +250,8 @@ class _Planner:
         sparsifier = self.recipe.method.sparsifier
         if sparsifier not in (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS):
             return
+        if ref.numel == 0:
+            return  # an empty tensor has nothing to keep
         for source in present:
             density = self.recipe.expert_params(source.model, name).density or 1.0
             if density < 1 and fraction_count(density, ref.numel) < 1:

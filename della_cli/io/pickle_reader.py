@@ -11,6 +11,7 @@ safetensors one, so planning and merging do not know the difference.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -123,7 +124,10 @@ class PickleModelReader(ModelReader):
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         info = self.tensors[name]
         tensor = self._state_of(info.path)[name]
-        rows = tensor.reshape(1, -1) if tensor.dim() <= 1 else tensor.reshape(tensor.shape[0], -1)
+        if tensor.dim() <= 1:
+            rows = tensor.reshape(1, -1)
+        else:  # explicit lengths: a tensor with no entries cannot infer a -1
+            rows = tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
         return rows[start:stop].clone(memory_format=torch.contiguous_format)
 
     def close(self) -> None:

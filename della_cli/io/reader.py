@@ -249,9 +249,12 @@ class ModelReader:
         info = self.tensors[name]
         if len(info.shape) <= 1:
             return self.read(name).reshape(1, -1)[start:stop]
+        row_length = math.prod(info.shape[1:])
+        if info.nbytes == 0:  # no rows, or rows of nothing: no bytes to read
+            return torch.empty((stop - start, row_length), dtype=TORCH_DTYPES[info.dtype])
         row_bytes = info.nbytes // info.shape[0]
         flat = self._read_bytes(info, start * row_bytes, (stop - start) * row_bytes)
-        return flat.reshape(stop - start, -1)
+        return flat.reshape(stop - start, row_length)
 
     def _read_bytes(self, info: TensorInfo, begin: int, count: int) -> torch.Tensor:
         buffer = torch.empty(count, dtype=torch.uint8)

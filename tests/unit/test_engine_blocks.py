@@ -150,3 +150,42 @@ def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     lean = (tmp_path / "lean" / "model.safetensors").read_bytes()
     assert lean == (tmp_path / "torch" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMETERS))
+def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
+    method, write_recipe, tmp_path, monkeypatch
+):
+    """Degenerate shapes real checkpoints carry (an empty buffer, a scalar, rows of one)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from della_cli.api import run_merge
+    from della_cli.methods import cpu_kernels
+
+    shapes = {"empty": (0, 8), "scalar": (), "column": (16, 1), "one": (1,), "rows": (4, 32)}
+    if method.startswith(("ties", "breadcrumbs")):  # a trim of one entry keeps none: refused
+        del shapes["scalar"], shapes["one"]
+    folders = []
+    for index in range(3):
+        generator = torch.Generator().manual_seed(index)
+        tensors = {n: torch.randn(s, generator=generator).bfloat16() for n, s in shapes.items()}
+        folder = tmp_path / f"model{index}"
+        folder.mkdir()
+        save_file(tensors, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"model_type": "synthetic"}))
+        folders.append(folder)
+    recipe_path = write_recipe(
+        {
+            "merge_method": method,
+            "base_model": str(folders[0]),
+            "models": [{"model": str(f)} for f in folders[1:]],
+            "parameters": METHOD_PARAMETERS[method],
+        }
+    )
+    run_merge(recipe_path, tmp_path / "fused", MergeOptions(device="cpu"))
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
+    fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
+    assert fused == (tmp_path / "torch" / "model.safetensors").read_bytes()

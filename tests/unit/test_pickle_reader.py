@@ -16,6 +16,7 @@ STATE = {
     "embed.weight": torch.arange(12, dtype=torch.float32).reshape(4, 3),
     "norm.weight": torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16),
     "position_ids": torch.arange(5),
+    "empty": torch.zeros(0, 4),
 }
 
 
@@ -28,11 +29,13 @@ def test_reads_tensors_rows_and_dtypes_like_the_safetensors_reader(tmp_path):
         "embed.weight": ("F32", (4, 3)),
         "norm.weight": ("BF16", (3,)),
         "position_ids": ("I64", (5,)),
+        "empty": ("F32", (0, 4)),
     }
     assert reader.config == {"model_type": "llama"}
     for name, tensor in STATE.items():
         assert torch.equal(reader.read(name), tensor)
     assert torch.equal(reader.read_rows("embed.weight", 1, 3), STATE["embed.weight"][1:3])
+    assert reader.read_rows("empty", 0, 0).shape == (0, 4)
     assert torch.equal(reader.read_rows("norm.weight", 0, 1), STATE["norm.weight"].reshape(1, -1))
     # Reads are copies: writing into one does not change the next.
     reader.read("embed.weight").zero_()
