@@ -124,3 +124,40 @@ def test_plan_on_cuda_measures_the_device_and_refuses_what_cannot_fit(
     with pytest.raises(PlanError, match=r"1\.0 kB is available"):
         run_merge(recipe, recipe.parent / "out", MergeOptions(device=DEVICE))
     assert not (recipe.parent / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["della", "ties", "task_arithmetic"])
+def test_cuda_merges_degenerate_shapes_like_the_cpu(method, write_recipe, tmp_path):
+    """Empty, scalar, one-entry and one-column tensors on the device."""
+    import json
+
+    from safetensors.torch import save_file
+
+    shapes = {"empty": (0, 8), "column": (16, 1), "rows": (4, 32)}
+    if method != "ties":  # a trim of one entry keeps none: refused by the plan
+        shapes.update(scalar=(), one=(1,))
+    folders = []
+    for index in range(3):
+        generator = torch.Generator().manual_seed(index)
+        tensors = {n: torch.randn(s, generator=generator) for n, s in shapes.items()}
+        folder = tmp_path / f"model{index}"
+        folder.mkdir()
+        save_file(tensors, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"model_type": "synthetic"}))
+        folders.append(folder)
+    recipe = write_recipe(
+        {
+            "merge_method": method,
+            "base_model": str(folders[0]),
+            "models": [{"model": str(f)} for f in folders[1:]],
+            "parameters": PARAMETERS[method],
+        }
+    )
+    run_merge(recipe, tmp_path / "cpu", MergeOptions(device="cpu"))
+    run_merge(recipe, tmp_path / "cuda", MergeOptions(device=DEVICE))
+    cpu = load_file(tmp_path / "cpu" / "model.safetensors")
+    cuda = load_file(tmp_path / "cuda" / "model.safetensors")
+    assert cpu.keys() == cuda.keys() == shapes.keys()
+    for name, expected in cpu.items():
+        assert cuda[name].shape == expected.shape
+        torch.testing.assert_close(cuda[name], expected, rtol=1e-6, atol=1e-7)
