@@ -252,30 +252,8 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> Non
         raise PlanError(report.problems)
     for message in report.warnings:
         typer.echo(f"warning: {message}", err=True)
-    for ref, commit in report.inputs.items():
-        typer.echo(f"{ref}: commit {commit}")
-    width = max(len(group["action"]) for group in report.groups)
-    for group in report.groups:
-        count = f" ({group['count']})" if group["count"] > 1 else ""
-        typer.echo(f"  {group['action']:<{width}}  {group['tensors']}{count}")
-    typer.echo(
-        f"{report.method}: {report.tensors} tensors ({report.merged} merged, "
-        f"{report.copied} copied) into {report.shards} shard(s), "
-        f"{human_size(report.output_bytes)} out; {human_size(report.download_bytes)} to download; "
-        f"peak working memory about {human_size(report.working_memory_bytes)} on {report.device} "
-        "beyond the runtime"
-        + (
-            f" ({human_size(report.available_memory_bytes)} available)"
-            if report.available_memory_bytes is not None
-            else ""
-        )
-    )
-    for entry in report.disk:
-        typer.echo(
-            f"disk: {' and '.join(entry['holds'])} "
-            f"need{'s' if len(entry['holds']) == 1 else ''} {human_size(entry['needed_bytes'])} on "
-            f"{entry['path']}, {human_size(entry['free_bytes'])} free"
-        )
+    for line in report.summary_lines():
+        typer.echo(line)
     typer.echo(
         "the merge can run; nothing downloaded, nothing written" + (" (dry run)" if out else "")
     )

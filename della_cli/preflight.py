@@ -52,6 +52,35 @@ class PlanReport:
     def to_dict(self) -> dict:
         return {**asdict(self), "can_run": self.can_run}
 
+    def summary_lines(self) -> list[str]:
+        """The human form of a plan that can run: pinned inputs, tensor groups, sizes, disk."""
+        lines: list[str] = []
+        for ref, commit in self.inputs.items():
+            lines.append(f"{ref}: commit {commit}")
+        width = max((len(group["action"]) for group in self.groups), default=0)
+        for group in self.groups:
+            count = f" ({group['count']})" if group["count"] > 1 else ""
+            lines.append(f"  {group['action']:<{width}}  {group['tensors']}{count}")
+        lines.append(
+            f"{self.method}: {self.tensors} tensors ({self.merged} merged, "
+            f"{self.copied} copied) into {self.shards} shard(s), "
+            f"{human_size(self.output_bytes)} out; {human_size(self.download_bytes)} to download; "
+            f"peak working memory about {human_size(self.working_memory_bytes)} on {self.device} "
+            "beyond the runtime"
+            + (
+                f" ({human_size(self.available_memory_bytes)} available)"
+                if self.available_memory_bytes is not None
+                else ""
+            )
+        )
+        for entry in self.disk:
+            verb = "needs" if len(entry["holds"]) == 1 else "need"
+            lines.append(
+                f"disk: {' and '.join(entry['holds'])} {verb} {human_size(entry['needed_bytes'])} "
+                f"on {entry['path']}, {human_size(entry['free_bytes'])} free"
+            )
+        return lines
+
 
 def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
     """Plan the merge of ``recipe_path`` into ``out`` (None: only the plan, disk checked in
