@@ -83,3 +83,27 @@ def fake_hub(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     yield hub
     hub.stop()
+
+
+@pytest.fixture
+def tensor_models(tmp_path) -> Callable[..., list[Path]]:
+    """Model folders of bare tensors (no transformers architecture): ``count`` folders with
+    the given ``shapes``, seeded random values of ``dtype``, and a minimal config."""
+    from safetensors.torch import save_file
+
+    def build(shapes: dict, count: int = 3, dtype: torch.dtype = torch.float32) -> list[Path]:
+        folders = []
+        for index in range(count):
+            generator = torch.Generator().manual_seed(index)
+            tensors = {
+                name: torch.randn(shape, generator=generator).to(dtype)
+                for name, shape in shapes.items()
+            }
+            folder = tmp_path / f"model{index}"
+            folder.mkdir()
+            save_file(tensors, folder / "model.safetensors")
+            (folder / "config.json").write_text(json.dumps({"model_type": "synthetic"}))
+            folders.append(folder)
+        return folders
+
+    return build

@@ -127,24 +127,12 @@ def test_plan_on_cuda_measures_the_device_and_refuses_what_cannot_fit(
 
 
 @pytest.mark.parametrize("method", ["della", "ties", "task_arithmetic"])
-def test_cuda_merges_degenerate_shapes_like_the_cpu(method, write_recipe, tmp_path):
+def test_cuda_merges_degenerate_shapes_like_the_cpu(method, tensor_models, write_recipe, tmp_path):
     """Empty, scalar, one-entry and one-column tensors on the device."""
-    import json
-
-    from safetensors.torch import save_file
-
     shapes = {"empty": (0, 8), "column": (16, 1), "rows": (4, 32)}
     if method != "ties":  # a trim of one entry keeps none: refused by the plan
         shapes.update(scalar=(), one=(1,))
-    folders = []
-    for index in range(3):
-        generator = torch.Generator().manual_seed(index)
-        tensors = {n: torch.randn(s, generator=generator) for n, s in shapes.items()}
-        folder = tmp_path / f"model{index}"
-        folder.mkdir()
-        save_file(tensors, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps({"model_type": "synthetic"}))
-        folders.append(folder)
+    folders = tensor_models(shapes)
     recipe = write_recipe(
         {
             "merge_method": method,

@@ -154,28 +154,16 @@ def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(
 
 @pytest.mark.parametrize("method", sorted(METHOD_PARAMETERS))
 def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
-    method, write_recipe, tmp_path, monkeypatch
+    method, tensor_models, write_recipe, tmp_path, monkeypatch
 ):
     """Degenerate shapes real checkpoints carry (an empty buffer, a scalar, rows of one)."""
-    import json
-
-    from safetensors.torch import save_file
-
     from della_cli.api import run_merge
     from della_cli.methods import cpu_kernels
 
     shapes = {"empty": (0, 8), "scalar": (), "column": (16, 1), "one": (1,), "rows": (4, 32)}
     if method.startswith(("ties", "breadcrumbs")):  # a trim of one entry keeps none: refused
         del shapes["scalar"], shapes["one"]
-    folders = []
-    for index in range(3):
-        generator = torch.Generator().manual_seed(index)
-        tensors = {n: torch.randn(s, generator=generator).bfloat16() for n, s in shapes.items()}
-        folder = tmp_path / f"model{index}"
-        folder.mkdir()
-        save_file(tensors, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps({"model_type": "synthetic"}))
-        folders.append(folder)
+    folders = tensor_models(shapes, dtype=torch.bfloat16)
     recipe_path = write_recipe(
         {
             "merge_method": method,
