@@ -31,15 +31,6 @@ def available() -> bool:
 
 if numba is not None:
 
-    @numba.njit(cache=True, inline="always")
-    def _avalanche(x):
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & np.uint64(_MASK32)
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & np.uint64(_MASK32)
-        x ^= x >> np.uint64(16)
-        return x
-
     @numba.njit(cache=True)
     def _stable_ranks(keys, ranks, keys_a, keys_b, index_a, index_b, counts):
         """Ascending rank of each key, equal keys in position order: an LSD radix sort over
@@ -84,43 +75,76 @@ if numba is not None:
         for j in range(n):
             ranks[source_index[j]] = j
 
-    @numba.njit(parallel=True, cache=True)
-    def _sparsify_rows(
-        delta, out, ranked, low_prob, two_epsilon, multiplier, offset, round_key, start, rescale
-    ):
-        rows, n = delta.shape
-        denominator = np.float32(max(n - 1, 1))
+    @numba.njit(cache=True, inline="always")
+    def _avalanche32(x):
+        x = np.uint32(x ^ (x >> np.uint32(16)))
+        x = np.uint32(x * np.uint32(0x7FEB352D))
+        x = np.uint32(x ^ (x >> np.uint32(15)))
+        x = np.uint32(x * np.uint32(0x846CA68B))
+        return np.uint32(x ^ (x >> np.uint32(16)))
+
+    @numba.njit(cache=True)
+    def _row_draws(first, n, key):
+        """``randomness.uniform_from_key`` at flat indices ``first`` .. ``first + n - 1``, in
+        32-bit lanes. The index's high word is the same across a row unless its low word wraps,
+        so its term is hoisted and the loop vectorizes; a row that wraps takes the plain loop."""
+        multiplier, offset, round_key = key[0], key[1], key[2]
+        golden = np.uint32(0x9E3779B9)
+        draws = np.empty(n, dtype=np.float32)
         scale = np.float32(2.0**-24)
-        for row in numba.prange(rows):
-            values = delta[row]
-            ranks = np.zeros(n, dtype=np.int64)
-            if ranked:
-                keys = np.empty(n, dtype=np.uint32)
-                bits = values.view(np.uint32)
-                for i in range(n):
-                    keys[i] = bits[i] & np.uint32(0x7FFFFFFF)  # |δ| sorts as its bits
-                keys_a = np.empty(n, dtype=np.uint32)
-                keys_b = np.empty(n, dtype=np.uint32)
-                index_a = np.empty(n, dtype=np.int32)
-                index_b = np.empty(n, dtype=np.int32)
-                counts = np.empty((4, 256), dtype=np.int64)
-                _stable_ranks(keys, ranks, keys_a, keys_b, index_a, index_b, counts)
-            base_index = start + row * n
+        if (first & _MASK32) + n <= _MASK32 + 1:
+            low = np.uint32(first & _MASK32)
+            high_term = np.uint32(np.uint32(first >> 32) * golden)
             for i in range(n):
-                keep_prob = low_prob
-                if ranked:
-                    # k = (rank / (n - 1)) * 2ε + (d - ε), each step rounded to float32 as torch
-                    keep_prob = (np.float32(ranks[i]) / denominator) * two_epsilon + low_prob
-                index = np.uint64(base_index + i)
-                x = ((index & np.uint64(_MASK32)) * multiplier + offset) & np.uint64(_MASK32)
-                x = (x + (index >> np.uint64(32)) * np.uint64(0x9E3779B9)) & np.uint64(_MASK32)
-                x = _avalanche(_avalanche(x) ^ round_key)
-                draw = np.float32(x >> np.uint64(8)) * scale
-                kept = np.float32(1.0) if draw < keep_prob else np.float32(0.0)
-                if rescale:
-                    out[row, i] = (values[i] / keep_prob) * kept
-                else:
-                    out[row, i] = values[i] * kept
+                x = np.uint32(np.uint32(np.uint32(low + np.uint32(i)) * multiplier) + offset)
+                x = _avalanche32(np.uint32(_avalanche32(np.uint32(x + high_term)) ^ round_key))
+                draws[i] = np.float32(x >> np.uint32(8)) * scale
+        else:
+            for i in range(n):
+                index = first + i
+                x = np.uint32(np.uint32(np.uint32(index & _MASK32) * multiplier) + offset)
+                x = np.uint32(x + np.uint32(np.uint32(index >> 32) * golden))
+                x = _avalanche32(np.uint32(_avalanche32(x) ^ round_key))
+                draws[i] = np.float32(x >> np.uint32(8)) * scale
+        return draws
+
+    @numba.njit(cache=True)
+    def random_drop(values, ranked, density, low_prob, two_epsilon, key, first, rescale):
+        """DARE (constant ``density``) or MAGPRUNE (probability from the stable magnitude
+        rank) on one row of float32 task-vector entries, in place, with the draws of
+        ``randomness.uniform_from_key`` from flat index ``first``: the torch path's bytes."""
+        n = values.shape[0]
+        draws = _row_draws(first, n, key)
+        if not ranked:
+            for i in range(n):
+                kept = np.float32(1.0) if draws[i] < density else np.float32(0.0)
+                values[i] = ((values[i] / density) if rescale else values[i]) * kept
+            return
+        ranks = np.empty(n, dtype=np.int64)
+        keys = values.view(np.uint32) & np.uint32(0x7FFFFFFF)  # |δ| sorts as its bits
+        _stable_ranks(
+            keys,
+            ranks,
+            np.empty(n, dtype=np.uint32),
+            np.empty(n, dtype=np.uint32),
+            np.empty(n, dtype=np.int32),
+            np.empty(n, dtype=np.int32),
+            np.empty((4, 256), dtype=np.int64),
+        )
+        denominator = np.float32(max(n - 1, 1))
+        for i in range(n):
+            keep_prob = (np.float32(ranks[i]) / denominator) * two_epsilon + low_prob
+            kept = np.float32(1.0) if draws[i] < keep_prob else np.float32(0.0)
+            values[i] = ((values[i] / keep_prob) if rescale else values[i]) * kept
+
+    @numba.njit(parallel=True, cache=True)
+    def _sparsify_rows(delta, out, ranked, density, low_prob, two_epsilon, key, start, rescale):
+        rows, n = delta.shape
+        for row in numba.prange(rows):
+            out[row, :] = delta[row]
+            random_drop(
+                out[row], ranked, density, low_prob, two_epsilon, key, start + row * n, rescale
+            )
 
     @numba.njit(parallel=True, cache=True)
     def _rank_at_least(values, min_rank, keep, chunks):
@@ -281,17 +305,14 @@ def random_sparsify(
     values = delta_rows.contiguous().numpy()
     out = np.empty_like(values)
     ranked = epsilon is not None
-    low_prob = density - epsilon if ranked else density
-    multiplier, offset, round_key = (np.uint64(w & _MASK32) for w in key_words)
     _sparsify_rows(
         values,
         out,
         ranked,
-        np.float32(low_prob),
+        np.float32(density),
+        np.float32(density - epsilon if ranked else density),
         np.float32(2.0 * epsilon if ranked else 0.0),
-        multiplier,
-        offset,
-        round_key,
+        np.array([w & _MASK32 for w in key_words], dtype=np.uint32),
         start,
         rescale,
     )

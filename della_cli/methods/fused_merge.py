@@ -165,67 +165,6 @@ if numba is not None:
                 return True
         return False
 
-    @numba.njit(cache=True, inline="always")
-    def _avalanche32(x):
-        x = np.uint32(x ^ (x >> np.uint32(16)))
-        x = np.uint32(x * np.uint32(0x7FEB352D))
-        x = np.uint32(x ^ (x >> np.uint32(15)))
-        x = np.uint32(x * np.uint32(0x846CA68B))
-        return np.uint32(x ^ (x >> np.uint32(16)))
-
-    @numba.njit(cache=True)
-    def _row_draws(first, n, key):
-        """``randomness.uniform_from_key`` at flat indices ``first`` .. ``first + n - 1``, in
-        32-bit lanes. The index's high word is the same across a row unless its low word wraps,
-        so its term is hoisted and the loop vectorizes; a row that wraps takes the plain loop."""
-        multiplier, offset, round_key = key[0], key[1], key[2]
-        golden = np.uint32(0x9E3779B9)
-        draws = np.empty(n, dtype=np.float32)
-        scale = np.float32(2.0**-24)
-        if (first & _MASK32) + n <= _MASK32 + 1:
-            low = np.uint32(first & _MASK32)
-            high_term = np.uint32(np.uint32(first >> 32) * golden)
-            for i in range(n):
-                x = np.uint32(np.uint32(np.uint32(low + np.uint32(i)) * multiplier) + offset)
-                x = _avalanche32(np.uint32(_avalanche32(np.uint32(x + high_term)) ^ round_key))
-                draws[i] = np.float32(x >> np.uint32(8)) * scale
-        else:
-            for i in range(n):
-                index = first + i
-                x = np.uint32(np.uint32(np.uint32(index & _MASK32) * multiplier) + offset)
-                x = np.uint32(x + np.uint32(np.uint32(index >> 32) * golden))
-                x = _avalanche32(np.uint32(_avalanche32(x) ^ round_key))
-                draws[i] = np.float32(x >> np.uint32(8)) * scale
-        return draws
-
-    @numba.njit(cache=True)
-    def _random_drop(values, ranked, density, low_prob, two_epsilon, key, first, rescale):
-        """DARE (constant ``density``) or MAGPRUNE (probability from the stable magnitude
-        rank) on one row, in place, as ``cpu_kernels._sparsify_rows`` computes it."""
-        n = values.shape[0]
-        draws = _row_draws(first, n, key)
-        if not ranked:
-            for i in range(n):
-                kept = np.float32(1.0) if draws[i] < density else np.float32(0.0)
-                values[i] = ((values[i] / density) if rescale else values[i]) * kept
-            return
-        ranks = np.empty(n, dtype=np.int64)
-        keys = values.view(np.uint32) & np.uint32(0x7FFFFFFF)  # |δ| sorts as its bits
-        cpu_kernels._stable_ranks(
-            keys,
-            ranks,
-            np.empty(n, dtype=np.uint32),
-            np.empty(n, dtype=np.uint32),
-            np.empty(n, dtype=np.int32),
-            np.empty(n, dtype=np.int32),
-            np.empty((4, 256), dtype=np.int64),
-        )
-        denominator = np.float32(max(n - 1, 1))
-        for i in range(n):
-            keep_prob = (np.float32(ranks[i]) / denominator) * two_epsilon + low_prob
-            kept = np.float32(1.0) if draws[i] < keep_prob else np.float32(0.0)
-            values[i] = ((values[i] / keep_prob) if rescale else values[i]) * kept
-
     @numba.njit(cache=True)
     def _fuse_row(vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas):
         """Elect, fuse, scale and add one row, as ``cpu_kernels._fuse_into_base`` does per
@@ -303,7 +242,7 @@ if numba is not None:
                         vector[i] = vector[i] - reference[i]
                 mode = modes[t]
                 if RANDOM <= mode <= MAGPRUNE:  # the random drops
-                    _random_drop(
+                    cpu_kernels.random_drop(
                         vector,
                         mode == MAGPRUNE,
                         densities[t],
