@@ -196,34 +196,45 @@ class MergeEngine:
         source = job.reference
         if source.rows is None:
             return self.read_rows(source, start, stop)
-        if len(job.shape) <= 1:  # a 1-D vocabulary tensor (an lm_head bias) is one row
-            own = self.read(source)[: job.shape[0]]
-            parts = [own]
-            if source.fill is not None and own.shape[0] < job.shape[0]:
-                parts.append(self.read(source.fill)[own.shape[0] : job.shape[0]])
-            return torch.cat(parts).reshape(1, -1)
-        have = min(source.rows, stop)
-        parts = [self.read_rows(source, start, have)] if start < have else []
-        if stop > have:
-            parts.append(self.read_rows(source.fill, max(start, have), stop))
-        return torch.cat(parts)
+        return self.fitted_rows(job, source, start, stop, source.fill)
 
     def read_expert_rows(self, job: TensorJob, source: Source, start: int, stop: int):
         """An expert's rows, fitted to the reference's vocabulary: extra rows are cropped, and
         rows it lacks are the reference's own (a zero delta), in the compute dtype."""
         if source.rows is None:
             return self.read_rows(source, start, stop)
-        if len(job.shape) <= 1:  # a 1-D vocabulary tensor (an lm_head bias) is one row
-            tensor = self.read(source)
-            reference = self.read_reference_rows(job, 0, 1).reshape(-1)
-            kept = min(tensor.shape[0], reference.shape[0])
-            parts = [tensor[:kept], reference[kept:]]
-            return torch.cat([p.to(self.compute_dtype) for p in parts]).reshape(1, -1)
+        return self.fitted_rows(job, source, start, stop, None, self.compute_dtype)
+
+    def fitted_rows(
+        self,
+        job: TensorJob,
+        source: Source,
+        start: int,
+        stop: int,
+        fill: Source | None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of the job's shape from ``source``, which has ``source.rows``
+        rows: its own up to there, the rest from ``fill`` (None: the job's reference), each
+        part in ``dtype`` if given. A 1-D vocabulary tensor (an lm_head bias) is one row whose
+        entries are fitted instead."""
+        one_row = len(job.shape) <= 1
+        if one_row:
+            start, stop = 0, job.shape[0]
+
+        def rows_of(of: Source | None, first: int, last: int) -> torch.Tensor:
+            if of is None:
+                if one_row:
+                    return self.read_reference_rows(job, 0, 1).reshape(-1)[first:last]
+                return self.read_reference_rows(job, first, last)
+            return self.read(of)[first:last] if one_row else self.read_rows(of, first, last)
+
         have = min(source.rows, stop)
-        parts = [self.read_rows(source, start, have)] if start < have else []
+        parts = [rows_of(source, start, have)] if start < have else []
         if stop > have:
-            parts.append(self.read_reference_rows(job, max(start, have), stop))
-        return torch.cat([p.to(self.compute_dtype) for p in parts])
+            parts.append(rows_of(fill, max(start, have), stop))
+        joined = torch.cat([part.to(dtype) for part in parts] if dtype else parts)
+        return joined.reshape(1, -1) if one_row else joined
 
     def compute_block(self, task: BlockTask, loaded: list[torch.Tensor]) -> torch.Tensor:
         """The output rows of one block, on the CPU in the output dtype."""
@@ -270,8 +281,6 @@ class MergeEngine:
         plans = [self._expert_plan(job.name, source.model, n) for source in job.experts]
         if any(plan is None for plan in plans):
             return None
-        if mask_blocks is None and any(plan.mode == fused_merge.MASK for plan in plans):
-            return None
         merged, nonfinite = fused_merge.merge_block(
             loaded[0],
             loaded[1:],
@@ -314,7 +323,7 @@ class MergeEngine:
             return fused_merge.ExpertPlan(fused_merge.MASK, weight=params.weight)
         if sparsifier is Sparsifier.MAGPRUNE and n <= 1:
             return None  # a row of one entry has q = 1/2, which the torch path computes
-        key = Draws(derive_key(self.recipe.seed, name, index), 0).key_words
+        key = self.draws(name, index, 0).key_words
         mode = fused_merge.MAGPRUNE if sparsifier is Sparsifier.MAGPRUNE else fused_merge.RANDOM
         epsilon = (params.epsilon or 0.0) if mode == fused_merge.MAGPRUNE else 0.0
         return fused_merge.ExpertPlan(mode, density, epsilon, params.weight, key)
@@ -374,17 +383,16 @@ class MergeEngine:
             if params.density is None or params.density >= 1:
                 masks.append(torch.ones(expert.shape, dtype=torch.bool))
                 continue
+            gamma = None if sparsifier is Sparsifier.MAGNITUDE else (params.gamma or 0.0)
             if self.lean_selection(sparsifier, expert, reference):
-                gamma = (params.gamma or 0.0) if sparsifier is not Sparsifier.MAGNITUDE else None
                 low, high = magnitude_rank_window(expert.numel(), params.density, gamma)
                 masks.append(trim_select.window_keep_mask(expert, reference, low, high))
                 continue
             magnitude = self.task_vector_magnitude(expert, reference)
             del expert
-            if sparsifier is Sparsifier.MAGNITUDE:
+            if gamma is None:
                 masks.append(top_magnitude_mask(magnitude, params.density))
             else:
-                gamma = params.gamma or 0.0
                 masks.append(middle_magnitude_mask(magnitude, params.density, gamma))
             del magnitude
         return masks
@@ -414,12 +422,11 @@ class MergeEngine:
         flat index of the block's first element, so blocks draw what the whole tensor would."""
         if not self.recipe.method.is_random:
             return None
-        seed = self.recipe.seed
+        return lambda position: self.draws(job.name, recipe_indices[position], start)
 
-        def draw(position: int) -> Draws:
-            return Draws(derive_key(seed, job.name, recipe_indices[position]), start)
-
-        return draw
+    def draws(self, name: str, index: int, start: int) -> Draws:
+        """The draws of recipe model ``index`` on tensor ``name`` from flat index ``start``."""
+        return Draws(derive_key(self.recipe.seed, name, index), start)
 
     def warn_if_experts_differ(self, job: TensorJob, reference: torch.Tensor) -> None:
         """Non-floating tensors (buffers, masks) are copied from the reference; say so if an
