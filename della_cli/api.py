@@ -158,15 +158,20 @@ def prepare(
     when given) and plan: everything short of reading tensor data."""
     recipe = read_recipe(recipe_path, options)
     inputs = open_inputs(recipe, options.progress, pins=pins, allow_pickle=options.allow_pickle)
-    reference = inputs.base or inputs.experts[0]
-    tokenizer = tokenizer_reader(recipe, inputs)
-    # Refuse files that escape their folders before merging.
-    metadata_files(reference.folder, reference.root, GENERATION_PATTERNS)
-    metadata_files(tokenizer.folder, tokenizer.root, TOKENIZER_PATTERNS)
+    check_metadata_files(recipe, inputs)
     plan = build_plan(
         recipe, inputs.base, inputs.experts, options.out_shard_bytes, strict=options.strict
     )
     return recipe, inputs, plan
+
+
+def check_metadata_files(recipe: Recipe, inputs: MergeInputs) -> None:
+    """Refuse generation-config and tokenizer files that escape their folders, before
+    anything is merged."""
+    reference = inputs.base or inputs.experts[0]
+    tokenizer = tokenizer_reader(recipe, inputs)
+    metadata_files(reference.folder, reference.root, GENERATION_PATTERNS)
+    metadata_files(tokenizer.folder, tokenizer.root, TOKENIZER_PATTERNS)
 
 
 def run_merge(
@@ -178,14 +183,22 @@ def run_merge(
     on_warning: WarningCallback | None = None,
 ) -> MergeReport:
     """Merge as the recipe says into ``out``, which appears only once complete."""
-    from della_cli.preflight import plan_merge
+    from della_cli.preflight import assess
 
     started = time.perf_counter()
     # Everything is checked from headers (Hub models' read remotely) before any download.
-    preflight = plan_merge(recipe_path, out, options)
+    recipe = read_recipe(recipe_path, options)
+    headers = open_inputs(
+        recipe, options.progress, weights=False, allow_pickle=options.allow_pickle
+    )
+    preflight, plan = assess(recipe, headers, out, options)
     if not preflight.can_run:
         raise PlanError(preflight.problems)
-    recipe, inputs, plan = prepare(recipe_path, options, preflight.inputs)
+    if preflight.inputs:  # Hub models: download their weights at the commits planned
+        recipe, inputs, plan = prepare(recipe_path, options, preflight.inputs)
+    else:  # local models only: their readers already hold everything the merge reads
+        inputs = headers
+        check_metadata_files(recipe, inputs)
     device = select_device(options.device)
     reference = inputs.base or inputs.experts[0]
     input_folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]

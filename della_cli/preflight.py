@@ -85,12 +85,21 @@ class PlanReport:
 def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
     """Plan the merge of ``recipe_path`` into ``out`` (None: only the plan, disk checked in
     the working directory) without downloading or writing anything."""
-    from della_cli.api import open_inputs, read_recipe, select_device
-    from della_cli.engine import WHOLE_TENSOR_SPARSIFIERS, block_elements_for
-    from della_cli.io.output import check_destination
+    from della_cli.api import open_inputs, read_recipe
 
     recipe = read_recipe(recipe_path, options)
     inputs = open_inputs(recipe, options.progress, weights=False, allow_pickle=options.allow_pickle)
+    report, _ = assess(recipe, inputs, out, options)
+    return report
+
+
+def assess(recipe, inputs, out: Path | None, options) -> tuple[PlanReport, Plan | None]:
+    """The plan report of ``recipe`` over inputs opened with or without their weights, and
+    the plan itself (None when the tensors cannot be merged)."""
+    from della_cli.api import select_device
+    from della_cli.engine import WHOLE_TENSOR_SPARSIFIERS, block_elements_for
+    from della_cli.io.output import check_destination
+
     if out is not None:
         folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
         check_destination(out, options.overwrite, folders)
@@ -104,14 +113,14 @@ def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
         )
     except PlanError as error:
         report.problems = list(error.problems)
-        return report
+        return report, None
     whole = recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
     _describe_plan(report, plan, recipe.model_refs)
     report.working_memory_bytes = plan.working_memory_bytes(block_elements_for(device), whole)
     report.available_memory_bytes = available_memory(device)
     report.disk = disk_needs(out or Path.cwd(), plan.output_bytes, report.download_bytes)
     report.problems = fit_problems(report)
-    return report
+    return report, plan
 
 
 def architecture_warnings(inputs) -> list[str]:
