@@ -58,6 +58,15 @@ def supports(expert: torch.Tensor, base: torch.Tensor) -> bool:
 if numba is not None:
 
     @numba.njit(cache=True)
+    def _scratch():
+        """Per-thread buffers for ``_keys``: the widened inputs and the keys of one chunk."""
+        return (
+            np.empty(_CHUNK, dtype=np.float32),
+            np.empty(_CHUNK, dtype=np.float32),
+            np.empty(_CHUNK, dtype=np.uint32),
+        )
+
+    @numba.njit(cache=True)
     def _keys(expert, base, start, stop, scratch_expert, scratch_base, keys):
         """|float32(expert) - float32(base)| bit patterns (sign cleared) of ``start:stop``."""
         count = stop - start
@@ -81,9 +90,7 @@ if numba is not None:
             partial = np.zeros((chunks, 2, 256), dtype=np.int64)
             for chunk in numba.prange(chunks):
                 first, last = chunk * n // chunks, (chunk + 1) * n // chunks
-                scratch_expert = np.empty(_CHUNK, dtype=np.float32)
-                scratch_base = np.empty(_CHUNK, dtype=np.float32)
-                keys = np.empty(_CHUNK, dtype=np.uint32)
+                scratch_expert, scratch_base, keys = _scratch()
                 for start in range(first, last, _CHUNK):
                     stop = min(start + _CHUNK, last)
                     _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
@@ -112,9 +119,7 @@ if numba is not None:
         n = expert.shape[0]
         for chunk in numba.prange(chunks):
             first, last = chunk * n // chunks, (chunk + 1) * n // chunks
-            scratch_expert = np.empty(_CHUNK, dtype=np.float32)
-            scratch_base = np.empty(_CHUNK, dtype=np.float32)
-            keys = np.empty(_CHUNK, dtype=np.uint32)
+            scratch_expert, scratch_base, keys = _scratch()
             for start in range(first, last, _CHUNK):
                 stop = min(start + _CHUNK, last)
                 _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
@@ -122,9 +127,7 @@ if numba is not None:
                     above_low = keys[j] > pivots[0] if active[0] else True
                     above_high = keys[j] > pivots[1] if active[1] else False
                     keep[start + j] = above_low and not above_high
-        scratch_expert = np.empty(_CHUNK, dtype=np.float32)
-        scratch_base = np.empty(_CHUNK, dtype=np.float32)
-        keys = np.empty(_CHUNK, dtype=np.uint32)
+        scratch_expert, scratch_base, keys = _scratch()
         for selection in range(2):
             remaining = wanted[selection] if active[selection] else 0
             stop = n

@@ -28,6 +28,13 @@ PARAMETERS = {
 EXACT = {"della", "della_linear", "dare_ties", "dare_linear"}
 
 
+def merged_on_both_devices(recipe, tmp_path) -> tuple[dict, dict]:
+    """The tensors of ``recipe`` merged on the CPU and on the CUDA device."""
+    run_merge(recipe, tmp_path / "cpu", MergeOptions(device="cpu"))
+    run_merge(recipe, tmp_path / "cuda", MergeOptions(device=DEVICE))
+    return tuple(load_file(tmp_path / d / "model.safetensors") for d in ("cpu", "cuda"))
+
+
 @pytest.mark.parametrize("method", sorted(PARAMETERS))
 def test_cuda_merge_matches_cpu_merge(method, model_zoo, write_recipe, tmp_path):
     recipe = write_recipe(
@@ -43,10 +50,7 @@ def test_cuda_merge_matches_cpu_merge(method, model_zoo, write_recipe, tmp_path)
             "seed": 3,
         }
     )
-    run_merge(recipe, tmp_path / "cpu", MergeOptions(device="cpu"))
-    run_merge(recipe, tmp_path / "cuda", MergeOptions(device=DEVICE))
-    cpu = load_file(tmp_path / "cpu" / "model.safetensors")
-    cuda = load_file(tmp_path / "cuda" / "model.safetensors")
+    cpu, cuda = merged_on_both_devices(recipe, tmp_path)
     assert cpu.keys() == cuda.keys()
     for name, expected in cpu.items():
         if method in EXACT:
@@ -86,10 +90,7 @@ def test_cuda_matches_cpu_on_large_bfloat16_tensors(method, write_recipe, tmp_pa
             "seed": 5,
         }
     )
-    run_merge(recipe, tmp_path / "cpu", MergeOptions(device="cpu"))
-    run_merge(recipe, tmp_path / "cuda", MergeOptions(device=DEVICE))
-    cpu = load_file(tmp_path / "cpu" / "model.safetensors")
-    cuda = load_file(tmp_path / "cuda" / "model.safetensors")
+    cpu, cuda = merged_on_both_devices(recipe, tmp_path)
     assert cpu.keys() == cuda.keys() == shapes.keys()
     for name, expected in cpu.items():
         assert cuda[name].dtype == torch.bfloat16
@@ -141,10 +142,7 @@ def test_cuda_merges_degenerate_shapes_like_the_cpu(method, tensor_models, write
             "parameters": PARAMETERS[method],
         }
     )
-    run_merge(recipe, tmp_path / "cpu", MergeOptions(device="cpu"))
-    run_merge(recipe, tmp_path / "cuda", MergeOptions(device=DEVICE))
-    cpu = load_file(tmp_path / "cpu" / "model.safetensors")
-    cuda = load_file(tmp_path / "cuda" / "model.safetensors")
+    cpu, cuda = merged_on_both_devices(recipe, tmp_path)
     assert cpu.keys() == cuda.keys() == shapes.keys()
     for name, expected in cpu.items():
         assert cuda[name].shape == expected.shape
