@@ -276,8 +276,6 @@ class MergeEngine:
         if not self._fused_applies(loaded, out_dtype):
             return None
         n = loaded[0].shape[1]
-        if loaded[0].numel() == 0:
-            return None  # nothing to merge; the torch path returns the empty block
         plans = [self._expert_plan(job.name, source.model, n) for source in job.experts]
         if any(plan is None for plan in plans):
             return None
