@@ -23,6 +23,7 @@ try:
 except ImportError:  # a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from della_cli.io.dtypes import from_torch, to_torch
 from della_cli.methods import METHODS, Rescale, cpu_kernels, fused_merge, merge_tensor
 from della_cli.methods.parameters import ExpertParams, GlobalParams
 from della_cli.methods.randomness import Draws, derive_key
@@ -62,6 +63,7 @@ def stepwise(method, base, experts, masks):
 
 
 def whole_block(method, base, experts, masks):
+    """The compiled pass, on the arrays the engine hands it (the tensors' memory)."""
     spec = METHODS[method]
     mode, params = CASES[method]
     plans = [
@@ -75,19 +77,19 @@ def whole_block(method, base, experts, masks):
         for i in range(EXPERTS)
     ]
     merged, _ = fused_merge.merge_block(
-        base,
-        experts,
+        from_torch(base),
+        [from_torch(e) for e in experts],
         plans,
-        masks,
+        None if masks is None else [from_torch(m) for m in masks],
         start=0,
         rescale=True,
         on_deltas=True,
         consensus=spec.sign_consensus,
         normalize=spec.normalize_default,
         lambda_=1.0,
-        out_dtype=torch.bfloat16,
+        out_dtype=from_torch(base).dtype,
     )
-    return merged
+    return to_torch(merged)
 
 
 def timed(function, repeats: int) -> float:

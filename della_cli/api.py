@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,6 @@ from della_cli.io.metadata import (
     write_config,
 )
 from della_cli.io.output import check_destination, staged_folder
-from della_cli.io.pickle_reader import PickleModelReader, has_only_pickle_weights
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
 from della_cli.plan import Plan, build_plan
@@ -98,8 +98,11 @@ def open_inputs(
         if not isinstance(where, HubRef):
             if not where.exists():
                 raise ModelError(f"model '{ref}': {where} does not exist")
-            if allow_pickle and where.is_dir() and has_only_pickle_weights(where):
-                return PickleModelReader(where, ref)
+            if allow_pickle and where.is_dir():
+                from della_cli.io import pickle_reader  # imports torch, whose loader it uses
+
+                if pickle_reader.has_only_pickle_weights(where):
+                    return pickle_reader.PickleModelReader(where, ref)
             return ModelReader(where, ref)
         commit = (pins or {}).get(ref)
         resolved = resolve_model(where, weights=weights, progress=progress, commit=commit)
@@ -124,26 +127,38 @@ def tokenizer_reader(recipe: Recipe, inputs: MergeInputs) -> ModelReader:
     return inputs.base or inputs.experts[0]
 
 
-def select_device(name: str):
-    """``auto`` is CUDA when available; an explicit CUDA device must exist."""
+_DEVICE_NAME = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+def select_device(name: str) -> str:
+    """The device to merge on, as torch names it: ``auto`` is CUDA when available; an explicit
+    CUDA device must exist. A CPU merge never imports torch (see ``io.dtypes``): ``auto`` looks
+    for NVIDIA device files before asking torch."""
+    if name == "auto":
+        return "cuda" if _nvidia_device_files() and _cuda_device_count() else "cpu"
+    match = _DEVICE_NAME.fullmatch(name)
+    if match is None:
+        raise UsageError(f"--device: '{name}' is not a device; use auto, cpu, cuda or cuda:N")
+    if match.group(1) == "cpu":
+        if match.group(2):
+            raise UsageError(f"--device: '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+        return name
+    count = _cuda_device_count()
+    if count == 0:
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if match.group(2) and int(match.group(2)[1:]) >= count:
+        raise UsageError(f"--device {name}: only {count} CUDA device(s)")
+    return name
+
+
+def _nvidia_device_files() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/proc/driver/nvidia").exists()
+
+
+def _cuda_device_count() -> int:
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(
-            f"--device: '{name}' is not a device; use auto, cpu, cuda or cuda:N"
-        ) from error
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device: '{name}' is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def read_recipe(recipe_path: Path, options: MergeOptions) -> Recipe:

@@ -3,6 +3,10 @@
 Tensors are merged in blocks of rows, so memory is bounded by a few blocks (plus, for trim
 methods, one tensor at a time; see ``Plan.working_memory_bytes``), never by the model's size.
 The engine never prints: progress and warnings go to callbacks.
+
+Blocks are numpy arrays of the stored dtypes (``io.dtypes``). On the CPU the compiled pass
+(``methods.fused_merge``) merges them as they are, and torch is never imported; the other cases
+go through ``torch_path``, imported the first time a block needs it.
 """
 
 from __future__ import annotations
@@ -12,29 +16,22 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from della_cli.errors import ModelError
-from della_cli.io.dtypes import TORCH_DTYPES
+from della_cli.io.dtypes import NUMPY_DTYPES, cast, from_torch
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import (
-    Rescale,
-    Sparsifier,
-    cpu_kernels,
-    fused_merge,
-    merge_tensor,
-    trim_select,
-)
+from della_cli.methods import Rescale, Sparsifier, fused_merge, trim_select
+from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import Draws, derive_key
-from della_cli.methods.sparsify import (
-    magnitude_rank_window,
-    middle_magnitude_mask,
-    top_magnitude_mask,
-)
 from della_cli.plan import BASE, Plan, Source, TensorJob
 from della_cli.recipe import Recipe
+
+if TYPE_CHECKING:
+    from della_cli.torch_path import Mask, TorchPath
 
 # Elements merged at a time. On the CPU 4M (16 MiB per float32 temporary) amortizes the cost
 # of each torch call and larger blocks gain nothing (measured: 1M and 4M equal, 256K 15%
@@ -43,14 +40,12 @@ CPU_BLOCK_ELEMENTS = 1 << 22
 CUDA_BLOCK_ELEMENTS = 1 << 26
 DEFAULT_BLOCK_ELEMENTS = CPU_BLOCK_ELEMENTS
 MAX_WRITES_IN_FLIGHT = 2
-# TIES selects from the inputs as stored (no float32 |δ| of the whole tensor) from this size.
-LEAN_SELECTION_ELEMENTS = 1 << 24
 # Sparsifiers that select over a whole tensor before it can be merged in blocks.
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
 
-def block_elements_for(device: torch.device) -> int:
-    return CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS
+def block_elements_for(device: str) -> int:
+    return CUDA_BLOCK_ELEMENTS if device.startswith("cuda") else CPU_BLOCK_ELEMENTS
 
 
 ProgressCallback = Callable[[TensorJob], None]
@@ -99,7 +94,7 @@ class MergeEngine:
         recipe: Recipe,
         plan: Plan,
         inputs: MergeInputs,
-        device: torch.device,
+        device: str,
         on_progress: ProgressCallback | None = None,
         on_warning: WarningCallback | None = None,
         block_elements: int | None = None,
@@ -109,17 +104,27 @@ class MergeEngine:
         self.recipe = recipe
         self.plan = plan
         self.inputs = inputs
-        self.device = device
-        self.compute_dtype = TORCH_DTYPES[plan.compute_dtype]
+        self.device = str(device)  # "cpu", "cuda" or "cuda:N" (a torch.device is accepted)
+        self.on_cpu = self.device == "cpu"
         self.on_progress = on_progress or (lambda job: None)
         self.on_warning = on_warning or (lambda message: None)
-        self.block_elements = block_elements or block_elements_for(device)
+        self.block_elements = block_elements or block_elements_for(self.device)
         # The compiled whole-merge pass (same bytes as the torch path; off for comparisons).
         self.fused_kernels = fused_kernels
         self.global_params = recipe.global_params()
         self.strict = strict
-        self._masks: dict[str, list[torch.Tensor] | None] = {}
+        self._masks: dict[str, list[Mask] | None] = {}
         self._reported_nonfinite: set[tuple[int, str]] = set()
+        self._torch_path: TorchPath | None = None
+
+    @property
+    def torch_path(self) -> TorchPath:
+        """The torch path, made (and torch imported) the first time a block needs it."""
+        if self._torch_path is None:
+            from della_cli.torch_path import TorchPath
+
+            self._torch_path = TorchPath(self.device, self.plan.compute_dtype)
+        return self._torch_path
 
     def run(self, writer: ShardWriter, start: int = 0) -> None:
         """Compute and write the jobs from position ``start`` on (later ones on resume)."""
@@ -142,15 +147,15 @@ class MergeEngine:
             for future in in_flight:
                 future.result()
 
-    def _write(self, writer: ShardWriter, task: BlockTask, chunk: torch.Tensor) -> None:
+    def _write(self, writer: ShardWriter, task: BlockTask, chunk: np.ndarray) -> None:
         writer.write_part(task.job.name, chunk)
         if task.last:
             self.on_progress(task.job)
 
-    def compute(self, job: TensorJob) -> torch.Tensor:
-        """One job's whole output tensor, on the CPU in its output dtype (blocks joined)."""
+    def compute(self, job: TensorJob) -> np.ndarray:
+        """One job's whole output tensor, in its output dtype (blocks joined)."""
         chunks = [self.compute_block(task, self.load(task)) for task in self.block_tasks(job)]
-        return torch.cat([chunk.reshape(-1) for chunk in chunks]).reshape(job.shape)
+        return np.concatenate([chunk.reshape(-1) for chunk in chunks]).reshape(job.shape)
 
     def block_tasks(self, job: TensorJob) -> list[BlockTask]:
         blocks = self.row_blocks(job) if job.action == "merge" else [(0, 1)]
@@ -170,7 +175,7 @@ class MergeEngine:
         step = max(1, self.block_elements // max(row_length, 1))
         return [(r, min(r + step, total_rows)) for r in range(0, total_rows, step)]
 
-    def load(self, task: BlockTask) -> list[torch.Tensor]:
+    def load(self, task: BlockTask) -> list[np.ndarray]:
         """The raw rows of a block (reference first, then each expert), as stored."""
         job = task.job
         if job.action == "copy":
@@ -182,14 +187,14 @@ class MergeEngine:
         experts = [self.read_expert_rows(job, s, task.start, task.stop) for s in job.experts]
         return [reference, *experts]
 
-    def read(self, source: Source) -> torch.Tensor:
-        """One input tensor, as stored, on the CPU."""
+    def read(self, source: Source) -> np.ndarray:
+        """One input tensor, as stored."""
         return self.inputs.reader(source.model).read(source.tensor)
 
-    def read_rows(self, source: Source, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, source: Source, start: int, stop: int) -> np.ndarray:
         return self.inputs.reader(source.model).read_rows(source.tensor, start, stop)
 
-    def read_reference_rows(self, job: TensorJob, start: int, stop: int) -> torch.Tensor:
+    def read_reference_rows(self, job: TensorJob, start: int, stop: int) -> np.ndarray:
         """The reference's rows, fitted to the job's shape when ``tokenizer_source`` changed the
         vocabulary: rows past the job's are not read, and rows past the reference's own come
         from its ``fill`` source."""
@@ -203,7 +208,7 @@ class MergeEngine:
         rows it lacks are the reference's own (a zero delta), in the compute dtype."""
         if source.rows is None:
             return self.read_rows(source, start, stop)
-        return self.fitted_rows(job, source, start, stop, None, self.compute_dtype)
+        return self.fitted_rows(job, source, start, stop, None, self.plan.compute_dtype)
 
     def fitted_rows(
         self,
@@ -212,8 +217,8 @@ class MergeEngine:
         start: int,
         stop: int,
         fill: Source | None,
-        dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
+        dtype: str | None = None,
+    ) -> np.ndarray:
         """Rows ``start:stop`` of the job's shape from ``source``, which has ``source.rows``
         rows: its own up to there, the rest from ``fill`` (None: the job's reference), each
         part in ``dtype`` if given. A 1-D vocabulary tensor (an lm_head bias) is one row whose
@@ -222,7 +227,7 @@ class MergeEngine:
         if one_row:
             start, stop = 0, job.shape[0]
 
-        def rows_of(of: Source | None, first: int, last: int) -> torch.Tensor:
+        def rows_of(of: Source | None, first: int, last: int) -> np.ndarray:
             if of is None:
                 if one_row:
                     return self.read_reference_rows(job, 0, 1).reshape(-1)[first:last]
@@ -233,16 +238,15 @@ class MergeEngine:
         parts = [rows_of(source, start, have)] if start < have else []
         if stop > have:
             parts.append(rows_of(fill, max(start, have), stop))
-        joined = torch.cat([part.to(dtype) for part in parts] if dtype else parts)
+        joined = np.concatenate([cast(part, dtype) for part in parts] if dtype else parts)
         return joined.reshape(1, -1) if one_row else joined
 
-    def compute_block(self, task: BlockTask, loaded: list[torch.Tensor]) -> torch.Tensor:
-        """The output rows of one block, on the CPU in the output dtype."""
+    def compute_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray:
+        """The output rows of one block, in the output dtype."""
         job = task.job
-        out_dtype = TORCH_DTYPES[job.out_dtype]
         if job.action == "copy":
             self.warn_if_experts_differ(job, loaded[0])
-            return loaded[0].to(out_dtype)
+            return cast(loaded[0], job.out_dtype)
         if task.start == 0:
             self._masks[job.name] = self.global_keep_masks(job)
         masks = self._masks[job.name]
@@ -252,33 +256,38 @@ class MergeEngine:
         fused = self.fused_block(task, loaded, mask_blocks)
         if fused is not None:
             return fused
-        base, *models = (self.to_device(raw) for raw in loaded)
-        self.check_finite([job.reference, *job.experts], [base, *models])
+        path = self.torch_path
+        base, *models = path.inputs(loaded)
+        flagged = path.nonfinite([base, *models])
+        if flagged is not None:
+            self.report_nonfinite([job.reference, *job.experts], flagged)
         recipe_indices = [source.model for source in job.experts]
-        merged = merge_tensor(
+        return path.merge(
             self.recipe.method,
             base,
             models,
             [self.recipe.expert_params(i, job.name) for i in recipe_indices],
             self.global_params,
-            uniform=self.uniform_draws(job, recipe_indices, task.start * base.shape[1]),
-            keep_masks=mask_blocks,
+            self.uniform_draws(job, recipe_indices, task.start * base.shape[1]),
+            mask_blocks,
+            job.out_dtype,
         )
-        return merged.to(out_dtype).cpu()
 
     def fused_block(
-        self, task: BlockTask, loaded: list[torch.Tensor], mask_blocks: list | None
-    ) -> torch.Tensor | None:
+        self, task: BlockTask, loaded: list[np.ndarray], mask_blocks: list[Mask] | None
+    ) -> np.ndarray | None:
         """The block merged by the compiled whole-merge pass, straight from the inputs as
         stored, or None where that pass does not apply (the torch path then runs)."""
         job = task.job
-        out_dtype = TORCH_DTYPES[job.out_dtype]
+        out_dtype = NUMPY_DTYPES[job.out_dtype]
         if not self._fused_applies(loaded, out_dtype):
             return None
         n = loaded[0].shape[1]
         plans = [self._expert_plan(job.name, source.model, n) for source in job.experts]
         if any(plan is None for plan in plans):
             return None
+        if mask_blocks is not None:  # masks the torch path selected, on the CPU: no copy
+            mask_blocks = [m if isinstance(m, np.ndarray) else from_torch(m) for m in mask_blocks]
         merged, nonfinite = fused_merge.merge_block(
             loaded[0],
             loaded[1:],
@@ -296,15 +305,15 @@ class MergeEngine:
             self.report_nonfinite([job.reference, *job.experts], [bool(f) for f in nonfinite])
         return merged
 
-    def _fused_applies(self, loaded: list[torch.Tensor], out_dtype: torch.dtype) -> bool:
+    def _fused_applies(self, loaded: list[np.ndarray], out_dtype: np.dtype) -> bool:
         first = loaded[0]
         return (
             self.fused_kernels
-            and self.device.type == "cpu"
-            and self.compute_dtype == torch.float32
+            and self.on_cpu
+            and self.plan.compute_dtype == "F32"
             and fused_merge.supports(first.dtype)
             and fused_merge.supports(out_dtype)
-            and first.dim() == 2
+            and first.ndim == 2
             and all(t.dtype == first.dtype and t.shape == first.shape for t in loaded)
             and self.global_params.rescale in (Rescale.KEEP_PROB, Rescale.NONE)
         )
@@ -326,15 +335,6 @@ class MergeEngine:
         epsilon = (params.epsilon or 0.0) if mode == fused_merge.MAGPRUNE else 0.0
         return fused_merge.ExpertPlan(mode, density, epsilon, params.weight, key)
 
-    def check_finite(self, sources: Sequence[Source], blocks: Sequence[torch.Tensor]) -> None:
-        """Warn (or, under ``strict``, fail) when an input holds NaN or Inf. One sum per block
-        is the cheap test (a non-finite value makes it non-finite); only then is each input
-        searched, so clean inputs cost a single reduction."""
-        sums = torch.stack([block.sum() for block in blocks])
-        if bool(torch.isfinite(sums).all()):
-            return
-        self.report_nonfinite(sources, [not bool(torch.isfinite(b).all()) for b in blocks])
-
     def report_nonfinite(self, sources: Sequence[Source], flagged: Sequence[bool]) -> None:
         """Warn once per input tensor that held NaN or Inf; under ``strict``, fail."""
         for source, bad in zip(sources, flagged, strict=True):
@@ -352,21 +352,7 @@ class MergeEngine:
             return self.recipe.schema.base_model or "base"
         return self.recipe.model_refs[model]
 
-    def to_device(self, raw: torch.Tensor) -> torch.Tensor:
-        if raw.dtype == torch.bfloat16 and self._widens_on_cpu(raw):
-            return cpu_kernels.bfloat16_to_float32(raw)  # torch's bits, on all cores
-        return raw.to(self.device, dtype=self.compute_dtype, non_blocking=True)
-
-    def _widens_on_cpu(self, raw: torch.Tensor) -> bool:
-        """Whether a large input is widened to float32 by the compiled CPU kernels."""
-        return (
-            self.device.type == "cpu"
-            and self.compute_dtype == torch.float32
-            and raw.numel() >= 1 << 16
-            and cpu_kernels.available()
-        )
-
-    def global_keep_masks(self, job: TensorJob) -> list[torch.Tensor] | None:
+    def global_keep_masks(self, job: TensorJob) -> list[Mask] | None:
         """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks, made before
         blocking, one expert at a time so only one full task vector is alive."""
         sparsifier = self.recipe.method.sparsifier
@@ -374,46 +360,21 @@ class MergeEngine:
             return None
         total_rows, _ = _rows_shape(job.shape)
         reference = self.read_reference_rows(job, 0, total_rows)  # kept as stored: smaller
-        masks = []
+        masks: list[Mask] = []
         for source in job.experts:
             params = self.recipe.expert_params(source.model, job.name)
             expert = self.read_expert_rows(job, source, 0, total_rows)
             if params.density is None or params.density >= 1:
-                masks.append(torch.ones(expert.shape, dtype=torch.bool))
+                masks.append(np.ones(expert.shape, dtype=np.bool_))
                 continue
             gamma = None if sparsifier is Sparsifier.MAGNITUDE else (params.gamma or 0.0)
-            if self.lean_selection(sparsifier, expert, reference):
-                low, high = magnitude_rank_window(expert.numel(), params.density, gamma)
+            if self.on_cpu and trim_select.supports(expert, reference):
+                low, high = magnitude_rank_window(expert.size, params.density, gamma)
                 masks.append(trim_select.window_keep_mask(expert, reference, low, high))
-                continue
-            magnitude = self.task_vector_magnitude(expert, reference)
-            del expert
-            if gamma is None:
-                masks.append(top_magnitude_mask(magnitude, params.density))
             else:
-                masks.append(middle_magnitude_mask(magnitude, params.density, gamma))
-            del magnitude
+                masks.append(self.torch_path.keep_mask(expert, reference, params.density, gamma))
+            del expert
         return masks
-
-    def lean_selection(
-        self, sparsifier: Sparsifier, expert: torch.Tensor, reference: torch.Tensor
-    ) -> bool:
-        """Whether to select from the inputs as stored (``trim_select``), never holding a
-        float32 |δ| of the whole tensor. It recomputes |δ| in each pass: for a breadcrumbs
-        window that is still faster (both ends share the passes); for a TIES cut it costs
-        about a third more time, so it is kept for tensors whose |δ| would weigh on peak
-        memory (measured: bench/RESULTS.md)."""
-        if self.device.type != "cpu" or not trim_select.supports(expert, reference):
-            return False
-        outliers = sparsifier is Sparsifier.MAGNITUDE_OUTLIERS
-        return outliers or expert.numel() >= LEAN_SELECTION_ELEMENTS
-
-    def task_vector_magnitude(self, expert: torch.Tensor, reference: torch.Tensor):
-        """|expert - reference| in the compute dtype, from the tensors as stored."""
-        both_bfloat16 = expert.dtype == reference.dtype == torch.bfloat16
-        if both_bfloat16 and self._widens_on_cpu(expert):
-            return cpu_kernels.bfloat16_delta_magnitude(expert, reference)
-        return self.to_device(expert).sub_(self.to_device(reference)).abs_()
 
     def uniform_draws(self, job: TensorJob, recipe_indices: Sequence[int], start: int):
         """Draws for the expert at each position, keyed by its index in the recipe and by the
@@ -426,7 +387,7 @@ class MergeEngine:
         """The draws of recipe model ``index`` on tensor ``name`` from flat index ``start``."""
         return Draws(derive_key(self.recipe.seed, name, index), start)
 
-    def warn_if_experts_differ(self, job: TensorJob, reference: torch.Tensor) -> None:
+    def warn_if_experts_differ(self, job: TensorJob, reference: np.ndarray) -> None:
         """Non-floating tensors (buffers, masks) are copied from the reference; say so if an
         expert disagrees, since that usually means a different architecture setting."""
         for index, expert in enumerate(self.inputs.experts):
@@ -434,7 +395,7 @@ class MergeEngine:
             if info is None or info.is_floating or index == job.reference.model:
                 continue
             other = expert.read(job.name)
-            if other.shape != reference.shape or not torch.equal(other, reference):
+            if other.shape != reference.shape or not np.array_equal(other, reference):
                 self.on_warning(
                     f"'{self.recipe.model_refs[index]}' differs from the base in "
                     f"non-float tensor '{job.name}'; the base's is kept"

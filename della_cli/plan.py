@@ -19,7 +19,7 @@ from della_cli.io.dtypes import CONFIG_NAMES, DTYPE_NAMES, itemsize
 from della_cli.io.reader import ModelReader, TensorInfo
 from della_cli.io.writer import OutputTensor, split_into_shards
 from della_cli.methods import Sparsifier
-from della_cli.methods.sparsify import fraction_count
+from della_cli.methods.counts import fraction_count
 from della_cli.recipe import Recipe
 
 BASE = -1  # model index of the base model in a Source

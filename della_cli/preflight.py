@@ -104,7 +104,7 @@ def assess(recipe, inputs, out: Path | None, options) -> tuple[PlanReport, Plan 
         folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
         check_destination(out, options.overwrite, folders)
     device = select_device(options.device)
-    report = PlanReport(recipe.method.name, str(device), dict(inputs.pins))
+    report = PlanReport(recipe.method.name, device, dict(inputs.pins))
     report.download_bytes = inputs.download_bytes
     report.warnings = architecture_warnings(inputs)
     try:
@@ -166,9 +166,9 @@ def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
     ]
 
 
-def available_memory(device) -> int | None:
+def available_memory(device: str) -> int | None:
     """Free memory on ``device`` now: the CUDA device's, or the host's available memory."""
-    if device.type == "cuda":
+    if device.startswith("cuda"):
         import torch
 
         return int(torch.cuda.mem_get_info(device)[0])

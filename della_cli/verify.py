@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from della_cli.errors import ModelError
 from della_cli.io.reader import ModelReader
@@ -122,7 +122,7 @@ def _all_finite(reader: ModelReader, name: str) -> bool:
     step = max(1, _ROWS_PER_READ_ELEMENTS // max(info.numel // max(rows, 1), 1))
     for start in range(0, rows, step):
         block = reader.read_rows(name, start, min(start + step, rows))
-        if not bool(torch.isfinite(block).all()):
+        if not bool(np.isfinite(block).all()):
             return False
     return True
 
@@ -144,6 +144,7 @@ def tokenizer_problems(folder: Path, reader: ModelReader) -> list[str]:
 
 
 def generation_problems(folder: Path, new_tokens: int = 4) -> list[str]:
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 

@@ -15,10 +15,11 @@ import math
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from della_cli.errors import ModelError
-from della_cli.io.dtypes import CODES
+from della_cli.io.dtypes import from_torch, torch_code
 from della_cli.io.reader import ModelReader, TensorInfo, ensure_inside
 
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -82,7 +83,7 @@ def load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     for name, value in state.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise ModelError(f"{path}: entry {name!r} is not a named tensor")
-        if value.dtype not in CODES:
+        if torch_code(value.dtype) is None:
             raise ModelError(f"{path}: tensor '{name}' has unsupported dtype {value.dtype}")
     return state
 
@@ -98,7 +99,7 @@ class PickleModelReader(ModelReader):
         for path in pickle_weight_files(folder, self.root):
             state = load_weights_only(path)
             for position, (name, tensor) in enumerate(state.items()):
-                code = CODES[tensor.dtype]
+                code = torch_code(tensor.dtype)
                 nbytes = tensor.numel() * tensor.element_size()
                 # ``offset`` orders the tensors as the file stores them, for sequential plans.
                 info = TensorInfo(name, code, tuple(tensor.shape), path, position, nbytes)
@@ -117,18 +118,20 @@ class PickleModelReader(ModelReader):
             self._open_path = path
         return self._open_state
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> np.ndarray:
         info = self.tensors[name]
-        return self._state_of(info.path)[name].clone(memory_format=torch.contiguous_format)
+        return from_torch(
+            self._state_of(info.path)[name].clone(memory_format=torch.contiguous_format)
+        )
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         info = self.tensors[name]
         tensor = self._state_of(info.path)[name]
         if tensor.dim() <= 1:
             rows = tensor.reshape(1, -1)
         else:  # explicit lengths: a tensor with no entries cannot infer a -1
             rows = tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
-        return rows[start:stop].clone(memory_format=torch.contiguous_format)
+        return from_torch(rows[start:stop].clone(memory_format=torch.contiguous_format))
 
     def close(self) -> None:
         self._open_state = {}

@@ -3,8 +3,9 @@
 A folder holds either one ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json``. Headers are read and checked up front (cheap: JSON only), so a
 plan can be made from shapes alone; tensor data is read on demand, one tensor at a time, with
-positioned reads into a fresh buffer. Reading instead of memory-mapping keeps the process's
-resident memory bounded by the tensors in flight, whatever the model's size.
+positioned reads into a fresh buffer, as a numpy array of the stored dtype (see
+``io.dtypes``). Reading instead of memory-mapping keeps the process's resident memory bounded by
+the tensors in flight, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from della_cli.errors import ModelError
-from della_cli.io.dtypes import TORCH_DTYPES, itemsize
+from della_cli.io.dtypes import NUMPY_DTYPES, is_floating, itemsize
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -44,7 +45,7 @@ class TensorInfo:
 
     @property
     def is_floating(self) -> bool:
-        return TORCH_DTYPES[self.dtype].is_floating_point
+        return is_floating(self.dtype)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -94,7 +95,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
     if not isinstance(entry, dict):
         raise bad("has a malformed header entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in TORCH_DTYPES:
+    if dtype not in NUMPY_DTYPES:
         raise ModelError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise bad(f"has an invalid shape {shape!r}")
@@ -238,12 +239,12 @@ class ModelReader:
             raise ModelError(f"{path}: expected a JSON object")
         return value
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new CPU tensor of its stored dtype and shape."""
+    def read(self, name: str) -> np.ndarray:
+        """Read one tensor into a new array of its stored dtype and shape."""
         info = self.tensors[name]
         return self._read_bytes(info, 0, info.nbytes).reshape(info.shape)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a tensor seen as (shape[0], -1) (a 1-D or 0-D tensor is one
         row), read without touching the rest of it: rows are contiguous in the file."""
         info = self.tensors[name]
@@ -251,14 +252,14 @@ class ModelReader:
             return self.read(name).reshape(1, -1)[start:stop]
         row_length = math.prod(info.shape[1:])
         if info.nbytes == 0:  # no rows, or rows of nothing: no bytes to read
-            return torch.empty((stop - start, row_length), dtype=TORCH_DTYPES[info.dtype])
+            return np.empty((stop - start, row_length), dtype=NUMPY_DTYPES[info.dtype])
         row_bytes = info.nbytes // info.shape[0]
         flat = self._read_bytes(info, start * row_bytes, (stop - start) * row_bytes)
         return flat.reshape(stop - start, row_length)
 
-    def _read_bytes(self, info: TensorInfo, begin: int, count: int) -> torch.Tensor:
-        buffer = torch.empty(count, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
+    def _read_bytes(self, info: TensorInfo, begin: int, count: int) -> np.ndarray:
+        buffer = np.empty(count, dtype=np.uint8)
+        view = memoryview(buffer)
         descriptor = self._descriptor(info.path)
         done = 0
         while done < count:
@@ -266,7 +267,7 @@ class ModelReader:
             if got <= 0:
                 raise ModelError(f"{info.path}: ended early while reading '{info.name}'")
             done += got
-        return buffer.view(TORCH_DTYPES[info.dtype])
+        return buffer.view(NUMPY_DTYPES[info.dtype])
 
     def _descriptor(self, path: Path) -> int:
         if path not in self._handles:

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from della_cli.io.dtypes import CODES, itemsize
+from della_cli.io.dtypes import code_of, itemsize
 from della_cli.io.reader import INDEX_NAME, SINGLE_NAME
 
 
@@ -110,7 +110,7 @@ class ShardWriter:
         """Position in plan order of the next tensor to write."""
         return self._next
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: np.ndarray) -> None:
         """Append the next tensor; its name, dtype and shape must match the plan."""
         expected = self._order[self._next][1]
         if tuple(tensor.shape) != expected.shape:
@@ -119,17 +119,15 @@ class ShardWriter:
             )
         self.write_part(name, tensor)
 
-    def write_part(self, name: str, part: torch.Tensor) -> None:
+    def write_part(self, name: str, part: np.ndarray) -> None:
         """Append the next piece of the current tensor (pieces in order, e.g. blocks of
         rows); the tensor is complete when its pieces add up to its size."""
         shard_index, expected = self._order[self._next]
         if name != expected.name:
             raise RuntimeError(f"writer expected '{expected.name}' next, got '{name}'")
-        if CODES.get(part.dtype) != expected.dtype:
+        if code_of(part) != expected.dtype:
             raise RuntimeError(f"writer expected '{name}' as {expected.dtype}, got {part.dtype}")
-        data = memoryview(
-            part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        )
+        data = memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
         if self._part_bytes + data.nbytes > expected.nbytes:
             raise RuntimeError(f"writer got more bytes for '{name}' than its shape holds")
         if shard_index != self._open_shard:

@@ -14,8 +14,14 @@ numba is optional: without it (or off the CPU) the torch path runs, giving the s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+from della_cli.io.dtypes import from_torch, to_torch
+
+if TYPE_CHECKING:
+    import torch
 
 try:
     import numba
@@ -243,11 +249,11 @@ def fuse_into_base(
 ) -> torch.Tensor:
     """θ₀ + λ·Δ for float32 CPU tensors of one shape: the kernel form of ``merge.fuse``
     followed by the final scale and add, with the same float32 bits."""
-    flat = [v.contiguous().reshape(-1).numpy() for v in weighted]
+    flat = [from_torch(v).reshape(-1) for v in weighted]
     out = np.empty(base.numel(), dtype=np.float32)
     total_weight = np.float32(sum(weights))
     _fuse_into_base(
-        base.contiguous().reshape(-1).numpy(),
+        from_torch(base).reshape(-1),
         tuple(flat),
         np.array(weights, dtype=np.float32),
         consensus,
@@ -256,16 +262,16 @@ def fuse_into_base(
         np.float32(lambda_),
         out,
     )
-    return torch.from_numpy(out).reshape(base.shape)
+    return to_torch(out).reshape(base.shape)
 
 
 def bfloat16_to_float32(tensor: torch.Tensor) -> torch.Tensor:
     """bfloat16 is the top half of a float32, so widening is a 16-bit shift of the bits: exact,
     NaN payloads included, and in parallel (torch's conversion runs on one thread here)."""
-    bits = tensor.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
+    bits = from_torch(tensor).reshape(-1).view(np.uint16)
     out = np.empty(bits.shape[0], dtype=np.uint32)
     _widen_bfloat16(bits, out)
-    return torch.from_numpy(out.view(np.float32)).reshape(tensor.shape)
+    return to_torch(out.view(np.float32)).reshape(tensor.shape)
 
 
 def bfloat16_delta_magnitude(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -273,21 +279,21 @@ def bfloat16_delta_magnitude(expert: torch.Tensor, base: torch.Tensor) -> torch.
     the same bits as ``(expert.float() - base.float()).abs()`` in a third of the memory."""
 
     def bits(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
+        return from_torch(tensor).reshape(-1).view(np.uint16)
 
     out = np.empty(expert.numel(), dtype=np.float32)
     _bfloat16_delta_magnitude(bits(expert), bits(base), out)
-    return torch.from_numpy(out).reshape(expert.shape)
+    return to_torch(out).reshape(expert.shape)
 
 
 def rank_at_least_mask(magnitude: torch.Tensor, min_rank: int) -> torch.Tensor:
     """The kernel form of ``sparsify.rank_at_least_mask`` for float32 CPU tensors with
     0 < min_rank < numel: a radix selection in five linear passes instead of a quickselect,
     a cumulative sum and several comparisons over the tensor."""
-    values = magnitude.contiguous().reshape(-1).numpy()
+    values = from_torch(magnitude).reshape(-1)
     keep = np.empty(values.shape, dtype=np.bool_)
     _rank_at_least(values, min_rank, keep, numba.get_num_threads())
-    return torch.from_numpy(keep).reshape(magnitude.shape)
+    return to_torch(keep).reshape(magnitude.shape)
 
 
 def random_sparsify(
@@ -302,7 +308,7 @@ def random_sparsify(
     when ``epsilon`` is given (rows of more than one entry), else DARE's constant ``density``.
     The draws are those of ``uniform_from_key`` for a key with these ``key_words`` from flat
     index ``start``; survivors are divided by their keep probability when ``rescale``."""
-    values = delta_rows.contiguous().numpy()
+    values = from_torch(delta_rows)
     out = np.empty_like(values)
     ranked = epsilon is not None
     _sparsify_rows(
@@ -316,4 +322,4 @@ def random_sparsify(
         start,
         rescale,
     )
-    return torch.from_numpy(out)
+    return to_torch(out)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
-import torch
 
 from della_cli.methods import cpu_kernels
 
@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is not inst
 
 KEEP_ALL, RANDOM, MAGPRUNE, MASK = 0, 1, 2, 3
 _MASK32 = 0xFFFFFFFF
-_NUMPY_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.float32, np.float32)}
+# The dtypes the pass reads and writes, and how numba sees them: bfloat16 as its bits.
+_KERNEL_VIEWS = {np.dtype(ml_dtypes.bfloat16): np.uint16, np.dtype(np.float32): np.float32}
 
 
 @dataclass(frozen=True)
@@ -46,23 +47,22 @@ class ExpertPlan:
     key_words: tuple[int, int, int] = (0, 0, 0)  # the expert's draw key (random modes)
 
 
-def supports(dtype: torch.dtype) -> bool:
+def supports(dtype: np.dtype) -> bool:
     """Inputs and outputs the compiled pass handles: bfloat16 and float32 (and only where
     the compiled kernels are on at all)."""
-    return cpu_kernels.available() and dtype in _NUMPY_BITS
+    return cpu_kernels.available() and dtype in _KERNEL_VIEWS
 
 
-def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A (rows, n) tensor's storage as numpy: float32 values, or bfloat16 bits as uint16."""
-    view_dtype, numpy_dtype = _NUMPY_BITS[tensor.dtype]
-    return tensor.contiguous().view(view_dtype).numpy().view(numpy_dtype)
+def kernel_view(array: np.ndarray) -> np.ndarray:
+    """An array as the kernels take it: float32 values, or bfloat16 bits as uint16."""
+    return np.ascontiguousarray(array).view(_KERNEL_VIEWS[array.dtype])
 
 
 def merge_block(
-    base: torch.Tensor,
-    experts: list[torch.Tensor],
+    base: np.ndarray,
+    experts: list[np.ndarray],
     plans: list[ExpertPlan],
-    masks: list[torch.Tensor] | None,
+    masks: list[np.ndarray] | None,
     *,
     start: int,
     rescale: bool,
@@ -70,8 +70,8 @@ def merge_block(
     consensus: bool,
     normalize: bool,
     lambda_: float,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, np.ndarray]:
+    out_dtype: np.dtype,
+) -> tuple[np.ndarray, np.ndarray]:
     """Merge a (rows, n) block whose first element has flat index ``start`` in its tensor.
 
     Returns the merged rows in ``out_dtype`` and, per input (base first), whether it held a
@@ -79,15 +79,14 @@ def merge_block(
     ``on_deltas`` (``linear``) the models themselves are averaged and the base only checked.
     """
     rows, n = base.shape
-    mask_arrays = tuple(m.contiguous().numpy() for m in masks) if masks else None
+    mask_arrays = tuple(np.ascontiguousarray(m) for m in masks) if masks else None
     if mask_arrays is None:
         mask_arrays = tuple(np.zeros((1, 1), dtype=np.bool_) for _ in experts)
-    out_view, out_numpy = _NUMPY_BITS[out_dtype]
-    out = np.empty((rows, n), dtype=out_numpy)
+    out = np.empty((rows, n), dtype=out_dtype)
     nonfinite = np.zeros((rows, len(experts) + 1), dtype=np.bool_)
     _merge_rows(
-        _as_numpy(base),
-        tuple(_as_numpy(e) for e in experts),
+        kernel_view(base),
+        tuple(kernel_view(e) for e in experts),
         mask_arrays,
         np.array([p.mode for p in plans], dtype=np.int64),
         np.array([p.density for p in plans], dtype=np.float32),
@@ -103,11 +102,10 @@ def merge_block(
         normalize,
         np.float32(sum(p.weight for p in plans)),
         np.float32(lambda_),
-        out,
+        kernel_view(out),
         nonfinite,
     )
-    merged = torch.from_numpy(out.view(np.int16) if out_numpy is np.uint16 else out)
-    return merged.view(out_dtype) if out_view is torch.int16 else merged, nonfinite.any(axis=0)
+    return out, nonfinite.any(axis=0)
 
 
 if numba is not None:

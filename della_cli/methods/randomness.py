@@ -13,14 +13,19 @@ both from the key, so that different keys permute the counters differently, not 
 them), then through two rounds of a xorshift-multiply avalanche with more key material between
 them. Multiplication wraps modulo 2**32 on every backend; right shifts are made logical with a
 mask, since torch's shifts on signed integers are arithmetic.
+
+Keys are plain Python: the compiled CPU pass hashes its own draws from ``Draws.key_words`` and
+runs without torch, which only the functions that draw tensors import.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -65,6 +70,8 @@ def _avalanche(values: torch.Tensor) -> torch.Tensor:
 
 def _low_words(start: int, numel: int, device: torch.device | str) -> torch.Tensor:
     """The low 32 bits of the flat indices start..start+numel-1, as int32."""
+    import torch
+
     if start + numel <= 1 << 31:
         return torch.arange(start, start + numel, dtype=torch.int32, device=device)
     index = torch.arange(start, start + numel, dtype=torch.int64, device=device)
@@ -73,6 +80,8 @@ def _low_words(start: int, numel: int, device: torch.device | str) -> torch.Tens
 
 
 def _high_words(start: int, numel: int, device: torch.device | str) -> torch.Tensor:
+    import torch
+
     index = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     return (index >> 32).to(torch.int32)
 
@@ -88,6 +97,8 @@ def uniform_from_key(
     Values are multiples of 2**-24, so comparisons against a float32 probability are exact and
     identical across devices.
     """
+    import torch
+
     numel = 1
     for size in shape:
         numel *= int(size)

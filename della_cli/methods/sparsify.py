@@ -14,14 +14,13 @@ pure: random draws are passed in as uniform numbers in [0, 1).
 
 from __future__ import annotations
 
-import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 
 import numpy as np
 import torch
 
+from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.parameters import Rescale
 
 
@@ -132,12 +131,6 @@ def rank_at_least_mask(magnitude: torch.Tensor, min_rank: int) -> torch.Tensor:
     return keep.reshape(magnitude.shape)
 
 
-def fraction_count(fraction: float, numel: int) -> int:
-    """⌊fraction·N⌋ on the decimal the user wrote: 0.29 of 100 is 29, where float
-    multiplication gives 28.999999999999996 and would keep one entry too few."""
-    return math.floor(Fraction(repr(fraction)) * numel)
-
-
 def magnitude_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the k = ⌊d·N⌋ largest magnitudes of the whole tensor."""
     return top_magnitude_mask(delta.abs(), density)
@@ -147,16 +140,6 @@ def top_magnitude_mask(magnitude: torch.Tensor, density: float) -> torch.Tensor:
     """``magnitude_keep_mask`` given |δ| already (so a caller can take it in place)."""
     low, _ = magnitude_rank_window(magnitude.numel(), density, None)
     return rank_at_least_mask(magnitude, low)
-
-
-def magnitude_rank_window(numel: int, density: float, gamma: float | None) -> tuple[int, int]:
-    """The stable ascending magnitude ranks ``[low, high)`` a trim keeps: TIES (``gamma``
-    None) the top ⌊d·N⌋; breadcrumbs the ⌊d·N⌋ (at most) below the ⌊γN⌋ largest."""
-    if gamma is None:
-        return numel - fraction_count(density, numel), numel
-    top_count = fraction_count(gamma, numel)
-    keep_count = min(fraction_count(density, numel), numel - top_count)
-    return numel - top_count - keep_count, numel - top_count
 
 
 def outlier_keep_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

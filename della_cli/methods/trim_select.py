@@ -13,7 +13,6 @@ the same.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from della_cli.methods import cpu_kernels, fused_merge
 
@@ -25,28 +24,28 @@ except ImportError:  # pragma: no cover - exercised only where numba is not inst
 _CHUNK = 4096
 
 
-def window_keep_mask(expert: torch.Tensor, base: torch.Tensor, low: int, high: int) -> torch.Tensor:
+def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) -> np.ndarray:
     """Keep mask of the entries of ``expert - base`` whose stable ascending |δ| rank r over the
     whole tensor has ``low <= r < high`` (0 <= low <= high <= N), shaped like the inputs."""
-    numel = expert.numel()
+    numel = expert.size
     keep = np.empty(numel, dtype=np.bool_)
     if low >= high:
         keep[:] = False
     elif low <= 0 and high >= numel:
         keep[:] = True
     else:
-        e = fused_merge._as_numpy(expert.reshape(1, -1))[0]
-        b = fused_merge._as_numpy(base.reshape(1, -1))[0]
+        e = fused_merge.kernel_view(expert).reshape(-1)
+        b = fused_merge.kernel_view(base).reshape(-1)
         # Entries to keep counted from the top, for "rank >= low" and "rank >= high".
         wanted = np.array([numel - max(low, 0), numel - min(high, numel)], dtype=np.int64)
         active = np.array([low > 0, high < numel], dtype=np.bool_)
         chunks = max(1, min(numba.get_num_threads() * 4, numel // _CHUNK))
         pivots, wanted = _pivots(e, b, wanted, active, chunks)
         _mark(e, b, pivots, wanted, active, keep, chunks)
-    return torch.from_numpy(keep).reshape(expert.shape)
+    return keep.reshape(expert.shape)
 
 
-def supports(expert: torch.Tensor, base: torch.Tensor) -> bool:
+def supports(expert: np.ndarray, base: np.ndarray) -> bool:
     return (
         cpu_kernels.available()
         and expert.dtype == base.dtype

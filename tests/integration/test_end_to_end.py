@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from della_cli.api import MergeOptions, prepare, run_merge, select_device
 from della_cli.engine import MergeEngine
 from della_cli.errors import PlanError
+from della_cli.io.dtypes import to_torch
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 METADATA_FILES = (
@@ -318,7 +319,7 @@ def test_processing_order_and_blocking_do_not_change_the_result(
     assert len(engine.row_blocks(plan.jobs[0])) > 1
     try:
         for job in reversed(plan.jobs):
-            assert torch.equal(engine.compute(job), merged[job.name]), job.name
+            assert torch.equal(to_torch(engine.compute(job)), merged[job.name]), job.name
     finally:
         for reader in [inputs.base, *inputs.experts]:
             reader.close()
@@ -683,3 +684,48 @@ def test_tied_base_with_untied_expert_gets_an_lm_head(model_zoo, merge, tmp_path
     assert any("untied lm_head" in m for m in report.warnings)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.lm_head.weight.detach(), merged["lm_head.weight"])
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [("della", {"density": 0.5, "epsilon": 0.1}), ("ties", {"density": 0.5}), ("linear", {})],
+)
+def test_a_cpu_merge_of_bfloat16_models_never_imports_torch(
+    model_zoo, write_recipe, tmp_path, monkeypatch, method, parameters
+):
+    """Importing torch costs more than merging a small model: the compiled CPU path and the
+    IO around it run on numpy alone, and the output is the torch path's."""
+    import subprocess
+    import sys
+
+    from della_cli.methods import cpu_kernels
+
+    recipe = write_recipe(
+        {
+            "merge_method": method,
+            "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
+            "models": [
+                {"model": str(model_zoo("llama", expert=1, dtype=torch.bfloat16))},
+                {"model": str(model_zoo("llama", expert=2, dtype=torch.bfloat16))},
+            ],
+            "parameters": parameters,
+        }
+    )
+    out = tmp_path / "out"
+    script = (
+        "import sys\n"
+        "from della_cli.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as done:\n"
+        "    assert not done.code, done.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    command = [sys.executable, "-c", script, "merge", str(recipe), str(out), "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)  # the plain torch path
+    run_merge(recipe, tmp_path / "torch", MergeOptions(device="cpu"))
+    written = (out / "model.safetensors").read_bytes()
+    assert written == (tmp_path / "torch" / "model.safetensors").read_bytes()

@@ -9,6 +9,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from della_cli.errors import ModelError
-from della_cli.io.dtypes import CODES
+from della_cli.io.dtypes import from_torch, to_torch, torch_code
 from della_cli.io.output import TEMP_MARKER, staged_folder
 from della_cli.io.reader import INDEX_NAME, ModelReader, read_header
 from della_cli.io.writer import OutputTensor, ShardWriter, split_into_shards
@@ -69,7 +70,7 @@ def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
 
 def read_all(reader: ModelReader) -> dict[str, torch.Tensor]:
     try:
-        return {name: reader.read(name) for name in reader.tensors}
+        return {name: to_torch(reader.read(name)) for name in reader.tensors}
     finally:
         reader.close()
 
@@ -233,11 +234,11 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torc
 
 
 def write_model(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list:
-    outputs = [OutputTensor(n, CODES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    outputs = [OutputTensor(n, torch_code(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
     shards = split_into_shards(outputs, max_shard_bytes)
     writer = ShardWriter(folder, shards)
     for name, tensor in tensors.items():
-        writer.write(name, tensor)
+        writer.write(name, from_torch(tensor))
     writer.close()
     return shards
 
@@ -306,10 +307,10 @@ def test_writer_refuses_tensors_out_of_plan(tmp_path):
     shards = [[OutputTensor("a", "F32", (2,)), OutputTensor("b", "F32", (2,))]]
     writer = ShardWriter(tmp_path, shards)
     with pytest.raises(RuntimeError, match="expected 'a'"):
-        writer.write("b", torch.zeros(2))
+        writer.write("b", np.zeros(2, dtype=np.float32))
     with pytest.raises(RuntimeError, match="F32"):
-        writer.write("a", torch.zeros(2, dtype=torch.float16))
-    writer.write("a", torch.zeros(2))
+        writer.write("a", np.zeros(2, dtype=np.float16))
+    writer.write("a", np.zeros(2, dtype=np.float32))
     with pytest.raises(RuntimeError, match="before 'b'"):
         writer.close()
     writer.abort()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from della_cli.errors import ModelError
+from della_cli.io.dtypes import to_torch
 from della_cli.io.pickle_reader import PickleModelReader, has_only_pickle_weights
 from della_cli.io.reader import ModelReader
 
@@ -18,6 +19,14 @@ STATE = {
     "position_ids": torch.arange(5),
     "empty": torch.zeros(0, 4),
 }
+
+
+def read(reader, name):
+    return to_torch(reader.read(name))
+
+
+def read_rows(reader, name, start, stop):
+    return to_torch(reader.read_rows(name, start, stop))
 
 
 def test_reads_tensors_rows_and_dtypes_like_the_safetensors_reader(tmp_path):
@@ -33,13 +42,13 @@ def test_reads_tensors_rows_and_dtypes_like_the_safetensors_reader(tmp_path):
     }
     assert reader.config == {"model_type": "llama"}
     for name, tensor in STATE.items():
-        assert torch.equal(reader.read(name), tensor)
-    assert torch.equal(reader.read_rows("embed.weight", 1, 3), STATE["embed.weight"][1:3])
-    assert reader.read_rows("empty", 0, 0).shape == (0, 4)
-    assert torch.equal(reader.read_rows("norm.weight", 0, 1), STATE["norm.weight"].reshape(1, -1))
+        assert torch.equal(read(reader, name), tensor)
+    assert torch.equal(read_rows(reader, "embed.weight", 1, 3), STATE["embed.weight"][1:3])
+    assert read_rows(reader, "empty", 0, 0).shape == (0, 4)
+    assert torch.equal(read_rows(reader, "norm.weight", 0, 1), STATE["norm.weight"].reshape(1, -1))
     # Reads are copies: writing into one does not change the next.
-    reader.read("embed.weight").zero_()
-    assert torch.equal(reader.read("embed.weight"), STATE["embed.weight"])
+    read(reader, "embed.weight").zero_()
+    assert torch.equal(read(reader, "embed.weight"), STATE["embed.weight"])
     reader.close()
 
 
@@ -52,14 +61,14 @@ def test_sharded_folder_reads_every_shard_through_its_index(tmp_path):
     }
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     reader = PickleModelReader(tmp_path, "sharded")
-    assert torch.equal(reader.read("b"), torch.zeros(3))
-    assert torch.equal(reader.read("a"), torch.ones(2))  # switches back to the first file
+    assert torch.equal(read(reader, "b"), torch.zeros(3))
+    assert torch.equal(read(reader, "a"), torch.ones(2))  # switches back to the first file
 
 
 def test_legacy_format_without_zip_is_read_whole(tmp_path):
     torch.save(STATE, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     reader = PickleModelReader(tmp_path, "legacy")
-    assert torch.equal(reader.read("embed.weight"), STATE["embed.weight"])
+    assert torch.equal(read(reader, "embed.weight"), STATE["embed.weight"])
 
 
 class _RunsCode:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from della_cli.io.dtypes import from_torch, to_torch
 from della_cli.methods import cpu_kernels
-from della_cli.methods.sparsify import (
-    magnitude_rank_window,
-    middle_magnitude_mask,
-    top_magnitude_mask,
-)
+from della_cli.methods.counts import magnitude_rank_window
+from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
 from della_cli.methods.trim_select import window_keep_mask
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs numba")
@@ -23,6 +21,11 @@ def pair(shape, dtype, seed, ties=False):
     if ties:  # coarse deltas: many equal magnitudes, zeros among them
         delta = (delta * 2000).round() / 2000
     return (base + delta).to(dtype), base.to(dtype)
+
+
+def window_mask(expert, base, low, high):
+    """``window_keep_mask`` on the tensors' arrays, as a tensor."""
+    return to_torch(window_keep_mask(from_torch(expert), from_torch(base), low, high))
 
 
 def reference_mask(expert, base, density, gamma, monkeypatch):
@@ -47,7 +50,7 @@ def reference_mask(expert, base, density, gamma, monkeypatch):
 def test_window_mask_equals_the_reference(dtype, ties, density, gamma, shape, monkeypatch):
     expert, base = pair(shape, dtype, seed=len(shape) + shape[0], ties=ties)
     low, high = magnitude_rank_window(expert.numel(), density, gamma)
-    mask = window_keep_mask(expert, base, low, high)
+    mask = window_mask(expert, base, low, high)
     expected = reference_mask(expert, base, density, gamma, monkeypatch)
     assert mask.shape == expert.shape
     assert torch.equal(mask, expected)
@@ -57,12 +60,12 @@ def test_window_mask_equals_the_reference(dtype, ties, density, gamma, shape, mo
 def test_all_equal_magnitudes_rank_by_position():
     base = torch.zeros(1000, dtype=torch.bfloat16)
     expert = torch.full((1000,), 0.5, dtype=torch.bfloat16)
-    mask = window_keep_mask(expert, base, 300, 900)
+    mask = window_mask(expert, base, 300, 900)
     assert torch.equal(mask, torch.arange(1000).ge(300) & torch.arange(1000).lt(900))
 
 
 @pytest.mark.parametrize(("low", "high"), [(0, 10), (0, 0), (4, 4), (10, 10)])
 def test_empty_and_full_windows(low, high):
     expert, base = pair((10,), torch.float32, seed=1)
-    mask = window_keep_mask(expert, base, low, high)
+    mask = window_mask(expert, base, low, high)
     assert int(mask.sum()) == high - low

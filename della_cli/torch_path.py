@@ -1,0 +1,98 @@
+"""The engine's torch path: the blocks the compiled CPU pass does not take.
+
+That is every block on CUDA, and on the CPU the cases ``fused_merge`` leaves out: float16 or
+float64 inputs, inputs of mixed dtypes (a vocabulary fitted to another model's), the L1 rescale,
+MAGPRUNE rows of one entry, or no numba. Blocks arrive and leave as numpy arrays; here they
+become tensors on the device and go through the reference functions of ``methods.merge``.
+Importing this module imports torch, so the engine does it only when a block needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from della_cli.io.dtypes import from_torch, to_torch, torch_dtype
+from della_cli.methods import ExpertParams, GlobalParams, MethodSpec, cpu_kernels
+from della_cli.methods.merge import merge_tensor
+from della_cli.methods.randomness import Draws
+from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
+
+Mask = np.ndarray | torch.Tensor
+
+
+class TorchPath:
+    """Tensors on ``device`` in the compute dtype, merged by the reference functions."""
+
+    def __init__(self, device: str, compute_code: str):
+        self.device = torch.device(device)
+        self.compute_dtype = torch_dtype(compute_code)
+
+    def inputs(self, loaded: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Stored rows on the device in the compute dtype."""
+        return [self.to_device(raw) for raw in loaded]
+
+    def to_device(self, raw: np.ndarray) -> torch.Tensor:
+        tensor = to_torch(raw)
+        if tensor.dtype == torch.bfloat16 and self._widens_on_cpu(tensor):
+            return cpu_kernels.bfloat16_to_float32(tensor)  # torch's bits, on all cores
+        return tensor.to(self.device, dtype=self.compute_dtype, non_blocking=True)
+
+    def _widens_on_cpu(self, tensor: torch.Tensor) -> bool:
+        """Whether a large input is widened to float32 by the compiled CPU kernels."""
+        return (
+            self.device.type == "cpu"
+            and self.compute_dtype == torch.float32
+            and tensor.numel() >= 1 << 16
+            and cpu_kernels.available()
+        )
+
+    @staticmethod
+    def nonfinite(blocks: Sequence[torch.Tensor]) -> list[bool] | None:
+        """Which blocks hold NaN or Inf, or None when none does. One sum per block is the
+        cheap test (a non-finite value makes it non-finite); only then is each searched."""
+        sums = torch.stack([block.sum() for block in blocks])
+        if bool(torch.isfinite(sums).all()):
+            return None
+        return [not bool(torch.isfinite(block).all()) for block in blocks]
+
+    def merge(
+        self,
+        method: MethodSpec,
+        base: torch.Tensor,
+        models: list[torch.Tensor],
+        params: list[ExpertParams],
+        global_params: GlobalParams,
+        uniform: Callable[[int], Draws] | None,
+        mask_blocks: Sequence[Mask] | None,
+        out_code: str,
+    ) -> np.ndarray:
+        """The merged rows, on the CPU in the output dtype."""
+        masks = None if mask_blocks is None else [self.as_tensor(mask) for mask in mask_blocks]
+        merged = merge_tensor(
+            method, base, models, params, global_params, uniform=uniform, keep_masks=masks
+        )
+        return from_torch(merged.to(torch_dtype(out_code)))
+
+    def as_tensor(self, mask: Mask) -> torch.Tensor:
+        return to_torch(mask).to(self.device) if isinstance(mask, np.ndarray) else mask
+
+    def keep_mask(
+        self, expert: np.ndarray, reference: np.ndarray, density: float, gamma: float | None
+    ) -> torch.Tensor:
+        """TIES (``gamma`` None) or breadcrumbs keep mask of a whole tensor, on the device."""
+        magnitude = self.task_vector_magnitude(expert, reference)
+        if gamma is None:
+            return top_magnitude_mask(magnitude, density)
+        return middle_magnitude_mask(magnitude, density, gamma)
+
+    def task_vector_magnitude(self, expert: np.ndarray, reference: np.ndarray) -> torch.Tensor:
+        """|expert - reference| in the compute dtype, from the arrays as stored."""
+        expert_tensor, reference_tensor = to_torch(expert), to_torch(reference)
+        both_bfloat16 = expert_tensor.dtype == reference_tensor.dtype == torch.bfloat16
+        if both_bfloat16 and self._widens_on_cpu(expert_tensor):
+            return cpu_kernels.bfloat16_delta_magnitude(expert_tensor, reference_tensor)
+        widened = self.to_device(expert)
+        return widened.sub_(self.to_device(reference)).abs_()
