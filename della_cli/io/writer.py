@@ -9,7 +9,6 @@ convention: one ``model.safetensors`` when everything fits in a shard, else
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from della_cli.io.dtypes import code_of, itemsize
+from della_cli.io.journal import shard_digest
 from della_cli.io.reader import INDEX_NAME, SINGLE_NAME
 
 
@@ -91,7 +91,7 @@ class ShardWriter:
         on_shard_finished: Callable[[str, str], None] | None = None,
     ):
         """``first_shard`` > 0 resumes after shards already on disk; ``on_shard_finished``
-        receives each completed shard's file name and SHA-256 (for the resume journal)."""
+        receives each completed shard's file name and digest (for the resume journal)."""
         self.folder = folder
         self.shards = shards
         self.file_names = shard_file_names(len(shards))
@@ -100,7 +100,7 @@ class ShardWriter:
         self._first_shard = first_shard
         self._open_shard = -1
         self._handle = None
-        self._digest = hashlib.sha256()
+        self._digest = shard_digest()
         self._on_shard_finished = on_shard_finished
         self._part_bytes = 0
         self.bytes_written = 0
@@ -148,7 +148,7 @@ class ShardWriter:
         self._handle = (self.folder / self.file_names[shard_index]).open("wb")
         header = encode_header(self.shards[shard_index], {"format": "pt"})
         self._handle.write(header)
-        self._digest = hashlib.sha256(header)
+        self._digest = shard_digest(header)
 
     def _finish_shard(self) -> None:
         self._handle.flush()

@@ -121,6 +121,32 @@ def test_resume_recomputes_a_shard_that_was_corrupted(della_recipe, tmp_path, mo
     assert shard_bytes(out) == shard_bytes(reference)
 
 
+def test_a_journal_of_another_digest_is_not_trusted(della_recipe, tmp_path, monkeypatch):
+    """Journals of version 1 recorded SHA-256 digests: their shards are recomputed."""
+    options = MergeOptions(out_shard_bytes=600_000)
+    reference = tmp_path / "uninterrupted"
+    run_merge(della_recipe, reference, options)
+    out = tmp_path / "merged"
+    count = []
+
+    def die(job):
+        count.append(job)
+        if len(count) == 9:
+            raise Killed
+
+    monkeypatch.setattr("della_cli.io.output.shutil.rmtree", lambda *args, **kwargs: None)
+    with pytest.raises(Killed):
+        run_merge(della_recipe, out, options, on_progress=die)
+    monkeypatch.undo()
+    journal_path = staging_path(out) / JOURNAL_NAME
+    journal = json.loads(journal_path.read_text())
+    assert journal["version"] == 2 and journal["shards"]
+    journal_path.write_text(json.dumps({**journal, "version": 1}))
+    report = run_merge(della_recipe, out, MergeOptions(out_shard_bytes=600_000, resume=True))
+    assert report.resumed_shards == 0
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
 def test_resume_with_another_seed_starts_over(della_recipe, tmp_path, monkeypatch):
     out = tmp_path / "merged"
     options = MergeOptions(out_shard_bytes=600_000)
