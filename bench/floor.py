@@ -2,7 +2,9 @@
 
 Run as its own process (``python bench/floor.py OUT_FILE OUT_BYTES INPUT...``) so that it is timed
 exactly like the merge tools, Python start-up included. Reads are plain ``readinto`` calls on
-16 MiB buffers; the output is written from the same buffer and fsync'ed before exit.
+16 MiB buffers; the output is written from the same buffer and fsync'ed before exit, with the
+write-back of each 64 MiB started as it is written (``posix_fadvise``), as della's writer does:
+the fastest way to get the bytes onto the disk that either tool could use.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import sys
 
 BUFFER_BYTES = 16 * 2**20
+WRITEBACK_BYTES = 64 * 2**20
 
 
 def read_all(paths: list[str], buffer: bytearray) -> int:
@@ -25,9 +28,13 @@ def read_all(paths: list[str], buffer: bytearray) -> int:
 def write_bytes(path: str, size: int, buffer: bytearray) -> None:
     view = memoryview(buffer)
     with open(path, "wb", buffering=0) as handle:
-        left = size
-        while left > 0:
-            left -= handle.write(view[: min(left, len(view))])
+        written = started = dropped = 0
+        while written < size:
+            written += handle.write(view[: min(size - written, len(view))])
+            if hasattr(os, "posix_fadvise") and written - started >= WRITEBACK_BYTES:
+                fadvise = os.posix_fadvise
+                fadvise(handle.fileno(), dropped, written - dropped, os.POSIX_FADV_DONTNEED)
+                dropped, started = started, written
         os.fsync(handle.fileno())
 
 

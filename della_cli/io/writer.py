@@ -23,6 +23,9 @@ from della_cli.io.dtypes import code_of, itemsize
 from della_cli.io.journal import shard_digest
 from della_cli.io.reader import INDEX_NAME, SINGLE_NAME
 
+# Output bytes between two write-back starts (see ``EarlyWriteback``).
+WRITEBACK_BYTES = 64 << 20
+
 
 @dataclass(frozen=True)
 class OutputTensor:
@@ -56,6 +59,35 @@ def split_into_shards(
     if current or not shards:
         shards.append(current)
     return shards
+
+
+class EarlyWriteback:
+    """Starts writing a shard to disk as its bytes come, rather than all at its fsync.
+
+    Left alone, the kernel keeps a shard's pages dirty until the fsync that completes it, which
+    then waits for the whole shard, and those pages crowd the inputs out of the page cache.
+    Every ``WRITEBACK_BYTES``, ``posix_fadvise(DONTNEED)`` starts the write-back of the new
+    bytes and drops the pages of the chunk before, clean by then (it never drops a dirty
+    page, so nothing is lost; the fsync still makes the shard durable).
+    """
+
+    def __init__(self, offset: int):
+        self.written = offset  # bytes in the file
+        self.started = offset  # write-back started up to here
+        self.dropped = 0  # pages dropped (or about to be) up to here
+        self.enabled = hasattr(os, "posix_fadvise")
+
+    def advance(self, handle, count: int) -> None:
+        self.written += count
+        if not self.enabled or self.written - self.started < WRITEBACK_BYTES:
+            return
+        handle.flush()
+        try:
+            length = self.written - self.dropped
+            os.posix_fadvise(handle.fileno(), self.dropped, length, os.POSIX_FADV_DONTNEED)
+        except OSError:  # a file system without it: the fsync does it all, as before
+            self.enabled = False
+        self.dropped, self.started = self.started, self.written
 
 
 def shard_file_names(count: int) -> list[str]:
@@ -101,6 +133,7 @@ class ShardWriter:
         self._open_shard = -1
         self._handle = None
         self._digest = shard_digest()
+        self._writeback = EarlyWriteback(0)
         self._on_shard_finished = on_shard_finished
         self._part_bytes = 0
         self.bytes_written = 0
@@ -134,6 +167,7 @@ class ShardWriter:
             self._start_shard(shard_index)
         self._handle.write(data)
         self._digest.update(data)
+        self._writeback.advance(self._handle, data.nbytes)
         self._part_bytes += data.nbytes
         if self._part_bytes < expected.nbytes:
             return
@@ -149,6 +183,7 @@ class ShardWriter:
         header = encode_header(self.shards[shard_index], {"format": "pt"})
         self._handle.write(header)
         self._digest = shard_digest(header)
+        self._writeback = EarlyWriteback(len(header))
 
     def _finish_shard(self) -> None:
         self._handle.flush()

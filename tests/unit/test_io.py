@@ -303,6 +303,42 @@ def test_single_shard_is_model_safetensors_without_index(tmp_path):
     assert load_file(tmp_path / "model.safetensors")["layer.steps"].tolist() == [0, 1, 2]
 
 
+def test_writer_starts_write_back_as_it_goes_and_drops_only_older_chunks(tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES the new bytes' write-back starts and the chunk before is
+    dropped from the cache; the file is the same either way, and a file system that refuses
+    the advice is written as before."""
+    from della_cli.io import writer as writer_module
+
+    calls = []
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(
+        os,
+        "posix_fadvise",
+        lambda fd, start, length, advice: calls.append((start, start + length, advice)),
+    )
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(12)}  # 400 B each
+    (tmp_path / "advised").mkdir()
+    write_model(tmp_path / "advised", tensors, max_shard_bytes=10**9)
+    h = (tmp_path / "advised" / "model.safetensors").stat().st_size - 12 * 400  # the header
+    # Each call covers the chunk just written (1200 B: the first write to reach 1000) and the
+    # one before it, whose pages are clean by then.
+    assert calls == [
+        (0, h + 1200, os.POSIX_FADV_DONTNEED),
+        (h, h + 2400, os.POSIX_FADV_DONTNEED),
+        (h + 1200, h + 3600, os.POSIX_FADV_DONTNEED),
+        (h + 2400, h + 4800, os.POSIX_FADV_DONTNEED),
+    ]
+
+    def refuse(*args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    (tmp_path / "refused").mkdir()
+    write_model(tmp_path / "refused", tensors, max_shard_bytes=10**9)
+    written = (tmp_path / "advised" / "model.safetensors").read_bytes()
+    assert written == (tmp_path / "refused" / "model.safetensors").read_bytes()
+
+
 def test_writer_refuses_tensors_out_of_plan(tmp_path):
     shards = [[OutputTensor("a", "F32", (2,)), OutputTensor("b", "F32", (2,))]]
     writer = ShardWriter(tmp_path, shards)
