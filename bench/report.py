@@ -126,7 +126,8 @@ def notes(device: str = "cpu", check: bool = True) -> str:
         "10 MB of the launcher it was forked from). Tools alternate run by run (della, "
         "mergekit, floor, della, ...). Every case starts with one untimed read of all its "
         "inputs, so all runs are warm-cache. The floor reads every input byte (16 MiB buffers) "
-        "and writes the output's weight bytes with an fsync; the merges do not fsync. "
+        "and writes the output's weight bytes, starting their write-back every 64 MiB and "
+        "ending with an fsync, as della writes its shards; mergekit does not fsync. "
         f"Merges run with --device {device} and seed 42."
     )
     if check:

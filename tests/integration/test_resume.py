@@ -58,6 +58,23 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs, not even cleanup."""
 
 
+def kill_after(jobs: int, recipe: Path, out: Path, options: MergeOptions, monkeypatch) -> list:
+    """Run a merge that is killed after ``jobs`` finished tensors, leaving its staging folder
+    as a real kill would; returns the names of the tensors it finished."""
+    done = []
+
+    def die(job):
+        done.append(job.name)
+        if len(done) == jobs:
+            raise Killed
+
+    monkeypatch.setattr("della_cli.io.output.shutil.rmtree", lambda *args, **kwargs: None)
+    with pytest.raises(Killed):
+        run_merge(recipe, out, options, on_progress=die)
+    monkeypatch.undo()
+    return done
+
+
 def test_resumed_merge_is_byte_identical(della_recipe, tmp_path, monkeypatch):
     options = MergeOptions(out_shard_bytes=600_000)
     reference = tmp_path / "uninterrupted"
@@ -65,18 +82,7 @@ def test_resumed_merge_is_byte_identical(della_recipe, tmp_path, monkeypatch):
     assert len(list(reference.glob("model-*.safetensors"))) == 6
 
     out = tmp_path / "merged"
-    done = []
-
-    def die_after_seven(job):
-        done.append(job.name)
-        if len(done) == 7:
-            raise Killed
-
-    # A kill runs no cleanup: keep the staging folder as a real kill would.
-    monkeypatch.setattr("della_cli.io.output.shutil.rmtree", lambda *args, **kwargs: None)
-    with pytest.raises(Killed):
-        run_merge(della_recipe, out, options, on_progress=die_after_seven)
-    monkeypatch.undo()
+    kill_after(7, della_recipe, out, options, monkeypatch)
     staging = staging_path(out)
     journal = json.loads((staging / JOURNAL_NAME).read_text())
     assert 1 <= len(journal["shards"]) < 7
@@ -101,17 +107,7 @@ def test_resume_recomputes_a_shard_that_was_corrupted(della_recipe, tmp_path, mo
     reference = tmp_path / "uninterrupted"
     run_merge(della_recipe, reference, options)
     out = tmp_path / "merged"
-    count = []
-
-    def die(job):
-        count.append(job)
-        if len(count) == 9:
-            raise Killed
-
-    monkeypatch.setattr("della_cli.io.output.shutil.rmtree", lambda *args, **kwargs: None)
-    with pytest.raises(Killed):
-        run_merge(della_recipe, out, options, on_progress=die)
-    monkeypatch.undo()
+    kill_after(9, della_recipe, out, options, monkeypatch)
     first = staging_path(out) / "model-00001-of-00006.safetensors"
     data = bytearray(first.read_bytes())
     data[-1] ^= 0xFF  # a bit flipped on disk after the shard was recorded
@@ -127,17 +123,7 @@ def test_a_journal_of_another_digest_is_not_trusted(della_recipe, tmp_path, monk
     reference = tmp_path / "uninterrupted"
     run_merge(della_recipe, reference, options)
     out = tmp_path / "merged"
-    count = []
-
-    def die(job):
-        count.append(job)
-        if len(count) == 9:
-            raise Killed
-
-    monkeypatch.setattr("della_cli.io.output.shutil.rmtree", lambda *args, **kwargs: None)
-    with pytest.raises(Killed):
-        run_merge(della_recipe, out, options, on_progress=die)
-    monkeypatch.undo()
+    kill_after(9, della_recipe, out, options, monkeypatch)
     journal_path = staging_path(out) / JOURNAL_NAME
     journal = json.loads(journal_path.read_text())
     assert journal["version"] == 2 and journal["shards"]
@@ -150,17 +136,7 @@ def test_a_journal_of_another_digest_is_not_trusted(della_recipe, tmp_path, monk
 def test_resume_with_another_seed_starts_over(della_recipe, tmp_path, monkeypatch):
     out = tmp_path / "merged"
     options = MergeOptions(out_shard_bytes=600_000)
-    count = []
-
-    def die(job):
-        count.append(job)
-        if len(count) == 7:
-            raise Killed
-
-    monkeypatch.setattr("della_cli.io.output.shutil.rmtree", lambda *args, **kwargs: None)
-    with pytest.raises(Killed):
-        run_merge(della_recipe, out, options, on_progress=die)
-    monkeypatch.undo()
+    kill_after(7, della_recipe, out, options, monkeypatch)
     warnings = []
     resumed = MergeOptions(out_shard_bytes=600_000, resume=True, seed=6)
     report = run_merge(della_recipe, out, resumed, on_warning=warnings.append)
