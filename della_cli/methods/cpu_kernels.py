@@ -29,6 +29,11 @@ except ImportError:  # pragma: no cover - exercised only where numba is not inst
     numba = None
 
 _MASK32 = 0xFFFFFFFF
+# The row sort's digits: three of 11 bits cover a 31-bit magnitude key.
+_DIGIT_BITS = 11
+_DIGITS = 3
+_BUCKETS = 1 << _DIGIT_BITS
+_DIGIT_MASK = _BUCKETS - 1
 
 
 def available() -> bool:
@@ -39,34 +44,34 @@ if numba is not None:
 
     @numba.njit(cache=True)
     def _stable_ranks(keys, ranks, keys_a, keys_b, index_a, index_b, counts):
-        """Ascending rank of each key, equal keys in position order: an LSD radix sort over
-        four 8-bit digits whose histograms come from one counting pass; keys travel with
-        their positions so each pass reads sequentially, and a digit that is the same for
-        every key is skipped."""
+        """Ascending rank of each 31-bit key, equal keys in position order: an LSD radix sort
+        over three 11-bit digits whose histograms come from one counting pass; keys travel
+        with their positions so each pass reads sequentially, and a digit that is the same
+        for every key is skipped. (Three 11-bit passes measured faster than four 8-bit ones:
+        the bucket tables still fit in L1, and each pass moves every key once.)"""
         n = keys.shape[0]
         counts[:, :] = 0
         for i in range(n):
             key = keys[i]
-            counts[0, key & 255] += 1
-            counts[1, (key >> 8) & 255] += 1
-            counts[2, (key >> 16) & 255] += 1
-            counts[3, key >> 24] += 1
+            counts[0, key & _DIGIT_MASK] += 1
+            counts[1, (key >> _DIGIT_BITS) & _DIGIT_MASK] += 1
+            counts[2, key >> (2 * _DIGIT_BITS)] += 1
         source_keys, source_index = keys, index_a
         target_keys, target_index = keys_a, index_b
         for i in range(n):
             index_a[i] = i
-        for digit in range(4):
-            shift = 8 * digit
-            if counts[digit, (keys[0] >> shift) & 255] == n:
+        for digit in range(_DIGITS):
+            shift = _DIGIT_BITS * digit
+            if counts[digit, (keys[0] >> shift) & _DIGIT_MASK] == n:
                 continue  # this digit orders nothing
             total = 0
-            for bucket in range(256):
+            for bucket in range(_BUCKETS):
                 count = counts[digit, bucket]
                 counts[digit, bucket] = total
                 total += count
             for i in range(n):
                 key = source_keys[i]
-                bucket = (key >> shift) & 255
+                bucket = (key >> shift) & _DIGIT_MASK
                 slot = counts[digit, bucket]
                 counts[digit, bucket] = slot + 1
                 target_keys[slot] = key
@@ -135,7 +140,7 @@ if numba is not None:
             np.empty(n, dtype=np.uint32),
             np.empty(n, dtype=np.int32),
             np.empty(n, dtype=np.int32),
-            np.empty((4, 256), dtype=np.int64),
+            np.empty((_DIGITS, _BUCKETS), dtype=np.int32),
         )
         denominator = np.float32(max(n - 1, 1))
         for i in range(n):
