@@ -22,6 +22,10 @@ except ImportError:  # pragma: no cover - exercised only where numba is not inst
     numba = None
 
 _CHUNK = 4096
+# The radix selection takes 16 bits of the 31-bit key a pass: two passes over the inputs,
+# where 8-bit digits took four; each pass recomputes |δ|, which is what the selection costs.
+_DIGIT_BITS = 16
+_BUCKETS = 1 << _DIGIT_BITS
 
 
 def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -40,7 +44,9 @@ def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) 
         wanted = np.array([numel - max(low, 0), numel - min(high, numel)], dtype=np.int64)
         active = np.array([low > 0, high < numel], dtype=np.bool_)
         chunks = max(1, min(numba.get_num_threads() * 4, numel // _CHUNK))
-        pivots, wanted = _pivots(e, b, wanted, active, chunks)
+        # one histogram per thread's share: 1 MiB each to clear and sum per pass
+        shares = max(1, min(numba.get_num_threads(), numel // _CHUNK))
+        pivots, wanted = _pivots(e, b, wanted, active, shares)
         _mark(e, b, pivots, wanted, active, keep, chunks)
     return keep.reshape(expert.shape)
 
@@ -79,14 +85,15 @@ if numba is not None:
 
     @numba.njit(parallel=True, cache=True)
     def _pivots(expert, base, wanted, active, chunks):
-        """Radix selection of the magnitude at each of the two ranks, 8 bits a pass from the
+        """Radix selection of the magnitude at each of the two ranks, 16 bits a pass from the
         top: returns each pivot and how many entries equal to it are still to be kept."""
         n = expert.shape[0]
         wanted = wanted.copy()
         prefix = np.zeros(2, dtype=np.uint32)
         prefix_mask = np.uint32(0)
-        for shift in range(24, -8, -8):
-            partial = np.zeros((chunks, 2, 256), dtype=np.int64)
+        digit_mask = np.uint32(_BUCKETS - 1)
+        for shift in range(32 - _DIGIT_BITS, -_DIGIT_BITS, -_DIGIT_BITS):
+            partial = np.zeros((chunks, 2, _BUCKETS), dtype=np.int64)
             for chunk in numba.prange(chunks):
                 first, last = chunk * n // chunks, (chunk + 1) * n // chunks
                 scratch_expert, scratch_base, keys = _scratch()
@@ -95,20 +102,22 @@ if numba is not None:
                     _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
                     for j in range(stop - start):
                         key = keys[j]
-                        digit = (key >> np.uint32(shift)) & np.uint32(255)
+                        digit = (key >> np.uint32(shift)) & digit_mask
                         for selection in range(2):
                             if active[selection] and (key & prefix_mask) == prefix[selection]:
                                 partial[chunk, selection, digit] += 1
-            counts = partial.sum(axis=0)
+            counts = np.zeros((2, _BUCKETS), dtype=np.int64)
+            for chunk in range(chunks):
+                counts += partial[chunk]
             for selection in range(2):
                 if not active[selection]:
                     continue
-                digit = 255
+                digit = _BUCKETS - 1
                 while counts[selection, digit] < wanted[selection]:
                     wanted[selection] -= counts[selection, digit]
                     digit -= 1
                 prefix[selection] |= np.uint32(digit) << np.uint32(shift)
-            prefix_mask |= np.uint32(255) << np.uint32(shift)
+            prefix_mask |= digit_mask << np.uint32(shift)
         return prefix, wanted
 
     @numba.njit(parallel=True, cache=True)
