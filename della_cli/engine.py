@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from della_cli.errors import ModelError
-from della_cli.io.dtypes import NUMPY_DTYPES, cast, from_torch
+from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
 from della_cli.methods import Rescale, Sparsifier, fused_merge, trim_select
@@ -277,7 +277,8 @@ class MergeEngine:
         self, task: BlockTask, loaded: list[np.ndarray], mask_blocks: list[Mask] | None
     ) -> np.ndarray | None:
         """The block merged by the compiled whole-merge pass, straight from the inputs as
-        stored, or None where that pass does not apply (the torch path then runs)."""
+        stored, or None where that pass does not apply (the torch path then runs). Where it
+        applies, the trim masks are trim_select's arrays: both need the same CPU dtypes."""
         job = task.job
         out_dtype = NUMPY_DTYPES[job.out_dtype]
         if not self._fused_applies(loaded, out_dtype):
@@ -286,8 +287,6 @@ class MergeEngine:
         plans = [self._expert_plan(job.name, source.model, n) for source in job.experts]
         if any(plan is None for plan in plans):
             return None
-        if mask_blocks is not None:  # masks the torch path selected, on the CPU: no copy
-            mask_blocks = [m if isinstance(m, np.ndarray) else from_torch(m) for m in mask_blocks]
         merged, nonfinite = fused_merge.merge_block(
             loaded[0],
             loaded[1:],

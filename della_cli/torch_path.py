@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from della_cli.io.dtypes import from_torch, to_torch, torch_dtype
+from della_cli.io.dtypes import NUMPY_DTYPES, from_torch, to_torch, torch_dtype
 from della_cli.methods import ExpertParams, GlobalParams, MethodSpec, cpu_kernels
 from della_cli.methods.merge import merge_tensor
 from della_cli.methods.randomness import Draws
@@ -36,16 +36,17 @@ class TorchPath:
 
     def to_device(self, raw: np.ndarray) -> torch.Tensor:
         tensor = to_torch(raw)
-        if tensor.dtype == torch.bfloat16 and self._widens_on_cpu(tensor):
+        if self._widens_on_cpu(raw):
             return cpu_kernels.bfloat16_to_float32(tensor)  # torch's bits, on all cores
         return tensor.to(self.device, dtype=self.compute_dtype, non_blocking=True)
 
-    def _widens_on_cpu(self, tensor: torch.Tensor) -> bool:
-        """Whether a large input is widened to float32 by the compiled CPU kernels."""
+    def _widens_on_cpu(self, raw: np.ndarray) -> bool:
+        """Whether a large bfloat16 input is widened to float32 by the compiled CPU kernels."""
         return (
-            self.device.type == "cpu"
+            raw.dtype == NUMPY_DTYPES["BF16"]
+            and self.device.type == "cpu"
             and self.compute_dtype == torch.float32
-            and tensor.numel() >= 1 << 16
+            and raw.size >= 1 << 16
             and cpu_kernels.available()
         )
 
@@ -90,9 +91,6 @@ class TorchPath:
 
     def task_vector_magnitude(self, expert: np.ndarray, reference: np.ndarray) -> torch.Tensor:
         """|expert - reference| in the compute dtype, from the arrays as stored."""
-        expert_tensor, reference_tensor = to_torch(expert), to_torch(reference)
-        both_bfloat16 = expert_tensor.dtype == reference_tensor.dtype == torch.bfloat16
-        if both_bfloat16 and self._widens_on_cpu(expert_tensor):
-            return cpu_kernels.bfloat16_delta_magnitude(expert_tensor, reference_tensor)
-        widened = self.to_device(expert)
-        return widened.sub_(self.to_device(reference)).abs_()
+        if expert.dtype == reference.dtype and self._widens_on_cpu(expert):
+            return cpu_kernels.bfloat16_delta_magnitude(to_torch(expert), to_torch(reference))
+        return self.to_device(expert).sub_(self.to_device(reference)).abs_()

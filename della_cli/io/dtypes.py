@@ -41,6 +41,7 @@ _BITS = {"BF16": "int16", "F8_E4M3": "int8", "F8_E5M2": "int8"}
 
 NUMPY_DTYPES: dict[str, np.dtype] = {code: numpy for code, (numpy, _) in _TYPES.items()}
 CODES: dict[np.dtype, str] = {numpy: code for code, numpy in NUMPY_DTYPES.items()}
+_CODES_BY_TORCH_NAME = {torch_name: code for code, (_, torch_name) in _TYPES.items()}
 
 # Names users write in recipes and configs, mapped to safetensors codes.
 DTYPE_NAMES: dict[str, str] = {
@@ -73,8 +74,7 @@ def torch_dtype(code: str) -> torch.dtype:
 
 def torch_code(dtype: torch.dtype) -> str | None:
     """The safetensors code of a torch dtype (None for one safetensors lacks)."""
-    name = str(dtype).removeprefix("torch.")
-    return next((code for code, (_, torch_name) in _TYPES.items() if torch_name == name), None)
+    return _CODES_BY_TORCH_NAME.get(str(dtype).removeprefix("torch."))
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
