@@ -4,14 +4,18 @@ Tensors are merged in blocks of rows, so memory is bounded by a few blocks (plus
 methods, one tensor at a time; see ``Plan.working_memory_bytes``), never by the model's size.
 The engine never prints: progress and warnings go to callbacks.
 
-Blocks are numpy arrays of the stored dtypes (``io.dtypes``). On the CPU the compiled pass
-(``methods.fused_merge``) merges them as they are, and torch is never imported; the other cases
-go through ``torch_path``, imported the first time a block needs it.
+Blocks are numpy arrays of the stored dtypes (``io.dtypes``). On the CPU, merges that neither
+sparsify nor elect signs (task arithmetic, linear) are numpy loops (``methods.weighted_sum``),
+the others the compiled pass (``methods.fused_merge``, numba, imported when first needed), both
+on the inputs as stored, and torch is never imported; the remaining cases go through
+``torch_path``, imported the first time a block needs it. Block buffers are recycled and
+placed for fast page-cache copies (``io.buffers``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,16 +25,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from della_cli.errors import ModelError
+from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import Rescale, Sparsifier, fused_merge, trim_select
+from della_cli.methods import Rescale, Sparsifier, weighted_sum
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import Draws, derive_key
 from della_cli.plan import BASE, Plan, Source, TensorJob
 from della_cli.recipe import Recipe
 
 if TYPE_CHECKING:
+    from della_cli.methods import fused_merge
     from della_cli.torch_path import Mask, TorchPath
 
 # Elements merged at a time. On the CPU 4M (16 MiB per float32 temporary) amortizes the cost
@@ -40,6 +46,8 @@ CPU_BLOCK_ELEMENTS = 1 << 22
 CUDA_BLOCK_ELEMENTS = 1 << 26
 DEFAULT_BLOCK_ELEMENTS = CPU_BLOCK_ELEMENTS
 MAX_WRITES_IN_FLIGHT = 2
+# Bytes per element of the widest dtype a pooled block buffer holds (float32).
+MAX_ITEMSIZE = 4
 # Sparsifiers that select over a whole tensor before it can be merged in blocks.
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
@@ -116,6 +124,12 @@ class MergeEngine:
         self._masks: dict[str, list[Mask] | None] = {}
         self._reported_nonfinite: set[tuple[int, str]] = set()
         self._torch_path: TorchPath | None = None
+        self._scratch = weighted_sum.Scratch()
+        # Set while ``run`` runs: weighted_sum's helper threads, recycled block buffers, and
+        # the writer (whose file offsets place the output buffers).
+        self._sum_pool: ThreadPoolExecutor | None = None
+        self._buffers: BufferPool | None = None
+        self._writer: ShardWriter | None = None
 
     @property
     def torch_path(self) -> TorchPath:
@@ -132,23 +146,45 @@ class MergeEngine:
         with (
             ThreadPoolExecutor(1, thread_name_prefix="della-read") as reads,
             ThreadPoolExecutor(1, thread_name_prefix="della-write") as writes,
+            # helpers of the calling thread for weighted_sum (threads start on first use)
+            ThreadPoolExecutor(max(_cpu_count() - 1, 1), thread_name_prefix="della-sum") as sums,
         ):
-            prefetched = reads.submit(self.load, tasks[0]) if tasks else None
-            in_flight: deque[Future] = deque()
-            for index, task in enumerate(tasks):
-                loaded = prefetched.result()
-                if index + 1 < len(tasks):
-                    prefetched = reads.submit(self.load, tasks[index + 1])
-                chunk = self.compute_block(task, loaded)
-                del loaded
-                in_flight.append(writes.submit(self._write, writer, task, chunk))
-                while len(in_flight) > MAX_WRITES_IN_FLIGHT:
-                    in_flight.popleft().result()
-            for future in in_flight:
-                future.result()
+            self._sum_pool = sums if _cpu_count() > 1 else None
+            self._buffers = BufferPool(self.block_elements * MAX_ITEMSIZE)
+            self._writer = writer
+            try:
+                self._run_tasks(tasks, reads, writes, writer)
+            finally:
+                self._sum_pool = self._buffers = self._writer = None
+
+    def _run_tasks(
+        self,
+        tasks: list[BlockTask],
+        reads: ThreadPoolExecutor,
+        writes: ThreadPoolExecutor,
+        writer: ShardWriter,
+    ) -> None:
+        prefetched = reads.submit(self.load, tasks[0]) if tasks else None
+        in_flight: deque[Future] = deque()
+        for index, task in enumerate(tasks):
+            loaded = prefetched.result()
+            if index + 1 < len(tasks):
+                prefetched = reads.submit(self.load, tasks[index + 1])
+            chunk = self.compute_block(task, loaded)
+            if task.job.action == "merge":  # the output is a new array: the inputs are free
+                for array in loaded:
+                    self._buffers.give(array)
+            del loaded
+            in_flight.append(writes.submit(self._write, writer, task, chunk))
+            while len(in_flight) > MAX_WRITES_IN_FLIGHT:
+                in_flight.popleft().result()
+        for future in in_flight:
+            future.result()
 
     def _write(self, writer: ShardWriter, task: BlockTask, chunk: np.ndarray) -> None:
         writer.write_part(task.job.name, chunk)
+        if task.job.action == "merge":
+            self._buffers.give(chunk)
         if task.last:
             self.on_progress(task.job)
 
@@ -183,31 +219,46 @@ class MergeEngine:
                 return [self.read(job.reference)]
             rows, _ = _rows_shape(job.shape)
             return [self.read_reference_rows(job, 0, rows).reshape(job.shape)]
-        reference = self.read_reference_rows(job, task.start, task.stop)
-        experts = [self.read_expert_rows(job, s, task.start, task.stop) for s in job.experts]
+        pool = self._buffers
+        reference = self.read_reference_rows(job, task.start, task.stop, pool)
+        experts = [
+            self.read_expert_rows(job, source, task.start, task.stop, pool)
+            for source in job.experts
+        ]
         return [reference, *experts]
 
     def read(self, source: Source) -> np.ndarray:
         """One input tensor, as stored."""
         return self.inputs.reader(source.model).read(source.tensor)
 
-    def read_rows(self, source: Source, start: int, stop: int) -> np.ndarray:
-        return self.inputs.reader(source.model).read_rows(source.tensor, start, stop)
+    def read_rows(
+        self, source: Source, start: int, stop: int, pool: BufferPool | None = None
+    ) -> np.ndarray:
+        return self.inputs.reader(source.model).read_rows(source.tensor, start, stop, pool)
 
-    def read_reference_rows(self, job: TensorJob, start: int, stop: int) -> np.ndarray:
+    def read_reference_rows(
+        self, job: TensorJob, start: int, stop: int, pool: BufferPool | None = None
+    ) -> np.ndarray:
         """The reference's rows, fitted to the job's shape when ``tokenizer_source`` changed the
         vocabulary: rows past the job's are not read, and rows past the reference's own come
         from its ``fill`` source."""
         source = job.reference
         if source.rows is None:
-            return self.read_rows(source, start, stop)
+            return self.read_rows(source, start, stop, pool)
         return self.fitted_rows(job, source, start, stop, source.fill)
 
-    def read_expert_rows(self, job: TensorJob, source: Source, start: int, stop: int):
+    def read_expert_rows(
+        self,
+        job: TensorJob,
+        source: Source,
+        start: int,
+        stop: int,
+        pool: BufferPool | None = None,
+    ) -> np.ndarray:
         """An expert's rows, fitted to the reference's vocabulary: extra rows are cropped, and
         rows it lacks are the reference's own (a zero delta), in the compute dtype."""
         if source.rows is None:
-            return self.read_rows(source, start, stop)
+            return self.read_rows(source, start, stop, pool)
         return self.fitted_rows(job, source, start, stop, None, self.plan.compute_dtype)
 
     def fitted_rows(
@@ -253,6 +304,9 @@ class MergeEngine:
         if task.last:
             del self._masks[job.name]
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
+        summed = self.weighted_sum_block(task, loaded)
+        if summed is not None:
+            return summed
         fused = self.fused_block(task, loaded, mask_blocks)
         if fused is not None:
             return fused
@@ -273,12 +327,66 @@ class MergeEngine:
             job.out_dtype,
         )
 
+    def weighted_sum_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray | None:
+        """The block merged by ``weighted_sum`` where nothing is sparsified or elected (task
+        arithmetic, linear): numpy's loops are as fast there as the compiled pass, without its
+        start-up. None where it does not apply."""
+        job = task.job
+        method = self.recipe.method
+        first = loaded[0]
+        if not (
+            self.fused_kernels
+            and self.on_cpu
+            and self.plan.compute_dtype == "F32"
+            and not method.sign_consensus
+            and weighted_sum.supports(NUMPY_DTYPES[job.out_dtype])
+            and all(weighted_sum.supports(t.dtype) and t.shape == first.shape for t in loaded)
+        ):
+            return None
+        params = [self.recipe.expert_params(source.model, job.name) for source in job.experts]
+        if method.sparsifier is not Sparsifier.NONE and any(
+            p.density is not None and p.density < 1.0 for p in params
+        ):
+            return None
+        spec = weighted_sum.WeightedSum(
+            weights=tuple(p.weight for p in params),
+            on_deltas=method.on_deltas,
+            normalize=self.global_params.normalize,
+            lambda_=self.global_params.lambda_,
+        )
+        merged, nonfinite = weighted_sum.merge_block(
+            first,
+            loaded[1:],
+            spec,
+            NUMPY_DTYPES[job.out_dtype],
+            self._sum_pool,
+            _cpu_count() - 1,
+            out=self.output_buffer(task, first.shape),
+            scratch=self._scratch,
+        )
+        if nonfinite.any():
+            self.report_nonfinite([job.reference, *job.experts], [bool(f) for f in nonfinite])
+        return merged
+
+    def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
+        """An array for a block's output, placed for the write of its bytes (``io.buffers``);
+        recycled once written."""
+        job = task.job
+        dtype = NUMPY_DTYPES[job.out_dtype]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._writer is None or self._buffers is None:
+            return np.empty(shape, dtype=dtype)
+        offset = self._writer.file_offset(job.name, task.start * (nbytes // max(shape[0], 1)))
+        return self._buffers.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
+
     def fused_block(
         self, task: BlockTask, loaded: list[np.ndarray], mask_blocks: list[Mask] | None
     ) -> np.ndarray | None:
         """The block merged by the compiled whole-merge pass, straight from the inputs as
         stored, or None where that pass does not apply (the torch path then runs). Where it
         applies, the trim masks are trim_select's arrays: both need the same CPU dtypes."""
+        from della_cli.methods import fused_merge  # numba: imported only when needed
+
         job = task.job
         out_dtype = NUMPY_DTYPES[job.out_dtype]
         if not self._fused_applies(loaded, out_dtype):
@@ -299,12 +407,15 @@ class MergeEngine:
             normalize=self.global_params.normalize,
             lambda_=self.global_params.lambda_,
             out_dtype=out_dtype,
+            out=self.output_buffer(task, loaded[0].shape),
         )
         if nonfinite.any():
             self.report_nonfinite([job.reference, *job.experts], [bool(f) for f in nonfinite])
         return merged
 
     def _fused_applies(self, loaded: list[np.ndarray], out_dtype: np.dtype) -> bool:
+        from della_cli.methods import fused_merge
+
         first = loaded[0]
         return (
             self.fused_kernels
@@ -320,6 +431,8 @@ class MergeEngine:
     def _expert_plan(self, name: str, index: int, n: int) -> fused_merge.ExpertPlan | None:
         """How expert ``index`` is sparsified in the fused pass, as ``sparsify_delta`` does it
         (None: a case only the torch path handles)."""
+        from della_cli.methods import fused_merge
+
         params = self.recipe.expert_params(index, name)
         sparsifier = self.recipe.method.sparsifier
         density = params.density
@@ -357,6 +470,8 @@ class MergeEngine:
         sparsifier = self.recipe.method.sparsifier
         if sparsifier not in WHOLE_TENSOR_SPARSIFIERS:
             return None
+        from della_cli.methods import trim_select  # numba: imported only when needed
+
         total_rows, _ = _rows_shape(job.shape)
         reference = self.read_reference_rows(job, 0, total_rows)  # kept as stored: smaller
         masks: list[Mask] = []
@@ -399,6 +514,13 @@ class MergeEngine:
                     f"'{self.recipe.model_refs[index]}' differs from the base in "
                     f"non-float tensor '{job.name}'; the base's is kept"
                 )
+
+
+def _cpu_count() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _rows_shape(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -124,7 +124,8 @@ class PickleModelReader(ModelReader):
             self._state_of(info.path)[name].clone(memory_format=torch.contiguous_format)
         )
 
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    def read_rows(self, name: str, start: int, stop: int, pool: object = None) -> np.ndarray:
+        """Rows of a tensor already in memory (``pool``: unused, for the reader interface)."""
         info = self.tensors[name]
         tensor = self._state_of(info.path)[name]
         if tensor.dim() <= 1:

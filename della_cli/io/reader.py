@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from della_cli.errors import ModelError
+from della_cli.io.buffers import BufferPool, placed, read_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, is_floating, itemsize
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -244,9 +245,12 @@ class ModelReader:
         info = self.tensors[name]
         return self._read_bytes(info, 0, info.nbytes).reshape(info.shape)
 
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    def read_rows(
+        self, name: str, start: int, stop: int, pool: BufferPool | None = None
+    ) -> np.ndarray:
         """Rows ``start:stop`` of a tensor seen as (shape[0], -1) (a 1-D or 0-D tensor is one
-        row), read without touching the rest of it: rows are contiguous in the file."""
+        row), read without touching the rest of it: rows are contiguous in the file. With a
+        ``pool``, into one of its buffers."""
         info = self.tensors[name]
         if len(info.shape) <= 1:
             return self.read(name).reshape(1, -1)[start:stop]
@@ -254,11 +258,14 @@ class ModelReader:
         if info.nbytes == 0:  # no rows, or rows of nothing: no bytes to read
             return np.empty((stop - start, row_length), dtype=NUMPY_DTYPES[info.dtype])
         row_bytes = info.nbytes // info.shape[0]
-        flat = self._read_bytes(info, start * row_bytes, (stop - start) * row_bytes)
+        flat = self._read_bytes(info, start * row_bytes, (stop - start) * row_bytes, pool)
         return flat.reshape(stop - start, row_length)
 
-    def _read_bytes(self, info: TensorInfo, begin: int, count: int) -> np.ndarray:
-        buffer = np.empty(count, dtype=np.uint8)
+    def _read_bytes(
+        self, info: TensorInfo, begin: int, count: int, pool: BufferPool | None = None
+    ) -> np.ndarray:
+        offset = read_offset(info.offset + begin)
+        buffer = pool.take(count, offset) if pool is not None else placed(count, offset)
         view = memoryview(buffer)
         descriptor = self._descriptor(info.path)
         done = 0

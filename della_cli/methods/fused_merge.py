@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from della_cli.methods import cpu_kernels
+from della_cli.methods import cpu_kernels, weighted_sum
 
 try:
     import numba
@@ -71,18 +71,20 @@ def merge_block(
     normalize: bool,
     lambda_: float,
     out_dtype: np.dtype,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Merge a (rows, n) block whose first element has flat index ``start`` in its tensor.
 
-    Returns the merged rows in ``out_dtype`` and, per input (base first), whether it held a
-    NaN or Inf. ``rescale`` divides random-drop survivors by their keep probability; without
-    ``on_deltas`` (``linear``) the models themselves are averaged and the base only checked.
+    Returns the merged rows in ``out_dtype`` (in ``out`` if given, else a new array) and, per
+    input (base first), whether it held a NaN or Inf. ``rescale`` divides random-drop survivors
+    by their keep probability; without ``on_deltas`` (``linear``) the models themselves are
+    averaged and the base only checked.
     """
     rows, n = base.shape
     mask_arrays = tuple(np.ascontiguousarray(m) for m in masks) if masks else None
     if mask_arrays is None:
         mask_arrays = tuple(np.zeros((1, 1), dtype=np.bool_) for _ in experts)
-    out = np.empty((rows, n), dtype=out_dtype)
+    out = weighted_sum.output_array(out, (rows, n), out_dtype)
     nonfinite = np.zeros((rows, len(experts) + 1), dtype=np.bool_)
     _merge_rows(
         kernel_view(base),

@@ -688,17 +688,24 @@ def test_tied_base_with_untied_expert_gets_an_lm_head(model_zoo, merge, tmp_path
 
 @pytest.mark.parametrize(
     ("method", "parameters"),
-    [("della", {"density": 0.5, "epsilon": 0.1}), ("ties", {"density": 0.5}), ("linear", {})],
+    [
+        ("della", {"density": 0.5, "epsilon": 0.1}),
+        ("ties", {"density": 0.5}),
+        ("linear", {}),
+        ("task_arithmetic", {"lambda": 0.8}),
+    ],
 )
 def test_a_cpu_merge_of_bfloat16_models_never_imports_torch(
     model_zoo, write_recipe, tmp_path, monkeypatch, method, parameters
 ):
     """Importing torch costs more than merging a small model: the compiled CPU path and the
-    IO around it run on numpy alone, and the output is the torch path's."""
+    IO around it run on numpy alone, and the output is the torch path's. The weighted sums
+    (linear, task arithmetic) do not load numba either: its start-up would cost them more
+    than their whole merge."""
     import subprocess
     import sys
 
-    from della_cli.methods import cpu_kernels
+    from della_cli.methods import cpu_kernels, weighted_sum
 
     recipe = write_recipe(
         {
@@ -719,13 +726,15 @@ def test_a_cpu_merge_of_bfloat16_models_never_imports_torch(
         "    main()\n"
         "except SystemExit as done:\n"
         "    assert not done.code, done.code\n"
-        "print('torch' in sys.modules)\n"
+        "print('torch' in sys.modules, 'numba' in sys.modules)\n"
     )
     command = [sys.executable, "-c", script, "merge", str(recipe), str(out), "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    numba_needed = method not in ("linear", "task_arithmetic")
+    assert done.stdout.strip().splitlines()[-1] == f"False {numba_needed}"
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)  # the plain torch path
+    monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
     run_merge(recipe, tmp_path / "torch", MergeOptions(device="cpu"))
     written = (out / "model.safetensors").read_bytes()
     assert written == (tmp_path / "torch" / "model.safetensors").read_bytes()

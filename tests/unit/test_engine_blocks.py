@@ -57,10 +57,11 @@ def test_blocked_merge_equals_whole_tensor_merge(method, model_zoo, write_recipe
 def test_compiled_kernels_and_torch_path_write_the_same_bytes(
     method, dtype, out_dtype, model_zoo, write_recipe, tmp_path, monkeypatch
 ):
-    """The compiled passes (the whole-block merge, and the per-step kernels it falls back to)
-    against the plain torch implementation, byte for byte, on inputs as stored."""
+    """The fast CPU passes (the numpy weighted sum of task arithmetic and linear, the compiled
+    whole-block merge of the others, and the per-step kernels it falls back to) against the
+    plain torch implementation, byte for byte, on inputs as stored."""
     from della_cli.api import run_merge
-    from della_cli.methods import cpu_kernels, fused_merge
+    from della_cli.methods import cpu_kernels, fused_merge, weighted_sum
 
     recipe = {
         "merge_method": method,
@@ -76,17 +77,19 @@ def test_compiled_kernels_and_torch_path_write_the_same_bytes(
         **({"out_dtype": out_dtype} if out_dtype else {}),
     }
     recipe_path = write_recipe(recipe)
-    fused_blocks = []
-    merge_block = fused_merge.merge_block
+    fast = weighted_sum if method in ("task_arithmetic", "linear") else fused_merge
+    fast_blocks = []
+    merge_block = fast.merge_block
 
     def counted(*args, **kwargs):
-        fused_blocks.append(args[0].shape)
+        fast_blocks.append(args[0].shape)
         return merge_block(*args, **kwargs)
 
-    monkeypatch.setattr(fused_merge, "merge_block", counted)
+    monkeypatch.setattr(fast, "merge_block", counted)
     run_merge(recipe_path, tmp_path / "fused", MergeOptions(device="cpu"))
-    assert fused_blocks, "the whole-block pass never ran"
+    assert fast_blocks, f"{fast.__name__} never ran"
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
     assert fused == (tmp_path / "torch" / "model.safetensors").read_bytes()
@@ -163,7 +166,7 @@ def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
 ):
     """Degenerate shapes real checkpoints carry (an empty buffer, a scalar, rows of one)."""
     from della_cli.api import run_merge
-    from della_cli.methods import cpu_kernels
+    from della_cli.methods import cpu_kernels, weighted_sum
 
     shapes = {"empty": (0, 8), "scalar": (), "column": (16, 1), "one": (1,), "rows": (4, 32)}
     if method.startswith(("ties", "breadcrumbs")):  # a trim of one entry keeps none: refused
@@ -179,6 +182,7 @@ def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
     )
     run_merge(recipe_path, tmp_path / "fused", MergeOptions(device="cpu"))
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
     assert fused == (tmp_path / "torch" / "model.safetensors").read_bytes()

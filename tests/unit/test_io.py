@@ -417,3 +417,22 @@ def test_staged_folder_creates_a_new_destination(tmp_path):
     assert (out / "model.safetensors").read_bytes() == b"x"
     assert leftovers(out.parent) == []
     assert os.listdir(tmp_path) == ["deep"]
+
+
+def test_writer_knows_where_each_tensors_bytes_land_in_its_shard(tmp_path):
+    """The engine places output buffers by these offsets; they must be the file's own."""
+    tensors = {f"layer.{i}.weight": torch.full((4, 3 + i), float(i)) for i in range(5)}
+    outputs = [OutputTensor(n, "F32", tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardWriter(tmp_path, split_into_shards(outputs, max_shard_bytes=150))
+    offsets = {name: writer.file_offset(name, 4) for name in tensors}
+    for name, tensor in tensors.items():
+        writer.write(name, from_torch(tensor))
+    for file_name in writer.close():
+        raw = (tmp_path / file_name).read_bytes()
+        header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin = 8 + struct.unpack("<Q", raw[:8])[0] + entry["data_offsets"][0]
+            assert offsets[name] == begin + 4
+            assert raw[begin : begin + 4] == from_torch(tensors[name]).tobytes()[:4]

@@ -1,0 +1,171 @@
+"""The numpy weighted sum (task arithmetic, linear) against hand-computed values and the torch
+reference, byte for byte, including the non-finite flags and the bits of its NaNs."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from della_cli.io.dtypes import from_torch, to_torch
+from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor
+from della_cli.methods.weighted_sum import BFLOAT16, CHUNK, WeightedSum, merge_block
+
+F32 = np.dtype(np.float32)
+
+
+def as_bf16(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32).astype(BFLOAT16)
+
+
+def test_task_arithmetic_golden_values():
+    base = np.array([[1.0, -2.0, 0.5, 0.0]], dtype=np.float32)
+    first = np.array([[2.0, -2.0, 1.5, 4.0]], dtype=np.float32)  # δ = 1, 0, 1, 4
+    second = np.array([[0.0, 0.0, 0.5, -2.0]], dtype=np.float32)  # δ = -1, 2, 0, -2
+    spec = WeightedSum(weights=(1.0, 0.5), on_deltas=True, normalize=False, lambda_=2.0)
+    merged, flags = merge_block(base, [first, second], spec, F32)
+    # θ₀ + λ(δ₁ + 0.5 δ₂) = [1 + 2(0.5), -2 + 2(1), 0.5 + 2(1), 0 + 2(3)]
+    np.testing.assert_array_equal(merged, [[2.0, 0.0, 2.5, 6.0]])
+    assert flags.tolist() == [False, False, False]
+
+
+def test_linear_golden_values_normalized_by_the_weight_sum():
+    base = np.full((2, 2), 100.0, dtype=np.float32)  # linear ignores the base's values
+    first = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    second = np.array([[4.0, 8.0], [0.0, -4.0]], dtype=np.float32)
+    spec = WeightedSum(weights=(3.0, 1.0), on_deltas=False, normalize=True, lambda_=1.0)
+    merged, _ = merge_block(base, [first, second], spec, F32)
+    np.testing.assert_array_equal(merged, [[7 / 4, 14 / 4], [9 / 4, 8 / 4]])
+
+
+def test_weights_summing_to_zero_divide_by_one():
+    base = np.zeros((1, 2), dtype=np.float32)
+    first = np.array([[2.0, 4.0]], dtype=np.float32)
+    spec = WeightedSum(weights=(1.0, -1.0), on_deltas=True, normalize=True, lambda_=1.0)
+    merged, _ = merge_block(base, [first, first], spec, F32)
+    np.testing.assert_array_equal(merged, [[0.0, 0.0]])
+    assert not np.signbit(merged).any()  # 2 - 2 = +0, not NaN
+
+
+def test_a_sum_of_negative_zeros_starts_from_positive_zero_as_the_reference():
+    base = np.array([[0.0, -0.0]], dtype=np.float32)
+    first = np.array([[-0.0, -0.0]], dtype=np.float32)  # δ = -0 - 0 = -0, and -0 - -0 = +0
+    spec = WeightedSum(weights=(1.0,), on_deltas=True, normalize=False, lambda_=1.0)
+    merged, _ = merge_block(base, [first], spec, F32)
+    # Σ = +0 + δ = +0 in both entries, so θ = θ₀ + 0 = +0 and -0 + +0 = +0.
+    assert merged.view(np.uint32).tolist() == [[0, 0]]
+
+
+def reference(method: str, arrays, weights, out_dtype: torch.dtype, **global_values):
+    tensors = [to_torch(np.ascontiguousarray(a)).float() for a in arrays]
+    merged = merge_tensor(
+        METHODS[method],
+        tensors[0],
+        tensors[1:],
+        [ExpertParams(weight=w) for w in weights],
+        GlobalParams(**global_values),
+    )
+    return from_torch(merged.to(out_dtype))
+
+
+def awkward_inputs(shape, count, dtype, seed):
+    """bfloat16-valued inputs with exact ties, zeros of both signs and large values."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape, dtype=np.float32)
+    experts = [base + 0.01 * rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+    arrays = [a.astype(BFLOAT16).astype(np.float32) for a in (base, *experts)]
+    for index, array in enumerate(arrays):
+        flat = array.reshape(-1)
+        flat[index::11] = 0.0
+        flat[index + 3 :: 13] = -0.0
+        flat[5::97] = 3.0e38 if index else -3.0e38  # task vectors and sums overflow to Inf
+    return [a.astype(dtype) for a in arrays]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype"), [(BFLOAT16, BFLOAT16), (F32, F32), (BFLOAT16, F32)]
+)
+@pytest.mark.parametrize(
+    ("method", "global_values"),
+    [
+        ("task_arithmetic", {}),
+        ("task_arithmetic", {"normalize": True}),
+        ("task_arithmetic", {"lambda_": 0.7}),
+        ("task_arithmetic", {"normalize": True, "lambda_": 1.3}),
+        ("linear", {}),
+        ("linear", {"normalize": True}),
+    ],
+)
+def test_same_bytes_as_the_torch_reference(method, global_values, dtype, out_dtype):
+    arrays = awkward_inputs((37, 300), 3, dtype, seed=3)
+    weights = (1.0, 0.5, -0.25)
+    torch_out = torch.bfloat16 if out_dtype == BFLOAT16 else torch.float32
+    global_values = {"normalize": False, **global_values}
+    expected = reference(method, arrays, weights, torch_out, **global_values)
+    spec = WeightedSum(
+        weights=weights,
+        on_deltas=METHODS[method].on_deltas,
+        normalize=global_values["normalize"],
+        lambda_=global_values.get("lambda_", 1.0),
+    )
+    merged, _ = merge_block(arrays[0], arrays[1:], spec, out_dtype)
+    assert merged.dtype == out_dtype and merged.shape == arrays[0].shape
+    assert not np.isfinite(expected.astype(np.float32)).all()  # the data reach Inf or NaN
+    same_nan = np.isnan(merged.astype(np.float32)) == np.isnan(expected.astype(np.float32))
+    assert same_nan.all()
+    assert merged.tobytes() == expected.tobytes()
+
+
+def test_nan_results_get_the_bits_of_torchs_vectorized_bfloat16_conversion():
+    base = as_bf16([[1.0, 2.0, 3.0, 4.0]])
+    expert = as_bf16([[np.nan, 2.0, -np.nan, np.inf]])
+    spec = WeightedSum(weights=(1.0,), on_deltas=True, normalize=False, lambda_=1.0)
+    merged, flags = merge_block(base, [expert], spec, BFLOAT16)
+    assert merged.view(np.uint16).tolist() == [[0xFFFF, 0x4000, 0xFFFF, 0x7F80]]
+    assert flags.tolist() == [False, True]
+
+
+def test_non_finite_inputs_are_flagged_by_input_and_only_where_present():
+    shape = (4, CHUNK // 2)  # two chunks' worth of entries
+    base = np.ones(shape, dtype=BFLOAT16)
+    clean = np.full(shape, 2.0, dtype=BFLOAT16)
+    spiked = clean.copy()
+    spiked[3, -1] = np.inf
+    spec = WeightedSum(weights=(1.0, 1.0), on_deltas=True, normalize=False, lambda_=1.0)
+    _, flags = merge_block(base, [clean, spiked], spec, BFLOAT16)
+    assert flags.tolist() == [False, False, True]
+    # Finite inputs whose sum overflows float32 are not flagged.
+    huge = np.full((1, 8), 3.0e38, dtype=np.float32)
+    merged, flags = merge_block(huge, [huge * 0, huge * 0], spec, F32)
+    assert np.isinf(merged).all() and not flags.any()
+
+
+def test_linear_flags_a_non_finite_base_it_does_not_otherwise_read():
+    base = np.zeros((2, 8), dtype=BFLOAT16)
+    base[1, 2] = np.nan
+    expert = np.ones((2, 8), dtype=BFLOAT16)
+    spec = WeightedSum(weights=(1.0,), on_deltas=False, normalize=True, lambda_=1.0)
+    merged, flags = merge_block(base, [expert], spec, BFLOAT16)
+    assert flags.tolist() == [True, False]
+    assert (merged.astype(np.float32) == 1.0).all()
+
+
+def test_threads_split_a_block_without_changing_a_byte():
+    arrays = awkward_inputs((9, CHUNK // 3 + 7), 3, BFLOAT16, seed=5)  # spans cross chunks
+    arrays[2][4, 17] = np.nan
+    spec = WeightedSum(weights=(0.3, 1.0, 0.9), on_deltas=True, normalize=True, lambda_=0.8)
+    serial, serial_flags = merge_block(arrays[0], arrays[1:], spec, BFLOAT16)
+    with ThreadPoolExecutor(3) as helpers:
+        split, split_flags = merge_block(arrays[0], arrays[1:], spec, BFLOAT16, helpers, 3)
+    assert split.tobytes() == serial.tobytes()
+    assert split_flags.tolist() == serial_flags.tolist() == [False, False, True, False]
+
+
+def test_an_empty_block_merges_to_an_empty_result():
+    empty = np.zeros((0, 8), dtype=ml_dtypes.bfloat16)
+    spec = WeightedSum(weights=(1.0,), on_deltas=True, normalize=False, lambda_=1.0)
+    merged, flags = merge_block(empty, [empty], spec, BFLOAT16)
+    assert merged.shape == (0, 8) and flags.tolist() == [False, False]
