@@ -9,6 +9,7 @@ size and against the number of experts. Smoke test: ``python bench/bench.py --si
 from __future__ import annotations
 
 import argparse
+import mmap
 import shutil
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ class Bench:
         out_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         input_bytes = sum(p.stat().st_size for p in inputs)
         case = report.Case(method, size, experts, synth.SIZES[size].parameters, input_bytes)
-        read_all([str(p) for p in inputs], bytearray(BUFFER_BYTES))  # warm the page cache
+        read_all([str(p) for p in inputs], mmap.mmap(-1, BUFFER_BYTES))  # warm the page cache
         for run in range(1, self.args.runs + 1):
             for tool in [*self.args.tools, "floor"]:
                 out = work / "out" / tool
