@@ -124,10 +124,12 @@ def notes(device: str = "cpu", check: bool = True) -> str:
         "Each figure is the median over runs of a separate process (wall time with Python "
         "start-up and imports; peak RSS of that process from os.wait4, which includes about "
         "10 MB of the launcher it was forked from). Tools alternate run by run (della, "
-        "mergekit, floor, della, ...). Every case starts with one untimed read of all its "
-        "inputs, so all runs are warm-cache. The floor reads every input byte (16 MiB buffers) "
-        "and writes the output's weight bytes, starting their write-back every 64 MiB and "
-        "ending with an fsync, as della writes its shards; mergekit does not fsync. "
+        "mergekit, floor, della, ...), each after a sync, so that none waits behind the "
+        "write-back of the one before. Every case starts with one untimed read of all its "
+        "inputs, so all runs are warm-cache. The floor reads every input byte (into one "
+        "page-aligned 1 MiB buffer) and writes the output's weight bytes, starting their "
+        "write-back every 64 MiB and ending with an fsync, as della writes its shards; "
+        "mergekit does not fsync. "
         f"Merges run with --device {device} and seed 42."
     )
     if check:
