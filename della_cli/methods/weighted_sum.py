@@ -41,7 +41,7 @@ BFLOAT16_NAN_BITS = 0xFFFF
 
 class Scratch:
     """Each thread's chunk buffers, kept from block to block: new memory is costly (its pages
-    are faulted in and zeroed), and a merge calls ``merge_block`` thousands of times."""
+    are faulted in and zeroed), and a merge calls ``merge_block`` once per block."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -173,8 +173,9 @@ def _merge_chunk(
             np.subtract(expert, widened_base, out=term)
             if weight != 1.0:
                 np.multiply(term, np.float32(weight), out=term)
-        else:
-            np.multiply(expert, np.float32(weight), out=term)
+        else:  # widened first: a scalar must not decide the loop's dtype (numpy < 2)
+            np.copyto(term, expert, casting="safe")
+            np.multiply(term, np.float32(weight), out=term)
         np.add(total, term, out=total)
     divisor = spec.divisor
     if divisor is not None:
