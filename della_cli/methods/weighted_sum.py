@@ -1,9 +1,10 @@
 """Merges without sparsification or sign election (task arithmetic, linear), in numpy.
 
-These methods are a weighted sum of the inputs: a handful of float32 operations per entry, so
-a merge is bound by reading and writing, and the compiled pass (``fused_merge``) would cost
-more to load (numba's start-up, about a second) than it saves. numpy's loops are vectorized
-and release the GIL, so cache-sized chunks of a block run in parallel threads.
+These methods are a weighted sum of the inputs: a handful of float32 operations per entry, for
+which the compiled pass (``fused_merge``) cost more to load (numba's start-up, about a second)
+than it saved (task arithmetic with 3 experts, A/B on the 2-core reference machine: 3.3 s with
+the compiled pass and 2.3 s here at ~250M parameters, 9.1 s and 7.0 s at ~1.1B). numpy's loops
+are vectorized and release the GIL, so cache-sized chunks of a block run in parallel threads.
 
 The operations are the torch reference's (``merge.merge_tensor``), in its order and in float32,
 so the bytes are the same (the tests compare them):
