@@ -29,7 +29,7 @@ from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import Rescale, Sparsifier, weighted_sum
+from della_cli.methods import ExpertParams, Rescale, Sparsifier, weighted_sum
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import Draws, derive_key
 from della_cli.plan import BASE, Plan, Source, TensorJob
@@ -57,6 +57,9 @@ def block_elements_for(device: str) -> int:
 
 
 ProgressCallback = Callable[[TensorJob], None]
+# A block merged by a fast CPU pass: its rows, and per input (base first) whether it held
+# NaN or Inf.
+Merged = tuple[np.ndarray, np.ndarray]
 WarningCallback = Callable[[str], None]
 
 
@@ -130,6 +133,12 @@ class MergeEngine:
         self._sum_pool: ThreadPoolExecutor | None = None
         self._buffers: BufferPool | None = None
         self._writer: ShardWriter | None = None
+
+    @property
+    def _cpu_fast_paths(self) -> bool:
+        """Whether the numpy and compiled CPU passes may run (float32 math on the CPU, and
+        not switched off for a comparison with the torch path)."""
+        return self.fused_kernels and self.on_cpu and self.plan.compute_dtype == "F32"
 
     @property
     def torch_path(self) -> TorchPath:
@@ -304,12 +313,12 @@ class MergeEngine:
         if task.last:
             del self._masks[job.name]
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
-        summed = self.weighted_sum_block(task, loaded)
-        if summed is not None:
-            return summed
-        fused = self.fused_block(task, loaded, mask_blocks)
-        if fused is not None:
-            return fused
+        fast = self.weighted_sum_block(task, loaded) or self.fused_block(task, loaded, mask_blocks)
+        if fast is not None:
+            merged, nonfinite = fast
+            if nonfinite.any():
+                self.report_nonfinite([job.reference, *job.experts], [bool(f) for f in nonfinite])
+            return merged
         path = self.torch_path
         base, *models = path.inputs(loaded)
         flagged = path.nonfinite([base, *models])
@@ -327,7 +336,7 @@ class MergeEngine:
             job.out_dtype,
         )
 
-    def weighted_sum_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray | None:
+    def weighted_sum_block(self, task: BlockTask, loaded: list[np.ndarray]) -> Merged | None:
         """The block merged by ``weighted_sum`` where nothing is sparsified or elected (task
         arithmetic, linear): numpy's loops are as fast there as the compiled pass, without its
         start-up. None where it does not apply."""
@@ -335,18 +344,14 @@ class MergeEngine:
         method = self.recipe.method
         first = loaded[0]
         if not (
-            self.fused_kernels
-            and self.on_cpu
-            and self.plan.compute_dtype == "F32"
+            self._cpu_fast_paths
             and not method.sign_consensus
             and weighted_sum.supports(NUMPY_DTYPES[job.out_dtype])
             and all(weighted_sum.supports(t.dtype) and t.shape == first.shape for t in loaded)
         ):
             return None
         params = [self.recipe.expert_params(source.model, job.name) for source in job.experts]
-        if method.sparsifier is not Sparsifier.NONE and any(
-            p.density is not None and p.density < 1.0 for p in params
-        ):
+        if not all(_keeps_everything(method.sparsifier, p) for p in params):
             return None
         spec = weighted_sum.WeightedSum(
             weights=tuple(p.weight for p in params),
@@ -354,7 +359,7 @@ class MergeEngine:
             normalize=self.global_params.normalize,
             lambda_=self.global_params.lambda_,
         )
-        merged, nonfinite = weighted_sum.merge_block(
+        return weighted_sum.merge_block(
             first,
             loaded[1:],
             spec,
@@ -364,9 +369,6 @@ class MergeEngine:
             out=self.output_buffer(task, first.shape),
             scratch=self._scratch,
         )
-        if nonfinite.any():
-            self.report_nonfinite([job.reference, *job.experts], [bool(f) for f in nonfinite])
-        return merged
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);
@@ -381,7 +383,7 @@ class MergeEngine:
 
     def fused_block(
         self, task: BlockTask, loaded: list[np.ndarray], mask_blocks: list[Mask] | None
-    ) -> np.ndarray | None:
+    ) -> Merged | None:
         """The block merged by the compiled whole-merge pass, straight from the inputs as
         stored, or None where that pass does not apply (the torch path then runs). Where it
         applies, the trim masks are trim_select's arrays: both need the same CPU dtypes."""
@@ -395,7 +397,7 @@ class MergeEngine:
         plans = [self._expert_plan(job.name, source.model, n) for source in job.experts]
         if any(plan is None for plan in plans):
             return None
-        merged, nonfinite = fused_merge.merge_block(
+        return fused_merge.merge_block(
             loaded[0],
             loaded[1:],
             plans,
@@ -409,18 +411,13 @@ class MergeEngine:
             out_dtype=out_dtype,
             out=self.output_buffer(task, loaded[0].shape),
         )
-        if nonfinite.any():
-            self.report_nonfinite([job.reference, *job.experts], [bool(f) for f in nonfinite])
-        return merged
 
     def _fused_applies(self, loaded: list[np.ndarray], out_dtype: np.dtype) -> bool:
         from della_cli.methods import fused_merge
 
         first = loaded[0]
         return (
-            self.fused_kernels
-            and self.on_cpu
-            and self.plan.compute_dtype == "F32"
+            self._cpu_fast_paths
             and fused_merge.supports(first.dtype)
             and fused_merge.supports(out_dtype)
             and first.ndim == 2
@@ -436,7 +433,7 @@ class MergeEngine:
         params = self.recipe.expert_params(index, name)
         sparsifier = self.recipe.method.sparsifier
         density = params.density
-        if sparsifier is Sparsifier.NONE or density is None or density >= 1.0:
+        if _keeps_everything(sparsifier, params):
             return fused_merge.ExpertPlan(fused_merge.KEEP_ALL, weight=params.weight)
         if sparsifier in WHOLE_TENSOR_SPARSIFIERS:
             return fused_merge.ExpertPlan(fused_merge.MASK, weight=params.weight)
@@ -514,6 +511,11 @@ class MergeEngine:
                     f"'{self.recipe.model_refs[index]}' differs from the base in "
                     f"non-float tensor '{job.name}'; the base's is kept"
                 )
+
+
+def _keeps_everything(sparsifier: Sparsifier, params: ExpertParams) -> bool:
+    """Whether an expert's task vector is kept whole, as ``sparsify_delta`` decides it."""
+    return sparsifier is Sparsifier.NONE or params.density is None or params.density >= 1.0
 
 
 def _cpu_count() -> int:

@@ -72,6 +72,28 @@ def write_recipe(tmp_path) -> Callable[..., Path]:
 
 
 @pytest.fixture
+def bf16_recipe(model_zoo, write_recipe) -> Callable[..., Path]:
+    """Write a recipe merging two bfloat16 experts of the tiny Llama into its base:
+    ``bf16_recipe("della", {"density": 0.5}, seed=3)`` (extra keys go to the top level)."""
+
+    def write(method: str, parameters: dict, **top_level) -> Path:
+        return write_recipe(
+            {
+                "merge_method": method,
+                "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
+                "models": [
+                    {"model": str(model_zoo("llama", expert=e, dtype=torch.bfloat16))}
+                    for e in (1, 2)
+                ],
+                "parameters": parameters,
+                **top_level,
+            }
+        )
+
+    return write
+
+
+@pytest.fixture
 def fake_hub(monkeypatch):
     """A local stand-in for the Hub (tests/hub_server.py) on 127.0.0.1, online, with
     ``HF_ENDPOINT`` pointing at it and ``HF_TOKEN`` set to its one valid (fake) token."""

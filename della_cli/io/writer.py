@@ -113,16 +113,6 @@ def encode_header(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> 
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _data_offsets(tensors: Sequence[OutputTensor]) -> list[int]:
-    """Each tensor's offset in the file of a shard holding ``tensors``."""
-    offset = len(encode_header(tensors, SHARD_METADATA))
-    offsets = []
-    for tensor in tensors:
-        offsets.append(offset)
-        offset += tensor.nbytes
-    return offsets
-
-
 class ShardWriter:
     """Writes planned shards into ``folder``; tensors must arrive in plan order."""
 
@@ -148,11 +138,13 @@ class ShardWriter:
         self._on_shard_finished = on_shard_finished
         self._part_bytes = 0
         self.bytes_written = 0
-        self._data_offsets = {
-            tensor.name: offset
-            for shard in shards
-            for tensor, offset in zip(shard, _data_offsets(shard), strict=True)
-        }
+        self._headers = [encode_header(shard, SHARD_METADATA) for shard in shards]
+        self._data_offsets: dict[str, int] = {}  # name -> where its bytes start in its shard
+        for shard, header in zip(shards, self._headers, strict=True):
+            offset = len(header)
+            for tensor in shard:
+                self._data_offsets[tensor.name] = offset
+                offset += tensor.nbytes
 
     def file_offset(self, name: str, byte_offset: int = 0) -> int:
         """Where in its shard file byte ``byte_offset`` of tensor ``name`` goes."""
@@ -200,7 +192,7 @@ class ShardWriter:
     def _start_shard(self, shard_index: int) -> None:
         self._open_shard = shard_index
         self._handle = (self.folder / self.file_names[shard_index]).open("wb")
-        header = encode_header(self.shards[shard_index], SHARD_METADATA)
+        header = self._headers[shard_index]
         self._handle.write(header)
         self._digest = shard_digest(header)
         self._writeback = EarlyWriteback(len(header))

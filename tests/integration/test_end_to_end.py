@@ -696,7 +696,7 @@ def test_tied_base_with_untied_expert_gets_an_lm_head(model_zoo, merge, tmp_path
     ],
 )
 def test_a_cpu_merge_of_bfloat16_models_never_imports_torch(
-    model_zoo, write_recipe, tmp_path, monkeypatch, method, parameters
+    bf16_recipe, tmp_path, monkeypatch, method, parameters
 ):
     """Importing torch costs more than merging a small model: the compiled CPU path and the
     IO around it run on numpy alone, and the output is the torch path's. The weighted sums
@@ -707,17 +707,7 @@ def test_a_cpu_merge_of_bfloat16_models_never_imports_torch(
 
     from della_cli.methods import cpu_kernels, weighted_sum
 
-    recipe = write_recipe(
-        {
-            "merge_method": method,
-            "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
-            "models": [
-                {"model": str(model_zoo("llama", expert=1, dtype=torch.bfloat16))},
-                {"model": str(model_zoo("llama", expert=2, dtype=torch.bfloat16))},
-            ],
-            "parameters": parameters,
-        }
-    )
+    recipe = bf16_recipe(method, parameters)
     out = tmp_path / "out"
     script = (
         "import sys\n"

@@ -96,23 +96,10 @@ def test_compiled_kernels_and_torch_path_write_the_same_bytes(
 
 
 @pytest.mark.parametrize("method", ["della", "dare_ties", "ties", "task_arithmetic"])
-def test_whole_block_pass_and_per_step_kernels_agree_on_every_tensor(
-    method, model_zoo, write_recipe
-):
+def test_whole_block_pass_and_per_step_kernels_agree_on_every_tensor(method, bf16_recipe):
     """With the whole-block pass on and off (the per-step kernels then run), in blocks of a
     few rows so that draw offsets and mask slices are exercised."""
-    recipe_path = write_recipe(
-        {
-            "merge_method": method,
-            "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
-            "models": [
-                {"model": str(model_zoo("llama", expert=1, dtype=torch.bfloat16))},
-                {"model": str(model_zoo("llama", expert=2, dtype=torch.bfloat16))},
-            ],
-            "parameters": {**METHOD_PARAMETERS[method], "lambda": 0.9},
-            "seed": 11,
-        }
-    )
+    recipe_path = bf16_recipe(method, {**METHOD_PARAMETERS[method], "lambda": 0.9}, seed=11)
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
     cpu = torch.device("cpu")
     fused = MergeEngine(recipe, plan, inputs, cpu, block_elements=200)
@@ -121,25 +108,13 @@ def test_whole_block_pass_and_per_step_kernels_agree_on_every_tensor(
         assert same_bytes(fused.compute(job), stepwise.compute(job)), job.name
 
 
-def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(
-    model_zoo, write_recipe, tmp_path, monkeypatch
-):
+def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(bf16_recipe, tmp_path, monkeypatch):
     """On the CPU, TIES selects from the inputs as stored, on every tensor: the plain torch
     path's bytes."""
     from della_cli.api import run_merge
     from della_cli.methods import cpu_kernels, trim_select
 
-    recipe_path = write_recipe(
-        {
-            "merge_method": "ties",
-            "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
-            "models": [
-                {"model": str(model_zoo("llama", expert=1, dtype=torch.bfloat16))},
-                {"model": str(model_zoo("llama", expert=2, dtype=torch.bfloat16))},
-            ],
-            "parameters": {"density": 0.3},
-        }
-    )
+    recipe_path = bf16_recipe("ties", {"density": 0.3})
     selections = []
     window_keep_mask = trim_select.window_keep_mask
 
@@ -199,7 +174,7 @@ def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
     ],
 )
 def test_the_run_loop_recycles_block_buffers_without_changing_a_byte(
-    method, fast_paths, model_zoo, write_recipe, tmp_path
+    method, fast_paths, bf16_recipe, tmp_path
 ):
     """``run`` reads into recycled buffers and writes from recycled output buffers while the
     reader and writer threads work ahead; in blocks of a few rows that recycling happens
@@ -208,18 +183,7 @@ def test_the_run_loop_recycles_block_buffers_without_changing_a_byte(
 
     from della_cli.io.writer import ShardWriter
 
-    recipe_path = write_recipe(
-        {
-            "merge_method": method,
-            "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
-            "models": [
-                {"model": str(model_zoo("llama", expert=1, dtype=torch.bfloat16))},
-                {"model": str(model_zoo("llama", expert=2, dtype=torch.bfloat16))},
-            ],
-            "parameters": METHOD_PARAMETERS[method],
-            "seed": 3,
-        }
-    )
+    recipe_path = bf16_recipe(method, METHOD_PARAMETERS[method], seed=3)
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
     streaming = MergeEngine(
         recipe, plan, inputs, "cpu", block_elements=96, fused_kernels=fast_paths
