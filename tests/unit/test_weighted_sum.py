@@ -1,8 +1,11 @@
-"""The numpy weighted sum (task arithmetic, linear) against hand-computed values and the torch
-reference, byte for byte, including the non-finite flags and the bits of its NaNs."""
+"""The weighted sum (task arithmetic, linear) against hand-computed values and the torch
+reference, byte for byte, including the non-finite flags and the bits of its NaNs: every test
+runs on both implementations, the compiled kernel and numpy's loops."""
 
 from __future__ import annotations
 
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
@@ -11,17 +14,29 @@ import pytest
 import torch
 
 from della_cli.io.dtypes import from_torch, to_torch
-from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor
-from della_cli.methods.weighted_sum import BFLOAT16, CHUNK, WeightedSum, merge_block
+from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor, weighted_sum
+from della_cli.methods.weighted_sum import BFLOAT16, CHUNK, WeightedSum
 
 F32 = np.dtype(np.float32)
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def merge_block(request):
+    """``weighted_sum.merge_block`` with one implementation. CI builds the kernel, so there a
+    missing kernel fails instead of skipping."""
+    compiled = request.param == "compiled"
+    if compiled and not weighted_sum.COMPILED:
+        if os.environ.get("CI"):
+            pytest.fail("the compiled kernel was not built (is a C compiler installed?)")
+        pytest.skip("the compiled kernel is not installed")
+    return functools.partial(weighted_sum.merge_block, compiled=compiled)
 
 
 def as_bf16(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).astype(BFLOAT16)
 
 
-def test_task_arithmetic_golden_values():
+def test_task_arithmetic_golden_values(merge_block):
     base = np.array([[1.0, -2.0, 0.5, 0.0]], dtype=np.float32)
     first = np.array([[2.0, -2.0, 1.5, 4.0]], dtype=np.float32)  # δ = 1, 0, 1, 4
     second = np.array([[0.0, 0.0, 0.5, -2.0]], dtype=np.float32)  # δ = -1, 2, 0, -2
@@ -32,7 +47,7 @@ def test_task_arithmetic_golden_values():
     assert flags.tolist() == [False, False, False]
 
 
-def test_linear_golden_values_normalized_by_the_weight_sum():
+def test_linear_golden_values_normalized_by_the_weight_sum(merge_block):
     base = np.full((2, 2), 100.0, dtype=np.float32)  # linear ignores the base's values
     first = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
     second = np.array([[4.0, 8.0], [0.0, -4.0]], dtype=np.float32)
@@ -41,7 +56,7 @@ def test_linear_golden_values_normalized_by_the_weight_sum():
     np.testing.assert_array_equal(merged, [[7 / 4, 14 / 4], [9 / 4, 8 / 4]])
 
 
-def test_weights_summing_to_zero_divide_by_one():
+def test_weights_summing_to_zero_divide_by_one(merge_block):
     base = np.zeros((1, 2), dtype=np.float32)
     first = np.array([[2.0, 4.0]], dtype=np.float32)
     spec = WeightedSum(weights=(1.0, -1.0), on_deltas=True, normalize=True, lambda_=1.0)
@@ -50,7 +65,7 @@ def test_weights_summing_to_zero_divide_by_one():
     assert not np.signbit(merged).any()  # 2 - 2 = +0, not NaN
 
 
-def test_a_sum_of_negative_zeros_starts_from_positive_zero_as_the_reference():
+def test_a_sum_of_negative_zeros_starts_from_positive_zero_as_the_reference(merge_block):
     base = np.array([[0.0, -0.0]], dtype=np.float32)
     first = np.array([[-0.0, -0.0]], dtype=np.float32)  # δ = -0 - 0 = -0, and -0 - -0 = +0
     spec = WeightedSum(weights=(1.0,), on_deltas=True, normalize=False, lambda_=1.0)
@@ -99,7 +114,7 @@ def awkward_inputs(shape, count, dtype, seed):
         ("linear", {"normalize": True}),
     ],
 )
-def test_same_bytes_as_the_torch_reference(method, global_values, dtype, out_dtype):
+def test_same_bytes_as_the_torch_reference(method, global_values, dtype, out_dtype, merge_block):
     arrays = awkward_inputs((37, 300), 3, dtype, seed=3)
     weights = (1.0, 0.5, -0.25)
     torch_out = torch.bfloat16 if out_dtype == BFLOAT16 else torch.float32
@@ -119,7 +134,7 @@ def test_same_bytes_as_the_torch_reference(method, global_values, dtype, out_dty
     assert merged.tobytes() == expected.tobytes()
 
 
-def test_nan_results_get_the_bits_of_torchs_vectorized_bfloat16_conversion():
+def test_nan_results_get_the_bits_of_torchs_vectorized_bfloat16_conversion(merge_block):
     base = as_bf16([[1.0, 2.0, 3.0, 4.0]])
     expert = as_bf16([[np.nan, 2.0, -np.nan, np.inf]])
     spec = WeightedSum(weights=(1.0,), on_deltas=True, normalize=False, lambda_=1.0)
@@ -128,7 +143,7 @@ def test_nan_results_get_the_bits_of_torchs_vectorized_bfloat16_conversion():
     assert flags.tolist() == [False, True]
 
 
-def test_non_finite_inputs_are_flagged_by_input_and_only_where_present():
+def test_non_finite_inputs_are_flagged_by_input_and_only_where_present(merge_block):
     shape = (4, CHUNK // 2)  # two chunks' worth of entries
     base = np.ones(shape, dtype=BFLOAT16)
     clean = np.full(shape, 2.0, dtype=BFLOAT16)
@@ -143,7 +158,7 @@ def test_non_finite_inputs_are_flagged_by_input_and_only_where_present():
     assert np.isinf(merged).all() and not flags.any()
 
 
-def test_linear_flags_a_non_finite_base_it_does_not_otherwise_read():
+def test_linear_flags_a_non_finite_base_it_does_not_otherwise_read(merge_block):
     base = np.zeros((2, 8), dtype=BFLOAT16)
     base[1, 2] = np.nan
     expert = np.ones((2, 8), dtype=BFLOAT16)
@@ -153,7 +168,7 @@ def test_linear_flags_a_non_finite_base_it_does_not_otherwise_read():
     assert (merged.astype(np.float32) == 1.0).all()
 
 
-def test_threads_split_a_block_without_changing_a_byte():
+def test_threads_split_a_block_without_changing_a_byte(merge_block):
     arrays = awkward_inputs((9, CHUNK // 3 + 7), 3, BFLOAT16, seed=5)  # spans cross chunks
     arrays[2][4, 17] = np.nan
     spec = WeightedSum(weights=(0.3, 1.0, 0.9), on_deltas=True, normalize=True, lambda_=0.8)
@@ -164,8 +179,62 @@ def test_threads_split_a_block_without_changing_a_byte():
     assert split_flags.tolist() == serial_flags.tolist() == [False, False, True, False]
 
 
-def test_an_empty_block_merges_to_an_empty_result():
+def test_an_empty_block_merges_to_an_empty_result(merge_block):
     empty = np.zeros((0, 8), dtype=ml_dtypes.bfloat16)
     spec = WeightedSum(weights=(1.0,), on_deltas=True, normalize=False, lambda_=1.0)
     merged, flags = merge_block(empty, [empty], spec, BFLOAT16)
     assert merged.shape == (0, 8) and flags.tolist() == [False, False]
+
+
+def test_mixed_input_dtypes_give_the_reference_bytes(merge_block):
+    arrays = awkward_inputs((5, 1500), 3, F32, seed=8)
+    arrays[1] = arrays[1].astype(BFLOAT16)
+    arrays[3] = arrays[3].astype(BFLOAT16)
+    arrays[3][4, 1499] = -np.inf
+    weights = (0.5, 1.0, 2.0)
+    expected = reference("task_arithmetic", arrays, weights, torch.bfloat16, normalize=True)
+    spec = WeightedSum(weights=weights, on_deltas=True, normalize=True, lambda_=1.0)
+    merged, flags = merge_block(arrays[0], arrays[1:], spec, BFLOAT16)
+    assert merged.tobytes() == expected.tobytes()
+    assert flags.tolist() == [False, False, False, True]
+
+
+def test_float32_nans_fall_where_numpys_do_and_every_other_byte_matches():
+    """Inputs with NaNs of several payloads and both signs. Where two NaNs meet, IEEE 754 leaves
+    open whose payload survives (numpy and torch differ on these very inputs, and so does the
+    kernel, whose compiler may order an addition's operands either way), so NaNs are compared
+    by position; every other byte must match. bfloat16 outputs have one NaN, 0xFFFF."""
+    if not weighted_sum.COMPILED:
+        pytest.skip("the compiled kernel is not installed")
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal((3, 2051), dtype=np.float32) for _ in range(3)]
+    payloads = np.array([0x7FC00001, 0xFFC00002, 0x7FA00003, 0xFF800000], dtype=np.uint32)
+    for index, array in enumerate(arrays):
+        flat = array.reshape(-1).view(np.uint32)
+        flat[index::7] = payloads[index % len(payloads)]
+        flat[index + 1 :: 9] = payloads[(index + 1) % len(payloads)]
+    for on_deltas, weights in ((True, (1.0, -0.5)), (False, (0.25, 3.0))):
+        spec = WeightedSum(weights=weights, on_deltas=on_deltas, normalize=True, lambda_=0.5)
+        kernel, kernel_flags = weighted_sum.merge_block(
+            arrays[0], arrays[1:], spec, F32, compiled=True
+        )
+        loops, loop_flags = weighted_sum.merge_block(
+            arrays[0], arrays[1:], spec, F32, compiled=False
+        )
+        nan = np.isnan(loops)
+        assert 0 < nan.sum() < nan.size
+        assert (np.isnan(kernel) == nan).all()
+        assert kernel[~nan].tobytes() == loops[~nan].tobytes()
+        assert kernel_flags.tolist() == loop_flags.tolist() == [True, True, True]
+
+
+def test_more_experts_than_the_kernel_takes_merge_in_numpy(merge_block):
+    count = weighted_sum.KERNEL_MAX_EXPERTS + 2
+    base = np.zeros((2, 3), dtype=BFLOAT16)
+    experts = [np.full((2, 3), float(index), dtype=BFLOAT16) for index in range(count)]
+    experts[-1][1, 2] = np.inf
+    spec = WeightedSum(weights=(1.0,) * count, on_deltas=True, normalize=True, lambda_=1.0)
+    merged, flags = merge_block(base, experts, spec, BFLOAT16)
+    finite = merged.astype(np.float32).reshape(-1)[:5]
+    assert (finite == np.float32(sum(range(count)) / count).astype(BFLOAT16)).all()
+    assert flags.tolist() == [False] * count + [True]
