@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -118,8 +117,7 @@ def venv_torch_version(venv: Path) -> str:
 
 def tool_command(tool: str, recipe: Path, out: Path, work: Path, device: str) -> list[str]:
     if tool == "della":
-        della = shutil.which("della") or ""
-        prefix = [della] if della else [sys.executable, "-m", "della_cli"]
+        prefix = [*della_launcher()]
         return [
             *prefix,
             "merge",
@@ -146,6 +144,14 @@ def tool_command(tool: str, recipe: Path, out: Path, work: Path, device: str) ->
             str(SEED),
         ]
     raise ValueError(f"unknown tool {tool!r}")
+
+
+def della_launcher() -> list[str]:
+    """How users start della: the console script installed with this Python (where pip put
+    it), else ``python -m della_cli``. Not ``shutil.which("della")``, which may find a version
+    manager's shim (pyenv's adds about 0.1 s of shell to every run) or another install."""
+    script = Path(sys.executable).with_name("della.exe" if os.name == "nt" else "della")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "della_cli"]
 
 
 def floor_command(inputs: list[Path], out: Path, out_bytes: int) -> list[str]:
