@@ -12,7 +12,8 @@ implementations give the same bytes (the tests compare them with each other and 
 Both release the GIL, so a block is split into spans that run in parallel threads.
 
 The operations are the torch reference's (``merge.merge_tensor``), in its order and in float32,
-so the bytes are the same:
+so the bytes are the same (with one freedom IEEE 754 leaves: where two NaNs meet, which payload
+a float32 result keeps; numpy and torch differ there too, and a bfloat16 NaN is always 0xFFFF):
 
     on deltas:  θ = θ₀ + λ · (Σ_t w_t (θ_t − θ₀)) / D      (λ = 1 and w_t = 1 skip their
     linear:     θ = (Σ_t w_t θ_t) / D                        multiplies, which are exact)
