@@ -107,11 +107,14 @@ class Bench:
         out_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         input_bytes = sum(p.stat().st_size for p in inputs)
         case = report.Case(method, size, experts, synth.SIZES[size].parameters, input_bytes)
-        read_all([str(p) for p in inputs], mmap.mmap(-1, BUFFER_BYTES))  # warm the page cache
+        buffer = mmap.mmap(-1, BUFFER_BYTES)
         for run in range(1, self.args.runs + 1):
             for tool in [*self.args.tools, "floor"]:
                 out = work / "out" / tool
                 shutil.rmtree(out, ignore_errors=True)
+                # warm the page cache before every run, not only the first: the run before
+                # (mergekit's takes 5 GB at 1.1B) may have pushed inputs out of it
+                read_all([str(p) for p in inputs], buffer)
                 # mergekit does not fsync: without this, whichever run follows it would wait
                 # behind its write-back (the floor's fsync took 1.75 s there, 0.6 s after a sync)
                 os.sync()
