@@ -200,3 +200,46 @@ def test_the_run_loop_recycles_block_buffers_without_changing_a_byte(
     for job in plan.jobs:
         expected = alone.compute(job)
         assert written[job.name].tobytes() == expected.tobytes(), job.name
+
+
+def test_a_linear_merge_without_a_base_reads_its_first_model_once(
+    model_zoo, write_recipe, tmp_path, monkeypatch
+):
+    """Without ``base_model``, linear's reference is its first model: its rows serve as both,
+    read once, and the result is still the torch path's."""
+    from collections import Counter
+
+    from safetensors.numpy import load_file
+
+    from della_cli.io.reader import ModelReader
+    from della_cli.io.writer import ShardWriter
+
+    models = [model_zoo("llama", expert=e, dtype=torch.bfloat16) for e in (1, 2)]
+    recipe_path = write_recipe(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(models[0])},
+                {"model": str(models[1]), "parameters": {"weight": 0.5}},
+            ],
+        }
+    )
+    recipe, inputs, plan = prepare(recipe_path, MergeOptions())
+    reads = Counter()
+    read_rows = ModelReader.read_rows
+
+    def counted(self, name, start, stop, pool=None):
+        reads[(self.folder, name, start)] += 1
+        return read_rows(self, name, start, stop, pool)
+
+    monkeypatch.setattr(ModelReader, "read_rows", counted)
+    writer = ShardWriter(tmp_path, plan.shards)
+    MergeEngine(recipe, plan, inputs, "cpu", block_elements=96).run(writer)
+    written = {}
+    for file_name in writer.close():
+        written.update(load_file(tmp_path / file_name))
+    assert {folder for folder, _, _ in reads} == {m.resolve() for m in models}
+    assert set(reads.values()) == {1}
+    reference = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
+    for job in plan.jobs:
+        assert written[job.name].tobytes() == reference.compute(job).tobytes(), job.name
