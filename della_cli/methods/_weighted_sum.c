@@ -27,7 +27,7 @@
 
 enum { KIND_BFLOAT16 = 0, KIND_FLOAT32 = 1 };
 
-/* Entries per piece: two float32 arrays of 4 KiB stay in L1. */
+/* Entries per piece: the float32 sums (4 KiB) stay in L1. */
 #define PIECE 1024
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -79,25 +79,12 @@ ALWAYS_INLINE int nonfinite(uint32_t largest)
     return largest >= 0x7F800000u;
 }
 
-/* base[i] = the base's entries as float32; its flag. */
-ALWAYS_INLINE int load_base(int kind, const void *source, Py_ssize_t start, Py_ssize_t count,
-                            float *base)
-{
-    uint32_t largest = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t bits = wide_bits(source, kind, start + i);
-        uint32_t magnitude = bits & 0x7FFFFFFFu;
-        largest = magnitude > largest ? magnitude : largest;
-        base[i] = as_float(bits);
-    }
-    return nonfinite(largest);
-}
-
-/* total[i] = (first ? +0 : total[i]) + term(expert[i]), in one pass; the expert's flag.
- * Called with constant kind, mode and first, so each combination is its own loop. */
-ALWAYS_INLINE int accumulate(int kind, int mode, int first, const void *source,
-                             Py_ssize_t start, Py_ssize_t count, float weight,
-                             const float *base, float *total)
+/* total[i] = (first ? +0 : total[i]) + term(expert[i]), in one pass that widens the expert
+ * and (for the deltas) the base as it goes; the expert's flag. Called with constant kinds,
+ * mode and first, so that each combination is its own vectorized loop. */
+ALWAYS_INLINE int accumulate(int kind, int base_kind, int mode, int first, const void *source,
+                             const void *base, Py_ssize_t start, Py_ssize_t count, float weight,
+                             float *total)
 {
     uint32_t largest = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -105,46 +92,73 @@ ALWAYS_INLINE int accumulate(int kind, int mode, int first, const void *source,
         uint32_t magnitude = bits & 0x7FFFFFFFu;
         largest = magnitude > largest ? magnitude : largest;
         float value = as_float(bits), term;
-        if (mode == DELTA)
-            term = value - base[i];
-        else if (mode == WEIGHTED_DELTA)
-            term = (value - base[i]) * weight;
-        else
+        if (mode == WEIGHTED_VALUE) {
             term = value * weight;
+        } else {
+            term = value - as_float(wide_bits(base, base_kind, start + i));
+            if (mode == WEIGHTED_DELTA)
+                term = term * weight;
+        }
         total[i] = (first ? 0.0f : total[i]) + term;
     }
     return nonfinite(largest);
 }
 
-ALWAYS_INLINE int accumulate_expert(int kind, int mode, int first, const void *source,
-                                    Py_ssize_t start, Py_ssize_t count, float weight,
-                                    const float *base, float *total)
+ALWAYS_INLINE int accumulate_expert(int kind, int base_kind, int mode, int first,
+                                    const void *source, const void *base, Py_ssize_t start,
+                                    Py_ssize_t count, float weight, float *total)
 {
-#define CASE(k, m)                                                                         \
-    if (kind == k && mode == m)                                                            \
-        return first ? accumulate(k, m, 1, source, start, count, weight, base, total)      \
-                     : accumulate(k, m, 0, source, start, count, weight, base, total);
-    CASE(KIND_BFLOAT16, DELTA)
-    CASE(KIND_BFLOAT16, WEIGHTED_DELTA)
-    CASE(KIND_BFLOAT16, WEIGHTED_VALUE)
-    CASE(KIND_FLOAT32, DELTA)
-    CASE(KIND_FLOAT32, WEIGHTED_DELTA)
-    CASE(KIND_FLOAT32, WEIGHTED_VALUE)
-#undef CASE
+#define ACCUMULATE(k, b, m, f)                                                             \
+    if (kind == k && base_kind == b && mode == m && first == f)                            \
+        return accumulate(k, b, m, f, source, base, start, count, weight, total);
+#define FIRST_OR_NOT(k, b, m) ACCUMULATE(k, b, m, 1) ACCUMULATE(k, b, m, 0)
+#define EVERY_MODE(k, b)                                                                   \
+    FIRST_OR_NOT(k, b, DELTA) FIRST_OR_NOT(k, b, WEIGHTED_DELTA)                           \
+    FIRST_OR_NOT(k, b, WEIGHTED_VALUE)
+    EVERY_MODE(KIND_BFLOAT16, KIND_BFLOAT16)
+    EVERY_MODE(KIND_BFLOAT16, KIND_FLOAT32)
+    EVERY_MODE(KIND_FLOAT32, KIND_BFLOAT16)
+    EVERY_MODE(KIND_FLOAT32, KIND_FLOAT32)
+#undef EVERY_MODE
+#undef FIRST_OR_NOT
+#undef ACCUMULATE
     return 0;
 }
 
-/* out = (on_deltas ? base + total : total) in the output's dtype. */
-ALWAYS_INLINE void store(int kind, int on_deltas, void *target, Py_ssize_t start,
-                         Py_ssize_t count, const float *base, const float *total)
+/* out = (on_deltas ? base + total : total) in the output's dtype; the base's flag (taken
+ * here, where the base is read anyway for the deltas). */
+ALWAYS_INLINE int store(int kind, int base_kind, int on_deltas, void *target, const void *base,
+                        Py_ssize_t start, Py_ssize_t count, const float *total)
 {
+    uint32_t largest = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        float result = on_deltas ? base[i] + total[i] : total[i];
+        uint32_t bits = wide_bits(base, base_kind, start + i);
+        uint32_t magnitude = bits & 0x7FFFFFFFu;
+        largest = magnitude > largest ? magnitude : largest;
+        float result = on_deltas ? as_float(bits) + total[i] : total[i];
         if (kind == KIND_BFLOAT16)
             ((uint16_t *)target)[start + i] = float_to_bf16_bits(result);
         else
             ((float *)target)[start + i] = result;
     }
+    return nonfinite(largest);
+}
+
+ALWAYS_INLINE int store_output(int kind, int base_kind, int on_deltas, void *target,
+                               const void *base, Py_ssize_t start, Py_ssize_t count,
+                               const float *total)
+{
+#define STORE(k, b, d)                                                                     \
+    if (kind == k && base_kind == b && on_deltas == d)                                     \
+        return store(k, b, d, target, base, start, count, total);
+#define EITHER(k, b) STORE(k, b, 1) STORE(k, b, 0)
+    EITHER(KIND_BFLOAT16, KIND_BFLOAT16)
+    EITHER(KIND_BFLOAT16, KIND_FLOAT32)
+    EITHER(KIND_FLOAT32, KIND_BFLOAT16)
+    EITHER(KIND_FLOAT32, KIND_FLOAT32)
+#undef EITHER
+#undef STORE
+    return 0;
 }
 
 typedef struct {
@@ -162,12 +176,10 @@ typedef struct {
 /* One piece: the flags of the inputs (bit 0 the base, bit 1 + t expert t). */
 HOT static uint64_t merge_piece(const Job *job, Py_ssize_t start, Py_ssize_t count)
 {
-    float base[PIECE], total[PIECE];
+    float total[PIECE];
     uint64_t flags = 0;
-    if (job->base->kind == KIND_BFLOAT16)
-        flags |= load_base(KIND_BFLOAT16, job->base->view.buf, start, count, base);
-    else
-        flags |= load_base(KIND_FLOAT32, job->base->view.buf, start, count, base);
+    const void *base = job->base->view.buf;
+    int base_kind = job->base->kind;
     if (job->expert_count == 0)
         for (Py_ssize_t i = 0; i < count; i++)
             total[i] = 0.0f;
@@ -175,8 +187,8 @@ HOT static uint64_t merge_piece(const Job *job, Py_ssize_t start, Py_ssize_t cou
         const Input *expert = &job->experts[t];
         float weight = job->weights[t];
         int mode = !job->on_deltas ? WEIGHTED_VALUE : weight != 1.0f ? WEIGHTED_DELTA : DELTA;
-        if (accumulate_expert(expert->kind, mode, t == 0, expert->view.buf, start, count,
-                              weight, base, total))
+        if (accumulate_expert(expert->kind, base_kind, mode, t == 0, expert->view.buf, base,
+                              start, count, weight, total))
             flags |= (uint64_t)1 << (t + 1);
     }
     if (job->divide)
@@ -185,16 +197,9 @@ HOT static uint64_t merge_piece(const Job *job, Py_ssize_t start, Py_ssize_t cou
     if (job->on_deltas && job->lambda != 1.0f)
         for (Py_ssize_t i = 0; i < count; i++)
             total[i] = total[i] * job->lambda;
-    void *target = job->out->view.buf;
-    int bf16 = job->out->kind == KIND_BFLOAT16;
-    if (bf16 && job->on_deltas)
-        store(KIND_BFLOAT16, 1, target, start, count, base, total);
-    else if (bf16)
-        store(KIND_BFLOAT16, 0, target, start, count, base, total);
-    else if (job->on_deltas)
-        store(KIND_FLOAT32, 1, target, start, count, base, total);
-    else
-        store(KIND_FLOAT32, 0, target, start, count, base, total);
+    if (store_output(job->out->kind, base_kind, job->on_deltas, job->out->view.buf, base, start,
+                     count, total))
+        flags |= 1;
     return flags;
 }
 
