@@ -20,15 +20,21 @@ from della_cli.methods.weighted_sum import BFLOAT16, CHUNK, WeightedSum
 F32 = np.dtype(np.float32)
 
 
+def require_kernel() -> None:
+    """Skip without the compiled kernel, except in CI, which builds it: there it fails."""
+    if weighted_sum.COMPILED:
+        return
+    if os.environ.get("CI"):
+        pytest.fail("the compiled kernel was not built (is a C compiler installed?)")
+    pytest.skip("the compiled kernel is not installed")
+
+
 @pytest.fixture(params=["compiled", "numpy"])
 def merge_block(request):
-    """``weighted_sum.merge_block`` with one implementation. CI builds the kernel, so there a
-    missing kernel fails instead of skipping."""
+    """``weighted_sum.merge_block`` with one implementation."""
     compiled = request.param == "compiled"
-    if compiled and not weighted_sum.COMPILED:
-        if os.environ.get("CI"):
-            pytest.fail("the compiled kernel was not built (is a C compiler installed?)")
-        pytest.skip("the compiled kernel is not installed")
+    if compiled:
+        require_kernel()
     return functools.partial(weighted_sum.merge_block, compiled=compiled)
 
 
@@ -204,8 +210,7 @@ def test_float32_nans_fall_where_numpys_do_and_every_other_byte_matches():
     open whose payload survives (numpy and torch differ on these very inputs, and so does the
     kernel, whose compiler may order an addition's operands either way), so NaNs are compared
     by position; every other byte must match. bfloat16 outputs have one NaN, 0xFFFF."""
-    if not weighted_sum.COMPILED:
-        pytest.skip("the compiled kernel is not installed")
+    require_kernel()
     rng = np.random.default_rng(4)
     arrays = [rng.standard_normal((3, 2051), dtype=np.float32) for _ in range(3)]
     payloads = np.array([0x7FC00001, 0xFFC00002, 0x7FA00003, 0xFF800000], dtype=np.uint32)
