@@ -2,8 +2,9 @@
  * The weighted sum of task arithmetic and linear in one pass over the inputs, compiled.
  *
  * weighted_sum.py does the same in numpy: about ten passes over each chunk (widen, subtract,
- * add, narrow, check), which made the merge compute-bound on small machines. Here every input
- * entry is read once and every output entry written once, in pieces that stay in L1.
+ * add, narrow, check), which made the merge compute-bound on small machines. Here the inputs
+ * are read from memory once and the output written once, in pieces that stay in L1: one pass
+ * per expert over a piece, then one that stores it.
  *
  * The float32 operations are weighted_sum.py's, in its order (the torch reference's):
  *
@@ -30,7 +31,15 @@ enum { KIND_BFLOAT16 = 0, KIND_FLOAT32 = 1 };
 /* Entries per piece: the float32 sums (4 KiB) stay in L1. */
 #define PIECE 1024
 
+/* The helpers below take their kinds and modes as constants once inlined, so that each
+ * combination becomes its own vectorized loop: they must be inlined. */
+#if defined(__GNUC__)
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define ALWAYS_INLINE static __forceinline
+#else
+#define ALWAYS_INLINE static inline
+#endif
 
 /* x86-64 with glibc: an AVX2 copy of the hot loop, chosen when the CPU loads the module
  * (twice as fast as the SSE2 baseline on the reference machine); elsewhere, the baseline. */
