@@ -5,11 +5,12 @@ methods, one tensor at a time; see ``Plan.working_memory_bytes``), never by the 
 The engine never prints: progress and warnings go to callbacks.
 
 Blocks are numpy arrays of the stored dtypes (``io.dtypes``). On the CPU, merges that neither
-sparsify nor elect signs (task arithmetic, linear) are numpy loops (``methods.weighted_sum``),
-the others the compiled pass (``methods.fused_merge``, numba, imported when first needed), both
-on the inputs as stored, and torch is never imported; the remaining cases go through
-``torch_path``, imported the first time a block needs it. Block buffers are recycled and
-placed for fast page-cache copies (``io.buffers``).
+sparsify nor elect signs (task arithmetic, linear) are a weighted sum (``methods.weighted_sum``:
+a small C kernel, or numpy's loops where it was not built), the others the compiled pass
+(``methods.fused_merge``, numba, imported when first needed), both on the inputs as stored,
+and torch is never imported; the remaining cases go through ``torch_path``, imported the first
+time a block needs it. Block buffers are recycled and placed for fast page-cache copies
+(``io.buffers``).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class MergeEngine:
         # Set while ``run`` runs: weighted_sum's helper threads, recycled block buffers, and
         # the writer (whose file offsets place the output buffers).
         self._sum_pool: ThreadPoolExecutor | None = None
+        self._sum_helpers = 0
         self._buffers: BufferPool | None = None
         self._writer: ShardWriter | None = None
 
@@ -152,19 +154,21 @@ class MergeEngine:
     def run(self, writer: ShardWriter, start: int = 0) -> None:
         """Compute and write the jobs from position ``start`` on (later ones on resume)."""
         tasks = [task for job in self.plan.jobs[start:] for task in self.block_tasks(job)]
+        helpers = _cpu_count() - 1  # asked once: the affinity is a system call
         with (
             ThreadPoolExecutor(1, thread_name_prefix="della-read") as reads,
             ThreadPoolExecutor(1, thread_name_prefix="della-write") as writes,
             # helpers of the calling thread for weighted_sum (threads start on first use)
-            ThreadPoolExecutor(max(_cpu_count() - 1, 1), thread_name_prefix="della-sum") as sums,
+            ThreadPoolExecutor(max(helpers, 1), thread_name_prefix="della-sum") as sums,
         ):
-            self._sum_pool = sums if _cpu_count() > 1 else None
+            self._sum_pool, self._sum_helpers = (sums, helpers) if helpers > 0 else (None, 0)
             self._buffers = BufferPool(self.block_elements * MAX_ITEMSIZE)
             self._writer = writer
             try:
                 self._run_tasks(tasks, reads, writes, writer)
             finally:
                 self._sum_pool = self._buffers = self._writer = None
+                self._sum_helpers = 0
 
     def _run_tasks(
         self,
@@ -346,8 +350,8 @@ class MergeEngine:
 
     def weighted_sum_block(self, task: BlockTask, loaded: list[np.ndarray]) -> Merged | None:
         """The block merged by ``weighted_sum`` where nothing is sparsified or elected (task
-        arithmetic, linear): numpy's loops are as fast there as the compiled pass, without its
-        start-up. None where it does not apply."""
+        arithmetic, linear): a few operations per entry, for which numba's start-up would cost
+        more than it saves. None where it does not apply."""
         job = task.job
         method = self.recipe.method
         first = loaded[0]
@@ -373,7 +377,7 @@ class MergeEngine:
             spec,
             NUMPY_DTYPES[job.out_dtype],
             self._sum_pool,
-            _cpu_count() - 1,
+            self._sum_helpers,
             out=self.output_buffer(task, first.shape),
             scratch=self._scratch,
         )
@@ -483,7 +487,7 @@ class MergeEngine:
         for source in job.experts:
             params = self.recipe.expert_params(source.model, job.name)
             expert = self.read_expert_rows(job, source, 0, total_rows)
-            if params.density is None or params.density >= 1:
+            if _keeps_everything(sparsifier, params):
                 masks.append(np.ones(expert.shape, dtype=np.bool_))
                 continue
             gamma = None if sparsifier is Sparsifier.MAGNITUDE else (params.gamma or 0.0)

@@ -57,8 +57,9 @@ KERNEL_MAX_EXPERTS = 63
 
 
 class Scratch:
-    """Each thread's chunk buffers, kept from block to block: new memory is costly (its pages
-    are faulted in and zeroed), and a merge calls ``merge_block`` once per block."""
+    """Each thread's chunk buffers for numpy's loops, kept from block to block: new memory is
+    costly (its pages are faulted in and zeroed), and a merge calls ``merge_block`` once per
+    block. (The compiled kernel needs none.)"""
 
     def __init__(self) -> None:
         self._local = threading.local()
