@@ -277,9 +277,14 @@ class ModelReader:
         return buffer.view(NUMPY_DTYPES[info.dtype])
 
     def _descriptor(self, path: Path) -> int:
-        if path not in self._handles:
-            self._handles[path] = os.open(path, os.O_RDONLY)
-        return self._handles[path]
+        """The open file ``path``; threads may ask at once, and all get the same descriptor."""
+        descriptor = self._handles.get(path)
+        if descriptor is None:
+            opened = os.open(path, os.O_RDONLY)
+            descriptor = self._handles.setdefault(path, opened)
+            if descriptor != opened:  # another thread opened it first
+                os.close(opened)
+        return descriptor
 
     def close(self) -> None:
         for descriptor in self._handles.values():

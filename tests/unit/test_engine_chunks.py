@@ -1,0 +1,217 @@
+"""Task arithmetic and linear on the CPU: several threads each read, merge and write chunks.
+
+The writer must still get every chunk in order, whatever order the threads finish in, and an
+error in one thread must reach the caller without leaving the others waiting for their turn.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from della_cli import engine as engine_module
+from della_cli.api import MergeOptions, prepare
+from della_cli.engine import MergeEngine, _Turns
+from della_cli.errors import ModelError
+from della_cli.io.writer import ShardWriter
+
+
+def written_tensors(writer: ShardWriter, folder) -> dict:
+    from safetensors.numpy import load_file
+
+    tensors = {}
+    for file_name in writer.close():
+        tensors.update(load_file(folder / file_name))
+    return tensors
+
+
+def run_in_thread(target, seconds: float = 60.0):
+    """Run ``target`` in a thread and fail the test if it is still running after ``seconds``
+    (a thread left waiting for its turn would hang the merge forever); its error, if any."""
+    errors: list[BaseException] = []
+
+    def body():
+        try:
+            target()
+        except BaseException as error:  # handed to the test
+            errors.append(error)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the merge hung"
+    return errors[0] if errors else None
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"), [("task_arithmetic", {"lambda": 0.7}), ("linear", {})]
+)
+def test_chunks_finished_out_of_order_are_written_in_order(
+    method, parameters, bf16_recipe, tmp_path, monkeypatch
+):
+    """Four threads, each delayed at random before it merges a chunk: the file holds every
+    tensor as the torch path computes it alone."""
+    monkeypatch.setattr(engine_module, "_cpu_count", lambda: 4)
+    recipe_path = bf16_recipe(method, parameters)
+    recipe, inputs, plan = prepare(recipe_path, MergeOptions())
+    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96)
+    assert all(chunked.merges_in_chunks(job) for job in plan.jobs if job.action == "merge")
+    assert sum(len(chunked.block_tasks(job)) for job in plan.jobs) > 200
+    load, threads, shuffle = MergeEngine.load, set(), random.Random(5)
+
+    def delayed(self, task):
+        threads.add(threading.current_thread().name)
+        time.sleep(shuffle.random() * 0.002)
+        return load(self, task)
+
+    monkeypatch.setattr(MergeEngine, "load", delayed)
+    writer = ShardWriter(tmp_path, plan.shards)
+    assert run_in_thread(lambda: chunked.run(writer)) is None
+    assert len(threads) == 4
+    written = written_tensors(writer, tmp_path)
+    torch_path = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
+    for job in plan.jobs:
+        assert written[job.name].tobytes() == torch_path.compute(job).tobytes(), job.name
+
+
+def test_an_error_in_one_chunk_stops_every_thread_and_reaches_the_caller(
+    bf16_recipe, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(engine_module, "_cpu_count", lambda: 3)
+    recipe, inputs, plan = prepare(bf16_recipe("task_arithmetic", {}), MergeOptions())
+    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96)
+    load, calls, lock = MergeEngine.load, [], threading.Lock()
+
+    def failing(self, task):
+        with lock:
+            calls.append(task)
+            count = len(calls)
+        if count == 20:
+            raise ModelError("disk on fire")
+        time.sleep(0.001)
+        return load(self, task)
+
+    monkeypatch.setattr(MergeEngine, "load", failing)
+    writer = ShardWriter(tmp_path, plan.shards)
+    error = run_in_thread(lambda: chunked.run(writer))
+    writer.abort()
+    assert isinstance(error, ModelError) and "disk on fire" in str(error)
+    # the other threads stopped claiming chunks: far fewer than the merge has were read
+    assert len(calls) < 30 < sum(len(chunked.block_tasks(job)) for job in plan.jobs)
+
+
+def test_strict_refuses_a_nan_in_a_chunk_whichever_thread_merges_it(
+    model_zoo, write_recipe, tmp_path, monkeypatch
+):
+    """--strict fails on an input's NaN whichever thread merges the chunk that holds it."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(engine_module, "_cpu_count", lambda: 2)
+    source = model_zoo("llama", expert=1, dtype=torch.bfloat16)
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    for path in source.iterdir():
+        (poisoned / path.name).write_bytes(path.read_bytes())
+    weights = next(poisoned.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(n for n, t in tensors.items() if t.ndim == 2 and t.shape[0] >= 8)
+    tensors[name][-1, -1] = float("nan")  # in the tensor's last chunk
+    save_file(tensors, weights, metadata={"format": "pt"})
+    recipe_path = write_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
+            "models": [{"model": str(poisoned)}],
+        }
+    )
+    recipe, inputs, plan = prepare(recipe_path, MergeOptions())
+    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=32, strict=True)
+    assert len(chunked.block_tasks(next(j for j in plan.jobs if j.name == name))) > 1
+    (tmp_path / "out").mkdir()
+    writer = ShardWriter(tmp_path / "out", plan.shards)
+    error = run_in_thread(lambda: chunked.run(writer))
+    writer.abort()
+    assert isinstance(error, ModelError)
+    assert "NaN or Inf" in str(error) and name in str(error)
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters", "dtype"),
+    [
+        ("ties", {"density": 1.0}, torch.bfloat16),  # elects signs
+        ("dare_linear", {"density": 0.5}, torch.bfloat16),  # drops deltas
+        ("task_arithmetic", {}, torch.float16),  # a dtype the weighted sum does not take
+    ],
+)
+def test_merges_that_are_not_a_plain_weighted_sum_keep_the_pipeline(
+    method, parameters, dtype, model_zoo, write_recipe
+):
+    recipe_path = write_recipe(
+        {
+            "merge_method": method,
+            "base_model": str(model_zoo("llama", dtype=dtype)),
+            "models": [{"model": str(model_zoo("llama", expert=1, dtype=dtype))}],
+            "parameters": parameters,
+        }
+    )
+    recipe, inputs, plan = prepare(recipe_path, MergeOptions())
+    engine = MergeEngine(recipe, plan, inputs, "cpu")
+    assert not any(engine.merges_in_chunks(job) for job in plan.jobs)
+    weighted = write_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
+            "models": [{"model": str(model_zoo("llama", expert=1, dtype=torch.bfloat16))}],
+        },
+        name="weighted.yaml",
+    )
+    recipe, inputs, plan = prepare(weighted, MergeOptions())
+    on_cpu = MergeEngine(recipe, plan, inputs, "cpu")
+    assert any(on_cpu.merges_in_chunks(job) for job in plan.jobs)
+    compared = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
+    assert not any(compared.merges_in_chunks(job) for job in plan.jobs)
+
+
+def test_turns_hand_out_each_index_once_and_let_them_write_in_order():
+    turns = _Turns(6)
+    order: list[int] = []
+
+    def worker(delays: list[float]):
+        with turns.failing_all_on_error():
+            while (index := turns.claim()) is not None:
+                time.sleep(delays[index])
+                with turns.turn(index):
+                    order.append(index)
+
+    # the later indices finish their work first
+    delays = [0.03, 0.025, 0.02, 0.015, 0.01, 0.0]
+    threads = [threading.Thread(target=worker, args=(delays,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert order == list(range(6))
+    assert turns.claim() is None
+
+
+def test_a_failed_turn_releases_the_threads_waiting_for_theirs():
+    turns = _Turns(3)
+    assert turns.claim() == 0 and turns.claim() == 1
+    released = threading.Event()
+
+    def waiting_for_one():
+        with turns.failing_all_on_error(), turns.turn(1):
+            raise AssertionError("index 1 must not get its turn")
+        released.set()  # returned quietly: the failing thread reports the error
+
+    waiter = threading.Thread(target=waiting_for_one)
+    waiter.start()
+    with pytest.raises(OSError, match="full"), turns.failing_all_on_error():
+        raise OSError("disk full")  # index 0 never writes
+    waiter.join(10)
+    assert released.is_set()
+    assert turns.claim() is None  # nothing more is handed out
