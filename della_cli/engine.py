@@ -15,6 +15,7 @@ time a block needs it. Block buffers are recycled and placed for fast page-cache
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -219,35 +220,40 @@ class MergeEngine:
         merge them and wait for their turn to hand the result to the writer, which still gets
         the chunks in order; the bytes stay in one core's caches throughout.
         """
-        turns = _Turns(len(tasks))
+        order = _InOrder(len(tasks), ahead=2 * (self._sum_helpers + 1))
         others = [
-            helpers.submit(self._merge_chunks, tasks, turns, writer)
+            helpers.submit(self._merge_chunks, tasks, order, writer)
             for _ in range(self._sum_helpers)
         ]
         try:
-            self._merge_chunks(tasks, turns, writer)
+            self._merge_chunks(tasks, order, writer)
         finally:
             for future in others:
                 future.result()
 
-    def _merge_chunks(self, tasks: list[BlockTask], turns: _Turns, writer: ShardWriter) -> None:
+    def _merge_chunks(self, tasks: list[BlockTask], order: _InOrder, writer: ShardWriter) -> None:
         """One thread's share of ``_run_in_chunks``: chunks until none is left."""
-        with turns.failing_all_on_error():
-            while (index := turns.claim()) is not None:
+        with order.failing_all_on_error():
+            while (index := order.claim()) is not None:
                 task = tasks[index]
                 loaded = self.load(task)
                 fast = self.weighted_sum_block(task, loaded, split=False)
                 if fast is None:  # merges_in_chunks promised otherwise
                     raise RuntimeError(f"'{task.job.name}' cannot be merged in chunks")
-                merged, nonfinite = fast
                 for array in loaded:
                     self._buffers.give(array)
                 del loaded
-                with turns.turn(index):
-                    if nonfinite.any():
-                        sources = [task.job.reference, *task.job.experts]
-                        self.report_nonfinite(sources, [bool(f) for f in nonfinite])
-                    self._write(writer, task, merged)
+                order.deliver(index, functools.partial(self._write_merged, writer, task, *fast))
+
+    def _write_merged(
+        self, writer: ShardWriter, task: BlockTask, merged: np.ndarray, nonfinite: np.ndarray
+    ) -> None:
+        """Write a chunk merged by ``_merge_chunks``, first reporting its non-finite inputs
+        (in order, so a warning names the first tensor that had one)."""
+        if nonfinite.any():
+            sources = [task.job.reference, *task.job.experts]
+            self.report_nonfinite(sources, [bool(flag) for flag in nonfinite])
+        self._write(writer, task, merged)
 
     def merges_in_chunks(self, job: TensorJob) -> bool:
         """Whether ``job`` runs in ``_run_in_chunks``: a weighted-sum merge on the CPU
@@ -610,13 +616,22 @@ class MergeEngine:
                 )
 
 
-class _Turns:
-    """Hands out task indices to threads and lets each write its result in index order."""
+class _InOrder:
+    """Hands out task indices to threads and writes their results in index order.
 
-    def __init__(self, count: int):
+    A thread that finishes a task out of turn leaves its write queued and goes on to the next
+    task rather than wait; the thread whose result fills the gap writes every queued result
+    that follows. A thread stays at most ``ahead`` tasks ahead of the last one written, which
+    bounds the memory held by queued results.
+    """
+
+    def __init__(self, count: int, ahead: int):
         self.count = count
+        self.ahead = ahead
         self._claimed = 0
-        self._written = 0  # tasks whose turn has passed
+        self._written = 0  # tasks written (all those before this index)
+        self._queued: dict[int, Callable[[], None]] = {}
+        self._writing = False  # whether a thread is writing queued results
         self._failed = False
         self._condition = threading.Condition()
 
@@ -628,17 +643,32 @@ class _Turns:
             self._claimed += 1
             return self._claimed - 1
 
-    @contextmanager
-    def turn(self, index: int) -> Iterator[None]:
-        """Waits until every task before ``index`` was written, then lets the caller write."""
+    def deliver(self, index: int, write: Callable[[], None]) -> None:
+        """Queue ``write``, the result of task ``index``, and write in order whatever is due;
+        first wait while the task is ``ahead`` or more past the last one written."""
         with self._condition:
-            self._condition.wait_for(lambda: self._written == index or self._failed)
+            self._condition.wait_for(lambda: index < self._written + self.ahead or self._failed)
             if self._failed:
                 raise _OtherThreadFailed
-        yield
-        with self._condition:
-            self._written += 1
-            self._condition.notify_all()
+            self._queued[index] = write
+            if self._writing:  # the writing thread takes it when its turn comes
+                return
+            self._writing = True
+        while True:
+            with self._condition:
+                due = self._queued.pop(self._written, None)
+                if due is None or self._failed:
+                    self._writing = False
+                    return
+            try:
+                due()
+            except BaseException:
+                with self._condition:
+                    self._writing = False
+                raise
+            with self._condition:
+                self._written += 1
+                self._condition.notify_all()
 
     @contextmanager
     def failing_all_on_error(self) -> Iterator[None]:

@@ -15,7 +15,7 @@ import torch
 
 from della_cli import engine as engine_module
 from della_cli.api import MergeOptions, prepare
-from della_cli.engine import MergeEngine, _Turns
+from della_cli.engine import MergeEngine, _InOrder
 from della_cli.errors import ModelError
 from della_cli.io.writer import ShardWriter
 
@@ -176,42 +176,51 @@ def test_merges_that_are_not_a_plain_weighted_sum_keep_the_pipeline(
     assert not any(compared.merges_in_chunks(job) for job in plan.jobs)
 
 
-def test_turns_hand_out_each_index_once_and_let_them_write_in_order():
-    turns = _Turns(6)
-    order: list[int] = []
+def test_results_are_written_in_task_order_whoever_finishes_first():
+    order = _InOrder(12, ahead=4)
+    written: list[int] = []
+    delays = [0.002 * ((7 * k) % 5) for k in range(12)]  # later tasks often finish first
 
-    def worker(delays: list[float]):
-        with turns.failing_all_on_error():
-            while (index := turns.claim()) is not None:
+    def worker():
+        with order.failing_all_on_error():
+            while (index := order.claim()) is not None:
                 time.sleep(delays[index])
-                with turns.turn(index):
-                    order.append(index)
+                order.deliver(index, lambda index=index: written.append(index))
 
-    # the later indices finish their work first
-    delays = [0.03, 0.025, 0.02, 0.015, 0.01, 0.0]
-    threads = [threading.Thread(target=worker, args=(delays,)) for _ in range(3)]
+    threads = [threading.Thread(target=worker) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
-    assert order == list(range(6))
-    assert turns.claim() is None
+    assert written == list(range(12))
+    assert order.claim() is None
 
 
-def test_a_failed_turn_releases_the_threads_waiting_for_theirs():
-    turns = _Turns(3)
-    assert turns.claim() == 0 and turns.claim() == 1
+def test_a_result_delivered_out_of_turn_waits_in_the_queue_not_in_its_thread():
+    order = _InOrder(3, ahead=3)
+    written: list[int] = []
+    assert [order.claim(), order.claim(), order.claim()] == [0, 1, 2]
+    order.deliver(2, lambda: written.append(2))  # returns at once: 0 and 1 are not written
+    order.deliver(1, lambda: written.append(1))
+    assert written == []
+    order.deliver(0, lambda: written.append(0))  # fills the gap: writes all three
+    assert written == [0, 1, 2]
+
+
+def test_a_failure_releases_the_threads_waiting_to_deliver():
+    order = _InOrder(3, ahead=1)
+    assert order.claim() == 0 and order.claim() == 1
     released = threading.Event()
 
-    def waiting_for_one():
-        with turns.failing_all_on_error(), turns.turn(1):
-            raise AssertionError("index 1 must not get its turn")
+    def too_far_ahead():
+        with order.failing_all_on_error():
+            order.deliver(1, lambda: pytest.fail("task 1 must not be written"))
         released.set()  # returned quietly: the failing thread reports the error
 
-    waiter = threading.Thread(target=waiting_for_one)
+    waiter = threading.Thread(target=too_far_ahead)
     waiter.start()
-    with pytest.raises(OSError, match="full"), turns.failing_all_on_error():
-        raise OSError("disk full")  # index 0 never writes
+    with pytest.raises(OSError, match="full"), order.failing_all_on_error():
+        raise OSError("disk full")  # task 0 never gets written
     waiter.join(10)
     assert released.is_set()
-    assert turns.claim() is None  # nothing more is handed out
+    assert order.claim() is None  # nothing more is handed out
