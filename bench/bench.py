@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if "mergekit" in args.tools:
         tools.ensure_mergekit(args.work, log=say)
         mergekit_python = tools.mergekit_venv(args.work) / "bin" / "python"
+    if "della" in args.tools:
+        tools.compile_della()
     bench = Bench(args)
     comparison = [
         bench.case(method, size, args.experts) for size in args.sizes for method in args.methods
