@@ -12,12 +12,14 @@ import time
 
 import pytest
 import torch
+from kernel_check import require_kernel
 
 from della_cli import engine as engine_module
 from della_cli.api import MergeOptions, prepare
 from della_cli.engine import MergeEngine, _InOrder
 from della_cli.errors import ModelError
 from della_cli.io.writer import ShardWriter
+from della_cli.methods import weighted_sum
 
 
 def written_tensors(writer: ShardWriter, folder) -> dict:
@@ -47,14 +49,25 @@ def run_in_thread(target, seconds: float = 60.0):
     return errors[0] if errors else None
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "numpy"])
 @pytest.mark.parametrize(
     ("method", "parameters"), [("task_arithmetic", {"lambda": 0.7}), ("linear", {})]
 )
 def test_chunks_finished_out_of_order_are_written_in_order(
-    method, parameters, bf16_recipe, tmp_path, monkeypatch
+    method, parameters, compiled, bf16_recipe, tmp_path, monkeypatch
 ):
     """Four threads, each delayed at random before it merges a chunk: the file holds every
-    tensor as the torch path computes it alone."""
+    tensor as the torch path computes it alone, with the compiled kernel and with numpy's
+    loops (each thread then has chunk buffers of its own)."""
+    if compiled:
+        require_kernel()
+    merge_block, blocks = weighted_sum.merge_block, []
+
+    def counted(*args, **kwargs):
+        blocks.append(kwargs.get("helper_count", args[5] if len(args) > 5 else 0))
+        return merge_block(*args, **kwargs, compiled=compiled)
+
+    monkeypatch.setattr(weighted_sum, "merge_block", counted)
     monkeypatch.setattr(engine_module, "_cpu_count", lambda: 4)
     recipe_path = bf16_recipe(method, parameters)
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
@@ -72,6 +85,7 @@ def test_chunks_finished_out_of_order_are_written_in_order(
     writer = ShardWriter(tmp_path, plan.shards)
     assert run_in_thread(lambda: chunked.run(writer)) is None
     assert len(threads) == 4
+    assert len(blocks) > 200 and set(blocks) == {0}  # every chunk merged by one thread
     written = written_tensors(writer, tmp_path)
     torch_path = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
     for job in plan.jobs:

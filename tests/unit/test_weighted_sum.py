@@ -5,28 +5,19 @@ runs on both implementations, the compiled kernel and numpy's loops."""
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from kernel_check import require_kernel
 
 from della_cli.io.dtypes import from_torch, to_torch
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor, weighted_sum
 from della_cli.methods.weighted_sum import BFLOAT16, CHUNK, WeightedSum
 
 F32 = np.dtype(np.float32)
-
-
-def require_kernel() -> None:
-    """Skip without the compiled kernel, except in CI, which builds it: there it fails."""
-    if weighted_sum.COMPILED:
-        return
-    if os.environ.get("CI"):
-        pytest.fail("the compiled kernel was not built (is a C compiler installed?)")
-    pytest.skip("the compiled kernel is not installed")
 
 
 @pytest.fixture(params=["compiled", "numpy"])
