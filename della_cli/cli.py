@@ -194,8 +194,6 @@ def push(
 
 
 def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):
-    from tqdm import tqdm
-
     from della_cli.api import run_merge
 
     show_bar = not quiet and sys.stderr.isatty()
@@ -204,6 +202,8 @@ def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):
     def on_start(plan) -> None:
         nonlocal bar
         if show_bar:
+            from tqdm import tqdm  # only for a bar: batch runs skip its import (8 ms)
+
             bar = tqdm(
                 total=plan.output_bytes,
                 unit="B",
