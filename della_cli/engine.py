@@ -184,7 +184,7 @@ class MergeEngine:
                 for in_chunks, group in itertools.groupby(jobs, key=self.merges_in_chunks):
                     tasks = [task for job in group for task in self.block_tasks(job)]
                     if in_chunks:
-                        self._run_in_chunks(tasks, sums, writer)
+                        self._run_in_chunks(tasks, writer)
                     else:
                         self._run_tasks(tasks, reads, writes, writer)
             finally:
@@ -215,9 +215,7 @@ class MergeEngine:
         for future in in_flight:
             future.result()
 
-    def _run_in_chunks(
-        self, tasks: list[BlockTask], helpers: ThreadPoolExecutor, writer: ShardWriter
-    ) -> None:
+    def _run_in_chunks(self, tasks: list[BlockTask], writer: ShardWriter) -> None:
         """Weighted-sum chunks, each read, merged and written by one thread, in parallel.
 
         A sum of a few operations per entry spends more time moving bytes than computing. In
@@ -231,8 +229,8 @@ class MergeEngine:
         """
         order = _InOrder(len(tasks), ahead=2 * (self._sum_helpers + 1))
         others = [
-            helpers.submit(self._merge_chunks, tasks, order, writer)
-            for _ in range(self._sum_helpers)
+            self._sum_pool.submit(self._merge_chunks, tasks, order, writer)
+            for _ in range(self._sum_helpers)  # none without a pool
         ]
         try:
             self._merge_chunks(tasks, order, writer)
@@ -268,8 +266,7 @@ class MergeEngine:
         """Whether ``job`` runs in ``_run_in_chunks``: a weighted-sum merge on the CPU
         (``weighted_sum_block``'s conditions, read from the headers) of inputs taken as they
         are stored, without fitting a vocabulary."""
-        method = self.recipe.method
-        if not (self._cpu_fast_paths and job.action == "merge" and not method.sign_consensus):
+        if job.action != "merge" or self._weighted_sum_params(job) is None:
             return False
         sources = [job.reference, *job.experts]
         if any(source.rows is not None for source in sources):
@@ -279,10 +276,18 @@ class MergeEngine:
             return False
         dtypes = [NUMPY_DTYPES.get(info.dtype) for info in infos]
         dtypes.append(NUMPY_DTYPES.get(job.out_dtype))
-        if not all(dtype is not None and weighted_sum.supports(dtype) for dtype in dtypes):
-            return False
+        return all(dtype is not None and weighted_sum.supports(dtype) for dtype in dtypes)
+
+    def _weighted_sum_params(self, job: TensorJob) -> list[ExpertParams] | None:
+        """The experts' parameters where ``job`` merges as a weighted sum on the CPU (nothing
+        sparsified or elected, the fast paths on), else None."""
+        method = self.recipe.method
+        if not self._cpu_fast_paths or method.sign_consensus:
+            return None
         params = [self.recipe.expert_params(source.model, job.name) for source in job.experts]
-        return all(_keeps_everything(method.sparsifier, p) for p in params)
+        if not all(_keeps_everything(method.sparsifier, p) for p in params):
+            return None
+        return params
 
     def _write(self, writer: ShardWriter, task: BlockTask, chunk: np.ndarray) -> None:
         writer.write_part(task.job.name, chunk)
@@ -453,21 +458,18 @@ class MergeEngine:
         more than it saves. None where it does not apply. ``split``: whether the helper
         threads take spans of the block (not when each thread merges chunks of its own)."""
         job = task.job
-        method = self.recipe.method
         first = loaded[0]
         if not (
-            self._cpu_fast_paths
-            and not method.sign_consensus
-            and weighted_sum.supports(NUMPY_DTYPES[job.out_dtype])
+            weighted_sum.supports(NUMPY_DTYPES[job.out_dtype])
             and all(weighted_sum.supports(t.dtype) and t.shape == first.shape for t in loaded)
         ):
             return None
-        params = [self.recipe.expert_params(source.model, job.name) for source in job.experts]
-        if not all(_keeps_everything(method.sparsifier, p) for p in params):
+        params = self._weighted_sum_params(job)
+        if params is None:
             return None
         spec = weighted_sum.WeightedSum(
             weights=tuple(p.weight for p in params),
-            on_deltas=method.on_deltas,
+            on_deltas=self.recipe.method.on_deltas,
             normalize=self.global_params.normalize,
             lambda_=self.global_params.lambda_,
         )
@@ -669,12 +671,7 @@ class _InOrder:
                 if due is None or self._failed:
                     self._writing = False
                     return
-            try:
-                due()
-            except BaseException:
-                with self._condition:
-                    self._writing = False
-                raise
+            due()  # if it raises, failing_all_on_error stops every thread
             with self._condition:
                 self._written += 1
                 self._condition.notify_all()
