@@ -8,16 +8,17 @@ message starts with the field path (``models.1.parameters.density: must be in (0
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from della_cli.errors import RecipeError
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, MethodSpec, Rescale
@@ -34,119 +35,53 @@ UNSUPPORTED_KEYS = {
     ),
     "chat_template": "chat_template is not supported yet; the base's template is kept",
 }
+# Spellings of a boolean accepted besides YAML's own (mergekit's parser takes them too).
+BOOLEAN_WORDS = {
+    **dict.fromkeys(("true", "t", "yes", "y", "on", "1"), True),
+    **dict.fromkeys(("false", "f", "no", "n", "off", "0"), False),
+}
 
 
-def _finite(value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value}")
-    return value
-
-
-def _reject_lists(value: Any) -> Any:
-    if isinstance(value, str):
-        raise ValueError(f"must be a number, got {value!r}")
-    if isinstance(value, (list, dict)):
-        raise ValueError(
-            "per-tensor filters and gradients (lists) are not supported yet; give one number"
-        )
-    if isinstance(value, bool):
-        raise ValueError(f"must be a number, got {value}")
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class ModelParameters(_Strict):
-    """Parameters one expert may set; unset ones fall back to the top-level defaults."""
+@dataclass(frozen=True)
+class ModelParameters:
+    """Parameters one expert may set; unset ones (None) fall back to the top-level defaults."""
 
     weight: float | None = None
     density: float | None = None
     epsilon: float | None = None
     gamma: float | None = None
     # Global parameters are accepted here only to give a precise error.
-    lambda_: float | None = Field(default=None, alias="lambda")
+    lambda_: float | None = None
     normalize: bool | None = None
     rescale: bool | Literal["l1"] | None = None
-
-    @field_validator("weight", "density", "epsilon", "gamma", "lambda_", mode="before")
-    @classmethod
-    def _numbers_only(cls, value: Any) -> Any:
-        return _reject_lists(value)
-
-    @field_validator("rescale", mode="before")
-    @classmethod
-    def _check_rescale(cls, value: Any) -> Any:
-        # Checked before the union so the error names the field, not a union member.
-        if value is None or isinstance(value, bool) or value == "l1":
-            return value
-        raise ValueError(f"must be true, false or l1, got {value!r}")
-
-    @field_validator("weight", "density", "epsilon", "gamma", "lambda_")
-    @classmethod
-    def _check_finite(cls, value: float | None) -> float | None:
-        return _finite(value)
-
-    @field_validator("density")
-    @classmethod
-    def _check_density(cls, value: float | None) -> float | None:
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"must be in (0, 1], got {value}")
-        return value
-
-    @field_validator("epsilon")
-    @classmethod
-    def _check_epsilon(cls, value: float | None) -> float | None:
-        if value is not None and not 0 <= value < 0.5:
-            raise ValueError(f"must be in [0, 0.5), got {value}")
-        return value
-
-    @field_validator("gamma")
-    @classmethod
-    def _check_gamma(cls, value: float | None) -> float | None:
-        if value is not None and not 0 <= value < 1:
-            raise ValueError(f"must be in [0, 1), got {value}")
-        return value
+    given: tuple[str, ...] = ()  # the keys the recipe wrote, in its order
 
 
+@dataclass(frozen=True)
 class GlobalParameters(ModelParameters):
     """Top-level parameters: defaults for every model plus the merge-wide ones."""
 
     int8_mask: bool | None = None  # mergekit memory option; accepted, no effect here
 
 
-class ModelEntry(_Strict):
-    model: str = Field(min_length=1)
-    parameters: ModelParameters = Field(default_factory=ModelParameters)
+@dataclass(frozen=True)
+class ModelEntry:
+    model: str
+    parameters: ModelParameters = field(default_factory=ModelParameters)
 
 
-class RecipeSchema(_Strict):
+@dataclass(frozen=True)
+class RecipeSchema:
+    """The recipe's fields, each checked for its type and range (``read_schema``)."""
+
     merge_method: str
-    base_model: str | None = None
     models: list[ModelEntry]
-    parameters: GlobalParameters = Field(default_factory=GlobalParameters)
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    seed: int | None = Field(default=None, strict=True)  # strict: `true` is not a seed
+    base_model: str | None = None
+    parameters: GlobalParameters = field(default_factory=GlobalParameters)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    seed: int | None = None
     tokenizer_source: str | None = None
-
-    @field_validator("seed")
-    @classmethod
-    def _check_seed(cls, value: int | None) -> int | None:
-        if value is not None and not 0 <= value < 2**63:
-            raise ValueError(f"must be an integer in [0, 2**63), got {value}")
-        return value
-
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _check_tokenizer_source(cls, value: str | None) -> str | None:
-        if value == "union":
-            raise ValueError(
-                "'union' (a tokenizer merged from several models) is not supported yet; "
-                "use base or the name of one of the models"
-            )
-        return value
 
 
 @dataclass(frozen=True)
@@ -223,7 +158,7 @@ class Recipe:
         text, count = re.subn(r"(?m)^seed:.*$", line, self.text)
         if count == 0:
             text = self.text.rstrip("\n") + "\n" + line + "\n"
-        return Recipe(self.schema.model_copy(update={"seed": seed}), text, self.path)
+        return Recipe(dataclasses.replace(self.schema, seed=seed), text, self.path)
 
 
 def _first_set(*values: Any) -> Any:
@@ -276,54 +211,201 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         if key in data:
             raise RecipeError(f"{key}: {reason}")
     try:
-        schema = RecipeSchema.model_validate(data)
-    except ValidationError as error:
-        message = _describe(error.errors()[0], data)
-        raise RecipeError(message.replace("\r", "\\r").replace("\n", "\\n")) from error
+        schema = read_schema(data)
+    except RecipeError as error:  # a key or value quoted in the message stays on one line
+        raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None
     recipe = Recipe(schema, text, path)
     check_rules(recipe)
     return recipe
 
 
-def _describe(error: dict[str, Any], data: Any) -> str:
-    """One line for a pydantic error: the field path, then what is wrong and what to do."""
-    loc = [str(part) for part in error["loc"]]
-    field = ".".join(loc) or "recipe"
-    kind, value = error["type"], error.get("input")
-    if kind == "extra_forbidden":
-        known = _known_keys(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
-        return f"{field}: unknown key{hint}"
-    if kind == "missing":
-        return f"{field}: is required"
-    if kind == "value_error":
-        return f"{field}: {error['msg'].removeprefix('Value error, ')}"
-    if kind == "literal_error":
-        return f"{field}: must be one of {error['ctx']['expected']}, got {value!r}"
-    if kind in ("float_type", "float_parsing", "int_type", "int_parsing", "int_from_float"):
-        what = "an integer" if kind.startswith("int") else "a number"
-        return f"{field}: must be {what}, got {value!r}"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"{field}: must be true or false, got {value!r}"
-    if kind == "list_type":
-        return f"{field}: must be a list of models, got {value!r}"
-    if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return f"{field}: must be a mapping, got {value!r}"
-    if kind == "string_too_short":
-        return f"{field}: must not be empty"
-    if kind == "string_type":
-        return f"{field}: must be a string, got {value!r}"
-    return f"{field}: {error['msg']}"
+# --- the schema: each field's type and range ---------------------------------------------------
+#
+# Checked by hand rather than by a schema library: pydantic's import and model build took
+# about 95 ms of every della command's start-up (medians of 9 runs on the reference machine),
+# more than a small merge's whole compute. Each check takes a value and its field path and
+# returns the value to keep, or raises a RecipeError that starts with the path.
+
+Check = Callable[[Any, str], Any]
 
 
-def _known_keys(parent: list[str]) -> list[str]:
-    model: type[BaseModel] = RecipeSchema
-    if parent[:1] == ["models"]:
-        model = ModelEntry if len(parent) == 2 else ModelParameters
-    elif parent == ["parameters"]:
-        model = GlobalParameters
-    return [info.alias or name for name, info in model.model_fields.items()]
+def _fail(path: str, problem: str) -> NoReturn:
+    raise RecipeError(f"{path}: {problem}")
+
+
+def _number(value: Any, path: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, dict)):
+        _fail(
+            path, "per-tensor filters and gradients (lists) are not supported yet; give one number"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(path, f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        _fail(path, f"must be a finite number, got an integer of {len(str(abs(value)))} digits")
+    if not math.isfinite(number):
+        _fail(path, f"must be a finite number, got {number}")
+    return number
+
+
+def _in_range(low: float, high: float, low_closed: bool, high_closed: bool) -> Check:
+    """A number check that also bounds the value (the message shows the interval)."""
+    interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+
+    def check(value: Any, path: str) -> float | None:
+        number = _number(value, path)
+        if number is not None:
+            above = number >= low if low_closed else number > low
+            below = number <= high if high_closed else number < high
+            if not (above and below):
+                _fail(path, f"must be in {interval}, got {number}")
+        return number
+
+    return check
+
+
+def _boolean(value: Any, path: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[value.lower()]
+    _fail(path, f"must be true or false, got {value!r}")
+
+
+def _rescale(value: Any, path: str) -> bool | str | None:
+    if value is None or isinstance(value, bool) or value == "l1":
+        return value
+    _fail(path, f"must be true, false or l1, got {value!r}")
+
+
+def _string(value: Any, path: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        _fail(path, f"must be a string, got {value!r}")
+    return value
+
+
+def _required_string(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        _fail(path, f"must be a string, got {value!r}")
+    return value
+
+
+def _model_name(value: Any, path: str) -> str:
+    if not _required_string(value, path):
+        _fail(path, "must not be empty")
+    return value
+
+
+def _dtype(value: Any, path: str) -> str | None:
+    if value is not None and value not in DTYPE_CHOICES:
+        choices = ", ".join(f"'{name}'" for name in DTYPE_CHOICES[:-1])
+        _fail(path, f"must be one of {choices} or '{DTYPE_CHOICES[-1]}', got {value!r}")
+    return value
+
+
+def _seed(value: Any, path: str) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int:  # not a bool, not a float that happens to be whole
+        _fail(path, f"must be an integer, got {value!r}")
+    if not 0 <= value < 2**63:
+        _fail(path, f"must be an integer in [0, 2**63), got {value}")
+    return value
+
+
+def _tokenizer_source(value: Any, path: str) -> str | None:
+    if _string(value, path) == "union":
+        _fail(
+            path,
+            "'union' (a tokenizer merged from several models) is not supported yet; "
+            "use base or the name of one of the models",
+        )
+    return value
+
+
+# Each mapping's keys, in the order an unknown key's message lists them: the attribute each
+# fills, and its check.
+PARAMETER_KEYS: dict[str, tuple[str, Check]] = {
+    "weight": ("weight", _number),
+    "density": ("density", _in_range(0, 1, low_closed=False, high_closed=True)),
+    "epsilon": ("epsilon", _in_range(0, 0.5, low_closed=True, high_closed=False)),
+    "gamma": ("gamma", _in_range(0, 1, low_closed=True, high_closed=False)),
+    "lambda": ("lambda_", _number),
+    "normalize": ("normalize", _boolean),
+    "rescale": ("rescale", _rescale),
+}
+GLOBAL_PARAMETER_KEYS = {**PARAMETER_KEYS, "int8_mask": ("int8_mask", _boolean)}
+
+
+def _parameters(keys: dict[str, tuple[str, Check]], kind: type[ModelParameters]) -> Check:
+    def check(value: Any, path: str) -> ModelParameters:
+        return kind(**_fields(value, path, keys), given=tuple(value))
+
+    return check
+
+
+def _model_entry(value: Any, path: str) -> ModelEntry:
+    return ModelEntry(**_fields(value, path, ENTRY_KEYS, required=("model",)))
+
+
+def _model_entries(value: Any, path: str) -> list[ModelEntry]:
+    if not isinstance(value, list):
+        _fail(path, f"must be a list of models, got {value!r}")
+    return [_model_entry(entry, f"{path}.{index}") for index, entry in enumerate(value)]
+
+
+ENTRY_KEYS: dict[str, tuple[str, Check]] = {
+    "model": ("model", _model_name),
+    "parameters": ("parameters", _parameters(PARAMETER_KEYS, ModelParameters)),
+}
+RECIPE_KEYS: dict[str, tuple[str, Check]] = {
+    "merge_method": ("merge_method", _required_string),
+    "base_model": ("base_model", _string),
+    "models": ("models", _model_entries),
+    "parameters": ("parameters", _parameters(GLOBAL_PARAMETER_KEYS, GlobalParameters)),
+    "dtype": ("dtype", _dtype),
+    "out_dtype": ("out_dtype", _dtype),
+    "seed": ("seed", _seed),
+    "tokenizer_source": ("tokenizer_source", _tokenizer_source),
+}
+
+
+def read_schema(data: dict) -> RecipeSchema:
+    """The recipe mapping ``data`` (from YAML) checked field by field."""
+    return RecipeSchema(**_fields(data, "", RECIPE_KEYS, required=("merge_method", "models")))
+
+
+def _fields(
+    value: Any, path: str, keys: dict[str, tuple[str, Check]], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The checked fields of the mapping ``value`` at ``path``, by attribute name. Unknown keys
+    are reported first (with the nearest known key: a misspelt key also leaves its field
+    missing), then each field in the order of ``keys``."""
+    if not isinstance(value, dict):
+        _fail(path, f"must be a mapping, got {value!r}")
+    for key in value:
+        if key not in keys:
+            known = list(keys)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            _fail(_join(path, key), f"unknown key; {hint}")
+    for key in required:
+        if key not in value:
+            _fail(_join(path, key), "is required")
+    return {
+        attribute: check(value[key], _join(path, key))
+        for key, (attribute, check) in keys.items()
+        if key in value
+    }
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def check_rules(recipe: Recipe) -> None:
@@ -368,8 +450,7 @@ def _check_parameter_names(recipe: Recipe) -> None:
         (f"models.{i}.parameters", entry.parameters) for i, entry in enumerate(recipe.schema.models)
     ]
     for prefix, block in blocks:
-        for name in block.model_fields_set:
-            key = "lambda" if name == "lambda_" else name
+        for key in block.given:
             if key == "int8_mask":
                 continue
             if key in GLOBAL_PARAMETERS and prefix != "parameters" and key in allowed:

@@ -238,6 +238,36 @@ BAD_RECIPES = [
         [],
         id="int8-mask-str",
     ),
+    pytest.param(
+        edited(("merge_method", None)), "merge_method: must be a string, got None", [], id="m-null"
+    ),
+    pytest.param(
+        edited(("models.0.model", None)), "models.0.model: must be a string", [], id="model-null"
+    ),
+    pytest.param(
+        edited(("parameters", None)), "parameters: must be a mapping, got None", [], id="p-null"
+    ),
+    pytest.param(
+        edited(("parameters.normalize", 2)),
+        "parameters.normalize: must be true or false, got 2",
+        [],
+        id="normalize-2",
+    ),
+    pytest.param(
+        edited(("models.0.parameters.weight", 10**400)),
+        "models.0.parameters.weight: must be a finite number, got an integer of 401 digits",
+        [],
+        id="weight-beyond-float",
+    ),
+    pytest.param(
+        edited(("models.1.parameters.lambda_", 1.1)),
+        "models.1.parameters.lambda_: unknown key; did you mean 'lambda'?",
+        [],
+        id="lambda-underscore",
+    ),
+    pytest.param(
+        edited(("seed", 7.0)), "seed: must be an integer, got 7.0", [], id="seed-whole-float"
+    ),
     pytest.param(edited(("seed", 1.5)), "seed: must be an integer, got 1.5", [], id="seed-float"),
     pytest.param(edited(("seed", "x")), "seed: must be an integer, got 'x'", [], id="seed-str"),
     pytest.param(edited(("seed", True)), "seed: must be an integer, got True", [], id="seed-bool"),
@@ -386,6 +416,18 @@ BAD_RECIPES = [
     pytest.param(edited(("models", DROP)), "models: is required", [], id="models-missing"),
     pytest.param(
         edited(("merge_method", DROP)), "merge_method: is required", [], id="method-missing"
+    ),
+    pytest.param(
+        edited(("merge_method", DROP), ("merge_methd", "della")),
+        "merge_methd: unknown key; did you mean 'merge_method'?",
+        [],
+        id="method-misspelt-is-named-before-it-is-missing",
+    ),
+    pytest.param(
+        edited(("models.0", {"modle": "lm"})),
+        "models.0.modle: unknown key; did you mean 'model'?",
+        [],
+        id="model-misspelt-is-named-before-it-is-missing",
     ),
     pytest.param(
         edited(("models.1.model", "base")),
@@ -701,3 +743,31 @@ def test_mergekit_style_recipe_with_dtype_and_tokenizer_source_parses():
     )
     assert recipe.schema.out_dtype == "float16"
     assert recipe.schema.tokenizer_source == "base"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (False, False), (1, True), (0.0, False), ("yes", True), ("Off", False)],
+)
+def test_booleans_take_mergekits_spellings(value: Any, expected: bool):
+    """Recipes written for mergekit (whose parser is lenient) may spell a boolean as 1 or
+    "yes"; they mean the same here."""
+    recipe = parse_recipe(method("ties", ("parameters.normalize", value)))
+    assert recipe.global_params().normalize is expected
+
+
+def test_numbers_are_floats_and_the_keys_given_are_kept_in_order():
+    recipe = parse_recipe(edited(("parameters.weight", 2), ("models.1.parameters.density", 1)))
+    assert recipe.schema.parameters.weight == 2.0
+    assert type(recipe.schema.parameters.weight) is float
+    assert recipe.schema.parameters.given == ("density", "epsilon", "weight")
+    assert recipe.schema.models[1].parameters.given == ("density",)
+    assert recipe.schema.models[0].parameters.given == ()
+
+
+def test_the_first_parameter_a_method_does_not_use_is_the_first_written():
+    values = {"rescale": True, "epsilon": 0.1}
+    for first, second in (("rescale", "epsilon"), ("epsilon", "rescale")):
+        edits = [(f"parameters.{name}", values[name]) for name in (first, second)]
+        text = method("ties", *edits)
+        assert error_of(text).startswith(f"parameters.{first}: ties does not use {first}")
