@@ -88,78 +88,99 @@ ALWAYS_INLINE int nonfinite(uint32_t largest)
     return largest >= 0x7F800000u;
 }
 
-/* total[i] = (first ? +0 : total[i]) + term(expert[i]), in one pass that widens the expert
- * and (for the deltas) the base as it goes; the expert's flag. Called with constant kinds,
- * mode and first, so that each combination is its own vectorized loop. */
-ALWAYS_INLINE int accumulate(int kind, int base_kind, int mode, int first, const void *source,
-                             const void *base, Py_ssize_t start, Py_ssize_t count, float weight,
-                             float *total)
+/* The float32 magnitude bits of an entry, to take a maximum of. */
+ALWAYS_INLINE uint32_t magnitude_bits(float value)
 {
-    uint32_t largest = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t bits = wide_bits(source, kind, start + i);
-        uint32_t magnitude = bits & 0x7FFFFFFFu;
-        largest = magnitude > largest ? magnitude : largest;
-        float value = as_float(bits), term;
-        if (mode == WEIGHTED_VALUE) {
-            term = value * weight;
-        } else {
-            term = value - as_float(wide_bits(base, base_kind, start + i));
-            if (mode == WEIGHTED_DELTA)
-                term = term * weight;
-        }
-        total[i] = (first ? 0.0f : total[i]) + term;
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits & 0x7FFFFFFFu;
+}
+
+/* Experts summed in one pass over a piece: each entry's running total stays in a register
+ * while up to MAX_GROUP experts are added to it, and the base is widened once for them. */
+#define MAX_GROUP 4
+
+/* total[i] = (first ? +0 : total[i]) + term_0 + ... + term_{G-1}, left to right, where
+ * term_g = (expert_g[i] - base[i]) * w_g on deltas and expert_g[i] * w_g otherwise (a
+ * multiplication by 1 is exact, so weights of 1 need no case of their own). Called with
+ * constant kinds, mode and group size, so that each combination is its own vectorized loop
+ * with the experts unrolled. */
+ALWAYS_INLINE void accumulate(int kind, int base_kind, int on_deltas, int group, int first,
+                              const void *const *sources, const void *base, Py_ssize_t start,
+                              Py_ssize_t count, const float *weights, float *total)
+{
+    const void *source[MAX_GROUP];
+    float weight[MAX_GROUP];
+    for (int g = 0; g < group; g++) {
+        source[g] = sources[g];
+        weight[g] = weights[g];
     }
-    return nonfinite(largest);
-}
-
-ALWAYS_INLINE int accumulate_expert(int kind, int base_kind, int mode, int first,
-                                    const void *source, const void *base, Py_ssize_t start,
-                                    Py_ssize_t count, float weight, float *total)
-{
-#define ACCUMULATE(k, b, m, f)                                                             \
-    if (kind == k && base_kind == b && mode == m && first == f)                            \
-        return accumulate(k, b, m, f, source, base, start, count, weight, total);
-#define FIRST_OR_NOT(k, b, m) ACCUMULATE(k, b, m, 1) ACCUMULATE(k, b, m, 0)
-#define EVERY_MODE(k, b)                                                                   \
-    FIRST_OR_NOT(k, b, DELTA) FIRST_OR_NOT(k, b, WEIGHTED_DELTA)                           \
-    FIRST_OR_NOT(k, b, WEIGHTED_VALUE)
-    EVERY_MODE(KIND_BFLOAT16, KIND_BFLOAT16)
-    EVERY_MODE(KIND_BFLOAT16, KIND_FLOAT32)
-    EVERY_MODE(KIND_FLOAT32, KIND_BFLOAT16)
-    EVERY_MODE(KIND_FLOAT32, KIND_FLOAT32)
-#undef EVERY_MODE
-#undef FIRST_OR_NOT
-#undef ACCUMULATE
-    return 0;
-}
-
-/* out = (on_deltas ? base + total : total) in the output's dtype; the base's flag (taken
- * here, where the base is read anyway for the deltas). */
-ALWAYS_INLINE int store(int kind, int base_kind, int on_deltas, void *target, const void *base,
-                        Py_ssize_t start, Py_ssize_t count, const float *total)
-{
-    uint32_t largest = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t bits = wide_bits(base, base_kind, start + i);
-        uint32_t magnitude = bits & 0x7FFFFFFFu;
+        float reference = on_deltas ? as_float(wide_bits(base, base_kind, start + i)) : 0.0f;
+        float sum = first ? 0.0f : total[i];
+        for (int g = 0; g < group; g++) {
+            float value = as_float(wide_bits(source[g], kind, start + i));
+            sum = sum + (on_deltas ? value - reference : value) * weight[g];
+        }
+        total[i] = sum;
+    }
+}
+
+ALWAYS_INLINE void accumulate_group(int kind, int base_kind, int on_deltas, int group, int first,
+                                    const void *const *sources, const void *base,
+                                    Py_ssize_t start, Py_ssize_t count, const float *weights,
+                                    float *total)
+{
+#define ACCUMULATE(k, b, d, g)                                                             \
+    if (kind == k && base_kind == b && on_deltas == d && group == g)                       \
+        return accumulate(k, b, d, g, first, sources, base, start, count, weights, total);
+#define EVERY_SIZE(k, b, d)                                                                \
+    ACCUMULATE(k, b, d, 1) ACCUMULATE(k, b, d, 2) ACCUMULATE(k, b, d, 3)                   \
+    ACCUMULATE(k, b, d, 4)
+#define EITHER_MODE(k, b) EVERY_SIZE(k, b, 1) EVERY_SIZE(k, b, 0)
+    EITHER_MODE(KIND_BFLOAT16, KIND_BFLOAT16)
+    EITHER_MODE(KIND_BFLOAT16, KIND_FLOAT32)
+    EITHER_MODE(KIND_FLOAT32, KIND_BFLOAT16)
+    EITHER_MODE(KIND_FLOAT32, KIND_FLOAT32)
+#undef EITHER_MODE
+#undef EVERY_SIZE
+#undef ACCUMULATE
+}
+
+/* out = (on_deltas ? base + total : total) in the output's dtype. Returns the largest
+ * magnitude of the float32 results, and puts the base's in *base_largest where the result
+ * does not contain the base (linear). */
+ALWAYS_INLINE uint32_t store(int kind, int base_kind, int on_deltas, void *target,
+                             const void *base, Py_ssize_t start, Py_ssize_t count,
+                             const float *total, uint32_t *base_largest)
+{
+    uint32_t largest = 0, base_seen = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        float result = total[i];
+        if (on_deltas) {
+            result = as_float(wide_bits(base, base_kind, start + i)) + result;
+        } else {
+            uint32_t magnitude = wide_bits(base, base_kind, start + i) & 0x7FFFFFFFu;
+            base_seen = magnitude > base_seen ? magnitude : base_seen;
+        }
+        uint32_t magnitude = magnitude_bits(result);
         largest = magnitude > largest ? magnitude : largest;
-        float result = on_deltas ? as_float(bits) + total[i] : total[i];
         if (kind == KIND_BFLOAT16)
             ((uint16_t *)target)[start + i] = float_to_bf16_bits(result);
         else
             ((float *)target)[start + i] = result;
     }
-    return nonfinite(largest);
+    *base_largest = base_seen;
+    return largest;
 }
 
-ALWAYS_INLINE int store_output(int kind, int base_kind, int on_deltas, void *target,
-                               const void *base, Py_ssize_t start, Py_ssize_t count,
-                               const float *total)
+ALWAYS_INLINE uint32_t store_output(int kind, int base_kind, int on_deltas, void *target,
+                                    const void *base, Py_ssize_t start, Py_ssize_t count,
+                                    const float *total, uint32_t *base_largest)
 {
 #define STORE(k, b, d)                                                                     \
     if (kind == k && base_kind == b && on_deltas == d)                                     \
-        return store(k, b, d, target, base, start, count, total);
+        return store(k, b, d, target, base, start, count, total, base_largest);
 #define EITHER(k, b) STORE(k, b, 1) STORE(k, b, 0)
     EITHER(KIND_BFLOAT16, KIND_BFLOAT16)
     EITHER(KIND_BFLOAT16, KIND_FLOAT32)
@@ -168,6 +189,26 @@ ALWAYS_INLINE int store_output(int kind, int base_kind, int on_deltas, void *tar
 #undef EITHER
 #undef STORE
     return 0;
+}
+
+/* The largest magnitude of an input's entries start .. start + count. */
+ALWAYS_INLINE uint32_t largest_of(const void *buffer, int kind, Py_ssize_t start,
+                                  Py_ssize_t count)
+{
+    uint32_t largest = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t magnitude = wide_bits(buffer, kind, start + i) & 0x7FFFFFFFu;
+        largest = magnitude > largest ? magnitude : largest;
+    }
+    return largest;
+}
+
+ALWAYS_INLINE uint32_t largest_input(const void *buffer, int kind, Py_ssize_t start,
+                                     Py_ssize_t count)
+{
+    if (kind == KIND_BFLOAT16)
+        return largest_of(buffer, KIND_BFLOAT16, start, count);
+    return largest_of(buffer, KIND_FLOAT32, start, count);
 }
 
 typedef struct {
@@ -182,23 +223,47 @@ typedef struct {
     const Input *out;
 } Job;
 
-/* One piece: the flags of the inputs (bit 0 the base, bit 1 + t expert t). */
+/* Every input's flag over one piece (bit 0 the base, bit 1 + t expert t). */
+static uint64_t piece_flags(const Job *job, Py_ssize_t start, Py_ssize_t count)
+{
+    uint64_t flags = 0;
+    if (nonfinite(largest_input(job->base->view.buf, job->base->kind, start, count)))
+        flags |= 1;
+    for (Py_ssize_t t = 0; t < job->expert_count; t++) {
+        const Input *expert = &job->experts[t];
+        if (nonfinite(largest_input(expert->view.buf, expert->kind, start, count)))
+            flags |= (uint64_t)1 << (t + 1);
+    }
+    return flags;
+}
+
+/* One piece: the flags of the inputs (bit 0 the base, bit 1 + t expert t).
+ *
+ * A NaN or an Inf in any input makes the float32 result non-finite wherever it sits (every
+ * operation propagates it: x - Inf, Inf * w with w = 0, Inf + -Inf, Inf / D, Inf * lambda),
+ * except the base of a linear merge, which the result does not contain and whose magnitudes
+ * the store watches. So inputs are searched only in a piece whose result is not finite: rare,
+ * and then every input is searched, as finite inputs may also overflow. */
 HOT static uint64_t merge_piece(const Job *job, Py_ssize_t start, Py_ssize_t count)
 {
     float total[PIECE];
-    uint64_t flags = 0;
     const void *base = job->base->view.buf;
     int base_kind = job->base->kind;
     if (job->expert_count == 0)
         for (Py_ssize_t i = 0; i < count; i++)
             total[i] = 0.0f;
-    for (Py_ssize_t t = 0; t < job->expert_count; t++) {
-        const Input *expert = &job->experts[t];
-        float weight = job->weights[t];
-        int mode = !job->on_deltas ? WEIGHTED_VALUE : weight != 1.0f ? WEIGHTED_DELTA : DELTA;
-        if (accumulate_expert(expert->kind, base_kind, mode, t == 0, expert->view.buf, base,
-                              start, count, weight, total))
-            flags |= (uint64_t)1 << (t + 1);
+    for (Py_ssize_t t = 0; t < job->expert_count;) {
+        /* The next experts of one kind, at most MAX_GROUP of them. */
+        const void *sources[MAX_GROUP] = {NULL};
+        int kind = job->experts[t].kind, group = 0;
+        while (group < MAX_GROUP && t + group < job->expert_count &&
+               job->experts[t + group].kind == kind) {
+            sources[group] = job->experts[t + group].view.buf;
+            group++;
+        }
+        accumulate_group(kind, base_kind, job->on_deltas, group, t == 0, sources, base, start,
+                         count, &job->weights[t], total);
+        t += group;
     }
     if (job->divide)
         for (Py_ssize_t i = 0; i < count; i++)
@@ -206,10 +271,13 @@ HOT static uint64_t merge_piece(const Job *job, Py_ssize_t start, Py_ssize_t cou
     if (job->on_deltas && job->lambda != 1.0f)
         for (Py_ssize_t i = 0; i < count; i++)
             total[i] = total[i] * job->lambda;
-    if (store_output(job->out->kind, base_kind, job->on_deltas, job->out->view.buf, base, start,
-                     count, total))
-        flags |= 1;
-    return flags;
+    uint32_t base_largest = 0;
+    uint32_t largest = store_output(job->out->kind, base_kind, job->on_deltas,
+                                    job->out->view.buf, base, start, count, total,
+                                    &base_largest);
+    if (nonfinite(largest))
+        return piece_flags(job, start, count);
+    return nonfinite(base_largest) ? 1 : 0;
 }
 
 static int kind_of(PyObject *code, int *kind)

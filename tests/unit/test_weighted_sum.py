@@ -18,6 +18,8 @@ from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor,
 from della_cli.methods.weighted_sum import BFLOAT16, CHUNK, WeightedSum
 
 F32 = np.dtype(np.float32)
+# Entries the kernel merges at a time (PIECE in _weighted_sum.c).
+PIECE_ENTRIES = 1024
 
 
 @pytest.fixture(params=["compiled", "numpy"])
@@ -234,3 +236,27 @@ def test_more_experts_than_the_kernel_takes_merge_in_numpy(merge_block):
     finite = merged.astype(np.float32).reshape(-1)[:5]
     assert (finite == np.float32(sum(range(count)) / count).astype(BFLOAT16)).all()
     assert flags.tolist() == [False] * count + [True]
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    ["b", "bb", "bbbbb", "ffffffff", "bbfbbbbbb", "fbfbf"],
+    ids=lambda kinds: kinds,
+)
+def test_experts_summed_in_groups_give_the_reference_bytes_and_flags(kinds, merge_block):
+    """The kernel adds up to four experts of one dtype in a pass: every split into groups
+    (sizes 1 to 4, a first group and later ones, float32 and bfloat16 experts) keeps the
+    reference's order of additions, and a non-finite entry in any group is flagged."""
+    count = len(kinds)
+    arrays = awkward_inputs((3, PIECE_ENTRIES + 300), count, F32, seed=count)
+    for index, kind in enumerate(kinds, start=1):
+        if kind == "b":
+            arrays[index] = arrays[index].astype(BFLOAT16)
+    arrays[count][2, -5] = np.nan  # the last expert, in the last piece
+    weights = tuple(0.25 * (index + 1) * (-1) ** index for index in range(count))
+    for method, normalize in (("task_arithmetic", False), ("linear", True)):
+        expected = reference(method, arrays, weights, torch.bfloat16, normalize=normalize)
+        spec = WeightedSum(weights, METHODS[method].on_deltas, normalize, lambda_=1.0)
+        merged, flags = merge_block(arrays[0], arrays[1:], spec, BFLOAT16)
+        assert merged.tobytes() == expected.tobytes(), method
+        assert flags.tolist() == [False] * count + [True], method
