@@ -1,7 +1,8 @@
-"""The optional compiled kernel; everything else is declared in pyproject.toml.
+"""The optional compiled kernels; everything else is declared in pyproject.toml.
 
 ``della_cli.methods._weighted_sum`` makes task arithmetic and linear merges a single pass over
-the inputs. It is optional: where it cannot be built (no C compiler), the install still
+the inputs, and ``della_cli.io._streamed_sum`` feeds it pieces read straight from the input
+files. Both are optional: where they cannot be built (no C compiler), the install still
 succeeds and those methods run in numpy, producing the same bytes, only slower.
 """
 
@@ -16,13 +17,27 @@ if sys.platform == "win32":
 else:
     FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
 
-setup(
-    ext_modules=[
+# The kernel's math is in one header, shared by both extensions (so their bytes cannot differ).
+KERNEL = ["della_cli/methods/weighted_sum_kernel.h"]
+EXTENSIONS = [
+    Extension(
+        "della_cli.methods._weighted_sum",
+        ["della_cli/methods/_weighted_sum.c"],
+        depends=KERNEL,
+        extra_compile_args=FLAGS,
+        optional=True,
+    )
+]
+if sys.platform != "win32":  # positioned reads (pread) are POSIX
+    EXTENSIONS.append(
         Extension(
-            "della_cli.methods._weighted_sum",
-            ["della_cli/methods/_weighted_sum.c"],
+            "della_cli.io._streamed_sum",
+            ["della_cli/io/_streamed_sum.c"],
+            include_dirs=["della_cli/methods"],
+            depends=KERNEL,
             extra_compile_args=FLAGS,
             optional=True,
         )
-    ]
-)
+    )
+
+setup(ext_modules=EXTENSIONS)

@@ -11,8 +11,9 @@ a small C kernel, or numpy's loops where it was not built), the others the compi
 and torch is never imported; the remaining cases go through ``torch_path``, imported the first
 time a block needs it. Block buffers are recycled and placed for fast page-cache copies
 (``io.buffers``). Weighted sums on the CPU run in chunks that one thread reads, merges and
-writes (``MergeEngine._run_in_chunks``); the other merges pipeline their blocks through a
-reader thread, the merging threads and a writer thread.
+writes (``MergeEngine._run_in_chunks``), the reads done by the kernel itself where it was built
+(``io.streamed_sum``); the other merges pipeline their blocks through a reader thread, the
+merging threads and a writer thread.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from della_cli.errors import ModelError
+from della_cli.io import streamed_sum
 from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.reader import ModelReader
@@ -128,6 +130,7 @@ class MergeEngine:
         block_elements: int | None = None,
         strict: bool = False,
         fused_kernels: bool = True,
+        stream_reads: bool = True,
     ):
         self.recipe = recipe
         self.plan = plan
@@ -139,6 +142,9 @@ class MergeEngine:
         self.block_elements = block_elements or block_elements_for(self.device)
         # The compiled whole-merge pass (same bytes as the torch path; off for comparisons).
         self.fused_kernels = fused_kernels
+        # Weighted-sum chunks read by io.streamed_sum where it is built (off for comparisons).
+        self.stream_reads = stream_reads
+        self._stream_scratch = streamed_sum.Scratch()
         self.global_params = recipe.global_params()
         self.strict = strict
         self._masks: dict[str, list[Mask] | None] = {}
@@ -243,14 +249,55 @@ class MergeEngine:
         with order.failing_all_on_error():
             while (index := order.claim()) is not None:
                 task = tasks[index]
-                loaded = self.load(task)
-                fast = self.weighted_sum_block(task, loaded, split=False)
-                if fast is None:  # merges_in_chunks promised otherwise
-                    raise RuntimeError(f"'{task.job.name}' cannot be merged in chunks")
-                for array in loaded:
-                    self._buffers.give(array)
-                del loaded
-                order.deliver(index, functools.partial(self._write_merged, writer, task, *fast))
+                merged = self.merge_chunk(task)
+                order.deliver(index, functools.partial(self._write_merged, writer, task, *merged))
+
+    def merge_chunk(self, task: BlockTask) -> Merged:
+        """One chunk of ``_run_in_chunks``: read and merged by ``io.streamed_sum`` where it is
+        built, else read into buffers (``load``) and merged by ``weighted_sum``."""
+        streamed = self.streamed_chunk(task) if self.stream_reads else None
+        if streamed is not None:
+            return streamed
+        loaded = self.load(task)
+        merged = self.weighted_sum_block(task, loaded, split=False)
+        if merged is None:  # merges_in_chunks promised otherwise
+            raise RuntimeError(f"'{task.job.name}' cannot be merged in chunks")
+        for array in loaded:
+            self._buffers.give(array)
+        return merged
+
+    def streamed_chunk(self, task: BlockTask) -> Merged | None:
+        """A chunk of a weighted sum whose rows ``io.streamed_sum`` reads from the files itself
+        (inputs as stored, as ``merges_in_chunks`` requires); None where it cannot."""
+        job = task.job
+        sources = [job.reference, *job.experts]
+        readers = [self.inputs.reader(source.model) for source in sources]
+        dtypes = [r.tensors[s.tensor].dtype for r, s in zip(readers, sources, strict=True)]
+        spec = self._weighted_sum_spec(job)
+        if spec is None or not streamed_sum.supports([*dtypes, job.out_dtype], len(job.experts)):
+            return None
+        experts = [
+            reader.row_span(source.tensor, task.start)
+            for reader, source in zip(readers[1:], job.experts, strict=True)
+        ]
+        # A linear merge without a base takes its first model as the reference: read once.
+        if job.reference in job.experts:
+            base = job.experts.index(job.reference)
+        else:
+            base = readers[0].row_span(job.reference.tensor, task.start)
+        _, row_length = _rows_shape(job.shape)
+        out = self.output_buffer(task, (task.stop - task.start, row_length))
+        flags = streamed_sum.merge(
+            out,
+            base,
+            experts,
+            spec.weights,
+            spec.on_deltas,
+            None if spec.divisor is None else float(spec.divisor),
+            spec.lambda_,
+            self._stream_scratch,
+        )
+        return out, flags
 
     def _write_merged(
         self, writer: ShardWriter, task: BlockTask, merged: np.ndarray, nonfinite: np.ndarray
@@ -288,6 +335,18 @@ class MergeEngine:
         if not all(_keeps_everything(method.sparsifier, p) for p in params):
             return None
         return params
+
+    def _weighted_sum_spec(self, job: TensorJob) -> weighted_sum.WeightedSum | None:
+        """What ``job`` sums where it merges as a weighted sum on the CPU, else None."""
+        params = self._weighted_sum_params(job)
+        if params is None:
+            return None
+        return weighted_sum.WeightedSum(
+            weights=tuple(p.weight for p in params),
+            on_deltas=self.recipe.method.on_deltas,
+            normalize=self.global_params.normalize,
+            lambda_=self.global_params.lambda_,
+        )
 
     def _write(self, writer: ShardWriter, task: BlockTask, chunk: np.ndarray) -> None:
         writer.write_part(task.job.name, chunk)
@@ -464,15 +523,9 @@ class MergeEngine:
             and all(weighted_sum.supports(t.dtype) and t.shape == first.shape for t in loaded)
         ):
             return None
-        params = self._weighted_sum_params(job)
-        if params is None:
+        spec = self._weighted_sum_spec(job)
+        if spec is None:
             return None
-        spec = weighted_sum.WeightedSum(
-            weights=tuple(p.weight for p in params),
-            on_deltas=self.recipe.method.on_deltas,
-            normalize=self.global_params.normalize,
-            lambda_=self.global_params.lambda_,
-        )
         return weighted_sum.merge_block(
             first,
             loaded[1:],

@@ -23,6 +23,7 @@ import numpy as np
 from della_cli.errors import ModelError
 from della_cli.io.buffers import BufferPool, placed, read_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, is_floating, itemsize
+from della_cli.io.streamed_sum import FileSpan
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -260,6 +261,14 @@ class ModelReader:
         row_bytes = info.nbytes // info.shape[0]
         flat = self._read_bytes(info, start * row_bytes, (stop - start) * row_bytes, pool)
         return flat.reshape(stop - start, row_length)
+
+    def row_span(self, name: str, start: int) -> FileSpan:
+        """Where row ``start`` of a tensor (seen as in ``read_rows``) begins in its file, for a
+        reader that reads the rows itself (``io.streamed_sum``)."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // max(info.shape[0], 1) if len(info.shape) > 1 else info.nbytes
+        offset = info.offset + start * row_bytes
+        return FileSpan(self._descriptor(info.path), offset, info.dtype, info.path, name)
 
     def _read_bytes(
         self, info: TensorInfo, begin: int, count: int, pool: BufferPool | None = None

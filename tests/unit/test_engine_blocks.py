@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_check import require_streamed_reads
 
 from della_cli.api import MergeOptions, prepare
 from della_cli.engine import MergeEngine
@@ -57,10 +58,12 @@ def test_blocked_merge_equals_whole_tensor_merge(method, model_zoo, write_recipe
 def test_compiled_kernels_and_torch_path_write_the_same_bytes(
     method, dtype, out_dtype, model_zoo, write_recipe, tmp_path, monkeypatch
 ):
-    """The fast CPU passes (the numpy weighted sum of task arithmetic and linear, the compiled
-    whole-block merge of the others, and the per-step kernels it falls back to) against the
-    plain torch implementation, byte for byte, on inputs as stored."""
+    """The fast CPU passes (the weighted sum of task arithmetic and linear, read by the
+    streamed reader or into buffers, the compiled whole-block merge of the others, and the
+    per-step kernels it falls back to) against the plain torch implementation, byte for byte,
+    on inputs as stored."""
     from della_cli.api import run_merge
+    from della_cli.io import streamed_sum
     from della_cli.methods import cpu_kernels, fused_merge, weighted_sum
 
     recipe = {
@@ -86,8 +89,17 @@ def test_compiled_kernels_and_torch_path_write_the_same_bytes(
         return merge_block(*args, **kwargs)
 
     monkeypatch.setattr(fast, "merge_block", counted)
+    streamed, streamed_merge = [], streamed_sum.merge
+
+    def counted_streams(*args, **kwargs):
+        streamed.append(args[0].shape)
+        return streamed_merge(*args, **kwargs)
+
+    monkeypatch.setattr(streamed_sum, "merge", counted_streams)
     run_merge(recipe_path, tmp_path / "fused", MergeOptions(device="cpu"))
-    assert fast_blocks, f"{fast.__name__} never ran"
+    assert fast_blocks or streamed, f"{fast.__name__} never ran"
+    if fast is fused_merge:
+        assert not streamed
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
@@ -202,18 +214,23 @@ def test_the_run_loop_recycles_block_buffers_without_changing_a_byte(
         assert written[job.name].tobytes() == expected.tobytes(), job.name
 
 
+@pytest.mark.parametrize("stream_reads", [False, True], ids=["buffers", "streamed"])
 def test_a_linear_merge_without_a_base_reads_its_first_model_once(
-    model_zoo, write_recipe, tmp_path, monkeypatch
+    stream_reads, model_zoo, write_recipe, tmp_path, monkeypatch
 ):
     """Without ``base_model``, linear's reference is its first model: its rows serve as both,
-    read once, and the result is still the torch path's."""
+    read once (into a buffer, or by the streamed reader told that the base is expert 0), and
+    the result is still the torch path's."""
     from collections import Counter
 
     from safetensors.numpy import load_file
 
+    from della_cli.io import streamed_sum
     from della_cli.io.reader import ModelReader
     from della_cli.io.writer import ShardWriter
 
+    if stream_reads:
+        require_streamed_reads()
     models = [model_zoo("llama", expert=e, dtype=torch.bfloat16) for e in (1, 2)]
     recipe_path = write_recipe(
         {
@@ -225,21 +242,30 @@ def test_a_linear_merge_without_a_base_reads_its_first_model_once(
         }
     )
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
-    reads = Counter()
-    read_rows = ModelReader.read_rows
+    reads, bases = Counter(), []
+    read_rows, streamed_merge = ModelReader.read_rows, streamed_sum.merge
 
     def counted(self, name, start, stop, pool=None):
         reads[(self.folder, name, start)] += 1
         return read_rows(self, name, start, stop, pool)
 
+    def streamed(out, base, experts, *args):
+        bases.append(base)
+        for span in experts:
+            reads[(span.path.parent, span.tensor, span.offset)] += 1
+        return streamed_merge(out, base, experts, *args)
+
     monkeypatch.setattr(ModelReader, "read_rows", counted)
+    monkeypatch.setattr(streamed_sum, "merge", streamed)
     writer = ShardWriter(tmp_path, plan.shards)
-    MergeEngine(recipe, plan, inputs, "cpu", block_elements=96).run(writer)
+    engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96, stream_reads=stream_reads)
+    engine.run(writer)
     written = {}
     for file_name in writer.close():
         written.update(load_file(tmp_path / file_name))
     assert {folder for folder, _, _ in reads} == {m.resolve() for m in models}
     assert set(reads.values()) == {1}
+    assert set(bases) == ({0} if stream_reads else set())
     reference = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
     for job in plan.jobs:
         assert written[job.name].tobytes() == reference.compute(job).tobytes(), job.name

@@ -12,12 +12,13 @@ import time
 
 import pytest
 import torch
-from kernel_check import require_kernel
+from kernel_check import require_kernel, require_streamed_reads
 
 from della_cli import engine as engine_module
 from della_cli.api import MergeOptions, prepare
 from della_cli.engine import MergeEngine, _InOrder
 from della_cli.errors import ModelError
+from della_cli.io import streamed_sum
 from della_cli.io.writer import ShardWriter
 from della_cli.methods import weighted_sum
 
@@ -49,43 +50,57 @@ def run_in_thread(target, seconds: float = 60.0):
     return errors[0] if errors else None
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "numpy"])
+@pytest.mark.parametrize("reads", ["streamed", "kernel", "numpy"])
 @pytest.mark.parametrize(
     ("method", "parameters"), [("task_arithmetic", {"lambda": 0.7}), ("linear", {})]
 )
 def test_chunks_finished_out_of_order_are_written_in_order(
-    method, parameters, compiled, bf16_recipe, tmp_path, monkeypatch
+    method, parameters, reads, bf16_recipe, tmp_path, monkeypatch
 ):
     """Four threads, each delayed at random before it merges a chunk: the file holds every
-    tensor as the torch path computes it alone, with the compiled kernel and with numpy's
-    loops (each thread then has chunk buffers of its own)."""
-    if compiled:
+    tensor as the torch path computes it alone, whether the chunks are read by the streamed
+    reader or into buffers merged by the compiled kernel or by numpy's loops (each thread then
+    has chunk buffers of its own)."""
+    if reads == "streamed":
+        require_streamed_reads()
+    if reads == "kernel":
         require_kernel()
-    merge_block, blocks = weighted_sum.merge_block, []
+    merge_block, blocks, streamed = weighted_sum.merge_block, [], []
 
     def counted(*args, **kwargs):
         blocks.append(kwargs.get("helper_count", args[5] if len(args) > 5 else 0))
-        return merge_block(*args, **kwargs, compiled=compiled)
+        return merge_block(*args, **kwargs, compiled=reads == "kernel")
 
+    def counted_streams(*args, **kwargs):
+        streamed.append(args[0].size)
+        return streamed_merge(*args, **kwargs)
+
+    streamed_merge = streamed_sum.merge
     monkeypatch.setattr(weighted_sum, "merge_block", counted)
+    monkeypatch.setattr(streamed_sum, "merge", counted_streams)
     monkeypatch.setattr(engine_module, "_cpu_count", lambda: 4)
     recipe_path = bf16_recipe(method, parameters)
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
-    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96)
+    chunked = MergeEngine(
+        recipe, plan, inputs, "cpu", block_elements=96, stream_reads=reads == "streamed"
+    )
     assert all(chunked.merges_in_chunks(job) for job in plan.jobs if job.action == "merge")
     assert sum(len(chunked.block_tasks(job)) for job in plan.jobs) > 200
-    load, threads, shuffle = MergeEngine.load, set(), random.Random(5)
+    merge_chunk, threads, shuffle = MergeEngine.merge_chunk, set(), random.Random(5)
 
     def delayed(self, task):
         threads.add(threading.current_thread().name)
         time.sleep(shuffle.random() * 0.002)
-        return load(self, task)
+        return merge_chunk(self, task)
 
-    monkeypatch.setattr(MergeEngine, "load", delayed)
+    monkeypatch.setattr(MergeEngine, "merge_chunk", delayed)
     writer = ShardWriter(tmp_path, plan.shards)
     assert run_in_thread(lambda: chunked.run(writer)) is None
     assert len(threads) == 4
-    assert len(blocks) > 200 and set(blocks) == {0}  # every chunk merged by one thread
+    if reads == "streamed":
+        assert len(streamed) > 200 and not blocks
+    else:
+        assert len(blocks) > 200 and set(blocks) == {0} and not streamed  # one thread a chunk
     written = written_tensors(writer, tmp_path)
     torch_path = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
     for job in plan.jobs:
@@ -98,7 +113,7 @@ def test_an_error_in_one_chunk_stops_every_thread_and_reaches_the_caller(
     monkeypatch.setattr(engine_module, "_cpu_count", lambda: 3)
     recipe, inputs, plan = prepare(bf16_recipe("task_arithmetic", {}), MergeOptions())
     chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96)
-    load, calls, lock = MergeEngine.load, [], threading.Lock()
+    merge_chunk, calls, lock = MergeEngine.merge_chunk, [], threading.Lock()
 
     def failing(self, task):
         with lock:
@@ -107,9 +122,9 @@ def test_an_error_in_one_chunk_stops_every_thread_and_reaches_the_caller(
         if count == 20:
             raise ModelError("disk on fire")
         time.sleep(0.001)
-        return load(self, task)
+        return merge_chunk(self, task)
 
-    monkeypatch.setattr(MergeEngine, "load", failing)
+    monkeypatch.setattr(MergeEngine, "merge_chunk", failing)
     writer = ShardWriter(tmp_path, plan.shards)
     error = run_in_thread(lambda: chunked.run(writer))
     writer.abort()
@@ -118,8 +133,9 @@ def test_an_error_in_one_chunk_stops_every_thread_and_reaches_the_caller(
     assert len(calls) < 30 < sum(len(chunked.block_tasks(job)) for job in plan.jobs)
 
 
+@pytest.mark.parametrize("stream_reads", [True, False], ids=["streamed", "buffers"])
 def test_strict_refuses_a_nan_in_a_chunk_whichever_thread_merges_it(
-    model_zoo, write_recipe, tmp_path, monkeypatch
+    stream_reads, model_zoo, write_recipe, tmp_path, monkeypatch
 ):
     """--strict fails on an input's NaN whichever thread merges the chunk that holds it."""
     from safetensors.torch import load_file, save_file
@@ -143,7 +159,9 @@ def test_strict_refuses_a_nan_in_a_chunk_whichever_thread_merges_it(
         }
     )
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
-    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=32, strict=True)
+    chunked = MergeEngine(
+        recipe, plan, inputs, "cpu", block_elements=32, strict=True, stream_reads=stream_reads
+    )
     assert len(chunked.block_tasks(next(j for j in plan.jobs if j.name == name))) > 1
     (tmp_path / "out").mkdir()
     writer = ShardWriter(tmp_path / "out", plan.shards)
