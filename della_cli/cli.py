@@ -6,8 +6,6 @@ interrupt exits 130. Set DELLA_DEBUG=1 to see tracebacks. Torch is imported insi
 that ``--help`` is instant.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import signal
