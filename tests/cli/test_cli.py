@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,3 +478,27 @@ def test_a_merge_that_cannot_fit_in_memory_is_refused_before_it_starts(setup: Se
     assert not setup.out.exists() and leftovers(setup.tmp) == []
     plan = json.loads(invoke("plan", setup.recipe(), "--device", "cpu", "--json").stdout)
     assert plan["can_run"] is False and plan["available_memory_bytes"] == 1000
+
+
+def test_the_console_script_merges_with_the_collector_on_and_the_modules_frozen(setup: Setup):
+    """``main`` pauses Python's cyclic garbage collector while the command loads its modules
+    and freezes them; the merge itself must run with the collector on (a long merge must not
+    accumulate garbage), with what it loaded frozen (tens of thousands of objects)."""
+    script = (
+        "import gc, sys\n"
+        "from della_cli import cli, engine\n"
+        "run = engine.MergeEngine.run\n"
+        "def watched(self, *args, **kwargs):\n"
+        "    print('merging with the collector', gc.isenabled(), gc.get_freeze_count() > 10000)\n"
+        "    return run(self, *args, **kwargs)\n"
+        "engine.MergeEngine.run = watched\n"
+        "sys.argv = ['della', *sys.argv[1:]]\n"
+        "print('collector before main', gc.isenabled())\n"
+        "cli.main()\n"
+    )
+    command = [sys.executable, "-c", script, "merge", str(setup.recipe()), str(setup.out)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "collector before main True" in lines
+    assert "merging with the collector True True" in lines
