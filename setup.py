@@ -18,7 +18,7 @@ else:
     FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
 
 # The kernel's math is in one header, shared by both extensions (so their bytes cannot differ).
-KERNEL = ["della_cli/methods/weighted_sum_kernel.h"]
+KERNEL = ["della_cli/methods/weighted_sum_kernel.h", "della_cli/methods/weighted_sum_call.h"]
 EXTENSIONS = [
     Extension(
         "della_cli.methods._weighted_sum",

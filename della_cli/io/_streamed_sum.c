@@ -18,7 +18,7 @@
 #include <errno.h>
 #include <unistd.h>
 
-#include "weighted_sum_kernel.h"
+#include "weighted_sum_call.h"
 
 /* Entries read per input at a time: 64 KiB of bfloat16, so that a base and three experts
  * (256 KiB) stay in a 512 KiB L2 with the pieces being merged. */
@@ -78,15 +78,51 @@ static int take_source(PyObject *triple, Source *source)
 {
     if (!PyArg_ParseTuple(triple, "iLi", &source->descriptor, &source->offset, &source->kind))
         return -1;
-    if (source->kind != KIND_BFLOAT16 && source->kind != KIND_FLOAT32) {
-        PyErr_SetString(PyExc_ValueError, "unknown dtype kind");
+    if (check_kind(source->kind) < 0)
         return -1;
-    }
     if (source->offset < 0) {
         PyErr_SetString(PyExc_ValueError, "negative file offset");
         return -1;
     }
     return 0;
+}
+
+/* Each input's scratch region, placed for its file offset: -1 (error set) where the
+ * scratch buffer is too small. */
+static int place_regions(const Py_buffer *scratch, Source *inputs, Py_ssize_t count)
+{
+    uintptr_t origin = ((uintptr_t)scratch->buf + PAGE_BYTES - 1) / PAGE_BYTES * PAGE_BYTES;
+    size_t needed = (size_t)(origin - (uintptr_t)scratch->buf) + (size_t)count * REGION_BYTES;
+    if ((size_t)scratch->len < needed) {
+        PyErr_SetString(PyExc_ValueError, "scratch buffer too small");
+        return -1;
+    }
+    for (Py_ssize_t s = 0; s < count; s++) {
+        size_t place = (size_t)(inputs[s].offset % PAGE_BYTES) / ALIGNMENT * ALIGNMENT;
+        inputs[s].scratch = (char *)origin + s * REGION_BYTES + place;
+    }
+    return 0;
+}
+
+/* Read STEP entries of every input at a time and merge them into the job's output, whose
+ * entries set how many are read; without the GIL. Returns -1, or the position in `inputs` of
+ * the one whose read failed (its errno in *error, 0 for an early end of file). */
+static Py_ssize_t stream(const Job *job, Source *inputs, Py_ssize_t count, Py_ssize_t entries,
+                         uint64_t *flags, int *error)
+{
+    for (Py_ssize_t first = 0; first < entries; first += STEP) {
+        Py_ssize_t step = entries - first < STEP ? entries - first : STEP;
+        for (Py_ssize_t s = 0; s < count; s++) {
+            size_t size = itemsize_of(inputs[s].kind);
+            long long at = inputs[s].offset + (long long)first * (long long)size;
+            if (read_fully(inputs[s].descriptor, inputs[s].scratch, (size_t)step * size, at)) {
+                *error = errno;
+                return s;
+            }
+        }
+        *flags |= merge_entries(job, 0, first, step);
+    }
+    return -1;
 }
 
 PyDoc_STRVAR(merge_doc,
@@ -110,14 +146,9 @@ static PyObject *merge(PyObject *self, PyObject *args)
                           &on_deltas, &divisor_value, &lambda, &scratch_object))
         return NULL;
     Py_ssize_t expert_count = PyTuple_GET_SIZE(expert_triples);
-    if (PyTuple_GET_SIZE(weight_values) != expert_count || expert_count > 63) {
-        PyErr_SetString(PyExc_ValueError, "one weight per expert, at most 63 experts");
+    if (check_counts(PyTuple_GET_SIZE(weight_values), expert_count) < 0 ||
+        check_kind(out_kind) < 0)
         return NULL;
-    }
-    if (out_kind != KIND_BFLOAT16 && out_kind != KIND_FLOAT32) {
-        PyErr_SetString(PyExc_ValueError, "unknown dtype kind");
-        return NULL;
-    }
     Py_buffer out = {0}, scratch = {0};
     /* sources[0] the base, [1 + t] expert t */
     Source *sources = PyMem_Calloc((size_t)expert_count + 1, sizeof(Source));
@@ -143,24 +174,16 @@ static PyObject *merge(PyObject *self, PyObject *args)
     } else if (take_source(base_object, &sources[0]) < 0) {
         goto done;
     }
-    for (Py_ssize_t t = 0; t < expert_count; t++) {
-        weights[t] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(weight_values, t));
-        if (PyErr_Occurred() || take_source(PyTuple_GET_ITEM(expert_triples, t), &sources[1 + t]) < 0)
-            goto done;
-    }
-    Py_ssize_t read_count = expert_count + (base_expert < 0 ? 1 : 0);
-    /* The region of each input that is read, placed for its file offset. */
-    uintptr_t origin = ((uintptr_t)scratch.buf + PAGE_BYTES - 1) / PAGE_BYTES * PAGE_BYTES;
-    size_t needed = (size_t)(origin - (uintptr_t)scratch.buf) + (size_t)read_count * REGION_BYTES;
-    if ((size_t)scratch.len < needed) {
-        PyErr_SetString(PyExc_ValueError, "scratch buffer too small");
+    if (take_weights(weight_values, weights) < 0)
         goto done;
-    }
-    Py_ssize_t region = 0;
-    for (Py_ssize_t s = base_expert < 0 ? 0 : 1; s <= expert_count; s++, region++) {
-        size_t place = (size_t)(sources[s].offset % PAGE_BYTES) / ALIGNMENT * ALIGNMENT;
-        sources[s].scratch = (char *)origin + region * REGION_BYTES + place;
-    }
+    for (Py_ssize_t t = 0; t < expert_count; t++)
+        if (take_source(PyTuple_GET_ITEM(expert_triples, t), &sources[1 + t]) < 0)
+            goto done;
+    /* The inputs read: the base unless it is an expert, and the experts. */
+    Source *read = base_expert < 0 ? sources : sources + 1;
+    Py_ssize_t read_count = expert_count + (base_expert < 0 ? 1 : 0);
+    if (place_regions(&scratch, read, read_count) < 0)
+        goto done;
     if (base_expert >= 0)
         sources[0] = sources[1 + base_expert];
     for (Py_ssize_t s = 0; s <= expert_count; s++)
@@ -171,39 +194,21 @@ static PyObject *merge(PyObject *self, PyObject *args)
         .weights = weights,
         .expert_count = expert_count,
         .on_deltas = on_deltas,
-        .divide = divisor_value != Py_None,
-        .divisor = 1.0f,
         .lambda = lambda,
         .out = out.buf,
         .out_kind = out_kind,
     };
-    if (job.divide) {
-        job.divisor = (float)PyFloat_AsDouble(divisor_value);
-        if (PyErr_Occurred())
-            goto done;
-    }
+    if (take_divisor(divisor_value, &job) < 0)
+        goto done;
     Py_ssize_t entries = out.len / (Py_ssize_t)itemsize_of(out_kind);
     uint64_t flags = 0;
-    Py_ssize_t failed = -1;
+    Py_ssize_t failed;
     int error = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t first = 0; first < entries && failed < 0; first += STEP) {
-        Py_ssize_t count = entries - first < STEP ? entries - first : STEP;
-        for (Py_ssize_t s = base_expert < 0 ? 0 : 1; s <= expert_count; s++) {
-            size_t size = itemsize_of(sources[s].kind);
-            long long at = sources[s].offset + (long long)first * (long long)size;
-            if (read_fully(sources[s].descriptor, sources[s].scratch, (size_t)count * size, at)) {
-                failed = s;
-                error = errno;
-                break;
-            }
-        }
-        if (failed < 0)
-            flags |= merge_entries(&job, 0, first, count);
-    }
+    failed = stream(&job, read, read_count, entries, &flags, &error);
     Py_END_ALLOW_THREADS
     if (failed >= 0) {
-        raise_read_error(error, failed);
+        raise_read_error(error, failed + (base_expert < 0 ? 0 : 1));
         goto done;
     }
     result = PyLong_FromUnsignedLongLong(flags);

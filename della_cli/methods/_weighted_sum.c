@@ -4,7 +4,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "weighted_sum_kernel.h"
+#include "weighted_sum_call.h"
 
 typedef struct {
     Py_buffer view;
@@ -15,12 +15,8 @@ typedef struct {
 static int kind_of(PyObject *code, int *kind)
 {
     long value = PyLong_AsLong(code);
-    if (value == -1 && PyErr_Occurred())
+    if ((value == -1 && PyErr_Occurred()) || check_kind(value) < 0)
         return -1;
-    if (value != KIND_BFLOAT16 && value != KIND_FLOAT32) {
-        PyErr_SetString(PyExc_ValueError, "unknown dtype kind");
-        return -1;
-    }
     *kind = (int)value;
     return 0;
 }
@@ -69,10 +65,8 @@ static PyObject *merge(PyObject *self, PyObject *args)
                           &divisor_value, &lambda))
         return NULL;
     Py_ssize_t expert_count = PyTuple_GET_SIZE(expert_pairs);
-    if (PyTuple_GET_SIZE(weight_values) != expert_count || expert_count > 63) {
-        PyErr_SetString(PyExc_ValueError, "one weight per expert, at most 63 experts");
+    if (check_counts(PyTuple_GET_SIZE(weight_values), expert_count) < 0)
         return NULL;
-    }
     /* inputs[0] the output, [1] the base, [2 + t] expert t */
     Input *inputs = PyMem_Calloc((size_t)expert_count + 2, sizeof(Input));
     Operand *experts = PyMem_Calloc((size_t)expert_count + 1, sizeof(Operand));
@@ -86,12 +80,11 @@ static PyObject *merge(PyObject *self, PyObject *args)
     if (take_input(out_pair, 1, &inputs[0], &entries) < 0 ||
         take_input(base_pair, 0, &inputs[1], &entries) < 0)
         goto done;
-    for (Py_ssize_t t = 0; t < expert_count; t++) {
-        weights[t] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(weight_values, t));
-        if (PyErr_Occurred() ||
-            take_input(PyTuple_GET_ITEM(expert_pairs, t), 0, &inputs[2 + t], &entries) < 0)
+    if (take_weights(weight_values, weights) < 0)
+        goto done;
+    for (Py_ssize_t t = 0; t < expert_count; t++)
+        if (take_input(PyTuple_GET_ITEM(expert_pairs, t), 0, &inputs[2 + t], &entries) < 0)
             goto done;
-    }
     for (Py_ssize_t t = 0; t < expert_count; t++)
         experts[t] = (Operand){inputs[2 + t].view.buf, inputs[2 + t].kind};
     Job job = {
@@ -100,17 +93,12 @@ static PyObject *merge(PyObject *self, PyObject *args)
         .weights = weights,
         .expert_count = expert_count,
         .on_deltas = on_deltas,
-        .divide = divisor_value != Py_None,
-        .divisor = 1.0f,
         .lambda = lambda,
         .out = inputs[0].view.buf,
         .out_kind = inputs[0].kind,
     };
-    if (job.divide) {
-        job.divisor = (float)PyFloat_AsDouble(divisor_value);
-        if (PyErr_Occurred())
-            goto done;
-    }
+    if (take_divisor(divisor_value, &job) < 0)
+        goto done;
     uint64_t flags = 0;
     Py_BEGIN_ALLOW_THREADS
     flags = merge_entries(&job, 0, 0, entries);

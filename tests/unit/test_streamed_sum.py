@@ -118,16 +118,18 @@ def test_a_base_that_is_an_expert_is_read_once_and_flagged_as_the_base(tmp_path)
     assert positions == [0, 0]  # positioned reads: the descriptors' offsets never move
 
 
-def test_a_file_that_ends_early_names_the_file_and_the_tensor(tmp_path):
+@pytest.mark.parametrize("base_is_an_expert", [False, True], ids=["base", "expert-as-base"])
+def test_a_file_that_ends_early_names_the_file_and_the_tensor(base_is_an_expert, tmp_path):
     arrays = [np.ones(STEP + 100, dtype=BFLOAT16) for _ in range(3)]
     spans = spans_in_file(tmp_path, arrays, lead=64)
     os.truncate(spans[2].path, spans[2].offset + STEP * 2 + 50)  # 50 entries short
     out = np.empty(STEP + 100, dtype=BFLOAT16)
+    base, experts = (0, spans) if base_is_an_expert else (spans[0], spans[1:])
+    weights = (1.0,) * len(experts)
     try:
         with pytest.raises(ModelError) as caught:
-            streamed_sum.merge(
-                out, spans[0], spans[1:], (1.0, 1.0), True, None, 1.0, streamed_sum.Scratch()
-            )
+            scratch = streamed_sum.Scratch()
+            streamed_sum.merge(out, base, experts, weights, True, None, 1.0, scratch)
     finally:
         close(spans)
     assert str(caught.value) == f"{spans[2].path}: ended early while reading 't2'"
