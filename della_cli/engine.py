@@ -145,6 +145,10 @@ class MergeEngine:
         # Weighted-sum chunks read by io.streamed_sum where it is built (off for comparisons).
         self.stream_reads = stream_reads
         self._stream_scratch = streamed_sum.Scratch()
+        # Per job (by name), decided once rather than for each of its chunks: what it sums,
+        # and whether io.streamed_sum can read its inputs.
+        self._sum_specs: dict[str, weighted_sum.WeightedSum | None] = {}
+        self._streamable: dict[str, bool] = {}
         self.global_params = recipe.global_params()
         self.strict = strict
         self._masks: dict[str, list[Mask] | None] = {}
@@ -255,9 +259,8 @@ class MergeEngine:
     def merge_chunk(self, task: BlockTask) -> Merged:
         """One chunk of ``_run_in_chunks``: read and merged by ``io.streamed_sum`` where it is
         built, else read into buffers (``load``) and merged by ``weighted_sum``."""
-        streamed = self.streamed_chunk(task) if self.stream_reads else None
-        if streamed is not None:
-            return streamed
+        if self.stream_reads and self._streams(task.job):
+            return self.streamed_chunk(task)
         loaded = self.load(task)
         merged = self.weighted_sum_block(task, loaded, split=False)
         if merged is None:  # merges_in_chunks promised otherwise
@@ -266,25 +269,32 @@ class MergeEngine:
             self._buffers.give(array)
         return merged
 
-    def streamed_chunk(self, task: BlockTask) -> Merged | None:
+    def _streams(self, job: TensorJob) -> bool:
+        """Whether ``io.streamed_sum`` can read and merge ``job``'s chunks (a weighted sum of
+        dtypes and an expert count it takes)."""
+        streams = self._streamable.get(job.name)
+        if streams is None:
+            sources = [job.reference, *job.experts]
+            dtypes = [self.inputs.reader(s.model).tensors[s.tensor].dtype for s in sources]
+            streams = self._weighted_sum_spec(job) is not None and streamed_sum.supports(
+                [*dtypes, job.out_dtype], len(job.experts)
+            )
+            self._streamable[job.name] = streams
+        return streams
+
+    def streamed_chunk(self, task: BlockTask) -> Merged:
         """A chunk of a weighted sum whose rows ``io.streamed_sum`` reads from the files itself
-        (inputs as stored, as ``merges_in_chunks`` requires); None where it cannot."""
+        (inputs as stored, as ``merges_in_chunks`` requires, and ``_streams`` true)."""
         job = task.job
-        sources = [job.reference, *job.experts]
-        readers = [self.inputs.reader(source.model) for source in sources]
-        dtypes = [r.tensors[s.tensor].dtype for r, s in zip(readers, sources, strict=True)]
         spec = self._weighted_sum_spec(job)
-        if spec is None or not streamed_sum.supports([*dtypes, job.out_dtype], len(job.experts)):
-            return None
         experts = [
-            reader.row_span(source.tensor, task.start)
-            for reader, source in zip(readers[1:], job.experts, strict=True)
+            self.inputs.reader(source.model).row_span(source.tensor, task.start)
+            for source in job.experts
         ]
-        # A linear merge without a base takes its first model as the reference: read once.
-        if job.reference in job.experts:
-            base = job.experts.index(job.reference)
-        else:
-            base = readers[0].row_span(job.reference.tensor, task.start)
+        base = _reference_expert(job)
+        if base is None:
+            reader = self.inputs.reader(job.reference.model)
+            base = reader.row_span(job.reference.tensor, task.start)
         _, row_length = _rows_shape(job.shape)
         out = self.output_buffer(task, (task.stop - task.start, row_length))
         flags = streamed_sum.merge(
@@ -337,16 +347,20 @@ class MergeEngine:
         return params
 
     def _weighted_sum_spec(self, job: TensorJob) -> weighted_sum.WeightedSum | None:
-        """What ``job`` sums where it merges as a weighted sum on the CPU, else None."""
-        params = self._weighted_sum_params(job)
-        if params is None:
-            return None
-        return weighted_sum.WeightedSum(
-            weights=tuple(p.weight for p in params),
-            on_deltas=self.recipe.method.on_deltas,
-            normalize=self.global_params.normalize,
-            lambda_=self.global_params.lambda_,
-        )
+        """What ``job`` sums where it merges as a weighted sum on the CPU, else None (decided
+        once per job: its chunks ask again and again)."""
+        if job.name not in self._sum_specs:
+            params = self._weighted_sum_params(job)
+            spec = None
+            if params is not None:
+                spec = weighted_sum.WeightedSum(
+                    weights=tuple(p.weight for p in params),
+                    on_deltas=self.recipe.method.on_deltas,
+                    normalize=self.global_params.normalize,
+                    lambda_=self.global_params.lambda_,
+                )
+            self._sum_specs[job.name] = spec
+        return self._sum_specs[job.name]
 
     def _write(self, writer: ShardWriter, task: BlockTask, chunk: np.ndarray) -> None:
         writer.write_part(task.job.name, chunk)
@@ -398,15 +412,9 @@ class MergeEngine:
             self.read_expert_rows(job, source, task.start, task.stop, pool)
             for source in job.experts
         ]
-        # A linear merge without a base takes its first model as the reference: the same
-        # rows, read once (a quarter of the reads with three models).
-        shared = [
-            rows
-            for source, rows in zip(job.experts, experts, strict=True)
-            if source == job.reference and source.rows is None
-        ]
-        if shared:
-            return [shared[0], *experts]
+        shared = _reference_expert(job)
+        if shared is not None:  # the same rows, read once
+            return [experts[shared], *experts]
         return [self.read_reference_rows(job, task.start, task.stop, pool), *experts]
 
     def read(self, source: Source) -> np.ndarray:
@@ -746,6 +754,16 @@ class _InOrder:
 
 class _OtherThreadFailed(Exception):
     """Raised in a thread waiting for its turn when another thread failed."""
+
+
+def _reference_expert(job: TensorJob) -> int | None:
+    """The expert whose rows are also the job's reference, where one is: a linear merge
+    without a base takes its first model as the reference, whose rows are then read once (a
+    quarter of the reads with three models)."""
+    for index, source in enumerate(job.experts):
+        if source == job.reference and source.rows is None:
+            return index
+    return None
 
 
 def _keeps_everything(sparsifier: Sparsifier, params: ExpertParams) -> bool:

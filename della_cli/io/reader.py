@@ -49,6 +49,11 @@ class TensorInfo:
     def is_floating(self) -> bool:
         return is_floating(self.dtype)
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per row of the tensor seen as (shape[0], -1); a 1-D or 0-D tensor is one row."""
+        return self.nbytes // max(self.shape[0], 1) if len(self.shape) > 1 else self.nbytes
+
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors file's header; raise ModelError naming the file."""
@@ -258,7 +263,7 @@ class ModelReader:
         row_length = math.prod(info.shape[1:])
         if info.nbytes == 0:  # no rows, or rows of nothing: no bytes to read
             return np.empty((stop - start, row_length), dtype=NUMPY_DTYPES[info.dtype])
-        row_bytes = info.nbytes // info.shape[0]
+        row_bytes = info.row_bytes
         flat = self._read_bytes(info, start * row_bytes, (stop - start) * row_bytes, pool)
         return flat.reshape(stop - start, row_length)
 
@@ -266,8 +271,7 @@ class ModelReader:
         """Where row ``start`` of a tensor (seen as in ``read_rows``) begins in its file, for a
         reader that reads the rows itself (``io.streamed_sum``)."""
         info = self.tensors[name]
-        row_bytes = info.nbytes // max(info.shape[0], 1) if len(info.shape) > 1 else info.nbytes
-        offset = info.offset + start * row_bytes
+        offset = info.offset + start * info.row_bytes
         return FileSpan(self._descriptor(info.path), offset, info.dtype, info.path, name)
 
     def _read_bytes(
