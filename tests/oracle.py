@@ -116,8 +116,12 @@ def assert_same_model(ours: Path, theirs: Path, tolerance: float = 1e-6) -> floa
     return worst
 
 
-def chat_template_of(folder: Path) -> str | None:
-    """The chat template transformers loads from ``folder``."""
+def assert_same_tokenizer(ours: Path, theirs: Path) -> None:
+    """The tokenizers transformers loads from both folders have the same vocabulary, special
+    tokens and chat template (mergekit re-saves a tokenizer that della copies)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder).chat_template
+    a, b = AutoTokenizer.from_pretrained(ours), AutoTokenizer.from_pretrained(theirs)
+    assert a.get_vocab() == b.get_vocab()
+    assert a.all_special_tokens == b.all_special_tokens
+    assert a.chat_template == b.chat_template
