@@ -98,12 +98,6 @@ def adapt_recipe(data: dict) -> tuple[dict, list[str]]:
     _drop_base_entry(data, spec, notes)
     _drop_unused_parameters(data, spec, notes)
     _note_defaults(data, spec, notes)
-    dtype = data.get("dtype")
-    if isinstance(dtype, str) and data.get("out_dtype") is None:
-        notes.append(
-            f"dtype: {dtype} with no out_dtype: the output is saved in {dtype}, as mergekit "
-            "saves it"
-        )
     return data, notes
 
 
