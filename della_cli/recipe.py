@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import math
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,11 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(text, path)
 
 
+# Set when the loader reads a key twice with one value: only then is the text walked again for
+# the keys' paths (recipe_compat.duplicate_key_notes, a millisecond, not paid by every recipe).
+_KEY_GIVEN_TWICE = threading.local()
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice with two values (which would silently
     keep the last); twice with one value is read once, as mergekit does (a note says so)."""
@@ -208,6 +214,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     f"duplicate key '{key}' with two values, {before!r} then {after!r}; keep one",
                     key_node.start_mark,
                 )
+            _KEY_GIVEN_TWICE.seen = True
         return super().construct_mapping(node, deep=deep)
 
 
@@ -232,7 +239,9 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         schema = read_schema(data)
     except RecipeError as error:  # a key or value quoted in the message stays on one line
         raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None
-    notes = duplicate_key_notes(text) + notes
+    if getattr(_KEY_GIVEN_TWICE, "seen", False):
+        _KEY_GIVEN_TWICE.seen = False
+        notes = duplicate_key_notes(text) + notes
     recipe = Recipe(dataclasses.replace(schema, notes=tuple(notes)), text, path)
     check_rules(recipe)
     return recipe

@@ -196,7 +196,7 @@ def _drop_unused_parameters(data: dict, spec: MethodSpec, notes: list[str]) -> N
             if not per_model and rescales and spec.sparsifier in magnitude:
                 continue  # mergekit would rescale the kept deltas: the schema refuses it
             if per_model and key in MERGE_WIDE and (key in used or key == "int8_mask"):
-                value = top.get(key, "its default") if isinstance(top, dict) else "its default"
+                value = _merge_wide_value(key, top, spec)
                 notes.append(
                     f"{prefix}.{key}: ignored, as mergekit ignores it: {key} applies to the "
                     f"whole merge and is read only under parameters (the merge uses {value})"
@@ -209,6 +209,18 @@ def _drop_unused_parameters(data: dict, spec: MethodSpec, notes: list[str]) -> N
             else:
                 continue
             del block[key]
+
+
+def _merge_wide_value(key: str, top: Any, spec: MethodSpec) -> str:
+    """The value the merge uses for a merge-wide parameter, as the recipe would write it."""
+    if isinstance(top, dict) and key in top:
+        value = top[key]
+    else:
+        value = {"lambda": 1.0, "normalize": spec.normalize_default, "int8_mask": False}.get(
+            key,
+            spec.is_random,  # rescale: on by default where della rescales
+        )
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _note_defaults(data: dict, spec: MethodSpec, notes: list[str]) -> None:

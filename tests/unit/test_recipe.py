@@ -826,16 +826,16 @@ LENIENT = [
             edited((f"models.1.parameters.{name}", value)),
             [
                 f"models.1.parameters.{name}: ignored, as mergekit ignores it: {name} applies "
-                "to the whole merge and is read only under parameters (the merge uses its default)"
+                f"to the whole merge and is read only under parameters (the merge uses {used})"
             ],
             lambda r: r.global_params() == parse_recipe(edited()).global_params(),
             id=f"{name}-per-model",
         )
-        for name, value in (
-            ("lambda", 1.1),
-            ("normalize", False),
-            ("rescale", "l1"),
-            ("int8_mask", True),
+        for name, value, used in (
+            ("lambda", 1.1, "1.0"),
+            ("normalize", False, "true"),
+            ("rescale", "l1", "true"),
+            ("int8_mask", True, "false"),
         )
     ],
     pytest.param(
