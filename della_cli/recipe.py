@@ -24,7 +24,6 @@ import yaml
 from della_cli.chat_template import check_chat_template
 from della_cli.errors import RecipeError
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, MethodSpec, Rescale
-from della_cli.methods.registry import GLOBAL_PARAMETERS
 from della_cli.recipe_compat import (
     MERGEKIT_DEFAULTS,
     adapt_recipe,
@@ -465,24 +464,22 @@ def check_rules(recipe: Recipe) -> None:
 
 
 def _check_parameter_names(recipe: Recipe) -> None:
+    """What mergekit knows but a method ignores was dropped with a note (recipe_compat); what
+    is left that the method does not take is a ``rescale: true`` that mergekit would apply."""
     spec = recipe.method
-    allowed = set(spec.expert_parameters) | set(spec.global_parameters)
-    blocks = [("parameters", recipe.schema.parameters)] + [
-        (f"models.{i}.parameters", entry.parameters) for i, entry in enumerate(recipe.schema.models)
-    ]
-    for prefix, block in blocks:
-        for key in block.given:
-            if key == "int8_mask":
-                continue
-            if key in GLOBAL_PARAMETERS and prefix != "parameters" and key in allowed:
-                raise RecipeError(
-                    f"{prefix}.{key}: {key} applies to the whole merge; set it under parameters"
-                )
-            if key not in allowed:
-                takes = ", ".join(spec.expert_parameters + spec.global_parameters)
-                raise RecipeError(
-                    f"{prefix}.{key}: {spec.name} does not use {key} (it takes {takes})"
-                )
+    allowed = {*spec.expert_parameters, *spec.global_parameters, "int8_mask"}
+    for key in recipe.schema.parameters.given:
+        if key not in allowed:
+            takes = ", ".join(spec.expert_parameters + spec.global_parameters)
+            why = (
+                "; mergekit would scale its kept deltas by their L1 norm, which della does only "
+                "for the random methods"
+                if key == "rescale"
+                else ""
+            )
+            raise RecipeError(
+                f"parameters.{key}: {spec.name} does not use {key} (it takes {takes}){why}"
+            )
 
 
 def _check_expert_values(recipe: Recipe, index: int) -> None:

@@ -91,6 +91,7 @@ def adapt_recipe(data: dict) -> tuple[dict, list[str]]:
         del data["name"]
         notes.append("name: ignored (it names a stage of a multi-stage file; this file is one)")
     _adapt_tokenizer(data)
+    _drop_empty_parameters(data)
     method = data.get("merge_method")
     spec = METHODS.get(method) if isinstance(method, str) else None
     if spec is None:
@@ -143,6 +144,21 @@ def _adapt_tokenizer(data: dict) -> None:
     if not isinstance(source, str):
         raise RecipeError(f"tokenizer.source: must be base or a model's name, got {source!r}")
     data["tokenizer_source"] = source
+
+
+def _drop_empty_parameters(data: dict) -> None:
+    """``parameters:`` with nothing after it (null), at the top or for a model, is no
+    parameters, as mergekit reads it."""
+    if "parameters" in data and data["parameters"] is None:
+        del data["parameters"]
+    models = data.get("models")
+    if isinstance(models, list):
+        data["models"] = [
+            {k: v for k, v in entry.items() if not (k == "parameters" and v is None)}
+            if isinstance(entry, dict)
+            else entry
+            for entry in models
+        ]
 
 
 def _entries(data: dict) -> list[tuple[int, dict]]:

@@ -239,9 +239,6 @@ BAD_RECIPES = [
         edited(("models.0.model", None)), "models.0.model: must be a string", [], id="model-null"
     ),
     pytest.param(
-        edited(("parameters", None)), "parameters: must be a mapping, got None", [], id="p-null"
-    ),
-    pytest.param(
         edited(("parameters.normalize", 2)),
         "parameters.normalize: must be true or false, got 2",
         [],
@@ -429,7 +426,7 @@ BAD_RECIPES = [
     pytest.param(
         method("ties", ("parameters.rescale", True)),
         "parameters.rescale: ties does not use rescale",
-        [],
+        ["mergekit would scale its kept deltas by their L1 norm"],
         id="ties-rescale",
     ),
     # mergekit features we do not implement yet say so
@@ -888,6 +885,15 @@ LENIENT = [
         ],
         lambda r: r.model_refs == ["lm", "base"],
         id="base-in-models-linear",
+    ),
+    pytest.param(
+        edited(("parameters", None), ("models.0.parameters", None)),
+        [
+            "parameters.density: not set; mergekit's default 1.0 is used",
+            "parameters.epsilon: not set; mergekit's default 0.15 is used",
+        ],
+        lambda r: r.schema.parameters.given == () and r.expert_params(0, "x").epsilon == 0.15,
+        id="empty-parameters",
     ),
     pytest.param(
         "name: my-merge\n" + edited(),
