@@ -89,6 +89,13 @@ CASES: dict[str, Callable[[Models], dict | str]] = {
     },
     # mergekit's defaults and what it ignores
     "ties-default-density": lambda m: llama_recipe(m, "ties"),
+    # random methods at mergekit's default density 1.0 drop nothing, so they are comparable
+    "della-default-density-epsilon": lambda m: llama_recipe(m, "della", parameters={"lambda": 1.1}),
+    "dare_linear-default-density": lambda m: llama_recipe(m, "dare_linear"),
+    "breadcrumbs": lambda m: llama_recipe(m, "breadcrumbs", parameters={"density": 0.8}),
+    "breadcrumbs_ties-gamma": lambda m: llama_recipe(
+        m, "breadcrumbs_ties", parameters={"density": 0.7, "gamma": 0.05}
+    ),
     "unused-parameters": lambda m: llama_recipe(
         m,
         "task_arithmetic",
