@@ -245,6 +245,8 @@ def run_merge(
             copy_metadata(reference.folder, staging, reference.root, GENERATION_PATTERNS)
             tokenizer = tokenizer_reader(recipe, inputs)
             copy_metadata(tokenizer.folder, staging, tokenizer.root, TOKENIZER_PATTERNS)
+            if recipe.schema.chat_template:
+                _set_chat_template(recipe, inputs, staging, warn)
             (staging / RECIPE_FILE).write_text(recipe.text)
             card = render_card(recipe, out.name, recipe.seed, inputs.pins)
             (staging / "README.md").write_text(card)
@@ -272,6 +274,29 @@ def run_merge(
         inputs=dict(inputs.pins),
         warnings=warnings,
     )
+
+
+def _set_chat_template(recipe: Recipe, inputs: MergeInputs, staging: Path, warn) -> None:
+    """The recipe's ``chat_template`` on the output's tokenizer (``della_cli.chat_template``);
+    ``auto`` reads every model's template, each a file confined to its model's folder."""
+    from della_cli.chat_template import (
+        TEMPLATE_FILE,
+        choose_auto,
+        template_text,
+        write_chat_template,
+    )
+
+    value = recipe.schema.chat_template
+    if value == "auto":
+        readers = {r.folder: r for r in [inputs.base, *inputs.experts] if r is not None}
+        for reader in readers.values():
+            metadata_files(reader.folder, reader.root, (TEMPLATE_FILE, "tokenizer_config.json"))
+        template, note = choose_auto([(r.label, r.folder) for r in readers.values()])
+        warn(note)
+    else:
+        template = template_text(value)
+    if template is not None and not write_chat_template(staging, template):
+        warn("chat_template: the output has no tokenizer_config.json to set it on; not written")
 
 
 def _check_own_output(staging: Path, warn: WarningCallback) -> None:

@@ -156,7 +156,8 @@ class _Planner:
         self.warnings: list[str] = []
         self.strict = strict
         self.vocab = {v for v in map(_vocab_size, [reference, *experts]) if v}
-        self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or "")
+        # Without out_dtype, dtype is also the output's dtype (mergekit's rule).
+        self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or recipe.schema.dtype or "")
         self.tokenizer_model = recipe.tokenizer_model
         if self.tokenizer_model == ref_model:
             self.tokenizer_model = None  # the reference is the source: nothing to refit
@@ -301,7 +302,8 @@ def build_plan(
         rows = next(j.shape[0] for j in jobs if j.name == embedding)
         vocab_size = rows if rows != reference.tensors[embedding].shape[0] else None
     shards = split_into_shards(outputs, max_shard_bytes)
-    return Plan(jobs, shards, planner.warnings, compute, tied, vocab_size)
+    warnings = [*recipe.schema.notes, *planner.warnings]  # the recipe's notes first
+    return Plan(jobs, shards, warnings, compute, tied, vocab_size)
 
 
 def _untied_lm_head_jobs(planner: _Planner, reference_names: set[str]) -> list[TensorJob]:

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import math
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,15 @@ from typing import Any, Literal, NoReturn
 
 import yaml
 
+from della_cli.chat_template import check_chat_template
 from della_cli.errors import RecipeError
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, MethodSpec, Rescale
-from della_cli.methods.registry import GLOBAL_PARAMETERS
+from della_cli.recipe_compat import (
+    MERGEKIT_DEFAULTS,
+    adapt_recipe,
+    check_method,
+    duplicate_key_notes,
+)
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
 DEFAULT_GAMMA = 0.01  # mergekit's breadcrumbs default
@@ -30,10 +37,6 @@ DEFAULT_GAMMA = 0.01  # mergekit's breadcrumbs default
 UNSUPPORTED_KEYS = {
     "slices": "slice-wise merges (slices) are not supported yet; merge whole models",
     "modules": "per-module merges (modules) are not supported yet; merge whole models",
-    "tokenizer": (
-        "the tokenizer: block is not supported yet; use tokenizer_source: base or a model's name"
-    ),
-    "chat_template": "chat_template is not supported yet; the base's template is kept",
 }
 # Spellings of a boolean accepted besides YAML's own (mergekit's parser takes them too).
 BOOLEAN_WORDS = {
@@ -81,7 +84,10 @@ class RecipeSchema:
     dtype: str | None = None
     out_dtype: str | None = None
     seed: int | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # also what a tokenizer: {source: ...} block says
+    chat_template: str | None = None  # auto, a named template or a Jinja template
+    # What was accepted as mergekit accepts it (ignored, defaulted): one line each, for the plan.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,13 +129,14 @@ class Recipe:
         own = self.schema.models[model_index].parameters
         default = self.schema.parameters
 
-        gamma = None
-        if "gamma" in self.method.expert_parameters:
-            gamma = _first_set(own.gamma, default.gamma, DEFAULT_GAMMA)
+        takes = self.method.expert_parameters
+        gamma = _first_set(own.gamma, default.gamma, DEFAULT_GAMMA) if "gamma" in takes else None
+        density = MERGEKIT_DEFAULTS["density"] if "density" in takes else None
+        epsilon = MERGEKIT_DEFAULTS["epsilon"] if "epsilon" in takes else None
         return ExpertParams(
             weight=_first_set(own.weight, default.weight, 1.0),
-            density=_first_set(own.density, default.density, None),
-            epsilon=_first_set(own.epsilon, default.epsilon, None),
+            density=_first_set(own.density, default.density, density),
+            epsilon=_first_set(own.epsilon, default.epsilon, epsilon),
             gamma=gamma,
         )
 
@@ -179,18 +186,34 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(text, path)
 
 
+# Set when the loader reads a key twice with one value: only then is the text walked again for
+# the keys' paths (recipe_compat.duplicate_key_notes, a millisecond, not paid by every recipe).
+_KEY_GIVEN_TWICE = threading.local()
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing duplicate keys (which would silently keep the last)."""
+    """YAML's safe loader, refusing a key given twice with two values (which would silently
+    keep the last); twice with one value is read once, as mergekit does (a note says so)."""
 
     def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
+        first = {}
+        for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
+            if not isinstance(key, str):
+                continue
+            if key not in first:
+                first[key] = value_node
+                continue
+            before = self.construct_object(first[key], deep=True)
+            after = self.construct_object(value_node, deep=True)
+            if before != after:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                    None,
+                    None,
+                    f"duplicate key '{key}' with two values, {before!r} then {after!r}; keep one",
+                    key_node.start_mark,
                 )
-            seen.add(key)
+            _KEY_GIVEN_TWICE.seen = True
         return super().construct_mapping(node, deep=deep)
 
 
@@ -207,14 +230,18 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         raise RecipeError(f"{where}: invalid YAML ({' '.join(str(error).split())})") from error
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with merge_method and models")
-    for key, reason in UNSUPPORTED_KEYS.items():
-        if key in data:
-            raise RecipeError(f"{key}: {reason}")
     try:
+        data, notes = adapt_recipe(data)
+        for key, reason in UNSUPPORTED_KEYS.items():
+            if key in data:
+                raise RecipeError(f"{key}: {reason}")
         schema = read_schema(data)
     except RecipeError as error:  # a key or value quoted in the message stays on one line
         raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None
-    recipe = Recipe(schema, text, path)
+    if getattr(_KEY_GIVEN_TWICE, "seen", False):
+        _KEY_GIVEN_TWICE.seen = False
+        notes = duplicate_key_notes(text) + notes
+    recipe = Recipe(dataclasses.replace(schema, notes=tuple(notes)), text, path)
     check_rules(recipe)
     return recipe
 
@@ -372,6 +399,7 @@ RECIPE_KEYS: dict[str, tuple[str, Check]] = {
     "out_dtype": ("out_dtype", _dtype),
     "seed": ("seed", _seed),
     "tokenizer_source": ("tokenizer_source", _tokenizer_source),
+    "chat_template": ("chat_template", check_chat_template),
 }
 
 
@@ -411,10 +439,7 @@ def _join(path: str, key: Any) -> str:
 def check_rules(recipe: Recipe) -> None:
     """Rules that span fields: method, base, duplicates, which parameters apply, bounds."""
     schema = recipe.schema
-    if schema.merge_method not in METHODS:
-        close = difflib.get_close_matches(schema.merge_method, list(METHODS), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"one of {', '.join(METHODS)}"
-        raise RecipeError(f"merge_method: unknown method '{schema.merge_method}'; {hint}")
+    check_method(schema.merge_method)
     spec = recipe.method
     if not schema.models:
         raise RecipeError("models: must list at least one model")
@@ -427,11 +452,6 @@ def check_rules(recipe: Recipe) -> None:
                 f"models.{index}.model: '{ref}' is listed twice (also models.{seen[ref]})"
             )
         seen[ref] = index
-        if spec.on_deltas and ref == schema.base_model:
-            raise RecipeError(
-                f"models.{index}.model: '{ref}' is the base model; its task vector is zero, "
-                "so remove it from models"
-            )
     source = schema.tokenizer_source
     if source not in (None, "base", schema.base_model, *recipe.model_refs):
         names = ", ".join(f"'{ref}'" for ref in recipe.model_refs)
@@ -444,28 +464,25 @@ def check_rules(recipe: Recipe) -> None:
 
 
 def _check_parameter_names(recipe: Recipe) -> None:
+    """What mergekit knows but a method ignores was dropped with a note (recipe_compat); what
+    is left that the method does not take is a ``rescale: true`` that mergekit would apply."""
     spec = recipe.method
-    allowed = set(spec.expert_parameters) | set(spec.global_parameters)
-    blocks = [("parameters", recipe.schema.parameters)] + [
-        (f"models.{i}.parameters", entry.parameters) for i, entry in enumerate(recipe.schema.models)
-    ]
-    for prefix, block in blocks:
-        for key in block.given:
-            if key == "int8_mask":
-                continue
-            if key in GLOBAL_PARAMETERS and prefix != "parameters" and key in allowed:
-                raise RecipeError(
-                    f"{prefix}.{key}: {key} applies to the whole merge; set it under parameters"
-                )
-            if key not in allowed:
-                takes = ", ".join(spec.expert_parameters + spec.global_parameters)
-                raise RecipeError(
-                    f"{prefix}.{key}: {spec.name} does not use {key} (it takes {takes})"
-                )
+    allowed = {*spec.expert_parameters, *spec.global_parameters, "int8_mask"}
+    for key in recipe.schema.parameters.given:
+        if key not in allowed:
+            takes = ", ".join(spec.expert_parameters + spec.global_parameters)
+            why = (
+                "; mergekit would scale its kept deltas by their L1 norm, which della does only "
+                "for the random methods"
+                if key == "rescale"
+                else ""
+            )
+            raise RecipeError(
+                f"parameters.{key}: {spec.name} does not use {key} (it takes {takes}){why}"
+            )
 
 
 def _check_expert_values(recipe: Recipe, index: int) -> None:
-    spec = recipe.method
     own = recipe.schema.models[index].parameters
 
     def path(name: str) -> str:
@@ -476,18 +493,6 @@ def _check_expert_values(recipe: Recipe, index: int) -> None:
         )
 
     params = recipe.expert_params(index, "")
-    for name in spec.required_parameters:
-        if getattr(params, name) is None:
-            example = {"density": "density: 0.7", "epsilon": "epsilon: 0.07"}[name]
-            article = "an" if name[0] in "aeiou" else "a"
-            someone_sets_it = any(
-                getattr(entry.parameters, name) is not None for entry in recipe.schema.models
-            )
-            where = f"models.{index}.parameters.{name}" if someone_sets_it else f"parameters.{name}"
-            raise RecipeError(
-                f"{where}: {spec.name} needs {article} {name} for every model and has no "
-                f"default; add '{example}' under parameters (or per model)"
-            )
     density = params.density
     in_window = (
         params.epsilon is None
@@ -496,12 +501,14 @@ def _check_expert_values(recipe: Recipe, index: int) -> None:
         or (density - params.epsilon > 0 and density + params.epsilon <= 1)
     )
     if not in_window:
+        defaulted = own.epsilon is None and recipe.schema.parameters.epsilon is None
+        whose, fix = (" (mergekit's default)", "set") if defaulted else ("", "lower")
         raise RecipeError(
             f"{path('epsilon')}: keep probabilities d ± ε must lie in (0, 1], but density "
-            f"{density} and epsilon {params.epsilon} give [{density - params.epsilon:g}, "
-            f"{density + params.epsilon:g}]; lower epsilon"
+            f"{density} and epsilon {params.epsilon}{whose} give [{density - params.epsilon:g}, "
+            f"{density + params.epsilon:g}]; {fix} epsilon"
         )
-    if params.gamma is not None and density is not None and density + params.gamma > 1:
+    if params.gamma is not None and density is not None and 1 > density > 1 - params.gamma:
         raise RecipeError(
             f"{path('gamma')}: density {density} plus gamma {params.gamma} exceeds 1; "
             "lower one of them"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,26 @@ def model_zoo(tmp_path_factory) -> Callable[..., Path]:
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def mergekit():
+    """mergekit 0.1.5 in its own virtual environment (tests/oracle.py): skipped when it is not
+    installed, a failure under CI (``CI=true``), which must never skip the comparison."""
+    from oracle import MERGEKIT_VERSION, Mergekit, installed_version, mergekit_python
+
+    python = mergekit_python()
+    version = installed_version(python)
+    if version != MERGEKIT_VERSION:
+        found = f"mergekit {version}" if version else "no mergekit"
+        message = (
+            f"{found} at {python}; the oracle tests need mergekit {MERGEKIT_VERSION} (.ci/run "
+            "installs it in .venv-mergekit/, or set DELLA_MERGEKIT_PYTHON)"
+        )
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return Mergekit(python)
 
 
 @pytest.fixture

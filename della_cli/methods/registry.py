@@ -58,8 +58,9 @@ class MethodSpec:
 
     @property
     def required_parameters(self) -> tuple[str, ...]:
-        """Parameters with no silent default: leaving them out is an error."""
-        return tuple(p for p in self.expert_parameters if p in ("density", "epsilon"))
+        """Parameters with no default: none, as density and epsilon take mergekit's defaults
+        (1.0 and 0.15; the plan says so when a recipe leaves them out)."""
+        return ()
 
     @property
     def is_random(self) -> bool:

@@ -129,7 +129,7 @@ def test_methods_json():
     assert della["needs_base"] is True
     assert della["sign_consensus"] is True
     assert della["normalize_default"] is True
-    assert della["required"] == ["density", "epsilon"]
+    assert della["required"] == []  # density and epsilon take mergekit's defaults
     assert della["model_parameters"] == ["weight", "density", "epsilon"]
     assert della["merge_parameters"] == ["lambda", "normalize", "rescale"]
     assert rows["linear"]["needs_base"] is False

@@ -4,45 +4,14 @@ come from the model it names, consistently; everything else still follows the ba
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from vocabularies import VOCAB_TENSORS, load_model, with_vocabulary
 
 from della_cli.api import MergeOptions, run_merge
 from della_cli.errors import RecipeError
-from della_cli.tiny import save_tokenizer
 from della_cli.verify import verify_model
-
-VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def load_model(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
-
-
-def with_vocabulary(source: Path, folder: Path, rows: int) -> Path:
-    """A copy of ``source`` whose tokenizer and vocabulary tensors have ``rows`` tokens (new
-    rows random, seeded; removed rows cut from the end), as a fine-tune that added or
-    removed tokens would have."""
-    tensors = load_model(source)
-    generator = torch.Generator().manual_seed(rows)
-    for name in VOCAB_TENSORS:
-        tensor = tensors[name]
-        extra = max(0, rows - tensor.shape[0])
-        grown = torch.cat([tensor, torch.randn(extra, tensor.shape[1], generator=generator)])
-        tensors[name] = grown[:rows].contiguous()
-    folder.mkdir()
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((source / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
-    (folder / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
-    save_tokenizer(folder, rows)
-    return folder
 
 
 def merge_with_source(write_recipe, tmp_path, base, experts, source, method="task_arithmetic"):
@@ -144,3 +113,58 @@ def test_an_unknown_tokenizer_source_is_a_recipe_error(model_zoo, write_recipe, 
     with pytest.raises(RecipeError, match="tokenizer_source: 'elsewhere' is neither base nor"):
         merge_with_source(write_recipe, tmp_path, base, [expert], "elsewhere")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_block_is_tokenizer_source(model_zoo, write_recipe, tmp_path):
+    """``tokenizer: {source: X}`` (mergekit's newer form) merges as ``tokenizer_source: X``."""
+    base = model_zoo("llama")
+    grown = with_vocabulary(model_zoo("llama", expert=1), tmp_path / "grown", 98)
+    other = model_zoo("llama", expert=2)
+    plain, _ = merge_with_source(write_recipe, tmp_path, base, [grown, other], str(grown))
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [
+            {"model": str(grown), "parameters": {"weight": 1.0}},
+            {"model": str(other), "parameters": {"weight": 0.5}},
+        ],
+        "tokenizer": {"source": str(grown)},
+        "seed": 4,
+    }
+    out = tmp_path / "block"
+    run_merge(write_recipe(recipe, "block.yaml"), out, MergeOptions(device="cpu"))
+    a, b = load_model(plain), load_model(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 98
+    assert (out / "tokenizer.json").read_bytes() == (grown / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "value", ["chatml", "auto", "{% for m in messages %}{{ m.content }}{% endfor %}"]
+)
+def test_chat_template_is_what_transformers_loads(model_zoo, write_recipe, tmp_path, value):
+    from transformers import AutoTokenizer
+
+    from della_cli.chat_template import template_text
+
+    base = model_zoo("llama")
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(model_zoo("llama", expert=1))}],
+        "chat_template": value,
+    }
+    out = tmp_path / "out"
+    report = run_merge(write_recipe(recipe), out, MergeOptions(device="cpu"))
+    expected = (
+        AutoTokenizer.from_pretrained(base).chat_template.strip()
+        if value == "auto"
+        else template_text(value)
+    )
+    assert AutoTokenizer.from_pretrained(out).chat_template == expected
+    assert json.loads((out / "tokenizer_config.json").read_text()).get("chat_template") in (
+        None,
+        expected,
+    )
+    auto_notes = [w for w in report.warnings if w.startswith("chat_template: auto")]
+    assert len(auto_notes) == (value == "auto")

@@ -169,12 +169,6 @@ BAD_RECIPES = [
         [],
         id="unknown-in-model-entry",
     ),
-    pytest.param(
-        edited(("models.0.parameters.int8_mask", True)),
-        "models.0.parameters.int8_mask: unknown key",
-        [],
-        id="int8-mask-per-model",
-    ),
     # wrong types
     pytest.param(edited(("merge_method", 3)), "merge_method: must be a string, got 3", [], id="m3"),
     pytest.param(
@@ -243,9 +237,6 @@ BAD_RECIPES = [
     ),
     pytest.param(
         edited(("models.0.model", None)), "models.0.model: must be a string", [], id="model-null"
-    ),
-    pytest.param(
-        edited(("parameters", None)), "parameters: must be a mapping, got None", [], id="p-null"
     ),
     pytest.param(
         edited(("parameters.normalize", 2)),
@@ -386,31 +377,6 @@ BAD_RECIPES = [
         ["[-0.02, 0.12]"],
         id="window-della-linear",
     ),
-    # required parameters have no silent default
-    *[
-        pytest.param(
-            method(name, ("parameters.density", DROP)),
-            f"parameters.density: {name} needs a density for every model",
-            ["add 'density: 0.7' under parameters"],
-            id=f"{name}-without-density",
-        )
-        for name in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "della", "della_linear")
-    ],
-    pytest.param(
-        edited(("parameters.density", DROP), ("models.0.parameters.density", 0.5)),
-        "models.1.parameters.density: della needs a density",
-        [],
-        id="density-for-one-model-only",
-    ),
-    *[
-        pytest.param(
-            method(name, ("parameters.epsilon", DROP)),
-            f"parameters.epsilon: {name} needs an epsilon",
-            ["add 'epsilon: 0.07' under parameters (or per model)"],
-            id=f"{name}-without-epsilon",
-        )
-        for name in ("della", "della_linear")
-    ],
     # models and base
     pytest.param(edited(("models", [])), "models: must list at least one model", [], id="no-model"),
     pytest.param(edited(("models", DROP)), "models: is required", [], id="models-missing"),
@@ -428,12 +394,6 @@ BAD_RECIPES = [
         "models.0.modle: unknown key; did you mean 'model'?",
         [],
         id="model-misspelt-is-named-before-it-is-missing",
-    ),
-    pytest.param(
-        edited(("models.1.model", "base")),
-        "models.1.model: 'base' is the base model",
-        ["remove it from models"],
-        id="base-as-expert",
     ),
     pytest.param(
         edited(("models", [{"model": "lm"}, {"model": "math"}, {"model": "lm"}])),
@@ -464,57 +424,11 @@ BAD_RECIPES = [
     ),
     # parameters the method does not use, and merge-wide ones set per model
     pytest.param(
-        method("ties", ("parameters.epsilon", 0.1)),
-        "parameters.epsilon: ties does not use epsilon",
-        ["(it takes weight, density, lambda, normalize)"],
-        id="ties-epsilon",
-    ),
-    pytest.param(
-        method("dare_ties", ("models.1.parameters.epsilon", 0.1)),
-        "models.1.parameters.epsilon: dare_ties does not use epsilon",
-        [],
-        id="dare-epsilon-per-model",
-    ),
-    pytest.param(
-        edited(("parameters.gamma", 0.01)),
-        "parameters.gamma: della does not use gamma",
-        [],
-        id="della-gamma",
-    ),
-    pytest.param(
         method("ties", ("parameters.rescale", True)),
         "parameters.rescale: ties does not use rescale",
-        [],
+        ["mergekit would scale its kept deltas by their L1 norm"],
         id="ties-rescale",
     ),
-    pytest.param(
-        method("linear", ("parameters.density", 0.5)),
-        "parameters.density: linear does not use density",
-        [],
-        id="linear-density",
-    ),
-    pytest.param(
-        method("linear", ("parameters.lambda", 1.1)),
-        "parameters.lambda: linear does not use lambda",
-        [],
-        id="linear-lambda",
-    ),
-    pytest.param(
-        method("task_arithmetic", ("parameters.density", 0.5)),
-        "parameters.density: task_arithmetic does not use density",
-        [],
-        id="task-arithmetic-density",
-    ),
-    *[
-        pytest.param(
-            edited((f"models.1.parameters.{name}", value)),
-            f"models.1.parameters.{name}: {name} applies to the whole merge; "
-            "set it under parameters",
-            [],
-            id=f"{name}-per-model",
-        )
-        for name, value in (("lambda", 1.1), ("normalize", False), ("rescale", "l1"))
-    ],
     # mergekit features we do not implement yet say so
     pytest.param(
         edited(("parameters.density", [{"filter": "mlp", "value": 0.5}, {"value": 0.7}])),
@@ -548,21 +462,110 @@ BAD_RECIPES = [
     ),
     pytest.param(
         edited(("tokenizer", {"source": "union"})),
-        "tokenizer: the tokenizer: block is not supported yet",
-        ["tokenizer_source"],
-        id="tokenizer",
+        "tokenizer.source: 'union' (a tokenizer merged from several models) is not supported yet",
+        ["use base or the name of one of the models"],
+        id="tokenizer-union",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"tokens": {"<|im_start|>": {"source": "lm"}}})),
+        "tokenizer.tokens: per-token embedding settings are not supported yet",
+        [],
+        id="tokenizer-tokens",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"source": "base", "pad_to_multiple_of": 64})),
+        "tokenizer.pad_to_multiple_of: padding the vocabulary is not supported yet",
+        [],
+        id="tokenizer-pad",
+    ),
+    pytest.param(
+        edited(("tokenizer", {})),
+        "tokenizer.source: missing, which mergekit reads as union",
+        ["give source: base or one of the models"],
+        id="tokenizer-without-source",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"source": "base"}), ("tokenizer_source", "base")),
+        "tokenizer: give either tokenizer or tokenizer_source, not both",
+        [],
+        id="tokenizer-twice",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"sourse": "base"})),
+        "tokenizer.sourse: unknown key; did you mean 'source'?",
+        [],
+        id="tokenizer-misspelt",
+    ),
+    pytest.param(
+        edited(("tokenizer", "base")),
+        "tokenizer: must be a mapping with a source, got 'base'",
+        [],
+        id="tokenizer-string",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"source": "./nowhere"})),
+        "tokenizer_source: './nowhere' is neither base nor one of the models",
+        [],
+        id="tokenizer-source-unknown-model",
+    ),
+    pytest.param(
+        edited(("chat_template", "vicuna")),
+        "chat_template: 'vicuna' is neither auto, a named template (alpaca, chatml, exaone, "
+        "llama3, mistral) nor a Jinja template",
+        [],
+        id="chat-template-unknown-name",
+    ),
+    pytest.param(
+        edited(("chat_template", "{{ x }}")),
+        "chat_template: '{{ x }}' is neither auto",
+        ["at least 20 characters"],
+        id="chat-template-too-short",
+    ),
+    pytest.param(
+        edited(("chat_template", 3)),
+        "chat_template: must be a string, got 3",
+        [],
+        id="chat-template-number",
+    ),
+    pytest.param(
+        edited(("models.0.parameters.lambda", [1.0, 2.0])) + "models: []\n",
+        "recipe: line",
+        ["duplicate key 'models' with two values", "keep one"],
+        id="duplicate-key-two-values",
+    ),
+    pytest.param(
+        edited(("parameters.epsilon", DROP), ("parameters.density", 0.9)),
+        "parameters.epsilon: keep probabilities d ± ε must lie in (0, 1]",
+        ["epsilon 0.15 (mergekit's default)", "set epsilon"],
+        id="default-epsilon-outside-window",
+    ),
+    pytest.param(
+        method("ties", ("models.0.parameters.epsilon", "x"), ("parameters.densty", 0.5)),
+        "parameters.densty: unknown key; did you mean 'density'?",
+        [],
+        id="unknown-to-mergekit-too",
+    ),
+    *[
+        pytest.param(
+            edited(("merge_method", name), ("parameters.t", 0.5)),
+            f"merge_method: della does not implement mergekit's '{name}' method yet; it runs "
+            "linear, task_arithmetic",
+            [],
+            id=f"mergekit-method-{name}",
+        )
+        for name in ("slerp", "nuslerp", "model_stock", "passthrough")
+    ],
+    pytest.param(
+        edited(("merge_method", "slerp"), ("slices", [{"sources": []}])),
+        "merge_method: della does not implement mergekit's 'slerp' method yet",
+        [],
+        id="mergekit-method-before-slices",
     ),
     pytest.param(
         edited(("modules", {"text": {}})),
         "modules: per-module merges (modules) are not supported yet",
         [],
         id="modules",
-    ),
-    pytest.param(
-        edited(("chat_template", "chatml")),
-        "chat_template: chat_template is not supported yet",
-        [],
-        id="chat-template",
     ),
 ]
 
@@ -765,9 +768,195 @@ def test_numbers_are_floats_and_the_keys_given_are_kept_in_order():
     assert recipe.schema.models[0].parameters.given == ()
 
 
-def test_the_first_parameter_a_method_does_not_use_is_the_first_written():
-    values = {"rescale": True, "epsilon": 0.1}
-    for first, second in (("rescale", "epsilon"), ("epsilon", "rescale")):
-        edits = [(f"parameters.{name}", values[name]) for name in (first, second)]
-        text = method("ties", *edits)
-        assert error_of(text).startswith(f"parameters.{first}: ties does not use {first}")
+# --- what mergekit accepts is accepted, with one note each ------------------------------------
+
+# Each row: a recipe mergekit 0.1.5 runs, the notes it gets (the start of each, in order), and
+# what della reads from it (a function of the parsed recipe that must hold).
+LENIENT = [
+    pytest.param(
+        method("ties", ("parameters.epsilon", 0.1)),
+        ["parameters.epsilon: ignored, as mergekit ignores it: ties does not use epsilon"],
+        lambda r: r.schema.parameters.given == ("density",),
+        id="unused-parameter",
+    ),
+    pytest.param(
+        method("dare_ties", ("models.1.parameters.epsilon", 0.1), ("parameters.t", [0, 1])),
+        [
+            "parameters.t: ignored, as mergekit ignores it: dare_ties does not use t",
+            "models.1.parameters.epsilon: ignored, as mergekit ignores it",
+        ],
+        lambda r: r.expert_params(1, "x").epsilon is None,
+        id="unused-per-model-and-gradient",
+    ),
+    pytest.param(
+        edited(("parameters.gamma", 0.01)),
+        ["parameters.gamma: ignored, as mergekit ignores it: della does not use gamma"],
+        lambda r: r.expert_params(0, "x").gamma is None,
+        id="della-gamma",
+    ),
+    pytest.param(
+        method("linear", ("parameters.density", 0.5), ("parameters.lambda", 1.1)),
+        [
+            "parameters.density: ignored, as mergekit ignores it: linear does not use density",
+            "parameters.lambda: ignored",
+        ],
+        lambda r: r.global_params().lambda_ == 1.0,
+        id="linear-density-lambda",
+    ),
+    pytest.param(
+        method("task_arithmetic", ("parameters.density", 0.5), ("parameters.rescale", True)),
+        [
+            "parameters.density: ignored, as mergekit ignores it: task_arithmetic does not use",
+            "parameters.rescale: ignored",
+        ],
+        lambda r: r.expert_params(0, "x").density is None,
+        id="task-arithmetic-density-rescale",
+    ),
+    pytest.param(
+        method("ties", ("parameters.rescale", False)),
+        ["parameters.rescale: ignored, as mergekit ignores it: ties does not use rescale"],
+        lambda r: r.global_params().rescale is Rescale.KEEP_PROB,
+        id="ties-rescale-false",
+    ),
+    *[
+        pytest.param(
+            edited((f"models.1.parameters.{name}", value)),
+            [
+                f"models.1.parameters.{name}: ignored, as mergekit ignores it: {name} applies "
+                f"to the whole merge and is read only under parameters (the merge uses {used})"
+            ],
+            lambda r: r.global_params() == parse_recipe(edited()).global_params(),
+            id=f"{name}-per-model",
+        )
+        for name, value, used in (
+            ("lambda", 1.1, "1.0"),
+            ("normalize", False, "true"),
+            ("rescale", "l1", "true"),
+            ("int8_mask", True, "false"),
+        )
+    ],
+    pytest.param(
+        edited(("parameters.lambda", 0.9), ("models.0.parameters.lambda", 1.5)),
+        [
+            "models.0.parameters.lambda: ignored, as mergekit ignores it: lambda applies to the "
+            "whole merge and is read only under parameters (the merge uses 0.9)"
+        ],
+        lambda r: r.global_params().lambda_ == 0.9,
+        id="older-per-model-lambda",
+    ),
+    *[
+        pytest.param(
+            method(name, ("parameters.density", DROP)),
+            ["parameters.density: not set; mergekit's default 1.0 is used (every delta is kept)"],
+            lambda r: r.expert_params(1, "x").density == 1.0,
+            id=f"{name}-without-density",
+        )
+        for name in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "della", "della_linear")
+    ],
+    pytest.param(
+        edited(("parameters.density", DROP), ("models.0.parameters.density", 0.5)),
+        ["parameters.density: not set for 'math'; mergekit's default 1.0 is used"],
+        lambda r: (r.expert_params(0, "x").density, r.expert_params(1, "x").density) == (0.5, 1),
+        id="density-for-one-model-only",
+    ),
+    *[
+        pytest.param(
+            method(name, ("parameters.epsilon", DROP)),
+            ["parameters.epsilon: not set; mergekit's default 0.15 is used"],
+            lambda r: r.expert_params(0, "x").epsilon == 0.15,
+            id=f"{name}-without-epsilon",
+        )
+        for name in ("della", "della_linear")
+    ],
+    pytest.param(
+        edited(("models", [{"model": "base", "parameters": {"weight": 3}}, *VALID["models"]])),
+        [
+            "models.0: 'base' is the base model; della merges task vectors, so this entry and "
+            "its parameters are ignored, as mergekit ignores them"
+        ],
+        lambda r: r.model_refs == ["lm", "math"],
+        id="base-in-models",
+    ),
+    pytest.param(
+        method("linear", ("base_model", "base"), ("models.1.model", "base")),
+        [
+            "models.1: 'base' is the base model and is listed, so linear averages it as one of "
+            "the models"
+        ],
+        lambda r: r.model_refs == ["lm", "base"],
+        id="base-in-models-linear",
+    ),
+    pytest.param(
+        edited(("parameters", None), ("models.0.parameters", None)),
+        [
+            "parameters.density: not set; mergekit's default 1.0 is used",
+            "parameters.epsilon: not set; mergekit's default 0.15 is used",
+        ],
+        lambda r: r.schema.parameters.given == () and r.expert_params(0, "x").epsilon == 0.15,
+        id="empty-parameters",
+    ),
+    pytest.param(
+        "name: my-merge\n" + edited(),
+        ["name: ignored (it names a stage of a multi-stage file; this file is one)"],
+        lambda r: r.model_refs == ["lm", "math"],
+        id="top-level-name",
+    ),
+    pytest.param(
+        edited() + "seed: 3\nseed: 3\n",
+        ["seed: given twice with the same value; read once"],
+        lambda r: r.seed == 3,
+        id="duplicate-key-one-value",
+    ),
+    pytest.param(
+        edited(("dtype", "float16")),
+        [],
+        lambda r: r.schema.out_dtype is None and r.schema.dtype == "float16",
+        id="dtype-without-out-dtype",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"source": "lm"})),
+        [],
+        lambda r: r.schema.tokenizer_source == "lm" and r.tokenizer_model == 0,
+        id="tokenizer-block-model",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"source": "base"})),
+        [],
+        lambda r: r.schema.tokenizer_source == "base" and r.tokenizer_model is None,
+        id="tokenizer-block-base",
+    ),
+    *[
+        pytest.param(
+            edited(("chat_template", value)),
+            [],
+            lambda r, value=value: r.schema.chat_template == value,
+            id=f"chat-template-{value[:8]}",
+        )
+        for value in (
+            "auto",
+            "chatml",
+            "llama3",
+            "{% for m in messages %}{{ m.content }}{% endfor %}",
+        )
+    ],
+]
+
+
+@pytest.mark.parametrize(("text", "notes", "holds"), LENIENT)
+def test_what_mergekit_accepts_is_accepted_with_a_note(text, notes, holds):
+    recipe = parse_recipe(text)
+    assert len(recipe.schema.notes) == len(notes), recipe.schema.notes
+    for note, start in zip(recipe.schema.notes, notes, strict=True):
+        assert note.startswith(start) or start in note, (note, start)
+        assert "\n" not in note
+    assert holds(recipe)
+
+
+def test_a_recipe_without_leniency_has_no_notes():
+    assert parse_recipe(edited()).schema.notes == ()
+    assert parse_recipe(method("linear")).schema.notes == ()
+
+
+def test_notes_survive_a_new_seed():
+    recipe = parse_recipe("name: x\n" + edited())
+    assert recipe.with_seed(5).schema.notes == recipe.schema.notes

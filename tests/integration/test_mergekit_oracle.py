@@ -1,0 +1,179 @@
+"""della against mergekit 0.1.5 on the same tiny models and recipes (tests/oracle.py).
+
+Each case is a recipe both tools read unchanged; della and mergekit merge it, and the tensors
+(within float32 rounding) and the config fields a merge sets must agree.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from oracle import assert_same_model, assert_same_tokenizer
+from vocabularies import with_vocabulary
+
+from della_cli.api import MergeOptions, run_merge
+from della_cli.chat_template import template_text
+
+pytestmark = pytest.mark.oracle
+
+
+@dataclass(frozen=True)
+class Models:
+    """The tiny Llama base and experts, plus variants some recipes need."""
+
+    base: Path
+    experts: tuple[Path, Path]
+    grown: Path  # expert 1 with two more tokens (98 rows)
+    chatml: tuple[Path, Path]  # the experts with the chatml template instead of the base's
+
+
+def llama_recipe(m: Models, method: str, **top_level) -> dict:
+    recipe: dict = {"merge_method": method}
+    if method != "linear":
+        recipe["base_model"] = str(m.base)
+    recipe["models"] = [
+        {"model": str(expert), "parameters": {"weight": weight}}
+        for expert, weight in zip(m.experts, (1.0, 0.5), strict=True)
+    ]
+    recipe.update(top_level)
+    return recipe
+
+
+def with_models(m: Models, recipe: dict, experts: tuple[Path, ...]) -> dict:
+    models = [
+        {**entry, "model": str(e)} for entry, e in zip(recipe["models"], experts, strict=True)
+    ]
+    return {**recipe, "models": models}
+
+
+def duplicate_keys(m: Models) -> str:
+    text = yaml.safe_dump(llama_recipe(m, "ties", parameters={"density": 0.5}), sort_keys=False)
+    return text + "merge_method: ties\n"
+
+
+JINJA = (
+    "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{% endfor %}"
+)
+
+# Each case: a recipe built from the tiny models (a mapping, or YAML text); one mergekit-multi
+# run merges them all.
+CASES: dict[str, Callable[[Models], dict | str]] = {
+    "task_arithmetic": lambda m: llama_recipe(m, "task_arithmetic"),
+    "task_arithmetic-lambda": lambda m: llama_recipe(
+        m, "task_arithmetic", parameters={"lambda": 0.8}
+    ),
+    "linear": lambda m: llama_recipe(m, "linear"),
+    "linear-unnormalized": lambda m: llama_recipe(m, "linear", parameters={"normalize": False}),
+    "ties": lambda m: llama_recipe(m, "ties", parameters={"density": 0.5}),
+    "ties-sum": lambda m: llama_recipe(m, "ties", parameters={"density": 0.3, "normalize": False}),
+    # the base listed under models: skipped with its parameters, or averaged by linear
+    "base-in-models-ties": lambda m: {
+        **llama_recipe(m, "ties", parameters={"density": 0.5}),
+        "models": [
+            {"model": str(m.base), "parameters": {"weight": 3.0, "density": 0.2}},
+            *llama_recipe(m, "ties")["models"],
+        ],
+    },
+    "base-in-models-linear": lambda m: {
+        **llama_recipe(m, "linear"),
+        "base_model": str(m.base),
+        "models": [
+            *llama_recipe(m, "linear")["models"],
+            {"model": str(m.base), "parameters": {"weight": 2.0}},
+        ],
+    },
+    # mergekit's defaults and what it ignores
+    "ties-default-density": lambda m: llama_recipe(m, "ties"),
+    # random methods at mergekit's default density 1.0 drop nothing, so they are comparable
+    "della-default-density-epsilon": lambda m: llama_recipe(m, "della", parameters={"lambda": 1.1}),
+    "dare_linear-default-density": lambda m: llama_recipe(m, "dare_linear"),
+    "breadcrumbs": lambda m: llama_recipe(m, "breadcrumbs", parameters={"density": 0.8}),
+    "breadcrumbs_ties-gamma": lambda m: llama_recipe(
+        m, "breadcrumbs_ties", parameters={"density": 0.7, "gamma": 0.05}
+    ),
+    "unused-parameters": lambda m: llama_recipe(
+        m,
+        "task_arithmetic",
+        parameters={"density": 0.3, "epsilon": 0.1, "t": [0, 1], "lambda": 1.2},
+    ),
+    "per-model-lambda": lambda m: {
+        **llama_recipe(m, "task_arithmetic", parameters={"lambda": 0.9}),
+        "models": [
+            {"model": str(e), "parameters": {"weight": 1.0, "lambda": 2.0, "normalize": True}}
+            for e in m.experts
+        ],
+    },
+    "top-level-name": lambda m: {"name": "my-merge", **llama_recipe(m, "task_arithmetic")},
+    "duplicate-key": duplicate_keys,
+    "dtype-float16": lambda m: llama_recipe(m, "task_arithmetic", dtype="float16"),
+    "dtype-bfloat16-linear": lambda m: llama_recipe(m, "linear", dtype="bfloat16"),
+    # tokenizer: and chat_template
+    "tokenizer-base": lambda m: with_models(
+        m, llama_recipe(m, "task_arithmetic", tokenizer={"source": "base"}), (m.grown, m.experts[1])
+    ),
+    "tokenizer-model": lambda m: with_models(
+        m,
+        llama_recipe(m, "task_arithmetic", tokenizer={"source": str(m.grown)}),
+        (m.grown, m.experts[1]),
+    ),
+    "tokenizer-source-model": lambda m: with_models(
+        m, llama_recipe(m, "linear", tokenizer_source=str(m.grown)), (m.experts[1], m.grown)
+    ),
+    "chat-template-named": lambda m: llama_recipe(m, "task_arithmetic", chat_template="llama3"),
+    "chat-template-jinja": lambda m: llama_recipe(m, "task_arithmetic", chat_template=JINJA),
+    "chat-template-auto": lambda m: with_models(
+        m, llama_recipe(m, "task_arithmetic", chat_template="auto"), m.chatml
+    ),
+    "chat-template-auto-same": lambda m: llama_recipe(m, "linear", chat_template="auto"),
+    "chat-template-with-tokenizer": lambda m: with_models(
+        m,
+        llama_recipe(m, "task_arithmetic", chat_template="chatml", tokenizer={"source": "base"}),
+        (m.grown, m.experts[1]),
+    ),
+}
+# Where mergekit computes in a 16-bit dtype and della in float32: a unit in the last place.
+TOLERANCE = {"dtype-float16": 2e-3, "dtype-bfloat16-linear": 1.6e-2}
+
+
+@pytest.fixture(scope="module")
+def models(model_zoo, tmp_path_factory) -> Models:
+    folder = tmp_path_factory.mktemp("oracle-models")
+    experts = (model_zoo("llama", expert=1), model_zoo("llama", expert=2))
+    chatml = []
+    for index, expert in enumerate(experts):
+        copy = folder / f"chatml-{index}"
+        shutil.copytree(expert, copy)
+        (copy / "chat_template.jinja").write_text(template_text("chatml"))
+        chatml.append(copy)
+    grown = with_vocabulary(experts[0], folder / "grown", 98)
+    return Models(model_zoo("llama"), experts, grown, (chatml[0], chatml[1]))
+
+
+@pytest.fixture(scope="module")
+def recipes(models, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("oracle-recipes")
+    paths = {}
+    for name, build in CASES.items():
+        recipe = build(models)
+        paths[name] = folder / f"{name}.yaml"
+        paths[name].write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(mergekit, recipes, tmp_path_factory) -> dict[str, Path]:
+    return mergekit.merge_many(recipes, tmp_path_factory.mktemp("mergekit-out"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_della_matches_mergekit(case, recipes, mergekit_outputs, tmp_path):
+    ours = tmp_path / "della-out"
+    run_merge(recipes[case], ours, MergeOptions(device="cpu", progress=False))
+    theirs = mergekit_outputs[case]
+    assert_same_model(ours, theirs, TOLERANCE.get(case, 1e-6))
+    assert_same_tokenizer(ours, theirs)
