@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from della_cli.card import public_recipe, render_card
+from della_cli.card import license_conflict, model_license, public_recipe, render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
 from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError
 from della_cli.hub import HubRef, parse_hub_ref, push_files, remote_headers, resolve_model
@@ -245,9 +245,7 @@ def run_merge(
             copy_metadata(reference.folder, staging, reference.root, GENERATION_PATTERNS)
             tokenizer = tokenizer_reader(recipe, inputs)
             copy_metadata(tokenizer.folder, staging, tokenizer.root, TOKENIZER_PATTERNS)
-            (staging / RECIPE_FILE).write_text(recipe.text)
-            card = render_card(recipe, out.name, recipe.seed, inputs.pins)
-            (staging / "README.md").write_text(card)
+            _write_card_and_recipe(recipe, inputs, staging, out.name, warn)
             (staging / JOURNAL_NAME).unlink(missing_ok=True)
             _check_own_output(staging, warn)
     except OSError as error:
@@ -272,6 +270,23 @@ def run_merge(
         inputs=dict(inputs.pins),
         warnings=warnings,
     )
+
+
+def _write_card_and_recipe(
+    recipe: Recipe, inputs: MergeInputs, staging: Path, title: str, warn: WarningCallback
+) -> None:
+    """The card and the recipe, both as they will be published: the recipe as written, with
+    local models given by absolute paths named by their folders (``card.public_recipe``)."""
+    readers = {recipe.schema.base_model: inputs.base} if inputs.base else {}
+    readers.update(zip(recipe.model_refs, inputs.experts, strict=True))
+    licenses = {ref: model_license(reader.folder) for ref, reader in readers.items() if reader}
+    conflict = license_conflict(licenses)
+    if conflict:
+        warn(conflict)
+    local = [ref for ref in readers if ref not in inputs.pins]
+    (staging / RECIPE_FILE).write_text(public_recipe(recipe.text, local))
+    card = render_card(recipe, title, inputs.pins, licenses)
+    (staging / "README.md").write_text(card)
 
 
 def _check_own_output(staging: Path, warn: WarningCallback) -> None:

@@ -359,20 +359,18 @@ def methods(as_json: JsonOption = False) -> None:
 @app.command()
 def demo(
     folder: Annotated[
-        Path | None, typer.Argument(help="Where to build the example (default: a temp folder).")
-    ] = None,
+        Path,
+        typer.Argument(
+            help="Where to build the example models (kept for the next steps).",
+            metavar="FOLDER",
+        ),
+    ] = Path("della-demo"),
 ) -> None:
-    """Merge tiny built-in example models with DELLA, then load and run the result."""
-    import tempfile
-
+    """Build tiny example models in FOLDER, merge them with DELLA, load and run the result."""
     from della_cli.demo import run_demo
 
     with reported_errors():
-        if folder is not None:
-            run_demo(folder, typer.echo)
-            return
-        with tempfile.TemporaryDirectory(prefix="della-demo-") as scratch:
-            run_demo(Path(scratch), typer.echo)
+        run_demo(folder, typer.echo)
 
 
 def main() -> None:
