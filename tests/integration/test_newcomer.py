@@ -175,3 +175,62 @@ def test_absolute_paths_never_reach_the_recipe_or_the_card(demo_root, tmp_path):
     for name in ("della_recipe.yaml", "README.md"):
         assert str(models) not in (out / name).read_text(), name
     assert load_recipe(out / "della_recipe.yaml").schema.base_model == "base"
+
+
+def _resized_llama(folder: Path, **sizes) -> Path:
+    """A tiny Llama like the zoo's, with some sizes changed (``hidden_size=48``)."""
+    import transformers
+
+    from della_cli.tiny import save_tokenizer, tiny_config
+
+    config = tiny_config("llama")
+    for name, value in sizes.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("sizes", "cause"),
+    [
+        ({"hidden_size": 48}, "the cause: hidden_size 48 vs 32 in its config.json"),
+        ({"intermediate_size": 80}, "the cause: intermediate_size 80 vs 64 in its config.json"),
+    ],
+)
+def test_a_size_mismatch_is_one_line_naming_its_cause(
+    model_zoo, write_recipe, tmp_path, sizes, cause
+):
+    other = _resized_llama(tmp_path / "other", **sizes)
+    base = model_zoo("llama")
+    recipe = write_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [{"model": str(model_zoo("llama", expert=1))}, {"model": str(other)}],
+            "parameters": {"density": 0.5},
+        }
+    )
+    result = invoke("plan", recipe)
+    assert result.exit_code == 2
+    problems = [line for line in result.stderr.splitlines() if "other" in line]
+    assert len(problems) == 1, result.stderr
+    assert cause in problems[0]
+    assert "more tensor(s) differ" in problems[0]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_another_number_of_layers_is_an_error(model_zoo, write_recipe, tmp_path, layers):
+    other = _resized_llama(tmp_path / "other", num_hidden_layers=layers)
+    recipe = write_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(model_zoo("llama")),
+            "models": [{"model": str(other)}],
+        }
+    )
+    result = invoke("plan", recipe)
+    assert result.exit_code == 2, result.output
+    assert f"{layers} layers in 'model.layers' vs 2" in result.stderr
+    assert "different depths" in result.stderr
