@@ -196,8 +196,11 @@ def run_merge(
     on_start: Callable[[Plan], None] | None = None,
     on_progress: ProgressCallback | None = None,
     on_warning: WarningCallback | None = None,
+    on_planned: Callable[[Plan], None] | None = None,
 ) -> MergeReport:
-    """Merge as the recipe says into ``out``, which appears only once complete."""
+    """Merge as the recipe says into ``out``, which appears only once complete.
+    ``on_planned`` runs once the recipe and the models' headers have passed the plan, before
+    any download or write (the CLI checks push credentials there, after the user's files)."""
     from della_cli.preflight import assess
 
     started = time.perf_counter()
@@ -209,6 +212,8 @@ def run_merge(
     preflight, plan = assess(recipe, headers, out, options)
     if not preflight.can_run:
         raise PlanError(preflight.problems)
+    if on_planned:
+        on_planned(plan)
     if preflight.inputs:  # Hub models: download their weights at the commits planned
         recipe, inputs, plan = prepare(recipe_path, options, preflight.inputs)
     else:  # local models only: their readers already hold everything the merge reads

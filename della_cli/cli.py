@@ -95,7 +95,9 @@ AllowPickleOption = Annotated[
         "loader (pickles from untrusted sources can still be risky)."
     ),
 ]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar or summary (warnings still show).")
+]
 PrivateOption = Annotated[bool, typer.Option(help="Create the Hub repository as private.")]
 RevisionOption = Annotated[
     str | None, typer.Option(help="Branch to push to (created if missing; default main).")
@@ -146,14 +148,14 @@ def merge(
             allow_pickle=allow_pickle,
         )
         options.progress = not (quiet or as_json)
-        if push_to_hub:  # before a merge that may take hours, not after
-            from della_cli.hub import check_can_push
-
-            check_can_push(push_to_hub)
+        # Push credentials are checked once the recipe and the models have passed the plan
+        # (a typo in the recipe is exit 2 naming the field, not a missing token), and before
+        # a merge that may take hours.
+        check_push = _push_check(push_to_hub)
         if dry_run:
-            _dry_run(recipe, out, options, as_json)
+            _dry_run(recipe, out, options, as_json, check_push)
             return
-        report = _merge_with_progress(recipe, out, options, quiet or as_json)
+        report = _merge_with_progress(recipe, out, options, quiet or as_json, check_push)
     summary = report.to_dict()
     if not as_json and not quiet:
         typer.echo(
@@ -166,6 +168,19 @@ def merge(
         )
     if as_json:
         typer.echo(json.dumps(summary))
+
+
+def _push_check(repo_id: str | None):
+    """What checks, before the work, that a push to ``repo_id`` can be made (None: no push)."""
+    if not repo_id:
+        return None
+
+    def check(plan=None) -> None:
+        from della_cli.hub import check_can_push
+
+        check_can_push(repo_id)
+
+    return check
 
 
 def _push(out: Path, repo_id: str, private, revision, message, silent: bool) -> str:
@@ -194,7 +209,7 @@ def push(
         typer.echo(json.dumps({"folder": str(folder), "repo_id": repo_id, "url": url}))
 
 
-def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):
+def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool, on_planned=None):
     from della_cli.api import run_merge
 
     show_bar = not quiet and sys.stderr.isatty()
@@ -222,11 +237,11 @@ def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):
             bar.update(job.numel * _itemsize(job.out_dtype))
 
     def on_warning(message: str) -> None:
-        if not quiet:
-            (bar.write if bar else lambda m: typer.echo(m, err=True))(f"warning: {message}")
+        # Never silenced: --quiet drops the progress bar and the summary, not what went wrong.
+        (bar.write if bar else lambda m: typer.echo(m, err=True))(f"warning: {message}")
 
     try:
-        return run_merge(recipe, out, options, on_start, on_progress, on_warning)
+        return run_merge(recipe, out, options, on_start, on_progress, on_warning, on_planned)
     finally:
         if bar is not None:
             bar.close()
@@ -238,8 +253,9 @@ def _itemsize(code: str) -> int:
     return itemsize(code)
 
 
-def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> None:
-    """Plan without downloading or writing; print the report; exit 2 when it cannot run."""
+def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool, check_push=None) -> None:
+    """Plan without downloading or writing; print the report; exit 2 when it cannot run.
+    ``check_push`` checks push credentials once the plan has passed."""
     from della_cli.errors import PlanError
     from della_cli.preflight import plan_merge
 
@@ -248,9 +264,13 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> Non
         typer.echo(json.dumps(report.to_dict()))
         if not report.can_run:
             raise typer.Exit(2)
+        if check_push:
+            check_push()
         return
     if not report.can_run:
         raise PlanError(report.problems)
+    if check_push:
+        check_push()
     for message in report.warnings:
         typer.echo(f"warning: {message}", err=True)
     for line in report.summary_lines():

@@ -263,7 +263,8 @@ def test_merge_push_to_hub_without_a_token_fails_before_merging(
     out = tmp_path / "merged"
     path = write_recipe(recipe("org/base", "org/math"))
     one_line_error(invoke("merge", path, out, "--push-to-hub", "me/m"), 1, "no Hugging Face token")
-    assert not out.exists() and fake_hub.requests == []
+    # The plan (headers only) came first; no weight was downloaded, nothing written.
+    assert not out.exists() and shard_bytes_served(fake_hub) == 0
 
 
 def test_the_token_never_appears_in_output_files_or_uploads(
