@@ -10,7 +10,7 @@ from pathlib import Path
 
 from della_cli.card import license_conflict, model_license, public_recipe, render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
-from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError
+from della_cli.errors import DellaError, HubError, MergeFailure, ModelError, PlanError, UsageError
 from della_cli.hub import HubRef, parse_hub_ref, push_files, remote_headers, resolve_model
 from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
 from della_cli.io.metadata import (
@@ -92,12 +92,12 @@ def open_inputs(
     resolved_pins: dict[str, str] = {}
     download_bytes = 0
 
-    def open_model(ref: str) -> ModelReader:
+    def open_model(field: str, ref: str) -> ModelReader:
         nonlocal download_bytes
         where = locate_model(ref, recipe_dir)
         if not isinstance(where, HubRef):
             if not where.exists():
-                raise ModelError(f"model '{ref}': {where} does not exist")
+                raise ModelError(missing_folder_message(field, ref, recipe_dir))
             if allow_pickle and where.is_dir():
                 from della_cli.io import pickle_reader  # imports torch, whose loader it uses
 
@@ -113,9 +113,73 @@ def open_inputs(
         download_bytes += missing
         return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
 
-    base = open_model(recipe.schema.base_model) if recipe.schema.base_model else None
-    experts = [open_model(ref) for ref in recipe.model_refs]
+    failures: list[DellaError] = []
+
+    def attempt(field: str, ref: str) -> ModelReader | None:
+        """Open one model, noting a failure so that every missing model is named at once."""
+        try:
+            return open_model(field, ref)
+        except ModelError as error:
+            failures.append(error)
+        except HubError as error:  # also the local folder a typo made look like org/name
+            suggestion = close_folder(ref, recipe_dir)
+            if suggestion is None:
+                failures.append(error)
+            else:
+                failures.append(
+                    ModelError(
+                        f"{field}: '{ref}' is no folder here and not a model the Hub gave "
+                        f"({error}); did you mean the folder '{suggestion}'?"
+                    )
+                )
+        return None
+
+    base = attempt("base_model", recipe.schema.base_model) if recipe.schema.base_model else None
+    experts = [attempt(f"models.{i}.model", ref) for i, ref in enumerate(recipe.model_refs)]
+    if failures:
+        for reader in [base, *experts]:
+            if reader is not None:
+                reader.close()
+        if len(failures) == 1:
+            raise failures[0]
+        # Exit 2 when any is the user's to fix (a path), else 1 (the Hub, the network).
+        worst = max(failures, key=lambda error: error.exit_code)
+        raise type(worst)(
+            f"{len(failures)} models cannot be opened: " + "; ".join(map(str, failures))
+        )
     return MergeInputs(base, experts, resolved_pins, download_bytes)
+
+
+def missing_folder_message(field: str, ref: str, recipe_dir: Path | None) -> str:
+    """A local model that is not there: the field, where it was looked for, and the folder
+    with the closest name, which is most often what was meant."""
+    looked = _places(ref, recipe_dir)
+    message = f"{field}: model folder '{ref}' does not exist (looked for "
+    message += ", ".join(map(str, looked)) + ")"
+    suggestion = close_folder(ref, recipe_dir)
+    return f"{message}; did you mean '{suggestion}'?" if suggestion else message
+
+
+def _places(ref: str, recipe_dir: Path | None) -> list[Path]:
+    path = Path(ref).expanduser()
+    places = [Path.cwd()] if path.is_absolute() else [Path.cwd(), recipe_dir]
+    return [place / path for place in dict.fromkeys(p for p in places if p is not None)]
+
+
+def close_folder(ref: str, recipe_dir: Path | None) -> str | None:
+    """An existing folder whose name is close to ``ref``'s last part, written as ``ref`` is."""
+    import difflib
+
+    for candidate in _places(ref, recipe_dir):
+        parent = candidate.parent
+        if not parent.is_dir():
+            continue
+        names = [entry.name for entry in parent.iterdir() if entry.is_dir()]
+        close = difflib.get_close_matches(candidate.name, names, n=1, cutoff=0.6)
+        if close:
+            prefix = ref[: len(ref) - len(Path(ref).name)]  # "./", "models/", "" as typed
+            return prefix + close[0]
+    return None
 
 
 def tokenizer_reader(recipe: Recipe, inputs: MergeInputs) -> ModelReader:

@@ -17,12 +17,23 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from della_cli import __version__
 from della_cli.errors import DellaError
 from della_cli.sizes import human_size, parse_size
 
 EXIT_INTERRUPTED = 130
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as people write them (``della merge [OPTIONS] RECIPE OUT``): typer wraps
+    required arguments in braces, which read like template placeholders."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+
 app = typer.Typer(
     name="della",
     help="Merge fine-tuned language models without training (DELLA-Merging and baselines).",
@@ -105,10 +116,14 @@ RevisionOption = Annotated[
 MessageOption = Annotated[str | None, typer.Option(help="Commit message on the Hub.")]
 
 
-@app.command()
+@app.command(cls=_Command)
 def merge(
-    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)],
-    out: Annotated[Path, typer.Argument(help="Output model folder.", show_default=False)],
+    recipe: Annotated[
+        Path, typer.Argument(help="The YAML recipe.", show_default=False, metavar="RECIPE")
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="Output model folder.", show_default=False, metavar="OUT")
+    ],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
@@ -194,10 +209,14 @@ def _push(out: Path, repo_id: str, private, revision, message, silent: bool) -> 
     return url
 
 
-@app.command()
+@app.command(cls=_Command)
 def push(
-    folder: Annotated[Path, typer.Argument(help="A merged model folder.", show_default=False)],
-    repo_id: Annotated[str, typer.Argument(help="Hub repository, org/name.", show_default=False)],
+    folder: Annotated[
+        Path, typer.Argument(help="A merged model folder.", show_default=False, metavar="FOLDER")
+    ],
+    repo_id: Annotated[
+        str, typer.Argument(help="Hub repository, org/name.", show_default=False, metavar="REPO_ID")
+    ],
     private: PrivateOption = False,
     revision: RevisionOption = None,
     commit_message: MessageOption = None,
@@ -280,9 +299,11 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool, check_
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
-    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)],
+    recipe: Annotated[
+        Path, typer.Argument(help="The YAML recipe.", show_default=False, metavar="RECIPE")
+    ],
     out: Annotated[
         Path | None, typer.Option(help="Where the output would go (checked, disk counted).")
     ] = None,
@@ -311,16 +332,18 @@ def plan(
         _dry_run(recipe, out, options, as_json)
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
-    folder: Annotated[Path, typer.Argument(help="A model folder.", show_default=False)],
+    folder: Annotated[
+        Path, typer.Argument(help="A model folder.", show_default=False, metavar="FOLDER")
+    ],
     generate: Annotated[
         bool, typer.Option(help="Also load the model with transformers and generate.")
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Check a model folder: files, shapes against config, NaN/Inf, tokenizer (exit 0 healthy,
-    1 not)."""
+    1 not, 2 when FOLDER is not a folder)."""
     from della_cli.errors import UsageError
     from della_cli.verify import verify_model
 
@@ -338,7 +361,7 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def methods(as_json: JsonOption = False) -> None:
     """List the merge methods, their parameters and defaults."""
     from della_cli.methods import METHODS
@@ -376,7 +399,7 @@ def methods(as_json: JsonOption = False) -> None:
         )
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     folder: Annotated[
         Path,

@@ -234,3 +234,47 @@ def test_another_number_of_layers_is_an_error(model_zoo, write_recipe, tmp_path,
     assert result.exit_code == 2, result.output
     assert f"{layers} layers in 'model.layers' vs 2" in result.stderr
     assert "different depths" in result.stderr
+
+
+def test_a_mistyped_model_path_names_the_field_and_the_likely_folder(demo_root, monkeypatch):
+    monkeypatch.chdir(demo_root)
+    recipe = demo_root / "typo.yaml"
+    recipe.write_text(
+        (EXAMPLES / "ties.yaml")
+        .read_text()
+        .replace("della-demo/expert-code", "della-demo/expert-cod")
+    )
+    result = invoke("plan", recipe)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: models.1.model: 'della-demo/expert-cod' is no folder here")
+    assert line.endswith("did you mean the folder 'della-demo/expert-code'?")
+
+
+def test_a_mistyped_relative_path_says_where_it_looked(demo_root, monkeypatch):
+    monkeypatch.chdir(demo_root)
+    recipe = demo_root / "della-demo" / "typo.yaml"
+    recipe.write_text(
+        (demo_root / "della-demo" / "recipe.yaml").read_text().replace("./base", "./bsae")
+    )
+    result = invoke("plan", recipe)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: base_model: model folder './bsae' does not exist (looked for ")
+    assert str(demo_root / "della-demo" / "bsae") in line
+    assert line.endswith("did you mean './base'?")
+
+
+def test_every_missing_model_is_named_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "offline.yaml"
+    recipe.write_text(
+        "merge_method: task_arithmetic\nbase_model: org/base\n"
+        "models:\n  - model: org/one\n  - model: org/two\n"
+    )
+    result = invoke("plan", recipe)
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert "3 models cannot be opened" in line
+    for name in ("org/base", "org/one", "org/two"):
+        assert name in line
