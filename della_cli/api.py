@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from della_cli.card import public_recipe, render_card
+from della_cli.card import license_conflict, model_license, public_recipe, render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
-from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError
+from della_cli.errors import DellaError, HubError, MergeFailure, ModelError, PlanError, UsageError
 from della_cli.hub import HubRef, parse_hub_ref, push_files, remote_headers, resolve_model
 from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
 from della_cli.io.metadata import (
@@ -92,12 +92,12 @@ def open_inputs(
     resolved_pins: dict[str, str] = {}
     download_bytes = 0
 
-    def open_model(ref: str) -> ModelReader:
+    def open_model(field: str, ref: str) -> ModelReader:
         nonlocal download_bytes
         where = locate_model(ref, recipe_dir)
         if not isinstance(where, HubRef):
             if not where.exists():
-                raise ModelError(f"model '{ref}': {where} does not exist")
+                raise ModelError(missing_folder_message(field, ref, recipe_dir))
             if allow_pickle and where.is_dir():
                 from della_cli.io import pickle_reader  # imports torch, whose loader it uses
 
@@ -113,9 +113,73 @@ def open_inputs(
         download_bytes += missing
         return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
 
-    base = open_model(recipe.schema.base_model) if recipe.schema.base_model else None
-    experts = [open_model(ref) for ref in recipe.model_refs]
+    failures: list[DellaError] = []
+
+    def attempt(field: str, ref: str) -> ModelReader | None:
+        """Open one model, noting a failure so that every missing model is named at once."""
+        try:
+            return open_model(field, ref)
+        except ModelError as error:
+            failures.append(error)
+        except HubError as error:  # also the local folder a typo made look like org/name
+            suggestion = close_folder(ref, recipe_dir)
+            if suggestion is None:
+                failures.append(error)
+            else:
+                failures.append(
+                    ModelError(
+                        f"{field}: '{ref}' is no folder here and not a model the Hub gave "
+                        f"({error}); did you mean the folder '{suggestion}'?"
+                    )
+                )
+        return None
+
+    base = attempt("base_model", recipe.schema.base_model) if recipe.schema.base_model else None
+    experts = [attempt(f"models.{i}.model", ref) for i, ref in enumerate(recipe.model_refs)]
+    if failures:
+        for reader in [base, *experts]:
+            if reader is not None:
+                reader.close()
+        if len(failures) == 1:
+            raise failures[0]
+        # Exit 2 when any is the user's to fix (a path), else 1 (the Hub, the network).
+        worst = max(failures, key=lambda error: error.exit_code)
+        raise type(worst)(
+            f"{len(failures)} models cannot be opened: " + "; ".join(map(str, failures))
+        )
     return MergeInputs(base, experts, resolved_pins, download_bytes)
+
+
+def missing_folder_message(field: str, ref: str, recipe_dir: Path | None) -> str:
+    """A local model that is not there: the field, where it was looked for, and the folder
+    with the closest name, which is most often what was meant."""
+    looked = _places(ref, recipe_dir)
+    message = f"{field}: model folder '{ref}' does not exist (looked for "
+    message += ", ".join(map(str, looked)) + ")"
+    suggestion = close_folder(ref, recipe_dir)
+    return f"{message}; did you mean '{suggestion}'?" if suggestion else message
+
+
+def _places(ref: str, recipe_dir: Path | None) -> list[Path]:
+    path = Path(ref).expanduser()
+    places = [Path.cwd()] if path.is_absolute() else [Path.cwd(), recipe_dir]
+    return [place / path for place in dict.fromkeys(p for p in places if p is not None)]
+
+
+def close_folder(ref: str, recipe_dir: Path | None) -> str | None:
+    """An existing folder whose name is close to ``ref``'s last part, written as ``ref`` is."""
+    import difflib
+
+    for candidate in _places(ref, recipe_dir):
+        parent = candidate.parent
+        if not parent.is_dir():
+            continue
+        names = [entry.name for entry in parent.iterdir() if entry.is_dir()]
+        close = difflib.get_close_matches(candidate.name, names, n=1, cutoff=0.6)
+        if close:
+            prefix = ref[: len(ref) - len(Path(ref).name)]  # "./", "models/", "" as typed
+            return prefix + close[0]
+    return None
 
 
 def tokenizer_reader(recipe: Recipe, inputs: MergeInputs) -> ModelReader:
@@ -196,8 +260,11 @@ def run_merge(
     on_start: Callable[[Plan], None] | None = None,
     on_progress: ProgressCallback | None = None,
     on_warning: WarningCallback | None = None,
+    on_planned: Callable[[Plan], None] | None = None,
 ) -> MergeReport:
-    """Merge as the recipe says into ``out``, which appears only once complete."""
+    """Merge as the recipe says into ``out``, which appears only once complete.
+    ``on_planned`` runs once the recipe and the models' headers have passed the plan, before
+    any download or write (the CLI checks push credentials there, after the user's files)."""
     from della_cli.preflight import assess
 
     started = time.perf_counter()
@@ -209,6 +276,8 @@ def run_merge(
     preflight, plan = assess(recipe, headers, out, options)
     if not preflight.can_run:
         raise PlanError(preflight.problems)
+    if on_planned:
+        on_planned(plan)
     if preflight.inputs:  # Hub models: download their weights at the commits planned
         recipe, inputs, plan = prepare(recipe_path, options, preflight.inputs)
     else:  # local models only: their readers already hold everything the merge reads
@@ -247,9 +316,7 @@ def run_merge(
             copy_metadata(tokenizer.folder, staging, tokenizer.root, TOKENIZER_PATTERNS)
             if recipe.schema.chat_template:
                 _set_chat_template(recipe, inputs, staging, warn)
-            (staging / RECIPE_FILE).write_text(recipe.text)
-            card = render_card(recipe, out.name, recipe.seed, inputs.pins)
-            (staging / "README.md").write_text(card)
+            _write_card_and_recipe(recipe, inputs, staging, recipe.schema.name or out.name, warn)
             (staging / JOURNAL_NAME).unlink(missing_ok=True)
             _check_own_output(staging, warn)
     except OSError as error:
@@ -297,6 +364,23 @@ def _set_chat_template(recipe: Recipe, inputs: MergeInputs, staging: Path, warn)
         template = template_text(value)
     if template is not None and not write_chat_template(staging, template):
         warn("chat_template: the output has no tokenizer_config.json to set it on; not written")
+
+
+def _write_card_and_recipe(
+    recipe: Recipe, inputs: MergeInputs, staging: Path, title: str, warn: WarningCallback
+) -> None:
+    """The card and the recipe, both as they will be published: the recipe as written, with
+    local models given by absolute paths named by their folders (``card.public_recipe``)."""
+    readers = {recipe.schema.base_model: inputs.base} if inputs.base else {}
+    readers.update(zip(recipe.model_refs, inputs.experts, strict=True))
+    licenses = {ref: model_license(reader.folder) for ref, reader in readers.items() if reader}
+    conflict = license_conflict(licenses)
+    if conflict:
+        warn(conflict)
+    local = [ref for ref in readers if ref not in inputs.pins]
+    (staging / RECIPE_FILE).write_text(public_recipe(recipe.text, local))
+    card = render_card(recipe, title, inputs.pins, licenses)
+    (staging / "README.md").write_text(card)
 
 
 def _check_own_output(staging: Path, warn: WarningCallback) -> None:

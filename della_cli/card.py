@@ -1,4 +1,10 @@
-"""The model card (README.md) of a merged model: front matter for the Hub, then what went in."""
+"""The model card (README.md) of a merged model: front matter for the Hub, then what went in.
+
+A card someone would publish as it is: a title, a paragraph saying what was merged and how,
+the license carried over from the base, each model with its role, parameters and link, only
+the parameters the method uses, the recipe as the user wrote it (with no absolute path of the
+user's machine), and what reproduces the merge (tool version, seed, pinned commits).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,27 @@ from pathlib import Path
 
 import yaml
 
+from della_cli import __version__
 from della_cli.methods import Rescale
 from della_cli.recipe import Recipe
 
-_RESCALE_NAMES = {Rescale.KEEP_PROB: "true (1/p)", Rescale.L1: "l1", Rescale.NONE: "false"}
+HUB_URL = "https://huggingface.co"
+_RESCALE_NAMES = {
+    Rescale.KEEP_PROB: "true (each survivor divided by its keep probability, as in the papers)",
+    Rescale.L1: "l1 (the task vector's L1 norm restored, as mergekit >= 0.1.0 does)",
+    Rescale.NONE: "false (survivors kept as they are)",
+}
+
+
+def is_local(ref: str, pins: dict[str, str] | None = None) -> bool:
+    return not (pins and ref in pins)
 
 
 def display_name(ref: str, pins: dict[str, str] | None = None) -> str:
-    """A model's name for the card: Hub inputs as ``org/name@commit`` (short), local folders
-    by their own name only, so that the user's file system layout does not leak into a
-    published card."""
+    """A model's name for the card: Hub inputs as ``org/name``, local folders by their own
+    name only, so that the user's file system layout does not leak into a published card."""
     if pins and ref in pins:
-        return f"{ref.split('@')[0]}@{pins[ref][:12]}"
+        return ref.split("@")[0]
     path = Path(ref).expanduser()
     if ref.startswith((".", "/", "~")) or path.exists():
         return path.resolve().name or ref
@@ -25,22 +40,52 @@ def display_name(ref: str, pins: dict[str, str] | None = None) -> str:
 
 
 def public_recipe(text: str, local_refs: list[str]) -> str:
-    """The recipe text with each local model path replaced by the folder's own name."""
-    for ref in sorted(set(local_refs), key=len, reverse=True):
-        name = display_name(ref)
-        if name != ref:
-            text = text.replace(ref, name)
+    """The recipe text as the user wrote it, except that a local model given by an absolute
+    (or ``~``) path is named by its folder's own name: relative paths say nothing about the
+    machine and stay as typed, so the recipe still reads as written."""
+    private = [ref for ref in set(local_refs) if ref.startswith(("/", "~"))]
+    for ref in sorted(private, key=len, reverse=True):
+        text = text.replace(ref, display_name(ref))
     return text
 
 
-def front_matter(recipe: Recipe, pins: dict[str, str]) -> dict:
-    """Hub metadata: the Hub inputs as ``base_model`` (relation ``merge``), tags, and every
-    input with the commit it was pinned to (local ones by folder name only)."""
+def model_license(folder: Path) -> str | None:
+    """The license a model's own card declares in its front matter (``license:``), if any."""
+    card = folder / "README.md"
+    try:
+        text = card.read_text(errors="replace")[:65536] if card.is_file() else ""
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return None
+    value = front.get("license") if isinstance(front, dict) else None
+    if isinstance(value, list):  # a list of licenses is allowed on the Hub
+        value = ", ".join(str(item) for item in value)
+    return str(value) if value else None
+
+
+def license_conflict(licenses: dict[str, str | None]) -> str | None:
+    """A warning when the inputs declare different licenses (the merge inherits each one's
+    terms; the card carries only the base's)."""
+    declared = {ref: value for ref, value in licenses.items() if value}
+    if len(set(declared.values())) <= 1:
+        return None
+    listed = ", ".join(f"{display_name(ref)}: {value}" for ref, value in declared.items())
+    return f"the inputs declare different licenses ({listed}); check that the merge may be shared"
+
+
+def front_matter(recipe: Recipe, pins: dict[str, str], license: str | None = None) -> dict:
+    """Hub metadata: the Hub inputs as ``base_model`` (relation ``merge``), the license,
+    tags, and every input with the commit it was pinned to (local ones by folder name)."""
     schema = recipe.schema
-    refs = ([schema.base_model] if schema.base_model else []) + [
-        ref for ref in recipe.model_refs if ref != schema.base_model
-    ]
+    refs = _input_refs(recipe)
     front: dict = {}
+    if license:
+        front["license"] = license
     hub_ids = [ref.split("@")[0] for ref in refs if ref in pins]
     if hub_ids:
         front["base_model"] = list(dict.fromkeys(hub_ids))
@@ -49,7 +94,7 @@ def front_matter(recipe: Recipe, pins: dict[str, str]) -> dict:
     front["library_name"] = "transformers"
     front["merge_inputs"] = [
         {
-            "model": ref.split("@")[0] if ref in pins else display_name(ref),
+            "model": display_name(ref, pins),
             "role": "base" if ref == schema.base_model else "model",
             **({"revision": ref.split("@")[1]} if ref in pins and "@" in ref else {}),
             **({"commit": pins[ref]} if ref in pins else {"source": "local folder"}),
@@ -59,55 +104,148 @@ def front_matter(recipe: Recipe, pins: dict[str, str]) -> dict:
     return front
 
 
-def render_card(recipe: Recipe, title: str, seed: int, pins: dict[str, str] | None = None) -> str:
-    """The card; ``pins`` maps each Hub input's reference to the commit it resolved to."""
-    pins = pins or {}
-    schema, spec = recipe.schema, recipe.method
-    front = front_matter(recipe, pins)
-    local_refs = [r for r in [schema.base_model, *recipe.model_refs] if r and r not in pins]
-    rows = []
-    for index, ref in enumerate(recipe.model_refs):
-        params = recipe.expert_params(index, "")
-        values = {name: getattr(params, name) for name in spec.expert_parameters}
-        rows.append(
-            f"| {display_name(ref, pins)} | "
-            + " | ".join(f"{values[n]:g}" for n in spec.expert_parameters)
-            + " |"
-        )
-    header = "| model | " + " | ".join(spec.expert_parameters) + " |"
-    rule = "|---" * (len(spec.expert_parameters) + 1) + "|"
-    merge_wide = recipe.global_params()
+def _input_refs(recipe: Recipe) -> list[str]:
+    base = recipe.schema.base_model
+    return ([base] if base else []) + [ref for ref in recipe.model_refs if ref != base]
+
+
+def render_card(
+    recipe: Recipe,
+    title: str,
+    pins: dict[str, str] | None = None,
+    licenses: dict[str, str | None] | None = None,
+) -> str:
+    """The card. ``pins`` maps each Hub input's reference to the commit it resolved to;
+    ``licenses`` each input's declared license (the base's is the output's)."""
+    pins, licenses = pins or {}, licenses or {}
+    base = recipe.schema.base_model
+    license = licenses.get(base) if base else None
+    local_refs = [ref for ref in _input_refs(recipe) if ref not in pins]
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        yaml.safe_dump(front_matter(recipe, pins, license), sort_keys=False).rstrip(),
         "---",
         f"# {title}",
         "",
-        f"A merge of pre-trained language models made with della using **{spec.name}** "
-        f"({spec.summary}; {spec.paper}).",
+        describe(recipe, pins),
         "",
         "## Models",
         "",
-        f"Base model: {display_name(schema.base_model, pins) if schema.base_model else 'none'}",
+        *_model_table(recipe, pins),
         "",
-        header,
-        rule,
-        *rows,
-        "",
-        "## Merge-wide parameters",
-        "",
-        f"- lambda: {merge_wide.lambda_:g}" if spec.on_deltas else "- lambda: not used",
-        f"- normalize: {str(merge_wide.normalize).lower()}",
-        f"- rescale: {_RESCALE_NAMES[merge_wide.rescale]}"
-        if spec.is_random
-        else "- rescale: not used",
-        f"- seed: {seed}",
-        "",
+        *_parameter_lines(recipe),
         "## Recipe",
         "",
         "```yaml",
         public_recipe(recipe.text, local_refs).rstrip(),
         "```",
         "",
+        "## Reproducing it",
+        "",
+        *_reproduce_lines(recipe, pins),
+        "",
     ]
+    if license:
+        lines += ["## License", "", f"{license}, the license of the base model.", ""]
     return "\n".join(lines)
+
+
+def describe(recipe: Recipe, pins: dict[str, str]) -> str:
+    """One paragraph on what was merged and how."""
+    spec = recipe.method
+    base = recipe.schema.base_model
+    experts = [ref for ref in recipe.model_refs if ref != base]
+    names = _join([f"`{display_name(ref, pins)}`" for ref in experts])
+    if spec.on_deltas:
+        what = (
+            f"This model merges {_count(experts, 'fine-tuned model')}, {names}, into their "
+            f"common base `{display_name(base, pins)}`: each one's task vector (its difference "
+            f"from the base) goes through {spec.name} ({spec.summary}) and the result is "
+            "added to the base."
+        )
+    else:
+        what = f"This model is a weighted average of {_count(experts, 'model')}, {names}."
+    return (
+        f"{what} Method: {spec.paper}. It was made without training by della {__version__}, "
+        "which streams every tensor of the inputs through the merge; the recipe below "
+        "reproduces it."
+    )
+
+
+def _count(items: list[str], noun: str) -> str:
+    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _model_table(recipe: Recipe, pins: dict[str, str]) -> list[str]:
+    spec, base = recipe.method, recipe.schema.base_model
+    columns = list(spec.expert_parameters)
+    rows = [
+        "| model | role | " + " | ".join(columns) + " | source |",
+        "|---" * (len(columns) + 3) + "|",
+    ]
+    if base:
+        rows.append(
+            f"| {_linked(base, pins)} | base | "
+            + "– | " * len(columns)
+            + _source(base, pins)
+            + " |"
+        )
+    for index, ref in enumerate(recipe.model_refs):
+        if ref == base:
+            continue
+        params = recipe.expert_params(index, "")
+        values = " | ".join(f"{getattr(params, name):g}" for name in columns)
+        rows.append(f"| {_linked(ref, pins)} | model | {values} | {_source(ref, pins)} |")
+    return rows
+
+
+def _linked(ref: str, pins: dict[str, str]) -> str:
+    name = display_name(ref, pins)
+    return f"[{name}]({HUB_URL}/{name})" if ref in pins else name
+
+
+def _source(ref: str, pins: dict[str, str]) -> str:
+    return f"commit `{pins[ref][:12]}`" if ref in pins else "local folder"
+
+
+def _parameter_lines(recipe: Recipe) -> list[str]:
+    """The merge-wide parameters the method uses, and nothing it ignores."""
+    spec, merge_wide = recipe.method, recipe.global_params()
+    lines = ["## Parameters", ""]
+    if spec.on_deltas:
+        lines.append(f"- lambda: {merge_wide.lambda_:g} (the merged task vector's scale)")
+    lines.append(f"- normalize: {str(merge_wide.normalize).lower()}")
+    if spec.is_random:
+        lines.append(f"- rescale: {_RESCALE_NAMES[merge_wide.rescale]}")
+        lines.append(f"- seed: {recipe.seed} (every random draw follows from it)")
+    if recipe.schema.dtype:
+        lines.append(f"- computed in {recipe.schema.dtype}")
+    if recipe.schema.out_dtype:
+        lines.append(f"- written as {recipe.schema.out_dtype}")
+    return [*lines, ""]
+
+
+def _reproduce_lines(recipe: Recipe, pins: dict[str, str]) -> list[str]:
+    lines = [
+        f"With della {__version__} (`pip install della-cli`), from this folder's "
+        "`della_recipe.yaml`:",
+        "",
+        "```",
+        "della merge della_recipe.yaml ./merged",
+        "```",
+        "",
+    ]
+    if pins:
+        lines.append("The Hub inputs were read at these commits:")
+        lines.append("")
+        lines += [f"- {display_name(ref, pins)}: `{commit}`" for ref, commit in pins.items()]
+        lines.append("")
+    local = [ref for ref in _input_refs(recipe) if ref not in pins]
+    if local:
+        names = ", ".join(f"`{display_name(ref)}`" for ref in local)
+        lines.append(f"Local inputs ({names}) must be put where the recipe names them.")
+    return lines

@@ -17,12 +17,23 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from della_cli import __version__
 from della_cli.errors import DellaError
 from della_cli.sizes import human_size, parse_size
 
 EXIT_INTERRUPTED = 130
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as people write them (``della merge [OPTIONS] RECIPE OUT``): typer wraps
+    required arguments in braces, which read like template placeholders."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+
 app = typer.Typer(
     name="della",
     help="Merge fine-tuned language models without training (DELLA-Merging and baselines).",
@@ -95,7 +106,9 @@ AllowPickleOption = Annotated[
         "loader (pickles from untrusted sources can still be risky)."
     ),
 ]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings.")]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar or summary (warnings still show).")
+]
 PrivateOption = Annotated[bool, typer.Option(help="Create the Hub repository as private.")]
 RevisionOption = Annotated[
     str | None, typer.Option(help="Branch to push to (created if missing; default main).")
@@ -103,10 +116,14 @@ RevisionOption = Annotated[
 MessageOption = Annotated[str | None, typer.Option(help="Commit message on the Hub.")]
 
 
-@app.command()
+@app.command(cls=_Command)
 def merge(
-    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)],
-    out: Annotated[Path, typer.Argument(help="Output model folder.", show_default=False)],
+    recipe: Annotated[
+        Path, typer.Argument(help="The YAML recipe.", show_default=False, metavar="RECIPE")
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="Output model folder.", show_default=False, metavar="OUT")
+    ],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
@@ -146,14 +163,14 @@ def merge(
             allow_pickle=allow_pickle,
         )
         options.progress = not (quiet or as_json)
-        if push_to_hub:  # before a merge that may take hours, not after
-            from della_cli.hub import check_can_push
-
-            check_can_push(push_to_hub)
+        # Push credentials are checked once the recipe and the models have passed the plan
+        # (a typo in the recipe is exit 2 naming the field, not a missing token), and before
+        # a merge that may take hours.
+        check_push = _push_check(push_to_hub)
         if dry_run:
-            _dry_run(recipe, out, options, as_json)
+            _dry_run(recipe, out, options, as_json, check_push)
             return
-        report = _merge_with_progress(recipe, out, options, quiet or as_json)
+        report = _merge_with_progress(recipe, out, options, quiet or as_json, check_push)
     summary = report.to_dict()
     if not as_json and not quiet:
         typer.echo(
@@ -168,6 +185,19 @@ def merge(
         typer.echo(json.dumps(summary))
 
 
+def _push_check(repo_id: str | None):
+    """What checks, before the work, that a push to ``repo_id`` can be made (None: no push)."""
+    if not repo_id:
+        return None
+
+    def check(plan=None) -> None:
+        from della_cli.hub import check_can_push
+
+        check_can_push(repo_id)
+
+    return check
+
+
 def _push(out: Path, repo_id: str, private, revision, message, silent: bool) -> str:
     """Push a folder; a failure keeps the folder and says how to push it again."""
     from della_cli.api import push_model
@@ -179,10 +209,14 @@ def _push(out: Path, repo_id: str, private, revision, message, silent: bool) -> 
     return url
 
 
-@app.command()
+@app.command(cls=_Command)
 def push(
-    folder: Annotated[Path, typer.Argument(help="A merged model folder.", show_default=False)],
-    repo_id: Annotated[str, typer.Argument(help="Hub repository, org/name.", show_default=False)],
+    folder: Annotated[
+        Path, typer.Argument(help="A merged model folder.", show_default=False, metavar="FOLDER")
+    ],
+    repo_id: Annotated[
+        str, typer.Argument(help="Hub repository, org/name.", show_default=False, metavar="REPO_ID")
+    ],
     private: PrivateOption = False,
     revision: RevisionOption = None,
     commit_message: MessageOption = None,
@@ -194,7 +228,7 @@ def push(
         typer.echo(json.dumps({"folder": str(folder), "repo_id": repo_id, "url": url}))
 
 
-def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):
+def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool, on_planned=None):
     from della_cli.api import run_merge
 
     show_bar = not quiet and sys.stderr.isatty()
@@ -222,11 +256,11 @@ def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool):
             bar.update(job.numel * _itemsize(job.out_dtype))
 
     def on_warning(message: str) -> None:
-        if not quiet:
-            (bar.write if bar else lambda m: typer.echo(m, err=True))(f"warning: {message}")
+        # Never silenced: --quiet drops the progress bar and the summary, not what went wrong.
+        (bar.write if bar else lambda m: typer.echo(m, err=True))(f"warning: {message}")
 
     try:
-        return run_merge(recipe, out, options, on_start, on_progress, on_warning)
+        return run_merge(recipe, out, options, on_start, on_progress, on_warning, on_planned)
     finally:
         if bar is not None:
             bar.close()
@@ -238,8 +272,9 @@ def _itemsize(code: str) -> int:
     return itemsize(code)
 
 
-def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> None:
-    """Plan without downloading or writing; print the report; exit 2 when it cannot run."""
+def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool, check_push=None) -> None:
+    """Plan without downloading or writing; print the report; exit 2 when it cannot run.
+    ``check_push`` checks push credentials once the plan has passed."""
     from della_cli.errors import PlanError
     from della_cli.preflight import plan_merge
 
@@ -248,9 +283,13 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> Non
         typer.echo(json.dumps(report.to_dict()))
         if not report.can_run:
             raise typer.Exit(2)
+        if check_push:
+            check_push()
         return
     if not report.can_run:
         raise PlanError(report.problems)
+    if check_push:
+        check_push()
     for message in report.warnings:
         typer.echo(f"warning: {message}", err=True)
     for line in report.summary_lines():
@@ -260,9 +299,11 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool) -> Non
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
-    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)],
+    recipe: Annotated[
+        Path, typer.Argument(help="The YAML recipe.", show_default=False, metavar="RECIPE")
+    ],
     out: Annotated[
         Path | None, typer.Option(help="Where the output would go (checked, disk counted).")
     ] = None,
@@ -291,16 +332,18 @@ def plan(
         _dry_run(recipe, out, options, as_json)
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
-    folder: Annotated[Path, typer.Argument(help="A model folder.", show_default=False)],
+    folder: Annotated[
+        Path, typer.Argument(help="A model folder.", show_default=False, metavar="FOLDER")
+    ],
     generate: Annotated[
         bool, typer.Option(help="Also load the model with transformers and generate.")
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Check a model folder: files, shapes against config, NaN/Inf, tokenizer (exit 0 healthy,
-    1 not)."""
+    1 not, 2 when FOLDER is not a folder)."""
     from della_cli.errors import UsageError
     from della_cli.verify import verify_model
 
@@ -318,7 +361,7 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def methods(as_json: JsonOption = False) -> None:
     """List the merge methods, their parameters and defaults."""
     from della_cli.methods import METHODS
@@ -356,23 +399,21 @@ def methods(as_json: JsonOption = False) -> None:
         )
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     folder: Annotated[
-        Path | None, typer.Argument(help="Where to build the example (default: a temp folder).")
-    ] = None,
+        Path,
+        typer.Argument(
+            help="Where to build the example models (kept for the next steps).",
+            metavar="FOLDER",
+        ),
+    ] = Path("della-demo"),
 ) -> None:
-    """Merge tiny built-in example models with DELLA, then load and run the result."""
-    import tempfile
-
+    """Build tiny example models in FOLDER, merge them with DELLA, load and run the result."""
     from della_cli.demo import run_demo
 
     with reported_errors():
-        if folder is not None:
-            run_demo(folder, typer.echo)
-            return
-        with tempfile.TemporaryDirectory(prefix="della-demo-") as scratch:
-            run_demo(Path(scratch), typer.echo)
+        run_demo(folder, typer.echo)
 
 
 def main() -> None:

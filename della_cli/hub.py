@@ -23,7 +23,14 @@ from della_cli.io.reader import INDEX_NAME, SINGLE_NAME, read_weight_map
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # What a merge reads from a model repository besides its weight shards.
-METADATA_PATTERNS = ["config.json", "generation_config.json", INDEX_NAME, *TOKENIZER_PATTERNS]
+# README.md: the license in its front matter goes onto the merged model's card.
+METADATA_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "README.md",
+    INDEX_NAME,
+    *TOKENIZER_PATTERNS,
+]
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
 _TRUE = {"1", "on", "yes", "true"}
 # Network failures by class name: huggingface_hub has used requests, httpx and httpx2.

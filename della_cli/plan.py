@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from della_cli.architecture import config_differences, layer_differences, shape_summary
 from della_cli.errors import PlanError
 from della_cli.io.dtypes import CONFIG_NAMES, DTYPE_NAMES, itemsize
 from della_cli.io.reader import ModelReader, TensorInfo
@@ -154,6 +155,8 @@ class _Planner:
         self.experts = experts
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        # Per model: (tensor, its shape, the base's) where they differ, reported as one line.
+        self.mismatched: dict[int, list[tuple[str, tuple, tuple]]] = {}
         self.strict = strict
         self.vocab = {v for v in map(_vocab_size, [reference, *experts]) if v}
         # Without out_dtype, dtype is also the output's dtype (mergekit's rule).
@@ -227,10 +230,7 @@ class _Planner:
                 f"{ref.shape[0]}: {how} to {whose} vocabulary"
             )
             return Source(index, tensor, rows=info.shape[0])
-        self.problems.append(
-            f"'{label}' has '{name}' of shape {info.shape} but the base has {ref.shape}; all "
-            "models must share the base's architecture"
-        )
+        self.mismatched.setdefault(index, []).append((name, info.shape, ref.shape))
         return None
 
     def job_for(self, name: str, ref: TensorInfo, ref_source: Source) -> TensorJob:
@@ -277,6 +277,7 @@ def build_plan(
     ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
     jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
     jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
+    _report_architecture(planner)
     for index, expert in enumerate(experts):
         if not set(expert.tensors) & set(reference.tensors):
             planner.problems.append(
@@ -304,6 +305,26 @@ def build_plan(
     shards = split_into_shards(outputs, max_shard_bytes)
     warnings = [*recipe.schema.notes, *planner.warnings]  # the recipe's notes first
     return Plan(jobs, shards, warnings, compute, tied, vocab_size)
+
+
+def _report_architecture(planner: _Planner) -> None:
+    """One problem per model that is not the base's architecture, naming the cause (a width
+    in config.json, a different number of layers) before the tensors it shows in."""
+    reference = planner.reference
+    for index, expert in enumerate(planner.experts):
+        if expert is reference:
+            continue
+        label = planner.recipe.model_refs[index]
+        widths = config_differences(reference.config, expert.config)
+        depths = layer_differences(reference.tensors, expert.tensors)
+        mismatches = planner.mismatched.get(index, [])
+        if mismatches:
+            planner.problems.append(shape_summary(label, mismatches, widths + depths))
+        elif depths:
+            planner.problems.append(
+                f"'{label}' has {', '.join(depths)} (the base's depth); models of different "
+                "depths cannot be merged tensor by tensor"
+            )
 
 
 def _untied_lm_head_jobs(planner: _Planner, reference_names: set[str]) -> list[TensorJob]:

@@ -215,12 +215,18 @@ def free_bytes(path: Path) -> int:
 def fit_problems(report: PlanReport) -> list[str]:
     problems = []
     for entry in report.disk:
-        if entry["needed_bytes"] > entry["free_bytes"]:
-            needed, free = human_size(entry["needed_bytes"]), human_size(entry["free_bytes"])
+        holds = " and ".join(entry["holds"])
+        if shutil.disk_usage(entry["path"]).total == 0:  # /proc, /sys: no room for files
             problems.append(
-                f"the {' and '.join(entry['holds'])} need {needed} on {entry['path']} but "
-                f"{free} is free; free some space or choose another output (or HF_HOME for the "
-                "cache)"
+                f"{entry['path']} is not on a file system that can hold files (the {holds} "
+                "would go there); choose another output folder"
+            )
+        elif entry["needed_bytes"] > entry["free_bytes"]:
+            needed, free = human_size(entry["needed_bytes"]), human_size(entry["free_bytes"])
+            verb = "needs" if len(entry["holds"]) == 1 else "need"
+            problems.append(
+                f"the {holds} {verb} {needed} on {entry['path']} but {free} is free; free "
+                "some space or choose another output (or HF_HOME for the cache)"
             )
     available = report.available_memory_bytes
     if available is not None and report.working_memory_bytes > available:

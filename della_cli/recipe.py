@@ -86,6 +86,7 @@ class RecipeSchema:
     seed: int | None = None
     tokenizer_source: str | None = None  # also what a tokenizer: {source: ...} block says
     chat_template: str | None = None  # auto, a named template or a Jinja template
+    name: str | None = None  # mergekit's stage name; here, the title of the model card
     # What was accepted as mergekit accepts it (ignored, defaulted): one line each, for the plan.
     notes: tuple[str, ...] = ()
 
@@ -400,6 +401,7 @@ RECIPE_KEYS: dict[str, tuple[str, Check]] = {
     "seed": ("seed", _seed),
     "tokenizer_source": ("tokenizer_source", _tokenizer_source),
     "chat_template": ("chat_template", check_chat_template),
+    "name": ("name", _string),
 }
 
 

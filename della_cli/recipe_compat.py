@@ -88,8 +88,10 @@ def adapt_recipe(data: dict) -> tuple[dict, list[str]]:
     data = dict(data)
     notes: list[str] = []
     if "name" in data:
-        del data["name"]
-        notes.append("name: ignored (it names a stage of a multi-stage file; this file is one)")
+        notes.append(
+            "name: the model card's title (it names a stage of a multi-stage file; this file "
+            "is one)"
+        )
     _adapt_tokenizer(data)
     _drop_empty_parameters(data)
     method = data.get("merge_method")

@@ -154,17 +154,19 @@ def make_expert(
 
 
 def make_demo_models(root: Path, architecture: str = "llama") -> Path:
-    """A base and two experts under ``root`` and a DELLA recipe that merges them."""
+    """A base and two experts under ``root`` and a DELLA recipe that merges them. The recipe
+    names the models relative to its own folder (``./base``), so it reads as a user would
+    write it and still works from any working directory."""
     root.mkdir(parents=True, exist_ok=True)
     base = make_base(root / "base", architecture)
     make_expert(base, root / "expert-math", random_delta(1))
     make_expert(base, root / "expert-code", random_delta(2))
     recipe = {
         "merge_method": "della",
-        "base_model": str(root / "base"),
+        "base_model": "./base",
         "models": [
-            {"model": str(root / "expert-math"), "parameters": {"weight": 1.0}},
-            {"model": str(root / "expert-code"), "parameters": {"weight": 1.0}},
+            {"model": "./expert-math", "parameters": {"weight": 1.0}},
+            {"model": "./expert-code", "parameters": {"weight": 1.0}},
         ],
         "parameters": {"density": 0.7, "epsilon": 0.07, "lambda": 1.1},
         "seed": 42,

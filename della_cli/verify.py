@@ -67,7 +67,8 @@ def verify_model(
     if tokenizer and (folder / "tokenizer_config.json").is_file():
         report.add("tokenizer", tokenizer_problems(folder, reader), "tokenizer fits the embeddings")
     if generate:
-        report.add("generate", generation_problems(folder), "loads and generates")
+        problems, shown = generation_problems(folder)
+        report.add("generate", problems, f"loads and generates: {shown}")
     return report
 
 
@@ -143,7 +144,9 @@ def tokenizer_problems(folder: Path, reader: ModelReader) -> list[str]:
     return []
 
 
-def generation_problems(folder: Path, new_tokens: int = 4) -> list[str]:
+def generation_problems(folder: Path, new_tokens: int = 8) -> tuple[list[str], str]:
+    """Load the model with transformers and generate greedily from its first token; the
+    problems, and what it generated (decoded when the folder has a tokenizer), to show."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -158,9 +161,20 @@ def generation_problems(folder: Path, new_tokens: int = 4) -> list[str]:
             logits = model(prompt).logits
             output = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
     except Exception as error:  # any failure to load or run is the finding
-        return [f"transformers could not run it ({type(error).__name__}: {error})"]
+        return [f"transformers could not run it ({type(error).__name__}: {error})"], ""
     if not bool(torch.isfinite(logits).all()):
-        return ["the model's logits hold NaN or Inf"]
+        return ["the model's logits hold NaN or Inf"], ""
     if output.shape[1] <= prompt.shape[1]:
-        return ["generation produced no token"]
-    return []
+        return ["generation produced no token"], ""
+    return [], _decoded(folder, output[0].tolist())
+
+
+def _decoded(folder: Path, ids: list[int]) -> str:
+    """The generated ids as text (``[ids]`` where no tokenizer loads)."""
+    try:
+        from transformers import AutoTokenizer
+
+        text = AutoTokenizer.from_pretrained(folder).decode(ids)
+    except Exception:  # no tokenizer, or one transformers cannot load: show the ids
+        return f"token ids {ids}"
+    return repr(text)

@@ -22,6 +22,30 @@ from urllib.parse import unquote, urlsplit
 VALID_TOKEN = "hf_fakeTOKENfor_della_tests_0123456789"
 
 
+class StandIn(bytes):
+    """A safetensors file of a full-size model that holds only its header: it has the size of
+    the whole file, and everything past the header reads as zeros. Plans read headers only,
+    so a 0.5B or 70B model can be served without its gigabytes."""
+
+    size: int
+
+    def __new__(cls, header: bytes, size: int) -> StandIn:
+        file = super().__new__(cls, header)
+        file.size = size
+        return file
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            raise TypeError("a stand-in file is read by byte ranges")
+        start, stop, _ = key.indices(self.size)
+        held = bytes.__len__(self)
+        head = bytes.__getitem__(self, slice(start, min(stop, held)))
+        return head + bytes(max(0, stop - max(start, held)))
+
+
 @dataclass
 class Commit:
     sha: str
@@ -79,6 +103,11 @@ class FakeHub:
         if tag:
             repo.tags[tag] = sha
         return sha
+
+    def add_files(self, repo_id: str, files: dict[str, bytes], message: str = "add") -> str:
+        """Commit ``files`` (name -> content, ``StandIn`` for header-only weights) to
+        ``repo_id``'s main branch; return the commit."""
+        return self._commit(self.repos.setdefault(repo_id, Repo()), "main", message, files)
 
     def _commit(self, repo: Repo, branch: str, message: str, files: dict[str, bytes]) -> str:
         history = repo.branches.setdefault(branch, [])

@@ -162,7 +162,11 @@ def test_merge_json_report(setup: Setup):
         assert tensor.shape == base_tensors[name].shape
         assert tensor.dtype == base_tensors[name].dtype
     assert (setup.out / "config.json").is_file()
-    assert (setup.out / "della_recipe.yaml").read_text() == recipe.read_text()
+    published = recipe.read_text()
+    for folder in (setup.base, *setup.experts):  # absolute paths: folder names
+        published = published.replace(str(folder), folder.name)
+    assert (setup.out / "della_recipe.yaml").read_text() == published
+    assert str(setup.base.parent) not in published
     assert leftovers(setup.tmp) == []
     assert result.stderr == ""
 
@@ -176,6 +180,32 @@ def test_merge_human_summary_and_quiet(setup: Setup):
     quiet = invoke("merge", recipe, setup.tmp / "quiet", "--quiet")
     assert quiet.exit_code == 0, quiet.output
     assert quiet.output == ""
+
+
+def test_quiet_still_shows_warnings(setup: Setup, tmp_path):
+    """--quiet drops the bar and the summary; a warning is never silenced."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    tensors = read_tensors(setup.experts[0])
+    tensors.pop("model.norm.weight")
+    save_file(tensors, partial / "model.safetensors")
+    shutil.copy(setup.experts[0] / "config.json", partial / "config.json")
+    recipe = setup.recipe(models=[{"model": str(partial)}, {"model": str(setup.experts[1])}])
+    quiet = invoke("merge", recipe, setup.out, "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout == ""
+    assert quiet.stderr == (
+        f"warning: '{partial}' has no 'model.norm.weight'; it is left out of that tensor\n"
+    )
+
+
+def test_a_bad_recipe_is_reported_before_a_missing_token(setup: Setup, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    recipe = setup.recipe(parameters={"densty": 0.7, "epsilon": 0.07})
+    result = invoke("merge", recipe, setup.out, "--push-to-hub", "me/merged")
+    assert result.exit_code == 2, result.output
+    assert "parameters.densty: unknown key" in result.stderr
+    assert "token" not in result.stderr
 
 
 def test_merge_into_several_shards(setup: Setup):

@@ -897,7 +897,7 @@ LENIENT = [
     ),
     pytest.param(
         "name: my-merge\n" + edited(),
-        ["name: ignored (it names a stage of a multi-stage file; this file is one)"],
+        ["name: the model card's title (it names a stage of a multi-stage file; this file is one)"],
         lambda r: r.model_refs == ["lm", "math"],
         id="top-level-name",
     ),
