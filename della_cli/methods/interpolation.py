@@ -22,6 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
+# nuslerp lerps vectors with cos Ω below −ANTIPARALLEL_COS, the bound slerp uses on both sides.
+ANTIPARALLEL_COS = 0.9995
+
 # The statistics are scalars per tensor, per row, or per column of the tensor.
 WHOLE = "tensor"
 ROWS = "rows"  # vectors along the last dimension; a 1-D tensor is one vector
@@ -145,7 +148,9 @@ def nuslerp_apply(
     norm0 = stats[..., 0].sqrt().clamp(min=1e-7)
     norm1 = stats[..., 1].sqrt().clamp(min=1e-7)
     cos = (stats[..., 2] / (norm0 * norm1)).clamp(-1.0, 1.0)
-    colinear = (1 - cos.square()) <= 1e-16
+    # mergekit lerps only exactly colinear vectors; near-antiparallel ones of unequal norms
+    # would be scaled by up to 1/sin Ω, so they are lerped as in slerp (ALGORITHMS.md S2).
+    colinear = ((1 - cos.square()) <= 1e-16) | (cos < -ANTIPARALLEL_COS)
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin_theta = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
     coef0 = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)

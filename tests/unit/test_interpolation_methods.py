@@ -61,6 +61,8 @@ def test_e8_nuslerp(dtype):
     assert_printed(ip.nuslerp(v1, v2, [1, 1], flatten=False), [[0.7071, 0.7071], [1.5, 0]])
     columns = ip.nuslerp(v1, v2, [1, 1], flatten=False, row_wise=True)
     assert_printed(columns, [[0.5412, 0.7071], [1.6236, 0]])
+    antiparallel = ip.nuslerp(t([1, 2, 0, 0], dtype), t([-0.5, -1, 0, 0], dtype), [1, 3])
+    assert_printed(antiparallel, [-0.125, -0.25, 0, 0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
