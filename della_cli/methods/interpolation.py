@@ -36,7 +36,8 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _widen(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def widen(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The inputs in the compute dtype (copies only where the dtype changes)."""
     dtype = compute_dtype(*tensors)
     return [t.to(dtype) for t in tensors]
 
@@ -44,7 +45,7 @@ def _widen(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def pair_sums(x: torch.Tensor, y: torch.Tensor, layout: str = WHOLE) -> torch.Tensor:
     """[Σx², Σy², Σxy] in float64, stacked on the last axis: shape (3,) for ``WHOLE``,
     ``(*x.shape[:-1], 3)`` for ``ROWS`` (block-local), ``(*x.shape[1:], 3)`` for ``COLUMNS``."""
-    x, y = _widen([x, y])
+    x, y = widen([x, y])
     if layout == WHOLE or (x.dim() <= 1 and layout == ROWS):
         dims: tuple[int, ...] = tuple(range(x.dim()))
     elif layout == ROWS:
@@ -86,7 +87,7 @@ def slerp_apply(
     stats: torch.Tensor, base: torch.Tensor, other: torch.Tensor, t: float
 ) -> torch.Tensor:
     """One block of the slerp result from the whole tensor's summed statistics (3,)."""
-    base, other = _widen([base, other])
+    base, other = widen([base, other])
     coef_a, coef_b = slerp_coefficients(stats, t)
     return coef_a.to(base.dtype) * base + coef_b.to(base.dtype) * other
 
@@ -125,10 +126,12 @@ def nuslerp_statistics(
     return pair_sums(v0, v1, layout)
 
 
-def _task_pair(first, second, base):
+def _task_pair(
+    first: torch.Tensor, second: torch.Tensor, base: torch.Tensor | None
+) -> list[torch.Tensor]:
     if base is None:
-        return _widen([first, second])
-    first, second, base = _widen([first, second, base])
+        return widen([first, second])
+    first, second, base = widen([first, second, base])
     return first - base, second - base
 
 
@@ -180,10 +183,12 @@ def nuslerp(
 # ---------------------------------------------------------------- Gram matrices
 
 
-def gram_statistics(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None):
+def gram_statistics(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None
+) -> torch.Tensor:
     """Partial Gram matrix G[i, j] = Σ xᵢxⱼ (n, n) in float64 of a block of the inputs (of
     their task vectors when ``base`` is given); adds up over row blocks."""
-    vectors = _widen([*tensors] if base is None else [*tensors, base])
+    vectors = widen([*tensors] if base is None else [*tensors, base])
     if base is not None:
         vectors = [v - vectors[-1] for v in vectors[:-1]]
     n = len(vectors)
@@ -200,7 +205,7 @@ def combine(
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ cᵢ xᵢ of one block (of task vectors, plus the base, when ``base`` is given)."""
-    vectors = _widen([*tensors] if base is None else [*tensors, base])
+    vectors = widen([*tensors] if base is None else [*tensors, base])
     dtype = vectors[0].dtype
     if base is not None:
         *vectors, base_w = vectors
@@ -215,7 +220,7 @@ def combine(
 
 
 def multislerp_coefficients(
-    gram: torch.Tensor, weights: Sequence[float], normalize_weights: bool = True, eps=1e-8
+    gram: torch.Tensor, weights: Sequence[float], normalize_weights: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
     """Coefficients c (n,) with result = Σ cᵢ xᵢ, from the Gram matrix of the n vectors.
 
@@ -244,7 +249,7 @@ def multislerp(
 ) -> torch.Tensor:
     """Multislerp of n ≥ 1 models ``(*shape)``, around ``base`` if given; one model is itself."""
     if len(tensors) == 1:
-        return _widen(tensors)[0]
+        return widen(tensors)[0]
     gram = gram_statistics(tensors, base)
     coefficients = multislerp_coefficients(gram, weights, normalize_weights, eps)
     return combine(coefficients, tensors, base)
@@ -253,7 +258,7 @@ def multislerp(
 # ---------------------------------------------------------------- karcher
 
 
-def karcher_coefficients(gram: torch.Tensor, max_iter: int = 10, tol: float = 1e-5):
+def karcher_coefficients(gram: torch.Tensor, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
     """Coefficients c (n,) with result = Σ cᵢ xᵢ, from the Gram matrix of the n inputs.
 
     The Karcher mean of the unit vectors uᵢ = xᵢ/‖xᵢ‖ (uniform weights, inputs of norm ≤ tol
@@ -271,7 +276,7 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int = 10, tol: float = 1e
     units = gram[idx][:, idx] / torch.outer(norms[idx], norms[idx])
     alpha = torch.full((len(valid),), 1.0 / len(valid), dtype=torch.float64)
 
-    def norm(c):
+    def norm(c: torch.Tensor) -> torch.Tensor:
         return (c @ units @ c).clamp(min=0).sqrt()
 
     mean = alpha.clone()
@@ -298,10 +303,10 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int = 10, tol: float = 1e
     return coefficients
 
 
-def karcher(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5):
+def karcher(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
     """Karcher mean of n ≥ 1 inputs ``(*shape)`` (every input, a base included, counts once)."""
     if len(tensors) == 1:
-        return _widen(tensors)[0]
+        return widen(tensors)[0]
     coefficients = karcher_coefficients(gram_statistics(tensors), max_iter, tol)
     return combine(coefficients, tensors)
 
@@ -312,7 +317,7 @@ def karcher(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     """Per entry w = clamp(t / max(|base − other|, 1e-6), 0, 1), result w·other + (1−w)·base:
     entries closer than t take ``other``, the rest move toward it by t. One pass."""
-    base, other = _widen([base, other])
+    base, other = widen([base, other])
     weight = (t / (base - other).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
     return weight * other + (1 - weight) * base
 
@@ -339,4 +344,5 @@ __all__ = [
     "slerp_apply",
     "slerp_coefficients",
     "slerp_statistics",
+    "widen",
 ]

@@ -17,27 +17,34 @@ widened to float32 (float64 when one is float64); results come back in that dtyp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
 import torch
 
 from della_cli.methods.counts import fraction_count
-from della_cli.methods.interpolation import _widen
+from della_cli.methods.interpolation import widen
 from della_cli.methods.order_statistics import order_statistic, top_rank_mask
 
 
 def task_vectors(models: Sequence[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
     """δᵢ = θᵢ − θ₀ in the compute dtype."""
-    *models, base = _widen([*models, base])
+    *models, base = widen([*models, base])
     return [m - base for m in models]
 
 
 # ---------------------------------------------------------------- sce
 
+# None: keep every entry; "none": keep no entry; else (selected value, ties to skip).
+Selection = None | Literal["none"] | tuple[torch.Tensor, int]
+
 
 def sce_scores(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-entry population variance of the task vectors across models, ``(*shape)``."""
-    return torch.var(torch.stack(list(deltas)), dim=0, unbiased=False)
+    stacked = torch.stack(list(deltas))
+    if stacked.numel() == 0:  # torch.var warns on an empty reduction
+        return torch.zeros_like(stacked[0])
+    return torch.var(stacked, dim=0, unbiased=False)
 
 
 def sce_keep_count(select_topk: float, nonzero: int) -> int:
@@ -45,7 +52,9 @@ def sce_keep_count(select_topk: float, nonzero: int) -> int:
     return fraction_count(select_topk, nonzero)
 
 
-def sce_selection(deltas_blocks, select_topk: float):
+def sce_selection(
+    deltas_blocks: Callable[[], Iterable[Sequence[torch.Tensor]]], select_topk: float
+) -> Selection:
     """From a callable yielding the task-vector blocks (each a list of n tensors), the
     selection state ``(value, ties_to_skip)`` for ``top_rank_mask``, or None to keep every
     entry (select_topk ≥ 1) or ``"none"`` to keep no entry. Passes: one to count the
@@ -67,7 +76,9 @@ def sce_selection(deltas_blocks, select_topk: float):
     return value, rank - below
 
 
-def sce_block_mask(selection, deltas: Sequence[torch.Tensor], ties_before: int):
+def sce_block_mask(
+    selection: Selection, deltas: Sequence[torch.Tensor], ties_before: int
+) -> tuple[torch.Tensor, int]:
     """Keep mask ``(*shape)`` of one block and the number of ties it holds."""
     scores = sce_scores(deltas)
     if selection is None:
@@ -94,7 +105,10 @@ def sce_weights(square_sums: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def sce_apply(
-    weights: torch.Tensor, deltas: Sequence[torch.Tensor], keep: torch.Tensor, base
+    weights: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    keep: torch.Tensor,
+    base: torch.Tensor,
 ) -> torch.Tensor:
     """One block: elect the sign of Σ masked δ (+ where ≥ 0), average the agreeing masked δ
     with the model weights, add to the base; entries where no model agrees keep the base."""
@@ -105,9 +119,11 @@ def sce_apply(
     erased = w * agree
     numerator = (masked * erased).sum(dim=0)
     denominator = erased.sum(dim=0)
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    fused = torch.where(denominator > 0, numerator / safe, torch.zeros_like(numerator))
-    return _widen([base])[0].to(fused.dtype) + fused
+    # 0 only where no model agrees (then 0/0 → 0); a NaN weight stays NaN
+    none_agree = denominator == 0
+    safe = torch.where(none_agree, torch.ones_like(denominator), denominator)
+    fused = torch.where(none_agree, torch.zeros_like(numerator), numerator / safe)
+    return widen([base])[0].to(fused.dtype) + fused
 
 
 def sce(
@@ -115,7 +131,7 @@ def sce(
 ) -> torch.Tensor:
     """SCE of n ≥ 1 models ``(*shape)`` around ``base`` ``(*shape)``; no model gives the base."""
     if not models:
-        return _widen([base])[0]
+        return widen([base])[0]
     deltas = task_vectors(models, base)
     selection = sce_selection(lambda: [deltas], select_topk)
     keep, _ = sce_block_mask(selection, deltas, 0)
@@ -126,19 +142,23 @@ def sce(
 # ---------------------------------------------------------------- ram / ramplus_tl
 
 
-def _contributions(deltas: Sequence[torch.Tensor], epsilon: float):
+def _contributions(
+    deltas: Sequence[torch.Tensor], epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     contributes = torch.stack([d.abs() > epsilon for d in deltas])
     counts = contributes.sum(dim=0)
     return contributes, counts
 
 
-def ram(models: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float = 1e-5):
+def ram(models: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
     """RAM ``(*shape)``: an entry changed (|δ| > ε) by one model takes that change, by several
     the mean of their changes, by none the base. Entry-local: one pass."""
     return ramplus_tl_apply(None, models, base, epsilon=epsilon)
 
 
-def ramplus_tl_statistics(models, base, epsilon: float = 1e-5) -> torch.Tensor:
+def ramplus_tl_statistics(
+    models: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float = 1e-5
+) -> torch.Tensor:
     """Partial counts (n, 2) int64 of one block: per model, its contributing entries where
     several models contribute (shared) and where it alone does (unique)."""
     contributes, counts = _contributions(task_vectors(models, base), epsilon)
@@ -147,13 +167,20 @@ def ramplus_tl_statistics(models, base, epsilon: float = 1e-5) -> torch.Tensor:
     return torch.stack([shared, unique], dim=1)
 
 
-def ramplus_tl_lambdas(counts: torch.Tensor, r=0.1, alpha=0.2, epsilon=1e-5) -> torch.Tensor:
+def ramplus_tl_lambdas(
+    counts: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> torch.Tensor:
     """λᵢ = 1 + r·clamp(ρᵢ, 0, α), ρᵢ = sharedᵢ / max(uniqueᵢ, ε) (n,) float64."""
     rho = counts[:, 0].double() / counts[:, 1].double().clamp(min=epsilon)
     return 1 + r * rho.clamp(min=0, max=alpha)
 
 
-def ramplus_tl_apply(lambdas, models, base, epsilon: float = 1e-5) -> torch.Tensor:
+def ramplus_tl_apply(
+    lambdas: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    epsilon: float = 1e-5,
+) -> torch.Tensor:
     """One block: unique changes × λᵢ (1 for plain RAM, ``lambdas`` None), shared ones averaged."""
     deltas = task_vectors(models, base)
     contributes, counts = _contributions(deltas, epsilon)
@@ -165,13 +192,19 @@ def ramplus_tl_apply(lambdas, models, base, epsilon: float = 1e-5) -> torch.Tens
         if lambdas is not None:
             unique = unique * lambdas[i].to(dtype)
         merged += unique + changed * (counts > 1) / counts.clamp(min=1)
-    return _widen([base])[0].to(dtype) + merged
+    return widen([base])[0].to(dtype) + merged
 
 
-def ramplus_tl(models, base, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5):
+def ramplus_tl(
+    models: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-5,
+) -> torch.Tensor:
     """RAM+ (tensor-local) ``(*shape)`` of n models around ``base``."""
     if not models:
-        return _widen([base])[0]
+        return widen([base])[0]
     lambdas = ramplus_tl_lambdas(ramplus_tl_statistics(models, base, epsilon), r, alpha, epsilon)
     return ramplus_tl_apply(lambdas, models, base, epsilon)
 
@@ -184,7 +217,7 @@ QUANTILES = (0.25, 0.5, 0.75)
 def arcee_fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """|θ − θ₀| × KL(softmax(θ row) + 1e-8 ‖ softmax(θ₀ row) + 1e-8), rows along the last
     dimension (a 1-D tensor is one row): ``(*shape)``. Row-local, so any row block works."""
-    base, other = _widen([base, other])
+    base, other = widen([base, other])
     p = torch.softmax(other, dim=-1) + 1e-8
     q = torch.softmax(base, dim=-1) + 1e-8
     kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
@@ -196,24 +229,28 @@ def quantile_ranks(numel: int) -> tuple[int, int, int]:
     return ((numel - 1) // 4, (numel - 1) // 2, 3 * (numel - 1) // 4)
 
 
-def arcee_fusion_threshold(importance_blocks) -> torch.Tensor:
+def arcee_fusion_threshold(
+    importance_blocks: Callable[[], Iterable[torch.Tensor]],
+) -> torch.Tensor:
     """median + 1.5·(q3 − q1) of all importances, exact (radix passes over the blocks)."""
     numel = sum(b.numel() for b in importance_blocks())
     q1, median, q3 = (order_statistic(importance_blocks, r)[0] for r in quantile_ranks(numel))
     return median + 1.5 * (q3 - q1)
 
 
-def arcee_fusion_apply(threshold, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def arcee_fusion_apply(
+    threshold: torch.Tensor, base: torch.Tensor, other: torch.Tensor
+) -> torch.Tensor:
     """One block: θ₀ + (θ − θ₀)·[importance ≥ threshold]."""
     keep = arcee_fusion_importance(base, other) >= threshold
-    base, other = _widen([base, other])
+    base, other = widen([base, other])
     return base + (other - base) * keep
 
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Arcee Fusion ``(*shape)`` of one model into ``base``; an empty tensor gives the base."""
     if base.numel() == 0:
-        return _widen([base])[0]
+        return widen([base])[0]
     importance = arcee_fusion_importance(base, other)
     return arcee_fusion_apply(arcee_fusion_threshold(lambda: [importance]), base, other)
 
@@ -225,7 +262,7 @@ def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tenso
     """The single input as stored, or × ``scale`` in the compute dtype. One pass, no base."""
     if scale is None:
         return tensor
-    return _widen([tensor])[0] * scale
+    return widen([tensor])[0] * scale
 
 
 __all__ = [

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from della_cli.methods.interpolation import _widen, gram_statistics
+from della_cli.methods.interpolation import gram_statistics, widen
 
 
 def row_gram(models: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Gram matrices of the task vectors per row (last dimension): (*rows, N, N) float64;
     a 1-D tensor is one row (shape (N, N))."""
-    *models, base = _widen([*models, base])
+    *models, base = widen([*models, base])
     deltas = [m - base for m in models]
     dims = -1 if base.dim() > 1 else tuple(range(base.dim()))
     n = len(deltas)
@@ -57,7 +57,7 @@ def model_stock_apply(
     t: torch.Tensor, models: Sequence[torch.Tensor], base: torch.Tensor, filter_wise: bool
 ) -> torch.Tensor:
     """One block: t·mean(models) + (1 − t)·base, t a scalar or one value per row."""
-    *models, base = _widen([*models, base])
+    *models, base = widen([*models, base])
     if filter_wise and base.dim() > 1:
         t = t.unsqueeze(-1)
     t = t.to(base.dtype)

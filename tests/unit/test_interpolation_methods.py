@@ -180,6 +180,14 @@ def test_multislerp_and_karcher_are_permutation_invariant():
         torch.testing.assert_close(ip.karcher(permuted), karcher)
 
 
+def test_nuslerp_swapping_the_models_and_weights_changes_nothing():
+    first, second, base = (randn(5, 4, seed=s) for s in (25, 26, 27))
+    for around, flatten, row_wise in itertools.product((None, base), (True, False), (False, True)):
+        forward = ip.nuslerp(first, second, [0.3, 0.9], around, flatten, row_wise)
+        backward = ip.nuslerp(second, first, [0.9, 0.3], around, flatten, row_wise)
+        torch.testing.assert_close(forward, backward)
+
+
 def test_identical_inputs_give_themselves():
     x = randn(4, 3, seed=17)
     torch.testing.assert_close(ip.multislerp([x, x.clone()], [1, 3]), x)

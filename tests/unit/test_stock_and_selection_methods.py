@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from della_cli.methods import catalog, stock
+from della_cli.methods import interpolation as ip
 from della_cli.methods import selection as sel
 from della_cli.methods.order_statistics import order_statistic, sortable_keys, top_rank_mask
 
@@ -323,3 +324,33 @@ def test_catalog_declares_every_method():
     for entry in catalog.CATALOG.values():
         assert entry.passes[-1] == "merge"
         assert (len(entry.passes) > 1) == bool(entry.statistics) or entry.name == "nuslerp"
+
+
+def test_empty_tensors_merge_to_empty_tensors():
+    empty = [torch.zeros(0, 3) for _ in range(3)]
+    results = [
+        ip.multislerp(empty[:2], [1, 2], empty[2]),
+        ip.karcher(empty),
+        stock.model_stock(empty[:2], empty[2]),
+        stock.model_stock(empty[:2], empty[2], filter_wise=True),
+        sel.sce(empty[:2], empty[2], 0.5),
+        sel.sce(empty[:2], empty[2]),
+        sel.ram(empty[:2], empty[2]),
+        sel.ramplus_tl(empty[:2], empty[2]),
+        sel.arcee_fusion(empty[0], empty[1]),
+    ]
+    assert all(r.shape == (0, 3) for r in results)
+
+
+def test_nan_spans_its_statistics():
+    models = [randn(4, 3, seed=s) for s in (30, 31)]
+    base = randn(4, 3, seed=32)
+    models[0][1, 2] = float("nan")
+    assert torch.isnan(stock.model_stock(models, base)).all()
+    rows = torch.isnan(stock.model_stock(models, base, filter_wise=True)).all(dim=1)
+    assert rows.tolist() == [False, True, False, False]
+    assert torch.isnan(sel.sce(models, base)).all()
+    ram = torch.isnan(sel.ram(models, base))
+    assert ram[1, 2] and int(ram.sum()) == 1
+    with pytest.raises(ValueError, match="NaN"):
+        sel.sce(models, base, 0.5)
