@@ -323,6 +323,27 @@ def _cases() -> list[Case]:
             {"select_topk": 0.5},
         )
     )
+    add(
+        Case(
+            "sce-int8-mask",
+            "sce",
+            ["m0", "m1", "m2"],
+            lambda b, *x: sel.sce(x, b, 0.6),
+            0,
+            {"select_topk": 0.6, "int8_mask": True},
+        )
+    )
+    for other, step in (("m0", 0.1), ("m1", -0.2), ("m1", 0.0)):
+        add(
+            Case(
+                f"nearswap-{other}-{step}",
+                "nearswap",
+                ["m0", other],
+                lambda b, o, step=step: ip.nearswap(b, o, step),
+                0,
+                {"t": step},
+            )
+        )
     for name in ("ram", "ramplus_tl"):
         fn = sel.ram if name == "ram" else sel.ramplus_tl
         add(
