@@ -142,6 +142,13 @@ def test_sce_streaming_equals_whole(shape, select_topk):
         torch.testing.assert_close(stream_sce(models, base, select_topk, bounds), whole)
 
 
+def test_sce_keep_count_is_exact_on_the_decimal_written():
+    """S7 (c): mergekit's float32 product gives 4,508,877 for the second case."""
+    assert sel.sce_keep_count(0.29, 100) == 29
+    assert sel.sce_keep_count(0.1, 45_088_768) == 4_508_876
+    assert sel.sce_keep_count(0.3, 16_777_216) == 5_033_164
+
+
 def test_sce_streaming_ties_rank_by_position():
     """Coarse deltas: many equal variances straddle the threshold; the kept ties are the
     last ones in position order, in every block split."""
