@@ -82,12 +82,48 @@ def verified_shard_count(folder: Path, journal: Journal, file_names: list[str]) 
 
 
 def merge_fingerprint(recipe_text: str, seed: int, layout: object, inputs: list[Path]) -> str:
-    """A digest of what determines the output bytes; input files by name, size and mtime."""
+    """A digest of what determines the output bytes: the recipe, the seed, the shard layout,
+    and each input file by ``file_identity``."""
     files = []
     for folder in inputs:
         weights = [*folder.glob("*.safetensors*"), *folder.glob("pytorch_model*.bin*")]
-        for path in sorted(weights):
-            stat = path.stat()
-            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        for path in sorted({*weights, folder / "config.json"}):
+            if path.exists():
+                files.append([str(path.resolve()), file_identity(path)])
     material = json.dumps([recipe_text, seed, layout, files], sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+_SAMPLES = 16
+_SAMPLE_BYTES = 64 << 10
+
+
+def file_identity(path: Path) -> list:
+    """What tells an input file from any other version of it, short of reading it all.
+
+    Size and mtime alone miss a copy made with ``cp -p`` or ``rsync -t``, which keep both.
+    What a copy cannot keep: the inode (a file renamed over it gets a new one) and the change
+    time (``ctime``), which the kernel sets on every write, rename or chmod and no user call
+    can set back, so a file rewritten in place changes it too. On file systems with coarse
+    timestamps a rewrite within the same tick could keep it, so the digest of the first
+    megabyte (the safetensors header and the first tensors) and of 16 blocks of 64 KiB spread
+    evenly over the file (the last included) are part of the identity as well. What escapes is
+    an in-place rewrite within one timestamp tick that touches no sampled byte; hashing every
+    input in full would catch that too, at the cost of reading all of them once more.
+    """
+    info = path.stat()
+    digest = xxhash.xxh3_128()
+    with path.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        step = max(info.st_size - _SAMPLE_BYTES, 0) // (_SAMPLES - 1)
+        for sample in range(_SAMPLES):
+            handle.seek(sample * step)
+            digest.update(handle.read(_SAMPLE_BYTES))
+    return [
+        info.st_size,
+        info.st_dev,
+        info.st_ino,
+        info.st_ctime_ns,
+        info.st_mtime_ns,
+        digest.hexdigest(),
+    ]
