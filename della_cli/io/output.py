@@ -141,24 +141,23 @@ def _publish(
         kept = _remove_old_output(old)
     except OSError as error:
         kept = [f"({error.strerror or error})"]
-    if kept:
-        if old == staging:  # the temporary name must stay free for the next merge
-            retired = out.parent / f".{out.name}.della-old-{secrets.token_hex(8)}"
-            with contextlib.suppress(OSError):
-                rename.move_to_new_name(old, retired)
-                old = retired
-        if on_warning:
-            on_warning(
-                f"{out} is in place, but the old output could not be removed in full "
-                f"({', '.join(kept[:3])}): what is left of it is in {old}"
-            )
+    if kept and on_warning:
+        on_warning(
+            f"{out} is in place, but the old output could not be removed in full "
+            f"({', '.join(kept[:3])}): what is left of it is in {old}"
+        )
 
 
 def _put_in_place(staging: Path, out: Path) -> Path:
-    """Make ``staging`` the new ``out``; return where the old ``out`` now is."""
-    if rename.swap(staging, out):
-        return staging
+    """Make ``staging`` the new ``out``; return where the old ``out`` now is: a name of its
+    own, so that a kill while it is removed leaves the temporary name free."""
     retired = out.parent / f".{out.name}.della-old-{secrets.token_hex(8)}"
+    if rename.swap(staging, out):  # the old output is now at the temporary name
+        try:
+            rename.move_to_new_name(staging, retired)
+        except OSError:
+            return staging
+        return retired
     rename.move_to_new_name(out, retired)
     try:
         rename.move_to_new_name(staging, out)
