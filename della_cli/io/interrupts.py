@@ -80,7 +80,9 @@ def raising() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        published = _state.published or saved.published  # a later signal must still say so
         _state.__init__(**vars(saved))
+        _state.published = published
 
 
 @contextlib.contextmanager
