@@ -32,7 +32,14 @@ from della_cli.io.destination import (
     output_path,
     staging_path,
 )
-from della_cli.io.partial import OPEN_FOLDER, acquire, clear_partial, partial_folder, remove_staging
+from della_cli.io.partial import (
+    OPEN_FOLDER,
+    acquire,
+    clear_partial,
+    is_same_folder,
+    partial_folder,
+    remove_staging,
+)
 
 __all__ = [
     "TEMP_MARKER",
@@ -94,21 +101,24 @@ def staged_folder(
     out = output_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(out)
-    descriptor = acquire(staging, out, keep_partial)
+    descriptor = None
     published = False
     try:
         try:
+            with interrupts.deferred():
+                descriptor = acquire(staging, out, keep_partial)
             yield staging
             with interrupts.deferred():
                 _publish(staging, out, descriptor, overwrite, on_warning)
                 published = True
         finally:
-            if not published:
+            if descriptor is not None and not published:
                 remove_staging(staging, descriptor)
     finally:
-        if not published:  # again, had a first signal cut the removal above short
-            remove_staging(staging, descriptor)
-        os.close(descriptor)
+        if descriptor is not None:
+            if not published:  # again, had a first signal cut the removal above short
+                remove_staging(staging, descriptor)
+            os.close(descriptor)
 
 
 def _publish(
@@ -119,6 +129,11 @@ def _publish(
     on_warning: Callable[[str], None] | None,
 ) -> None:
     """Put the complete temporary folder in place as ``out`` (see the module docstring)."""
+    if not is_same_folder(staging, descriptor):
+        raise OutputError(
+            f"{staging} was moved or replaced while this merge ran; nothing was put in place: "
+            "make sure no one else writes into that folder's parent"
+        )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(MARKER_NAME, dir_fd=descriptor)
     try:

@@ -33,7 +33,8 @@ OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 def acquire(staging: Path, out: Path, keep_partial: bool) -> int:
     """The locked descriptor of the temporary folder: della's own partial folder left by a
-    killed merge, or a fresh one."""
+    killed merge, or a fresh one. Call it with signals deferred (``interrupts.deferred``):
+    between the mkdir and the return, an interrupt would leave the folder behind."""
     try:
         descriptor = _open_existing(staging, out)
     except FileNotFoundError:
@@ -158,7 +159,7 @@ def clear_partial(staging: Path, keep: set[str]) -> None:
                 os.unlink(entry.path)
 
 
-def _is_same_folder(path: Path, descriptor: int) -> bool:
+def is_same_folder(path: Path, descriptor: int) -> bool:
     try:
         here, held = os.lstat(path), os.fstat(descriptor)
     except OSError:
@@ -170,5 +171,5 @@ def remove_staging(staging: Path, descriptor: int) -> None:
     """Remove the temporary folder if it is still the one this merge holds (never what
     someone put at its name)."""
     with interrupts.deferred():
-        if _is_same_folder(staging, descriptor):
+        if is_same_folder(staging, descriptor):
             shutil.rmtree(staging, ignore_errors=True)
