@@ -108,7 +108,9 @@ def merge(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing output folder of model files only.")
+    ] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue a merge that was killed, keeping its verified shards.")
     ] = False,
