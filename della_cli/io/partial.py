@@ -28,7 +28,8 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent merges are not detected there
     fcntl = None
 
-OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+# A folder opened as itself, never through a symlink (the flags are POSIX; 0 elsewhere).
+OPEN_FOLDER = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
 def acquire(staging: Path, out: Path, keep_partial: bool) -> int:
@@ -122,7 +123,7 @@ def _marker_out(descriptor: int) -> str | None:
     """The output named by della's marker in the folder, or None (absent, not a regular file,
     not della's)."""
     try:
-        handle = os.open(MARKER_NAME, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=descriptor)
+        handle = os.open(MARKER_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=descriptor)
     except OSError:
         return None
     with os.fdopen(handle, "rb") as file:
