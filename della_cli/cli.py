@@ -388,13 +388,14 @@ def main() -> None:
     """
     from della_cli.io import interrupts
 
-    interrupts.install()  # a no-op again after __main__; first here for other callers
+    interrupts.install()  # again after __main__ (harmless); the first time for other callers
     global _collector_paused
     gc.disable()
     _collector_paused = True
     try:
         app()
     finally:
+        interrupts.ignore()  # the command is over: its exit status must stand
         gc.freeze()
 
 

@@ -64,6 +64,15 @@ def install() -> None:
             signal.signal(signum, handle)
 
 
+def ignore() -> None:
+    """Ignore SIGINT and SIGTERM from now on: for the interpreter's exit, which puts the
+    default handlers back (a signal then would kill della by the signal, after it reported
+    its exit status) but leaves ignored signals ignored."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def raising() -> Iterator[None]:
     """While a command works: the first signal raises KeyboardInterrupt, later ones are
@@ -80,9 +89,12 @@ def raising() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        published = _state.published or saved.published  # a later signal must still say so
+        # Sticky: a later signal must still say the output is complete, and once interrupted,
+        # the process is on its way out with 130 and takes no second signal.
+        published = _state.published or saved.published
+        interrupted = _state.interrupted or saved.interrupted
         _state.__init__(**vars(saved))
-        _state.published = published
+        _state.published, _state.interrupted = published, interrupted
 
 
 @contextlib.contextmanager

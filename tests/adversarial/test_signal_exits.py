@@ -126,3 +126,33 @@ def test_sigterm_at_random_moments_of_a_ties_merge_exits_130(tmp_path):
             assert stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr
             assert not out.exists()
         assert sorted(p.name for p in tmp_path.iterdir() if ".della-" in p.name) == []
+
+
+def test_signals_until_della_exits_never_change_its_exit_status(tmp_path):
+    """A Ctrl-C, then SIGTERM every millisecond until della is gone: the clean-up completes,
+    and the exit status stays 130, also while the interpreter exits (which puts the default
+    handlers back; a SIGTERM then killed della by the signal after it had said 'interrupted')."""
+    base = raw_model(tmp_path / "base", 0, rows=4096)
+    experts = [raw_model(tmp_path / f"expert{i}", i, rows=4096) for i in (1, 2)]
+    recipe = tmp_path / "recipe.yaml"
+    models = [{"model": str(e)} for e in experts]
+    recipe.write_text(
+        json.dumps({"merge_method": "linear", "base_model": str(base), "models": models})
+    )
+    out = tmp_path / "merged"
+    staging = tmp_path / ".merged.della-tmp-partial"
+    command = [sys.executable, "-m", "della_cli", "merge", str(recipe), str(out)]
+    command += ["--out-shard-size", "200kB", "--quiet"]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 60
+        while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert process.poll() is None, "the merge ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        while process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.001)
+        stderr = process.stderr.read()
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["error: interrupted; nothing was written"]
+    assert not out.exists() and not staging.exists()
