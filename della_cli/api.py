@@ -20,7 +20,7 @@ from della_cli.io.metadata import (
     metadata_files,
     write_config,
 )
-from della_cli.io.output import check_destination, staged_folder
+from della_cli.io.output import check_destination, clear_partial, staged_folder
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
 from della_cli.plan import Plan, build_plan
@@ -286,7 +286,7 @@ def run_merge(
     device = select_device(options.device)
     reference = inputs.base or inputs.experts[0]
     input_folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
-    check_destination(out, options.overwrite, input_folders)
+    check_destination(out, options.overwrite, input_folders, recipe.path)
     warnings = list(plan.warnings)
     for message in warnings:
         (on_warning or (lambda m: None))(message)
@@ -300,7 +300,7 @@ def run_merge(
         on_start(plan)
     resumed_shards = 0
     try:
-        with staged_folder(out, keep_partial=options.resume) as staging:
+        with staged_folder(out, options.resume, options.overwrite, warn) as staging:
             resumed_shards = _write_weights(
                 recipe, plan, inputs, device, staging, options, on_progress, warn
             )
@@ -396,23 +396,30 @@ def _check_own_output(staging: Path, warn: WarningCallback) -> None:
         warn(f"the merged output: {check.detail}")
 
 
-def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, warn) -> int:
-    """Merge every tensor into shards in ``staging``, journaling finished shards; with
-    ``options.resume``, keep the verified shards a killed run left and return their count."""
+def merge_fingerprint_of(recipe: Recipe, plan: Plan, inputs: MergeInputs) -> str:
+    """The resume fingerprint of this merge (see ``io.journal.merge_fingerprint``)."""
     layout = [[(t.name, t.dtype, list(t.shape)) for t in shard] for shard in plan.shards]
     folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
-    journal = Journal(merge_fingerprint(recipe.text, recipe.seed, layout, folders))
+    return merge_fingerprint(recipe.text, recipe.seed, layout, folders)
+
+
+def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, warn) -> int:
+    """Merge every tensor into shards in ``staging``, journaling finished shards; with
+    ``options.resume``, keep the verified shards a killed run left and return their count.
+    Everything else in the partial folder is removed first: a merge that starts over does so
+    from an empty folder, never beside the old shards, index or config."""
+    journal = Journal(merge_fingerprint_of(recipe, plan, inputs))
     file_names = shard_file_names(len(plan.shards))
     done = 0
     if options.resume:
         previous = Journal.load(staging)
-        if previous is not None and previous.fingerprint == journal.fingerprint:
+        same = previous is not None and previous.fingerprint == journal.fingerprint
+        if same:
             done = verified_shard_count(staging, previous, file_names)
             journal.shards = {name: previous.shards[name] for name in file_names[:done]}
         elif previous is not None:
             warn("the partial output was made by a different recipe, seed or inputs; starting over")
-        for stale in file_names[done:]:
-            (staging / stale).unlink(missing_ok=True)
+        clear_partial(staging, keep={*file_names[:done], *([JOURNAL_NAME] if same else [])})
 
     def record(file_name: str, digest: str) -> None:
         journal.shards[file_name] = digest

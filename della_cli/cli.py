@@ -9,7 +9,6 @@ that ``--help`` is instant.
 import gc
 import json
 import os
-import signal
 import sys
 import traceback
 from contextlib import contextmanager
@@ -50,34 +49,33 @@ def fail(message: str, code: int) -> typer.Exit:
 
 @contextmanager
 def reported_errors(hint: str | None = None):
-    """Turn known errors into one line and an exit code; SIGTERM behaves like Ctrl-C.
-    ``hint`` is added to merge and IO failures (exit 1)."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    except DellaError as error:
-        if os.environ.get("DELLA_DEBUG"):
-            traceback.print_exc()
-        message = f"{error}; {hint}" if hint and error.exit_code == 1 else str(error)
-        raise fail(message, error.exit_code) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted; nothing was written", EXIT_INTERRUPTED) from None
-    except typer.Exit:
-        raise
-    except Exception as error:
-        if os.environ.get("DELLA_DEBUG"):
-            traceback.print_exc()
-        raise fail(
-            f"unexpected {type(error).__name__}: {error} (set DELLA_DEBUG=1 for the "
-            "traceback and report it)",
-            1,
-        ) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """Turn known errors into one line and an exit code; SIGINT and SIGTERM raise
+    KeyboardInterrupt once, and later signals are ignored so that the clean-up completes
+    (``io.interrupts``). ``hint`` is added to merge and IO failures (exit 1)."""
+    from della_cli.io import interrupts
 
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    with interrupts.raising():
+        try:
+            yield
+        except DellaError as error:
+            if os.environ.get("DELLA_DEBUG"):
+                traceback.print_exc()
+            message = f"{error}; {hint}" if hint and error.exit_code == 1 else str(error)
+            raise fail(message, error.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail(interrupts.message(), EXIT_INTERRUPTED) from None
+        except typer.Exit:
+            raise
+        except Exception as error:
+            if os.environ.get("DELLA_DEBUG"):
+                traceback.print_exc()
+            if interrupts.received():  # e.g. numba's SystemError around a KeyboardInterrupt
+                raise fail(interrupts.message(), EXIT_INTERRUPTED) from None
+            raise fail(
+                f"unexpected {type(error).__name__}: {error} (set DELLA_DEBUG=1 for the "
+                "traceback and report it)",
+                1,
+            ) from None
 
 
 def _version(value: bool) -> None:
@@ -127,7 +125,9 @@ def merge(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing output folder of model files only.")
+    ] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue a merge that was killed, keeping its verified shards.")
     ] = False,
@@ -424,14 +424,19 @@ def main() -> None:
     and again as they load), and what was loaded is frozen before the process exits (its last
     collections need not walk it either). Together that is 45 ms of every command (importing
     della's API and exiting: 320 -> 273 ms, medians of 21). Long commands turn it back on
-    once loaded (``_loaded``).
+    once loaded (``_loaded``). The console script enters through ``della_cli.__main__``,
+    which installs the signal handlers before this module (and typer) is even imported.
     """
+    from della_cli.io import interrupts
+
+    interrupts.install()  # again after __main__ (harmless); the first time for other callers
     global _collector_paused
     gc.disable()
     _collector_paused = True
     try:
         app()
     finally:
+        interrupts.ignore()  # the command is over: its exit status must stand
         gc.freeze()
 
 

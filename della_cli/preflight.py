@@ -102,7 +102,7 @@ def assess(recipe, inputs, out: Path | None, options) -> tuple[PlanReport, Plan 
 
     if out is not None:
         folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
-        check_destination(out, options.overwrite, folders)
+        check_destination(out, options.overwrite, folders, recipe.path)
     device = select_device(options.device)
     report = PlanReport(recipe.method.name, device, dict(inputs.pins))
     report.download_bytes = inputs.download_bytes
@@ -118,9 +118,35 @@ def assess(recipe, inputs, out: Path | None, options) -> tuple[PlanReport, Plan 
     _describe_plan(report, plan, recipe.model_refs)
     report.working_memory_bytes = plan.working_memory_bytes(block_elements_for(device), whole)
     report.available_memory_bytes = available_memory(device)
-    report.disk = disk_needs(out or Path.cwd(), plan.output_bytes, report.download_bytes)
+    to_write = plan.output_bytes
+    if out is not None and options.resume:
+        to_write -= resumable_bytes(out, recipe, plan, inputs)
+    report.disk = disk_needs(out or Path.cwd(), to_write, report.download_bytes)
     report.problems = fit_problems(report)
     return report, plan
+
+
+def resumable_bytes(out: Path, recipe, plan: Plan, inputs) -> int:
+    """The bytes of the shards a resumed merge will keep: those its journal records for this
+    very merge that are on disk at their planned size (verified again, by digest, before they
+    are kept). Only della's own partial folder counts; whatever the answer, nothing is written."""
+    from della_cli.api import merge_fingerprint_of
+    from della_cli.io.journal import Journal
+    from della_cli.io.output import partial_folder
+    from della_cli.io.writer import SHARD_METADATA, encode_header, shard_file_names
+
+    staging = partial_folder(out)
+    journal = Journal.load(staging) if staging else None
+    if journal is None or journal.fingerprint != merge_fingerprint_of(recipe, plan, inputs):
+        return 0
+    credit = 0
+    for name, shard in zip(shard_file_names(len(plan.shards)), plan.shards, strict=True):
+        size = len(encode_header(shard, SHARD_METADATA)) + sum(t.nbytes for t in shard)
+        path = staging / name
+        if name not in journal.shards or not path.is_file() or path.lstat().st_size != size:
+            break
+        credit += size - len(encode_header(shard, SHARD_METADATA))
+    return credit
 
 
 def architecture_warnings(inputs) -> list[str]:

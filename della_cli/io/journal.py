@@ -82,12 +82,52 @@ def verified_shard_count(folder: Path, journal: Journal, file_names: list[str]) 
 
 
 def merge_fingerprint(recipe_text: str, seed: int, layout: object, inputs: list[Path]) -> str:
-    """A digest of what determines the output bytes; input files by name, size and mtime."""
+    """A digest of what determines the output bytes: the recipe, the seed, the shard layout,
+    and each input file by ``file_identity``."""
     files = []
     for folder in inputs:
         weights = [*folder.glob("*.safetensors*"), *folder.glob("pytorch_model*.bin*")]
-        for path in sorted(weights):
-            stat = path.stat()
-            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        for path in sorted({*weights, folder / "config.json"}):
+            if path.is_file():  # a regular file (never a FIFO, which would block the read)
+                files.append([str(path.resolve()), file_identity(path)])
     material = json.dumps([recipe_text, seed, layout, files], sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+_SAMPLES = 16
+_SAMPLE_BYTES = 4096
+_HEAD_BYTES = 1 << 20
+
+
+def file_identity(path: Path) -> list:
+    """What tells an input file from any other version of it, short of reading it all.
+
+    Size and mtime alone miss a copy made with ``cp -p`` or ``rsync -t``, which keep both.
+    What a copy cannot keep: the inode (a file renamed over it gets a new one) and the change
+    time (``ctime``), which the kernel sets on every write, rename or chmod and no user call
+    can set back, so a file rewritten in place changes it too. On file systems with coarse
+    timestamps a rewrite within the same tick could keep it, so a digest of the safetensors
+    header (names, dtypes, shapes, offsets; up to 1 MiB) and of 16 blocks of 4 KiB spread
+    evenly over the file (the last included) is part of the identity as well: about 70 KiB
+    read per file. What escapes is an in-place rewrite within one timestamp tick that keeps
+    the header and touches no sampled byte; hashing every input in full would catch that too,
+    at the cost of reading all of them once more on every merge.
+    """
+    info = path.stat()
+    digest = xxhash.xxh3_128()
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        digest.update(prefix + handle.read(min(header_bytes, _HEAD_BYTES)))
+        step = max(info.st_size - _SAMPLE_BYTES, 0) // (_SAMPLES - 1)
+        for sample in range(_SAMPLES):
+            handle.seek(sample * step)
+            digest.update(handle.read(_SAMPLE_BYTES))
+    return [
+        info.st_size,
+        info.st_dev,
+        info.st_ino,
+        info.st_ctime_ns,
+        info.st_mtime_ns,
+        digest.hexdigest(),
+    ]

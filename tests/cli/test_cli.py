@@ -262,10 +262,10 @@ def test_dry_run_json(setup: Setup):
 
 def test_overwrite_replaces_an_existing_output(setup: Setup):
     setup.out.mkdir()
-    (setup.out / "old.txt").write_text("old")
+    (setup.out / "model-00001-of-00002.safetensors").write_bytes(b"an earlier merge")
     result = invoke("merge", setup.recipe(), setup.out, "--overwrite", "--quiet")
     assert result.exit_code == 0, result.output
-    assert not (setup.out / "old.txt").exists()
+    assert not (setup.out / "model-00001-of-00002.safetensors").exists()
     assert (setup.out / "model.safetensors").is_file()
     assert leftovers(setup.tmp) == []
 
@@ -457,7 +457,7 @@ def test_failure_mid_merge_leaves_nothing(
 ):
     if existing:
         setup.out.mkdir()
-        (setup.out / "keep.txt").write_text("keep")
+        (setup.out / "README.md").write_text("keep")
     sigterm_handler = signal.getsignal(signal.SIGTERM)
     # Small shards, so that some are already written when the failure comes.
     fail_after(monkeypatch, 12, error)
@@ -465,7 +465,7 @@ def test_failure_mid_merge_leaves_nothing(
     assert_one_line_error(result, code, fragment)
     assert leftovers(setup.tmp) == []
     if existing:
-        assert sorted(p.name for p in setup.out.iterdir()) == ["keep.txt"]
+        assert sorted(p.name for p in setup.out.iterdir()) == ["README.md"]
     else:
         assert not setup.out.exists()
     assert signal.getsignal(signal.SIGTERM) == sigterm_handler, "SIGTERM handler restored"

@@ -101,7 +101,7 @@ def test_disk_full_mid_merge_exits_1_and_leaves_everything_as_it_was(toy, tmp_pa
     recipe, _ = toy
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("an earlier merge")
+    (out / "README.md").write_text("an earlier merge")
     command = [sys.executable, "-m", "della_cli", "merge", str(recipe), str(out), "--overwrite"]
     result = subprocess.run(
         command, capture_output=True, text=True, preexec_fn=_limit_file_size(20_000)
@@ -110,7 +110,7 @@ def test_disk_full_mid_merge_exits_1_and_leaves_everything_as_it_was(toy, tmp_pa
     assert result.stderr.startswith("error: writing")
     assert "File too large" in result.stderr and "nothing was left behind" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
     assert leftovers(tmp_path) == []
 
 

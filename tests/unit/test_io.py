@@ -402,11 +402,11 @@ def test_staged_folder_cleans_up_on_interrupt_without_creating_the_output(tmp_pa
 def test_staged_folder_replaces_the_destination_on_success(tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "old.txt").write_text("old")
-    with staged_folder(out) as staging:
-        (staging / "new.txt").write_text("new")
-        assert (out / "old.txt").exists()  # the old output stays until the new one is whole
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    (out / "config.json").write_text("old")
+    with staged_folder(out, overwrite=True) as staging:
+        (staging / "model.safetensors").write_text("new")
+        assert (out / "config.json").exists()  # the old output stays until the new one is whole
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert leftovers(tmp_path) == []
 
 
