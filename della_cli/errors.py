@@ -47,3 +47,17 @@ class MergeFailure(DellaError):
 
 class HubError(DellaError):
     """Talking to the Hugging Face Hub failed: no token, no permission, network down (exit 1)."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, bounded: a value from a hostile file (an alias
+    bomb, a list nested 100k deep, a megabyte string) is shown by its first ``limit``
+    characters and never expanded in full, so printing an error cannot hang or exhaust
+    memory."""
+    import reprlib
+
+    bounded = reprlib.Repr()
+    bounded.maxlevel, bounded.maxstring, bounded.maxother = 3, limit, limit
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = 8
+    text = bounded.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

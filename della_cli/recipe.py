@@ -20,7 +20,7 @@ from typing import Any, Literal, NoReturn
 
 import yaml
 
-from della_cli.errors import RecipeError
+from della_cli.errors import RecipeError, shown
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, MethodSpec, Rescale
 from della_cli.methods.registry import GLOBAL_PARAMETERS
 
@@ -168,10 +168,25 @@ def _first_set(*values: Any) -> Any:
     return values[-1]
 
 
+MAX_RECIPE_BYTES = 1 << 20
+# Values a recipe may hold once its aliases are expanded (each node, plus each character of
+# its scalars): no real recipe comes near, and a 400-byte alias bomb of 9**8 strings does.
+MAX_EXPANDED_SIZE = MAX_RECIPE_BYTES
+MAX_DEPTH = 64
+
+
 def load_recipe(path: Path) -> Recipe:
-    """Read and validate a recipe file."""
+    """Read and validate a recipe file of at most ``MAX_RECIPE_BYTES`` (a FIFO such as
+    ``<(envsubst < r.yaml)`` is read too, still bounded)."""
     try:
-        text = path.read_text()
+        with path.open("rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"{path}: larger than the {MAX_RECIPE_BYTES >> 20} MiB limit for a recipe; "
+                "a recipe is a few hundred bytes of YAML"
+            )
+        text = data.decode()
     except FileNotFoundError as error:
         raise RecipeError(f"{path}: no such recipe file") from error
     except (OSError, UnicodeDecodeError) as error:
@@ -179,12 +194,56 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(text, path)
 
 
+def _expanded_size(node: yaml.Node, depth: int, sizes: dict[int, int], open_: set[int]) -> int:
+    """The size of ``node`` with every alias expanded (nodes plus scalar characters),
+    computed once per node, so a bomb of nested aliases is measured without expanding it."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_ or depth > MAX_DEPTH:
+        problem = "a recursive alias" if key in open_ else f"over {MAX_DEPTH} levels of nesting"
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+    open_.add(key)
+    if isinstance(node, yaml.ScalarNode):
+        size = 1 + len(node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, depth + 1, sizes, open_) for item in node.value)
+    else:
+        size = 1 + sum(
+            _expanded_size(k, depth + 1, sizes, open_) + _expanded_size(v, depth + 1, sizes, open_)
+            for k, v in node.value
+        )
+    open_.discard(key)
+    sizes[key] = size
+    return size
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing duplicate keys (which would silently keep the last)."""
+    """YAML's safe loader, refusing duplicate keys (which would silently keep the last), keys
+    that are lists or mappings, and documents whose aliases expand past a bound (an alias
+    bomb: a few hundred bytes that expand to gigabytes once constructed or printed)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, 0, {}, set()) > MAX_EXPANDED_SIZE:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"the document expands to over {MAX_EXPANDED_SIZE} values through its aliases",
+                node.start_mark,
+            )
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    "a key must be a plain value, not a list or a mapping",
+                    key_node.start_mark,
+                )
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str) and key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -199,6 +258,10 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     where = str(path) if path else "recipe"
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no object tags
+    except RecursionError as error:  # the composer recurses once per level of nesting
+        raise RecipeError(f"{where}: invalid YAML (nested too deeply)") from error
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise RecipeError(f"{where}: invalid YAML ({str(error)[:80]})") from error
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         position = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -241,7 +304,7 @@ def _number(value: Any, path: str) -> float | None:
             path, "per-tensor filters and gradients (lists) are not supported yet; give one number"
         )
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(path, f"must be a number, got {value!r}")
+        _fail(path, f"must be a number, got {shown(value)}")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond float's range
@@ -274,24 +337,24 @@ def _boolean(value: Any, path: str) -> bool | None:
         return bool(value)
     if isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
         return BOOLEAN_WORDS[value.lower()]
-    _fail(path, f"must be true or false, got {value!r}")
+    _fail(path, f"must be true or false, got {shown(value)}")
 
 
 def _rescale(value: Any, path: str) -> bool | str | None:
     if value is None or isinstance(value, bool) or value == "l1":
         return value
-    _fail(path, f"must be true, false or l1, got {value!r}")
+    _fail(path, f"must be true, false or l1, got {shown(value)}")
 
 
 def _string(value: Any, path: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        _fail(path, f"must be a string, got {value!r}")
+        _fail(path, f"must be a string, got {shown(value)}")
     return value
 
 
 def _required_string(value: Any, path: str) -> str:
     if not isinstance(value, str):
-        _fail(path, f"must be a string, got {value!r}")
+        _fail(path, f"must be a string, got {shown(value)}")
     return value
 
 
@@ -304,7 +367,7 @@ def _model_name(value: Any, path: str) -> str:
 def _dtype(value: Any, path: str) -> str | None:
     if value is not None and value not in DTYPE_CHOICES:
         choices = ", ".join(f"'{name}'" for name in DTYPE_CHOICES[:-1])
-        _fail(path, f"must be one of {choices} or '{DTYPE_CHOICES[-1]}', got {value!r}")
+        _fail(path, f"must be one of {choices} or '{DTYPE_CHOICES[-1]}', got {shown(value)}")
     return value
 
 
@@ -312,7 +375,7 @@ def _seed(value: Any, path: str) -> int | None:
     if value is None:
         return None
     if type(value) is not int:  # not a bool, not a float that happens to be whole
-        _fail(path, f"must be an integer, got {value!r}")
+        _fail(path, f"must be an integer, got {shown(value)}")
     if not 0 <= value < 2**63:
         _fail(path, f"must be an integer in [0, 2**63), got {value}")
     return value
@@ -355,7 +418,7 @@ def _model_entry(value: Any, path: str) -> ModelEntry:
 
 def _model_entries(value: Any, path: str) -> list[ModelEntry]:
     if not isinstance(value, list):
-        _fail(path, f"must be a list of models, got {value!r}")
+        _fail(path, f"must be a list of models, got {shown(value)}")
     return [_model_entry(entry, f"{path}.{index}") for index, entry in enumerate(value)]
 
 
@@ -387,7 +450,7 @@ def _fields(
     are reported first (with the nearest known key: a misspelt key also leaves its field
     missing), then each field in the order of ``keys``."""
     if not isinstance(value, dict):
-        _fail(path, f"must be a mapping, got {value!r}")
+        _fail(path, f"must be a mapping, got {shown(value)}")
     for key in value:
         if key not in keys:
             known = list(keys)
