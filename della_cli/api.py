@@ -349,10 +349,15 @@ def push_model(
 
 
 def _public_recipe_file(path: Path) -> bytes:
-    text = path.read_text()
+    """The recipe as uploaded, local folders named by their own name only. A recipe that
+    does not load is refused, never uploaded as it is: which of its strings are local paths
+    is known only from the parsed recipe."""
     try:
         recipe = load_recipe(path)
-    except UsageError:
-        return text.encode()
+    except UsageError as error:
+        raise UsageError(
+            f"{path} does not load as a recipe, so the local paths it may name cannot be "
+            f"removed; fix or delete it, then push again ({error})"
+        ) from None
     refs = [r for r in [recipe.schema.base_model, *recipe.model_refs] if r]
-    return public_recipe(text, [r for r in refs if parse_hub_ref(r) is None]).encode()
+    return public_recipe(recipe.text, [r for r in refs if parse_hub_ref(r) is None]).encode()

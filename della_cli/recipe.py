@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import hashlib
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,14 +150,25 @@ class Recipe:
 
     def with_seed(self, seed: int) -> Recipe:
         """The recipe with its seed replaced, in the schema and in the text (so that the text
-        written next to the merged model reproduces it)."""
+        written next to the merged model reproduces it).
+
+        The text is edited where YAML's parser places the seed's value (or the top-level
+        mapping's start), so comments and layout stay in any syntax: block, flow or JSON. An
+        edit that does not read back as this recipe with the new seed gives way to the recipe
+        written anew from its values: comments may be lost, never the recipe's loadability
+        (`della push` would otherwise have to upload text it cannot parse)."""
         if not 0 <= seed < 2**63:
             raise RecipeError(f"--seed: must be an integer in [0, 2**63), got {seed}")
-        line = f"seed: {seed}  # set by della merge --seed"
-        text, count = re.subn(r"(?m)^seed:.*$", line, self.text)
-        if count == 0:
-            text = self.text.rstrip("\n") + "\n" + line + "\n"
-        return Recipe(dataclasses.replace(self.schema, seed=seed), text, self.path)
+        schema = dataclasses.replace(self.schema, seed=seed)
+        edited = _seed_edit(self.text, seed)
+        try:
+            if edited is not None and parse_recipe(edited).schema == schema:
+                return Recipe(schema, edited, self.path)
+        except RecipeError:
+            pass
+        data = load_yaml(self.text)
+        text = yaml.safe_dump({**data, "seed": seed}, sort_keys=False, allow_unicode=True)
+        return Recipe(schema, text, self.path)
 
 
 def _first_set(*values: Any) -> Any:
@@ -251,6 +261,32 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """The values of a YAML text, read as recipes are: safe, bounded, unique keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def _seed_edit(text: str, seed: int) -> str | None:
+    """``text`` with the top-level seed set to ``seed`` by an edit at the marks YAML's parser
+    reports (None when the document is no mapping)."""
+    root = yaml.compose(text, Loader=_UniqueKeyLoader)
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    for key, value in root.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == "seed":
+            begin, end = value.start_mark.index, value.end_mark.index
+            return (
+                f"{text[:begin]} {seed}{text[end:]}"
+                if begin == end
+                else (f"{text[:begin]}{seed}{text[end:]}")
+            )
+    at = root.start_mark.index
+    if root.flow_style:  # {...} or JSON: a first entry, in JSON's own spelling
+        return f'{text[: at + 1]}"seed": {seed}, {text[at + 1 :]}' if text[at] == "{" else None
+    indent = " " * root.start_mark.column  # the first key's line keeps its indentation
+    return f"{text[:at]}seed: {seed}  # set by della merge --seed\n{indent}{text[at:]}"
 
 
 def parse_recipe(text: str, path: Path | None = None) -> Recipe:
