@@ -141,7 +141,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
         raise bad("has a malformed header entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in NUMPY_DTYPES:
-        raise ModelError(f"{path}: tensor '{name}' has unsupported dtype {shown(dtype)}")
+        quantized = isinstance(dtype, str) and re.match(r"F[468]_|F4$|E8M0", dtype)
+        hint = "; it is a quantized format, which della does not merge" if quantized else ""
+        raise ModelError(f"{path}: tensor '{name}' has unsupported dtype {shown(dtype)}{hint}")
     if not (
         isinstance(shape, list) and all(type(d) is int and 0 <= d <= _INT64_MAX for d in shape)
     ):
