@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from della_cli.card import public_recipe, render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
-from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError
+from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError, shown
 from della_cli.hub import HubRef, parse_hub_ref, push_files, remote_headers, resolve_model
 from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
 from della_cli.io.metadata import (
@@ -68,7 +69,10 @@ def locate_model(ref: str, recipe_dir: Path | None) -> Path | HubRef:
     """A model reference as a local folder (relative to the working directory as mergekit
     does, else to the recipe's folder) or, when it is no existing folder and reads
     ``org/name[@revision]``, a Hub model. Strings starting with ``.``, ``/`` or ``~`` are
-    always local."""
+    always local. A name no file system takes (a part over 255 bytes) is refused here:
+    asking the system about it fails with an OSError rather than answering no."""
+    if any(len(os.fsencode(part)) > 255 for part in Path(ref).parts):
+        raise ModelError(f"model {shown(ref)}: not a folder or Hub name (a part is too long)")
     path = Path(ref).expanduser()
     if path.is_dir() or path.is_absolute():
         return path

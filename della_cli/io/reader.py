@@ -203,6 +203,23 @@ def _check_contiguous(path: Path, infos: object, data_start: int, file_size: int
         )
 
 
+def _check_config_fields(path: Path, config: dict) -> None:
+    """The config fields della reads, checked for their type where they are read from (a
+    ``text_config`` that is a string crashed the plan, ``architectures: 5`` the report)."""
+    for key in ("text_config", "quantization_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ModelError(f"{path}: {key} must be an object, got {shown(config[key])}")
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        raise ModelError(f"{path}: model_type must be a string, got {shown(config['model_type'])}")
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise ModelError(
+            f"{path}: architectures must be a list of names, got {shown(architectures)}"
+        )
+
+
 def combine_shards(
     folder: Path,
     shards: list[tuple[str, dict[str, TensorInfo]]],
@@ -264,11 +281,14 @@ def _confined(folder: Path, relative: str, what: str, root: Path | None = None) 
     candidate = Path(relative)
     if candidate.is_absolute() or ".." in candidate.parts:
         raise ModelError(f"{what} names '{relative}', which is outside the model folder")
-    resolved = (folder / candidate).resolve()
-    if not resolved.is_relative_to((root or folder).resolve()):
-        raise ModelError(f"{what} names '{relative}', which leads outside the model folder")
-    if not resolved.exists():
-        raise ModelError(f"{what} names '{relative}', which does not exist")
+    try:
+        resolved = (folder / candidate).resolve()
+        if not resolved.is_relative_to((root or folder).resolve()):
+            raise ModelError(f"{what} names '{relative}', which leads outside the model folder")
+        if not resolved.exists():
+            raise ModelError(f"{what} names '{relative}', which does not exist")
+    except OSError as error:  # a name too long, a loop of links: no answer but an error
+        raise ModelError(f"{what} names {shown(relative)}, which cannot be opened") from error
     return resolved
 
 
@@ -365,9 +385,7 @@ class ModelReader:
         value = load_json(path, MAX_CONFIG_BYTES, "a config")
         if not isinstance(value, dict):
             raise ModelError(f"{path}: expected a JSON object")
-        for key in ("text_config", "quantization_config"):
-            if value.get(key) is not None and not isinstance(value[key], dict):
-                raise ModelError(f"{path}: {key} must be an object, got {shown(value[key])}")
+        _check_config_fields(path, value)
         return value
 
     def read(self, name: str) -> np.ndarray:
