@@ -277,11 +277,8 @@ def _seed_edit(text: str, seed: int) -> str | None:
     for key, value in root.value:
         if isinstance(key, yaml.ScalarNode) and key.value == "seed":
             begin, end = value.start_mark.index, value.end_mark.index
-            return (
-                f"{text[:begin]} {seed}{text[end:]}"
-                if begin == end
-                else (f"{text[:begin]}{seed}{text[end:]}")
-            )
+            spacer = " " if begin == end else ""  # an empty value: keep "seed:" a key
+            return f"{text[:begin]}{spacer}{seed}{text[end:]}"
     at = root.start_mark.index
     if root.flow_style:  # {...} or JSON: a first entry, in JSON's own spelling
         return f'{text[: at + 1]}"seed": {seed}, {text[at + 1 :]}' if text[at] == "{" else None
