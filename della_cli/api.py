@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -10,7 +11,15 @@ from pathlib import Path
 
 from della_cli.card import license_conflict, model_license, public_recipe, render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
-from della_cli.errors import DellaError, HubError, MergeFailure, ModelError, PlanError, UsageError
+from della_cli.errors import (
+    DellaError,
+    HubError,
+    MergeFailure,
+    ModelError,
+    PlanError,
+    UsageError,
+    shown,
+)
 from della_cli.hub import HubRef, parse_hub_ref, push_files, remote_headers, resolve_model
 from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
 from della_cli.io.metadata import (
@@ -68,7 +77,10 @@ def locate_model(ref: str, recipe_dir: Path | None) -> Path | HubRef:
     """A model reference as a local folder (relative to the working directory as mergekit
     does, else to the recipe's folder) or, when it is no existing folder and reads
     ``org/name[@revision]``, a Hub model. Strings starting with ``.``, ``/`` or ``~`` are
-    always local."""
+    always local. A name no file system takes (a part over 255 bytes) is refused here:
+    asking the system about it fails with an OSError rather than answering no."""
+    if any(len(os.fsencode(part)) > 255 for part in Path(ref).parts):
+        raise ModelError(f"model {shown(ref)}: not a folder or Hub name (a part is too long)")
     path = Path(ref).expanduser()
     if path.is_dir() or path.is_absolute():
         return path
@@ -465,10 +477,15 @@ def push_model(
 
 
 def _public_recipe_file(path: Path) -> bytes:
-    text = path.read_text()
+    """The recipe as uploaded, local folders named by their own name only. A recipe that
+    does not load is refused, never uploaded as it is: which of its strings are local paths
+    is known only from the parsed recipe."""
     try:
         recipe = load_recipe(path)
-    except UsageError:
-        return text.encode()
+    except UsageError as error:
+        raise UsageError(
+            f"{path} does not load as a recipe, so the local paths it may name cannot be "
+            f"removed; fix or delete it, then push again ({error})"
+        ) from None
     refs = [r for r in [recipe.schema.base_model, *recipe.model_refs] if r]
-    return public_recipe(text, [r for r in refs if parse_hub_ref(r) is None]).encode()
+    return public_recipe(recipe.text, [r for r in refs if parse_hub_ref(r) is None]).encode()

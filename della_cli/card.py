@@ -13,8 +13,9 @@ from pathlib import Path
 import yaml
 
 from della_cli import __version__
+from della_cli.errors import RecipeError
 from della_cli.methods import Rescale
-from della_cli.recipe import Recipe
+from della_cli.recipe import Recipe, load_yaml
 
 HUB_URL = "https://huggingface.co"
 _RESCALE_NAMES = {
@@ -42,11 +43,44 @@ def display_name(ref: str, pins: dict[str, str] | None = None) -> str:
 def public_recipe(text: str, local_refs: list[str]) -> str:
     """The recipe text as the user wrote it, except that a local model given by an absolute
     (or ``~``) path is named by its folder's own name: relative paths say nothing about the
-    machine and stay as typed, so the recipe still reads as written."""
+    machine and stay as typed, so the recipe still reads as written.
+
+    The text is edited in place (comments and layout stay); if a path is still among the
+    values it then parses to (spelled with escapes, say, which a text replacement misses),
+    the recipe is written anew from its values with the names replaced instead."""
     private = [ref for ref in set(local_refs) if ref.startswith(("/", "~"))]
-    for ref in sorted(private, key=len, reverse=True):
-        text = text.replace(ref, display_name(ref))
-    return text
+    names = {ref: display_name(ref) for ref in private}
+    names = {ref: name for ref, name in names.items() if name != ref}
+    public = text
+    for ref in sorted(names, key=len, reverse=True):
+        public = public.replace(ref, names[ref])
+    try:
+        if not _strings(load_yaml(public)) & set(names):
+            return public
+    except (yaml.YAMLError, RecipeError, RecursionError, ValueError):
+        pass
+    values = _renamed(load_yaml(text), names)
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+
+
+def _strings(value: object) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*map(_strings, value), *map(_strings, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(_strings, value))
+    return set()
+
+
+def _renamed(value: object, names: dict[str, str]) -> object:
+    if isinstance(value, str):
+        return names.get(value, value)
+    if isinstance(value, dict):
+        return {_renamed(k, names): _renamed(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(item, names) for item in value]
+    return value
 
 
 def model_license(folder: Path) -> str | None:

@@ -35,7 +35,7 @@ import numpy as np
 from della_cli.errors import ModelError
 from della_cli.io import streamed_sum
 from della_cli.io.buffers import BufferPool, write_offset
-from della_cli.io.dtypes import NUMPY_DTYPES, cast
+from della_cli.io.dtypes import NUMPY_DTYPES, cast, is_floating
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
 from della_cli.methods import ExpertParams, Rescale, Sparsifier, weighted_sum
@@ -487,6 +487,7 @@ class MergeEngine:
         job = task.job
         if job.action == "copy":
             self.warn_if_experts_differ(job, loaded[0])
+            self.check_copied_values(job, loaded[0])
             return cast(loaded[0], job.out_dtype)
         if task.start == 0:
             self._masks[job.name] = self.global_keep_masks(job)
@@ -619,7 +620,18 @@ class MergeEngine:
         epsilon = (params.epsilon or 0.0) if mode == fused_merge.MAGPRUNE else 0.0
         return fused_merge.ExpertPlan(mode, density, epsilon, params.weight, key)
 
-    def report_nonfinite(self, sources: Sequence[Source], flagged: Sequence[bool]) -> None:
+    def check_copied_values(self, job: TensorJob, values: np.ndarray) -> None:
+        """A copied tensor meets no merge kernel, whose pass over the inputs flags NaN and
+        Inf; a NaN in a base tensor no expert has would reach the output unannounced."""
+        if is_floating(job.out_dtype) and not np.isfinite(values).all():
+            self.report_nonfinite([job.reference], [True], "it is copied into the output as is")
+
+    def report_nonfinite(
+        self,
+        sources: Sequence[Source],
+        flagged: Sequence[bool],
+        outcome: str = "the merged tensor may hold them too",
+    ) -> None:
         """Warn once per input tensor that held NaN or Inf; under ``strict``, fail."""
         for source, bad in zip(sources, flagged, strict=True):
             key = (source.model, source.tensor)
@@ -629,7 +641,7 @@ class MergeEngine:
             message = f"'{self.label(source.model)}' has NaN or Inf values in '{source.tensor}'"
             if self.strict:
                 raise ModelError(f"{message}; refusing to merge under --strict")
-            self.on_warning(f"{message}; the merged tensor may hold them too")
+            self.on_warning(f"{message}; {outcome}")
 
     def label(self, model: int) -> str:
         if model == BASE:

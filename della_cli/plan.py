@@ -21,6 +21,7 @@ from della_cli.io.reader import ModelReader, TensorInfo
 from della_cli.io.writer import OutputTensor, split_into_shards
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
+from della_cli.quantized import refuse_quantized
 from della_cli.recipe import Recipe
 
 BASE = -1  # model index of the base model in a Source
@@ -272,6 +273,7 @@ def build_plan(
 ) -> Plan:
     """Plan the merge from headers; raise PlanError listing every problem found. Under
     ``strict``, a tensor missing from a model is a problem rather than a warning."""
+    refuse_quantized([base, *experts])  # before anything is planned from their raw values
     reference, ref_model = (base, BASE) if base is not None else (experts[0], 0)
     planner = _Planner(recipe, reference, ref_model, experts, strict)
     ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))

@@ -12,8 +12,6 @@ import dataclasses
 import difflib
 import hashlib
 import math
-import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any, Literal, NoReturn
 import yaml
 
 from della_cli.chat_template import check_chat_template
-from della_cli.errors import RecipeError
+from della_cli.errors import RecipeError, shown
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, MethodSpec, Rescale
 from della_cli.recipe_compat import (
     MERGEKIT_DEFAULTS,
@@ -30,6 +28,7 @@ from della_cli.recipe_compat import (
     check_method,
     duplicate_key_notes,
 )
+from della_cli.recipe_yaml import MAX_RECIPE_BYTES, RecipeLoader, load_yaml, seed_edit
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
 DEFAULT_GAMMA = 0.01  # mergekit's breadcrumbs default
@@ -159,14 +158,25 @@ class Recipe:
 
     def with_seed(self, seed: int) -> Recipe:
         """The recipe with its seed replaced, in the schema and in the text (so that the text
-        written next to the merged model reproduces it)."""
+        written next to the merged model reproduces it).
+
+        The text is edited where YAML's parser places the seed's value (or the top-level
+        mapping's start), so comments and layout stay in any syntax: block, flow or JSON. An
+        edit that does not read back as this recipe with the new seed gives way to the recipe
+        written anew from its values: comments may be lost, never the recipe's loadability
+        (`della push` would otherwise have to upload text it cannot parse)."""
         if not 0 <= seed < 2**63:
             raise RecipeError(f"--seed: must be an integer in [0, 2**63), got {seed}")
-        line = f"seed: {seed}  # set by della merge --seed"
-        text, count = re.subn(r"(?m)^seed:.*$", line, self.text)
-        if count == 0:
-            text = self.text.rstrip("\n") + "\n" + line + "\n"
-        return Recipe(dataclasses.replace(self.schema, seed=seed), text, self.path)
+        schema = dataclasses.replace(self.schema, seed=seed)
+        edited = seed_edit(self.text, seed)
+        try:
+            if edited is not None and parse_recipe(edited).schema == schema:
+                return Recipe(schema, edited, self.path)
+        except RecipeError:
+            pass
+        data = load_yaml(self.text)
+        text = yaml.safe_dump({**data, "seed": seed}, sort_keys=False, allow_unicode=True)
+        return Recipe(schema, text, self.path)
 
 
 def _first_set(*values: Any) -> Any:
@@ -177,9 +187,17 @@ def _first_set(*values: Any) -> Any:
 
 
 def load_recipe(path: Path) -> Recipe:
-    """Read and validate a recipe file."""
+    """Read and validate a recipe file of at most ``MAX_RECIPE_BYTES`` (a FIFO such as
+    ``<(envsubst < r.yaml)`` is read too, still bounded)."""
     try:
-        text = path.read_text()
+        with path.open("rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"{path}: larger than the {MAX_RECIPE_BYTES >> 20} MiB limit for a recipe; "
+                "a recipe is a few hundred bytes of YAML"
+            )
+        text = data.decode()
     except FileNotFoundError as error:
         raise RecipeError(f"{path}: no such recipe file") from error
     except (OSError, UnicodeDecodeError) as error:
@@ -187,48 +205,26 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(text, path)
 
 
-# Set when the loader reads a key twice with one value: only then is the text walked again for
-# the keys' paths (recipe_compat.duplicate_key_notes, a millisecond, not paid by every recipe).
-_KEY_GIVEN_TWICE = threading.local()
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice with two values (which would silently
-    keep the last); twice with one value is read once, as mergekit does (a note says so)."""
-
-    def construct_mapping(self, node, deep=False):
-        first = {}
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, str):
-                continue
-            if key not in first:
-                first[key] = value_node
-                continue
-            before = self.construct_object(first[key], deep=True)
-            after = self.construct_object(value_node, deep=True)
-            if before != after:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"duplicate key '{key}' with two values, {before!r} then {after!r}; keep one",
-                    key_node.start_mark,
-                )
-            _KEY_GIVEN_TWICE.seen = True
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     """Parse recipe text; raise RecipeError naming the field path of the first problem."""
     where = str(path) if path else "recipe"
+    loader = None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no object tags
+        loader = RecipeLoader(text)  # a SafeLoader: no object tags
+        data = loader.get_single_data()
+    except RecursionError as error:  # the composer recurses once per level of nesting
+        raise RecipeError(f"{where}: invalid YAML (nested too deeply)") from error
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise RecipeError(f"{where}: invalid YAML ({str(error)[:80]})") from error
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         position = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"{where}:{position}: invalid YAML ({error.problem})") from error
     except yaml.YAMLError as error:  # e.g. a control character, with a multi-line message
         raise RecipeError(f"{where}: invalid YAML ({' '.join(str(error).split())})") from error
+    finally:
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with merge_method and models")
     try:
@@ -239,8 +235,7 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         schema = read_schema(data)
     except RecipeError as error:  # a key or value quoted in the message stays on one line
         raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None
-    if getattr(_KEY_GIVEN_TWICE, "seen", False):
-        _KEY_GIVEN_TWICE.seen = False
+    if loader is not None and loader.key_given_twice:
         notes = duplicate_key_notes(text) + notes
     recipe = Recipe(dataclasses.replace(schema, notes=tuple(notes)), text, path)
     check_rules(recipe)
@@ -269,7 +264,7 @@ def _number(value: Any, path: str) -> float | None:
             path, "per-tensor filters and gradients (lists) are not supported yet; give one number"
         )
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(path, f"must be a number, got {value!r}")
+        _fail(path, f"must be a number, got {shown(value)}")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond float's range
@@ -302,24 +297,24 @@ def _boolean(value: Any, path: str) -> bool | None:
         return bool(value)
     if isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
         return BOOLEAN_WORDS[value.lower()]
-    _fail(path, f"must be true or false, got {value!r}")
+    _fail(path, f"must be true or false, got {shown(value)}")
 
 
 def _rescale(value: Any, path: str) -> bool | str | None:
     if value is None or isinstance(value, bool) or value == "l1":
         return value
-    _fail(path, f"must be true, false or l1, got {value!r}")
+    _fail(path, f"must be true, false or l1, got {shown(value)}")
 
 
 def _string(value: Any, path: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        _fail(path, f"must be a string, got {value!r}")
+        _fail(path, f"must be a string, got {shown(value)}")
     return value
 
 
 def _required_string(value: Any, path: str) -> str:
     if not isinstance(value, str):
-        _fail(path, f"must be a string, got {value!r}")
+        _fail(path, f"must be a string, got {shown(value)}")
     return value
 
 
@@ -332,7 +327,7 @@ def _model_name(value: Any, path: str) -> str:
 def _dtype(value: Any, path: str) -> str | None:
     if value is not None and value not in DTYPE_CHOICES:
         choices = ", ".join(f"'{name}'" for name in DTYPE_CHOICES[:-1])
-        _fail(path, f"must be one of {choices} or '{DTYPE_CHOICES[-1]}', got {value!r}")
+        _fail(path, f"must be one of {choices} or '{DTYPE_CHOICES[-1]}', got {shown(value)}")
     return value
 
 
@@ -340,7 +335,7 @@ def _seed(value: Any, path: str) -> int | None:
     if value is None:
         return None
     if type(value) is not int:  # not a bool, not a float that happens to be whole
-        _fail(path, f"must be an integer, got {value!r}")
+        _fail(path, f"must be an integer, got {shown(value)}")
     if not 0 <= value < 2**63:
         _fail(path, f"must be an integer in [0, 2**63), got {value}")
     return value
@@ -383,7 +378,7 @@ def _model_entry(value: Any, path: str) -> ModelEntry:
 
 def _model_entries(value: Any, path: str) -> list[ModelEntry]:
     if not isinstance(value, list):
-        _fail(path, f"must be a list of models, got {value!r}")
+        _fail(path, f"must be a list of models, got {shown(value)}")
     return [_model_entry(entry, f"{path}.{index}") for index, entry in enumerate(value)]
 
 
@@ -417,7 +412,7 @@ def _fields(
     are reported first (with the nearest known key: a misspelt key also leaves its field
     missing), then each field in the order of ``keys``."""
     if not isinstance(value, dict):
-        _fail(path, f"must be a mapping, got {value!r}")
+        _fail(path, f"must be a mapping, got {shown(value)}")
     for key in value:
         if key not in keys:
             known = list(keys)

@@ -10,123 +10,92 @@ the tensors in flight, whatever the model's size.
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from della_cli.errors import ModelError
+from della_cli.errors import ModelError, shown
+from della_cli.io.bounded import (
+    MAX_CONFIG_BYTES,
+    MAX_INDEX_BYTES,
+    MalformedJson,
+    load_json,
+    open_regular,
+    parse_json,
+    read_bounded,
+)
 from della_cli.io.buffers import BufferPool, placed, read_offset
-from della_cli.io.dtypes import NUMPY_DTYPES, is_floating, itemsize
+from della_cli.io.dtypes import NUMPY_DTYPES
+from della_cli.io.header import CONTROL, TensorInfo, parse_header, read_header
 from della_cli.io.streamed_sum import FileSpan
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives and what it is, from a safetensors header."""
-
-    name: str
-    dtype: str  # safetensors code, e.g. "BF16"
-    shape: tuple[int, ...]
-    path: Path
-    offset: int  # absolute byte offset in the file
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def is_floating(self) -> bool:
-        return is_floating(self.dtype)
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes per row of the tensor seen as (shape[0], -1); a 1-D or 0-D tensor is one row."""
-        return self.nbytes // max(self.shape[0], 1) if len(self.shape) > 1 else self.nbytes
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate one safetensors file's header; raise ModelError naming the file."""
-    try:
-        file_size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise ModelError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (header_size,) = struct.unpack("<Q", prefix)
-            if header_size > min(file_size - 8, _MAX_HEADER_BYTES):
-                raise ModelError(
-                    f"{path}: header length {header_size} runs past the end of the file "
-                    f"({file_size} bytes); the file is truncated or not safetensors"
-                )
-            raw = handle.read(header_size)
-    except OSError as error:
-        raise ModelError(f"{path}: cannot read ({error.strerror})") from error
-    return parse_header(path, raw, file_size)
-
-
-def parse_header(path: Path, raw: bytes, file_size: int) -> dict[str, TensorInfo]:
-    """Validate the JSON header ``raw`` of a safetensors file of ``file_size`` bytes (read
-    from disk, or from the Hub with range requests); raise ModelError naming the file."""
-    header_size = len(raw)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"{path}: safetensors header is not valid JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise ModelError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start = 8 + header_size
-    infos = {
-        name: _tensor_info(path, name, entry, data_start, file_size)
-        for name, entry in header.items()
-    }
-    _check_no_overlap(path, infos.values())
-    return infos
-
-
-def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
-    def bad(reason: str) -> ModelError:
-        return ModelError(f"{path}: tensor '{name}' {reason}; the file is corrupt")
-
-    if not isinstance(entry, dict):
-        raise bad("has a malformed header entry")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in NUMPY_DTYPES:
-        raise ModelError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise bad(f"has an invalid shape {shape!r}")
-    if not (
-        isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(type(o) is int and o >= 0 for o in offsets)
-        and offsets[0] <= offsets[1]
+def _check_config_fields(path: Path, config: dict) -> None:
+    """The config fields della reads, checked for their type where they are read from (a
+    ``text_config`` that is a string crashed the plan, ``architectures: 5`` the report)."""
+    for key in ("text_config", "quantization_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ModelError(f"{path}: {key} must be an object, got {shown(config[key])}")
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        raise ModelError(f"{path}: model_type must be a string, got {shown(config['model_type'])}")
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
     ):
-        raise bad(f"has invalid data offsets {offsets!r}")
-    begin, end = offsets
-    expected = math.prod(shape) * itemsize(dtype)
-    if end - begin != expected:
-        raise bad(f"holds {end - begin} bytes but {dtype} {tuple(shape)} needs {expected}")
-    if data_start + end > size:
-        raise bad(f"runs past the end of the file ({data_start + end} > {size} bytes)")
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+        raise ModelError(
+            f"{path}: architectures must be a list of names, got {shown(architectures)}"
+        )
 
 
-def _check_no_overlap(path: Path, infos: object) -> None:
-    spans = sorted((info.offset, info.offset + info.nbytes, info.name) for info in infos)
-    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
-        if begin < end:
-            raise ModelError(f"{path}: tensors '{first}' and '{second}' overlap; file is corrupt")
+def combine_shards(
+    folder: Path,
+    shards: list[tuple[str, dict[str, TensorInfo]]],
+    weight_map: dict[str, str] | None,
+) -> tuple[dict[str, TensorInfo], list[str]]:
+    """The model's tensors from its shards' headers, one per name, and a line per name that
+    more than one shard holds (for ``della verify``).
+
+    A name in two shards is taken from the shard the index names, as transformers does, not
+    from whichever was read last; every name the index lists must be in the shard it names.
+    Without an index for it, a name in two shards is ambiguous and refused. A model with no
+    tensor at all is refused: it is no model to merge or to publish."""
+    index_path = folder / INDEX_NAME
+    tensors: dict[str, TensorInfo] = {}
+    found_in: dict[str, str] = {}  # tensor name -> the file name (as indexed) it is taken from
+    shadowed: list[str] = []
+    for file_name, shard in shards:
+        for name, info in shard.items():
+            if name not in tensors:
+                tensors[name], found_in[name] = info, file_name
+                continue
+            indexed = (weight_map or {}).get(name)
+            if indexed not in (found_in[name], file_name):
+                raise ModelError(
+                    f"{folder}: tensor '{name}' is in both {found_in[name]} and {file_name}, "
+                    "and no index says which; the model is corrupt"
+                )
+            shadowed.append(
+                f"'{name}' is in both {found_in[name]} and {file_name}; the index names {indexed}"
+            )
+            if indexed == file_name:
+                tensors[name], found_in[name] = info, file_name
+    if weight_map is not None:
+        missing = sorted(
+            name for name, file_name in weight_map.items() if found_in.get(name) != file_name
+        )
+        if missing:
+            raise ModelError(
+                f"{index_path}: names {len(missing)} tensor(s) absent from the shards it "
+                f"gives for them, first '{missing[0]}' ({weight_map[missing[0]]})"
+            )
+    if not tensors:
+        raise ModelError(f"{folder}: holds no tensors; there is nothing to merge or verify")
+    return tensors, shadowed
 
 
 def ensure_inside(path: Path, root: Path) -> Path:
@@ -144,30 +113,41 @@ def _confined(folder: Path, relative: str, what: str, root: Path | None = None) 
     candidate = Path(relative)
     if candidate.is_absolute() or ".." in candidate.parts:
         raise ModelError(f"{what} names '{relative}', which is outside the model folder")
-    resolved = (folder / candidate).resolve()
-    if not resolved.is_relative_to((root or folder).resolve()):
-        raise ModelError(f"{what} names '{relative}', which leads outside the model folder")
-    if not resolved.is_file():
-        raise ModelError(f"{what} names '{relative}', which does not exist")
+    try:
+        resolved = (folder / candidate).resolve()
+        if not resolved.is_relative_to((root or folder).resolve()):
+            raise ModelError(f"{what} names '{relative}', which leads outside the model folder")
+        if not resolved.exists():
+            raise ModelError(f"{what} names '{relative}', which does not exist")
+    except OSError as error:  # a name too long, a loop of links: no answer but an error
+        raise ModelError(f"{what} names {shown(relative)}, which cannot be opened") from error
     return resolved
 
 
 def read_weight_map(folder: Path) -> dict[str, str] | None:
     """The weight map of a sharded model's index (tensor name -> file name); None without one."""
     index_path = folder / INDEX_NAME
-    if not index_path.is_file():
+    if not index_path.exists():
         return None
+    invalid = ModelError(
+        f"{index_path}: not a valid index (needs a weight_map object from tensor names to "
+        "file names)"
+    )
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(file_name, str) for file_name in weight_map.values()
-        ):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelError(
-            f"{index_path}: not a valid index (needs a weight_map object from tensor "
-            "names to file names)"
-        ) from error
+        index = parse_json(read_bounded(index_path, MAX_INDEX_BYTES, "an index"), index_path)
+    except MalformedJson as error:
+        raise invalid from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(file_name, str) for file_name in weight_map.values()
+    ):
+        raise invalid
+    for name, file_name in weight_map.items():
+        if CONTROL.search(name) or CONTROL.search(file_name) or not file_name:
+            raise ModelError(
+                f"{index_path}: weight_map entry {shown(name)}: {shown(file_name)} holds a "
+                "control character or an empty file name; the index is corrupt"
+            )
     return weight_map
 
 
@@ -182,7 +162,7 @@ def weight_files(
         names = sorted(set(weight_map.values()))
         ensure_inside(index_path, root)
         return [_confined(folder, name, str(index_path), root) for name in names], weight_map
-    if (folder / SINGLE_NAME).is_file():
+    if (folder / SINGLE_NAME).exists():  # read_header refuses it unless it is a regular file
         return [ensure_inside(folder / SINGLE_NAME, root)], None
     singles = sorted(folder.glob("*.safetensors"))
     if len(singles) == 1:
@@ -214,36 +194,30 @@ class ModelReader:
         self.root = root or folder
         if not folder.is_dir():
             raise ModelError(f"model '{label}': {folder} is not a folder")
-        self.tensors: dict[str, TensorInfo] = {}
         if headers is None:
             files, weight_map = weight_files(folder, self.root)
-            for path in files:
-                self.tensors.update(read_header(path))
+            # files follow the index's sorted file names (they may resolve to other names)
+            names = sorted(set(weight_map.values())) if weight_map else [f.name for f in files]
+            shards = [(name, read_header(path)) for name, path in zip(names, files, strict=True)]
         else:
             weight_map = read_weight_map(folder)
-            for name, (raw, size) in headers.items():
-                self.tensors.update(parse_header(folder / name, raw, size))
-        if weight_map is not None:
-            missing = sorted(set(weight_map) - set(self.tensors))
-            if missing:
-                raise ModelError(
-                    f"{folder / INDEX_NAME}: names {len(missing)} tensor(s) absent from the "
-                    f"shards, first '{missing[0]}'"
-                )
+            shards = [
+                (name, parse_header(folder / name, raw, size))
+                for name, (raw, size) in headers.items()
+            ]
+        self.tensors, self.shadowed = combine_shards(folder, shards, weight_map)
         self.config = self._read_json("config.json")
         self._handles: dict[Path, int] = {}
 
     def _read_json(self, name: str) -> dict | None:
         path = self.folder / name
-        if not path.is_file():
+        if not path.exists():
             return None
         ensure_inside(path, self.root)
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise ModelError(f"{path}: not valid JSON ({error})") from error
+        value = load_json(path, MAX_CONFIG_BYTES, "a config")
         if not isinstance(value, dict):
             raise ModelError(f"{path}: expected a JSON object")
+        _check_config_fields(path, value)
         return value
 
     def read(self, name: str) -> np.ndarray:
@@ -293,7 +267,7 @@ class ModelReader:
         """The open file ``path``; threads may ask at once, and all get the same descriptor."""
         descriptor = self._handles.get(path)
         if descriptor is None:
-            opened = os.open(path, os.O_RDONLY)
+            opened = open_regular(path)
             descriptor = self._handles.setdefault(path, opened)
             if descriptor != opened:  # another thread opened it first
                 os.close(opened)
