@@ -16,12 +16,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from della_cli.engine import MergeInputs
+from della_cli.inspection.arrays import arrays_for
 from della_cli.inspection.stats import FOREIGN_NORM, Sparsity, TensorStats, tensor_stats
-from della_cli.io.dtypes import to_torch
 from della_cli.plan import Source, TensorJob
 from della_cli.recipe import Recipe
 
@@ -101,14 +100,14 @@ def inspect_models(
     groups: dict[str, TensorStats] = {}
     cells: dict[tuple[str, int], TensorStats] = {}
     layers: dict[int, TensorStats] = {}
-    torch_device = torch.device(device)
+    arrays = arrays_for(device)
     for job in jobs:
         if job.action != "merge":
             continue
         params = [sparsity_for(recipe, i, job.name)[0] for i in range(len(refs))]
-        reader = _BlockReader(job, inputs, len(refs), torch_device, on_deltas)
+        reader = _BlockReader(job, inputs, len(refs), arrays, on_deltas)
         blocks = row_blocks(job.shape, block_elements)
-        stats = tensor_stats(reader.read, blocks, job.numel, params, torch_device)
+        stats = tensor_stats(reader.read, blocks, job.numel, params, arrays)
         group, layer = group_of(job.name)
         total.add(stats)
         _accumulate(groups, group, stats)
@@ -154,48 +153,48 @@ class _BlockReader:
     an expert's rows past its own are the reference's (a zero delta), the reference's come
     from its ``fill`` model; an expert without the tensor has a zero delta."""
 
-    def __init__(self, job, inputs: MergeInputs, experts: int, device, on_deltas: bool):
-        self.job, self.inputs, self.device, self.on_deltas = job, inputs, device, on_deltas
+    def __init__(self, job: TensorJob, inputs: MergeInputs, experts: int, arrays, on_deltas: bool):
+        self.job, self.inputs, self.arrays, self.on_deltas = job, inputs, arrays, on_deltas
         self.sources = {source.model: source for source in job.experts}
         self.experts = experts
         self.one_row = len(job.shape) <= 1
 
-    def read(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def read(self, start: int, stop: int) -> tuple[Any, list[Any]]:
         job = self.job
         if self.on_deltas:
             reference = self._rows(job.reference, start, stop, self._fill_rows)
             fallback = self._slice_of(reference, start)
         else:  # read only where an expert lacks rows
             fallback = self._reference_rows
-        models: list[torch.Tensor | None] = []
+        models: list[Any] = []
         for index in range(self.experts):
             source = self.sources.get(index)
             models.append(None if source is None else self._rows(source, start, stop, fallback))
         if not self.on_deltas:  # linear: the models against their mean
             present = [model for model in models if model is not None]
-            reference = torch.stack(present).mean(dim=0)
+            reference = self.arrays.mean(present)
         return reference, [reference if model is None else model for model in models]
 
-    def _slice_of(self, reference: torch.Tensor, start: int):
+    def _slice_of(self, reference, start: int):
         return lambda first, last: reference[first - start : last - start]
 
-    def _reference_rows(self, first: int, last: int) -> torch.Tensor:
+    def _reference_rows(self, first: int, last: int):
         return self._rows(self.job.reference, first, last, self._fill_rows)
 
-    def _fill_rows(self, first: int, last: int) -> torch.Tensor:
+    def _fill_rows(self, first: int, last: int):
         fill = self.job.reference.fill
         assert fill is not None  # the plan sets a fill wherever the reference lacks rows
         return self._rows(fill, first, last, self._fill_rows)
 
-    def _load(self, source: Source, start: int, stop: int) -> torch.Tensor:
+    def _load(self, source: Source, start: int, stop: int):
         reader = self.inputs.reader(source.model)
         if self.one_row:
             array = reader.read(source.tensor).reshape(1, -1)
         else:
             array = reader.read_rows(source.tensor, start, stop)
-        return to_torch(array).to(self.device, torch.float32)
+        return self.arrays.float32(array)
 
-    def _rows(self, source: Source, start: int, stop: int, fallback) -> torch.Tensor:
+    def _rows(self, source: Source, start: int, stop: int, fallback):
         """Rows ``start:stop`` of the job's shape from ``source``; rows (entries, for one row)
         past ``source.rows`` come from ``fallback(first, last)``."""
         if source.rows is None:
@@ -205,13 +204,13 @@ class _BlockReader:
             have = min(source.rows, entries)
             row = self._load(source, 0, 1).reshape(-1)[:have]
             if entries > have:
-                row = torch.cat([row, fallback(0, 1).reshape(-1)[have:entries]])
+                row = self.arrays.concatenate([row, fallback(0, 1).reshape(-1)[have:entries]])
             return row.reshape(1, -1)
         have = min(source.rows, stop)
         parts = [self._load(source, start, have)] if start < have else []
         if stop > have:
             parts.append(fallback(max(start, have), stop))
-        return torch.cat(parts)
+        return self.arrays.concatenate(parts)
 
 
 def model_warnings(report: InspectReport) -> list[str]:

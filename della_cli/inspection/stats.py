@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
-from della_cli.inspection.select import RankCut, RankSelection, magnitude_keys
+from della_cli.inspection.arrays import NumpyArrays, TorchArrays
+from della_cli.inspection.select import ExpertCuts, RankCut
 from della_cli.methods.counts import magnitude_rank_window
 
 KEPT_METHODS = ("ties", "dare", "magprune", "breadcrumbs")
@@ -114,8 +115,8 @@ def _matrix(numerators: np.ndarray, denominators: np.ndarray) -> list[list[float
     ]
 
 
-# rows start:stop -> the reference's and each expert's, float32 (rows, n) on the device
-BlockReader = Callable[[int, int], tuple[torch.Tensor, list[torch.Tensor]]]
+# rows start:stop -> the reference's and each expert's, as float32 (rows, n) arrays
+BlockReader = Callable[[int, int], tuple[Any, list[Any]]]
 
 
 def tensor_stats(
@@ -123,88 +124,92 @@ def tensor_stats(
     blocks: list[tuple[int, int]],
     numel: int,
     params: list[Sparsity],
-    device: torch.device,
+    arrays: NumpyArrays | TorchArrays,
 ) -> TensorStats:
-    """The sums of one tensor of ``numel`` entries, from ``read_block(start, stop)``, which
-    gives rows ``start:stop`` of the reference and of each expert as float32 (rows, n)
-    tensors on ``device``. With a density below 1, two histogram passes over the blocks find
-    each expert's exact top-d (and breadcrumbs) cuts first; then one pass sums."""
-    experts = len(params)
-    windows = [
-        (
-            magnitude_rank_window(numel, p.density, None)[0],
-            *magnitude_rank_window(numel, p.density, p.gamma),
+    """The sums of one tensor of ``numel`` entries from ``read_block(start, stop)``, which
+    gives rows ``start:stop`` of the reference and of each expert as float32 (rows, n) arrays
+    of ``arrays``' kind. Where a density is below 1, two histogram passes over the blocks find
+    each expert's exact top-d and breadcrumbs cuts first; then one pass sums."""
+    selections = [
+        ExpertCuts(
+            numel,
+            [
+                magnitude_rank_window(numel, p.density, None)[0],
+                *magnitude_rank_window(numel, p.density, p.gamma),
+            ],
         )
         for p in params
     ]
-    selections = [[RankSelection(numel, rank, device) for rank in w] for w in windows]
-    if any(s.needs_passes for row in selections for s in row):
+    if any(selection.needs_passes for selection in selections):
         for step in ("add_high", "add_low"):
             for start, stop in blocks:
                 _, deltas = _deltas(read_block, start, stop)
-                for delta, row in zip(deltas, selections, strict=True):
-                    keys = magnitude_keys(delta).reshape(-1)
-                    for selection in row:
-                        if selection.needs_passes:
-                            getattr(selection, step)(keys)
-    cuts = [[s.cut() for s in row] for row in selections]
-    stats = TensorStats.zero(experts)
+                for delta, selection in zip(deltas, selections, strict=True):
+                    if selection.needs_passes:
+                        getattr(selection, step)(arrays.keys(delta), arrays)
+    cuts = [selection.cuts() for selection in selections]
+    stats = TensorStats.zero(len(params))
     stats.tensors, stats.entries = 1, numel
     for start, stop in blocks:
         reference, deltas = _deltas(read_block, start, stop)
-        _add_block(stats, reference, deltas, cuts, params)
+        _add_block(stats, reference, deltas, cuts, params, arrays)
     stats.kept["dare"] = np.array([p.density for p in params]) * stats.l1
-    large = np.diag(stats.dot) >= FOREIGN_NORM**2 * stats.base_sq
-    stats.foreign = np.where(large & (np.diag(stats.dot) > 0), float(numel), 0.0)
+    squares = np.diag(stats.dot)
+    large = (squares >= FOREIGN_NORM**2 * stats.base_sq) & (squares > 0)
+    stats.foreign = np.where(large, float(numel), 0.0)
     return stats
 
 
-def _deltas(
-    read_block: BlockReader, start: int, stop: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _deltas(read_block: BlockReader, start: int, stop: int) -> tuple[Any, list[Any]]:
     reference, models = read_block(start, stop)
     return reference, [model - reference for model in models]
 
 
 def _add_block(
     stats: TensorStats,
-    reference: torch.Tensor,
-    deltas: list[torch.Tensor],
+    reference,
+    deltas: list,
     cuts: list[list[RankCut]],
     params: list[Sparsity],
+    arrays: NumpyArrays | TorchArrays,
 ) -> None:
-    flat = torch.stack([delta.reshape(-1) for delta in deltas]).double()  # (T, m)
-    stats.base_sq += float(reference.double().square().sum())
-    stats.dot += (flat @ flat.T).cpu().numpy()
-    magnitude = flat.abs()
-    stats.l1 += magnitude.sum(dim=1).cpu().numpy()
-    signs = torch.sign(flat)
-    stats.conflict += int(((signs > 0).any(0) & (signs < 0).any(0)).sum())
+    flat = arrays.stack([delta.reshape(-1) for delta in deltas])  # (T, m) float32
+    wide = arrays.float64(flat)
+    stats.dot += arrays.host(wide @ wide.T)
+    flat_reference = arrays.float64(reference.reshape(-1))
+    stats.base_sq += float(flat_reference @ flat_reference)
+    magnitude = abs(flat)
+    stats.l1 += arrays.host(arrays.sum64(magnitude, axis=1))
+    positive, negative = flat > 0, flat < 0
+    any_positive, any_negative = arrays.any(positive, 0), arrays.any(negative, 0)
+    stats.conflict += arrays.count(any_positive & any_negative)
+    # another expert opposes δ_t where δ_t > 0 and some δ < 0, or the reverse (δ_t itself
+    # has one sign, so "some" can only be another expert)
+    opposed = (positive & any_negative) | (negative & any_positive)
     masks, windows = [], []
     for delta, (topd, low, high) in zip(deltas, cuts, strict=True):
-        keys = magnitude_keys(delta).reshape(-1)
-        masks.append(topd.mask(keys))
-        windows.append(low.mask(keys) & ~high.mask(keys))
-    kept = torch.stack(masks)
-    stats.topd += (kept.double() @ kept.double().T).cpu().numpy()
-    for t in range(len(deltas)):
-        others = torch.cat([signs[:t], signs[t + 1 :]])
-        opposed = (others == -signs[t]).any(0) & (signs[t] != 0)
-        stats.topd_conflict[t] += int((opposed & kept[t]).sum())
-        stats.kept["ties"][t] += float(magnitude[t][kept[t]].sum())
-        stats.kept["breadcrumbs"][t] += float(magnitude[t][windows[t]].sum())
-        stats.kept["magprune"][t] += _magprune_mass(deltas[t], params[t])
+        keys = arrays.keys(delta)
+        masks.append(topd.mask(keys, arrays))
+        windows.append(low.mask(keys, arrays) & ~high.mask(keys, arrays))
+    kept = arrays.stack(masks)
+    stats.topd += arrays.overlaps(kept)
+    stats.topd_conflict += arrays.host(arrays.sum64(opposed & kept, axis=1))
+    stats.kept["ties"] += arrays.host(arrays.sum64(magnitude * kept, axis=1))
+    stats.kept["breadcrumbs"] += arrays.host(
+        arrays.sum64(magnitude * arrays.stack(windows), axis=1)
+    )
+    for t, delta in enumerate(deltas):
+        stats.kept["magprune"][t] += _magprune_mass(delta, params[t], arrays)
 
 
-def _magprune_mass(delta: torch.Tensor, params: Sparsity) -> float:
+def _magprune_mass(delta, params: Sparsity, arrays: NumpyArrays | TorchArrays) -> float:
     """Σ k_i·|δ_i| over rows of ``delta`` (rows, n): the expected L1 mass MAGPRUNE keeps."""
     n = delta.shape[-1]
     if n == 0:
         return 0.0
-    ascending = torch.sort(delta.abs(), dim=-1).values.double()
+    ascending = arrays.sort_rows(abs(delta))
     if n == 1:
-        keep_prob = torch.full((1,), params.density, dtype=torch.float64, device=delta.device)
-    else:
-        rank = torch.arange(n, dtype=torch.float64, device=delta.device) / (n - 1)
-        keep_prob = params.density - params.epsilon + 2 * params.epsilon * rank
-    return float((ascending * keep_prob).sum())
+        return params.density * float(arrays.sum64(ascending))
+    rank = arrays.arange64(n) / (n - 1)
+    keep_prob = params.density - params.epsilon + 2 * params.epsilon * rank
+    return float(arrays.sum64(arrays.float64(ascending) @ keep_prob))

@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 
 from della_cli.api import MergeOptions
 from della_cli.cli import app
+from della_cli.inspection import run as inspect_run
+from della_cli.inspection.arrays import NumpyArrays, TorchArrays
 from della_cli.inspection.run import inspect_recipe
-from della_cli.inspection.select import RankSelection, magnitude_keys
+from della_cli.inspection.select import ExpertCuts
 from della_cli.io.reader import ModelReader
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.sparsify import rank_at_least_mask
@@ -166,21 +168,29 @@ def test_magprune_ranks_within_rows(tmp_path):
     assert kept == pytest.approx([expected], rel=1e-9)
 
 
-@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97])
+@pytest.mark.parametrize("arrays", [NumpyArrays(), TorchArrays("cpu")], ids=lambda a: a.name)
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.5, 0.97])
 @pytest.mark.parametrize("block", [7, 64, 1000])
-def test_streamed_top_d_cut_is_the_merge_selection(density, block):
+def test_streamed_top_d_cut_is_the_merge_selection(arrays, density, block):
     """Many equal magnitudes (ties broken by position) and blocks that split them."""
     generator = torch.Generator().manual_seed(7)
     delta = torch.randint(-6, 7, (1000,), generator=generator).float() / 4
-    rank, numel = magnitude_rank_window(1000, density, None)[0], 1000
-    keys = magnitude_keys(delta)
-    selection = RankSelection(numel, rank, torch.device("cpu"))
+    numel = delta.numel()
+    ranks = [magnitude_rank_window(numel, density, None)[0], 0, numel]
+    values = arrays.float32(delta.numpy())
+    keys = arrays.keys(values)
+    cuts = ExpertCuts(numel, ranks)
     for step in ("add_high", "add_low"):
         for start in range(0, numel, block):
-            getattr(selection, step)(keys[start : start + block])
-    cut = selection.cut()
-    mask = torch.cat([cut.mask(keys[start : start + block]) for start in range(0, numel, block)])
-    assert torch.equal(mask, rank_at_least_mask(delta.abs(), rank))
+            getattr(cuts, step)(keys[start : start + block], arrays)
+    masks = [
+        np.concatenate(
+            [arrays.host(cut.mask(keys[a : a + block], arrays)) for a in range(0, numel, block)]
+        )
+        for cut in cuts.cuts()
+    ]
+    assert np.array_equal(masks[0], rank_at_least_mask(delta.abs(), ranks[0]).numpy())
+    assert masks[1].all() and not masks[2].any()
 
 
 def test_json_schema(tmp_path):
@@ -359,3 +369,24 @@ def test_groups_of_a_real_model_are_those_of_della_plan(bf16_recipe):
     assert report["model"]["relative_norm"] == pytest.approx([0.24, 0.24], abs=0.01)
     assert [w.split("'")[1] for w in report["warnings"]] == [r["model"] for r in report["experts"]]
     assert abs(report["model"]["cosine"][0][1]) < 0.05
+
+
+def test_torch_arrays_give_the_numpy_figures(tmp_path, monkeypatch):
+    """The torch path (what a GPU runs) on the CPU, against the numpy one."""
+    base = base_tensors(layers=2, shape=(16, 8))
+    deltas = [
+        {
+            name: dyadic(t.shape, seed=10 * e + i, low=0) / 8
+            for i, (name, t) in enumerate(base.items())
+        }
+        for e in range(3)
+    ]
+    recipe = build(tmp_path, base, deltas, "breadcrumbs", {"density": 0.4, "gamma": 0.05})
+    options = MergeOptions(device="cpu", progress=False)
+    numpy_report = inspect_recipe(recipe, options, block_elements=40)
+    monkeypatch.setattr(inspect_run, "arrays_for", lambda device: TorchArrays(device))
+    torch_report = inspect_recipe(recipe, options, block_elements=40)
+    assert flat(torch_report.model) == pytest.approx(flat(numpy_report.model), rel=1e-12)
+    assert flat(torch_report.groups[0]["layers"]) == pytest.approx(
+        flat(numpy_report.groups[0]["layers"]), rel=1e-12
+    )
