@@ -390,3 +390,30 @@ def test_torch_arrays_give_the_numpy_figures(tmp_path, monkeypatch):
     assert flat(torch_report.groups[0]["layers"]) == pytest.approx(
         flat(numpy_report.groups[0]["layers"]), rel=1e-12
     )
+
+
+def test_vocabulary_rows_are_fitted_as_the_merge_fits_them(tmp_path):
+    """An expert with 2 extra token rows (cropped) and one with 2 fewer (padded with zero
+    deltas); then with tokenizer_source the longer one, whose extra rows join the reference."""
+    embed = "model.embed_tokens.weight"
+    base = dyadic((8, 4), seed=1) * 4
+    delta_a, delta_b = dyadic((8, 4), seed=2) / 8, dyadic((6, 4), seed=3) / 8
+    extra = dyadic((2, 4), seed=4) * 4
+    recipe = build(tmp_path, {embed: base}, [{embed: delta_a}, {embed: torch.zeros(8, 4)}])
+    save_file({embed: torch.cat([base + delta_a, extra])}, tmp_path / "expert0/model.safetensors")
+    save_file({embed: base[:6] + delta_b}, tmp_path / "expert1/model.safetensors")
+    model = inspect_json(recipe)[0]["model"]
+    assert model["entries"] == 32
+    expected = [norm({"a": delta_a}) / norm({"b": base}), norm({"b": delta_b}) / norm({"b": base})]
+    assert model["relative_norm"] == pytest.approx(expected, rel=1e-12)
+    cosine = float((delta_a[:6] * delta_b).sum()) / norm({"a": delta_a}) / norm({"b": delta_b})
+    assert model["cosine"][0][1] == pytest.approx(cosine, rel=1e-12)
+
+    data = json.loads(recipe.read_text())
+    data["tokenizer_source"] = data["models"][0]["model"]
+    recipe.write_text(json.dumps(data))
+    model = inspect_json(recipe)[0]["model"]
+    assert model["entries"] == 40  # the output has the tokenizer source's 10 rows
+    reference = norm({"b": base, "extra": extra})
+    expected = [norm({"a": delta_a}) / reference, norm({"b": delta_b}) / reference]
+    assert model["relative_norm"] == pytest.approx(expected, rel=1e-12)
