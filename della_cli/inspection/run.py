@@ -117,8 +117,8 @@ def inspect_models(
     report.model = total.metrics()
     for group, stats in groups.items():
         by_layer = [
-            {"layer": layer, **cell.metrics()}
-            for (name, layer), cell in cells.items()
+            {"layer": layer, **cells[(name, layer)].metrics()}
+            for name, layer in sorted(cells)  # files list layer 10 before layer 2
             if name == group
         ]
         report.groups.append({"group": group, **stats.metrics(), "layers": by_layer})

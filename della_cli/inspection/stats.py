@@ -130,16 +130,7 @@ def tensor_stats(
     gives rows ``start:stop`` of the reference and of each expert as float32 (rows, n) arrays
     of ``arrays``' kind. Where a density is below 1, two histogram passes over the blocks find
     each expert's exact top-d and breadcrumbs cuts first; then one pass sums."""
-    selections = [
-        ExpertCuts(
-            numel,
-            [
-                magnitude_rank_window(numel, p.density, None)[0],
-                *magnitude_rank_window(numel, p.density, p.gamma),
-            ],
-        )
-        for p in params
-    ]
+    selections = [ExpertCuts(numel, _cut_ranks(numel, p)) for p in params]
     if any(selection.needs_passes for selection in selections):
         for step in ("add_high", "add_low"):
             for start, stop in blocks:
@@ -158,6 +149,15 @@ def tensor_stats(
     large = (squares >= FOREIGN_NORM**2 * stats.base_sq) & (squares > 0)
     stats.foreign = np.where(large, float(numel), 0.0)
     return stats
+
+
+def _cut_ranks(numel: int, params: Sparsity) -> list[int]:
+    """The ranks where TIES's top-d and the breadcrumbs window start, and where the window
+    ends; a density of 1 keeps everything, for every sparsifier (ALGORITHMS.md)."""
+    if params.density >= 1:
+        return [0, 0, numel]
+    top_d = magnitude_rank_window(numel, params.density, None)[0]
+    return [top_d, *magnitude_rank_window(numel, params.density, params.gamma)]
 
 
 def _deltas(read_block: BlockReader, start: int, stop: int) -> tuple[Any, list[Any]]:
@@ -207,6 +207,8 @@ def _magprune_mass(delta, params: Sparsity, arrays: NumpyArrays | TorchArrays) -
     n = delta.shape[-1]
     if n == 0:
         return 0.0
+    if params.density >= 1:
+        return float(arrays.sum64(abs(delta)))
     ascending = arrays.sort_rows(abs(delta))
     if n == 1:
         return params.density * float(arrays.sum64(ascending))

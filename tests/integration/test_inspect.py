@@ -154,6 +154,10 @@ def test_kept_mass_of_each_sparsifier_on_a_worked_row(tmp_path):
     kept = inspect_json(crumbs)[0]["model"]["kept_mass"]
     assert kept["breadcrumbs"] == pytest.approx([(0.40 + 0.20 + 0.10) / l1], rel=1e-6)
     assert kept["ties"] == pytest.approx([(0.80 + 0.40 + 0.20) / l1], rel=1e-6)
+    # density 1 keeps everything, whatever epsilon and gamma say
+    whole = build(tmp_path / "w", zero, [{"w": row}], "della", {"density": 1.0, "epsilon": 0.1})
+    kept = inspect_json(whole)[0]["model"]["kept_mass"]
+    assert all(kept[name] == [1.0] for name in kept), kept
 
 
 def test_magprune_ranks_within_rows(tmp_path):
@@ -194,7 +198,7 @@ def test_streamed_top_d_cut_is_the_merge_selection(arrays, density, block):
 
 
 def test_json_schema(tmp_path):
-    base = base_tensors(layers=3)
+    base = base_tensors(layers=11)  # layer 10 comes before layer 2 in the file
     deltas = [
         {name: dyadic(t.shape, seed=10 * e + i) / 8 for i, (name, t) in enumerate(base.items())}
         for e in range(3)
@@ -219,11 +223,11 @@ def test_json_schema(tmp_path):
     groups = {g["group"]: g for g in report["groups"]}
     assert set(groups) == {"model.layers.*.mlp.up_proj.weight", "model.norm.weight"}
     layered = groups["model.layers.*.mlp.up_proj.weight"]
-    assert [cell["layer"] for cell in layered["layers"]] == [0, 1, 2]
+    assert [cell["layer"] for cell in layered["layers"]] == list(range(11))
     assert set(layered["layers"][0]) == metric_keys | {"layer"}
     assert groups["model.norm.weight"]["layers"] == []
-    assert [cell["layer"] for cell in report["layers"]] == [0, 1, 2]
-    assert report["model"]["tensors"] == 4 and layered["tensors"] == 3
+    assert [cell["layer"] for cell in report["layers"]] == list(range(11))
+    assert report["model"]["tensors"] == 12 and layered["tensors"] == 11
 
 
 def test_terminal_table_lists_groups_and_the_whole_model(tmp_path):
