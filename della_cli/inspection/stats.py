@@ -105,7 +105,12 @@ class TensorStats:
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
-    return float(numerator) / float(denominator) if denominator > 0 else None
+    """numerator / denominator; None where undefined (a zero norm or count, NaN or Inf in an
+    input), which JSON writes as null."""
+    if not denominator > 0:
+        return None
+    value = float(numerator) / float(denominator)
+    return value if math.isfinite(value) else None
 
 
 def _matrix(numerators: np.ndarray, denominators: np.ndarray) -> list[list[float | None]]:

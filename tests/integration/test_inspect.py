@@ -421,3 +421,19 @@ def test_vocabulary_rows_are_fitted_as_the_merge_fits_them(tmp_path):
     reference = norm({"b": base, "extra": extra})
     expected = [norm({"a": delta_a}) / reference, norm({"b": delta_b}) / reference]
     assert model["relative_norm"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_non_finite_inputs_give_null_not_nan(tmp_path):
+    base = base_tensors()
+    delta = {name: dyadic(t.shape, seed=i) / 8 for i, (name, t) in enumerate(base.items())}
+    delta[LAYER.format(0)][0, 0] = float("nan")
+    result = runner.invoke(app, ["inspect", str(build(tmp_path, base, [delta])), "--json"])
+    assert result.exit_code == 0, result.stderr
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in the JSON")
+
+    report = json.loads(result.stdout, parse_constant=refuse)
+    cell = report["groups"][0]["layers"][0]
+    assert cell["relative_norm"] == [None] and cell["kept_mass"]["ties"] == [None]
+    assert report["groups"][0]["layers"][1]["relative_norm"][0] > 0  # other tensors unaffected
