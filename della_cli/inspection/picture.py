@@ -134,11 +134,12 @@ def svg_heatmap(
     cell, left, top = 18, 8 * max((len(_short(n)) for n in names), default=4) + 10, 34
     known = [v for row in grid for v in row if v is not None and not math.isnan(v)]
     low, high = scale or ((min(known), max(known)) if known else (0.0, 1.0))
-    width, height = left + cell * len(layers) + 10, top + cell * len(names) + 24
+    heading = f"{title} (colours from {low:.4g} to {high:.4g})"
+    width = max(left + cell * len(layers) + 10, 8 * len(heading))  # room for the heading
+    height = top + cell * len(names) + 24
     parts = [
         f'<svg width="{width}" height="{height}" role="img">',
-        f'<text x="0" y="14" font-size="13">{html.escape(title)} '
-        f"(colours from {low:.4g} to {high:.4g})</text>",
+        f'<text x="0" y="14" font-size="13">{html.escape(heading)}</text>',
     ]
     for row, (name, values) in enumerate(zip(names, grid, strict=True)):
         y = top + row * cell
