@@ -19,31 +19,20 @@ from pathlib import Path
 
 from della_cli.errors import OutputError
 from della_cli.io.journal import JOURNAL_NAME
+from della_cli.io.metadata import GENERATION_PATTERNS, TOKENIZER_PATTERNS
 
 TEMP_MARKER = ".della-tmp-"
 MARKER_NAME = ".della-partial"  # inside a temporary folder della made (see ``output``)
 CHAT_TEMPLATES = "additional_chat_templates"
+# A model's own files: weights and index, config, generation config, every tokenizer or
+# processor file (``metadata``; the additional_chat_templates folder is checked apart), the
+# card, della's recipe, journal and temporary-folder marker.
 MODEL_FILE_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
     "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "*.tiktoken",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
+    *GENERATION_PATTERNS,
+    *(pattern for pattern in TOKENIZER_PATTERNS if not pattern.startswith(CHAT_TEMPLATES)),
     "README.md",
     "della_recipe.yaml",
     JOURNAL_NAME,
