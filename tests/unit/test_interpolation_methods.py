@@ -7,28 +7,9 @@ import itertools
 
 import pytest
 import torch
+from worked_examples import DTYPES, assert_printed, row_blocks, t
 
 from della_cli.methods import interpolation as ip
-
-PRINTED_ATOL = 1e-4  # ALGORITHMS.md prints 4 decimals
-DTYPES = [torch.float64, torch.float32]
-
-
-def t(values, dtype=torch.float64) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype)
-
-
-def assert_printed(actual: torch.Tensor, expected) -> None:
-    expected = torch.tensor(expected, dtype=torch.float64)
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual.double(), expected, atol=PRINTED_ATOL, rtol=0)
-
-
-def row_blocks(length: int):
-    """Block boundaries along dim 0: whole, single rows, and ragged blocks of 3."""
-    yield [(0, length)]
-    yield [(i, i + 1) for i in range(length)]
-    yield [(i, min(i + 3, length)) for i in range(0, length, 3)]
 
 
 def blocks_of(tensors, bounds):
