@@ -32,21 +32,23 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from della_cli.backends.cpu import weighted_sum
 from della_cli.errors import ModelError
 from della_cli.io import streamed_sum
 from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import ExpertParams, Rescale, Sparsifier, weighted_sum
+from della_cli.methods import ExpertParams, Rescale, Sparsifier
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import Draws, derive_key
 from della_cli.plan import BASE, Plan, Source, TensorJob
 from della_cli.recipe import Recipe
 
 if TYPE_CHECKING:
-    from della_cli.methods import fused_merge
-    from della_cli.torch_path import Mask, TorchPath
+    from della_cli.backends.cpu import block as fused_merge
+    from della_cli.backends.torch_backend import Mask
+    from della_cli.backends.torch_backend import TorchBackend as TorchPath
 
 # Elements merged at a time. On the CPU 4M (16 MiB per float32 temporary) amortizes the cost
 # of each torch call and larger blocks gain nothing (measured: 1M and 4M equal, 256K 15%
@@ -154,7 +156,6 @@ class MergeEngine:
         self._masks: dict[str, list[Mask] | None] = {}
         self._reported_nonfinite: set[tuple[int, str]] = set()
         self._torch_path: TorchPath | None = None
-        self._scratch = weighted_sum.Scratch()
         # Set while ``run`` runs: weighted_sum's helper threads, recycled block buffers, and
         # the writer (whose file offsets place the output buffers).
         self._sum_pool: ThreadPoolExecutor | None = None
@@ -172,9 +173,9 @@ class MergeEngine:
     def torch_path(self) -> TorchPath:
         """The torch path, made (and torch imported) the first time a block needs it."""
         if self._torch_path is None:
-            from della_cli.torch_path import TorchPath
+            from della_cli.backends.torch_backend import TorchBackend
 
-            self._torch_path = TorchPath(self.device, self.plan.compute_dtype)
+            self._torch_path = TorchBackend(self.device, self.plan.compute_dtype)
         return self._torch_path
 
     def run(self, writer: ShardWriter, start: int = 0) -> None:
@@ -333,7 +334,9 @@ class MergeEngine:
             return False
         dtypes = [NUMPY_DTYPES.get(info.dtype) for info in infos]
         dtypes.append(NUMPY_DTYPES.get(job.out_dtype))
-        return all(dtype is not None and weighted_sum.supports(dtype) for dtype in dtypes)
+        if any(dtype is None for dtype in dtypes):
+            return False
+        return weighted_sum.supports(dtypes, len(job.experts))
 
     def _weighted_sum_params(self, job: TensorJob) -> list[ExpertParams] | None:
         """The experts' parameters where ``job`` merges as a weighted sum on the CPU (nothing
@@ -526,9 +529,10 @@ class MergeEngine:
         threads take spans of the block (not when each thread merges chunks of its own)."""
         job = task.job
         first = loaded[0]
+        dtypes = [NUMPY_DTYPES[job.out_dtype], *(t.dtype for t in loaded)]
         if not (
-            weighted_sum.supports(NUMPY_DTYPES[job.out_dtype])
-            and all(weighted_sum.supports(t.dtype) and t.shape == first.shape for t in loaded)
+            weighted_sum.supports(dtypes, len(job.experts))
+            and all(t.shape == first.shape for t in loaded)
         ):
             return None
         spec = self._weighted_sum_spec(job)
@@ -542,7 +546,6 @@ class MergeEngine:
             self._sum_pool if split else None,
             self._sum_helpers if split else 0,
             out=self.output_buffer(task, first.shape),
-            scratch=self._scratch,
         )
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
@@ -562,7 +565,7 @@ class MergeEngine:
         """The block merged by the compiled whole-merge pass, straight from the inputs as
         stored, or None where that pass does not apply (the torch path then runs). Where it
         applies, the trim masks are trim_select's arrays: both need the same CPU dtypes."""
-        from della_cli.methods import fused_merge  # numba: imported only when needed
+        from della_cli.backends.cpu import block as fused_merge  # numba: when needed
 
         job = task.job
         out_dtype = NUMPY_DTYPES[job.out_dtype]
@@ -588,7 +591,7 @@ class MergeEngine:
         )
 
     def _fused_applies(self, loaded: list[np.ndarray], out_dtype: np.dtype) -> bool:
-        from della_cli.methods import fused_merge
+        from della_cli.backends.cpu import block as fused_merge
 
         first = loaded[0]
         return (
@@ -603,7 +606,7 @@ class MergeEngine:
     def _expert_plan(self, name: str, index: int, n: int) -> fused_merge.ExpertPlan | None:
         """How expert ``index`` is sparsified in the fused pass, as ``sparsify_delta`` does it
         (None: a case only the torch path handles)."""
-        from della_cli.methods import fused_merge
+        from della_cli.backends.cpu import block as fused_merge
 
         params = self.recipe.expert_params(index, name)
         sparsifier = self.recipe.method.sparsifier
@@ -642,7 +645,7 @@ class MergeEngine:
         sparsifier = self.recipe.method.sparsifier
         if sparsifier not in WHOLE_TENSOR_SPARSIFIERS:
             return None
-        from della_cli.methods import trim_select  # numba: imported only when needed
+        from della_cli.backends.cpu import select as trim_select  # numba: when needed
 
         total_rows, _ = _rows_shape(job.shape)
         reference = self.read_reference_rows(job, 0, total_rows)  # kept as stored: smaller

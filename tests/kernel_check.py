@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from della_cli.backends.cpu import weighted_sum
 from della_cli.io import streamed_sum
-from della_cli.methods import weighted_sum
 
 
 def require_kernel() -> None:

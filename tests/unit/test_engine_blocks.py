@@ -63,8 +63,9 @@ def test_compiled_kernels_and_torch_path_write_the_same_bytes(
     per-step kernels it falls back to) against the plain torch implementation, byte for byte,
     on inputs as stored."""
     from della_cli.api import run_merge
+    from della_cli.backends.cpu import block as fused_merge
+    from della_cli.backends.cpu import rules, weighted_sum
     from della_cli.io import streamed_sum
-    from della_cli.methods import cpu_kernels, fused_merge, weighted_sum
 
     recipe = {
         "merge_method": method,
@@ -100,8 +101,8 @@ def test_compiled_kernels_and_torch_path_write_the_same_bytes(
     assert fast_blocks or streamed, f"{fast.__name__} never ran"
     if fast is fused_merge:
         assert not streamed
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
+    monkeypatch.setattr(rules, "available", lambda: False)
+    monkeypatch.setattr(weighted_sum, "supports", lambda dtypes, count: False)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
     assert fused == (tmp_path / "torch" / "model.safetensors").read_bytes()
@@ -124,7 +125,8 @@ def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(bf16_recipe, tmp
     """On the CPU, TIES selects from the inputs as stored, on every tensor: the plain torch
     path's bytes."""
     from della_cli.api import run_merge
-    from della_cli.methods import cpu_kernels, trim_select
+    from della_cli.backends.cpu import rules
+    from della_cli.backends.cpu import select as trim_select
 
     recipe_path = bf16_recipe("ties", {"density": 0.3})
     selections = []
@@ -141,7 +143,7 @@ def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(bf16_recipe, tmp
         reader.close()
     merged_tensors = sum(job.action == "merge" for job in plan.jobs)
     assert merged_tensors > 5 and len(selections) == 2 * merged_tensors  # two experts each
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setattr(rules, "available", lambda: False)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     lean = (tmp_path / "lean" / "model.safetensors").read_bytes()
     assert lean == (tmp_path / "torch" / "model.safetensors").read_bytes()
@@ -153,7 +155,7 @@ def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
 ):
     """Degenerate shapes real checkpoints carry (an empty buffer, a scalar, rows of one)."""
     from della_cli.api import run_merge
-    from della_cli.methods import cpu_kernels, weighted_sum
+    from della_cli.backends.cpu import rules, weighted_sum
 
     shapes = {"empty": (0, 8), "scalar": (), "column": (16, 1), "one": (1,), "rows": (4, 32)}
     if method.startswith(("ties", "breadcrumbs")):  # a trim of one entry keeps none: refused
@@ -168,8 +170,8 @@ def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
         }
     )
     run_merge(recipe_path, tmp_path / "fused", MergeOptions(device="cpu"))
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
+    monkeypatch.setattr(rules, "available", lambda: False)
+    monkeypatch.setattr(weighted_sum, "supports", lambda dtypes, count: False)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
     assert fused == (tmp_path / "torch" / "model.safetensors").read_bytes()

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from della_cli.methods import cpu_kernels, weighted_sum
+from della_cli.backends.cpu import output_array, rules
 
 try:
     import numba
-    from numba.core import types
-    from numba.extending import overload
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -50,7 +48,7 @@ class ExpertPlan:
 def supports(dtype: np.dtype) -> bool:
     """Inputs and outputs the compiled pass handles: bfloat16 and float32 (and only where
     the compiled kernels are on at all)."""
-    return cpu_kernels.available() and dtype in _KERNEL_VIEWS
+    return rules.available() and dtype in _KERNEL_VIEWS
 
 
 def kernel_view(array: np.ndarray) -> np.ndarray:
@@ -84,7 +82,7 @@ def merge_block(
     mask_arrays = tuple(np.ascontiguousarray(m) for m in masks) if masks else None
     if mask_arrays is None:
         mask_arrays = tuple(np.zeros((1, 1), dtype=np.bool_) for _ in experts)
-    out = weighted_sum.output_array(out, (rows, n), out_dtype)
+    out = output_array(out, (rows, n), out_dtype)
     nonfinite = np.zeros((rows, len(experts) + 1), dtype=np.bool_)
     _merge_rows(
         kernel_view(base),
@@ -112,98 +110,6 @@ def merge_block(
 
 if numba is not None:
 
-    def _widen_row(source, target):
-        """Copy a row of stored values into a float32 buffer."""
-
-    @overload(_widen_row, inline="always")
-    def _widen_row_impl(source, target):
-        if source.dtype == types.uint16:  # bfloat16 bits: the top half of a float32
-
-            def widen_bfloat16(source, target):
-                bits = target.view(np.uint32)
-                for i in range(source.shape[0]):
-                    bits[i] = np.uint32(source[i]) << np.uint32(16)
-
-            return widen_bfloat16
-
-        def copy(source, target):
-            for i in range(source.shape[0]):
-                target[i] = source[i]
-
-        return copy
-
-    def _store_row(values, target):
-        """Write a float32 row into the output row, rounded to its dtype."""
-
-    @overload(_store_row, inline="always")
-    def _store_row_impl(values, target):
-        if target.dtype == types.uint16:  # round to nearest even, as torch; NaN as torch's
-
-            def store_bfloat16(values, target):
-                bits = values.view(np.uint32)
-                for i in range(values.shape[0]):
-                    x = bits[i]
-                    if values[i] != values[i]:
-                        target[i] = np.uint16(0xFFFF)
-                    else:
-                        bias = ((x >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
-                        target[i] = np.uint16(np.uint32(x + bias) >> np.uint32(16))
-
-            return store_bfloat16
-
-        def store_float32(values, target):
-            for i in range(values.shape[0]):
-                target[i] = values[i]
-
-        return store_float32
-
-    @numba.njit(cache=True, inline="always")
-    def _has_nonfinite(values):
-        bits = values.view(np.uint32)
-        for i in range(values.shape[0]):
-            if (bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000):
-                return True
-        return False
-
-    @numba.njit(cache=True)
-    def _fuse_row(vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas):
-        """Elect, fuse, scale and add one row, as ``cpu_kernels._fuse_into_base`` does per
-        entry, but expert by expert over the whole row so each loop is branch-free and
-        vectorizes; every entry still sums its experts in list order, so the bits agree."""
-        count, n = vectors.shape
-        numerator = np.zeros(n, dtype=np.float32)
-        if consensus:
-            total = np.zeros(n, dtype=np.float32)
-            for t in range(count):
-                for i in range(n):
-                    total[i] += vectors[t, i]
-            denominator = np.zeros(n, dtype=np.float32)
-            for t in range(count):
-                weight = weights[t]
-                for i in range(n):
-                    value = vectors[t, i]
-                    # an exact zero total elects +, NaN elects -; zeros never agree
-                    agrees = (value > 0) if total[i] >= 0 else (value < 0)
-                    agree = np.float32(1.0) if agrees else np.float32(0.0)
-                    numerator[i] += value * agree
-                    denominator[i] += weight * agree
-            if normalize:
-                for i in range(n):
-                    d = denominator[i]
-                    numerator[i] /= d if d != 0 else np.float32(1.0)
-        else:
-            for t in range(count):
-                for i in range(n):
-                    numerator[i] += vectors[t, i]
-            if normalize:
-                divisor = total_weight if total_weight != 0 else np.float32(1.0)
-                for i in range(n):
-                    numerator[i] /= divisor
-        if on_deltas:
-            for i in range(n):
-                numerator[i] = reference[i] + numerator[i] * lam
-        return numerator
-
     @numba.njit(parallel=True, cache=True)
     def _merge_rows(
         base,
@@ -230,19 +136,19 @@ if numba is not None:
         count = len(experts)
         for row in numba.prange(rows):
             reference = np.empty(n, dtype=np.float32)
-            _widen_row(base[row], reference)
-            nonfinite[row, 0] = _has_nonfinite(reference)
+            rules.widen_row(base[row], reference)
+            nonfinite[row, 0] = rules.has_nonfinite(reference)
             vectors = np.empty((count, n), dtype=np.float32)
             for t in range(count):
                 vector = vectors[t]
-                _widen_row(experts[t][row], vector)
-                nonfinite[row, t + 1] = _has_nonfinite(vector)
+                rules.widen_row(experts[t][row], vector)
+                nonfinite[row, t + 1] = rules.has_nonfinite(vector)
                 if on_deltas:
                     for i in range(n):
                         vector[i] = vector[i] - reference[i]
                 mode = modes[t]
                 if RANDOM <= mode <= MAGPRUNE:  # the random drops
-                    cpu_kernels.random_drop(
+                    rules.random_drop(
                         vector,
                         mode == MAGPRUNE,
                         densities[t],
@@ -259,7 +165,7 @@ if numba is not None:
                 if weighted[t]:
                     for i in range(n):
                         vector[i] = vector[i] * weights[t]
-            result = _fuse_row(
+            result = rules.fuse_row(
                 vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas
             )
-            _store_row(result, out[row])
+            rules.store_row(result, out[row])
