@@ -18,6 +18,7 @@ from della_cli.errors import PlanError
 from della_cli.io.dtypes import CONFIG_NAMES, DTYPE_NAMES, itemsize
 from della_cli.io.reader import ModelReader, TensorInfo
 from della_cli.io.writer import OutputTensor, split_into_shards
+from della_cli.kernels import Kernel, assign_kernels
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
 from della_cli.recipe import Recipe
@@ -57,6 +58,7 @@ class TensorJob:
     out_dtype: str
     reference: Source  # the base of a delta merge, or what a copy copies
     experts: tuple[Source, ...] = ()
+    kernel: Kernel | None = None  # what merges it (``della_cli.kernels``); None for a copy
 
     @property
     def numel(self) -> int:
@@ -268,9 +270,11 @@ def build_plan(
     experts: list[ModelReader],
     max_shard_bytes: int,
     strict: bool = False,
+    device: str = "cpu",
 ) -> Plan:
-    """Plan the merge from headers; raise PlanError listing every problem found. Under
-    ``strict``, a tensor missing from a model is a problem rather than a warning."""
+    """Plan the merge on ``device`` from headers; raise PlanError listing every problem found.
+    Under ``strict``, a tensor missing from a model is a problem rather than a warning. Each
+    merge job gets the backend and kernel that run it (``della_cli.kernels``)."""
     reference, ref_model = (base, BASE) if base is not None else (experts[0], 0)
     planner = _Planner(recipe, reference, ref_model, experts, strict)
     ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
@@ -301,7 +305,8 @@ def build_plan(
         rows = next(j.shape[0] for j in jobs if j.name == embedding)
         vocab_size = rows if rows != reference.tensors[embedding].shape[0] else None
     shards = split_into_shards(outputs, max_shard_bytes)
-    return Plan(jobs, shards, planner.warnings, compute, tied, vocab_size)
+    plan = Plan(jobs, shards, planner.warnings, compute, tied, vocab_size)
+    return assign_kernels(plan, recipe, base, experts, device)
 
 
 def _untied_lm_head_jobs(planner: _Planner, reference_names: set[str]) -> list[TensorJob]:
