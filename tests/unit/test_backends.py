@@ -165,3 +165,31 @@ def test_bfloat16_inputs_are_widened_and_rounded_as_torch_does():
     )
     assert torch.equal(to_torch(merged).view(torch.int16), reference.bfloat16().view(torch.int16))
     assert nonfinite.tolist() == [True, True]
+
+
+def test_one_compilation_serves_every_expert_count():
+    """numba compiles once per argument type; the experts go in as addresses so that the type
+    does not change with their count (each count cost 13 s of compilation before)."""
+    base = np.zeros((3, 40), dtype=np.float32)
+
+    def merge(count: int) -> None:
+        plans = [block.ExpertPlan(block.KEEP_ALL) for _ in range(count)]
+        block.merge_block(
+            base,
+            [base + index for index in range(count)],
+            plans,
+            None,
+            start=0,
+            rescale=True,
+            on_deltas=True,
+            consensus=True,
+            normalize=False,
+            lambda_=1.0,
+            out_dtype=np.dtype(np.float32),
+        )
+
+    merge(1)
+    signatures = len(block._merge_rows.signatures)
+    for count in (2, 3, 7):
+        merge(count)
+    assert len(block._merge_rows.signatures) == signatures

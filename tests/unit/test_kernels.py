@@ -97,3 +97,20 @@ def test_threads_never_outnumber_the_usable_cores(asked, cores, total, monkeypat
     assert budget.total == total
     assert budget.chunk_helpers == total - 1
     assert budget.kernel_threads == max(1, total - 2)
+
+
+def test_numba_gets_a_writable_cache_where_the_package_and_home_are_read_only(
+    tmp_path, monkeypatch
+):
+    from della_cli.backends import cpu
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cpu.ensure_numba_cache()
+    assert cpu.os.environ["NUMBA_CACHE_DIR"].startswith(str(tmp_path / "tmp" / "della-numba-"))
+    monkeypatch.setattr(cpu.os, "access", lambda path, mode: True)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/elsewhere")
+    cpu.ensure_numba_cache()
+    assert cpu.os.environ["NUMBA_CACHE_DIR"] == "/elsewhere"

@@ -25,6 +25,8 @@ from della_cli.backends.cpu import output_array, rules
 
 try:
     import numba
+    from numba.core import types
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -79,15 +81,24 @@ def merge_block(
     averaged and the base only checked.
     """
     rows, n = base.shape
-    mask_arrays = tuple(np.ascontiguousarray(m) for m in masks) if masks else None
-    if mask_arrays is None:
-        mask_arrays = tuple(np.zeros((1, 1), dtype=np.bool_) for _ in experts)
+    # The experts and masks go in as addresses, not as a tuple of arrays: numba compiles a
+    # function once per argument type, and a tuple's type includes its length, so every expert
+    # count was a compilation of its own (13 s here). The arrays are kept alive by ``views``
+    # and ``mask_views`` for the call, which only reads them.
+    views = [kernel_view(expert) for expert in experts]
+    if any(view.shape != base.shape or view.dtype != kernel_view(base).dtype for view in views):
+        raise ValueError("the experts must have the base's shape and dtype")
+    mask_views = [np.ascontiguousarray(m, dtype=np.bool_) for m in masks] if masks else []
+    if any(mask.shape != base.shape for mask in mask_views):
+        raise ValueError("the masks must have the base's shape")
+    if not mask_views and any(plan.mode == MASK for plan in plans):
+        raise ValueError("an expert selected by a mask needs its mask")
     out = output_array(out, (rows, n), out_dtype)
     nonfinite = np.zeros((rows, len(experts) + 1), dtype=np.bool_)
     _merge_rows(
         kernel_view(base),
-        tuple(kernel_view(e) for e in experts),
-        mask_arrays,
+        _addresses(views),
+        _addresses(mask_views) if mask_views else np.zeros(len(views), dtype=np.uint64),
         np.array([p.mode for p in plans], dtype=np.int64),
         np.array([p.density for p in plans], dtype=np.float32),
         np.array([p.density - p.epsilon for p in plans], dtype=np.float32),
@@ -108,7 +119,21 @@ def merge_block(
     return out, nonfinite.any(axis=0)
 
 
+def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.array([array.ctypes.data for array in arrays], dtype=np.uint64)
+
+
 if numba is not None:
+
+    @intrinsic
+    def _pointer_like(typingctx, address, like):
+        """The integer ``address`` as a pointer to elements of ``like``'s dtype."""
+        pointer = types.CPointer(like.dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+        return pointer(address, like), codegen
 
     @numba.njit(parallel=True, cache=True)
     def _merge_rows(
@@ -133,7 +158,7 @@ if numba is not None:
         nonfinite,
     ):
         rows, n = base.shape
-        count = len(experts)
+        count = len(experts)  # addresses of (rows, n) arrays of base's dtype
         for row in numba.prange(rows):
             reference = np.empty(n, dtype=np.float32)
             rules.widen_row(base[row], reference)
@@ -141,7 +166,8 @@ if numba is not None:
             vectors = np.empty((count, n), dtype=np.float32)
             for t in range(count):
                 vector = vectors[t]
-                rules.widen_row(experts[t][row], vector)
+                expert = numba.carray(_pointer_like(experts[t], base), (rows, n))
+                rules.widen_row(expert[row], vector)
                 nonfinite[row, t + 1] = rules.has_nonfinite(vector)
                 if on_deltas:
                     for i in range(n):
@@ -159,7 +185,7 @@ if numba is not None:
                         rescale,
                     )
                 elif mode == MASK:
-                    keep = masks[t][row]
+                    keep = numba.carray(_pointer_like(masks[t], nonfinite), (rows, n))[row]
                     for i in range(n):
                         vector[i] = vector[i] * (np.float32(1.0) if keep[i] else np.float32(0.0))
                 if weighted[t]:

@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from della_cli.backends.cpu import ensure_numba_cache
+
+ensure_numba_cache()  # before numba reads its configuration
+
 try:
     import numba
     from numba.core import types
