@@ -6,7 +6,7 @@ bfloat16 base and 3 bfloat16 experts, merged into bfloat16. Process time (not wa
 taken, minimum of ``--repeats``, so other load on the machine matters less; run it with
 ``NUMBA_NUM_THREADS=1`` for per-core figures.
 
-    NUMBA_NUM_THREADS=1 python bench/kernels.py [--repeats 10]
+    NUMBA_NUM_THREADS=1 python bench/block_kernels.py [--repeats 10]
 """
 
 from __future__ import annotations
