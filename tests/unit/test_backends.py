@@ -193,3 +193,63 @@ def test_one_compilation_serves_every_expert_count():
     for count in (2, 3, 7):
         merge(count)
     assert len(block._merge_rows.signatures) == signatures
+
+
+@pytest.mark.parametrize(
+    ("weights", "density", "exact"),
+    [
+        ([1.0, 1.0, 1.0], 0.5, [0.9, 0.55, 0.5, -0.65, -0.9, 0.0]),
+        ([1.0, 2.0, 1.0], 0.5, [-0.5, 1.9 / 3, 0.5, -1.9 / 3, -0.9, 0.0]),
+        ([1.0, 1.0, 1.0], 1.0, [0.55, 0.55, 0.5, -0.65, -0.9, 0.3]),
+    ],
+)
+def test_golden_e2_ties_on_the_cpu_backend(weights, density, exact):
+    """ALGORITHMS.md E2, the trim made by ``select`` and the merge by the block kernel."""
+    from della_cli.backends.cpu.select import window_keep_mask
+    from della_cli.methods.counts import magnitude_rank_window
+
+    deltas = [
+        [0.9, -0.1, 0.4, -0.7, 0.05, 0.3],
+        [-0.5, 0.8, -0.2, -0.6, 0.1, -0.05],
+        [0.2, 0.3, 0.6, 0.1, -0.9, 0.0],
+    ]
+    base = np.zeros((1, 6), dtype=np.float32)
+    experts = [np.array([delta], dtype=np.float32) for delta in deltas]
+    low, high = magnitude_rank_window(6, density, None)
+    masks = [window_keep_mask(expert, base, low, high) for expert in experts]
+    mode = block.MASK if density < 1 else block.KEEP_ALL
+    merged, _ = block.merge_block(
+        base,
+        experts,
+        [block.ExpertPlan(mode, weight=w) for w in weights],
+        masks,
+        start=0,
+        rescale=True,
+        on_deltas=True,
+        consensus=True,
+        normalize=True,
+        lambda_=1.0,
+        out_dtype=np.dtype(np.float32),
+    )
+    np.testing.assert_allclose(merged[0], exact, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("normalize", "expected"), [(False, [1.2, 1.6, 3.4, 4.4]), (True, [1.1, 1.8, 3.2, 4.2])]
+)
+def test_golden_e1_task_arithmetic_on_the_cpu_backend(normalize, expected):
+    """ALGORITHMS.md E1 through the C weighted sum."""
+    from kernel_check import require_kernel
+
+    from della_cli.backends.cpu import weighted_sum
+
+    require_kernel()
+    base = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+    experts = [
+        np.array([[1.5, 1.0, 3.0, 4.2]], dtype=np.float32),
+        np.array([[0.7, 2.6, 3.4, 4.2]], dtype=np.float32),
+    ]
+    spec = weighted_sum.WeightedSum((1.0, 1.0), True, normalize, 1.0)
+    merged, flags = weighted_sum.merge_block(base, experts, spec, np.dtype(np.float32))
+    np.testing.assert_allclose(merged[0], expected, atol=1e-6, rtol=0)
+    assert not flags.any()
