@@ -93,6 +93,10 @@ class MergeEngine:
         self.device = str(device)  # "cpu", "cuda" or "cuda:N" (a torch.device is accepted)
         self.on_progress = on_progress or (lambda job: None)
         self.block_elements = block_elements or block_elements_for(self.device)
+        if self.device != "cpu" and any(
+            job.kernel is not None and job.kernel.backend == "cpu" for job in plan.jobs
+        ):
+            raise ValueError(f"the plan was made for the CPU, not for {self.device}")
         self.threads = ThreadBudget(threads)
         self.global_params = recipe.global_params()
         self.rows = RowLoader(inputs, plan.compute_dtype)
