@@ -114,3 +114,12 @@ def test_numba_gets_a_writable_cache_where_the_package_and_home_are_read_only(
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/elsewhere")
     cpu.ensure_numba_cache()
     assert cpu.os.environ["NUMBA_CACHE_DIR"] == "/elsewhere"
+
+
+@needs_numba
+def test_the_engine_refuses_a_plan_made_for_the_cpu_on_another_device(bf16_recipe):
+    from della_cli.engine import MergeEngine
+
+    recipe, inputs, plan = prepare(bf16_recipe("ties", {"density": 0.5}), MergeOptions())
+    with pytest.raises(ValueError, match="made for the CPU"):
+        MergeEngine(recipe, plan, inputs, "cuda:0")
