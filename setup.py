@@ -1,9 +1,9 @@
 """The optional compiled kernels; everything else is declared in pyproject.toml.
 
-``della_cli.methods._weighted_sum`` makes task arithmetic and linear merges a single pass over
+``della_cli.backends.cpu._weighted_sum`` makes task arithmetic and linear merges a single pass over
 the inputs, and ``della_cli.io._streamed_sum`` feeds it pieces read straight from the input
 files. Both are optional: where they cannot be built (no C compiler), the install still
-succeeds and those methods run in numpy, producing the same bytes, only slower.
+succeeds and those methods run in the numba kernels, producing the same bytes, only slower.
 """
 
 import sys
@@ -18,11 +18,14 @@ else:
     FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
 
 # The kernel's math is in one header, shared by both extensions (so their bytes cannot differ).
-KERNEL = ["della_cli/methods/weighted_sum_kernel.h", "della_cli/methods/weighted_sum_call.h"]
+KERNEL = [
+    "della_cli/backends/cpu/weighted_sum_kernel.h",
+    "della_cli/backends/cpu/weighted_sum_call.h",
+]
 EXTENSIONS = [
     Extension(
-        "della_cli.methods._weighted_sum",
-        ["della_cli/methods/_weighted_sum.c"],
+        "della_cli.backends.cpu._weighted_sum",
+        ["della_cli/backends/cpu/_weighted_sum.c"],
         depends=KERNEL,
         extra_compile_args=FLAGS,
         optional=True,
@@ -33,7 +36,7 @@ if sys.platform != "win32":  # positioned reads (pread) are POSIX
         Extension(
             "della_cli.io._streamed_sum",
             ["della_cli/io/_streamed_sum.c"],
-            include_dirs=["della_cli/methods"],
+            include_dirs=["della_cli/backends/cpu"],
             depends=KERNEL,
             extra_compile_args=FLAGS,
             optional=True,

@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="device for both tools (default cpu)")
     parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of della to time against this one, alternating run by run (tool "
+        "'before'; build its C extensions first)",
+    )
+    parser.add_argument(
         "--scaling",
         action="store_true",
         help="also time the first method against size and against --scaling-experts",
@@ -78,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--experts and --runs must be at least 1")
     args.scaling_experts = [int(n) for n in args.scaling_experts]
     args.work = args.work.resolve()
+    if args.before is not None:
+        args.before = args.before.resolve()
+        tools.BEFORE_DIR = args.before
+        args.tools = ["before", *args.tools]
     return args
 
 
@@ -156,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         mergekit_python = tools.mergekit_venv(args.work) / "bin" / "python"
     if "della" in args.tools:
         tools.compile_della()
+    if args.before is not None:
+        tools.compile_della(args.before)
     bench = Bench(args)
     comparison = [
         bench.case(method, size, args.experts) for size in args.sizes for method in args.methods

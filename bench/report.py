@@ -49,6 +49,24 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "–"
 
 
+def before_after_table(cases: list[Case]) -> str:
+    """``--before``: the checkout timed against this one, medians and every run."""
+    head = "| method | size | before s | after s | after/before | floor s | after/floor | runs |"
+    lines = [head, "|" + "---|" * 8]
+    for c in cases:
+        bs, ds, fs = c.median_s("before"), c.median_s("della"), c.median_s("floor")
+        runs = "; ".join(
+            f"{tool} " + ", ".join(f"{run.wall_s:.2f}" for run in c.runs.get(tool, []))
+            for tool in ("before", "della", "floor")
+        )
+        lines.append(
+            f"| {c.method} | {c.size} | {cell(bs, failed=c.failed('before'))} "
+            f"| {cell(ds, failed=c.failed('della'))} | {_ratio(ds, bs)} | {cell(fs)} "
+            f"| {_ratio(ds, fs)} | {runs} |"
+        )
+    return "\n".join(lines)
+
+
 def comparison_table(cases: list[Case]) -> str:
     head = (
         "| method | size | experts | della median s | della peak RSS GB | mergekit median s "
@@ -152,6 +170,8 @@ def render(
     parts = [f"# {title}", "", f"Command: `{command_line()}`", ""]
     parts += [f"- {fact}" for fact in machine(mergekit_python)]
     parts += ["", notes(device), "", "## della vs mergekit", "", comparison_table(comparison), ""]
+    if any("before" in c.runs for c in comparison):
+        parts += ["## della before and after", "", before_after_table(comparison), ""]
     if by_size:
         parts += ["## Scaling with model size", "", scaling_table(by_size), ""]
     if by_experts:

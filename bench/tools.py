@@ -117,7 +117,7 @@ def venv_torch_version(venv: Path) -> str:
 
 
 def tool_command(tool: str, recipe: Path, out: Path, work: Path, device: str) -> list[str]:
-    if tool == "della":
+    if tool in ("della", "before"):
         prefix = [*della_launcher()]
         return [
             *prefix,
@@ -155,12 +155,12 @@ def della_launcher() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "della_cli"]
 
 
-def compile_della() -> None:
+def compile_della(checkout: Path | None = None) -> None:
     """Byte-compile della's modules, as installing it does (pip compiles what it installs, and
     mergekit's venv has its bytecode), so a timed run does not compile them. Without this, a
     checkout run where ``PYTHONDONTWRITEBYTECODE`` is set (it is on the reference machine)
     compiles della's modules in every run: 0.08 s of a 0.62 s ``--dry-run`` there."""
-    compileall.compile_dir(REPO_DIR / "della_cli", quiet=1)
+    compileall.compile_dir((checkout or REPO_DIR) / "della_cli", quiet=1)
 
 
 def floor_command(inputs: list[Path], out: Path, out_bytes: int) -> list[str]:
@@ -168,13 +168,18 @@ def floor_command(inputs: list[Path], out: Path, out_bytes: int) -> list[str]:
     return [sys.executable, str(FLOOR_SCRIPT), str(out / "floor.bin"), str(out_bytes), *files]
 
 
+# A checkout of della timed as the tool "before" (``bench.py --before``).
+BEFORE_DIR: Path | None = None
+
+
 def child_env(tool: str) -> dict[str, str]:
     """The environment of a timed run: offline, and della importable from this checkout even
     where it is not installed (the GPU machine); mergekit's venv gets no extra path."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    if tool == "della":
-        paths = [str(REPO_DIR), *filter(None, [env.get("PYTHONPATH")])]
+    if tool in ("della", "before"):
+        checkout = BEFORE_DIR if tool == "before" else REPO_DIR
+        paths = [str(checkout), *filter(None, [env.get("PYTHONPATH")])]
         env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 

@@ -50,6 +50,7 @@ class MergeOptions:
     strict: bool = False  # missing tensors and NaN/Inf inputs are errors, not warnings
     allow_pickle: bool = False  # load pytorch_model*.bin folders (weights-only unpickler)
     progress: bool = True  # download progress bars for Hub models (on stderr)
+    threads: int | None = None  # compute threads (None: every core this process may use)
 
 
 @dataclass
@@ -251,7 +252,12 @@ def prepare(
     inputs = open_inputs(recipe, options.progress, pins=pins, allow_pickle=options.allow_pickle)
     check_metadata_files(recipe, inputs)
     plan = build_plan(
-        recipe, inputs.base, inputs.experts, options.out_shard_bytes, strict=options.strict
+        recipe,
+        inputs.base,
+        inputs.experts,
+        options.out_shard_bytes,
+        strict=options.strict,
+        device=select_device(options.device),
     )
     return recipe, inputs, plan
 
@@ -439,7 +445,16 @@ def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, 
 
     writer = ShardWriter(staging, plan.shards, first_shard=done, on_shard_finished=record)
     try:
-        engine = MergeEngine(recipe, plan, inputs, device, on_progress, warn, strict=options.strict)
+        engine = MergeEngine(
+            recipe,
+            plan,
+            inputs,
+            device,
+            on_progress,
+            warn,
+            strict=options.strict,
+            threads=options.threads,
+        )
         engine.run(writer, start=writer.next_index)
     finally:
         # Close a half-written shard on any failure (Ctrl-C included) before the staging

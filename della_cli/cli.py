@@ -135,6 +135,10 @@ def merge(
         bool, typer.Option(help="Fail on tensors missing from a model and on NaN/Inf inputs.")
     ] = False,
     allow_pickle: AllowPickleOption = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="Compute threads (default: every core this process may use)."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option(help="Plan only: check everything, write nothing.")
     ] = False,
@@ -161,6 +165,7 @@ def merge(
             resume=resume,
             strict=strict,
             allow_pickle=allow_pickle,
+            threads=threads,
         )
         options.progress = not (quiet or as_json)
         # Push credentials are checked once the recipe and the models have passed the plan

@@ -19,6 +19,7 @@ from della_cli.errors import PlanError
 from della_cli.io.dtypes import CONFIG_NAMES, DTYPE_NAMES, itemsize
 from della_cli.io.reader import ModelReader, TensorInfo
 from della_cli.io.writer import OutputTensor, split_into_shards
+from della_cli.kernels import Kernel, assign_kernels
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
 from della_cli.quantized import refuse_quantized
@@ -59,6 +60,7 @@ class TensorJob:
     out_dtype: str
     reference: Source  # the base of a delta merge, or what a copy copies
     experts: tuple[Source, ...] = ()
+    kernel: Kernel | None = None  # what merges it (``della_cli.kernels``); None for a copy
 
     @property
     def numel(self) -> int:
@@ -270,9 +272,11 @@ def build_plan(
     experts: list[ModelReader],
     max_shard_bytes: int,
     strict: bool = False,
+    device: str = "cpu",
 ) -> Plan:
-    """Plan the merge from headers; raise PlanError listing every problem found. Under
-    ``strict``, a tensor missing from a model is a problem rather than a warning."""
+    """Plan the merge on ``device`` from headers; raise PlanError listing every problem found.
+    Under ``strict``, a tensor missing from a model is a problem rather than a warning. Each
+    merge job gets the backend and kernel that run it (``della_cli.kernels``)."""
     refuse_quantized([base, *experts])  # before anything is planned from their raw values
     reference, ref_model = (base, BASE) if base is not None else (experts[0], 0)
     planner = _Planner(recipe, reference, ref_model, experts, strict)
@@ -306,7 +310,8 @@ def build_plan(
         vocab_size = rows if rows != reference.tensors[embedding].shape[0] else None
     shards = split_into_shards(outputs, max_shard_bytes)
     warnings = [*recipe.schema.notes, *planner.warnings]  # the recipe's notes first
-    return Plan(jobs, shards, warnings, compute, tied, vocab_size)
+    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size)
+    return assign_kernels(plan, recipe, base, experts, device)
 
 
 def _report_architecture(planner: _Planner) -> None:

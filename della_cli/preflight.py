@@ -60,7 +60,8 @@ class PlanReport:
         width = max((len(group["action"]) for group in self.groups), default=0)
         for group in self.groups:
             count = f" ({group['count']})" if group["count"] > 1 else ""
-            lines.append(f"  {group['action']:<{width}}  {group['tensors']}{count}")
+            kernel = f"  [{group['kernel']}]" if group.get("kernel") else ""
+            lines.append(f"  {group['action']:<{width}}  {group['tensors']}{count}{kernel}")
         lines.append(
             f"{self.method}: {self.tensors} tensors ({self.merged} merged, "
             f"{self.copied} copied) into {self.shards} shard(s), "
@@ -109,7 +110,12 @@ def assess(recipe, inputs, out: Path | None, options) -> tuple[PlanReport, Plan 
     report.warnings = architecture_warnings(inputs)
     try:
         plan = build_plan(
-            recipe, inputs.base, inputs.experts, options.out_shard_bytes, strict=options.strict
+            recipe,
+            inputs.base,
+            inputs.experts,
+            options.out_shard_bytes,
+            strict=options.strict,
+            device=device,
         )
     except PlanError as error:
         report.problems = list(error.problems)
@@ -177,18 +183,19 @@ def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
     report.copied = report.tensors - report.merged
     report.shards = len(plan.shards)
     report.output_bytes = plan.output_bytes
-    counts: Counter[tuple[str, str]] = Counter()
+    counts: Counter[tuple[str, str, str]] = Counter()
     for job in plan.jobs:
         pattern = _LAYER_INDEX.sub(".*.", job.name)
-        counts[(pattern, "merged" if job.action == "merge" else "copied from base")] += 1
+        action = "merged" if job.action == "merge" else "copied from base"
+        counts[(pattern, action, job.kernel.label if job.kernel else "")] += 1
         for source in job.experts:
             if source.rows is not None:
                 how = "cropped" if source.rows > job.shape[0] else "padded"
                 detail = f"{how}: '{refs[source.model]}' {source.rows} rows to {job.shape[0]}"
-                counts[(job.name, detail)] += 1
+                counts[(job.name, detail, "")] += 1
     report.groups = [
-        {"tensors": pattern, "action": action, "count": count}
-        for (pattern, action), count in counts.items()
+        {"tensors": pattern, "action": action, "count": count, "kernel": kernel}
+        for (pattern, action, kernel), count in counts.items()
     ]
 
 

@@ -2,7 +2,7 @@
 
 TIES keeps the entries of a task vector whose stable ascending |δ| rank over the whole tensor
 is at least ``low``; breadcrumbs those in ``[low, high)`` (``methods.counts``). A merge selects
-from the whole tensor at once (``methods.trim_select``); inspect finds the same cuts from two
+from the whole tensor at once (``backends.cpu.select``); inspect finds the same cuts from two
 histogram passes over row blocks instead, so it never holds more than a block: non-negative
 float32 numbers order like their bit patterns, so the value at a rank is found 16 bits at a
 time, and equal magnitudes rank by position (the later ones rank higher), as in the merge, so

@@ -4,7 +4,7 @@
  * The engine's chunks otherwise copy each input's rows from the page cache into a buffer of
  * 2 MiB or more, which leaves the caches before the kernel reads it back. Here each input's
  * next STEP entries are read into a small scratch region that stays in L2, merged at once by
- * the same kernel (methods/weighted_sum_kernel.h, so the bytes cannot differ), and the result
+ * the same kernel (backends/cpu/weighted_sum_kernel.h, so the bytes cannot differ), and the result
  * goes to the caller's output buffer. POSIX only (positioned reads); elsewhere the module is
  * not built and the engine reads the rows itself.
  *

@@ -5,7 +5,8 @@ each input's rows are first copied from the page cache into a buffer of their ow
 bfloat16 per input), which is out of the caches by the time the kernel reads it back. The
 compiled reader here (``_streamed_sum.c``, POSIX) instead reads 32K entries of every input at
 a time into scratch memory that stays in L2 and merges them at once, with the same kernel
-(``methods/weighted_sum_kernel.h``), so the bytes are those of ``methods.weighted_sum``.
+(``backends/cpu/weighted_sum_kernel.h``), so the bytes are those of
+``backends.cpu.weighted_sum``.
 
 Where it was not built (no C compiler, or Windows), ``AVAILABLE`` is False and the engine
 reads rows into buffers as before.

@@ -11,7 +11,8 @@
 
 Experts are accumulated one at a time in a fixed order, so the result does not depend on how a
 backend would reduce a stacked tensor, and only the weighted task vectors that sign election
-needs are kept alive.
+needs are kept alive. This is the torch backend and the reference of the CPU backend
+(``backends.cpu``), which must give the same bytes.
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from della_cli.methods import cpu_kernels
-from della_cli.methods.parameters import ExpertParams, GlobalParams, Rescale
+from della_cli.methods.parameters import ExpertParams, GlobalParams
 from della_cli.methods.randomness import Draws
 from della_cli.methods.registry import MethodSpec, Sparsifier
 from della_cli.methods.sparsify import (
     apply_keep_mask,
-    as_rows,
     magnitude_keep_mask,
     magprune_keep_prob,
     outlier_keep_mask,
@@ -64,16 +63,6 @@ def sparsify_delta(
             raise ValueError(f"the {sparsifier.value} sparsifier needs uniform draws")
         drawn = uniform()
     epsilon = params.epsilon or 0.0
-    if _fused_kernel_applies(sparsifier, delta, drawn, global_params):
-        fused = cpu_kernels.random_sparsify(
-            as_rows(delta),
-            density,
-            epsilon if sparsifier is Sparsifier.MAGPRUNE else None,
-            drawn.key_words,
-            drawn.start,
-            rescale=global_params.rescale is Rescale.KEEP_PROB,
-        )
-        return fused.reshape(delta.shape)
     if sparsifier is Sparsifier.RANDOM:
         keep_prob: torch.Tensor | float = density
     else:
@@ -82,33 +71,6 @@ def sparsify_delta(
         draws = drawn.uniform(delta.shape, delta.device) if isinstance(drawn, Draws) else drawn
         keep_mask = random_keep_mask(draws, keep_prob)
     return apply_keep_mask(delta, keep_mask, keep_prob, global_params.rescale)
-
-
-def _fused_kernel_applies(
-    sparsifier: Sparsifier, delta: torch.Tensor, drawn, global_params: GlobalParams
-) -> bool:
-    """The compiled kernel computes the same bytes as the torch path for float32 CPU tensors
-    (MAGPRUNE: rows of more than one entry) with the per-element rescale or none."""
-    return (
-        isinstance(drawn, Draws)
-        and cpu_kernels.available()
-        and delta.device.type == "cpu"
-        and delta.dtype == torch.float32
-        and (sparsifier is Sparsifier.RANDOM or as_rows(delta).shape[-1] > 1)
-        and global_params.rescale in (Rescale.KEEP_PROB, Rescale.NONE)
-    )
-
-
-def _fused_kernel_fits(base: torch.Tensor, weighted: Sequence[torch.Tensor]) -> bool:
-    """The compiled fuse gives the reference's bits for float32 CPU tensors; it pays off
-    once a tensor is large enough to amortize the call."""
-    return (
-        cpu_kernels.available()
-        and base.device.type == "cpu"
-        and base.dtype == torch.float32
-        and base.numel() >= 1 << 12
-        and all(v.dtype == torch.float32 and v.shape == base.shape for v in weighted)
-    )
 
 
 def elect_signs(weighted_sum: torch.Tensor) -> torch.Tensor:
@@ -177,15 +139,6 @@ def merge_tensor(
         mask = keep_masks[index] if keep_masks is not None else None
         sparse = sparsify_delta(spec.sparsifier, model - base, expert, global_params, draws, mask)
         weighted.append(sparse if expert.weight == 1.0 else sparse.mul_(expert.weight))
-    if _fused_kernel_fits(base, weighted):
-        return cpu_kernels.fuse_into_base(
-            base,
-            weighted,
-            weights,
-            spec.sign_consensus,
-            global_params.normalize,
-            global_params.lambda_,
-        )
     signs = None
     if spec.sign_consensus:
         total = torch.zeros_like(weighted[0])

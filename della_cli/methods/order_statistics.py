@@ -5,7 +5,7 @@ importance score; neither score is stored. A radix selection on the score's bit 
 the value of a given ascending rank with one pass over the blocks per 16-bit digit (two for a
 float32 score, four for float64), recomputing the score in each pass, so memory stays one
 block plus a 65536-bucket histogram. This is the torch reference of the selection that
-``trim_select.py`` runs compiled for TIES. Ties rank by position (stable ascending order).
+``backends/cpu/select.py`` runs compiled for TIES. Ties rank by position (stable ascending order).
 """
 
 from __future__ import annotations

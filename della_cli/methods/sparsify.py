@@ -14,10 +14,6 @@ pure: random draws are passed in as uniform numbers in [0, 1).
 
 from __future__ import annotations
 
-import sys
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 import torch
 
 from della_cli.methods.counts import magnitude_rank_window
@@ -36,41 +32,8 @@ def as_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def stable_row_order(magnitude_rows: torch.Tensor) -> torch.Tensor:
     """Positions that sort each row of non-negative values ascending, equal values kept in
-    position order: (rows, n) int64.
-
-    On the CPU, float32 magnitudes are ordered by a two-pass LSD radix sort of their bit
-    patterns (non-negative floats order like their bits): numpy's stable sort of 16-bit keys
-    is a linear-time radix sort, about twice as fast as torch's comparison sort, and the row
-    blocks are spread over torch's intra-op threads. Both paths give the same order.
-    """
-    rows = magnitude_rows
-    radix = (
-        rows.device.type == "cpu"
-        and rows.dtype == torch.float32
-        and rows.numel() >= 1 << 14  # below this, thread start-up outweighs the gain
-        and sys.byteorder == "little"  # the digit split below assumes it
-    )
-    if not radix:
-        return torch.sort(rows, dim=-1, stable=True).indices
-    bits = rows.contiguous().numpy().view(np.uint32)
-    order = np.empty(bits.shape, dtype=np.int64)
-    workers = max(1, min(torch.get_num_threads(), bits.shape[0]))
-    bounds = np.linspace(0, bits.shape[0], workers + 1).astype(int)
-
-    def sort_rows(first: int, last: int) -> None:
-        # little-endian: each 32-bit key is its (low, high) pair of 16-bit digits
-        digits = bits[first:last].view(np.uint16).reshape(last - first, -1, 2)
-        by_low = np.argsort(digits[..., 0], axis=-1, kind="stable")
-        high = np.take_along_axis(digits[..., 1], by_low, axis=-1)
-        by_high = np.argsort(high, axis=-1, kind="stable")
-        order[first:last] = np.take_along_axis(by_low, by_high, axis=-1)
-
-    if workers == 1:
-        sort_rows(0, bits.shape[0])
-    else:  # numpy releases the GIL while sorting
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(sort_rows, bounds[:-1], bounds[1:]))
-    return torch.from_numpy(order)
+    position order: (rows, n) int64."""
+    return torch.sort(magnitude_rows, dim=-1, stable=True).indices
 
 
 def stable_row_ranks(rows: torch.Tensor) -> torch.Tensor:
@@ -117,11 +80,6 @@ def rank_at_least_mask(magnitude: torch.Tensor, min_rank: int) -> torch.Tensor:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if min_rank >= numel:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32:
-        from della_cli.methods import cpu_kernels  # the same selection, compiled
-
-        if cpu_kernels.available():
-            return cpu_kernels.rank_at_least_mask(magnitude, min_rank)
     pivot = torch.kthvalue(flat, min_rank + 1).values
     below = int((flat < pivot).sum())
     equal = flat == pivot

@@ -77,7 +77,7 @@ def test_an_interrupt_inside_a_compiled_kernel_exits_130(ties_recipe, tmp_path, 
     """A signal handled while numba's dispatcher runs surfaces as `SystemError:
     CPUDispatcher(<function _pivots ...>) returned a result with an exception set`, the
     KeyboardInterrupt as its context; it was reported as an unexpected error, exit 1."""
-    from della_cli.methods import trim_select
+    from della_cli.backends.cpu import select as trim_select
 
     def interrupted_kernel(*args, **kwargs):
         try:

@@ -706,7 +706,7 @@ def test_a_cpu_merge_of_bfloat16_models_never_imports_torch(
     import subprocess
     import sys
 
-    from della_cli.methods import cpu_kernels, weighted_sum
+    from kernel_check import without_cpu_backend
 
     recipe = bf16_recipe(method, parameters)
     out = tmp_path / "out"
@@ -724,8 +724,7 @@ def test_a_cpu_merge_of_bfloat16_models_never_imports_torch(
     assert done.returncode == 0, done.stderr
     numba_needed = method not in ("linear", "task_arithmetic")
     assert done.stdout.strip().splitlines()[-1] == f"False {numba_needed} False"
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)  # the plain torch path
-    monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
+    without_cpu_backend(monkeypatch)  # the torch backend, the reference
     run_merge(recipe, tmp_path / "torch", MergeOptions(device="cpu"))
     written = (out / "model.safetensors").read_bytes()
     assert written == (tmp_path / "torch" / "model.safetensors").read_bytes()

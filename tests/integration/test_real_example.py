@@ -31,7 +31,7 @@ def stable_lines(output: str, commits: dict[str, str]) -> str:
 def test_the_real_model_example_plans_as_documented(fake_hub, tmp_path, monkeypatch):
     commits = {repo: fake_hub.add_files(repo, model_files(QWEN25_05B), repo) for repo in REPOS}
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["plan", str(RECIPE)])
+    result = CliRunner().invoke(app, ["plan", str(RECIPE), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     plan = stable_lines(result.stdout, commits)
     if os.environ.get("DELLA_UPDATE_EXPECTED"):  # after a deliberate change of the plan

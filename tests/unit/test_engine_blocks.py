@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_check import require_streamed_reads
+from kernel_check import on_backend, require_streamed_reads, without_cpu_backend
 
 from della_cli.api import MergeOptions, prepare
 from della_cli.engine import MergeEngine
@@ -55,16 +55,16 @@ def test_blocked_merge_equals_whole_tensor_merge(method, model_zoo, write_recipe
     ("dtype", "out_dtype"),
     [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "float32")],
 )
-def test_compiled_kernels_and_torch_path_write_the_same_bytes(
+def test_the_cpu_and_torch_backends_write_the_same_bytes(
     method, dtype, out_dtype, model_zoo, write_recipe, tmp_path, monkeypatch
 ):
-    """The fast CPU passes (the weighted sum of task arithmetic and linear, read by the
-    streamed reader or into buffers, the compiled whole-block merge of the others, and the
-    per-step kernels it falls back to) against the plain torch implementation, byte for byte,
-    on inputs as stored."""
+    """The CPU backend (the weighted sum of task arithmetic and linear, read by the streamed
+    reader or into buffers, the numba block kernel of the others) against the torch backend,
+    byte for byte, on inputs as stored."""
     from della_cli.api import run_merge
+    from della_cli.backends.cpu import block as fused_merge
+    from della_cli.backends.cpu import weighted_sum
     from della_cli.io import streamed_sum
-    from della_cli.methods import cpu_kernels, fused_merge, weighted_sum
 
     recipe = {
         "merge_method": method,
@@ -100,31 +100,31 @@ def test_compiled_kernels_and_torch_path_write_the_same_bytes(
     assert fast_blocks or streamed, f"{fast.__name__} never ran"
     if fast is fused_merge:
         assert not streamed
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
+    without_cpu_backend(monkeypatch)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
     assert fused == (tmp_path / "torch" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("method", ["della", "dare_ties", "ties", "task_arithmetic"])
-def test_whole_block_pass_and_per_step_kernels_agree_on_every_tensor(method, bf16_recipe):
-    """With the whole-block pass on and off (the per-step kernels then run), in blocks of a
-    few rows so that draw offsets and mask slices are exercised."""
+def test_the_backends_agree_on_every_tensor_in_blocks_of_a_few_rows(method, bf16_recipe):
+    """In blocks of a few rows, so that draw offsets and mask slices are exercised."""
     recipe_path = bf16_recipe(method, {**METHOD_PARAMETERS[method], "lambda": 0.9}, seed=11)
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
-    cpu = torch.device("cpu")
-    fused = MergeEngine(recipe, plan, inputs, cpu, block_elements=200)
-    stepwise = MergeEngine(recipe, plan, inputs, cpu, block_elements=200, fused_kernels=False)
-    for job in plan.jobs:
-        assert same_bytes(fused.compute(job), stepwise.compute(job)), job.name
+    cpu_plan = on_backend(plan, recipe, inputs, "cpu")
+    assert all(job.kernel.backend == "cpu" for job in cpu_plan.jobs if job.kernel)
+    cpu = MergeEngine(recipe, cpu_plan, inputs, "cpu", block_elements=200)
+    torch_plan = on_backend(plan, recipe, inputs, "torch")
+    reference = MergeEngine(recipe, torch_plan, inputs, "cpu", block_elements=200)
+    for job, torch_job in zip(cpu_plan.jobs, torch_plan.jobs, strict=True):
+        assert same_bytes(cpu.compute(job), reference.compute(torch_job)), job.name
 
 
 def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(bf16_recipe, tmp_path, monkeypatch):
     """On the CPU, TIES selects from the inputs as stored, on every tensor: the plain torch
     path's bytes."""
     from della_cli.api import run_merge
-    from della_cli.methods import cpu_kernels, trim_select
+    from della_cli.backends.cpu import select as trim_select
 
     recipe_path = bf16_recipe("ties", {"density": 0.3})
     selections = []
@@ -141,7 +141,7 @@ def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(bf16_recipe, tmp
         reader.close()
     merged_tensors = sum(job.action == "merge" for job in plan.jobs)
     assert merged_tensors > 5 and len(selections) == 2 * merged_tensors  # two experts each
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    without_cpu_backend(monkeypatch)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     lean = (tmp_path / "lean" / "model.safetensors").read_bytes()
     assert lean == (tmp_path / "torch" / "model.safetensors").read_bytes()
@@ -153,7 +153,6 @@ def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
 ):
     """Degenerate shapes real checkpoints carry (an empty buffer, a scalar, rows of one)."""
     from della_cli.api import run_merge
-    from della_cli.methods import cpu_kernels, weighted_sum
 
     shapes = {"empty": (0, 8), "scalar": (), "column": (16, 1), "one": (1,), "rows": (4, 32)}
     if method.startswith(("ties", "breadcrumbs")):  # a trim of one entry keeps none: refused
@@ -168,25 +167,24 @@ def test_empty_and_single_entry_tensors_merge_like_the_torch_path(
         }
     )
     run_merge(recipe_path, tmp_path / "fused", MergeOptions(device="cpu"))
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    monkeypatch.setattr(weighted_sum, "supports", lambda dtype: False)
+    without_cpu_backend(monkeypatch)
     run_merge(recipe_path, tmp_path / "torch", MergeOptions(device="cpu"))
     fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
     assert fused == (tmp_path / "torch" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize(
-    ("method", "fast_paths"),
+    ("method", "backend"),
     [
-        ("task_arithmetic", True),
-        ("linear", True),
-        ("della", True),
-        ("ties", True),
-        ("dare_linear", False),
+        ("task_arithmetic", "cpu"),
+        ("linear", "cpu"),
+        ("della", "cpu"),
+        ("ties", "cpu"),
+        ("dare_linear", "torch"),
     ],
 )
 def test_the_run_loop_recycles_block_buffers_without_changing_a_byte(
-    method, fast_paths, bf16_recipe, tmp_path
+    method, backend, bf16_recipe, tmp_path
 ):
     """``run`` reads into recycled buffers and writes from recycled output buffers while the
     reader and writer threads work ahead; in blocks of a few rows that recycling happens
@@ -197,18 +195,15 @@ def test_the_run_loop_recycles_block_buffers_without_changing_a_byte(
 
     recipe_path = bf16_recipe(method, METHOD_PARAMETERS[method], seed=3)
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
-    streaming = MergeEngine(
-        recipe, plan, inputs, "cpu", block_elements=96, fused_kernels=fast_paths
-    )
+    plan = on_backend(plan, recipe, inputs, backend)
+    streaming = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96)
     assert sum(len(streaming.block_tasks(job)) for job in plan.jobs) > 200
     writer = ShardWriter(tmp_path, plan.shards)
     streaming.run(writer)
     written = {}
     for file_name in writer.close():
         written.update(load_file(tmp_path / file_name))
-    alone = MergeEngine(
-        recipe, plan, inputs, "cpu", block_elements=1 << 30, fused_kernels=fast_paths
-    )
+    alone = MergeEngine(recipe, plan, inputs, "cpu", block_elements=1 << 30)
     for job in plan.jobs:
         expected = alone.compute(job)
         assert written[job.name].tobytes() == expected.tobytes(), job.name
@@ -258,7 +253,8 @@ def test_a_linear_merge_without_a_base_reads_its_first_model_once(
     monkeypatch.setattr(ModelReader, "read_rows", counted)
     monkeypatch.setattr(streamed_sum, "merge", streamed)
     writer = ShardWriter(tmp_path, plan.shards)
-    engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96, stream_reads=stream_reads)
+    chunked = on_backend(plan, recipe, inputs, "cpu", stream_reads=stream_reads)
+    engine = MergeEngine(recipe, chunked, inputs, "cpu", block_elements=96)
     engine.run(writer)
     written = {}
     for file_name in writer.close():
@@ -266,6 +262,7 @@ def test_a_linear_merge_without_a_base_reads_its_first_model_once(
     assert {folder for folder, _, _ in reads} == {m.resolve() for m in models}
     assert set(reads.values()) == {1}
     assert set(bases) == ({0} if stream_reads else set())
-    reference = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
-    for job in plan.jobs:
+    torch_plan = on_backend(plan, recipe, inputs, "torch")
+    reference = MergeEngine(recipe, torch_plan, inputs, "cpu")
+    for job in torch_plan.jobs:
         assert written[job.name].tobytes() == reference.compute(job).tobytes(), job.name

@@ -12,15 +12,15 @@ import time
 
 import pytest
 import torch
-from kernel_check import require_kernel, require_streamed_reads
+from kernel_check import on_backend, require_kernel, require_streamed_reads
 
-from della_cli import engine as engine_module
 from della_cli.api import MergeOptions, prepare
-from della_cli.engine import MergeEngine, _InOrder
+from della_cli.backends.cpu import weighted_sum
+from della_cli.engine import InOrder, MergeEngine
+from della_cli.engine import threads as engine_threads
 from della_cli.errors import ModelError
 from della_cli.io import streamed_sum
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import weighted_sum
 
 
 def written_tensors(writer: ShardWriter, folder) -> dict:
@@ -50,7 +50,7 @@ def run_in_thread(target, seconds: float = 60.0):
     return errors[0] if errors else None
 
 
-@pytest.mark.parametrize("reads", ["streamed", "kernel", "numpy"])
+@pytest.mark.parametrize("reads", ["streamed", "kernel"])
 @pytest.mark.parametrize(
     ("method", "parameters"), [("task_arithmetic", {"lambda": 0.7}), ("linear", {})]
 )
@@ -59,8 +59,7 @@ def test_chunks_finished_out_of_order_are_written_in_order(
 ):
     """Four threads, each delayed at random before it merges a chunk: the file holds every
     tensor as the torch path computes it alone, whether the chunks are read by the streamed
-    reader or into buffers merged by the compiled kernel or by numpy's loops (each thread then
-    has chunk buffers of its own)."""
+    reader or into buffers merged by the compiled kernel."""
     if reads == "streamed":
         require_streamed_reads()
     if reads == "kernel":
@@ -69,7 +68,7 @@ def test_chunks_finished_out_of_order_are_written_in_order(
 
     def counted(*args, **kwargs):
         blocks.append(kwargs.get("helper_count", args[5] if len(args) > 5 else 0))
-        return merge_block(*args, **kwargs, compiled=reads == "kernel")
+        return merge_block(*args, **kwargs)
 
     def counted_streams(*args, **kwargs):
         streamed.append(args[0].size)
@@ -78,13 +77,12 @@ def test_chunks_finished_out_of_order_are_written_in_order(
     streamed_merge = streamed_sum.merge
     monkeypatch.setattr(weighted_sum, "merge_block", counted)
     monkeypatch.setattr(streamed_sum, "merge", counted_streams)
-    monkeypatch.setattr(engine_module, "_cpu_count", lambda: 4)
+    monkeypatch.setattr(engine_threads, "usable_cores", lambda: 8)
     recipe_path = bf16_recipe(method, parameters)
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
-    chunked = MergeEngine(
-        recipe, plan, inputs, "cpu", block_elements=96, stream_reads=reads == "streamed"
-    )
-    assert all(chunked.merges_in_chunks(job) for job in plan.jobs if job.action == "merge")
+    plan = on_backend(plan, recipe, inputs, "cpu", stream_reads=reads == "streamed")
+    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96, threads=4)
+    assert all(job.kernel.in_chunks for job in plan.jobs if job.action == "merge")
     assert sum(len(chunked.block_tasks(job)) for job in plan.jobs) > 200
     merge_chunk, threads, shuffle = MergeEngine.merge_chunk, set(), random.Random(5)
 
@@ -102,17 +100,18 @@ def test_chunks_finished_out_of_order_are_written_in_order(
     else:
         assert len(blocks) > 200 and set(blocks) == {0} and not streamed  # one thread a chunk
     written = written_tensors(writer, tmp_path)
-    torch_path = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
-    for job in plan.jobs:
-        assert written[job.name].tobytes() == torch_path.compute(job).tobytes(), job.name
+    torch_plan = on_backend(plan, recipe, inputs, "torch")
+    reference = MergeEngine(recipe, torch_plan, inputs, "cpu")
+    for job in torch_plan.jobs:
+        assert written[job.name].tobytes() == reference.compute(job).tobytes(), job.name
 
 
 def test_an_error_in_one_chunk_stops_every_thread_and_reaches_the_caller(
     bf16_recipe, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(engine_module, "_cpu_count", lambda: 3)
+    monkeypatch.setattr(engine_threads, "usable_cores", lambda: 8)
     recipe, inputs, plan = prepare(bf16_recipe("task_arithmetic", {}), MergeOptions())
-    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96)
+    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=96, threads=3)
     merge_chunk, calls, lock = MergeEngine.merge_chunk, [], threading.Lock()
 
     def failing(self, task):
@@ -140,7 +139,7 @@ def test_strict_refuses_a_nan_in_a_chunk_whichever_thread_merges_it(
     """--strict fails on an input's NaN whichever thread merges the chunk that holds it."""
     from safetensors.torch import load_file, save_file
 
-    monkeypatch.setattr(engine_module, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(engine_threads, "usable_cores", lambda: 8)
     source = model_zoo("llama", expert=1, dtype=torch.bfloat16)
     poisoned = tmp_path / "poisoned"
     poisoned.mkdir()
@@ -159,9 +158,8 @@ def test_strict_refuses_a_nan_in_a_chunk_whichever_thread_merges_it(
         }
     )
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
-    chunked = MergeEngine(
-        recipe, plan, inputs, "cpu", block_elements=32, strict=True, stream_reads=stream_reads
-    )
+    plan = on_backend(plan, recipe, inputs, "cpu", stream_reads=stream_reads)
+    chunked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=32, strict=True, threads=2)
     assert len(chunked.block_tasks(next(j for j in plan.jobs if j.name == name))) > 1
     (tmp_path / "out").mkdir()
     writer = ShardWriter(tmp_path / "out", plan.shards)
@@ -191,8 +189,7 @@ def test_merges_that_are_not_a_plain_weighted_sum_keep_the_pipeline(
         }
     )
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
-    engine = MergeEngine(recipe, plan, inputs, "cpu")
-    assert not any(engine.merges_in_chunks(job) for job in plan.jobs)
+    assert not any(job.kernel.in_chunks for job in plan.jobs if job.kernel)
     weighted = write_recipe(
         {
             "merge_method": "task_arithmetic",
@@ -202,14 +199,13 @@ def test_merges_that_are_not_a_plain_weighted_sum_keep_the_pipeline(
         name="weighted.yaml",
     )
     recipe, inputs, plan = prepare(weighted, MergeOptions())
-    on_cpu = MergeEngine(recipe, plan, inputs, "cpu")
-    assert any(on_cpu.merges_in_chunks(job) for job in plan.jobs)
-    compared = MergeEngine(recipe, plan, inputs, "cpu", fused_kernels=False)
-    assert not any(compared.merges_in_chunks(job) for job in plan.jobs)
+    assert any(job.kernel.in_chunks for job in plan.jobs if job.kernel)
+    torch_plan = on_backend(plan, recipe, inputs, "torch")
+    assert not any(job.kernel.in_chunks for job in torch_plan.jobs if job.kernel)
 
 
 def test_results_are_written_in_task_order_whoever_finishes_first():
-    order = _InOrder(12, ahead=4)
+    order = InOrder(12, ahead=4)
     written: list[int] = []
     delays = [0.002 * ((7 * k) % 5) for k in range(12)]  # later tasks often finish first
 
@@ -229,7 +225,7 @@ def test_results_are_written_in_task_order_whoever_finishes_first():
 
 
 def test_a_result_delivered_out_of_turn_waits_in_the_queue_not_in_its_thread():
-    order = _InOrder(3, ahead=3)
+    order = InOrder(3, ahead=3)
     written: list[int] = []
     assert [order.claim(), order.claim(), order.claim()] == [0, 1, 2]
     order.deliver(2, lambda: written.append(2))  # returns at once: 0 and 1 are not written
@@ -240,7 +236,7 @@ def test_a_result_delivered_out_of_turn_waits_in_the_queue_not_in_its_thread():
 
 
 def test_a_failure_releases_the_threads_waiting_to_deliver():
-    order = _InOrder(3, ahead=1)
+    order = InOrder(3, ahead=1)
     assert order.claim() == 0 and order.claim() == 1
     released = threading.Event()
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from kernel_check import require_streamed_reads
 
+from della_cli.backends.cpu import weighted_sum
+from della_cli.backends.cpu.weighted_sum import BFLOAT16, WeightedSum
 from della_cli.errors import ModelError
 from della_cli.io import streamed_sum
 from della_cli.io.streamed_sum import FileSpan
-from della_cli.methods import weighted_sum
-from della_cli.methods.weighted_sum import BFLOAT16, WeightedSum
 
 F32 = np.dtype(np.float32)
 CODES = {BFLOAT16: "BF16", F32: "F32"}
@@ -76,9 +76,7 @@ def test_same_bytes_and_flags_as_the_kernel_on_arrays(dtypes, out_dtype, on_delt
     arrays[2][-3] = np.nan
     arrays[3][10] = -np.inf
     spec = WeightedSum(weights=(0.5, 1.0, -2.0), on_deltas=on_deltas, normalize=True, lambda_=0.7)
-    expected, expected_flags = weighted_sum.merge_block(
-        arrays[0], arrays[1:], spec, out_dtype, compiled=False
-    )
+    expected, expected_flags = weighted_sum.merge_block(arrays[0], arrays[1:], spec, out_dtype)
     spans = spans_in_file(tmp_path, arrays, lead=1001)
     out = np.full(entries, 7, dtype=out_dtype)
     try:
@@ -104,7 +102,7 @@ def test_a_base_that_is_an_expert_is_read_once_and_flagged_as_the_base(tmp_path)
     arrays = [a.astype(BFLOAT16) for a in awkward(2, STEP + 17, seed=3)[1:]]
     arrays[1][STEP + 5] = np.inf
     spec = WeightedSum(weights=(1.0, 3.0), on_deltas=False, normalize=True, lambda_=1.0)
-    expected, _ = weighted_sum.merge_block(arrays[1], arrays, spec, BFLOAT16, compiled=False)
+    expected, _ = weighted_sum.merge_block(arrays[1], arrays, spec, BFLOAT16)
     spans = spans_in_file(tmp_path, arrays, lead=0)
     out = np.empty(STEP + 17, dtype=BFLOAT16)
     try:

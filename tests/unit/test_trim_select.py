@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from della_cli.backends.cpu import rules
+from della_cli.backends.cpu.select import window_keep_mask
 from della_cli.io.dtypes import from_torch, to_torch
-from della_cli.methods import cpu_kernels
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
-from della_cli.methods.trim_select import window_keep_mask
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs numba")
+pytestmark = pytest.mark.skipif(not rules.available(), reason="needs numba")
 
 
 def pair(shape, dtype, seed, ties=False):
@@ -28,16 +28,12 @@ def window_mask(expert, base, low, high):
     return to_torch(window_keep_mask(from_torch(expert), from_torch(base), low, high))
 
 
-def reference_mask(expert, base, density, gamma, monkeypatch):
+def reference_mask(expert, base, density, gamma):
     """The torch reference (quickselect + cumulative sums) on a float32 |δ|."""
     magnitude = (expert.float() - base.float()).abs()
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    try:
-        if gamma is None:
-            return top_magnitude_mask(magnitude, density)
-        return middle_magnitude_mask(magnitude, density, gamma)
-    finally:
-        monkeypatch.undo()
+    if gamma is None:
+        return top_magnitude_mask(magnitude, density)
+    return middle_magnitude_mask(magnitude, density, gamma)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -47,11 +43,11 @@ def reference_mask(expert, base, density, gamma, monkeypatch):
     [(0.5, None), (0.01, None), (0.999, None), (0.3, 0.05), (0.9, 0.2), (0.5, 0.0)],
 )
 @pytest.mark.parametrize("shape", [(64, 300), (5000,), (3, 7)])
-def test_window_mask_equals_the_reference(dtype, ties, density, gamma, shape, monkeypatch):
+def test_window_mask_equals_the_reference(dtype, ties, density, gamma, shape):
     expert, base = pair(shape, dtype, seed=len(shape) + shape[0], ties=ties)
     low, high = magnitude_rank_window(expert.numel(), density, gamma)
     mask = window_mask(expert, base, low, high)
-    expected = reference_mask(expert, base, density, gamma, monkeypatch)
+    expected = reference_mask(expert, base, density, gamma)
     assert mask.shape == expert.shape
     assert torch.equal(mask, expected)
     assert int(mask.sum()) == high - low

@@ -1,10 +1,8 @@
 """The weighted sum (task arithmetic, linear) against hand-computed values and the torch
-reference, byte for byte, including the non-finite flags and the bits of its NaNs: every test
-runs on both implementations, the compiled kernel and numpy's loops."""
+reference, byte for byte, including the non-finite flags and the bits of its NaNs."""
 
 from __future__ import annotations
 
-import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
@@ -13,22 +11,21 @@ import pytest
 import torch
 from kernel_check import require_kernel
 
+from della_cli.backends.cpu import weighted_sum
+from della_cli.backends.cpu.weighted_sum import BFLOAT16, CHUNK, WeightedSum
 from della_cli.io.dtypes import from_torch, to_torch
-from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor, weighted_sum
-from della_cli.methods.weighted_sum import BFLOAT16, CHUNK, WeightedSum
+from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor
 
 F32 = np.dtype(np.float32)
 # Entries the kernel merges at a time (PIECE in _weighted_sum.c).
 PIECE_ENTRIES = 1024
 
 
-@pytest.fixture(params=["compiled", "numpy"])
-def merge_block(request):
-    """``weighted_sum.merge_block`` with one implementation."""
-    compiled = request.param == "compiled"
-    if compiled:
-        require_kernel()
-    return functools.partial(weighted_sum.merge_block, compiled=compiled)
+@pytest.fixture
+def merge_block():
+    """``weighted_sum.merge_block``, where the kernel is built."""
+    require_kernel()
+    return weighted_sum.merge_block
 
 
 def as_bf16(values) -> np.ndarray:
@@ -198,12 +195,11 @@ def test_mixed_input_dtypes_give_the_reference_bytes(merge_block):
     assert flags.tolist() == [False, False, False, True]
 
 
-def test_float32_nans_fall_where_numpys_do_and_every_other_byte_matches():
+def test_float32_nans_fall_where_the_references_do_and_every_other_byte_matches(merge_block):
     """Inputs with NaNs of several payloads and both signs. Where two NaNs meet, IEEE 754 leaves
     open whose payload survives (numpy and torch differ on these very inputs, and so does the
     kernel, whose compiler may order an addition's operands either way), so NaNs are compared
     by position; every other byte must match. bfloat16 outputs have one NaN, 0xFFFF."""
-    require_kernel()
     rng = np.random.default_rng(4)
     arrays = [rng.standard_normal((3, 2051), dtype=np.float32) for _ in range(3)]
     payloads = np.array([0x7FC00001, 0xFFC00002, 0x7FA00003, 0xFF800000], dtype=np.uint32)
@@ -211,31 +207,15 @@ def test_float32_nans_fall_where_numpys_do_and_every_other_byte_matches():
         flat = array.reshape(-1).view(np.uint32)
         flat[index::7] = payloads[index % len(payloads)]
         flat[index + 1 :: 9] = payloads[(index + 1) % len(payloads)]
-    for on_deltas, weights in ((True, (1.0, -0.5)), (False, (0.25, 3.0))):
-        spec = WeightedSum(weights=weights, on_deltas=on_deltas, normalize=True, lambda_=0.5)
-        kernel, kernel_flags = weighted_sum.merge_block(
-            arrays[0], arrays[1:], spec, F32, compiled=True
-        )
-        loops, loop_flags = weighted_sum.merge_block(
-            arrays[0], arrays[1:], spec, F32, compiled=False
-        )
-        nan = np.isnan(loops)
+    for method, weights in (("task_arithmetic", (1.0, -0.5)), ("linear", (0.25, 3.0))):
+        spec = WeightedSum(weights, METHODS[method].on_deltas, normalize=True, lambda_=0.5)
+        kernel, kernel_flags = merge_block(arrays[0], arrays[1:], spec, F32)
+        expected = reference(method, arrays, weights, torch.float32, normalize=True, lambda_=0.5)
+        nan = np.isnan(expected)
         assert 0 < nan.sum() < nan.size
         assert (np.isnan(kernel) == nan).all()
-        assert kernel[~nan].tobytes() == loops[~nan].tobytes()
-        assert kernel_flags.tolist() == loop_flags.tolist() == [True, True, True]
-
-
-def test_more_experts_than_the_kernel_takes_merge_in_numpy(merge_block):
-    count = weighted_sum.KERNEL_MAX_EXPERTS + 2
-    base = np.zeros((2, 3), dtype=BFLOAT16)
-    experts = [np.full((2, 3), float(index), dtype=BFLOAT16) for index in range(count)]
-    experts[-1][1, 2] = np.inf
-    spec = WeightedSum(weights=(1.0,) * count, on_deltas=True, normalize=True, lambda_=1.0)
-    merged, flags = merge_block(base, experts, spec, BFLOAT16)
-    finite = merged.astype(np.float32).reshape(-1)[:5]
-    assert (finite == np.float32(sum(range(count)) / count).astype(BFLOAT16)).all()
-    assert flags.tolist() == [False] * count + [True]
+        assert kernel[~nan].tobytes() == expected[~nan].tobytes()
+        assert kernel_flags.tolist() == [True, True, True]
 
 
 @pytest.mark.parametrize(

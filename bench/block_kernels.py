@@ -1,12 +1,12 @@
-"""Process time of merging one block on the CPU: the whole-block compiled pass against the
-per-step kernels and against the plain torch path, per method.
+"""Process time of merging one block on the CPU: the CPU backend's block kernel against the
+torch backend (the reference), per method.
 
 A block of 1024 × 4096 entries (a 4M-element block, the engine's CPU block size) of a
 bfloat16 base and 3 bfloat16 experts, merged into bfloat16. Process time (not wall time) is
 taken, minimum of ``--repeats``, so other load on the machine matters less; run it with
 ``NUMBA_NUM_THREADS=1`` for per-core figures.
 
-    NUMBA_NUM_THREADS=1 python bench/kernels.py [--repeats 10]
+    NUMBA_NUM_THREADS=1 python bench/block_kernels.py [--repeats 10]
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ try:
 except ImportError:  # a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from della_cli.backends.cpu import block as fused_merge
 from della_cli.io.dtypes import from_torch, to_torch
-from della_cli.methods import METHODS, Rescale, cpu_kernels, fused_merge, merge_tensor
+from della_cli.methods import METHODS, Rescale, merge_tensor
 from della_cli.methods.parameters import ExpertParams, GlobalParams
 from della_cli.methods.randomness import Draws, derive_key
 from della_cli.methods.sparsify import top_magnitude_mask
@@ -45,11 +46,11 @@ def inputs() -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base.bfloat16(), [e.bfloat16() for e in experts]
 
 
-def stepwise(method, base, experts, masks):
-    """What the engine did before the whole-block pass: widen, then merge_tensor."""
+def torch_backend(method, base, experts, masks):
+    """The torch backend: widen, then merge_tensor."""
     spec = METHODS[method]
     _, params = CASES[method]
-    wide = [cpu_kernels.bfloat16_to_float32(t) for t in (base, *experts)]
+    wide = [t.float() for t in (base, *experts)]
     merged = merge_tensor(
         spec,
         wide[0],
@@ -110,26 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"block {ROWS} x {COLUMNS}, {EXPERTS} bfloat16 experts; process time, min of {args.repeats}"
     )
-    print("| method | whole-block pass ms | per-step kernels ms | torch ms | same bytes |")
-    print("|---|---|---|---|---|")
+    print("| method | CPU block kernel ms | torch ms | same bytes |")
+    print("|---|---|---|---|")
     for method in CASES:
         masks = None
         if CASES[method][0] == fused_merge.MASK:
             masks = [top_magnitude_mask((e.float() - base.float()).abs(), 0.5) for e in experts]
         whole = timed(lambda m=method, k=masks: whole_block(m, base, experts, k), args.repeats)
-        steps = timed(lambda m=method, k=masks: stepwise(m, base, experts, k), args.repeats)
-        available = cpu_kernels.available
-        cpu_kernels.available = lambda: False
-        try:
-            plain = timed(lambda m=method, k=masks: stepwise(m, base, experts, k), args.repeats)
-            reference = stepwise(method, base, experts, masks)
-        finally:
-            cpu_kernels.available = available
+        plain = timed(lambda m=method, k=masks: torch_backend(m, base, experts, k), args.repeats)
+        reference = torch_backend(method, base, experts, masks)
         same = torch.equal(
             whole_block(method, base, experts, masks).view(torch.int16),
             reference.view(torch.int16),
         )
-        print(f"| {method} | {whole * 1e3:.1f} | {steps * 1e3:.1f} | {plain * 1e3:.1f} | {same} |")
+        print(f"| {method} | {whole * 1e3:.1f} | {plain * 1e3:.1f} | {same} |")
     return 0
 
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from della_cli.methods import cpu_kernels, weighted_sum
+from della_cli.backends.cpu import output_array, rules
 
 try:
     import numba
     from numba.core import types
-    from numba.extending import overload
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -50,7 +50,7 @@ class ExpertPlan:
 def supports(dtype: np.dtype) -> bool:
     """Inputs and outputs the compiled pass handles: bfloat16 and float32 (and only where
     the compiled kernels are on at all)."""
-    return cpu_kernels.available() and dtype in _KERNEL_VIEWS
+    return rules.available() and dtype in _KERNEL_VIEWS
 
 
 def kernel_view(array: np.ndarray) -> np.ndarray:
@@ -81,15 +81,24 @@ def merge_block(
     averaged and the base only checked.
     """
     rows, n = base.shape
-    mask_arrays = tuple(np.ascontiguousarray(m) for m in masks) if masks else None
-    if mask_arrays is None:
-        mask_arrays = tuple(np.zeros((1, 1), dtype=np.bool_) for _ in experts)
-    out = weighted_sum.output_array(out, (rows, n), out_dtype)
+    # The experts and masks go in as addresses, not as a tuple of arrays: numba compiles a
+    # function once per argument type, and a tuple's type includes its length, so every expert
+    # count was a compilation of its own (13 s here). The arrays are kept alive by ``views``
+    # and ``mask_views`` for the call, which only reads them.
+    views = [kernel_view(expert) for expert in experts]
+    if any(view.shape != base.shape or view.dtype != kernel_view(base).dtype for view in views):
+        raise ValueError("the experts must have the base's shape and dtype")
+    mask_views = [np.ascontiguousarray(m, dtype=np.bool_) for m in masks] if masks else []
+    if any(mask.shape != base.shape for mask in mask_views):
+        raise ValueError("the masks must have the base's shape")
+    if not mask_views and any(plan.mode == MASK for plan in plans):
+        raise ValueError("an expert selected by a mask needs its mask")
+    out = output_array(out, (rows, n), out_dtype)
     nonfinite = np.zeros((rows, len(experts) + 1), dtype=np.bool_)
     _merge_rows(
         kernel_view(base),
-        tuple(kernel_view(e) for e in experts),
-        mask_arrays,
+        _addresses(views),
+        _addresses(mask_views) if mask_views else np.zeros(len(views), dtype=np.uint64),
         np.array([p.mode for p in plans], dtype=np.int64),
         np.array([p.density for p in plans], dtype=np.float32),
         np.array([p.density - p.epsilon for p in plans], dtype=np.float32),
@@ -110,99 +119,21 @@ def merge_block(
     return out, nonfinite.any(axis=0)
 
 
+def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.array([array.ctypes.data for array in arrays], dtype=np.uint64)
+
+
 if numba is not None:
 
-    def _widen_row(source, target):
-        """Copy a row of stored values into a float32 buffer."""
+    @intrinsic
+    def _pointer_like(typingctx, address, like):
+        """The integer ``address`` as a pointer to elements of ``like``'s dtype."""
+        pointer = types.CPointer(like.dtype)
 
-    @overload(_widen_row, inline="always")
-    def _widen_row_impl(source, target):
-        if source.dtype == types.uint16:  # bfloat16 bits: the top half of a float32
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer))
 
-            def widen_bfloat16(source, target):
-                bits = target.view(np.uint32)
-                for i in range(source.shape[0]):
-                    bits[i] = np.uint32(source[i]) << np.uint32(16)
-
-            return widen_bfloat16
-
-        def copy(source, target):
-            for i in range(source.shape[0]):
-                target[i] = source[i]
-
-        return copy
-
-    def _store_row(values, target):
-        """Write a float32 row into the output row, rounded to its dtype."""
-
-    @overload(_store_row, inline="always")
-    def _store_row_impl(values, target):
-        if target.dtype == types.uint16:  # round to nearest even, as torch; NaN as torch's
-
-            def store_bfloat16(values, target):
-                bits = values.view(np.uint32)
-                for i in range(values.shape[0]):
-                    x = bits[i]
-                    if values[i] != values[i]:
-                        target[i] = np.uint16(0xFFFF)
-                    else:
-                        bias = ((x >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
-                        target[i] = np.uint16(np.uint32(x + bias) >> np.uint32(16))
-
-            return store_bfloat16
-
-        def store_float32(values, target):
-            for i in range(values.shape[0]):
-                target[i] = values[i]
-
-        return store_float32
-
-    @numba.njit(cache=True, inline="always")
-    def _has_nonfinite(values):
-        bits = values.view(np.uint32)
-        for i in range(values.shape[0]):
-            if (bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000):
-                return True
-        return False
-
-    @numba.njit(cache=True)
-    def _fuse_row(vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas):
-        """Elect, fuse, scale and add one row, as ``cpu_kernels._fuse_into_base`` does per
-        entry, but expert by expert over the whole row so each loop is branch-free and
-        vectorizes; every entry still sums its experts in list order, so the bits agree."""
-        count, n = vectors.shape
-        numerator = np.zeros(n, dtype=np.float32)
-        if consensus:
-            total = np.zeros(n, dtype=np.float32)
-            for t in range(count):
-                for i in range(n):
-                    total[i] += vectors[t, i]
-            denominator = np.zeros(n, dtype=np.float32)
-            for t in range(count):
-                weight = weights[t]
-                for i in range(n):
-                    value = vectors[t, i]
-                    # an exact zero total elects +, NaN elects -; zeros never agree
-                    agrees = (value > 0) if total[i] >= 0 else (value < 0)
-                    agree = np.float32(1.0) if agrees else np.float32(0.0)
-                    numerator[i] += value * agree
-                    denominator[i] += weight * agree
-            if normalize:
-                for i in range(n):
-                    d = denominator[i]
-                    numerator[i] /= d if d != 0 else np.float32(1.0)
-        else:
-            for t in range(count):
-                for i in range(n):
-                    numerator[i] += vectors[t, i]
-            if normalize:
-                divisor = total_weight if total_weight != 0 else np.float32(1.0)
-                for i in range(n):
-                    numerator[i] /= divisor
-        if on_deltas:
-            for i in range(n):
-                numerator[i] = reference[i] + numerator[i] * lam
-        return numerator
+        return pointer(address, like), codegen
 
     @numba.njit(parallel=True, cache=True)
     def _merge_rows(
@@ -227,22 +158,23 @@ if numba is not None:
         nonfinite,
     ):
         rows, n = base.shape
-        count = len(experts)
+        count = len(experts)  # addresses of (rows, n) arrays of base's dtype
         for row in numba.prange(rows):
             reference = np.empty(n, dtype=np.float32)
-            _widen_row(base[row], reference)
-            nonfinite[row, 0] = _has_nonfinite(reference)
+            rules.widen_row(base[row], reference)
+            nonfinite[row, 0] = rules.has_nonfinite(reference)
             vectors = np.empty((count, n), dtype=np.float32)
             for t in range(count):
                 vector = vectors[t]
-                _widen_row(experts[t][row], vector)
-                nonfinite[row, t + 1] = _has_nonfinite(vector)
+                expert = numba.carray(_pointer_like(experts[t], base), (rows, n))
+                rules.widen_row(expert[row], vector)
+                nonfinite[row, t + 1] = rules.has_nonfinite(vector)
                 if on_deltas:
                     for i in range(n):
                         vector[i] = vector[i] - reference[i]
                 mode = modes[t]
                 if RANDOM <= mode <= MAGPRUNE:  # the random drops
-                    cpu_kernels.random_drop(
+                    rules.random_drop(
                         vector,
                         mode == MAGPRUNE,
                         densities[t],
@@ -253,13 +185,13 @@ if numba is not None:
                         rescale,
                     )
                 elif mode == MASK:
-                    keep = masks[t][row]
+                    keep = numba.carray(_pointer_like(masks[t], nonfinite), (rows, n))[row]
                     for i in range(n):
                         vector[i] = vector[i] * (np.float32(1.0) if keep[i] else np.float32(0.0))
                 if weighted[t]:
                     for i in range(n):
                         vector[i] = vector[i] * weights[t]
-            result = _fuse_row(
+            result = rules.fuse_row(
                 vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas
             )
-            _store_row(result, out[row])
+            rules.store_row(result, out[row])

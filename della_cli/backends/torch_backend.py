@@ -1,10 +1,11 @@
-"""The engine's torch path: the blocks the compiled CPU pass does not take.
+"""The torch backend: the reference functions of ``methods`` on the merge's device.
 
-That is every block on CUDA, and on the CPU the cases ``fused_merge`` leaves out: float16 or
-float64 inputs, inputs of mixed dtypes (a vocabulary fitted to another model's), the L1 rescale,
-MAGPRUNE rows of one entry, or no numba. Blocks arrive and leave as numpy arrays; here they
-become tensors on the device and go through the reference functions of ``methods.merge``.
-Importing this module imports torch, so the engine does it only when a block needs it.
+The plan gives it every job on CUDA, and on the CPU the jobs the CPU backend leaves out
+(``della_cli.kernels``): float16 or float64 inputs, inputs of mixed dtypes (a vocabulary fitted
+to another model's), the L1 rescale, MAGPRUNE rows of one entry, or no numba. Blocks arrive and
+leave as numpy arrays; here they become tensors on the device and go through ``methods.merge``
+unchanged, so this backend is the reference the CPU backend is tested against. Importing this
+module imports torch, so the engine does it only when a job needs it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from della_cli.io.dtypes import NUMPY_DTYPES, from_torch, to_torch, torch_dtype
-from della_cli.methods import ExpertParams, GlobalParams, MethodSpec, cpu_kernels
+from della_cli.io.dtypes import from_torch, to_torch, torch_dtype
+from della_cli.methods import ExpertParams, GlobalParams, MethodSpec
 from della_cli.methods.merge import merge_tensor
 from della_cli.methods.randomness import Draws
 from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
@@ -23,7 +24,7 @@ from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
 Mask = np.ndarray | torch.Tensor
 
 
-class TorchPath:
+class TorchBackend:
     """Tensors on ``device`` in the compute dtype, merged by the reference functions."""
 
     def __init__(self, device: str, compute_code: str):
@@ -35,20 +36,7 @@ class TorchPath:
         return [self.to_device(raw) for raw in loaded]
 
     def to_device(self, raw: np.ndarray) -> torch.Tensor:
-        tensor = to_torch(raw)
-        if self._widens_on_cpu(raw):
-            return cpu_kernels.bfloat16_to_float32(tensor)  # torch's bits, on all cores
-        return tensor.to(self.device, dtype=self.compute_dtype, non_blocking=True)
-
-    def _widens_on_cpu(self, raw: np.ndarray) -> bool:
-        """Whether a large bfloat16 input is widened to float32 by the compiled CPU kernels."""
-        return (
-            raw.dtype == NUMPY_DTYPES["BF16"]
-            and self.device.type == "cpu"
-            and self.compute_dtype == torch.float32
-            and raw.size >= 1 << 16
-            and cpu_kernels.available()
-        )
+        return to_torch(raw).to(self.device, dtype=self.compute_dtype, non_blocking=True)
 
     @staticmethod
     def nonfinite(blocks: Sequence[torch.Tensor]) -> list[bool] | None:
@@ -91,6 +79,4 @@ class TorchPath:
 
     def task_vector_magnitude(self, expert: np.ndarray, reference: np.ndarray) -> torch.Tensor:
         """|expert - reference| in the compute dtype, from the arrays as stored."""
-        if expert.dtype == reference.dtype and self._widens_on_cpu(expert):
-            return cpu_kernels.bfloat16_delta_magnitude(to_torch(expert), to_torch(reference))
         return self.to_device(expert).sub_(self.to_device(reference)).abs_()

@@ -2,19 +2,19 @@
 
 Both keep the entries of a task vector whose stable ascending magnitude rank over the whole
 tensor lies in a window ``[low, high)``: TIES the top ``k`` (``high`` = N), breadcrumbs the ``k``
-below the ``⌊γN⌋`` largest. ``sparsify.rank_at_least_mask`` selects from a float32 |δ| made
-beforehand; here |δ| is recomputed in small chunks from the expert and the base (bfloat16 or
-float32) inside each pass of a radix selection, so the full-size float32 |δ| of the largest
-tensor (the embedding, often) is never held, and both ends of a breadcrumbs window come out of
-the same four passes. Equal magnitudes rank by position, as in the reference, so the masks are
-the same.
+below the ``⌊γN⌋`` largest. The torch reference (``sparsify.rank_at_least_mask``) selects
+from a float32 |δ| made beforehand; here |δ| is recomputed in small chunks from the expert and
+the base (bfloat16 or float32) inside each pass of a radix selection, so the full-size float32
+|δ| of the largest tensor (the embedding, often) is never held, and both ends of a breadcrumbs
+window come out of the same passes. Equal magnitudes rank by position, as in the reference, so
+the masks are the same.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from della_cli.methods import cpu_kernels, fused_merge
+from della_cli.backends.cpu import block, rules
 
 try:
     import numba
@@ -38,8 +38,8 @@ def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) 
     elif low <= 0 and high >= numel:
         keep[:] = True
     else:
-        e = fused_merge.kernel_view(expert).reshape(-1)
-        b = fused_merge.kernel_view(base).reshape(-1)
+        e = block.kernel_view(expert).reshape(-1)
+        b = block.kernel_view(base).reshape(-1)
         # Entries to keep counted from the top, for "rank >= low" and "rank >= high".
         wanted = np.array([numel - max(low, 0), numel - min(high, numel)], dtype=np.int64)
         active = np.array([low > 0, high < numel], dtype=np.bool_)
@@ -53,10 +53,10 @@ def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) 
 
 def supports(expert: np.ndarray, base: np.ndarray) -> bool:
     return (
-        cpu_kernels.available()
+        rules.available()
         and expert.dtype == base.dtype
         and expert.shape == base.shape
-        and fused_merge.supports(expert.dtype)
+        and block.supports(expert.dtype)
     )
 
 
@@ -75,8 +75,8 @@ if numba is not None:
     def _keys(expert, base, start, stop, scratch_expert, scratch_base, keys):
         """|float32(expert) - float32(base)| bit patterns (sign cleared) of ``start:stop``."""
         count = stop - start
-        fused_merge._widen_row(expert[start:stop], scratch_expert[:count])
-        fused_merge._widen_row(base[start:stop], scratch_base[:count])
+        rules.widen_row(expert[start:stop], scratch_expert[:count])
+        rules.widen_row(base[start:stop], scratch_base[:count])
         for j in range(count):
             scratch_expert[j] = abs(scratch_expert[j] - scratch_base[j])
         bits = scratch_expert.view(np.uint32)

@@ -1,0 +1,44 @@
+"""The CPU backend: numba kernels over the inputs as stored (``rules``, ``block``, ``select``)
+and the C weighted-sum kernel (``weighted_sum``). See docs/BACKENDS.md.
+
+Importing this package imports numpy only: numba is loaded by the modules that need it, and
+task arithmetic and linear merges never do.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def ensure_numba_cache() -> None:
+    """Give numba a cache folder it can write, before it is imported.
+
+    numba caches compiled kernels beside their sources, else in the user's cache folder; where
+    neither is writable (a read-only install under a read-only home, as in some containers),
+    every run compiled every kernel again (about 12 s). There, the cache goes to a folder of
+    the user's in the temporary directory. ``NUMBA_CACHE_DIR``, if set, is left alone.
+    """
+    if "NUMBA_CACHE_DIR" in os.environ or os.access(Path(__file__).parent, os.W_OK):
+        return
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numba"
+    try:
+        user.mkdir(parents=True, exist_ok=True)
+        if os.access(user, os.W_OK):
+            return
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"della-numba-{uid}")
+
+
+def output_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``out`` checked against the shape and dtype it must have, or a new array of them."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous {dtype} array of shape {shape}")
+    return out

@@ -1,0 +1,264 @@
+"""The one loop over tensors: read inputs, run the kernel the plan chose, hand the result to
+the writer.
+
+Tensors are merged in blocks of rows, so memory is bounded by a few blocks (plus, for trim
+methods, one tensor at a time; see ``Plan.working_memory_bytes``), never by the model's size.
+The plan gives each job its backend and kernel (``della_cli.kernels``); the engine runs it:
+
+- ``shared``: the opened inputs, block tasks and sizes every room uses;
+- ``schedule``: the threads (the reader, merging and writer pipeline, and the chunks of
+  weighted sums that one thread reads, merges and writes) and the order of the writes;
+- ``rows``: a block's rows from the input files, fitted to the job's vocabulary;
+- ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks;
+- ``reporting``: warnings (non-finite inputs, differing non-float tensors).
+
+The engine never prints: progress and warnings go to callbacks. Block buffers are recycled
+and placed for fast page-cache copies (``io.buffers``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from della_cli.engine.cpu_jobs import CpuJobs
+from della_cli.engine.reporting import Reporter
+from della_cli.engine.rows import RowLoader
+from della_cli.engine.schedule import InOrder, run_in_chunks, run_pipeline
+from della_cli.engine.shared import (
+    CHUNK_ELEMENTS,
+    CPU_BLOCK_ELEMENTS,
+    CUDA_BLOCK_ELEMENTS,
+    DEFAULT_BLOCK_ELEMENTS,
+    MAX_ITEMSIZE,
+    BlockTask,
+    Merged,
+    MergeInputs,
+    ProgressCallback,
+    WarningCallback,
+    block_elements_for,
+    rows_shape,
+)
+from della_cli.engine.threads import ThreadBudget
+from della_cli.engine.torch_jobs import TorchJobs
+from della_cli.io.buffers import BufferPool, write_offset
+from della_cli.io.dtypes import NUMPY_DTYPES, cast
+from della_cli.io.writer import ShardWriter
+from della_cli.kernels import WHOLE_TENSOR_SPARSIFIERS, WINDOW
+from della_cli.methods import Rescale, Sparsifier
+from della_cli.plan import Plan, TensorJob
+from della_cli.recipe import Recipe
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "CPU_BLOCK_ELEMENTS",
+    "CUDA_BLOCK_ELEMENTS",
+    "DEFAULT_BLOCK_ELEMENTS",
+    "WHOLE_TENSOR_SPARSIFIERS",
+    "BlockTask",
+    "InOrder",
+    "MergeEngine",
+    "MergeInputs",
+    "ProgressCallback",
+    "WarningCallback",
+    "block_elements_for",
+]
+
+
+class MergeEngine:
+    """Runs a plan in blocks of rows, on ``device``, in plan order, each job by its kernel.
+
+    ``threads``: the compute threads the merge may use (default: the cores this process may
+    run on); the engine's own reader and writer threads count among them (``threads``).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        plan: Plan,
+        inputs: MergeInputs,
+        device: str,
+        on_progress: ProgressCallback | None = None,
+        on_warning: WarningCallback | None = None,
+        block_elements: int | None = None,
+        strict: bool = False,
+        threads: int | None = None,
+    ):
+        self.recipe = recipe
+        self.plan = plan
+        self.inputs = inputs
+        self.device = str(device)  # "cpu", "cuda" or "cuda:N" (a torch.device is accepted)
+        self.on_progress = on_progress or (lambda job: None)
+        self.block_elements = block_elements or block_elements_for(self.device)
+        if self.device != "cpu" and any(
+            job.kernel is not None and job.kernel.backend == "cpu" for job in plan.jobs
+        ):
+            raise ValueError(f"the plan was made for the CPU, not for {self.device}")
+        self.threads = ThreadBudget(threads)
+        self.global_params = recipe.global_params()
+        self.rows = RowLoader(inputs, plan.compute_dtype)
+        self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
+        self.cpu = CpuJobs(recipe.method, self.global_params, self.threads)
+        self.torch = TorchJobs(
+            self.device, plan.compute_dtype, recipe.method, self.global_params, self.threads
+        )
+        self._masks: dict[str, list | None] = {}
+        # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
+        # (whose file offsets place the output buffers).
+        self._helpers: ThreadPoolExecutor | None = None
+        self._buffers: BufferPool | None = None
+        self._writer: ShardWriter | None = None
+
+    def run(self, writer: ShardWriter, start: int = 0) -> None:
+        """Compute and write the jobs from position ``start`` on (later ones on resume)."""
+        helpers = self.threads.chunk_helpers
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="della-read") as reads,
+            ThreadPoolExecutor(1, thread_name_prefix="della-write") as writes,
+            ThreadPoolExecutor(max(helpers, 1), thread_name_prefix="della-sum") as sums,
+        ):
+            self._helpers = sums if helpers > 0 else None
+            self._buffers = BufferPool(self.block_elements * MAX_ITEMSIZE)
+            self._writer = writer
+            try:
+                jobs = self.plan.jobs[start:]
+                for in_chunks, group in itertools.groupby(jobs, key=_in_chunks):
+                    tasks = [task for job in group for task in self.block_tasks(job)]
+                    if in_chunks:
+                        run_in_chunks(self, tasks, self._helpers, helpers if self._helpers else 0)
+                    else:
+                        run_pipeline(self, tasks, reads, writes)
+            finally:
+                self._helpers = self._buffers = self._writer = None
+
+    def load(self, task: BlockTask) -> list[np.ndarray]:
+        """The raw rows of a block (reference first, then each expert), as stored."""
+        return self.rows.load(task, self._buffers)
+
+    def release(self, task: BlockTask, loaded: list[np.ndarray]) -> None:
+        """Give a merged block's input buffers back (a copy's output is its input)."""
+        if task.job.action == "merge" and self._buffers is not None:
+            for array in loaded:
+                self._buffers.give(array)
+
+    def write(self, task: BlockTask, chunk: np.ndarray) -> None:
+        self._writer.write_part(task.job.name, chunk)
+        if task.job.action == "merge":
+            self._buffers.give(chunk)
+        if task.last:
+            self.on_progress(task.job)
+
+    def write_merged(self, task: BlockTask, merged: np.ndarray, nonfinite: np.ndarray) -> None:
+        """Write a chunk, first reporting its non-finite inputs (in order, so a warning names
+        the first tensor that had one)."""
+        if nonfinite.any():
+            self.report.nonfinite(task.job, [bool(flag) for flag in nonfinite])
+        self.write(task, merged)
+
+    def merge_chunk(self, task: BlockTask) -> Merged:
+        """One chunk of a weighted sum in chunks: read and merged by the streamed reader, or
+        read into buffers and merged by the kernel, as the plan says."""
+        out = self.output_buffer(task, (task.stop - task.start, rows_shape(task.job.shape)[1]))
+        if task.job.kernel.name == "streamed_sum":
+            return self.cpu.streamed_sum(task, self.inputs, out)
+        loaded = self.load(task)
+        merged = self.cpu.weighted_sum(task.job, loaded, out)
+        self.release(task, loaded)
+        return merged
+
+    def compute_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray:
+        """The output rows of one block, in the output dtype, by the job's kernel."""
+        job = task.job
+        if job.action == "copy":
+            self.report.experts_differ(job, loaded[0])
+            self.report.copied_values(job, loaded[0])
+            return cast(loaded[0], job.out_dtype)
+        if task.start == 0:
+            self._masks[job.name] = self.global_keep_masks(job)
+        masks = self._masks[job.name]
+        if task.last:
+            del self._masks[job.name]
+        mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
+        kernel = job.kernel
+        if kernel.backend == "torch":
+            return self.torch.block(task, loaded, mask_blocks, self.report)
+        out = self.output_buffer(task, loaded[0].shape)
+        if kernel.name == "block":
+            merged, nonfinite = self.cpu.block(task, loaded, mask_blocks, out)
+        else:  # a weighted sum in the pipeline's blocks, its spans split among the helpers
+            helpers = self.threads.chunk_helpers if self._helpers else 0
+            merged, nonfinite = self.cpu.weighted_sum(job, loaded, out, self._helpers, helpers)
+        if nonfinite.any():
+            self.report.nonfinite(job, [bool(flag) for flag in nonfinite])
+        return merged
+
+    def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
+        """An array for a block's output, placed for the write of its bytes (``io.buffers``);
+        recycled once written."""
+        job = task.job
+        dtype = NUMPY_DTYPES[job.out_dtype]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._writer is None or self._buffers is None:
+            return np.empty(shape, dtype=dtype)
+        offset = self._writer.file_offset(job.name, task.start * (nbytes // max(shape[0], 1)))
+        return self._buffers.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
+
+    def global_keep_masks(self, job: TensorJob) -> list | None:
+        """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks, made before
+        blocking by the job's backend, one expert at a time so only one full task vector is
+        alive."""
+        steps = job.kernel.experts
+        if not any(step.sparsify == WINDOW for step in steps):
+            return None
+        total_rows, _ = rows_shape(job.shape)
+        reference = self.rows.read_reference_rows(job, 0, total_rows)  # as stored: smaller
+        masks = []
+        for source, step in zip(job.experts, steps, strict=True):
+            expert = self.rows.read_expert_rows(job, source, 0, total_rows)
+            if step.sparsify != WINDOW:
+                masks.append(np.ones(expert.shape, dtype=np.bool_))
+            elif job.kernel.backend == "cpu":
+                masks.append(self.cpu.keep_mask(expert, reference, step.window))
+            else:
+                magnitude = self.recipe.method.sparsifier is Sparsifier.MAGNITUDE
+                gamma = None if magnitude else (step.params.gamma or 0.0)
+                masks.append(self.torch.keep_mask(expert, reference, step.params, gamma))
+            del expert
+        return masks
+
+    def compute(self, job: TensorJob) -> np.ndarray:
+        """One job's whole output tensor, in its output dtype (blocks joined)."""
+        chunks = [self.compute_block(task, self.load(task)) for task in self.block_tasks(job)]
+        return np.concatenate([chunk.reshape(-1) for chunk in chunks]).reshape(job.shape)
+
+    def block_tasks(self, job: TensorJob) -> list[BlockTask]:
+        if job.action != "merge":
+            blocks = [(0, 1)]
+        elif _in_chunks(job):
+            blocks = self.row_blocks(job, min(self.block_elements, CHUNK_ELEMENTS))
+        else:
+            blocks = self.row_blocks(job)
+        return [BlockTask(job, a, b, last=(b == blocks[-1][1])) for a, b in blocks]
+
+    def row_blocks(self, job: TensorJob, elements: int | None = None) -> list[tuple[int, int]]:
+        """Blocks of whole rows to merge at a time, so temporaries stay small.
+
+        Every step of the pipeline is element-wise or row-wise once whole-tensor selections
+        (TIES, breadcrumbs) are made up front, so merging by blocks gives the same bytes as
+        merging the whole tensor; only the L1 rescale, a whole-tensor norm, needs it whole.
+        ``elements``: the block size (default the engine's).
+        """
+        elements = elements or self.block_elements
+        total_rows, row_length = rows_shape(job.shape)
+        whole = self.global_params.rescale is Rescale.L1 and self.recipe.method.is_random
+        if whole or total_rows * row_length <= elements:
+            return [(0, total_rows)]
+        step = max(1, elements // max(row_length, 1))
+        return [(r, min(r + step, total_rows)) for r in range(0, total_rows, step)]
+
+
+def _in_chunks(job: TensorJob) -> bool:
+    return job.action == "merge" and job.kernel.in_chunks

@@ -1,0 +1,133 @@
+"""The CPU backend's kernels applied to blocks: what the plan's ``cpu/*`` kernels run.
+
+Blocks are numpy arrays of the stored dtypes; nothing here imports torch, and numba only
+where the job's kernel is ``cpu/block`` (``backends.cpu.block`` and ``select``).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+import numpy as np
+
+from della_cli.backends.cpu import weighted_sum
+from della_cli.engine.shared import BlockTask, Merged, reference_expert
+from della_cli.engine.threads import ThreadBudget
+from della_cli.io import streamed_sum
+from della_cli.io.dtypes import NUMPY_DTYPES
+from della_cli.kernels import MAGPRUNE, RANDOM, WINDOW
+from della_cli.methods import GlobalParams, MethodSpec, Rescale
+from della_cli.methods.randomness import Draws
+from della_cli.plan import TensorJob
+
+
+class CpuJobs:
+    """Runs the CPU kernels of a merge's jobs (``method`` and ``global_params`` are the
+    recipe's, the same for every job)."""
+
+    def __init__(self, method: MethodSpec, global_params: GlobalParams, threads: ThreadBudget):
+        self.method = method
+        self.global_params = global_params
+        self.threads = threads
+        self._stream_scratch = streamed_sum.Scratch()
+        self._sums: dict[str, weighted_sum.WeightedSum] = {}
+
+    def sum_spec(self, job: TensorJob) -> weighted_sum.WeightedSum:
+        """What a weighted-sum job sums (made once per job: its chunks ask again and again)."""
+        spec = self._sums.get(job.name)
+        if spec is None:
+            spec = self._sums[job.name] = weighted_sum.WeightedSum(
+                weights=tuple(step.params.weight for step in job.kernel.experts),
+                on_deltas=self.method.on_deltas,
+                normalize=self.global_params.normalize,
+                lambda_=self.global_params.lambda_,
+            )
+        return spec
+
+    def weighted_sum(
+        self,
+        job: TensorJob,
+        loaded: list[np.ndarray],
+        out: np.ndarray,
+        helpers: Executor | None = None,
+        helper_count: int = 0,
+    ) -> Merged:
+        """A block of a weighted sum (``cpu/weighted_sum``, ``cpu/chunked_sum``), its spans
+        split among ``helpers`` where given."""
+        return weighted_sum.merge_block(
+            loaded[0],
+            loaded[1:],
+            self.sum_spec(job),
+            NUMPY_DTYPES[job.out_dtype],
+            helpers,
+            helper_count,
+            out=out,
+        )
+
+    def streamed_sum(self, task: BlockTask, inputs, out: np.ndarray) -> Merged:
+        """A chunk of a ``cpu/streamed_sum`` job, whose rows the kernel reads from the files."""
+        job = task.job
+        spec = self.sum_spec(job)
+        experts = [
+            inputs.reader(source.model).row_span(source.tensor, task.start)
+            for source in job.experts
+        ]
+        base = reference_expert(job)
+        if base is None:
+            base = inputs.reader(job.reference.model).row_span(job.reference.tensor, task.start)
+        flags = streamed_sum.merge(
+            out,
+            base,
+            experts,
+            spec.weights,
+            spec.on_deltas,
+            None if spec.divisor is None else float(spec.divisor),
+            spec.lambda_,
+            self._stream_scratch,
+        )
+        return out, flags
+
+    def block(
+        self,
+        task: BlockTask,
+        loaded: list[np.ndarray],
+        masks: list[np.ndarray] | None,
+        out: np.ndarray,
+    ) -> Merged:
+        """A block of a ``cpu/block`` job, straight from the inputs as stored."""
+        from della_cli.backends.cpu import block  # numba: imported only when needed
+
+        modes = {RANDOM: block.RANDOM, MAGPRUNE: block.MAGPRUNE, WINDOW: block.MASK}
+        plans = []
+        for step in task.job.kernel.experts:
+            mode = modes.get(step.sparsify, block.KEEP_ALL)
+            params = step.params
+            density = params.density if mode in (block.RANDOM, block.MAGPRUNE) else 1.0
+            epsilon = (params.epsilon or 0.0) if mode == block.MAGPRUNE else 0.0
+            random = mode in (block.RANDOM, block.MAGPRUNE)
+            key_words = Draws(step.key).key_words if random else (0, 0, 0)
+            plans.append(block.ExpertPlan(mode, density, epsilon, params.weight, key_words))
+        n = loaded[0].shape[1]
+        self.threads.limit_numba()
+        return block.merge_block(
+            loaded[0],
+            loaded[1:],
+            plans,
+            masks,
+            start=task.start * n,
+            rescale=self.global_params.rescale is Rescale.KEEP_PROB,
+            on_deltas=self.method.on_deltas,
+            consensus=self.method.sign_consensus,
+            normalize=self.global_params.normalize,
+            lambda_=self.global_params.lambda_,
+            out_dtype=NUMPY_DTYPES[task.job.out_dtype],
+            out=out,
+        )
+
+    def keep_mask(self, expert: np.ndarray, reference: np.ndarray, window: tuple[int, int]):
+        """A whole-tensor selection (TIES, breadcrumbs) from the two inputs as stored."""
+        from della_cli.backends.cpu import select  # numba: imported only when needed
+
+        self.threads.limit_numba()
+        low, high = window
+        return select.window_keep_mask(expert, reference, low, high)

@@ -1,0 +1,70 @@
+"""Warnings the engine raises while merging: non-finite inputs, and non-float tensors that
+differ between models. The engine never prints; these go to the warning callback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from della_cli.engine.shared import MergeInputs, WarningCallback
+from della_cli.errors import ModelError
+from della_cli.io.dtypes import is_floating
+from della_cli.plan import BASE, Source, TensorJob
+from della_cli.recipe import Recipe
+
+
+class Reporter:
+    """Warns once per input tensor; under ``strict``, a non-finite input fails the merge."""
+
+    def __init__(
+        self, recipe: Recipe, inputs: MergeInputs, on_warning: WarningCallback, strict: bool
+    ):
+        self.recipe = recipe
+        self.inputs = inputs
+        self.on_warning = on_warning
+        self.strict = strict
+        self._reported_nonfinite: set[tuple[int, str]] = set()
+
+    def copied_values(self, job: TensorJob, values: np.ndarray) -> None:
+        """A copied tensor meets no merge kernel, whose pass over the inputs flags NaN and
+        Inf; a NaN in a base tensor no expert has would reach the output unannounced."""
+        if is_floating(job.out_dtype) and not np.isfinite(values).all():
+            self.nonfinite(job, [True], "it is copied into the output as is")
+
+    def nonfinite(
+        self,
+        job: TensorJob,
+        flagged: Sequence[bool],
+        outcome: str = "the merged tensor may hold them too",
+    ) -> None:
+        """Warn once per input tensor of ``job`` (reference first) that held NaN or Inf."""
+        sources: list[Source] = [job.reference, *job.experts]
+        for source, bad in zip(sources, flagged, strict=True):
+            key = (source.model, source.tensor)
+            if key in self._reported_nonfinite or not bad:
+                continue
+            self._reported_nonfinite.add(key)
+            message = f"'{self.label(source.model)}' has NaN or Inf values in '{source.tensor}'"
+            if self.strict:
+                raise ModelError(f"{message}; refusing to merge under --strict")
+            self.on_warning(f"{message}; {outcome}")
+
+    def label(self, model: int) -> str:
+        if model == BASE:
+            return self.recipe.schema.base_model or "base"
+        return self.recipe.model_refs[model]
+
+    def experts_differ(self, job: TensorJob, reference: np.ndarray) -> None:
+        """Non-floating tensors (buffers, masks) are copied from the reference; say so if an
+        expert disagrees, since that usually means a different architecture setting."""
+        for index, expert in enumerate(self.inputs.experts):
+            info = expert.tensors.get(job.name)
+            if info is None or info.is_floating or index == job.reference.model:
+                continue
+            other = expert.read(job.name)
+            if other.shape != reference.shape or not np.array_equal(other, reference):
+                self.on_warning(
+                    f"'{self.recipe.model_refs[index]}' differs from the base in "
+                    f"non-float tensor '{job.name}'; the base's is kept"
+                )

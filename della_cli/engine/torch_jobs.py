@@ -1,0 +1,82 @@
+"""The torch backend applied to blocks: what the plan's ``torch/merge`` kernel runs.
+
+``backends.torch_backend`` (and torch with it) is imported the first time a job needs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from della_cli.engine.shared import BlockTask
+from della_cli.engine.threads import ThreadBudget
+from della_cli.methods import GlobalParams, MethodSpec
+from della_cli.methods.randomness import Draws
+
+if TYPE_CHECKING:
+    from della_cli.backends.torch_backend import Mask, TorchBackend
+    from della_cli.engine.reporting import Reporter
+
+
+class TorchJobs:
+    """Blocks on ``device`` in the compute dtype, through the reference functions."""
+
+    def __init__(
+        self,
+        device: str,
+        compute_dtype: str,
+        method: MethodSpec,
+        global_params: GlobalParams,
+        threads: ThreadBudget,
+    ):
+        self.threads = threads
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.method = method
+        self.global_params = global_params
+        self._backend: TorchBackend | None = None
+
+    @property
+    def backend(self) -> TorchBackend:
+        if self._backend is None:
+            from della_cli.backends.torch_backend import TorchBackend
+
+            self._backend = TorchBackend(self.device, self.compute_dtype)
+            if self.device == "cpu":
+                self.threads.limit_torch()
+        return self._backend
+
+    def block(
+        self,
+        task: BlockTask,
+        loaded: list[np.ndarray],
+        masks: list[Mask] | None,
+        reporter: Reporter,
+    ) -> np.ndarray:
+        """The output rows of one block of a ``torch/merge`` job, in the output dtype."""
+        job = task.job
+        backend = self.backend
+        base, *models = backend.inputs(loaded)
+        flagged = backend.nonfinite([base, *models])
+        if flagged is not None:
+            reporter.nonfinite(job, flagged)
+        steps = job.kernel.experts
+        uniform = None
+        if self.method.is_random:
+            start = task.start * base.shape[1]
+            uniform = lambda position: Draws(steps[position].key, start)  # noqa: E731
+        return backend.merge(
+            self.method,
+            base,
+            models,
+            [step.params for step in steps],
+            self.global_params,
+            uniform,
+            masks,
+            job.out_dtype,
+        )
+
+    def keep_mask(self, expert: np.ndarray, reference: np.ndarray, params, gamma):
+        """A whole-tensor selection (TIES, breadcrumbs), as a tensor on the device."""
+        return self.backend.keep_mask(expert, reference, params.density, gamma)

@@ -1,0 +1,166 @@
+"""Which backend and kernel runs each tensor job, and with which settled parameters.
+
+Decided once, at plan time, from the recipe, the headers and the device (docs/BACKENDS.md):
+
+- ``cpu/streamed_sum``: a weighted sum (task arithmetic, linear; nothing sparsified or
+  elected) on the CPU, whose chunks the C kernel reads straight from the input files;
+- ``cpu/weighted_sum``: the same C kernel on rows read into buffers (inputs fitted to another
+  vocabulary, or no streamed reader on this platform);
+- ``cpu/block``: the numba kernel that merges a block of rows in one pass (every other method;
+  TIES and breadcrumbs select over the whole tensor first, also in numba);
+- ``torch/merge``: the torch backend, the reference: CUDA, float16 or float64 inputs, inputs of
+  mixed dtypes, the L1 rescale, MAGPRUNE rows of one entry, or a CPU backend not installed.
+
+Each merge job also gets its experts' parameters settled here: weight, how the task vector is
+sparsified, the density and window, and the key of its random draws. The engine runs what the
+plan says and asks nothing again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from della_cli.io import streamed_sum
+from della_cli.methods import ExpertParams, Rescale, Sparsifier
+from della_cli.methods.counts import magnitude_rank_window
+from della_cli.methods.randomness import derive_key
+
+if TYPE_CHECKING:
+    from della_cli.io.reader import ModelReader
+    from della_cli.plan import Plan, TensorJob
+    from della_cli.recipe import Recipe
+
+BASE = -1  # as plan.BASE
+CPU_DTYPES = ("BF16", "F32")  # what the CPU kernels read and write
+MAX_SUM_EXPERTS = 63  # the C kernel's flags fit in 64 bits
+WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
+
+# How an expert's task vector is sparsified.
+KEEP, RANDOM, MAGPRUNE, WINDOW = "keep", "random", "magprune", "window"
+
+
+@dataclass(frozen=True)
+class ExpertStep:
+    """One expert's settled part in one job."""
+
+    model: int  # index in the recipe
+    params: ExpertParams  # as the recipe resolves them for this tensor
+    sparsify: str = KEEP
+    window: tuple[int, int] | None = None  # WINDOW: kept stable magnitude ranks [low, high)
+    key: int = 0  # RANDOM, MAGPRUNE: the key of its draws (``randomness.derive_key``)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """What runs a merge job: ``backend`` ("cpu" or "torch") and ``name``."""
+
+    backend: str
+    name: str
+    experts: tuple[ExpertStep, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.name}"
+
+    @property
+    def in_chunks(self) -> bool:
+        """Whether the job runs in chunks that one thread reads, merges and writes."""
+        return self.name in ("streamed_sum", "chunked_sum")
+
+
+def cpu_backend_installed() -> tuple[bool, bool]:
+    """(numba installed, C weighted-sum kernel built), without importing either."""
+    numba = importlib.util.find_spec("numba") is not None
+    kernel = importlib.util.find_spec("della_cli.backends.cpu._weighted_sum") is not None
+    return numba, kernel
+
+
+def assign_kernels(
+    plan: Plan,
+    recipe: Recipe,
+    base: ModelReader | None,
+    experts: list[ModelReader],
+    device: str = "cpu",
+    backend: str | None = None,
+    stream_reads: bool = True,
+) -> Plan:
+    """``plan`` with a kernel for each merge job. ``backend``: "torch" or "cpu" to prefer one
+    (a job the CPU backend cannot take still gets torch); ``stream_reads``: whether weighted
+    sums may be read by the streamed reader (off to compare with the buffered reads)."""
+    chooser = _Chooser(recipe, base, experts, str(device), backend, stream_reads)
+    jobs = [chooser.assign(job) for job in plan.jobs]
+    return dataclasses.replace(plan, jobs=jobs)
+
+
+class _Chooser:
+    def __init__(self, recipe, base, experts, device, backend, stream_reads):
+        self.recipe = recipe
+        self.readers = {BASE: base, **dict(enumerate(experts))}
+        self.global_params = recipe.global_params()
+        numba, kernel = cpu_backend_installed()
+        cpu = device == "cpu" and backend != "torch"
+        self.numba = cpu and numba
+        self.sum_kernel = cpu and kernel
+        self.stream_reads = stream_reads and streamed_sum.AVAILABLE
+
+    def assign(self, job: TensorJob) -> TensorJob:
+        if job.action != "merge":
+            return job
+        steps = tuple(self.step(job, source.model) for source in job.experts)
+        name = self.cpu_kernel(job, steps)
+        backend = "torch" if name is None else "cpu"
+        return dataclasses.replace(job, kernel=Kernel(backend, name or "merge", steps))
+
+    def step(self, job: TensorJob, model: int) -> ExpertStep:
+        params = self.recipe.expert_params(model, job.name)
+        sparsifier = self.recipe.method.sparsifier
+        if sparsifier is Sparsifier.NONE or params.density is None or params.density >= 1.0:
+            return ExpertStep(model, params)  # d = 1 keeps everything: no rescale, no draws
+        if sparsifier in WHOLE_TENSOR_SPARSIFIERS:
+            gamma = None if sparsifier is Sparsifier.MAGNITUDE else (params.gamma or 0.0)
+            window = magnitude_rank_window(job.numel, params.density, gamma)
+            return ExpertStep(model, params, WINDOW, window=window)
+        mode = MAGPRUNE if sparsifier is Sparsifier.MAGPRUNE else RANDOM
+        return ExpertStep(model, params, mode, key=derive_key(self.recipe.seed, job.name, model))
+
+    def loaded_dtypes(self, job: TensorJob) -> list[str | None]:
+        """The dtype of each input's rows as the engine loads them (None: not known here):
+        as stored, except an expert fitted to another vocabulary, which arrives in the
+        compute dtype, and a reference filled from another model of another dtype."""
+        dtypes = []
+        for index, source in enumerate([job.reference, *job.experts]):
+            stored = self.readers[source.model].tensors[source.tensor].dtype
+            if source.rows is not None and index > 0:
+                stored = "F32"  # the compute dtype (the CPU kernels need float32 math)
+            elif source.rows is not None and source.fill is not None:
+                fill = self.readers[source.fill.model].tensors[source.fill.tensor].dtype
+                stored = stored if fill == stored else None
+            dtypes.append(stored)
+        return dtypes
+
+    def cpu_kernel(self, job: TensorJob, steps: tuple[ExpertStep, ...]) -> str | None:
+        """The CPU kernel that merges ``job``, or None where only torch does."""
+        dtypes = [*self.loaded_dtypes(job), job.out_dtype]
+        cpu_dtypes = all(dtype in CPU_DTYPES for dtype in dtypes)
+        # the CPU kernels compute in float32: a float64 recipe goes to torch
+        if not cpu_dtypes or self.recipe.schema.dtype == "float64":
+            return None
+        method = self.recipe.method
+        summing = not method.sign_consensus and all(step.sparsify == KEEP for step in steps)
+        if summing and self.sum_kernel and len(steps) <= MAX_SUM_EXPERTS:
+            fitted = any(s.rows is not None for s in [job.reference, *job.experts])
+            if fitted:
+                return "weighted_sum"  # in the pipeline's blocks
+            return "streamed_sum" if self.stream_reads else "chunked_sum"
+        if not self.numba or len(set(dtypes[:-1])) != 1:
+            return None
+        if self.global_params.rescale not in (Rescale.KEEP_PROB, Rescale.NONE):
+            return None
+        row_length = math.prod(job.shape[1:]) if len(job.shape) > 1 else job.numel
+        if any(step.sparsify == MAGPRUNE for step in steps) and row_length <= 1:
+            return None  # a row of one entry has q = 1/2, which the torch backend computes
+        return "block"
