@@ -51,6 +51,7 @@ class MergeOptions:
     allow_pickle: bool = False  # load pytorch_model*.bin folders (weights-only unpickler)
     progress: bool = True  # download progress bars for Hub models (on stderr)
     threads: int | None = None  # compute threads (None: every core this process may use)
+    allow_nonfinite: bool = False  # publish an output that holds NaN or Inf
 
 
 @dataclass
@@ -319,7 +320,7 @@ def run_merge(
     resumed_shards = 0
     try:
         with staged_folder(out, options.resume, options.overwrite, warn) as staging:
-            resumed_shards = _write_weights(
+            resumed_shards, saw_nonfinite = _write_weights(
                 recipe, plan, inputs, device, staging, options, on_progress, warn
             )
             write_config(
@@ -337,6 +338,8 @@ def run_merge(
             _write_card_and_recipe(recipe, inputs, staging, recipe.schema.name or out.name, warn)
             (staging / JOURNAL_NAME).unlink(missing_ok=True)
             _check_own_output(staging, warn)
+            if (saw_nonfinite or resumed_shards) and not options.allow_nonfinite:
+                _check_finite_output(staging)
     except OSError as error:
         raise MergeFailure(
             f"writing {out} failed: {error.strerror or error}; nothing was left behind"
@@ -421,9 +424,31 @@ def merge_fingerprint_of(recipe: Recipe, plan: Plan, inputs: MergeInputs) -> str
     return merge_fingerprint(recipe.text, recipe.seed, layout, folders)
 
 
-def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, warn) -> int:
+def _check_finite_output(staging: Path) -> None:
+    """Refuse to publish an output holding NaN or Inf: a model that generates garbage must not
+    reach a user's folder or the Hub unnoticed (``--allow-nonfinite`` keeps it). Only read
+    when an input held NaN or Inf (every kernel propagates them, so a merge of finite inputs
+    is finite) or when shards come from an earlier run."""
+    from della_cli.verify import non_finite_tensors
+
+    reader = ModelReader(staging, "the merged output")
+    try:
+        found = non_finite_tensors(reader)
+    finally:
+        reader.close()
+    if found:
+        raise ModelError(
+            f"the merged output holds {found[0]}; nothing was published: fix or leave out the "
+            "inputs warned about, or pass --allow-nonfinite to keep it"
+        )
+
+
+def _write_weights(
+    recipe, plan, inputs, device, staging, options, on_progress, warn
+) -> tuple[int, bool]:
     """Merge every tensor into shards in ``staging``, journaling finished shards; with
-    ``options.resume``, keep the verified shards a killed run left and return their count.
+    ``options.resume``, keep the verified shards a killed run left. Return their count, and
+    whether any input tensor held NaN or Inf.
     Everything else in the partial folder is removed first: a merge that starts over does so
     from an empty folder, never beside the old shards, index or config."""
     journal = Journal(merge_fingerprint_of(recipe, plan, inputs))
@@ -461,7 +486,7 @@ def _write_weights(recipe, plan, inputs, device, staging, options, on_progress, 
         # folder is removed; a no-op after a complete run.
         writer.abort()
     writer.close()
-    return done
+    return done, engine.report.saw_nonfinite
 
 
 def push_model(

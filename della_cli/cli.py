@@ -139,6 +139,13 @@ def merge(
         int | None,
         typer.Option(min=1, help="Compute threads (default: every core this process may use)."),
     ] = None,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            help="Publish (and push) an output that holds NaN or Inf; by default such an "
+            "output is an error and nothing is published."
+        ),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Plan only: check everything, write nothing.")
     ] = False,
@@ -166,6 +173,7 @@ def merge(
             strict=strict,
             allow_pickle=allow_pickle,
             threads=threads,
+            allow_nonfinite=allow_nonfinite,
         )
         options.progress = not (quiet or as_json)
         # Push credentials are checked once the recipe and the models have passed the plan

@@ -25,6 +25,7 @@ class Reporter:
         self.on_warning = on_warning
         self.strict = strict
         self._reported_nonfinite: set[tuple[int, str]] = set()
+        self.saw_nonfinite = False  # an input held NaN or Inf: the output may too
 
     def copied_values(self, job: TensorJob, values: np.ndarray) -> None:
         """A copied tensor meets no merge kernel, whose pass over the inputs flags NaN and
@@ -45,6 +46,7 @@ class Reporter:
             if key in self._reported_nonfinite or not bad:
                 continue
             self._reported_nonfinite.add(key)
+            self.saw_nonfinite = True
             message = f"'{self.label(source.model)}' has NaN or Inf values in '{source.tensor}'"
             if self.strict:
                 raise ModelError(f"{message}; refusing to merge under --strict")

@@ -162,9 +162,12 @@ def test_a_nan_in_a_copied_base_tensor_is_a_warning(tmp_path):
         tmp_path / "base", {**TENSORS, "norm": np.array([1.0, np.nan], dtype=np.float32)}
     )
     recipe, _ = merge_inputs(tmp_path, base)
-    result = della("merge", recipe, tmp_path / "out")
+    result = della("merge", recipe, tmp_path / "out", "--allow-nonfinite")
     assert result.returncode == 0, result.stderr
     assert "NaN or Inf values in 'norm'" in result.stderr and "copied" in result.stderr
+    refused = della("merge", recipe, tmp_path / "out3")  # the NaN would be published
+    assert refused.returncode == 2 and "the merged output holds" in refused.stderr
+    assert not (tmp_path / "out3").exists()
     strict = della("merge", recipe, tmp_path / "out2", "--strict")
     assert strict.returncode == 2 and "'norm'" in strict.stderr, strict.stderr
     assert not (tmp_path / "out2").exists()

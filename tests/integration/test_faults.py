@@ -57,10 +57,25 @@ def test_nan_in_an_input_is_a_warning_naming_the_tensor(toy, tmp_path):
     tensors = load_file(folders[2] / "model.safetensors")
     tensors["layers.1.weight"][3, 7] = float("nan")
     save_file(tensors, folders[2] / "model.safetensors", metadata={"format": "pt"})
-    result = invoke("merge", recipe, tmp_path / "out")
+    result = invoke("merge", recipe, tmp_path / "out", "--allow-nonfinite")
     assert result.exit_code == 0, result.output
     assert "NaN or Inf values in 'layers.1.weight'" in result.output
     assert str(folders[2]) in result.output  # names the model too
+
+
+def test_an_output_holding_nan_is_not_published(toy, tmp_path):
+    """The NaN reaches the merged tensor: that output is an error, not a warning, unless
+    --allow-nonfinite (so a batch that pushes never publishes it)."""
+    recipe, folders = toy
+    tensors = load_file(folders[2] / "model.safetensors")
+    tensors["layers.1.weight"][3, 7] = float("nan")
+    save_file(tensors, folders[2] / "model.safetensors", metadata={"format": "pt"})
+    result = invoke("merge", recipe, tmp_path / "out", "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "NaN or Inf values in 'layers.1.weight'" in result.stderr  # the warning, then
+    assert "the merged output holds NaN or Inf in 'layers.1.weight'" in result.stderr
+    assert "--allow-nonfinite" in result.stderr
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_inf_in_an_input_fails_under_strict_and_writes_nothing(toy, tmp_path):
