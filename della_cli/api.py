@@ -280,6 +280,7 @@ def run_merge(
     on_progress: ProgressCallback | None = None,
     on_warning: WarningCallback | None = None,
     on_planned: Callable[[Plan], None] | None = None,
+    on_notice: WarningCallback | None = None,
 ) -> MergeReport:
     """Merge as the recipe says into ``out``, which appears only once complete.
     ``on_planned`` runs once the recipe and the models' headers have passed the plan, before
@@ -321,7 +322,7 @@ def run_merge(
     try:
         with staged_folder(out, options.resume, options.overwrite, warn) as staging:
             resumed_shards, saw_nonfinite = _write_weights(
-                recipe, plan, inputs, device, staging, options, on_progress, warn
+                recipe, plan, inputs, device, staging, options, on_progress, warn, on_notice
             )
             write_config(
                 reference.config,
@@ -444,7 +445,7 @@ def _check_finite_output(staging: Path) -> None:
 
 
 def _write_weights(
-    recipe, plan, inputs, device, staging, options, on_progress, warn
+    recipe, plan, inputs, device, staging, options, on_progress, warn, on_notice=None
 ) -> tuple[int, bool]:
     """Merge every tensor into shards in ``staging``, journaling finished shards; with
     ``options.resume``, keep the verified shards a killed run left. Return their count, and
@@ -479,6 +480,7 @@ def _write_weights(
             warn,
             strict=options.strict,
             threads=options.threads,
+            on_notice=on_notice,
         )
         engine.run(writer, start=writer.next_index)
     finally:

@@ -272,8 +272,14 @@ def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool, on_plann
         # Never silenced: --quiet drops the progress bar and the summary, not what went wrong.
         (bar.write if bar else lambda m: typer.echo(m, err=True))(f"warning: {message}")
 
+    def on_notice(message: str) -> None:
+        if not quiet:
+            (bar.write if bar else lambda m: typer.echo(m, err=True))(f"note: {message}")
+
     try:
-        return run_merge(recipe, out, options, on_start, on_progress, on_warning, on_planned)
+        return run_merge(
+            recipe, out, options, on_start, on_progress, on_warning, on_planned, on_notice
+        )
     finally:
         if bar is not None:
             bar.close()

@@ -31,7 +31,8 @@ def run_demo(folder: Path, say: Callable[[str], None]) -> MergeReport:
     (folder / MARKER).write_text("made by `della demo`; safe to delete\n")
     say(f"the recipe, {recipe}:\n" + _indent(recipe.read_text()))
     out = folder / "merged"
-    report = run_merge(recipe, out, MergeOptions(device="cpu", overwrite=True, progress=False))
+    options = MergeOptions(device="cpu", overwrite=True, progress=False)
+    report = run_merge(recipe, out, options, on_notice=lambda message: say(f"note: {message}"))
     say(f"merged {report.tensors} tensors with {report.method} in {report.seconds:.2f}s -> {out}/")
     say("loading the merged model with transformers and generating:")
     say("  " + generate(out, "w1 w2 w3"))

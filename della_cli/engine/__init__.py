@@ -18,9 +18,10 @@ and placed for fast page-cache copies (``io.buffers``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
@@ -86,8 +87,10 @@ class MergeEngine:
         block_elements: int | None = None,
         strict: bool = False,
         threads: int | None = None,
+        on_notice: WarningCallback | None = None,
     ):
         self.recipe = recipe
+        self.on_notice = on_notice
         self.plan = plan
         self.inputs = inputs
         self.device = str(device)  # "cpu", "cuda" or "cuda:N" (a torch.device is accepted)
@@ -124,15 +127,31 @@ class MergeEngine:
             self._buffers = BufferPool(self.block_elements * MAX_ITEMSIZE)
             self._writer = writer
             try:
-                jobs = self.plan.jobs[start:]
-                for in_chunks, group in itertools.groupby(jobs, key=_in_chunks):
-                    tasks = [task for job in group for task in self.block_tasks(job)]
-                    if in_chunks:
-                        run_in_chunks(self, tasks, self._helpers, helpers if self._helpers else 0)
-                    else:
-                        run_pipeline(self, tasks, reads, writes)
+                with self._compile_notice():
+                    self._run_jobs(start, reads, writes, helpers)
             finally:
                 self._helpers = self._buffers = self._writer = None
+
+    def _compile_notice(self) -> contextlib.AbstractContextManager:
+        """Say so once when numba compiles (``backends.cpu.compile_notice``)."""
+        compiled = any(
+            job.kernel is not None and job.kernel.name == "block" for job in self.plan.jobs
+        )
+        if self.on_notice is None or not compiled:
+            return contextlib.nullcontext()
+        from della_cli.backends.cpu import compile_notice
+
+        return compile_notice(self.on_notice)
+
+    def _run_jobs(self, start: int, reads: Executor, writes: Executor, helpers: int) -> None:
+        """The jobs from ``start`` on: weighted sums in chunks, the rest in the pipeline."""
+        jobs = self.plan.jobs[start:]
+        for in_chunks, group in itertools.groupby(jobs, key=_in_chunks):
+            tasks = [task for job in group for task in self.block_tasks(job)]
+            if in_chunks:
+                run_in_chunks(self, tasks, self._helpers, helpers if self._helpers else 0)
+            else:
+                run_pipeline(self, tasks, reads, writes)
 
     def load(self, task: BlockTask) -> list[np.ndarray]:
         """The raw rows of a block (reference first, then each expert), as stored."""

@@ -7,8 +7,10 @@ task arithmetic and linear merges never do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,35 @@ def ensure_numba_cache() -> None:
         pass
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"della-numba-{uid}")
+
+
+COMPILE_NOTICE = (
+    "compiling della's CPU kernels for this kind of merge (once after install: about 10 s; "
+    "later merges load them in under a second)"
+)
+
+
+@contextlib.contextmanager
+def compile_notice(say: Callable[[str], None]) -> Iterator[None]:
+    """While this runs, say ``COMPILE_NOTICE`` once if numba compiles a kernel. numba signals
+    a compilation only on a cache miss (the first merge of a dtype pair after install, or
+    after the cache was cleared), so the wait of several seconds is never a mystery and a
+    merge that loads its kernels says nothing. Imports numba: for plans with ``cpu/block``."""
+    from numba.core import event
+
+    class FirstCompilation(event.Listener):
+        said = False
+
+        def on_start(self, ev: event.Event) -> None:
+            if not self.said:
+                self.said = True
+                say(COMPILE_NOTICE)
+
+        def on_end(self, ev: event.Event) -> None:
+            pass
+
+    with event.install_listener("numba:compile", FirstCompilation()):
+        yield
 
 
 def output_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
