@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -11,17 +9,9 @@ from pathlib import Path
 
 from della_cli.card import license_conflict, model_license, public_recipe, render_card
 from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
-from della_cli.errors import (
-    DellaError,
-    HubError,
-    MergeFailure,
-    ModelError,
-    PlanError,
-    UsageError,
-    shown,
-)
-from della_cli.hub import HubRef, parse_hub_ref, push_files, remote_headers, resolve_model
-from della_cli.io.journal import JOURNAL_NAME, Journal, merge_fingerprint, verified_shard_count
+from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError
+from della_cli.hub import parse_hub_ref, push_files
+from della_cli.io.journal import JOURNAL_NAME, Journal, verified_shard_count
 from della_cli.io.metadata import (
     GENERATION_PATTERNS,
     TOKENIZER_PATTERNS,
@@ -32,26 +22,39 @@ from della_cli.io.metadata import (
 from della_cli.io.output import check_destination, clear_partial, staged_folder
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
-from della_cli.plan import Plan, build_plan
+from della_cli.locate import locate_model
+from della_cli.plan import Plan
 from della_cli.recipe import Recipe, load_recipe
+from della_cli.session import (
+    DEFAULT_SHARD_BYTES,
+    MergeOptions,
+    MergeSession,
+    check_metadata_files,
+    merge_fingerprint_of,
+    open_inputs,
+    prepare,
+    read_recipe,
+    select_device,
+    tokenizer_reader,
+)
 from della_cli.verify import verify_model
 
+# The names callers have used from here; they live in session (and locate, devices) now.
+__all__ = [
+    "DEFAULT_SHARD_BYTES",
+    "MergeOptions",
+    "MergeReport",
+    "MergeSession",
+    "locate_model",
+    "open_inputs",
+    "prepare",
+    "push_model",
+    "read_recipe",
+    "run_merge",
+    "select_device",
+]
+
 RECIPE_FILE = "della_recipe.yaml"
-DEFAULT_SHARD_BYTES = 5 * 10**9
-
-
-@dataclass
-class MergeOptions:
-    device: str = "auto"
-    seed: int | None = None
-    out_shard_bytes: int = DEFAULT_SHARD_BYTES
-    overwrite: bool = False
-    resume: bool = False
-    strict: bool = False  # missing tensors and NaN/Inf inputs are errors, not warnings
-    allow_pickle: bool = False  # load pytorch_model*.bin folders (weights-only unpickler)
-    progress: bool = True  # download progress bars for Hub models (on stderr)
-    threads: int | None = None  # compute threads (None: every core this process may use)
-    allow_nonfinite: bool = False  # publish an output that holds NaN or Inf
 
 
 @dataclass
@@ -75,203 +78,6 @@ class MergeReport:
         return asdict(self)
 
 
-def locate_model(ref: str, recipe_dir: Path | None) -> Path | HubRef:
-    """A model reference as a local folder (relative to the working directory as mergekit
-    does, else to the recipe's folder) or, when it is no existing folder and reads
-    ``org/name[@revision]``, a Hub model. Strings starting with ``.``, ``/`` or ``~`` are
-    always local. A name no file system takes (a part over 255 bytes) is refused here:
-    asking the system about it fails with an OSError rather than answering no."""
-    if any(len(os.fsencode(part)) > 255 for part in Path(ref).parts):
-        raise ModelError(f"model {shown(ref)}: not a folder or Hub name (a part is too long)")
-    path = Path(ref).expanduser()
-    if path.is_dir() or path.is_absolute():
-        return path
-    if recipe_dir is not None and (recipe_dir / path).is_dir():
-        return recipe_dir / path
-    return parse_hub_ref(ref) or path
-
-
-def open_inputs(
-    recipe: Recipe,
-    progress: bool = True,
-    weights: bool = True,
-    pins: dict[str, str] | None = None,
-    allow_pickle: bool = False,
-) -> MergeInputs:
-    """Open every model of the recipe. Hub models are downloaded into the Hub cache first
-    (at the commits in ``pins`` when given); without ``weights`` only their configs, indexes
-    and tokenizers are, and their readers hold headers read remotely (plan only). Local
-    pickle-only folders open only with ``allow_pickle``."""
-    recipe_dir = recipe.path.parent if recipe.path else None
-    resolved_pins: dict[str, str] = {}
-    download_bytes = 0
-
-    def open_model(field: str, ref: str) -> ModelReader:
-        nonlocal download_bytes
-        where = locate_model(ref, recipe_dir)
-        if not isinstance(where, HubRef):
-            if not where.exists():
-                raise ModelError(missing_folder_message(field, ref, recipe_dir))
-            if allow_pickle and where.is_dir():
-                from della_cli.io import pickle_reader  # imports torch, whose loader it uses
-
-                if pickle_reader.has_only_pickle_weights(where):
-                    return pickle_reader.PickleModelReader(where, ref)
-            return ModelReader(where, ref)
-        commit = (pins or {}).get(ref)
-        resolved = resolve_model(where, weights=weights, progress=progress, commit=commit)
-        resolved_pins[ref] = resolved.commit
-        if weights:
-            return ModelReader(resolved.folder, ref, resolved.root)
-        headers, missing = remote_headers(resolved)
-        download_bytes += missing
-        return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
-
-    failures: list[DellaError] = []
-
-    def attempt(field: str, ref: str) -> ModelReader | None:
-        """Open one model, noting a failure so that every missing model is named at once."""
-        try:
-            return open_model(field, ref)
-        except ModelError as error:
-            failures.append(error)
-        except HubError as error:  # also the local folder a typo made look like org/name
-            suggestion = close_folder(ref, recipe_dir)
-            if suggestion is None:
-                failures.append(error)
-            else:
-                failures.append(
-                    ModelError(
-                        f"{field}: '{ref}' is no folder here and not a model the Hub gave "
-                        f"({error}); did you mean the folder '{suggestion}'?"
-                    )
-                )
-        return None
-
-    base = attempt("base_model", recipe.schema.base_model) if recipe.schema.base_model else None
-    experts = [attempt(f"models.{i}.model", ref) for i, ref in enumerate(recipe.model_refs)]
-    if failures:
-        for reader in [base, *experts]:
-            if reader is not None:
-                reader.close()
-        if len(failures) == 1:
-            raise failures[0]
-        # Exit 2 when any is the user's to fix (a path), else 1 (the Hub, the network).
-        worst = max(failures, key=lambda error: error.exit_code)
-        raise type(worst)(
-            f"{len(failures)} models cannot be opened: " + "; ".join(map(str, failures))
-        )
-    return MergeInputs(base, experts, resolved_pins, download_bytes)
-
-
-def missing_folder_message(field: str, ref: str, recipe_dir: Path | None) -> str:
-    """A local model that is not there: the field, where it was looked for, and the folder
-    with the closest name, which is most often what was meant."""
-    looked = _places(ref, recipe_dir)
-    message = f"{field}: model folder '{ref}' does not exist (looked for "
-    message += ", ".join(map(str, looked)) + ")"
-    suggestion = close_folder(ref, recipe_dir)
-    return f"{message}; did you mean '{suggestion}'?" if suggestion else message
-
-
-def _places(ref: str, recipe_dir: Path | None) -> list[Path]:
-    path = Path(ref).expanduser()
-    places = [Path.cwd()] if path.is_absolute() else [Path.cwd(), recipe_dir]
-    return [place / path for place in dict.fromkeys(p for p in places if p is not None)]
-
-
-def close_folder(ref: str, recipe_dir: Path | None) -> str | None:
-    """An existing folder whose name is close to ``ref``'s last part, written as ``ref`` is."""
-    import difflib
-
-    for candidate in _places(ref, recipe_dir):
-        parent = candidate.parent
-        if not parent.is_dir():
-            continue
-        names = [entry.name for entry in parent.iterdir() if entry.is_dir()]
-        close = difflib.get_close_matches(candidate.name, names, n=1, cutoff=0.6)
-        if close:
-            prefix = ref[: len(ref) - len(Path(ref).name)]  # "./", "models/", "" as typed
-            return prefix + close[0]
-    return None
-
-
-def tokenizer_reader(recipe: Recipe, inputs: MergeInputs) -> ModelReader:
-    """The model whose tokenizer files the output gets: ``tokenizer_source``, by default the
-    base (or, without one, the first model)."""
-    index = recipe.tokenizer_model
-    if index is not None:
-        return inputs.experts[index]
-    return inputs.base or inputs.experts[0]
-
-
-_DEVICE_NAME = re.compile(r"(cpu|cuda)(:\d+)?")
-
-
-def select_device(name: str) -> str:
-    """The device to merge on, as torch names it: ``auto`` is CUDA when available; an explicit
-    CUDA device must exist. A CPU merge never imports torch (see ``io.dtypes``): ``auto`` looks
-    for NVIDIA device files before asking torch."""
-    if name == "auto":
-        return "cuda" if _nvidia_device_files() and _cuda_device_count() else "cpu"
-    match = _DEVICE_NAME.fullmatch(name)
-    if match is None:
-        raise UsageError(f"--device: '{name}' is not a device; use auto, cpu, cuda or cuda:N")
-    if match.group(1) == "cpu":
-        if match.group(2):
-            raise UsageError(f"--device: '{name}' is not supported; use auto, cpu, cuda or cuda:N")
-        return name
-    count = _cuda_device_count()
-    if count == 0:
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    if match.group(2) and int(match.group(2)[1:]) >= count:
-        raise UsageError(f"--device {name}: only {count} CUDA device(s)")
-    return name
-
-
-def _nvidia_device_files() -> bool:
-    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/proc/driver/nvidia").exists()
-
-
-def _cuda_device_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def read_recipe(recipe_path: Path, options: MergeOptions) -> Recipe:
-    recipe = load_recipe(recipe_path)
-    return recipe.with_seed(options.seed) if options.seed is not None else recipe
-
-
-def prepare(
-    recipe_path: Path, options: MergeOptions, pins: dict[str, str] | None = None
-) -> tuple[Recipe, MergeInputs, Plan]:
-    """Read the recipe, open the models (downloading Hub models, at the commits in ``pins``
-    when given) and plan: everything short of reading tensor data."""
-    recipe = read_recipe(recipe_path, options)
-    inputs = open_inputs(recipe, options.progress, pins=pins, allow_pickle=options.allow_pickle)
-    check_metadata_files(recipe, inputs)
-    plan = build_plan(
-        recipe,
-        inputs.base,
-        inputs.experts,
-        options.out_shard_bytes,
-        strict=options.strict,
-        device=select_device(options.device),
-    )
-    return recipe, inputs, plan
-
-
-def check_metadata_files(recipe: Recipe, inputs: MergeInputs) -> None:
-    """Refuse generation-config and tokenizer files that escape their folders, before
-    anything is merged."""
-    reference = inputs.base or inputs.experts[0]
-    tokenizer = tokenizer_reader(recipe, inputs)
-    metadata_files(reference.folder, reference.root, GENERATION_PATTERNS)
-    metadata_files(tokenizer.folder, tokenizer.root, TOKENIZER_PATTERNS)
-
-
 def run_merge(
     recipe_path: Path,
     out: Path,
@@ -288,25 +94,25 @@ def run_merge(
     from della_cli.preflight import assess
 
     started = time.perf_counter()
-    # Everything is checked from headers (Hub models' read remotely) before any download.
-    recipe = read_recipe(recipe_path, options)
-    headers = open_inputs(
-        recipe, options.progress, weights=False, allow_pickle=options.allow_pickle
-    )
-    preflight, plan = assess(recipe, headers, out, options)
-    if not preflight.can_run:
-        raise PlanError(preflight.problems)
-    if on_planned:
-        on_planned(plan)
-    if preflight.inputs:  # Hub models: download their weights at the commits planned
-        recipe, inputs, plan = prepare(recipe_path, options, preflight.inputs)
-    else:  # local models only: their readers already hold everything the merge reads
-        inputs = headers
-        check_metadata_files(recipe, inputs)
-    device = select_device(options.device)
+    # Everything is checked from headers (Hub models' read remotely) before any download;
+    # the recipe is read, the models opened and the plan made once.
+    session = MergeSession.open(recipe_path, options)
+    try:
+        preflight, plan = assess(session, out)
+        if not preflight.can_run:
+            raise PlanError(preflight.problems)
+        if on_planned:
+            on_planned(plan)
+        session.download_weights()  # Hub models: their weights, at the commits planned
+        check_metadata_files(session.recipe, session.inputs)
+        readers = [session.inputs.base, *session.inputs.experts]
+        folders = [reader.folder for reader in readers if reader]
+        check_destination(out, options.overwrite, folders, session.recipe.path)  # again, now
+    except BaseException:
+        session.close()
+        raise
+    recipe, inputs, device = session.recipe, session.inputs, session.device
     reference = inputs.base or inputs.experts[0]
-    input_folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
-    check_destination(out, options.overwrite, input_folders, recipe.path)
     warnings = list(plan.warnings)
     for message in warnings:
         (on_warning or (lambda m: None))(message)
@@ -346,9 +152,7 @@ def run_merge(
             f"writing {out} failed: {error.strerror or error}; nothing was left behind"
         ) from error
     finally:
-        for reader in [inputs.base, *inputs.experts]:
-            if reader is not None:
-                reader.close()
+        session.close()
     return MergeReport(
         output=str(out),
         method=recipe.method.name,
@@ -416,13 +220,6 @@ def _check_own_output(staging: Path, warn: WarningCallback) -> None:
         if check.name == "files":
             raise MergeFailure(f"the merged output failed its own check: {check.detail}")
         warn(f"the merged output: {check.detail}")
-
-
-def merge_fingerprint_of(recipe: Recipe, plan: Plan, inputs: MergeInputs) -> str:
-    """The resume fingerprint of this merge (see ``io.journal.merge_fingerprint``)."""
-    layout = [[(t.name, t.dtype, list(t.shape)) for t in shard] for shard in plan.shards]
-    folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
-    return merge_fingerprint(recipe.text, recipe.seed, layout, folders)
 
 
 def _check_finite_output(staging: Path) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from della_cli.errors import PlanError
 from della_cli.hub import cache_dir
-from della_cli.plan import Plan, build_plan
+from della_cli.plan import Plan
+from della_cli.session import MergeSession, merge_fingerprint_of
 from della_cli.sizes import human_size
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
@@ -86,37 +87,34 @@ class PlanReport:
 def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
     """Plan the merge of ``recipe_path`` into ``out`` (None: only the plan, disk checked in
     the working directory) without downloading or writing anything."""
-    from della_cli.api import open_inputs, read_recipe
-
-    recipe = read_recipe(recipe_path, options)
-    inputs = open_inputs(recipe, options.progress, weights=False, allow_pickle=options.allow_pickle)
-    report, _ = assess(recipe, inputs, out, options)
+    session = MergeSession.open(recipe_path, options)
+    try:
+        report, _ = assess(session, out)
+    finally:
+        session.close()
     return report
 
 
-def assess(recipe, inputs, out: Path | None, options) -> tuple[PlanReport, Plan | None]:
-    """The plan report of ``recipe`` over inputs opened with or without their weights, and
-    the plan itself (None when the tensors cannot be merged)."""
-    from della_cli.api import select_device
+def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | None]:
+    """The plan report of the session's recipe over its models (opened from headers), and
+    the plan itself (None when the tensors cannot be merged), which the session keeps."""
     from della_cli.engine import WHOLE_TENSOR_SPARSIFIERS, block_elements_for
     from della_cli.io.output import check_destination
 
+    recipe, inputs, options, device = (
+        session.recipe,
+        session.inputs,
+        session.options,
+        session.device,
+    )
     if out is not None:
         folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
         check_destination(out, options.overwrite, folders, recipe.path)
-    device = select_device(options.device)
     report = PlanReport(recipe.method.name, device, dict(inputs.pins))
     report.download_bytes = inputs.download_bytes
     report.warnings = architecture_warnings(inputs)
     try:
-        plan = build_plan(
-            recipe,
-            inputs.base,
-            inputs.experts,
-            options.out_shard_bytes,
-            strict=options.strict,
-            device=device,
-        )
+        plan = session.build_plan()
     except PlanError as error:
         report.problems = list(error.problems)
         return report, None
@@ -136,7 +134,6 @@ def resumable_bytes(out: Path, recipe, plan: Plan, inputs) -> int:
     """The bytes of the shards a resumed merge will keep: those its journal records for this
     very merge that are on disk at their planned size (verified again, by digest, before they
     are kept). Only della's own partial folder counts; whatever the answer, nothing is written."""
-    from della_cli.api import merge_fingerprint_of
     from della_cli.io.journal import Journal
     from della_cli.io.output import partial_folder
     from della_cli.io.writer import SHARD_METADATA, encode_header, shard_file_names

@@ -243,8 +243,8 @@ def inspect_recipe(
     recipe_path: Path, options, block_elements: int = BLOCK_ELEMENTS
 ) -> InspectReport:
     """Check ``recipe_path`` and its models as ``della merge`` does, then inspect them."""
-    from della_cli.api import prepare, select_device
     from della_cli.preflight import architecture_warnings
+    from della_cli.session import prepare, select_device
 
     recipe, inputs, plan = prepare(recipe_path, options)
     try:

@@ -485,3 +485,31 @@ def test_plan_of_a_repo_without_safetensors_names_it(fake_hub, published, tmp_pa
     result = invoke("plan", write_recipe(recipe("org/base", "org/pickled")))
     one_line_error(result, 2, "model 'org/pickled': the repository lacks a weight file")
     assert fake_hub.served("pytorch_model.bin") == 0
+
+
+def test_a_hub_merge_reads_its_recipe_and_plans_once(
+    fake_hub, published, write_recipe, tmp_path, monkeypatch
+):
+    """The session is built once: the plan made from remote headers is the one merged, after
+    the weights are downloaded at the commits it pinned."""
+    import della_cli.recipe
+    import della_cli.session
+
+    calls = {"recipe": 0, "plan": 0}
+    load_recipe, build_plan = della_cli.recipe.load_recipe, della_cli.session.build_plan
+
+    def counted_recipe(*args, **kwargs):
+        calls["recipe"] += 1
+        return load_recipe(*args, **kwargs)
+
+    def counted_plan(*args, **kwargs):
+        calls["plan"] += 1
+        return build_plan(*args, **kwargs)
+
+    monkeypatch.setattr(della_cli.session, "load_recipe", counted_recipe)
+    monkeypatch.setattr(della_cli.session, "build_plan", counted_plan)
+    path = write_recipe(recipe("org/base", "org/math", "org/code"))
+    result = invoke("merge", path, tmp_path / "merged", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert calls == {"recipe": 1, "plan": 1}
+    assert shard_bytes_served(fake_hub) > 0  # the weights were downloaded, after the plan

@@ -1,0 +1,240 @@
+"""The merge session: a recipe read once, its models opened once, the device chosen once and
+the plan built once, shared by ``della plan``, ``merge``, ``push`` and ``inspect``.
+
+Hub models are opened from their configs and safetensors headers alone (read remotely), so the
+whole plan is made before anything is downloaded; a merge then downloads their weights at the
+commits the plan pinned and keeps the plan (``MergeSession.download_weights``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from della_cli.devices import select_device
+from della_cli.engine import MergeInputs
+from della_cli.errors import DellaError, HubError, ModelError
+from della_cli.hub import HubRef, remote_headers, resolve_model
+from della_cli.io.journal import merge_fingerprint
+from della_cli.io.metadata import GENERATION_PATTERNS, TOKENIZER_PATTERNS, metadata_files
+from della_cli.io.reader import ModelReader
+from della_cli.locate import close_folder, locate_model, missing_folder_message
+from della_cli.plan import Plan, build_plan
+from della_cli.recipe import Recipe, load_recipe
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class MergeOptions:
+    device: str = "auto"
+    seed: int | None = None
+    out_shard_bytes: int = DEFAULT_SHARD_BYTES
+    overwrite: bool = False
+    resume: bool = False
+    strict: bool = False  # missing tensors and NaN/Inf inputs are errors, not warnings
+    allow_pickle: bool = False  # load pytorch_model*.bin folders (weights-only unpickler)
+    progress: bool = True  # download progress bars for Hub models (on stderr)
+    threads: int | None = None  # compute threads (None: every core this process may use)
+    allow_nonfinite: bool = False  # publish an output that holds NaN or Inf
+
+
+@dataclass
+class MergeSession:
+    """What ``della plan`` and ``della merge`` share: the recipe, its opened models (Hub ones
+    from their headers until ``download_weights``), the device and, once made, the plan."""
+
+    recipe: Recipe
+    inputs: MergeInputs
+    device: str
+    options: MergeOptions
+    plan: Plan | None = None
+    downloaded: bool = field(default=False, repr=False)
+
+    @classmethod
+    def open(cls, recipe_path: Path, options: MergeOptions) -> MergeSession:
+        """Read the recipe and open every model from headers: nothing is downloaded."""
+        recipe = read_recipe(recipe_path, options)
+        device = select_device(options.device)
+        inputs = open_inputs(
+            recipe, options.progress, weights=False, allow_pickle=options.allow_pickle
+        )
+        return cls(recipe, inputs, device, options)
+
+    def build_plan(self) -> Plan:
+        """The plan (raises PlanError listing every problem); made once, then kept."""
+        if self.plan is None:
+            self.plan = build_plan(
+                self.recipe,
+                self.inputs.base,
+                self.inputs.experts,
+                self.options.out_shard_bytes,
+                strict=self.options.strict,
+                device=self.device,
+            )
+        return self.plan
+
+    def download_weights(self) -> None:
+        """Download the Hub models' weights at the commits the plan pinned, and read them as
+        local folders, checked as every local model is (files confined to the cache, headers
+        valid). Their tensors must be the ones the plan was made from: the same commit cannot
+        give others, so a difference is refused rather than merged."""
+        if self.downloaded or not self.inputs.pins:
+            self.downloaded = True
+            return
+        readers = [self.inputs.base, *self.inputs.experts]
+        refs = [self.recipe.schema.base_model, *self.recipe.model_refs]
+        for position, (ref, reader) in enumerate(zip(refs, readers, strict=True)):
+            if reader is None or ref not in self.inputs.pins:
+                continue
+            where = locate_model(ref, self.recipe.path.parent if self.recipe.path else None)
+            assert isinstance(where, HubRef)  # it resolved to the Hub when it was opened
+            resolved = resolve_model(
+                where, weights=True, progress=self.options.progress, commit=self.inputs.pins[ref]
+            )
+            local = ModelReader(resolved.folder, ref, resolved.root)
+            if _layout(local) != _layout(reader):
+                local.close()
+                raise ModelError(
+                    f"model '{ref}': the files downloaded at commit {self.inputs.pins[ref]} are "
+                    "not the ones whose headers were planned; run the merge again"
+                )
+            reader.close()
+            if position == 0:
+                self.inputs.base = local
+            else:
+                self.inputs.experts[position - 1] = local
+        self.downloaded = True
+
+    def close(self) -> None:
+        for reader in [self.inputs.base, *self.inputs.experts]:
+            if reader is not None:
+                reader.close()
+
+
+def _layout(reader: ModelReader) -> dict[str, tuple]:
+    """Each tensor's dtype, shape and place in its file (the file itself may be a cache blob
+    of another name)."""
+    return {n: (t.dtype, t.shape, t.offset, t.nbytes) for n, t in reader.tensors.items()}
+
+
+def open_inputs(
+    recipe: Recipe,
+    progress: bool = True,
+    weights: bool = True,
+    pins: dict[str, str] | None = None,
+    allow_pickle: bool = False,
+) -> MergeInputs:
+    """Open every model of the recipe. Hub models are downloaded into the Hub cache first
+    (at the commits in ``pins`` when given); without ``weights`` only their configs, indexes
+    and tokenizers are, and their readers hold headers read remotely (plan only). Local
+    pickle-only folders open only with ``allow_pickle``."""
+    recipe_dir = recipe.path.parent if recipe.path else None
+    resolved_pins: dict[str, str] = {}
+    download_bytes = 0
+
+    def open_model(field: str, ref: str) -> ModelReader:
+        nonlocal download_bytes
+        where = locate_model(ref, recipe_dir)
+        if not isinstance(where, HubRef):
+            if not where.exists():
+                raise ModelError(missing_folder_message(field, ref, recipe_dir))
+            if allow_pickle and where.is_dir():
+                from della_cli.io import pickle_reader  # imports torch, whose loader it uses
+
+                if pickle_reader.has_only_pickle_weights(where):
+                    return pickle_reader.PickleModelReader(where, ref)
+            return ModelReader(where, ref)
+        commit = (pins or {}).get(ref)
+        resolved = resolve_model(where, weights=weights, progress=progress, commit=commit)
+        resolved_pins[ref] = resolved.commit
+        if weights:
+            return ModelReader(resolved.folder, ref, resolved.root)
+        headers, missing = remote_headers(resolved)
+        download_bytes += missing
+        return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
+
+    failures: list[DellaError] = []
+
+    def attempt(field: str, ref: str) -> ModelReader | None:
+        """Open one model, noting a failure so that every missing model is named at once."""
+        try:
+            return open_model(field, ref)
+        except ModelError as error:
+            failures.append(error)
+        except HubError as error:  # also the local folder a typo made look like org/name
+            suggestion = close_folder(ref, recipe_dir)
+            if suggestion is None:
+                failures.append(error)
+            else:
+                failures.append(
+                    ModelError(
+                        f"{field}: '{ref}' is no folder here and not a model the Hub gave "
+                        f"({error}); did you mean the folder '{suggestion}'?"
+                    )
+                )
+        return None
+
+    base = attempt("base_model", recipe.schema.base_model) if recipe.schema.base_model else None
+    experts = [attempt(f"models.{i}.model", ref) for i, ref in enumerate(recipe.model_refs)]
+    if failures:
+        for reader in [base, *experts]:
+            if reader is not None:
+                reader.close()
+        if len(failures) == 1:
+            raise failures[0]
+        # Exit 2 when any is the user's to fix (a path), else 1 (the Hub, the network).
+        worst = max(failures, key=lambda error: error.exit_code)
+        raise type(worst)(
+            f"{len(failures)} models cannot be opened: " + "; ".join(map(str, failures))
+        )
+    return MergeInputs(base, experts, resolved_pins, download_bytes)
+
+
+def tokenizer_reader(recipe: Recipe, inputs: MergeInputs) -> ModelReader:
+    """The model whose tokenizer files the output gets: ``tokenizer_source``, by default the
+    base (or, without one, the first model)."""
+    index = recipe.tokenizer_model
+    if index is not None:
+        return inputs.experts[index]
+    return inputs.base or inputs.experts[0]
+
+
+def read_recipe(recipe_path: Path, options: MergeOptions) -> Recipe:
+    recipe = load_recipe(recipe_path)
+    return recipe.with_seed(options.seed) if options.seed is not None else recipe
+
+
+def prepare(
+    recipe_path: Path, options: MergeOptions, pins: dict[str, str] | None = None
+) -> tuple[Recipe, MergeInputs, Plan]:
+    """Read the recipe, open the models (downloading Hub models, at the commits in ``pins``
+    when given) and plan: everything short of reading tensor data."""
+    recipe = read_recipe(recipe_path, options)
+    inputs = open_inputs(recipe, options.progress, pins=pins, allow_pickle=options.allow_pickle)
+    check_metadata_files(recipe, inputs)
+    plan = build_plan(
+        recipe,
+        inputs.base,
+        inputs.experts,
+        options.out_shard_bytes,
+        strict=options.strict,
+        device=select_device(options.device),
+    )
+    return recipe, inputs, plan
+
+
+def check_metadata_files(recipe: Recipe, inputs: MergeInputs) -> None:
+    """Refuse generation-config and tokenizer files that escape their folders, before
+    anything is merged."""
+    reference = inputs.base or inputs.experts[0]
+    tokenizer = tokenizer_reader(recipe, inputs)
+    metadata_files(reference.folder, reference.root, GENERATION_PATTERNS)
+    metadata_files(tokenizer.folder, tokenizer.root, TOKENIZER_PATTERNS)
+
+
+def merge_fingerprint_of(recipe: Recipe, plan: Plan, inputs: MergeInputs) -> str:
+    """The resume fingerprint of this merge (see ``io.journal.merge_fingerprint``)."""
+    layout = [[(t.name, t.dtype, list(t.shape)) for t in shard] for shard in plan.shards]
+    folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
+    return merge_fingerprint(recipe.text, recipe.seed, layout, folders)
