@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from della_cli.errors import ModelError
-from della_cli.io.reader import ModelReader
+from della_cli.io.reader import INDEX_NAME, ModelReader, read_weight_map
 from della_cli.plan import find_embedding
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -59,7 +59,9 @@ def verify_model(
         return report
     try:
         report.add(
-            "files", reader.shadowed, f"{len(reader.tensors)} tensors, headers and index agree"
+            "files",
+            [*reader.shadowed, *unnamed_weight_files(folder, reader)],
+            f"{len(reader.tensors)} tensors, headers and index agree",
         )
         report.add("config", config_problems(reader), "tensor shapes agree with config.json")
         if read_tensors:
@@ -72,6 +74,32 @@ def verify_model(
         problems, shown = generation_problems(folder)
         report.add("generate", problems, f"loads and generates: {shown}")
     return report
+
+
+_SHARD_NAME = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+
+
+def unnamed_weight_files(folder: Path, reader: ModelReader) -> list[str]:
+    """Weight files named as a model's own (``model.safetensors``, ``model-0000k-of-0000n``)
+    that the model does not use (the index names others): the leftovers of another merge,
+    which transformers ignores but a reader of files may not."""
+    used = {info.path.name for info in reader.tensors.values()}
+    weight_map = read_weight_map(folder) if (folder / INDEX_NAME).is_file() else None
+    if weight_map is not None:
+        used |= set(weight_map.values())
+    # Only names of the Hugging Face layout: a release may ship other files on purpose
+    # (Mistral's consolidated.safetensors, for its own loader).
+    unused = sorted(
+        p.name
+        for p in folder.glob("model*.safetensors")
+        if p.name not in used and _SHARD_NAME.fullmatch(p.name)
+    )
+    if not unused:
+        return []
+    return [
+        f"{len(unused)} safetensors file(s) the model does not use, first '{unused[0]}' "
+        "(left over from another merge?); remove them"
+    ]
 
 
 def _config_value(config: dict, key: str) -> object:

@@ -156,3 +156,27 @@ def test_merge_checks_its_own_output_before_publishing(model_zoo, write_recipe, 
     assert result.exit_code == 1
     assert "failed its own check" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_the_index_does_not_name_is_not_healthy(tmp_path, model_zoo, write_recipe):
+    """A leftover shard of another merge beside the index (what an unsafe resume once left):
+    transformers ignores it, a reader of files may not."""
+    from della_cli.api import MergeOptions, run_merge
+    from della_cli.verify import verify_model
+
+    recipe = write_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(model_zoo("llama")),
+            "models": [{"model": str(model_zoo("llama", expert=1))}],
+        }
+    )
+    out = tmp_path / "merged"
+    run_merge(recipe, out, MergeOptions(device="cpu", out_shard_bytes=30_000, progress=False))
+    assert verify_model(out).healthy
+    shards = sorted(out.glob("model-*.safetensors"))
+    (out / "model-00001-of-00009.safetensors").write_bytes(shards[0].read_bytes())
+    report = verify_model(out)
+    assert not report.healthy
+    (files,) = [check for check in report.checks if check.name == "files"]
+    assert "'model-00001-of-00009.safetensors'" in files.detail
