@@ -15,6 +15,7 @@ import torch
 import yaml
 
 VOCAB_SIZE = 96
+DEMO_DELTA_SCALE = 0.004  # the tiny models' weights have a spread of 0.02
 # Decoder-only configs built from the shared toy sizes: name -> (config class, extra fields).
 _DECODERS = {
     "llama": ("LlamaConfig", {}),
@@ -159,8 +160,10 @@ def make_demo_models(root: Path, architecture: str = "llama") -> Path:
     write it and still works from any working directory."""
     root.mkdir(parents=True, exist_ok=True)
     base = make_base(root / "base", architecture)
-    make_expert(base, root / "expert-math", random_delta(1))
-    make_expert(base, root / "expert-code", random_delta(2))
+    # Deltas a fifth of the weights' spread, as a fine-tune's are small against its base
+    # (``della inspect`` warns about experts whose task vectors are as large as the weights).
+    make_expert(base, root / "expert-math", random_delta(1, DEMO_DELTA_SCALE))
+    make_expert(base, root / "expert-code", random_delta(2, DEMO_DELTA_SCALE))
     recipe = {
         "merge_method": "della",
         "base_model": "./base",
