@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from killed_merges import kill_after, make_model
 from safetensors.numpy import load_file, save_file
 
 from della_cli.api import MergeOptions, run_merge
@@ -21,19 +22,6 @@ from della_cli.io.output import staging_path
 from della_cli.verify import verify_model
 
 SHARD_BYTES = 600_000
-
-
-def make_model(folder: Path, seed: int) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for layer in range(12):
-        base = rng.standard_normal((128, 512), np.float32)
-        delta = np.random.default_rng(seed + layer).standard_normal(base.shape, np.float32)
-        tensors[f"layers.{layer}.weight"] = base + (0.02 * delta if seed else 0)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({"model_type": "toy"}))
-    return folder
 
 
 @pytest.fixture
@@ -50,27 +38,6 @@ def recipe(tmp_path) -> Path:
     }
     path.write_text(json.dumps(recipe))
     return path
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing after it runs, not even clean-up."""
-
-
-def kill_after(jobs: int, recipe: Path, out: Path, options: MergeOptions, monkeypatch) -> None:
-    """A merge killed after ``jobs`` finished tensors, leaving its temporary folder as a real
-    kill would (its clean-up is disabled)."""
-    done = []
-
-    def die(job):
-        done.append(job.name)
-        if len(done) == jobs:
-            raise Killed
-
-    monkeypatch.setattr("della_cli.io.output.shutil.rmtree", lambda *args, **kwargs: None)
-    with pytest.raises(Killed):
-        run_merge(recipe, out, options, on_progress=die)
-    monkeypatch.undo()
-    assert json.loads((staging_path(out) / JOURNAL_NAME).read_text())["shards"]
 
 
 def files(folder: Path) -> dict[str, bytes]:

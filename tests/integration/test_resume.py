@@ -11,28 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from killed_merges import kill_after, make_model
 from typer.testing import CliRunner
 
 from della_cli.api import MergeOptions, run_merge
 from della_cli.cli import app
 from della_cli.io.journal import JOURNAL_NAME
 from della_cli.io.output import staged_folder, staging_path
-
-
-def make_model(folder: Path, seed: int, layers: int = 12, width: int = 128) -> Path:
-    """A raw safetensors model (no transformers needed): ``layers`` (width, 4*width) matrices."""
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for layer in range(layers):
-        base = torch.randn(width, 4 * width, generator=generator)
-        delta = torch.randn(width, 4 * width, generator=torch.Generator().manual_seed(seed + layer))
-        tensors[f"layers.{layer}.weight"] = base + (0.02 * delta if seed else 0)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({"model_type": "toy"}))
-    return folder
 
 
 @pytest.fixture
@@ -52,27 +37,6 @@ def della_recipe(tmp_path, write_recipe) -> Path:
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors*"))}
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing after it runs, not even cleanup."""
-
-
-def kill_after(jobs: int, recipe: Path, out: Path, options: MergeOptions, monkeypatch) -> list:
-    """Run a merge that is killed after ``jobs`` finished tensors, leaving its staging folder
-    as a real kill would; returns the names of the tensors it finished."""
-    done = []
-
-    def die(job):
-        done.append(job.name)
-        if len(done) == jobs:
-            raise Killed
-
-    monkeypatch.setattr("della_cli.io.output.shutil.rmtree", lambda *args, **kwargs: None)
-    with pytest.raises(Killed):
-        run_merge(recipe, out, options, on_progress=die)
-    monkeypatch.undo()
-    return done
 
 
 def test_resumed_merge_is_byte_identical(della_recipe, tmp_path, monkeypatch):
