@@ -237,6 +237,17 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def placed(recipe: Recipe, inputs: MergeInputs) -> Recipe:
+    """The recipe with the models' number of layers, where a gradient needs it: the base's
+    (else the first model's) config.json, else its stack of numbered tensor names."""
+    if not recipe.varies_by_tensor:
+        return recipe
+    from della_cli.recipe_settings import layer_count
+
+    reference = inputs.base or inputs.experts[0]
+    return recipe.with_layers(layer_count(reference.config, reference.tensors))
+
+
 def read_recipe(recipe_path: Path, options: MergeOptions) -> Recipe:
     recipe = load_recipe(recipe_path)
     return recipe.with_seed(options.seed) if options.seed is not None else recipe
@@ -249,6 +260,7 @@ def prepare(
     when given) and plan: everything short of reading tensor data."""
     recipe = read_recipe(recipe_path, options)
     inputs = open_inputs(recipe, options.progress, pins=pins, allow_pickle=options.allow_pickle)
+    recipe = placed(recipe, inputs)
     check_metadata_files(recipe, inputs)
     plan = build_plan(
         recipe, inputs.base, inputs.experts, options.out_shard_bytes, strict=options.strict
@@ -285,6 +297,7 @@ def run_merge(
     headers = open_inputs(
         recipe, options.progress, weights=False, allow_pickle=options.allow_pickle
     )
+    recipe = placed(recipe, headers)
     preflight, plan = assess(recipe, headers, out, options)
     if not preflight.can_run:
         raise PlanError(preflight.problems)

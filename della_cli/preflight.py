@@ -20,6 +20,7 @@ from pathlib import Path
 from della_cli.errors import PlanError
 from della_cli.hub import cache_dir
 from della_cli.plan import Plan, build_plan
+from della_cli.plan_parameters import group_parameters, parameter_lines
 from della_cli.sizes import human_size
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
@@ -61,6 +62,8 @@ class PlanReport:
         for group in self.groups:
             count = f" ({group['count']})" if group["count"] > 1 else ""
             lines.append(f"  {group['action']:<{width}}  {group['tensors']}{count}")
+            if group.get("parameters"):
+                lines += parameter_lines(group["parameters"], " " * (width + 6))
         lines.append(
             f"{self.method}: {self.tensors} tensors ({self.merged} merged, "
             f"{self.copied} copied) into {self.shards} shard(s), "
@@ -85,10 +88,11 @@ class PlanReport:
 def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
     """Plan the merge of ``recipe_path`` into ``out`` (None: only the plan, disk checked in
     the working directory) without downloading or writing anything."""
-    from della_cli.api import open_inputs, read_recipe
+    from della_cli.api import open_inputs, placed, read_recipe
 
     recipe = read_recipe(recipe_path, options)
     inputs = open_inputs(recipe, options.progress, weights=False, allow_pickle=options.allow_pickle)
+    recipe = placed(recipe, inputs)
     report, _ = assess(recipe, inputs, out, options)
     return report
 
@@ -116,6 +120,8 @@ def assess(recipe, inputs, out: Path | None, options) -> tuple[PlanReport, Plan 
         return report, None
     whole = recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
     _describe_plan(report, plan, recipe.model_refs)
+    if recipe.varies_by_tensor:
+        _describe_parameters(report, plan, recipe)
     report.working_memory_bytes = plan.working_memory_bytes(block_elements_for(device), whole)
     report.available_memory_bytes = available_memory(device)
     to_write = plan.output_bytes
@@ -190,6 +196,19 @@ def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
         {"tensors": pattern, "action": action, "count": count}
         for (pattern, action), count in counts.items()
     ]
+
+
+def _describe_parameters(report: PlanReport, plan: Plan, recipe) -> None:
+    """Each merged group's parameters where gradients or filters vary them."""
+    names: dict[str, list[str]] = {}
+    for job in plan.jobs:
+        if job.action == "merge":
+            names.setdefault(_LAYER_INDEX.sub(".*.", job.name), []).append(job.name)
+    for group in report.groups:
+        if group["action"] == "merged" and group["tensors"] in names:
+            parameters = group_parameters(recipe, names[group["tensors"]])
+            if parameters:
+                group["parameters"] = parameters
 
 
 def available_memory(device: str) -> int | None:
