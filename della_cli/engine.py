@@ -38,7 +38,7 @@ from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast, is_floating
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter
-from della_cli.methods import ExpertParams, Rescale, Sparsifier, weighted_sum
+from della_cli.methods import ExpertParams, GlobalParams, Rescale, Sparsifier, weighted_sum
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import Draws, derive_key
 from della_cli.plan import BASE, Plan, Source, TensorJob
@@ -149,7 +149,8 @@ class MergeEngine:
         # and whether io.streamed_sum can read its inputs.
         self._sum_specs: dict[str, weighted_sum.WeightedSum | None] = {}
         self._streamable: dict[str, bool] = {}
-        self.global_params = recipe.global_params()
+        # The merge-wide parameters per tensor (filters and gradients may vary them), by name.
+        self._global_params: dict[str, GlobalParams] = {}
         self.strict = strict
         self._masks: dict[str, list[Mask] | None] = {}
         self._reported_nonfinite: set[tuple[int, str]] = set()
@@ -346,6 +347,13 @@ class MergeEngine:
             return None
         return params
 
+    def global_params(self, name: str) -> GlobalParams:
+        """The merge-wide parameters of tensor ``name``, asked of the recipe once per tensor."""
+        params = self._global_params.get(name)
+        if params is None:
+            params = self._global_params[name] = self.recipe.global_params(name)
+        return params
+
     def _weighted_sum_spec(self, job: TensorJob) -> weighted_sum.WeightedSum | None:
         """What ``job`` sums where it merges as a weighted sum on the CPU, else None (decided
         once per job: its chunks ask again and again)."""
@@ -356,8 +364,8 @@ class MergeEngine:
                 spec = weighted_sum.WeightedSum(
                     weights=tuple(p.weight for p in params),
                     on_deltas=self.recipe.method.on_deltas,
-                    normalize=self.global_params.normalize,
-                    lambda_=self.global_params.lambda_,
+                    normalize=self.global_params(job.name).normalize,
+                    lambda_=self.global_params(job.name).lambda_,
                 )
             self._sum_specs[job.name] = spec
         return self._sum_specs[job.name]
@@ -393,7 +401,7 @@ class MergeEngine:
         """
         elements = elements or self.block_elements
         total_rows, row_length = _rows_shape(job.shape)
-        whole = self.global_params.rescale is Rescale.L1 and self.recipe.method.is_random
+        whole = self.global_params(job.name).rescale is Rescale.L1 and self.recipe.method.is_random
         if whole or total_rows * row_length <= elements:
             return [(0, total_rows)]
         step = max(1, elements // max(row_length, 1))
@@ -512,7 +520,7 @@ class MergeEngine:
             base,
             models,
             [self.recipe.expert_params(i, job.name) for i in recipe_indices],
-            self.global_params,
+            self.global_params(job.name),
             self.uniform_draws(job, recipe_indices, task.start * base.shape[1]),
             mask_blocks,
             job.out_dtype,
@@ -567,7 +575,8 @@ class MergeEngine:
 
         job = task.job
         out_dtype = NUMPY_DTYPES[job.out_dtype]
-        if not self._fused_applies(loaded, out_dtype):
+        shared = self.global_params(job.name)
+        if not self._fused_applies(loaded, out_dtype, shared):
             return None
         n = loaded[0].shape[1]
         plans = [self._expert_plan(job.name, source.model, n) for source in job.experts]
@@ -579,16 +588,18 @@ class MergeEngine:
             plans,
             mask_blocks,
             start=task.start * n,
-            rescale=self.global_params.rescale is Rescale.KEEP_PROB,
+            rescale=shared.rescale is Rescale.KEEP_PROB,
             on_deltas=self.recipe.method.on_deltas,
             consensus=self.recipe.method.sign_consensus,
-            normalize=self.global_params.normalize,
-            lambda_=self.global_params.lambda_,
+            normalize=shared.normalize,
+            lambda_=shared.lambda_,
             out_dtype=out_dtype,
             out=self.output_buffer(task, loaded[0].shape),
         )
 
-    def _fused_applies(self, loaded: list[np.ndarray], out_dtype: np.dtype) -> bool:
+    def _fused_applies(
+        self, loaded: list[np.ndarray], out_dtype: np.dtype, shared: GlobalParams
+    ) -> bool:
         from della_cli.methods import fused_merge
 
         first = loaded[0]
@@ -598,7 +609,7 @@ class MergeEngine:
             and fused_merge.supports(out_dtype)
             and first.ndim == 2
             and all(t.dtype == first.dtype and t.shape == first.shape for t in loaded)
-            and self.global_params.rescale in (Rescale.KEEP_PROB, Rescale.NONE)
+            and shared.rescale in (Rescale.KEEP_PROB, Rescale.NONE)
         )
 
     def _expert_plan(self, name: str, index: int, n: int) -> fused_merge.ExpertPlan | None:
