@@ -248,13 +248,15 @@ def placed(recipe: Recipe, inputs: MergeInputs) -> Recipe:
     return recipe.with_layers(layer_count(reference.config, reference.tensors))
 
 
-def read_recipe(recipe_path: Path, options: MergeOptions) -> Recipe:
-    recipe = load_recipe(recipe_path)
+def read_recipe(recipe_path: Path | Recipe, options: MergeOptions) -> Recipe:
+    """The recipe of a file, or one already read (a stage of a multi-stage file), with the
+    seed of ``options`` when it sets one."""
+    recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(recipe_path)
     return recipe.with_seed(options.seed) if options.seed is not None else recipe
 
 
 def prepare(
-    recipe_path: Path, options: MergeOptions, pins: dict[str, str] | None = None
+    recipe_path: Path | Recipe, options: MergeOptions, pins: dict[str, str] | None = None
 ) -> tuple[Recipe, MergeInputs, Plan]:
     """Read the recipe, open the models (downloading Hub models, at the commits in ``pins``
     when given) and plan: everything short of reading tensor data."""
@@ -278,7 +280,7 @@ def check_metadata_files(recipe: Recipe, inputs: MergeInputs) -> None:
 
 
 def run_merge(
-    recipe_path: Path,
+    recipe_path: Path | Recipe,
     out: Path,
     options: MergeOptions,
     on_start: Callable[[Plan], None] | None = None,

@@ -85,9 +85,10 @@ class PlanReport:
         return lines
 
 
-def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
-    """Plan the merge of ``recipe_path`` into ``out`` (None: only the plan, disk checked in
-    the working directory) without downloading or writing anything."""
+def plan_merge(recipe_path, out: Path | None, options) -> PlanReport:
+    """Plan the merge of ``recipe_path`` (a file, or a recipe already read) into ``out``
+    (None: only the plan, disk checked in the working directory) without downloading or
+    writing anything."""
     from della_cli.api import open_inputs, placed, read_recipe
 
     recipe = read_recipe(recipe_path, options)

@@ -235,6 +235,11 @@ def _settle(scopes: tuple[Any, ...], tensor_name: str, t: float, fallback: Any) 
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file of at most ``MAX_RECIPE_BYTES`` (a FIFO such as
     ``<(envsubst < r.yaml)`` is read too, still bounded)."""
+    return parse_recipe(read_recipe_text(path), path)
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file, bounded by ``MAX_RECIPE_BYTES``."""
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_RECIPE_BYTES + 1)
@@ -248,7 +253,7 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(f"{path}: no such recipe file") from error
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"{path}: cannot read the recipe ({error})") from error
-    return parse_recipe(text, path)
+    return text
 
 
 def parse_recipe(text: str, path: Path | None = None) -> Recipe:
@@ -258,19 +263,38 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     try:
         loader = RecipeLoader(text)  # a SafeLoader: no object tags
         data = loader.get_single_data()
-    except RecursionError as error:  # the composer recurses once per level of nesting
-        raise RecipeError(f"{where}: invalid YAML (nested too deeply)") from error
-    except ValueError as error:  # e.g. an integer of more digits than Python converts
-        raise RecipeError(f"{where}: invalid YAML ({str(error)[:80]})") from error
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        position = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{where}:{position}: invalid YAML ({error.problem})") from error
-    except yaml.YAMLError as error:  # e.g. a control character, with a multi-line message
-        raise RecipeError(f"{where}: invalid YAML ({' '.join(str(error).split())})") from error
+    except yaml.composer.ComposerError as error:
+        if "another document" not in str(error.problem):
+            raise yaml_error(where, error) from error
+        raise RecipeError(
+            f"{where}: holds several YAML documents, a multi-stage file, which only "
+            "della merge and della plan run"
+        ) from error
+    except (yaml.YAMLError, RecursionError, ValueError) as error:
+        raise yaml_error(where, error) from error
     finally:
         if loader is not None:
             loader.dispose()
+    return recipe_of(data, text, path, loader.key_given_twice)
+
+
+def yaml_error(where: str, error: Exception) -> RecipeError:
+    """One line for a YAML problem, with its line and column where the parser gives them."""
+    if isinstance(error, RecursionError):  # the composer recurses once per level of nesting
+        return RecipeError(f"{where}: invalid YAML (nested too deeply)")
+    if isinstance(error, ValueError):  # e.g. an integer of more digits than Python converts
+        return RecipeError(f"{where}: invalid YAML ({str(error)[:80]})")
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark
+        position = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return RecipeError(f"{where}:{position}: invalid YAML ({error.problem})")
+    # e.g. a control character, with a multi-line message
+    return RecipeError(f"{where}: invalid YAML ({' '.join(str(error).split())})")
+
+
+def recipe_of(data: Any, text: str, path: Path | None, key_given_twice: bool = False) -> Recipe:
+    """The recipe of one YAML document's ``data`` (read from ``text``), checked."""
+    where = str(path) if path else "recipe"
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with merge_method and models")
     try:
@@ -281,7 +305,7 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         schema = read_schema(data)
     except RecipeError as error:  # a key or value quoted in the message stays on one line
         raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None
-    if loader is not None and loader.key_given_twice:
+    if key_given_twice:
         notes = duplicate_key_notes(text) + notes
     recipe = Recipe(dataclasses.replace(schema, notes=tuple(notes)), text, path)
     check_rules(recipe)
