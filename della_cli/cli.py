@@ -239,14 +239,18 @@ def push(
 
 def _merge_file(recipe: Path, out: Path, options, quiet: bool, on_planned, keep: Path | None):
     """Merge a recipe file, or each stage of a multi-stage file (the final stage's report)."""
+    from della_cli.errors import PlanError
     from della_cli.io import interrupts
     from della_cli.io.output import check_destination
-    from della_cli.stages import final_stage, read_stages, run_stages
+    from della_cli.stages import final_stage, plan_stages, read_stages, run_stages, stage_problems
 
     stages = read_stages(recipe)
     if stages is None:
         return _merge_with_progress(recipe, out, options, quiet, on_planned)
     check_destination(out, options.overwrite, [], recipe)  # before any stage runs
+    problems = stage_problems(plan_stages(stages, out, options))
+    if problems:  # every stage planned before the first one runs
+        raise PlanError(problems)
     last = final_stage(stages)
     checks = [on_planned]  # push credentials: checked once, after the first stage's plan
 
@@ -345,15 +349,10 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool, check_
 def _plan_stages(stages, out: Path | None, options, as_json: bool, check_push=None) -> None:
     """``_dry_run`` of a multi-stage file: every stage planned in the order it runs."""
     from della_cli.errors import PlanError
-    from della_cli.stages import plan_stages
+    from della_cli.stages import plan_stages, stage_problems
 
     plans = plan_stages(stages, out, options)
-    problems = [
-        f"{p.stage.label}: {problem}"
-        for p in plans
-        if p.report is not None
-        for problem in p.report.problems
-    ]
+    problems = stage_problems(plans)
     if as_json:
         typer.echo(json.dumps({"stages": [p.to_dict() for p in plans], "can_run": not problems}))
         if problems:
@@ -375,6 +374,7 @@ def _plan_stages(stages, out: Path | None, options, as_json: bool, check_push=No
         )
         typer.echo(f"{p.stage.label} → {p.output}{reads}")
         lines = p.report.summary_lines() if p.report is not None else [p.unchecked]
+        lines = [p.note, *lines] if p.note else lines
         for line in lines:
             typer.echo(f"  {line}")
     typer.echo(

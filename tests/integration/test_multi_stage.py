@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -109,14 +110,31 @@ def test_plan_plans_every_stage_and_says_what_waits_for_an_earlier_one(deep, tmp
     assert lines[0] == "stage 'stage-attn' → intermediate 'stage-attn'"
     final = "the unnamed stage (document 3) → OUT, reads 'stage-attn', 'stage-mlp'"
     at = lines.index(final)
-    assert lines[at + 1].startswith("  reads the output of stages 'stage-attn', 'stage-mlp'")
+    assert lines[at + 1].startswith("  planned from the plan of stages 'stage-attn', 'stage-mlp'")
     assert lines[-1] == "the 3 stages can run; nothing downloaded, nothing written"
+    assert "stage-mlp: weight 0.2 → 1 over layers" in result.stdout  # named, not a folder
     result = runner.invoke(app, ["plan", str(path), "--json"])
     report = json.loads(result.stdout)
     assert report["can_run"] is True
     assert [s["name"] for s in report["stages"]] == ["stage-attn", "stage-mlp", None]
     assert report["stages"][0]["plan"]["merged"] == 48
-    assert report["stages"][2]["plan"] is None and report["stages"][2]["unchecked"]
+    final_plan = report["stages"][2]["plan"]
+    assert final_plan["merged"] == 48 and report["stages"][2]["note"]
+    assert not list(Path(tempfile.gettempdir()).glob("della-plan-stages-*"))
+
+
+def test_plan_finds_a_later_stage_problem_before_anything_runs(deep, model_zoo, tmp_path):
+    other = model_zoo("llama", layers=3)  # another depth than the stage it is merged with
+    text = stages_text(deep).replace("model: stage-mlp", f"model: {other}")
+    path = tmp_path / "multi.yaml"
+    path.write_text(text)
+    result = runner.invoke(app, ["plan", str(path)])
+    assert result.exit_code == 2
+    assert "the unnamed stage (document 3): " in result.stderr
+    assert "has 3 layers in 'model.layers' vs 5" in result.stderr
+    result = runner.invoke(app, ["merge", str(path), str(tmp_path / "out")])
+    assert result.exit_code == 2 and strays(tmp_path) == []
+    assert "merged 48 tensors" not in result.stderr  # refused before the first stage ran
 
 
 def test_an_existing_out_is_refused_before_any_stage_runs(deep, tmp_path):
