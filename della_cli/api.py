@@ -79,7 +79,7 @@ class MergeReport:
 
 
 def run_merge(
-    recipe_path: Path,
+    recipe_path: Path | Recipe,
     out: Path,
     options: MergeOptions,
     on_start: Callable[[Plan], None] | None = None,

@@ -232,9 +232,24 @@ def _model_table(recipe: Recipe, pins: dict[str, str]) -> list[str]:
         if ref == base:
             continue
         params = recipe.expert_params(index, "")
-        values = " | ".join(f"{getattr(params, name):g}" for name in columns)
+        values = " | ".join(
+            _varying(recipe, index, name) or f"{getattr(params, name):g}" for name in columns
+        )
         rows.append(f"| {_linked(ref, pins)} | model | {values} | {_source(ref, pins)} |")
     return rows
+
+
+def _varying(recipe: Recipe, index: int | None, name: str) -> str | None:
+    """A parameter that varies by tensor (gradient, filters) as the recipe writes it, with
+    the scope it falls back to; None when its value is one for every tensor."""
+    from della_cli.recipe_settings import describe, varies
+
+    top = getattr(recipe.schema.parameters, name)
+    own = None if index is None else getattr(recipe.schema.models[index].parameters, name)
+    if not varies(own) and not (own is None and varies(top)):
+        return None
+    first, rest = (own, top) if own is not None else (top, None)
+    return describe(first) + (f" else {describe(rest)}" if rest is not None else "")
 
 
 def _linked(ref: str, pins: dict[str, str]) -> str:
@@ -251,8 +266,10 @@ def _parameter_lines(recipe: Recipe) -> list[str]:
     spec, merge_wide = recipe.method, recipe.global_params()
     lines = ["## Parameters", ""]
     if spec.on_deltas:
-        lines.append(f"- lambda: {merge_wide.lambda_:g} (the merged task vector's scale)")
-    lines.append(f"- normalize: {str(merge_wide.normalize).lower()}")
+        lambda_ = _varying(recipe, None, "lambda_") or f"{merge_wide.lambda_:g}"
+        lines.append(f"- lambda: {lambda_} (the merged task vector's scale)")
+    normalize = _varying(recipe, None, "normalize") or str(merge_wide.normalize).lower()
+    lines.append(f"- normalize: {normalize}")
     if spec.is_random:
         lines.append(f"- rescale: {_RESCALE_NAMES[merge_wide.rescale]}")
         lines.append(f"- seed: {recipe.seed} (every random draw follows from it)")

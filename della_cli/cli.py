@@ -6,6 +6,7 @@ interrupt exits 130. Set DELLA_DEBUG=1 to see tracebacks. Torch is imported insi
 that ``--help`` is instant.
 """
 
+import contextlib
 import gc
 import json
 import os
@@ -157,8 +158,17 @@ def merge(
     commit_message: MessageOption = None,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
+    keep_intermediates: Annotated[
+        Path | None,
+        typer.Option(
+            help="Multi-stage files: keep each named stage's output in this folder (by "
+            "default they go to a temporary folder beside OUT, removed at the end).",
+            metavar="DIR",
+        ),
+    ] = None,
 ) -> None:
-    """Merge the models of RECIPE into the folder OUT (and push it with --push-to-hub)."""
+    """Merge the models of RECIPE into the folder OUT (and push it with --push-to-hub).
+    A RECIPE of several YAML documents is a multi-stage file: its stages run in order."""
     from della_cli.api import MergeOptions
 
     _loaded()
@@ -183,7 +193,7 @@ def merge(
         if dry_run:
             _dry_run(recipe, out, options, as_json, check_push)
             return
-        report = _merge_with_progress(recipe, out, options, quiet or as_json, check_push)
+        report = _merge_file(recipe, out, options, quiet or as_json, check_push, keep_intermediates)
     summary = report.to_dict()
     if not as_json and not quiet:
         typer.echo(
@@ -241,7 +251,40 @@ def push(
         typer.echo(json.dumps({"folder": str(folder), "repo_id": repo_id, "url": url}))
 
 
-def _merge_with_progress(recipe: Path, out: Path, options, quiet: bool, on_planned=None):
+def _merge_file(recipe: Path, out: Path, options, quiet: bool, on_planned, keep: Path | None):
+    """Merge a recipe file, or each stage of a multi-stage file (the final stage's report)."""
+    from della_cli.errors import PlanError
+    from della_cli.io import interrupts
+    from della_cli.io.output import check_destination
+    from della_cli.stages import final_stage, plan_stages, read_stages, run_stages, stage_problems
+
+    stages = read_stages(recipe)
+    if stages is None:
+        return _merge_with_progress(recipe, out, options, quiet, on_planned)
+    check_destination(out, options.overwrite, [], recipe)  # before any stage runs
+    problems = stage_problems(plan_stages(stages, out, options))
+    if problems:  # every stage planned before the first one runs
+        raise PlanError(problems)
+    last = final_stage(stages)
+    checks = [on_planned]  # push credentials: checked once, after the first stage's plan
+
+    def merge(stage, bound, destination: Path):
+        report = _merge_with_progress(
+            bound, destination, options, quiet, checks.pop() if checks else None
+        )
+        if stage is not last:
+            interrupts.forget_published()  # an intermediate is no output of this command
+            if not quiet:
+                typer.echo(
+                    f"{stage.label}: merged {report.tensors} tensors into {destination}", err=True
+                )
+        return report
+
+    done = run_stages(stages, out, keep, merge)
+    return next(report for stage, _, report in done if stage is last)
+
+
+def _merge_with_progress(recipe, out: Path, options, quiet: bool, on_planned=None):
     from della_cli.api import run_merge
 
     show_bar = not quiet and sys.stderr.isatty()
@@ -296,7 +339,12 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool, check_
     ``check_push`` checks push credentials once the plan has passed."""
     from della_cli.errors import PlanError
     from della_cli.preflight import plan_merge
+    from della_cli.stages import read_stages
 
+    stages = read_stages(recipe_path)
+    if stages is not None:
+        _plan_stages(stages, out, options, as_json, check_push)
+        return
     report = plan_merge(recipe_path, out, options)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
@@ -315,6 +363,43 @@ def _dry_run(recipe_path: Path, out: Path | None, options, as_json: bool, check_
         typer.echo(line)
     typer.echo(
         "the merge can run; nothing downloaded, nothing written" + (" (dry run)" if out else "")
+    )
+
+
+def _plan_stages(stages, out: Path | None, options, as_json: bool, check_push=None) -> None:
+    """``_dry_run`` of a multi-stage file: every stage planned in the order it runs."""
+    from della_cli.errors import PlanError
+    from della_cli.stages import plan_stages, stage_problems
+
+    plans = plan_stages(stages, out, options)
+    problems = stage_problems(plans)
+    if as_json:
+        typer.echo(json.dumps({"stages": [p.to_dict() for p in plans], "can_run": not problems}))
+        if problems:
+            raise typer.Exit(2)
+    elif problems:
+        raise PlanError(problems)
+    if check_push:
+        check_push()
+    if as_json:
+        return
+    for p in plans:
+        for message in p.report.warnings if p.report is not None else p.stage.recipe.schema.notes:
+            typer.echo(f"warning: {p.stage.label}: {message}", err=True)
+    for p in plans:
+        reads = (
+            f", reads {', '.join(repr(n) for n in p.stage.depends_on)}"
+            if p.stage.depends_on
+            else ""
+        )
+        typer.echo(f"{p.stage.label} → {p.output}{reads}")
+        lines = p.report.summary_lines() if p.report is not None else [p.unchecked]
+        lines = [p.note, *lines] if p.note else lines
+        for line in lines:
+            typer.echo(f"  {line}")
+    typer.echo(
+        f"the {len(plans)} stages can run; nothing downloaded, nothing written"
+        + (" (dry run)" if out else "")
     )
 
 

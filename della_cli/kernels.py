@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from della_cli.io import streamed_sum
-from della_cli.methods import ExpertParams, Rescale, Sparsifier
+from della_cli.methods import ExpertParams, GlobalParams, Rescale, Sparsifier
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import derive_key
 
@@ -61,6 +61,8 @@ class Kernel:
     backend: str
     name: str
     experts: tuple[ExpertStep, ...]
+    # The merge-wide parameters for this tensor (gradients and filters may vary them).
+    shared: GlobalParams
 
     @property
     def label(self) -> str:
@@ -100,7 +102,6 @@ class _Chooser:
     def __init__(self, recipe, base, experts, device, backend, stream_reads):
         self.recipe = recipe
         self.readers = {BASE: base, **dict(enumerate(experts))}
-        self.global_params = recipe.global_params()
         numba, kernel = cpu_backend_installed()
         cpu = device == "cpu" and backend != "torch"
         self.numba = cpu and numba
@@ -111,9 +112,10 @@ class _Chooser:
         if job.action != "merge":
             return job
         steps = tuple(self.step(job, source.model) for source in job.experts)
-        name = self.cpu_kernel(job, steps)
+        shared = self.recipe.global_params(job.name)
+        name = self.cpu_kernel(job, steps, shared)
         backend = "torch" if name is None else "cpu"
-        return dataclasses.replace(job, kernel=Kernel(backend, name or "merge", steps))
+        return dataclasses.replace(job, kernel=Kernel(backend, name or "merge", steps, shared))
 
     def step(self, job: TensorJob, model: int) -> ExpertStep:
         params = self.recipe.expert_params(model, job.name)
@@ -142,7 +144,9 @@ class _Chooser:
             dtypes.append(stored)
         return dtypes
 
-    def cpu_kernel(self, job: TensorJob, steps: tuple[ExpertStep, ...]) -> str | None:
+    def cpu_kernel(
+        self, job: TensorJob, steps: tuple[ExpertStep, ...], shared: GlobalParams
+    ) -> str | None:
         """The CPU kernel that merges ``job``, or None where only torch does."""
         dtypes = [*self.loaded_dtypes(job), job.out_dtype]
         cpu_dtypes = all(dtype in CPU_DTYPES for dtype in dtypes)
@@ -158,7 +162,7 @@ class _Chooser:
             return "streamed_sum" if self.stream_reads else "chunked_sum"
         if not self.numba or len(set(dtypes[:-1])) != 1:
             return None
-        if self.global_params.rescale not in (Rescale.KEEP_PROB, Rescale.NONE):
+        if shared.rescale not in (Rescale.KEEP_PROB, Rescale.NONE):
             return None
         row_length = math.prod(job.shape[1:]) if len(job.shape) > 1 else job.numel
         if any(step.sparsify == MAGPRUNE for step in steps) and row_length <= 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 from della_cli.errors import PlanError
 from della_cli.hub import cache_dir
 from della_cli.plan import Plan
+from della_cli.plan_parameters import group_parameters, parameter_lines
 from della_cli.session import MergeSession, merge_fingerprint_of
 from della_cli.sizes import human_size
 
@@ -63,6 +64,8 @@ class PlanReport:
             count = f" ({group['count']})" if group["count"] > 1 else ""
             kernel = f"  [{group['kernel']}]" if group.get("kernel") else ""
             lines.append(f"  {group['action']:<{width}}  {group['tensors']}{count}{kernel}")
+            if group.get("parameters"):
+                lines += parameter_lines(group["parameters"], " " * (width + 6))
         lines.append(
             f"{self.method}: {self.tensors} tensors ({self.merged} merged, "
             f"{self.copied} copied) into {self.shards} shard(s), "
@@ -84,9 +87,10 @@ class PlanReport:
         return lines
 
 
-def plan_merge(recipe_path: Path, out: Path | None, options) -> PlanReport:
-    """Plan the merge of ``recipe_path`` into ``out`` (None: only the plan, disk checked in
-    the working directory) without downloading or writing anything."""
+def plan_merge(recipe_path, out: Path | None, options) -> PlanReport:
+    """Plan the merge of ``recipe_path`` (a file, or a recipe already read) into ``out``
+    (None: only the plan, disk checked in the working directory) without downloading or
+    writing anything."""
     session = MergeSession.open(recipe_path, options)
     try:
         report, _ = assess(session, out)
@@ -120,6 +124,8 @@ def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | 
         return report, None
     whole = recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
     _describe_plan(report, plan, recipe.model_refs)
+    if recipe.varies_by_tensor:
+        _describe_parameters(report, plan, recipe)
     report.working_memory_bytes = plan.working_memory_bytes(block_elements_for(device), whole)
     report.available_memory_bytes = available_memory(device)
     to_write = plan.output_bytes
@@ -194,6 +200,19 @@ def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
         {"tensors": pattern, "action": action, "count": count, "kernel": kernel}
         for (pattern, action, kernel), count in counts.items()
     ]
+
+
+def _describe_parameters(report: PlanReport, plan: Plan, recipe) -> None:
+    """Each merged group's parameters where gradients or filters vary them."""
+    names: dict[str, list[str]] = {}
+    for job in plan.jobs:
+        if job.action == "merge":
+            names.setdefault(_LAYER_INDEX.sub(".*.", job.name), []).append(job.name)
+    for group in report.groups:
+        if group["action"] == "merged" and group["tensors"] in names:
+            parameters = group_parameters(recipe, names[group["tensors"]])
+            if parameters:
+                group["parameters"] = parameters
 
 
 def available_memory(device: str) -> int | None:

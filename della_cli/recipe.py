@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import math
 from collections.abc import Callable
@@ -28,6 +29,14 @@ from della_cli.recipe_compat import (
     check_method,
     duplicate_key_notes,
 )
+from della_cli.recipe_settings import (
+    breakpoints,
+    check_setting,
+    layer_position,
+    resolve,
+    sample_names,
+    varies,
+)
 from della_cli.recipe_yaml import MAX_RECIPE_BYTES, RecipeLoader, load_yaml, seed_edit
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
@@ -44,18 +53,24 @@ BOOLEAN_WORDS = {
 }
 
 
+# A parameter's setting: a plain value, or one that varies by tensor (recipe_settings: a
+# Gradient over the layers, or a Filtered list on tensor names).
+Setting = Any
+
+
 @dataclass(frozen=True)
 class ModelParameters:
-    """Parameters one expert may set; unset ones (None) fall back to the top-level defaults."""
+    """Parameters one expert may set; unset ones (None) fall back to the top-level defaults.
+    Each is a plain value or a setting that varies by tensor (``recipe_settings``)."""
 
-    weight: float | None = None
-    density: float | None = None
-    epsilon: float | None = None
-    gamma: float | None = None
+    weight: float | Setting | None = None
+    density: float | Setting | None = None
+    epsilon: float | Setting | None = None
+    gamma: float | Setting | None = None
     # Global parameters are accepted here only to give a precise error.
-    lambda_: float | None = None
-    normalize: bool | None = None
-    rescale: bool | Literal["l1"] | None = None
+    lambda_: float | Setting | None = None
+    normalize: bool | Setting | None = None
+    rescale: bool | Literal["l1"] | Setting | None = None
     given: tuple[str, ...] = ()  # the keys the recipe wrote, in its order
 
 
@@ -63,7 +78,11 @@ class ModelParameters:
 class GlobalParameters(ModelParameters):
     """Top-level parameters: defaults for every model plus the merge-wide ones."""
 
-    int8_mask: bool | None = None  # mergekit memory option; accepted, no effect here
+    int8_mask: bool | Setting | None = None  # mergekit memory option; accepted, no effect here
+
+
+EXPERT_FIELDS = ("weight", "density", "epsilon", "gamma")
+SHARED_FIELDS = ("lambda_", "normalize", "rescale")
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,9 @@ class Recipe:
     schema: RecipeSchema
     text: str
     path: Path | None = None
+    # The models' number of layers, which places gradients (``with_layers``); None until the
+    # models are opened.
+    layers: int | None = None
 
     @property
     def method(self) -> MethodSpec:
@@ -119,36 +141,58 @@ class Recipe:
             return None
         return self.model_refs.index(source)
 
-    def expert_params(self, model_index: int, tensor_name: str) -> ExpertParams:
-        """Parameters of model ``model_index`` for ``tensor_name``.
+    @functools.cached_property
+    def varies_by_tensor(self) -> bool:
+        """Whether any parameter is a gradient or a filter list (else every tensor gets the
+        same values)."""
+        blocks = [self.schema.parameters, *(entry.parameters for entry in self.schema.models)]
+        names = (*EXPERT_FIELDS, *SHARED_FIELDS)
+        return any(varies(getattr(block, name)) for block in blocks for name in names)
 
-        A function of the tensor name so that per-tensor filters and layer gradients can be
-        added here without touching the engine.
-        """
-        del tensor_name  # one value per model today
+    def with_layers(self, layers: int | None) -> Recipe:
+        """The recipe with the models' number of layers, which places its gradients."""
+        return self if layers == self.layers else dataclasses.replace(self, layers=layers)
+
+    def _position(self, tensor_name: str) -> float:
+        """The tensor's layer position t, where some parameter needs it (else 0)."""
+        return layer_position(tensor_name, self.layers) if self.varies_by_tensor else 0.0
+
+    def expert_params(self, model_index: int, tensor_name: str) -> ExpertParams:
+        """Parameters of model ``model_index`` for ``tensor_name``, its gradients placed at the
+        tensor's layer and its filters matched against the name."""
+        return self.expert_params_at(model_index, tensor_name, self._position(tensor_name))
+
+    def expert_params_at(self, model_index: int, tensor_name: str, t: float) -> ExpertParams:
+        """``expert_params`` at layer position ``t``; the own scope first, then the top level,
+        then the default (a filter list matching nothing falls through)."""
         own = self.schema.models[model_index].parameters
         default = self.schema.parameters
 
+        def settle(name: str, fallback: Any) -> Any:
+            scopes = (getattr(own, name), getattr(default, name))
+            return _settle(scopes, tensor_name, t, fallback)
+
         takes = self.method.expert_parameters
-        gamma = _first_set(own.gamma, default.gamma, DEFAULT_GAMMA) if "gamma" in takes else None
+        gamma = settle("gamma", DEFAULT_GAMMA) if "gamma" in takes else None
         density = MERGEKIT_DEFAULTS["density"] if "density" in takes else None
         epsilon = MERGEKIT_DEFAULTS["epsilon"] if "epsilon" in takes else None
         return ExpertParams(
-            weight=_first_set(own.weight, default.weight, 1.0),
-            density=_first_set(own.density, default.density, density),
-            epsilon=_first_set(own.epsilon, default.epsilon, epsilon),
+            weight=settle("weight", 1.0),
+            density=settle("density", density),
+            epsilon=settle("epsilon", epsilon),
             gamma=gamma,
         )
 
-    def global_params(self) -> GlobalParams:
+    def global_params(self, tensor_name: str = "") -> GlobalParams:
+        """The merge-wide parameters for ``tensor_name`` (the output's name); without one,
+        those of a tensor outside the layers that no filter names."""
         spec, top = self.method, self.schema.parameters
-        rescale = {True: Rescale.KEEP_PROB, False: Rescale.NONE, "l1": Rescale.L1}[
-            True if top.rescale is None else top.rescale
-        ]
+        t = self._position(tensor_name)
+        rescale = _settle((top.rescale,), tensor_name, t, True)
         return GlobalParams(
-            lambda_=_first_set(top.lambda_, None, 1.0),
-            normalize=_first_set(top.normalize, None, spec.normalize_default),
-            rescale=rescale,
+            lambda_=_settle((top.lambda_,), tensor_name, t, 1.0),
+            normalize=_settle((top.normalize,), tensor_name, t, spec.normalize_default),
+            rescale={True: Rescale.KEEP_PROB, False: Rescale.NONE, "l1": Rescale.L1}[rescale],
         )
 
     @property
@@ -171,24 +215,31 @@ class Recipe:
         edited = seed_edit(self.text, seed)
         try:
             if edited is not None and parse_recipe(edited).schema == schema:
-                return Recipe(schema, edited, self.path)
+                return Recipe(schema, edited, self.path, self.layers)
         except RecipeError:
             pass
         data = load_yaml(self.text)
         text = yaml.safe_dump({**data, "seed": seed}, sort_keys=False, allow_unicode=True)
-        return Recipe(schema, text, self.path)
+        return Recipe(schema, text, self.path, self.layers)
 
 
-def _first_set(*values: Any) -> Any:
-    for value in values[:-1]:
+def _settle(scopes: tuple[Any, ...], tensor_name: str, t: float, fallback: Any) -> Any:
+    """The first scope's value for ``tensor_name`` at ``t``, else ``fallback``."""
+    for setting in scopes:
+        value = resolve(setting, tensor_name, t)
         if value is not None:
             return value
-    return values[-1]
+    return fallback
 
 
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file of at most ``MAX_RECIPE_BYTES`` (a FIFO such as
     ``<(envsubst < r.yaml)`` is read too, still bounded)."""
+    return parse_recipe(read_recipe_text(path), path)
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file, bounded by ``MAX_RECIPE_BYTES``."""
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_RECIPE_BYTES + 1)
@@ -202,7 +253,7 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(f"{path}: no such recipe file") from error
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"{path}: cannot read the recipe ({error})") from error
-    return parse_recipe(text, path)
+    return text
 
 
 def parse_recipe(text: str, path: Path | None = None) -> Recipe:
@@ -212,19 +263,38 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     try:
         loader = RecipeLoader(text)  # a SafeLoader: no object tags
         data = loader.get_single_data()
-    except RecursionError as error:  # the composer recurses once per level of nesting
-        raise RecipeError(f"{where}: invalid YAML (nested too deeply)") from error
-    except ValueError as error:  # e.g. an integer of more digits than Python converts
-        raise RecipeError(f"{where}: invalid YAML ({str(error)[:80]})") from error
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        position = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{where}:{position}: invalid YAML ({error.problem})") from error
-    except yaml.YAMLError as error:  # e.g. a control character, with a multi-line message
-        raise RecipeError(f"{where}: invalid YAML ({' '.join(str(error).split())})") from error
+    except yaml.composer.ComposerError as error:
+        if "another document" not in str(error.problem):
+            raise yaml_error(where, error) from error
+        raise RecipeError(
+            f"{where}: holds several YAML documents, a multi-stage file, which only "
+            "della merge and della plan run"
+        ) from error
+    except (yaml.YAMLError, RecursionError, ValueError) as error:
+        raise yaml_error(where, error) from error
     finally:
         if loader is not None:
             loader.dispose()
+    return recipe_of(data, text, path, loader.key_given_twice)
+
+
+def yaml_error(where: str, error: Exception) -> RecipeError:
+    """One line for a YAML problem, with its line and column where the parser gives them."""
+    if isinstance(error, RecursionError):  # the composer recurses once per level of nesting
+        return RecipeError(f"{where}: invalid YAML (nested too deeply)")
+    if isinstance(error, ValueError):  # e.g. an integer of more digits than Python converts
+        return RecipeError(f"{where}: invalid YAML ({str(error)[:80]})")
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark
+        position = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return RecipeError(f"{where}:{position}: invalid YAML ({error.problem})")
+    # e.g. a control character, with a multi-line message
+    return RecipeError(f"{where}: invalid YAML ({' '.join(str(error).split())})")
+
+
+def recipe_of(data: Any, text: str, path: Path | None, key_given_twice: bool = False) -> Recipe:
+    """The recipe of one YAML document's ``data`` (read from ``text``), checked."""
+    where = str(path) if path else "recipe"
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with merge_method and models")
     try:
@@ -235,7 +305,7 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         schema = read_schema(data)
     except RecipeError as error:  # a key or value quoted in the message stays on one line
         raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None
-    if loader is not None and loader.key_given_twice:
+    if key_given_twice:
         notes = duplicate_key_notes(text) + notes
     recipe = Recipe(dataclasses.replace(schema, notes=tuple(notes)), text, path)
     check_rules(recipe)
@@ -259,10 +329,6 @@ def _fail(path: str, problem: str) -> NoReturn:
 def _number(value: Any, path: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, (list, dict)):
-        _fail(
-            path, "per-tensor filters and gradients (lists) are not supported yet; give one number"
-        )
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(path, f"must be a number, got {shown(value)}")
     try:
@@ -353,16 +419,17 @@ def _tokenizer_source(value: Any, path: str) -> str | None:
 
 # Each mapping's keys, in the order an unknown key's message lists them: the attribute each
 # fills, and its check.
+# Every parameter may be a gradient or a filter list (recipe_settings), each value checked.
 PARAMETER_KEYS: dict[str, tuple[str, Check]] = {
-    "weight": ("weight", _number),
-    "density": ("density", _in_range(0, 1, low_closed=False, high_closed=True)),
-    "epsilon": ("epsilon", _in_range(0, 0.5, low_closed=True, high_closed=False)),
-    "gamma": ("gamma", _in_range(0, 1, low_closed=True, high_closed=False)),
-    "lambda": ("lambda_", _number),
-    "normalize": ("normalize", _boolean),
-    "rescale": ("rescale", _rescale),
+    "weight": ("weight", check_setting(_number)),
+    "density": ("density", check_setting(_in_range(0, 1, low_closed=False, high_closed=True))),
+    "epsilon": ("epsilon", check_setting(_in_range(0, 0.5, low_closed=True, high_closed=False))),
+    "gamma": ("gamma", check_setting(_in_range(0, 1, low_closed=True, high_closed=False))),
+    "lambda": ("lambda_", check_setting(_number)),
+    "normalize": ("normalize", check_setting(_boolean)),
+    "rescale": ("rescale", check_setting(_rescale)),
 }
-GLOBAL_PARAMETER_KEYS = {**PARAMETER_KEYS, "int8_mask": ("int8_mask", _boolean)}
+GLOBAL_PARAMETER_KEYS = {**PARAMETER_KEYS, "int8_mask": ("int8_mask", check_setting(_boolean))}
 
 
 def _parameters(keys: dict[str, tuple[str, Check]], kind: type[ModelParameters]) -> Check:
@@ -480,6 +547,24 @@ def _check_parameter_names(recipe: Recipe) -> None:
 
 
 def _check_expert_values(recipe: Recipe, index: int) -> None:
+    """The bounds that join density with epsilon or gamma, for every tensor: where values vary,
+    at every name the filters tell apart and every gradient's breakpoint (between two, each
+    bound is linear in t, so holding at both ends it holds between)."""
+    own, top = recipe.schema.models[index].parameters, recipe.schema.parameters
+    settings = [getattr(block, name) for block in (own, top) for name in EXPERT_FIELDS]
+    if not any(varies(setting) for setting in settings):
+        _check_expert_window(recipe, index, "", 0.0, "")
+        return
+    for name in sample_names(settings):
+        for t in breakpoints(settings):
+            parts = "' and '".join(name.split("\0"))
+            place = f" at layer position t = {t:g}" + (
+                f" for tensors containing '{parts}'" if name else ""
+            )
+            _check_expert_window(recipe, index, name, t, place)
+
+
+def _check_expert_window(recipe: Recipe, index: int, tensor: str, t: float, where: str) -> None:
     own = recipe.schema.models[index].parameters
 
     def path(name: str) -> str:
@@ -489,7 +574,7 @@ def _check_expert_values(recipe: Recipe, index: int) -> None:
             else (f"parameters.{name}")
         )
 
-    params = recipe.expert_params(index, "")
+    params = recipe.expert_params_at(index, tensor, t)
     density = params.density
     in_window = (
         params.epsilon is None
@@ -503,10 +588,10 @@ def _check_expert_values(recipe: Recipe, index: int) -> None:
         raise RecipeError(
             f"{path('epsilon')}: keep probabilities d ± ε must lie in (0, 1], but density "
             f"{density} and epsilon {params.epsilon}{whose} give [{density - params.epsilon:g}, "
-            f"{density + params.epsilon:g}]; {fix} epsilon"
+            f"{density + params.epsilon:g}]{where}; {fix} epsilon"
         )
     if params.gamma is not None and density is not None and 1 > density > 1 - params.gamma:
         raise RecipeError(
-            f"{path('gamma')}: density {density} plus gamma {params.gamma} exceeds 1; "
+            f"{path('gamma')}: density {density:g} plus gamma {params.gamma:g} exceeds 1{where}; "
             "lower one of them"
         )

@@ -11,6 +11,7 @@ the marks the parser reports, so that any syntax YAML allows (block, flow, JSON)
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -22,6 +23,7 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes
 # its scalars): no real recipe comes near, and a 400-byte alias bomb of 9**8 strings does.
 MAX_EXPANDED_SIZE = MAX_RECIPE_BYTES
 MAX_DEPTH = 64
+MAX_DOCUMENTS = 64  # stages of a multi-stage file
 
 
 def _expanded_size(node: yaml.Node, depth: int, sizes: dict[int, int], open_: set[int]) -> int:
@@ -53,14 +55,26 @@ class RecipeLoader(yaml.SafeLoader):
     that are lists or mappings, and documents whose aliases expand past a bound (an alias
     bomb: a few hundred bytes that expand to gigabytes once constructed or printed)."""
 
+    # Values of the documents read so far: the bound holds for a file of several documents
+    # together (aliases stay within a document, but a file may repeat a bomb in each).
+    expanded_total = 0
+    documents = 0
+
     def compose_document(self) -> yaml.Node | None:
         node = super().compose_document()
-        if node is not None and _expanded_size(node, 0, {}, set()) > MAX_EXPANDED_SIZE:
+        self.documents += 1
+        if self.documents > MAX_DOCUMENTS:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_DOCUMENTS} documents", self.peek_event().start_mark
+            )
+        if node is not None:
+            self.expanded_total += _expanded_size(node, 0, {}, set())
+        if self.expanded_total > MAX_EXPANDED_SIZE:
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
                 f"the document expands to over {MAX_EXPANDED_SIZE} values through its aliases",
-                node.start_mark,
+                node.start_mark if node is not None else None,
             )
         return node
 
@@ -106,6 +120,34 @@ class RecipeLoader(yaml.SafeLoader):
 def load_yaml(text: str) -> Any:
     """The values of a YAML text, read as recipes are: safe, bounded, unique keys."""
     return yaml.load(text, Loader=RecipeLoader)
+
+
+def load_documents(text: str) -> list[Any]:
+    """Every document of a YAML text (a multi-stage file), read as recipes are, under the
+    bounds of one recipe for all of them together; empty documents are left out."""
+    loader = RecipeLoader(text)
+    try:
+        documents = []
+        while loader.check_data():
+            documents.append(loader.get_data())
+        return [document for document in documents if document is not None]
+    finally:
+        loader.dispose()
+
+
+# A document marker: "---" or "..." at the start of a line (YAML allows no such line inside a
+# document, block scalars included).
+_MARKER = re.compile(r"^(?:---|\.\.\.)(?=[ \t\r\n]|$)", re.MULTILINE)
+
+
+def split_documents(text: str) -> list[str]:
+    """The text of each non-empty document of ``text`` (for each stage's own recipe text)."""
+    pieces, start = [], 0
+    for marker in _MARKER.finditer(text):
+        pieces.append(text[start : marker.start()])
+        start = marker.end()
+    pieces.append(text[start:])
+    return [piece for piece in pieces if load_yaml(piece) is not None]
 
 
 def seed_edit(text: str, seed: int) -> str | None:

@@ -52,14 +52,15 @@ class MergeSession:
     downloaded: bool = field(default=False, repr=False)
 
     @classmethod
-    def open(cls, recipe_path: Path, options: MergeOptions) -> MergeSession:
-        """Read the recipe and open every model from headers: nothing is downloaded."""
+    def open(cls, recipe_path: Path | Recipe, options: MergeOptions) -> MergeSession:
+        """Read the recipe (a file, or a stage of a multi-stage file already read) and open
+        every model from headers: nothing is downloaded."""
         recipe = read_recipe(recipe_path, options)
         device = select_device(options.device)
         inputs = open_inputs(
             recipe, options.progress, weights=False, allow_pickle=options.allow_pickle
         )
-        return cls(recipe, inputs, device, options)
+        return cls(placed(recipe, inputs), inputs, device, options)
 
     def build_plan(self) -> Plan:
         """The plan (raises PlanError listing every problem); made once, then kept."""
@@ -200,18 +201,32 @@ def tokenizer_reader(recipe: Recipe, inputs: MergeInputs) -> ModelReader:
     return inputs.base or inputs.experts[0]
 
 
-def read_recipe(recipe_path: Path, options: MergeOptions) -> Recipe:
-    recipe = load_recipe(recipe_path)
+def placed(recipe: Recipe, inputs: MergeInputs) -> Recipe:
+    """The recipe with the models' number of layers, where a gradient needs it: the base's
+    (else the first model's) config.json, else its stack of numbered tensor names."""
+    if not recipe.varies_by_tensor:
+        return recipe
+    from della_cli.recipe_settings import layer_count
+
+    reference = inputs.base or inputs.experts[0]
+    return recipe.with_layers(layer_count(reference.config, reference.tensors))
+
+
+def read_recipe(recipe_path: Path | Recipe, options: MergeOptions) -> Recipe:
+    """The recipe of a file, or one already read (a stage of a multi-stage file), with the
+    seed of ``options`` when it sets one."""
+    recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(recipe_path)
     return recipe.with_seed(options.seed) if options.seed is not None else recipe
 
 
 def prepare(
-    recipe_path: Path, options: MergeOptions, pins: dict[str, str] | None = None
+    recipe_path: Path | Recipe, options: MergeOptions, pins: dict[str, str] | None = None
 ) -> tuple[Recipe, MergeInputs, Plan]:
     """Read the recipe, open the models (downloading Hub models, at the commits in ``pins``
     when given) and plan: everything short of reading tensor data."""
     recipe = read_recipe(recipe_path, options)
     inputs = open_inputs(recipe, options.progress, pins=pins, allow_pickle=options.allow_pickle)
+    recipe = placed(recipe, inputs)
     check_metadata_files(recipe, inputs)
     plan = build_plan(
         recipe,

@@ -37,21 +37,26 @@ def auto_class_name(architecture: str) -> str:
     return _AUTO_CLASSES.get(architecture, "AutoModelForCausalLM")
 
 
-def tiny_config(architecture: str, vocab_size: int = VOCAB_SIZE, tie: bool | None = None):
-    """A transformers config of ``architecture`` small enough to build in milliseconds."""
+def tiny_config(
+    architecture: str, vocab_size: int = VOCAB_SIZE, tie: bool | None = None, layers: int = 2
+):
+    """A transformers config of ``architecture`` small enough to build in milliseconds (two
+    layers unless ``layers`` says otherwise)."""
     import transformers
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     decoder = dict(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
     if architecture == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+        config = transformers.GPT2Config(
+            n_embd=32, n_layer=layers, n_head=4, n_positions=64, **common
+        )
     elif architecture == "llava":  # a vision-language model: CLIP vision tower + Llama
         vision = transformers.CLIPVisionConfig(
             hidden_size=16,
@@ -101,6 +106,7 @@ def make_base(
     dtype: torch.dtype = torch.float32,
     vocab_size: int = VOCAB_SIZE,
     tie: bool | None = None,
+    layers: int = 2,
 ) -> Path:
     """Build and save a tiny random model of ``architecture`` with its tokenizer."""
     import transformers
@@ -109,7 +115,7 @@ def make_base(
 
     logging.disable_progress_bar()
     torch.manual_seed(seed)
-    config = tiny_config(architecture, vocab_size, tie)
+    config = tiny_config(architecture, vocab_size, tie, layers)
     auto_class = getattr(transformers, auto_class_name(architecture))
     model = auto_class.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(

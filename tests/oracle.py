@@ -46,6 +46,18 @@ class Mergekit:
 
     python: Path
 
+    def merge_file(self, path: Path, intermediates: Path, out: Path) -> None:
+        """``mergekit-multi`` on a multi-stage file as it is: named stages go to
+        ``intermediates/NAME``, the unnamed one to ``out``."""
+        command = [str(self.python.parent / "mergekit-multi"), str(path)]
+        command += ["--intermediate-dir", str(intermediates), "--out-path", str(out)]
+        command += ["--no-lazy", "--copy-tokenizer", "--device", "cpu", "--quiet"]
+        command += ["--no-write-model-card"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=MERGE_TIMEOUT_S)
+        if result.returncode != 0:
+            tail = (result.stdout + result.stderr)[-3000:]
+            raise AssertionError(f"mergekit-multi failed ({result.returncode}):\n{tail}")
+
     def merge_many(self, recipes: dict[str, Path], folder: Path, seed: int = 0) -> dict[str, Path]:
         """Merge every recipe (by case name) in one ``mergekit-multi`` run, which pays
         mergekit's start-up (about 10 s) once; each merge reseeds with ``seed``. Returns each

@@ -101,13 +101,10 @@ class MergeEngine:
         ):
             raise ValueError(f"the plan was made for the CPU, not for {self.device}")
         self.threads = ThreadBudget(threads)
-        self.global_params = recipe.global_params()
         self.rows = RowLoader(inputs, plan.compute_dtype)
         self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
-        self.cpu = CpuJobs(recipe.method, self.global_params, self.threads)
-        self.torch = TorchJobs(
-            self.device, plan.compute_dtype, recipe.method, self.global_params, self.threads
-        )
+        self.cpu = CpuJobs(recipe.method, self.threads)
+        self.torch = TorchJobs(self.device, plan.compute_dtype, recipe.method, self.threads)
         self._masks: dict[str, list | None] = {}
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
         # (whose file offsets place the output buffers).
@@ -272,7 +269,8 @@ class MergeEngine:
         """
         elements = elements or self.block_elements
         total_rows, row_length = rows_shape(job.shape)
-        whole = self.global_params.rescale is Rescale.L1 and self.recipe.method.is_random
+        l1 = job.kernel is not None and job.kernel.shared.rescale is Rescale.L1
+        whole = l1 and self.recipe.method.is_random
         if whole or total_rows * row_length <= elements:
             return [(0, total_rows)]
         step = max(1, elements // max(row_length, 1))

@@ -16,18 +16,17 @@ from della_cli.engine.threads import ThreadBudget
 from della_cli.io import streamed_sum
 from della_cli.io.dtypes import NUMPY_DTYPES
 from della_cli.kernels import MAGPRUNE, RANDOM, WINDOW
-from della_cli.methods import GlobalParams, MethodSpec, Rescale
+from della_cli.methods import MethodSpec, Rescale
 from della_cli.methods.randomness import Draws
 from della_cli.plan import TensorJob
 
 
 class CpuJobs:
-    """Runs the CPU kernels of a merge's jobs (``method`` and ``global_params`` are the
-    recipe's, the same for every job)."""
+    """Runs the CPU kernels of a merge's jobs (``method`` is the recipe's; the merge-wide
+    parameters are each job's, settled in its kernel)."""
 
-    def __init__(self, method: MethodSpec, global_params: GlobalParams, threads: ThreadBudget):
+    def __init__(self, method: MethodSpec, threads: ThreadBudget):
         self.method = method
-        self.global_params = global_params
         self.threads = threads
         self._stream_scratch = streamed_sum.Scratch()
         self._sums: dict[str, weighted_sum.WeightedSum] = {}
@@ -39,8 +38,8 @@ class CpuJobs:
             spec = self._sums[job.name] = weighted_sum.WeightedSum(
                 weights=tuple(step.params.weight for step in job.kernel.experts),
                 on_deltas=self.method.on_deltas,
-                normalize=self.global_params.normalize,
-                lambda_=self.global_params.lambda_,
+                normalize=job.kernel.shared.normalize,
+                lambda_=job.kernel.shared.lambda_,
             )
         return spec
 
@@ -115,11 +114,11 @@ class CpuJobs:
             plans,
             masks,
             start=task.start * n,
-            rescale=self.global_params.rescale is Rescale.KEEP_PROB,
+            rescale=task.job.kernel.shared.rescale is Rescale.KEEP_PROB,
             on_deltas=self.method.on_deltas,
             consensus=self.method.sign_consensus,
-            normalize=self.global_params.normalize,
-            lambda_=self.global_params.lambda_,
+            normalize=task.job.kernel.shared.normalize,
+            lambda_=task.job.kernel.shared.lambda_,
             out_dtype=NUMPY_DTYPES[task.job.out_dtype],
             out=out,
         )

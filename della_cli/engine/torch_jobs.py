@@ -11,7 +11,7 @@ import numpy as np
 
 from della_cli.engine.shared import BlockTask
 from della_cli.engine.threads import ThreadBudget
-from della_cli.methods import GlobalParams, MethodSpec
+from della_cli.methods import MethodSpec
 from della_cli.methods.randomness import Draws
 
 if TYPE_CHECKING:
@@ -27,14 +27,12 @@ class TorchJobs:
         device: str,
         compute_dtype: str,
         method: MethodSpec,
-        global_params: GlobalParams,
         threads: ThreadBudget,
     ):
         self.threads = threads
         self.device = device
         self.compute_dtype = compute_dtype
         self.method = method
-        self.global_params = global_params
         self._backend: TorchBackend | None = None
 
     @property
@@ -71,7 +69,7 @@ class TorchJobs:
             base,
             models,
             [step.params for step in steps],
-            self.global_params,
+            job.kernel.shared,
             uniform,
             masks,
             job.out_dtype,

@@ -120,6 +120,12 @@ def note_published(out: object) -> None:
     _state.published = str(out)
 
 
+def forget_published() -> None:
+    """What was published was an intermediate (a stage of a multi-stage file), removed later:
+    an interrupt must not name it as the command's output."""
+    _state.published = None
+
+
 def message() -> str:
     """What an interrupt did, in one line."""
     if _state.published is not None:

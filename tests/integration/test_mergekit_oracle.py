@@ -30,6 +30,26 @@ class Models:
     experts: tuple[Path, Path]
     grown: Path  # expert 1 with two more tokens (98 rows)
     chatml: tuple[Path, Path]  # the experts with the chatml template instead of the base's
+    deep: tuple[Path, Path, Path]  # a five-layer base and two experts, for gradients
+
+
+def deep_recipe(m: Models, method: str, weights: tuple, **top_level) -> dict:
+    """A recipe over the five-layer models: ``weights`` per expert (values, gradients or
+    filter lists)."""
+    base, *experts = m.deep
+    recipe: dict = {"merge_method": method}
+    if method != "linear":
+        recipe["base_model"] = str(base)
+    recipe["models"] = [
+        {"model": str(e), "parameters": {"weight": w}}
+        for e, w in zip(experts, weights, strict=True)
+    ]
+    recipe.update(top_level)
+    return recipe
+
+
+# Filters as published recipes write them: attention, MLP, the rest.
+ATTN_MLP = [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": 0.8}, {"value": 0.6}]
 
 
 def llama_recipe(m: Models, method: str, **top_level) -> dict:
@@ -135,6 +155,46 @@ CASES: dict[str, Callable[[Models], dict | str]] = {
         llama_recipe(m, "task_arithmetic", chat_template="chatml", tokenizer={"source": "base"}),
         (m.grown, m.experts[1]),
     ),
+    # gradients over the five layers (t = 0, 0.25, ... 1; 0 outside the layers)
+    "gradient-task_arithmetic": lambda m: deep_recipe(
+        m, "task_arithmetic", ([1.0, 0.3, 0.8], [0.2, 0.9]), parameters={"lambda": [1.0, 0.6]}
+    ),
+    "gradient-linear": lambda m: deep_recipe(m, "linear", ([0.0, 0.5, 1.0], [1.0, 0.25])),
+    "gradient-ties": lambda m: deep_recipe(
+        m, "ties", ([0.7, 1.2], 0.5), parameters={"density": [0.2, 0.9, 0.4]}
+    ),
+    # filters: the first matching entry; a scope matching nothing falls through
+    "filters-task_arithmetic": lambda m: deep_recipe(
+        m,
+        "task_arithmetic",
+        (ATTN_MLP, [{"filter": "mlp", "value": 2.0}]),
+        parameters={"weight": 0.4},
+    ),
+    "filters-linear": lambda m: deep_recipe(
+        m, "linear", (ATTN_MLP, {"filter": "self_attn", "value": 3.0}), parameters={"weight": 1.0}
+    ),
+    "filters-ties": lambda m: deep_recipe(
+        m,
+        "ties",
+        (1.0, 0.5),
+        parameters={"density": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]},
+    ),
+    # both: a filter's value is a gradient
+    "gradient-filters-ties": lambda m: deep_recipe(
+        m,
+        "ties",
+        ([{"filter": "mlp", "value": [0.2, 1.0]}, {"value": 0.5}], [1.0, 0.4]),
+        parameters={
+            "density": [{"filter": "self_attn", "value": [0.8, 0.3]}, {"value": 0.6}],
+            "lambda": [{"filter": "mlp", "value": [1.0, 1.4]}],
+        },
+    ),
+    "gradient-filters-task_arithmetic": lambda m: deep_recipe(
+        m,
+        "task_arithmetic",
+        ([{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}], [{"filter": "mlp", "value": [1, 0]}]),
+        parameters={"weight": [0.3, 0.9], "normalize": True},
+    ),
 }
 # Where mergekit computes in a 16-bit dtype and della in float32: a unit in the last place.
 TOLERANCE = {"dtype-float16": 2e-3, "dtype-bfloat16-linear": 1.6e-2}
@@ -151,7 +211,8 @@ def models(model_zoo, tmp_path_factory) -> Models:
         (copy / "chat_template.jinja").write_text(template_text("chatml"))
         chatml.append(copy)
     grown = with_vocabulary(experts[0], folder / "grown", 98)
-    return Models(model_zoo("llama"), experts, grown, (chatml[0], chatml[1]))
+    deep = tuple(model_zoo("llama", expert=e, layers=5) for e in (None, 1, 2))
+    return Models(model_zoo("llama"), experts, grown, (chatml[0], chatml[1]), deep)
 
 
 @pytest.fixture(scope="module")

@@ -429,30 +429,65 @@ BAD_RECIPES = [
         ["mergekit would scale its kept deltas by their L1 norm"],
         id="ties-rescale",
     ),
-    # mergekit features we do not implement yet say so
+    # gradients and filter lists: each value checked, named by its place
     pytest.param(
-        edited(("parameters.density", [{"filter": "mlp", "value": 0.5}, {"value": 0.7}])),
-        "parameters.density: per-tensor filters and gradients (lists) are not supported yet",
-        ["give one number"],
-        id="filtered-density",
+        edited(("models.1.parameters.density", [0.5, 0.9, 1.3])),
+        "models.1.parameters.density[2]: must be in (0, 1], got 1.3",
+        [],
+        id="density-gradient-out-of-range",
     ),
     pytest.param(
-        edited(("models.0.parameters.weight", [0.0, 0.5, 1.0])),
-        "models.0.parameters.weight: per-tensor filters and gradients (lists) are not supported",
+        edited(("parameters.density", [{"filter": "mlp", "value": 0.5}, {"value": [0.7, -1]}])),
+        "parameters.density[1].value[1]: must be in (0, 1], got -1.0",
         [],
-        id="weight-gradient",
+        id="filtered-density-gradient",
     ),
     pytest.param(
-        edited(("parameters.lambda", [1.0, 1.1])),
-        "parameters.lambda: per-tensor filters and gradients (lists) are not supported yet",
+        edited(("models.0.parameters.weight", [0.0, "half", 1.0])),
+        "models.0.parameters.weight[1]: must be a number, got 'half'",
         [],
-        id="lambda-gradient",
+        id="weight-gradient-string",
     ),
     pytest.param(
-        edited(("parameters.epsilon", {"value": 0.07})),
-        "parameters.epsilon: per-tensor filters and gradients (lists) are not supported yet",
+        edited(("parameters.lambda", [])),
+        "parameters.lambda: must not be an empty list",
         [],
-        id="epsilon-mapping",
+        id="lambda-empty",
+    ),
+    pytest.param(
+        edited(("parameters.epsilon", {"filter": "mlp", "valeu": 0.07})),
+        "parameters.epsilon.valeu: unknown key; a filter entry has filter and value",
+        [],
+        id="epsilon-filter-typo",
+    ),
+    pytest.param(
+        edited(("parameters.epsilon", [{"filter": 3, "value": 0.07}])),
+        "parameters.epsilon[0].filter: must be a string, got 3",
+        [],
+        id="filter-not-a-string",
+    ),
+    pytest.param(
+        edited(("parameters.density", [0.5, [0.7]])),
+        "parameters.density[1]: a gradient is a list of plain values",
+        [],
+        id="nested-gradient",
+    ),
+    pytest.param(
+        edited(("parameters.density", [0.2, 0.9, 0.2]), ("parameters.epsilon", [0.15, 0.15])),
+        "parameters.epsilon: keep probabilities d ± ε must lie in (0, 1], but density 0.9 and "
+        "epsilon 0.15 give [0.75, 1.05] at layer position t = 0.5; lower epsilon",
+        [],
+        id="window-fine-at-both-ends",
+    ),
+    pytest.param(
+        edited(
+            ("parameters.density", [{"filter": "mlp", "value": 0.95}, {"value": 0.5}]),
+            ("parameters.epsilon", 0.1),
+        ),
+        "parameters.epsilon: keep probabilities d ± ε must lie in (0, 1], but density 0.95 and "
+        "epsilon 0.1 give [0.85, 1.05] at layer position t = 0 for tensors containing 'mlp'",
+        [],
+        id="window-per-filter",
     ),
     pytest.param(
         edited(("slices", [{"sources": [{"model": "lm", "layer_range": [0, 2]}]}])),
