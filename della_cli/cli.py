@@ -578,9 +578,27 @@ def main() -> None:
     _collector_paused = True
     try:
         app()
+    except SystemExit as done:
+        if interrupts.received():
+            _exit_now(done.code)
+        raise
     finally:
         interrupts.ignore()  # the command is over: its exit status must stand
         gc.freeze()
+
+
+def _exit_now(code: object) -> None:
+    """End an interrupted command with its exit status, now, past the interpreter's exit.
+
+    A KeyboardInterrupt raised while code made by ``exec`` runs (dataclasses, numba and others
+    make functions that way, often while a module is imported mid-merge) leaves CPython
+    believing it went unhandled, however it was caught; under ``python -m`` the interpreter
+    then kills itself by SIGINT after della has reported exit 130. The clean-up is done by
+    now, so the process leaves with its status, its output flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code if isinstance(code, int) else EXIT_INTERRUPTED)
 
 
 _collector_paused = False  # set by main for the process it runs
