@@ -22,6 +22,7 @@ import yaml
 from della_cli.chat_template import check_chat_template
 from della_cli.errors import RecipeError, shown
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, MethodSpec, Rescale
+from della_cli.methods.catalog import BasePolicy, Parameter, Scope
 from della_cli.recipe_compat import (
     MERGEKIT_DEFAULTS,
     adapt_recipe,
@@ -56,6 +57,19 @@ class ModelParameters:
     lambda_: float | None = None
     normalize: bool | None = None
     rescale: bool | Literal["l1"] | None = None
+    # The parameters of mergekit's other methods (``methods.catalog``), checked per method.
+    t: float | None = None
+    scale: float | None = None
+    filter_wise: bool | None = None
+    nuslerp_flatten: bool | None = None
+    nuslerp_row_wise: bool | None = None
+    normalize_weights: bool | None = None
+    eps: float | None = None
+    max_iter: int | None = None
+    tol: float | None = None
+    select_topk: float | None = None
+    r: float | None = None
+    alpha: float | None = None
     given: tuple[str, ...] = ()  # the keys the recipe wrote, in its order
 
 
@@ -133,12 +147,29 @@ class Recipe:
         gamma = _first_set(own.gamma, default.gamma, DEFAULT_GAMMA) if "gamma" in takes else None
         density = MERGEKIT_DEFAULTS["density"] if "density" in takes else None
         epsilon = MERGEKIT_DEFAULTS["epsilon"] if "epsilon" in takes else None
+        scale = _first_set(own.scale, default.scale, None) if "scale" in takes else None
         return ExpertParams(
             weight=_first_set(own.weight, default.weight, 1.0),
             density=_first_set(own.density, default.density, density),
             epsilon=_first_set(own.epsilon, default.epsilon, epsilon),
             gamma=gamma,
+            scale=scale,
         )
+
+    def method_values(self, tensor_name: str) -> dict[str, Any]:
+        """A catalog method's shared parameters (slerp's t, ...) for ``tensor_name``: the
+        recipe's top-level value, else the catalog's default. Empty for the pipeline's
+        methods."""
+        del tensor_name  # one value per recipe today
+        entry = self.method.catalog
+        if entry is None:
+            return {}
+        top = self.schema.parameters
+        return {
+            p.name: _first_set(getattr(top, _attribute(p.name)), p.default)
+            for p in entry.parameters
+            if p.scope is Scope.SHARED
+        }
 
     def global_params(self) -> GlobalParams:
         spec, top = self.method, self.schema.parameters
@@ -290,6 +321,15 @@ def _in_range(low: float, high: float, low_closed: bool, high_closed: bool) -> C
     return check
 
 
+def _integer(value: Any, path: str) -> int | None:
+    if value is None:
+        return None
+    number = _number(value, path)
+    if not float(number).is_integer():
+        _fail(path, f"must be an integer, got {shown(value)}")
+    return int(number)
+
+
 def _boolean(value: Any, path: str) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
@@ -361,6 +401,18 @@ PARAMETER_KEYS: dict[str, tuple[str, Check]] = {
     "lambda": ("lambda_", _number),
     "normalize": ("normalize", _boolean),
     "rescale": ("rescale", _rescale),
+    "t": ("t", _number),
+    "scale": ("scale", _number),
+    "filter_wise": ("filter_wise", _boolean),
+    "nuslerp_flatten": ("nuslerp_flatten", _boolean),
+    "nuslerp_row_wise": ("nuslerp_row_wise", _boolean),
+    "normalize_weights": ("normalize_weights", _boolean),
+    "eps": ("eps", _number),
+    "max_iter": ("max_iter", _integer),
+    "tol": ("tol", _number),
+    "select_topk": ("select_topk", _number),
+    "r": ("r", _number),
+    "alpha": ("alpha", _number),
 }
 GLOBAL_PARAMETER_KEYS = {**PARAMETER_KEYS, "int8_mask": ("int8_mask", _boolean)}
 
@@ -429,6 +481,11 @@ def _fields(
     }
 
 
+def _attribute(key: str) -> str:
+    """The attribute of ``GlobalParameters`` that parameter ``key`` fills."""
+    return GLOBAL_PARAMETER_KEYS[key][0]
+
+
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -456,8 +513,64 @@ def check_rules(recipe: Recipe) -> None:
             f"tokenizer_source: '{source}' is neither base nor one of the models ({names})"
         )
     _check_parameter_names(recipe)
+    if spec.catalog is not None:
+        _check_catalog_method(recipe)
+        return
     for index in range(len(schema.models)):
         _check_expert_values(recipe, index)
+
+
+def _check_catalog_method(recipe: Recipe) -> None:
+    """A catalog method's input contract, required parameters and ranges (``catalog``)."""
+    schema, entry = recipe.schema, recipe.method.catalog
+    contract = entry.contract
+    inputs = len(schema.models)
+    besides = " besides the base"
+    if contract.base is BasePolicy.IGNORED:
+        besides = " (the base_model counts as one)"
+        inputs += bool(schema.base_model) and schema.base_model not in recipe.model_refs
+    elif contract.base is BasePolicy.OPTIONAL and not schema.base_model:
+        besides = ""
+    least, most = contract.min_models, contract.max_models
+    if inputs < least or (most is not None and inputs > most):
+        if least == most:
+            wanted = f"exactly {least}"
+        else:
+            wanted = f"at least {least}" if most is None else f"{least} to {most}"
+        noun = "input" if contract.base is BasePolicy.IGNORED else "model"
+        plural = "" if (most or least) == 1 else "s"
+        raise RecipeError(
+            f"models: {entry.name} takes {wanted} {noun}{plural}{besides}, got {inputs}"
+        )
+    top = schema.parameters
+    for parameter in entry.parameters:
+        if parameter.scope is Scope.SHARED:
+            _check_catalog_value(
+                entry.name, parameter, getattr(top, _attribute(parameter.name)), "parameters"
+            )
+            continue
+        for index, model in enumerate(schema.models):
+            own = getattr(model.parameters, _attribute(parameter.name))
+            value = _first_set(own, getattr(top, _attribute(parameter.name)), None)
+            where = f"models.{index}.parameters" if own is not None else "parameters"
+            if value is None and parameter.required:
+                where = f"models.{index}.parameters"
+            _check_catalog_value(entry.name, parameter, value, where)
+
+
+def _check_catalog_value(method: str, parameter: Parameter, value: Any, where: str) -> None:
+    path = f"{where}.{parameter.name}"
+    if value is None:
+        if parameter.required:
+            meaning = f" ({parameter.meaning})" if parameter.meaning else ""
+            raise RecipeError(f"{path}: {method} needs {parameter.name}{meaning}; add it")
+        return
+    low, high = parameter.minimum, parameter.maximum
+    if (low is not None and value < low) or (high is not None and value > high):
+        interval = (
+            f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+        )
+        raise RecipeError(f"{path}: must be in {interval}, got {value}")
 
 
 def _check_parameter_names(recipe: Recipe) -> None:

@@ -68,6 +68,10 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (folder / "notes.txt").read_text() == "mine"
 
 
+# mergekit's other methods della runs (methods.registry.RUNNING), an example each.
+CATALOG_EXAMPLES = ("slerp", "passthrough")
+
+
 def test_every_example_file_is_there():
     methods = {yaml.safe_load(p.read_text())["merge_method"] for p in EXAMPLES.glob("*.yaml")}
     assert methods == {
@@ -80,6 +84,7 @@ def test_every_example_file_is_there():
         "breadcrumbs_ties",
         "task_arithmetic",
         "linear",
+        *CATALOG_EXAMPLES,
     }
 
 

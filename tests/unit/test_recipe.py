@@ -18,6 +18,7 @@ import yaml
 from della_cli.errors import RecipeError, UsageError
 from della_cli.methods import METHODS, Rescale
 from della_cli.recipe import DEFAULT_GAMMA, load_recipe, parse_recipe
+from della_cli.recipe_compat import MERGEKIT_ONLY_METHODS
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -90,8 +91,9 @@ def test_example_recipe_parses_and_explains_itself(path: Path):
     assert recipe.model_refs, "each example lists models"
     for index in range(len(recipe.model_refs)):
         params = recipe.expert_params(index, "model.layers.0.mlp.up_proj.weight")
+        shared = recipe.method_values("model.layers.0.mlp.up_proj.weight")
         for name in recipe.method.required_parameters:
-            assert getattr(params, name) is not None
+            assert (shared[name] if name in shared else getattr(params, name)) is not None
     assert f"`{path.name}`" in (RECIPES_DIR / "README.md").read_text()
 
 
@@ -553,13 +555,31 @@ BAD_RECIPES = [
             [],
             id=f"mergekit-method-{name}",
         )
-        for name in ("slerp", "nuslerp", "model_stock", "passthrough")
+        for name in MERGEKIT_ONLY_METHODS
     ],
     pytest.param(
-        edited(("merge_method", "slerp"), ("slices", [{"sources": []}])),
-        "merge_method: della does not implement mergekit's 'slerp' method yet",
+        edited(("merge_method", "ramplus_tl"), ("slices", [{"sources": []}])),
+        "merge_method: della does not implement mergekit's 'ramplus_tl' method yet",
         [],
         id="mergekit-method-before-slices",
+    ),
+    pytest.param(
+        method("slerp", ("parameters", DROP), ("models", [{"model": "lm"}])),
+        "parameters.t: slerp needs t (interpolation factor: 0 = base); add it",
+        [],
+        id="slerp-without-t",
+    ),
+    pytest.param(
+        method("slerp", ("parameters", {"t": 0.5})),
+        "models: slerp takes exactly 1 model besides the base, got 2",
+        [],
+        id="slerp-two-models",
+    ),
+    pytest.param(
+        method("slerp", ("parameters", {"t": [0, 1]})),
+        "parameters.t: per-tensor filters and gradients (lists) are not supported yet",
+        [],
+        id="slerp-gradient",
     ),
     pytest.param(
         edited(("modules", {"text": {}})),
@@ -664,7 +684,7 @@ NORMALIZE_DEFAULTS = {  # ALGORITHMS.md, "Methods"
 
 @pytest.mark.parametrize(("name", "default"), NORMALIZE_DEFAULTS.items())
 def test_normalize_default_per_method(name: str, default: bool):
-    assert set(NORMALIZE_DEFAULTS) == set(METHODS)
+    assert set(NORMALIZE_DEFAULTS) == {n for n, spec in METHODS.items() if spec.catalog is None}
     assert parse_recipe(method(name)).global_params().normalize is default
     flipped = parse_recipe(method(name, ("parameters.normalize", not default)))
     assert flipped.global_params().normalize is (not default)
