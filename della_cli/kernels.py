@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING
 
 from della_cli.io import streamed_sum
 from della_cli.methods import ExpertParams, Rescale, Sparsifier
+from della_cli.methods.catalog import BasePolicy
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import derive_key
+from della_cli.methods.streamed import BASE_INPUT
 from della_cli.methods.streamed import passes as method_passes
 
 if TYPE_CHECKING:
@@ -132,7 +134,12 @@ class _Chooser:
         method = self.recipe.method
         if method.catalog is not None:
             values = self.recipe.method_values(job.name)
-            passes = method_passes(method.name, values)
+            if method.catalog.contract.base is BasePolicy.IGNORED:
+                schema = self.recipe.schema
+                listed = schema.base_model in self.recipe.model_refs
+                values[BASE_INPUT] = job.reference.model == BASE and not listed
+            compute = "F64" if self.recipe.schema.dtype == "float64" else "F32"
+            passes = method_passes(method.name, values, len(steps), compute)
             kernel = Kernel("torch", method.name, steps, passes, tuple(values.items()))
             return dataclasses.replace(job, kernel=kernel)
         name = self.cpu_kernel(job, steps)

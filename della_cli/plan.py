@@ -116,7 +116,8 @@ class Plan:
             need = block * (2 * (experts + 1) * stored + (2 * experts + 5) * compute + 3 * stored)
             if job.kernel is not None and job.kernel.passes > 1:
                 need += block * (experts + 1) * (stored + compute)
-                need += statistics_bytes(job.kernel.name, job.shape, experts + 1)
+                kernel = job.kernel
+                need += statistics_bytes(kernel.name, kernel.settings, job.shape, experts + 1)
             if whole_tensor_selection:
                 need += job.numel * (2 * stored + 2 * compute + experts)
             worst = max(worst, need)
@@ -254,7 +255,24 @@ class _Planner:
             self.warnings.append(f"no model has '{name}'; copied from the base")
             return TensorJob(name, "copy", ref.shape, out_dtype, ref_source)
         self.check_keep_count(name, ref, present)
+        self.check_contract(name, present)
         return TensorJob(name, "merge", ref.shape, out_dtype, ref_source, present)
+
+    def check_contract(self, name: str, present: tuple[Source, ...]) -> None:
+        """A catalog method with a fixed number of models (nuslerp's two) cannot merge a
+        tensor that one of them lacks; mergekit fails there too."""
+        catalog = self.recipe.method.catalog
+        if catalog is None or len(present) >= catalog.contract.min_models:
+            return
+        lacking = [
+            self.recipe.model_refs[i]
+            for i in range(len(self.experts))
+            if i not in {s.model for s in present}
+        ]
+        self.problems.append(
+            f"{catalog.name} needs {catalog.contract.min_models} models for '{name}', but "
+            f"{', '.join(map(repr, lacking))} lack it"
+        )
 
     def check_keep_count(self, name: str, ref: TensorInfo, present: tuple[Source, ...]) -> None:
         """Trim methods must keep at least one entry of every tensor (ALGORITHMS.md)."""

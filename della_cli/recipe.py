@@ -556,6 +556,14 @@ def _check_catalog_method(recipe: Recipe) -> None:
             if value is None and parameter.required:
                 where = f"models.{index}.parameters"
             _check_catalog_value(entry.name, parameter, value, where)
+    normalize = _first_set(top.normalize_weights, True)
+    if entry.name == "multislerp" and normalize and len(schema.models) > 1:
+        weights = [_first_set(m.parameters.weight, top.weight, 1.0) for m in schema.models]
+        if sum(weights) == 0:
+            raise RecipeError(
+                "models: the multislerp weights sum to 0, so normalize_weights cannot divide "
+                "by their sum; change a weight or set normalize_weights: false"
+            )
 
 
 def _check_catalog_value(method: str, parameter: Parameter, value: Any, where: str) -> None:

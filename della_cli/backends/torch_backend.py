@@ -66,26 +66,22 @@ class TorchBackend:
         )
         return from_torch(merged.to(torch_dtype(out_code)))
 
-    def statistics(
-        self, kernel, base: torch.Tensor | None, models: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """A catalog method's partial statistics of one block (``methods.streamed``)."""
-        return catalog_methods.statistics(kernel.name, kernel.settings, base, models)
+    def prepare(self, kernel, params: list[ExpertParams], blocks, numel: int):
+        """A catalog method's view of a whole tensor before its merge (``methods.streamed``)."""
+        return catalog_methods.prepare(kernel.name, kernel.settings, params, blocks, numel)
 
     def streamed(
         self,
         kernel,
         params: list[ExpertParams],
-        statistics: torch.Tensor | None,
+        state,
         base: torch.Tensor | None,
         models: list[torch.Tensor],
         out_code: str,
     ) -> np.ndarray:
         """One block of a catalog method, on the CPU in the output dtype, as (rows, row
         length)."""
-        merged = catalog_methods.apply(
-            kernel.name, kernel.settings, params, statistics, base, models
-        )
+        merged = catalog_methods.apply(kernel.name, kernel.settings, params, state, base, models)
         rows = merged.shape[0] if merged.dim() > 1 else 1
         return from_torch(merged.to(torch_dtype(out_code)).reshape(rows, -1))
 

@@ -202,20 +202,20 @@ class MergeEngine:
 
     def streamed_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray:
         """One block of a catalog method's job. At its first block, a job whose method needs
-        whole-tensor statistics runs the statistics pass: every row block read in turn (one
-        at a time, so memory holds a block, not the tensor) and its partial sums added; a
-        tensor of one block takes them from the block already read."""
+        the whole tensor first (slerp's norms, sce's selection) makes its passes over the row
+        blocks, each read in turn (one at a time, so memory holds a block, not the tensor); a
+        tensor of one block reuses the block already read."""
         job = task.job
         if task.start == 0 and job.kernel.passes > 1:
             if task.last:
-                blocks = iter([loaded])
+                blocks = lambda: iter([loaded])  # noqa: E731
             else:
-                blocks = (self.rows.load(other) for other in self.block_tasks(job))
-            self._statistics[job.name] = self.torch.statistics(job, blocks)
-        statistics = self._statistics.get(job.name)
+                blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
+            self._statistics[job.name] = self.torch.prepare(job, blocks)
+        state = self._statistics.get(job.name)
         if task.last:
             self._statistics.pop(job.name, None)
-        return self.torch.streamed_block(task, loaded, statistics, self.report)
+        return self.torch.streamed_block(task, loaded, state, self.report)
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);

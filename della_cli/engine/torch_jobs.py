@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -83,15 +83,16 @@ class TorchJobs:
         """A whole-tensor selection (TIES, breadcrumbs), as a tensor on the device."""
         return self.backend.keep_mask(expert, reference, params.density, gamma)
 
-    def statistics(self, job: TensorJob, blocks: Iterable[list[np.ndarray]]):
-        """A catalog method's statistics of a whole tensor, summed over its row blocks (each
-        the raw rows of the reference and the experts, as ``RowLoader.load`` gives them)."""
-        total = None
-        for loaded in blocks:
-            base, models = self.method_inputs(job, loaded)
-            part = self.backend.statistics(job.kernel, base, models)
-            total = part if total is None else total + part
-        return total
+    def prepare(self, job: TensorJob, blocks: Callable[[], Iterable[list[np.ndarray]]]):
+        """What a catalog method needs of a whole tensor before merging it, from passes over
+        its row blocks: ``blocks()`` reads them afresh (the raw rows of the reference and the
+        experts, as ``RowLoader.load`` gives them), one at a time."""
+
+        def on_device():
+            return (self.method_inputs(job, loaded) for loaded in blocks())
+
+        params = [step.params for step in job.kernel.experts]
+        return self.backend.prepare(job.kernel, params, on_device, job.numel)
 
     def streamed_block(
         self, task: BlockTask, loaded: list[np.ndarray], statistics, reporter: Reporter

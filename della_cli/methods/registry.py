@@ -179,7 +179,19 @@ METHODS: dict[str, MethodSpec] = {
 
 
 # The catalog's methods the engine runs, in the order of their use on the Hub.
-RUNNING = ("slerp", "passthrough")
+RUNNING = (
+    "slerp",
+    "passthrough",
+    "nuslerp",
+    "model_stock",
+    "sce",
+    "multislerp",
+    "karcher",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+)
 
 
 def _from_catalog(entry: CatalogEntry) -> MethodSpec:

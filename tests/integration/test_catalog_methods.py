@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import della_cli.engine.shared as engine_shared
 from della_cli.api import MergeOptions, run_merge
-from della_cli.methods import interpolation
+from della_cli.methods import interpolation, selection, stock
 
 
 def load_model(folder: Path) -> dict[str, torch.Tensor]:
@@ -61,11 +61,102 @@ def _passthrough(scale: float | None) -> Case:
     )
 
 
+def _recipe(method: str, parameters: dict, weights: tuple | None = None, base: bool = True):
+    """A recipe of ``method`` over the base (unless ``base`` is false) and the experts, with
+    top-level ``parameters`` and per-model ``weights`` if given."""
+
+    def build(base_path: Path, experts: list[Path]) -> dict:
+        recipe: dict = {"merge_method": method}
+        if base:
+            recipe["base_model"] = str(base_path)
+        recipe["models"] = [
+            {"model": str(e), **({"parameters": {"weight": w}} if weights else {})}
+            for e, w in zip(experts, weights or [None] * len(experts), strict=True)
+        ]
+        if parameters:
+            recipe["parameters"] = parameters
+        return recipe
+
+    return build
+
+
+def _nuslerp(flatten: bool, row_wise: bool, base: bool) -> Case:
+    return Case(
+        _recipe(
+            "nuslerp",
+            {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise},
+            (1.0, 0.6),
+            base,
+        ),
+        lambda b, models: interpolation.nuslerp(
+            models[0], models[1], [1.0, 0.6], b if base else None, flatten, row_wise
+        ),
+        experts=2,
+    )
+
+
 CASES: dict[str, Case] = {
     "slerp": _slerp(0.3),
     "slerp-extrapolated": _slerp(1.4),
     "passthrough": _passthrough(None),
     "passthrough-scaled": _passthrough(0.37),
+    "nuslerp": _nuslerp(True, False, True),
+    "nuslerp-rows-no-base": _nuslerp(False, False, False),
+    "nuslerp-columns": _nuslerp(False, True, True),
+    "model_stock": Case(
+        _recipe("model_stock", {}),
+        lambda base, models: stock.model_stock(models, base),
+        experts=3,
+    ),
+    "model_stock-filter-wise": Case(
+        _recipe("model_stock", {"filter_wise": True}),
+        lambda base, models: stock.model_stock(models, base, filter_wise=True),
+        experts=2,
+    ),
+    "sce": Case(_recipe("sce", {}), lambda base, models: selection.sce(models, base), experts=3),
+    "sce-topk": Case(
+        _recipe("sce", {"select_topk": 0.3}),
+        lambda base, models: selection.sce(models, base, 0.3),
+        experts=2,
+    ),
+    "multislerp": Case(
+        _recipe("multislerp", {}, (1.0, 2.0, 0.5)),
+        lambda base, models: interpolation.multislerp(models, [1.0, 2.0, 0.5], base),
+        experts=3,
+    ),
+    "multislerp-no-base": Case(
+        _recipe("multislerp", {"normalize_weights": False}, (0.7, 0.4), base=False),
+        lambda base, models: interpolation.multislerp(models, [0.7, 0.4], normalize_weights=False),
+        experts=2,
+    ),
+    "karcher": Case(
+        _recipe("karcher", {}, base=False),
+        lambda base, models: interpolation.karcher(models),
+        experts=3,
+    ),
+    "karcher-base-input": Case(
+        _recipe("karcher", {"max_iter": 20}),
+        lambda base, models: interpolation.karcher([*models, base], max_iter=20),
+        experts=2,
+    ),
+    "nearswap": Case(
+        _recipe("nearswap", {"t": 0.01}),
+        lambda base, models: interpolation.nearswap(base, models[0], 0.01),
+    ),
+    "arcee_fusion": Case(
+        _recipe("arcee_fusion", {}),
+        lambda base, models: selection.arcee_fusion(base, models[0]),
+    ),
+    "ram": Case(
+        _recipe("ram", {"epsilon": 0.01}),
+        lambda base, models: selection.ram(models, base, 0.01),
+        experts=3,
+    ),
+    "ramplus_tl": Case(
+        _recipe("ramplus_tl", {"epsilon": 0.01, "r": 0.5, "alpha": 0.8}),
+        lambda base, models: selection.ramplus_tl(models, base, 0.5, 0.8, 0.01),
+        experts=3,
+    ),
 }
 
 
@@ -73,7 +164,7 @@ CASES: dict[str, Case] = {
 def zoo(request, model_zoo) -> tuple[Path, list[Path]]:
     dtype = request.param
     return model_zoo("llama", dtype=dtype), [
-        model_zoo("llama", expert=e, dtype=dtype) for e in (1, 2)
+        model_zoo("llama", expert=e, dtype=dtype) for e in (1, 2, 3)
     ]
 
 
@@ -116,7 +207,7 @@ def test_transformers_loads_a_catalog_merge(case, model_zoo, write_recipe, tmp_p
 
     spec = CASES[case]
     base = model_zoo("llama")
-    experts = [model_zoo("llama", expert=e) for e in (1, 2)][: spec.experts]
+    experts = [model_zoo("llama", expert=e) for e in (1, 2, 3)][: spec.experts]
     out = merged(write_recipe, tmp_path, spec.recipe(base, experts), "out")
     model = AutoModelForCausalLM.from_pretrained(out)
     logits = model(torch.tensor([[1, 2, 3]])).logits

@@ -18,7 +18,6 @@ import yaml
 from della_cli.errors import RecipeError, UsageError
 from della_cli.methods import METHODS, Rescale
 from della_cli.recipe import DEFAULT_GAMMA, load_recipe, parse_recipe
-from della_cli.recipe_compat import MERGEKIT_ONLY_METHODS
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -547,21 +546,51 @@ BAD_RECIPES = [
         [],
         id="unknown-to-mergekit-too",
     ),
-    *[
-        pytest.param(
-            edited(("merge_method", name), ("parameters.t", 0.5)),
-            f"merge_method: della does not implement mergekit's '{name}' method yet; it runs "
-            "linear, task_arithmetic",
-            [],
-            id=f"mergekit-method-{name}",
-        )
-        for name in MERGEKIT_ONLY_METHODS
-    ],
     pytest.param(
-        edited(("merge_method", "ramplus_tl"), ("slices", [{"sources": []}])),
-        "merge_method: della does not implement mergekit's 'ramplus_tl' method yet",
+        edited(("merge_method", "slerp"), ("slices", [{"sources": []}])),
+        "slices: slice-wise merges (slices) are not supported yet",
         [],
-        id="mergekit-method-before-slices",
+        id="slerp-slices",
+    ),
+    pytest.param(
+        method("nuslerp", ("parameters", {}), ("models", [{"model": "lm"}, {"model": "math"}])),
+        "models.0.parameters.weight: nuslerp needs weight (relative weight); add it",
+        [],
+        id="nuslerp-without-weight",
+    ),
+    pytest.param(
+        method("model_stock", ("parameters", {}), ("models", [{"model": "lm"}])),
+        "models: model_stock takes at least 2 models besides the base, got 1",
+        [],
+        id="model-stock-one-model",
+    ),
+    pytest.param(
+        method("sce", ("parameters", {"select_topk": 1.5})),
+        "parameters.select_topk: must be in [0, 1], got 1.5",
+        [],
+        id="sce-topk-range",
+    ),
+    pytest.param(
+        method(
+            "multislerp",
+            ("parameters", {}),
+            (
+                "models",
+                [
+                    {"model": "lm", "parameters": {"weight": 1}},
+                    {"model": "math", "parameters": {"weight": -1}},
+                ],
+            ),
+        ),
+        "models: the multislerp weights sum to 0",
+        [],
+        id="multislerp-weights-sum-to-zero",
+    ),
+    pytest.param(
+        method("passthrough", ("parameters", {})),
+        "models: passthrough takes exactly 1 input (the base_model counts as one), got 3",
+        [],
+        id="passthrough-two-inputs",
     ),
     pytest.param(
         method("slerp", ("parameters", DROP), ("models", [{"model": "lm"}])),
