@@ -212,3 +212,44 @@ def test_transformers_loads_a_catalog_merge(case, model_zoo, write_recipe, tmp_p
     model = AutoModelForCausalLM.from_pretrained(out)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("case", ["slerp", "nuslerp-columns", "sce-topk", "arcee_fusion", "ram"])
+def test_each_pass_reads_one_block_at_a_time_as_often_as_the_plan_says(
+    case, model_zoo, write_recipe, tmp_path, monkeypatch
+):
+    """Memory stays a few blocks: no read of a merge job spans more rows than a block, and a
+    tensor of several blocks is read once per pass the plan reports (the first block of a
+    tensor of one block is reused by its passes)."""
+    from della_cli.engine.rows import RowLoader
+    from della_cli.engine.shared import rows_shape
+
+    spec = CASES[case]
+    experts = [model_zoo("llama", expert=e) for e in (1, 2, 3)][: spec.experts]
+    recipe = spec.recipe(model_zoo("llama"), experts)
+    reads: dict[str, list[int]] = {}
+    jobs = {}
+    load = RowLoader.load
+
+    def recording(self, task, pool=None):
+        if task.job.action == "merge":
+            reads.setdefault(task.job.name, []).append(task.stop - task.start)
+            jobs[task.job.name] = task.job
+        return load(self, task, pool)
+
+    monkeypatch.setattr(RowLoader, "load", recording)
+    monkeypatch.setattr(engine_shared, "CPU_BLOCK_ELEMENTS", 64)
+    merged(write_recipe, tmp_path, recipe, "out")
+    several = 0
+    for name, spans in reads.items():
+        job = jobs[name]
+        rows, length = rows_shape(job.shape)
+        block_rows = max(1, 64 // length)
+        assert max(spans) <= block_rows or rows * length <= 64, (name, spans)
+        blocks = -(-rows // block_rows) if rows * length > 64 else 1
+        if blocks > 1:
+            several += 1
+            assert len(spans) == job.kernel.passes * blocks, (name, len(spans), blocks)
+        else:
+            assert len(spans) == 1, (name, spans)
+    assert several > 0
