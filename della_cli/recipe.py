@@ -498,7 +498,8 @@ def check_rules(recipe: Recipe) -> None:
     if not schema.models:
         raise RecipeError("models: must list at least one model")
     if spec.needs_base and not schema.base_model:
-        raise RecipeError(f"base_model: {spec.name} merges task vectors and needs a base_model")
+        what = "merges task vectors" if spec.catalog is None else "merges into a base"
+        raise RecipeError(f"base_model: {spec.name} {what} and needs a base_model")
     seen: dict[str, int] = {}
     for index, ref in enumerate(recipe.model_refs):
         if ref in seen:

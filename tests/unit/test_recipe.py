@@ -593,6 +593,12 @@ BAD_RECIPES = [
         id="passthrough-two-inputs",
     ),
     pytest.param(
+        method("arcee_fusion", ("parameters", DROP), ("base_model", DROP)),
+        "base_model: arcee_fusion merges into a base and needs a base_model",
+        [],
+        id="arcee-fusion-without-base",
+    ),
+    pytest.param(
         method("slerp", ("parameters", DROP), ("models", [{"model": "lm"}])),
         "parameters.t: slerp needs t (interpolation factor: 0 = base); add it",
         [],
