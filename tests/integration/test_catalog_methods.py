@@ -253,3 +253,44 @@ def test_each_pass_reads_one_block_at_a_time_as_often_as_the_plan_says(
         else:
             assert len(spans) == 1, (name, spans)
     assert several > 0
+
+
+def _without(folder: Path, name: str, out: Path) -> Path:
+    """A copy of the model ``folder`` that lacks tensor ``name``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(folder, out)
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(path)
+        tensors.pop(name, None)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return out
+
+
+def test_a_tensor_the_other_model_lacks_is_the_bases_and_nuslerp_refuses_it(
+    model_zoo, write_recipe, tmp_path
+):
+    """slerp: a tensor missing from the other model is the base's (with a warning); nuslerp,
+    which needs both models, names the tensor and the model in the plan's problems."""
+    from della_cli.errors import PlanError
+
+    base = model_zoo("llama")
+    name = "model.layers.0.mlp.up_proj.weight"
+    lacking = _without(model_zoo("llama", expert=1), name, tmp_path / "lacking")
+    report = run_merge(
+        write_recipe(_slerp(0.5).recipe(base, [lacking]), "slerp.yaml"),
+        tmp_path / "slerp",
+        MergeOptions(device="cpu", progress=False),
+    )
+    assert any(name in warning for warning in report.warnings)
+    assert torch.equal(load_model(tmp_path / "slerp")[name], load_model(base)[name])
+    recipe = _nuslerp(True, False, True).recipe(base, [lacking, model_zoo("llama", expert=2)])
+    with pytest.raises(PlanError) as caught:
+        run_merge(
+            write_recipe(recipe, "nuslerp.yaml"),
+            tmp_path / "nuslerp",
+            MergeOptions(device="cpu", progress=False),
+        )
+    assert f"nuslerp needs 2 models for '{name}'" in str(caught.value)
