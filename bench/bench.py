@@ -112,7 +112,7 @@ class Bench:
         )
         name = f"{size}-{method}-e{experts}"
         recipe = tools.write_recipe(work / "recipes" / f"{name}.yaml", method, base, expert_folders)
-        models = expert_folders if method == "linear" else [base, *expert_folders]
+        models = expert_folders if method in tools.NO_BASE else [base, *expert_folders]
         inputs = [path for folder in models for path in synth.model_files(folder)]
         out_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         input_bytes = sum(p.stat().st_size for p in inputs)

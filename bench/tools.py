@@ -35,8 +35,31 @@ METHOD_PARAMETERS: dict[str, dict[str, float]] = {
     "breadcrumbs": {"density": 0.9, "gamma": 0.01},
     "task_arithmetic": {},
     "linear": {},
+    # mergekit's other methods (ALGORITHMS.md S1-S11)
+    "slerp": {"t": 0.5},
+    "nuslerp": {},
+    "multislerp": {},
+    "karcher": {},
+    "model_stock": {},
+    "sce": {"select_topk": 0.5},
+    "nearswap": {"t": 0.001},
+    "arcee_fusion": {},
+    "ram": {},
+    "ramplus_tl": {},
+    "passthrough": {},
 }
-DETERMINISTIC = {"ties", "breadcrumbs", "task_arithmetic", "linear"}
+DETERMINISTIC = {
+    "ties",
+    "breadcrumbs",
+    "task_arithmetic",
+    "linear",
+    *(name for name in METHOD_PARAMETERS if name not in ("della", "dare_ties", "dare_linear")),
+}
+# Methods whose models take a weight; the others read none (mergekit ignores it with a note).
+WEIGHTED = {"della", "ties", "dare_ties", "dare_linear", "breadcrumbs", "task_arithmetic", "linear"}
+WEIGHTED |= {"nuslerp", "multislerp"}
+# Methods without a base (the base, if given, would be one more input).
+NO_BASE = {"linear", "karcher", "passthrough"}
 
 
 @dataclass
@@ -67,9 +90,10 @@ def write_recipe(path: Path, method: str, base: Path, experts: list[Path]) -> Pa
     each tool's command line instead (``--seed`` / ``--random-seed``).
     """
     recipe: dict = {"merge_method": method}
-    if method != "linear":  # linear averages the models themselves and takes no base
+    if method not in NO_BASE:  # linear averages the models themselves and takes no base
         recipe["base_model"] = str(base)
-    recipe["models"] = [{"model": str(e), "parameters": {"weight": 1.0}} for e in experts]
+    weight = {"parameters": {"weight": 1.0}} if method in WEIGHTED else {}
+    recipe["models"] = [{"model": str(e), **weight} for e in experts]
     if METHOD_PARAMETERS[method]:
         recipe["parameters"] = dict(METHOD_PARAMETERS[method])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import yaml
 from della_cli import __version__
 from della_cli.errors import RecipeError
 from della_cli.methods import Rescale
-from della_cli.recipe import Recipe, load_yaml
+from della_cli.recipe import Recipe, load_yaml, parameter_attribute
 
 HUB_URL = "https://huggingface.co"
 _RESCALE_NAMES = {
@@ -190,7 +190,13 @@ def describe(recipe: Recipe, pins: dict[str, str]) -> str:
     base = recipe.schema.base_model
     experts = [ref for ref in recipe.model_refs if ref != base]
     names = _join([f"`{display_name(ref, pins)}`" for ref in experts])
-    if spec.on_deltas:
+    if spec.catalog is not None:
+        around = f" with the base `{display_name(base, pins)}`" if base else ""
+        what = (
+            f"This model merges {_count(experts, 'model')}, {names}{around}, by "
+            f"{spec.name}: {spec.summary}."
+        )
+    elif spec.on_deltas:
         what = (
             f"This model merges {_count(experts, 'fine-tuned model')}, {names}, into their "
             f"common base `{display_name(base, pins)}`: each one's task vector (its difference "
@@ -217,6 +223,8 @@ def _join(items: list[str]) -> str:
 def _model_table(recipe: Recipe, pins: dict[str, str]) -> list[str]:
     spec, base = recipe.method, recipe.schema.base_model
     columns = list(spec.expert_parameters)
+    if not columns:
+        return _model_list(recipe, pins)
     rows = [
         "| model | role | " + " | ".join(columns) + " | source |",
         "|---" * (len(columns) + 3) + "|",
@@ -233,7 +241,7 @@ def _model_table(recipe: Recipe, pins: dict[str, str]) -> list[str]:
             continue
         params = recipe.expert_params(index, "")
         values = " | ".join(
-            _varying(recipe, index, name) or f"{getattr(params, name):g}" for name in columns
+            _varying(recipe, index, name) or _value(getattr(params, name)) for name in columns
         )
         rows.append(f"| {_linked(ref, pins)} | model | {values} | {_source(ref, pins)} |")
     return rows
@@ -252,6 +260,27 @@ def _varying(recipe: Recipe, index: int | None, name: str) -> str | None:
     return describe(first) + (f" else {describe(rest)}" if rest is not None else "")
 
 
+def _model_list(recipe: Recipe, pins: dict[str, str]) -> list[str]:
+    """The models of a method with no per-model parameter (slerp)."""
+    base = recipe.schema.base_model
+    rows = ["| model | role | source |", "|---|---|---|"]
+    if base:
+        rows.append(f"| {_linked(base, pins)} | base | {_source(base, pins)} |")
+    rows += [
+        f"| {_linked(ref, pins)} | model | {_source(ref, pins)} |"
+        for ref in recipe.model_refs
+        if ref != base
+    ]
+    return rows
+
+
+def _value(value: object) -> str:
+    """A parameter's value as the card shows it (``–`` where none is set)."""
+    if value is None:
+        return "–"
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
+
+
 def _linked(ref: str, pins: dict[str, str]) -> str:
     name = display_name(ref, pins)
     return f"[{name}]({HUB_URL}/{name})" if ref in pins else name
@@ -265,11 +294,18 @@ def _parameter_lines(recipe: Recipe) -> list[str]:
     """The merge-wide parameters the method uses, and nothing it ignores."""
     spec, merge_wide = recipe.method, recipe.global_params()
     lines = ["## Parameters", ""]
-    if spec.on_deltas:
+    if spec.catalog is not None:
+        values = recipe.method_values("")
+        lines += [
+            f"- {name}: {_varying(recipe, None, parameter_attribute(name)) or _value(value)}"
+            for name, value in values.items()
+        ]
+    elif spec.on_deltas:
         lambda_ = _varying(recipe, None, "lambda_") or f"{merge_wide.lambda_:g}"
         lines.append(f"- lambda: {lambda_} (the merged task vector's scale)")
-    normalize = _varying(recipe, None, "normalize") or str(merge_wide.normalize).lower()
-    lines.append(f"- normalize: {normalize}")
+    if spec.catalog is None:
+        normalize = _varying(recipe, None, "normalize") or str(merge_wide.normalize).lower()
+        lines.append(f"- normalize: {normalize}")
     if spec.is_random:
         lines.append(f"- rescale: {_RESCALE_NAMES[merge_wide.rescale]}")
         lines.append(f"- seed: {recipe.seed} (every random draw follows from it)")

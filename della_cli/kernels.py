@@ -9,7 +9,9 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
 - ``cpu/block``: the numba kernel that merges a block of rows in one pass (every other method;
   TIES and breadcrumbs select over the whole tensor first, also in numba);
 - ``torch/merge``: the torch backend, the reference: CUDA, float16 or float64 inputs, inputs of
-  mixed dtypes, the L1 rescale, MAGPRUNE rows of one entry, or a CPU backend not installed.
+  mixed dtypes, the L1 rescale, MAGPRUNE rows of one entry, or a CPU backend not installed;
+- ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
+  in the passes over the row blocks its statistics need (``methods.streamed``).
 
 Each merge job also gets its experts' parameters settled here: weight, how the task vector is
 sparsified, the density and window, and the key of its random draws. The engine runs what the
@@ -26,8 +28,11 @@ from typing import TYPE_CHECKING
 
 from della_cli.io import streamed_sum
 from della_cli.methods import ExpertParams, GlobalParams, Rescale, Sparsifier
+from della_cli.methods.catalog import BasePolicy
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import derive_key
+from della_cli.methods.streamed import BASE_INPUT
+from della_cli.methods.streamed import passes as method_passes
 
 if TYPE_CHECKING:
     from della_cli.io.reader import ModelReader
@@ -38,6 +43,9 @@ BASE = -1  # as plan.BASE
 CPU_DTYPES = ("BF16", "F32")  # what the CPU kernels read and write
 MAX_SUM_EXPERTS = 63  # the C kernel's flags fit in 64 bits
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
+
+# The kernels of the generalized pipeline; any other name is a catalog method's.
+PIPELINE_KERNELS = ("merge", "block", "weighted_sum", "streamed_sum", "chunked_sum")
 
 # How an expert's task vector is sparsified.
 KEEP, RANDOM, MAGPRUNE, WINDOW = "keep", "random", "magprune", "window"
@@ -63,10 +71,22 @@ class Kernel:
     experts: tuple[ExpertStep, ...]
     # The merge-wide parameters for this tensor (gradients and filters may vary them).
     shared: GlobalParams
+    passes: int = 1  # over the tensor's row blocks: statistics passes, then the merge
+    values: tuple[tuple[str, object], ...] = ()  # a catalog method's shared parameters
 
     @property
     def label(self) -> str:
-        return f"{self.backend}/{self.name}"
+        suffix = f", {self.passes} passes" if self.passes > 1 else ""
+        return f"{self.backend}/{self.name}{suffix}"
+
+    @property
+    def streamed(self) -> bool:
+        """Whether a catalog method runs this job (``methods.streamed``)."""
+        return self.name not in PIPELINE_KERNELS
+
+    @property
+    def settings(self) -> dict[str, object]:
+        return dict(self.values)
 
     @property
     def in_chunks(self) -> bool:
@@ -112,6 +132,18 @@ class _Chooser:
         if job.action != "merge":
             return job
         steps = tuple(self.step(job, source.model) for source in job.experts)
+        method = self.recipe.method
+        if method.catalog is not None:
+            values = self.recipe.method_values(job.name)
+            if method.catalog.contract.base is BasePolicy.IGNORED:
+                schema = self.recipe.schema
+                listed = schema.base_model in self.recipe.model_refs
+                values[BASE_INPUT] = job.reference.model == BASE and not listed
+            compute = "F64" if self.recipe.schema.dtype == "float64" else "F32"
+            passes = method_passes(method.name, values, len(steps), compute)
+            shared = self.recipe.global_params(job.name)
+            kernel = Kernel("torch", method.name, steps, shared, passes, tuple(values.items()))
+            return dataclasses.replace(job, kernel=kernel)
         shared = self.recipe.global_params(job.name)
         name = self.cpu_kernel(job, steps, shared)
         backend = "torch" if name is None else "cpu"

@@ -22,6 +22,7 @@ from della_cli.io.writer import OutputTensor, split_into_shards
 from della_cli.kernels import Kernel, assign_kernels
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
+from della_cli.methods.streamed import statistics_bytes
 from della_cli.quantized import refuse_quantized
 from della_cli.recipe import Recipe
 
@@ -97,7 +98,10 @@ class Plan:
         inputs in flight (read-ahead), the block's inputs and task vectors in the compute dtype
         with a few temporaries, and up to three output blocks waiting to be written. Trim
         methods (``whole_tensor_selection``) also hold, per tensor, the reference as stored,
-        one expert's task vector and a keep mask per expert. A copy holds its tensor twice.
+        one expert's task vector and a keep mask per expert. A copy holds its tensor twice. A
+        catalog method's statistics pass reads one more block of each input while the
+        read-ahead holds its own, and keeps the tensor's summed statistics until its merge
+        pass ends.
         """
         compute = itemsize(self.compute_dtype)
         worst = 0
@@ -110,6 +114,10 @@ class Plan:
             row = job.numel // max(job.shape[0], 1) if len(job.shape) > 1 else job.numel
             block = min(job.numel, max(row, block_elements // max(row, 1) * row))
             need = block * (2 * (experts + 1) * stored + (2 * experts + 5) * compute + 3 * stored)
+            if job.kernel is not None and job.kernel.passes > 1:
+                need += block * (experts + 1) * (stored + compute)
+                kernel = job.kernel
+                need += statistics_bytes(kernel.name, kernel.settings, job.shape, experts + 1)
             if whole_tensor_selection:
                 need += job.numel * (2 * stored + 2 * compute + experts)
             worst = max(worst, need)
@@ -247,7 +255,24 @@ class _Planner:
             self.warnings.append(f"no model has '{name}'; copied from the base")
             return TensorJob(name, "copy", ref.shape, out_dtype, ref_source)
         self.check_keep_count(name, ref, present)
+        self.check_contract(name, present)
         return TensorJob(name, "merge", ref.shape, out_dtype, ref_source, present)
+
+    def check_contract(self, name: str, present: tuple[Source, ...]) -> None:
+        """A catalog method with a fixed number of models (nuslerp's two) cannot merge a
+        tensor that one of them lacks; mergekit fails there too."""
+        catalog = self.recipe.method.catalog
+        if catalog is None or len(present) >= catalog.contract.min_models:
+            return
+        lacking = [
+            self.recipe.model_refs[i]
+            for i in range(len(self.experts))
+            if i not in {s.model for s in present}
+        ]
+        self.problems.append(
+            f"{catalog.name} needs {catalog.contract.min_models} models for '{name}', but "
+            f"{', '.join(map(repr, lacking))} lack it"
+        )
 
     def check_keep_count(self, name: str, ref: TensorInfo, present: tuple[Source, ...]) -> None:
         """Trim methods must keep at least one entry of every tensor (ALGORITHMS.md)."""

@@ -36,15 +36,19 @@ def group_parameters(recipe, names: list[str]) -> dict[str, dict[str, Any]]:
             plain = getattr(recipe.expert_params(index, ""), field)
             _keep(found.setdefault(ref, {}), field, values, plain)
     for field in spec.global_parameters:
-        attribute = "lambda_" if field == "lambda" else field
-        values = [_shown(getattr(recipe.global_params(name), attribute)) for name in names]
-        _keep(
-            found.setdefault(SHARED, {}),
-            field,
-            values,
-            _shown(getattr(recipe.global_params(), attribute)),
-        )
+        value_of = _shared_value(recipe, field)
+        values = [value_of(name) for name in names]
+        _keep(found.setdefault(SHARED, {}), field, values, value_of(""))
     return {label: params for label, params in found.items() if params}
+
+
+def _shared_value(recipe, field: str):
+    """How a merge-wide parameter's value for a tensor is found: the method's own parameters
+    for mergekit's other methods (slerp's t), else the pipeline's (lambda, normalize, ...)."""
+    if recipe.method.catalog is not None:
+        return lambda name: recipe.method_values(name).get(field)
+    attribute = "lambda_" if field == "lambda" else field
+    return lambda name: _shown(getattr(recipe.global_params(name), attribute))
 
 
 def _shown(value: Any) -> Any:

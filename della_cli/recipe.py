@@ -23,6 +23,7 @@ import yaml
 from della_cli.chat_template import check_chat_template
 from della_cli.errors import RecipeError, shown
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, MethodSpec, Rescale
+from della_cli.methods.catalog import BasePolicy, Parameter, Scope
 from della_cli.recipe_compat import (
     MERGEKIT_DEFAULTS,
     adapt_recipe,
@@ -33,6 +34,7 @@ from della_cli.recipe_settings import (
     breakpoints,
     check_setting,
     layer_position,
+    leaves,
     resolve,
     sample_names,
     varies,
@@ -71,6 +73,19 @@ class ModelParameters:
     lambda_: float | Setting | None = None
     normalize: bool | Setting | None = None
     rescale: bool | Literal["l1"] | Setting | None = None
+    # The parameters of mergekit's other methods (``methods.catalog``), checked per method.
+    t: float | Setting | None = None
+    scale: float | Setting | None = None
+    filter_wise: bool | Setting | None = None
+    nuslerp_flatten: bool | Setting | None = None
+    nuslerp_row_wise: bool | Setting | None = None
+    normalize_weights: bool | Setting | None = None
+    eps: float | Setting | None = None
+    max_iter: int | Setting | None = None
+    tol: float | Setting | None = None
+    select_topk: float | Setting | None = None
+    r: float | Setting | None = None
+    alpha: float | Setting | None = None
     given: tuple[str, ...] = ()  # the keys the recipe wrote, in its order
 
 
@@ -146,7 +161,7 @@ class Recipe:
         """Whether any parameter is a gradient or a filter list (else every tensor gets the
         same values)."""
         blocks = [self.schema.parameters, *(entry.parameters for entry in self.schema.models)]
-        names = (*EXPERT_FIELDS, *SHARED_FIELDS)
+        names = [f.name for f in dataclasses.fields(ModelParameters) if f.name != "given"]
         return any(varies(getattr(block, name)) for block in blocks for name in names)
 
     def with_layers(self, layers: int | None) -> Recipe:
@@ -176,12 +191,28 @@ class Recipe:
         gamma = settle("gamma", DEFAULT_GAMMA) if "gamma" in takes else None
         density = MERGEKIT_DEFAULTS["density"] if "density" in takes else None
         epsilon = MERGEKIT_DEFAULTS["epsilon"] if "epsilon" in takes else None
+        scale = settle("scale", None) if "scale" in takes else None
         return ExpertParams(
             weight=settle("weight", 1.0),
             density=settle("density", density),
             epsilon=settle("epsilon", epsilon),
             gamma=gamma,
+            scale=scale,
         )
+
+    def method_values(self, tensor_name: str) -> dict[str, Any]:
+        """A catalog method's shared parameters (slerp's t, ...) for ``tensor_name``: the
+        recipe's top-level value (a gradient or filters placed for that tensor), else the
+        catalog's default. Empty for the pipeline's methods."""
+        entry = self.method.catalog
+        if entry is None:
+            return {}
+        top, t = self.schema.parameters, self._position(tensor_name)
+        return {
+            p.name: _settle((getattr(top, parameter_attribute(p.name)),), tensor_name, t, p.default)
+            for p in entry.parameters
+            if p.scope is Scope.SHARED
+        }
 
     def global_params(self, tensor_name: str = "") -> GlobalParams:
         """The merge-wide parameters for ``tensor_name`` (the output's name); without one,
@@ -356,6 +387,15 @@ def _in_range(low: float, high: float, low_closed: bool, high_closed: bool) -> C
     return check
 
 
+def _integer(value: Any, path: str) -> int | None:
+    if value is None:
+        return None
+    number = _number(value, path)
+    if not float(number).is_integer():
+        _fail(path, f"must be an integer, got {shown(value)}")
+    return int(number)
+
+
 def _boolean(value: Any, path: str) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
@@ -428,6 +468,18 @@ PARAMETER_KEYS: dict[str, tuple[str, Check]] = {
     "lambda": ("lambda_", check_setting(_number)),
     "normalize": ("normalize", check_setting(_boolean)),
     "rescale": ("rescale", check_setting(_rescale)),
+    "t": ("t", check_setting(_number)),
+    "scale": ("scale", check_setting(_number)),
+    "filter_wise": ("filter_wise", check_setting(_boolean)),
+    "nuslerp_flatten": ("nuslerp_flatten", check_setting(_boolean)),
+    "nuslerp_row_wise": ("nuslerp_row_wise", check_setting(_boolean)),
+    "normalize_weights": ("normalize_weights", check_setting(_boolean)),
+    "eps": ("eps", check_setting(_number)),
+    "max_iter": ("max_iter", check_setting(_integer)),
+    "tol": ("tol", check_setting(_number)),
+    "select_topk": ("select_topk", check_setting(_number)),
+    "r": ("r", check_setting(_number)),
+    "alpha": ("alpha", check_setting(_number)),
 }
 GLOBAL_PARAMETER_KEYS = {**PARAMETER_KEYS, "int8_mask": ("int8_mask", check_setting(_boolean))}
 
@@ -496,6 +548,11 @@ def _fields(
     }
 
 
+def parameter_attribute(key: str) -> str:
+    """The attribute of ``GlobalParameters`` that parameter ``key`` fills."""
+    return GLOBAL_PARAMETER_KEYS[key][0]
+
+
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -508,7 +565,8 @@ def check_rules(recipe: Recipe) -> None:
     if not schema.models:
         raise RecipeError("models: must list at least one model")
     if spec.needs_base and not schema.base_model:
-        raise RecipeError(f"base_model: {spec.name} merges task vectors and needs a base_model")
+        what = "merges task vectors" if spec.catalog is None else "merges into a base"
+        raise RecipeError(f"base_model: {spec.name} {what} and needs a base_model")
     seen: dict[str, int] = {}
     for index, ref in enumerate(recipe.model_refs):
         if ref in seen:
@@ -523,8 +581,88 @@ def check_rules(recipe: Recipe) -> None:
             f"tokenizer_source: '{source}' is neither base nor one of the models ({names})"
         )
     _check_parameter_names(recipe)
+    if spec.catalog is not None:
+        _check_catalog_method(recipe)
+        return
     for index in range(len(schema.models)):
         _check_expert_values(recipe, index)
+
+
+def _check_catalog_method(recipe: Recipe) -> None:
+    """A catalog method's input contract, required parameters and ranges (``catalog``)."""
+    schema, entry = recipe.schema, recipe.method.catalog
+    contract = entry.contract
+    inputs = len(schema.models)
+    besides = " besides the base"
+    if contract.base is BasePolicy.IGNORED:
+        besides = " (the base_model counts as one)"
+        inputs += bool(schema.base_model) and schema.base_model not in recipe.model_refs
+    elif contract.base is BasePolicy.OPTIONAL and not schema.base_model:
+        besides = ""
+    least, most = contract.min_models, contract.max_models
+    if inputs < least or (most is not None and inputs > most):
+        if least == most:
+            wanted = f"exactly {least}"
+        else:
+            wanted = f"at least {least}" if most is None else f"{least} to {most}"
+        noun = "input" if contract.base is BasePolicy.IGNORED else "model"
+        plural = "" if (most or least) == 1 else "s"
+        raise RecipeError(
+            f"models: {entry.name} takes {wanted} {noun}{plural}{besides}, got {inputs}"
+        )
+    top = schema.parameters
+    for parameter in entry.parameters:
+        if parameter.scope is Scope.SHARED:
+            _check_catalog_value(
+                entry.name,
+                parameter,
+                getattr(top, parameter_attribute(parameter.name)),
+                "parameters",
+            )
+            continue
+        for index, model in enumerate(schema.models):
+            own = getattr(model.parameters, parameter_attribute(parameter.name))
+            value = _first_set(own, getattr(top, parameter_attribute(parameter.name)), None)
+            where = f"models.{index}.parameters" if own is not None else "parameters"
+            if value is None and parameter.required:
+                where = f"models.{index}.parameters"
+            _check_catalog_value(entry.name, parameter, value, where)
+    normalize = _first_set(top.normalize_weights, True)
+    if entry.name == "multislerp" and normalize and len(schema.models) > 1:
+        weights = [_first_set(m.parameters.weight, top.weight, 1.0) for m in schema.models]
+        if not any(map(varies, weights)) and sum(weights) == 0:
+            raise RecipeError(
+                "models: the multislerp weights sum to 0, so normalize_weights cannot divide "
+                "by their sum; change a weight or set normalize_weights: false"
+            )
+
+
+def _first_set(*values: Any) -> Any:
+    """The first value that is set (not None); the last is the default."""
+    return next((value for value in values[:-1] if value is not None), values[-1])
+
+
+def _check_catalog_value(method: str, parameter: Parameter, setting: Any, where: str) -> None:
+    """A catalog parameter's value, or each value of its gradient or filters, in range."""
+    path = f"{where}.{parameter.name}"
+    if setting is None:
+        if parameter.required:
+            meaning = f" ({parameter.meaning})" if parameter.meaning else ""
+            raise RecipeError(f"{path}: {method} needs {parameter.name}{meaning}; add it")
+        return
+    for value in leaves(setting):
+        _check_in_range(parameter, value, path)
+
+
+def _check_in_range(parameter: Parameter, value: Any, path: str) -> None:
+    low, high = parameter.minimum, parameter.maximum
+    if value is None or isinstance(value, bool):
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        interval = (
+            f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+        )
+        raise RecipeError(f"{path}: must be in {interval}, got {value}")
 
 
 def _check_parameter_names(recipe: Recipe) -> None:

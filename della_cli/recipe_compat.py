@@ -17,22 +17,11 @@ import yaml
 
 from della_cli.errors import RecipeError
 from della_cli.methods import METHODS, MethodSpec, Sparsifier
+from della_cli.methods.catalog import CATALOG
 from della_cli.methods.registry import GLOBAL_PARAMETERS
 
-# Methods of mergekit 0.1.5 that della does not implement.
-MERGEKIT_ONLY_METHODS = (
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "model_stock",
-    "sce",
-    "passthrough",
-    "arcee_fusion",
-    "nearswap",
-    "ram",
-    "ramplus_tl",
-)
+# Methods of mergekit 0.1.5 that della does not run yet.
+MERGEKIT_ONLY_METHODS = tuple(name for name in CATALOG if name not in METHODS)
 # Every parameter name a mergekit 0.1.5 method declares; a method ignores the others' names.
 MERGEKIT_PARAMETERS = frozenset(
     {
@@ -182,8 +171,9 @@ def _drop_base_entry(data: dict, spec: MethodSpec, notes: list[str]) -> None:
     index = listed[0]
     if spec.on_deltas:
         data["models"] = [e for i, e in enumerate(data["models"]) if i not in listed]
+        what = "merges task vectors" if spec.catalog is None else "takes it as the base"
         notes.append(
-            f"models.{index}: '{base}' is the base model; {spec.name} merges task vectors, so "
+            f"models.{index}: '{base}' is the base model; {spec.name} {what}, so "
             "this entry and its parameters are ignored, as mergekit ignores them"
         )
     else:
@@ -213,7 +203,8 @@ def _drop_unused_parameters(data: dict, spec: MethodSpec, notes: list[str]) -> N
             magnitude = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
             if not per_model and rescales and spec.sparsifier in magnitude:
                 continue  # mergekit would rescale the kept deltas: the schema refuses it
-            if per_model and key in MERGE_WIDE and (key in used or key == "int8_mask"):
+            shared = (*MERGE_WIDE, *spec.global_parameters)
+            if per_model and key in shared and (key in used or key == "int8_mask"):
                 value = _merge_wide_value(key, top, spec)
                 notes.append(
                     f"{prefix}.{key}: ignored, as mergekit ignores it: {key} applies to the "
@@ -231,8 +222,11 @@ def _drop_unused_parameters(data: dict, spec: MethodSpec, notes: list[str]) -> N
 
 def _merge_wide_value(key: str, top: Any, spec: MethodSpec) -> str:
     """The value the merge uses for a merge-wide parameter, as the recipe would write it."""
+    defaults = {p.name: p.default for p in spec.catalog.parameters} if spec.catalog else {}
     if isinstance(top, dict) and key in top:
         value = top[key]
+    elif key in defaults:
+        value = "not set" if defaults[key] is None else defaults[key]
     else:
         value = {"lambda": 1.0, "normalize": spec.normalize_default, "int8_mask": False}.get(
             key,

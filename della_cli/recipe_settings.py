@@ -90,6 +90,18 @@ def varies(setting: Any) -> bool:
     return isinstance(setting, (Gradient, Filtered))
 
 
+def leaves(setting: Any) -> Iterator[Any]:
+    """Every plain value a setting holds (a gradient's points, each filter's value): a range
+    that holds for them holds for whatever is interpolated between them."""
+    if isinstance(setting, Filtered):
+        for _, value in setting.entries:
+            yield from leaves(value)
+    elif isinstance(setting, Gradient):
+        yield from setting.values
+    else:
+        yield setting
+
+
 def resolve(setting: Any, tensor_name: str, t: float) -> Any:
     """The setting's value for ``tensor_name`` at layer position ``t``; None when it is unset
     or its filters match nothing (the next scope then decides)."""

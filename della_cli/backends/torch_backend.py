@@ -17,6 +17,7 @@ import torch
 
 from della_cli.io.dtypes import from_torch, to_torch, torch_dtype
 from della_cli.methods import ExpertParams, GlobalParams, MethodSpec
+from della_cli.methods import streamed as catalog_methods
 from della_cli.methods.merge import merge_tensor
 from della_cli.methods.randomness import Draws
 from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
@@ -64,6 +65,25 @@ class TorchBackend:
             method, base, models, params, global_params, uniform=uniform, keep_masks=masks
         )
         return from_torch(merged.to(torch_dtype(out_code)))
+
+    def prepare(self, kernel, params: list[ExpertParams], blocks, numel: int):
+        """A catalog method's view of a whole tensor before its merge (``methods.streamed``)."""
+        return catalog_methods.prepare(kernel.name, kernel.settings, params, blocks, numel)
+
+    def streamed(
+        self,
+        kernel,
+        params: list[ExpertParams],
+        state,
+        base: torch.Tensor | None,
+        models: list[torch.Tensor],
+        out_code: str,
+    ) -> np.ndarray:
+        """One block of a catalog method, on the CPU in the output dtype, as (rows, row
+        length)."""
+        merged = catalog_methods.apply(kernel.name, kernel.settings, params, state, base, models)
+        rows = merged.shape[0] if merged.dim() > 1 else 1
+        return from_torch(merged.to(torch_dtype(out_code)).reshape(rows, -1))
 
     def as_tensor(self, mask: Mask) -> torch.Tensor:
         return to_torch(mask).to(self.device) if isinstance(mask, np.ndarray) else mask

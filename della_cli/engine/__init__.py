@@ -9,7 +9,9 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
 - ``schedule``: the threads (the reader, merging and writer pipeline, and the chunks of
   weighted sums that one thread reads, merges and writes) and the order of the writes;
 - ``rows``: a block's rows from the input files, fitted to the job's vocabulary;
-- ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks;
+- ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
+  needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
+  tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
 - ``reporting``: warnings (non-finite inputs, differing non-float tensors).
 
 The engine never prints: progress and warnings go to callbacks. Block buffers are recycled
@@ -106,6 +108,7 @@ class MergeEngine:
         self.cpu = CpuJobs(recipe.method, self.threads)
         self.torch = TorchJobs(self.device, plan.compute_dtype, recipe.method, self.threads)
         self._masks: dict[str, list | None] = {}
+        self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
         # (whose file offsets place the output buffers).
         self._helpers: ThreadPoolExecutor | None = None
@@ -192,6 +195,8 @@ class MergeEngine:
             self.report.experts_differ(job, loaded[0])
             self.report.copied_values(job, loaded[0])
             return cast(loaded[0], job.out_dtype)
+        if job.kernel.streamed:
+            return self.streamed_block(task, loaded)
         if task.start == 0:
             self._masks[job.name] = self.global_keep_masks(job)
         masks = self._masks[job.name]
@@ -210,6 +215,23 @@ class MergeEngine:
         if nonfinite.any():
             self.report.nonfinite(job, [bool(flag) for flag in nonfinite])
         return merged
+
+    def streamed_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray:
+        """One block of a catalog method's job. At its first block, a job whose method needs
+        the whole tensor first (slerp's norms, sce's selection) makes its passes over the row
+        blocks, each read in turn (one at a time, so memory holds a block, not the tensor); a
+        tensor of one block reuses the block already read."""
+        job = task.job
+        if task.start == 0 and job.kernel.passes > 1:
+            if task.last:
+                blocks = lambda: iter([loaded])  # noqa: E731
+            else:
+                blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
+            self._statistics[job.name] = self.torch.prepare(job, blocks)
+        state = self._statistics.get(job.name)
+        if task.last:
+            self._statistics.pop(job.name, None)
+        return self.torch.streamed_block(task, loaded, state, self.report)
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);

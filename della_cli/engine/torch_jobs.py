@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,6 +14,7 @@ from della_cli.engine.shared import BlockTask
 from della_cli.engine.threads import ThreadBudget
 from della_cli.methods import MethodSpec
 from della_cli.methods.randomness import Draws
+from della_cli.plan import BASE, TensorJob
 
 if TYPE_CHECKING:
     from della_cli.backends.torch_backend import Mask, TorchBackend
@@ -78,3 +80,35 @@ class TorchJobs:
     def keep_mask(self, expert: np.ndarray, reference: np.ndarray, params, gamma):
         """A whole-tensor selection (TIES, breadcrumbs), as a tensor on the device."""
         return self.backend.keep_mask(expert, reference, params.density, gamma)
+
+    def prepare(self, job: TensorJob, blocks: Callable[[], Iterable[list[np.ndarray]]]):
+        """What a catalog method needs of a whole tensor before merging it, from passes over
+        its row blocks: ``blocks()`` reads them afresh (the raw rows of the reference and the
+        experts, as ``RowLoader.load`` gives them), one at a time."""
+
+        def on_device():
+            return (self.method_inputs(job, loaded) for loaded in blocks())
+
+        params = [step.params for step in job.kernel.experts]
+        return self.backend.prepare(job.kernel, params, on_device, job.numel)
+
+    def streamed_block(
+        self, task: BlockTask, loaded: list[np.ndarray], statistics, reporter: Reporter
+    ) -> np.ndarray:
+        """One output block of a catalog method's job, in the output dtype."""
+        job = task.job
+        base, models = self.method_inputs(job, loaded)
+        inputs = [models[0] if base is None else base, *models]
+        flagged = self.backend.nonfinite(inputs)
+        if flagged is not None:
+            reporter.nonfinite(job, flagged)
+        params = [step.params for step in job.kernel.experts]
+        return self.backend.streamed(job.kernel, params, statistics, base, models, job.out_dtype)
+
+    def method_inputs(self, job: TensorJob, loaded: list[np.ndarray]):
+        """(base or None, models) of a block on the device, each in its tensor's shape: the
+        base is None where the job's reference is one of the models (no base_model)."""
+        rows = loaded[0].shape[0]
+        shape = (rows, *job.shape[1:]) if len(job.shape) > 1 else job.shape
+        reference, *experts = (self.backend.to_device(raw).reshape(shape) for raw in loaded)
+        return (reference if job.reference.model == BASE else None), experts

@@ -72,7 +72,7 @@ def order_statistic(
                 digits = (keys >> digit_shift) & (_BUCKETS - 1)
             else:
                 digits = (keys >> digit_shift) + (_BUCKETS >> 1)
-            histogram += torch.bincount(digits, minlength=_BUCKETS)
+            histogram += torch.bincount(digits, minlength=_BUCKETS).cpu()  # scores on any device
         if dtype is None:
             raise ValueError("No scores: an order statistic of an empty tensor is undefined.")
         cumulative = histogram.cumsum(0)

@@ -22,6 +22,7 @@ class ExpertParams:
     density: float | None = None
     epsilon: float | None = None
     gamma: float | None = None
+    scale: float | None = None  # passthrough: the factor of its one input (None: as stored)
 
 
 @dataclass(frozen=True)

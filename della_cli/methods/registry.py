@@ -1,14 +1,19 @@
 """The merge methods, declared as data (ALGORITHMS.md, "Methods").
 
-Each method is a point in one generalized pipeline: a sparsifier applied to each task vector, an
-optional sign consensus, a fuse that may normalize by the weights, and a final scale. Adding a
-method is adding a row here, not writing a new merge loop.
+The task-arithmetic family is a point each in one generalized pipeline: a sparsifier applied to
+each task vector, an optional sign consensus, a fuse that may normalize by the weights, and a
+final scale. Adding such a method is adding a row here, not writing a new merge loop. mergekit's
+other methods (slerp, passthrough, ...) are declared in ``catalog`` (parameters, contract,
+passes) and join this table as rows carrying their catalog entry, once the engine runs them
+(``RUNNING``); the others stay refused by name (``recipe_compat``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
+from della_cli.methods.catalog import CATALOG, BasePolicy, CatalogEntry, Scope
 
 
 class Sparsifier(str, Enum):
@@ -37,9 +42,13 @@ class MethodSpec:
     paper: str
     summary: str
     on_deltas: bool = True  # linear averages the models themselves, not their deltas
+    catalog: CatalogEntry | None = None  # a method beyond the pipeline (``catalog``)
 
     @property
     def expert_parameters(self) -> tuple[str, ...]:
+        if self.catalog is not None:
+            shared = Scope.SHARED
+            return tuple(p.name for p in self.catalog.parameters if p.scope is not shared)
         extra = {
             Sparsifier.NONE: (),
             Sparsifier.MAGNITUDE: ("density",),
@@ -51,6 +60,9 @@ class MethodSpec:
 
     @property
     def global_parameters(self) -> tuple[str, ...]:
+        if self.catalog is not None:
+            shared = Scope.SHARED
+            return tuple(p.name for p in self.catalog.parameters if p.scope is shared)
         names = ("normalize",) if not self.on_deltas else ("lambda", "normalize")
         if self.sparsifier in (Sparsifier.RANDOM, Sparsifier.MAGPRUNE):
             names = (*names, "rescale")
@@ -59,7 +71,10 @@ class MethodSpec:
     @property
     def required_parameters(self) -> tuple[str, ...]:
         """Parameters with no default: none, as density and epsilon take mergekit's defaults
-        (1.0 and 0.15; the plan says so when a recipe leaves them out)."""
+        (1.0 and 0.15; the plan says so when a recipe leaves them out). A catalog method's
+        required parameters (slerp's t, nuslerp's weight) have none."""
+        if self.catalog is not None:
+            return tuple(p.name for p in self.catalog.parameters if p.required)
         return ()
 
     @property
@@ -161,3 +176,39 @@ METHODS: dict[str, MethodSpec] = {
         ),
     )
 }
+
+
+# The catalog's methods the engine runs, in the order of their use on the Hub.
+RUNNING = (
+    "slerp",
+    "passthrough",
+    "nuslerp",
+    "model_stock",
+    "sce",
+    "multislerp",
+    "karcher",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+)
+
+
+def _from_catalog(entry: CatalogEntry) -> MethodSpec:
+    """A catalog method as a row of ``METHODS``: no sparsifier, election or normalize of the
+    pipeline; a base listed under ``models`` is the base (dropped from the inputs, as mergekit
+    does) unless the method takes the base as an ordinary input (karcher, passthrough)."""
+    return MethodSpec(
+        entry.name,
+        Sparsifier.NONE,
+        False,
+        False,
+        entry.contract.base is BasePolicy.REQUIRED,
+        entry.reference,
+        entry.summary,
+        on_deltas=entry.contract.base is not BasePolicy.IGNORED,
+        catalog=entry,
+    )
+
+
+METHODS.update({name: _from_catalog(CATALOG[name]) for name in RUNNING})

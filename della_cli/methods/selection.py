@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from della_cli.methods.counts import fraction_count
-from della_cli.methods.interpolation import widen
+from della_cli.methods.interpolation import whole_sum, widen
 from della_cli.methods.order_statistics import order_statistic, top_rank_mask
 
 
@@ -92,7 +92,7 @@ def sce_block_mask(
 
 def sce_statistics(deltas: Sequence[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
     """Partial sums Σ (keep·δᵢ)² (n,) float64 of one block; they add over blocks."""
-    return torch.stack([(d * keep).square().sum(dtype=torch.float64) for d in deltas])
+    return torch.stack([whole_sum((d * keep).square()) for d in deltas])
 
 
 def sce_weights(square_sums: torch.Tensor, numel: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from della_cli import __version__
 from della_cli.cli import app
 from della_cli.engine import MergeEngine
 from della_cli.methods import METHODS
+from della_cli.methods.registry import RUNNING
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -111,13 +112,14 @@ def test_version():
     assert result.stdout == f"della {__version__}\n"
 
 
-def test_methods_lists_all_nine():
+def test_methods_lists_the_pipeline_and_the_catalog_methods_della_runs():
     result = invoke("methods")
     assert result.exit_code == 0, result.output
     listed = [line.split(":")[0] for line in result.stdout.splitlines() if not line.startswith(" ")]
     assert listed == list(METHODS)
-    assert len(listed) == 9
+    assert len(listed) == 9 + len(RUNNING)
     assert "arXiv:2406.11617" in result.stdout
+    assert "    parameters: t (merge-wide, required)" in result.stdout  # slerp
 
 
 def test_methods_json():
@@ -136,6 +138,10 @@ def test_methods_json():
     assert rows["linear"]["required"] == []
     assert rows["breadcrumbs"]["model_parameters"] == ["weight", "density", "gamma"]
     assert rows["dare_linear"]["sign_consensus"] is False
+    slerp = rows["slerp"]
+    assert slerp["merge_parameters"] == ["t"] and slerp["required"] == ["t"]
+    assert slerp["passes"] == ["statistics", "merge"]
+    assert slerp["parameters"][0]["scope"] == "shared"
 
 
 # --- a merge that works ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from della_cli.api import MergeOptions, run_merge
 from della_cli.cli import app
 from della_cli.demo import MARKER
+from della_cli.methods.registry import RUNNING
 from della_cli.recipe import load_recipe
 from della_cli.tiny import make_demo_models
 from della_cli.verify import verify_model
@@ -68,6 +69,10 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (folder / "notes.txt").read_text() == "mine"
 
 
+# mergekit's other methods della runs, an example each.
+CATALOG_EXAMPLES = RUNNING
+
+
 def test_every_example_file_is_there():
     methods = {yaml.safe_load(p.read_text())["merge_method"] for p in EXAMPLES.glob("*.yaml")}
     assert methods == {
@@ -80,6 +85,7 @@ def test_every_example_file_is_there():
         "breadcrumbs_ties",
         "task_arithmetic",
         "linear",
+        *CATALOG_EXAMPLES,
     }
 
 

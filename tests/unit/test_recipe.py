@@ -90,8 +90,9 @@ def test_example_recipe_parses_and_explains_itself(path: Path):
     assert recipe.model_refs, "each example lists models"
     for index in range(len(recipe.model_refs)):
         params = recipe.expert_params(index, "model.layers.0.mlp.up_proj.weight")
+        shared = recipe.method_values("model.layers.0.mlp.up_proj.weight")
         for name in recipe.method.required_parameters:
-            assert getattr(params, name) is not None
+            assert (shared[name] if name in shared else getattr(params, name)) is not None
     assert f"`{path.name}`" in (RECIPES_DIR / "README.md").read_text()
 
 
@@ -580,21 +581,75 @@ BAD_RECIPES = [
         [],
         id="unknown-to-mergekit-too",
     ),
-    *[
-        pytest.param(
-            edited(("merge_method", name), ("parameters.t", 0.5)),
-            f"merge_method: della does not implement mergekit's '{name}' method yet; it runs "
-            "linear, task_arithmetic",
-            [],
-            id=f"mergekit-method-{name}",
-        )
-        for name in ("slerp", "nuslerp", "model_stock", "passthrough")
-    ],
     pytest.param(
         edited(("merge_method", "slerp"), ("slices", [{"sources": []}])),
-        "merge_method: della does not implement mergekit's 'slerp' method yet",
+        "slices: slice-wise merges (slices) are not supported yet",
         [],
-        id="mergekit-method-before-slices",
+        id="slerp-slices",
+    ),
+    pytest.param(
+        method("nuslerp", ("parameters", {}), ("models", [{"model": "lm"}, {"model": "math"}])),
+        "models.0.parameters.weight: nuslerp needs weight (relative weight); add it",
+        [],
+        id="nuslerp-without-weight",
+    ),
+    pytest.param(
+        method("model_stock", ("parameters", {}), ("models", [{"model": "lm"}])),
+        "models: model_stock takes at least 2 models besides the base, got 1",
+        [],
+        id="model-stock-one-model",
+    ),
+    pytest.param(
+        method("sce", ("parameters", {"select_topk": 1.5})),
+        "parameters.select_topk: must be in [0, 1], got 1.5",
+        [],
+        id="sce-topk-range",
+    ),
+    pytest.param(
+        method(
+            "multislerp",
+            ("parameters", {}),
+            (
+                "models",
+                [
+                    {"model": "lm", "parameters": {"weight": 1}},
+                    {"model": "math", "parameters": {"weight": -1}},
+                ],
+            ),
+        ),
+        "models: the multislerp weights sum to 0",
+        [],
+        id="multislerp-weights-sum-to-zero",
+    ),
+    pytest.param(
+        method("passthrough", ("parameters", {})),
+        "models: passthrough takes exactly 1 input (the base_model counts as one), got 3",
+        [],
+        id="passthrough-two-inputs",
+    ),
+    pytest.param(
+        method("arcee_fusion", ("parameters", DROP), ("base_model", DROP)),
+        "base_model: arcee_fusion merges into a base and needs a base_model",
+        [],
+        id="arcee-fusion-without-base",
+    ),
+    pytest.param(
+        method("slerp", ("parameters", DROP), ("models", [{"model": "lm"}])),
+        "parameters.t: slerp needs t (interpolation factor: 0 = base); add it",
+        [],
+        id="slerp-without-t",
+    ),
+    pytest.param(
+        method("slerp", ("parameters", {"t": 0.5})),
+        "models: slerp takes exactly 1 model besides the base, got 2",
+        [],
+        id="slerp-two-models",
+    ),
+    pytest.param(
+        method("slerp", ("models", [{"model": "lm"}]), ("parameters", {"t": [0, "half"]})),
+        "parameters.t[1]: must be a number, got 'half'",
+        [],
+        id="slerp-gradient",
     ),
     pytest.param(
         edited(("modules", {"text": {}})),
@@ -699,7 +754,7 @@ NORMALIZE_DEFAULTS = {  # ALGORITHMS.md, "Methods"
 
 @pytest.mark.parametrize(("name", "default"), NORMALIZE_DEFAULTS.items())
 def test_normalize_default_per_method(name: str, default: bool):
-    assert set(NORMALIZE_DEFAULTS) == set(METHODS)
+    assert set(NORMALIZE_DEFAULTS) == {n for n, spec in METHODS.items() if spec.catalog is None}
     assert parse_recipe(method(name)).global_params().normalize is default
     flipped = parse_recipe(method(name, ("parameters.normalize", not default)))
     assert flipped.global_params().normalize is (not default)
