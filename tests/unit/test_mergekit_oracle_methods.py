@@ -436,19 +436,9 @@ def test_della_equals_mergekit(case: Case, mergekit_outputs):
 
 
 def test_methods_all_have_oracle_cases():
-    assert {c.method for c in CASES} == {
-        "slerp",
-        "nuslerp",
-        "multislerp",
-        "karcher",
-        "nearswap",
-        "model_stock",
-        "sce",
-        "ram",
-        "ramplus_tl",
-        "arcee_fusion",
-        "passthrough",
-    }
+    from della_cli.methods import catalog
+
+    assert {c.method for c in CASES} == set(catalog.CATALOG)
 
 
 def test_sce_small_task_vectors_mergekit_turns_weights_uniform(mergekit_outputs):
