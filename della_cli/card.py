@@ -25,10 +25,6 @@ _RESCALE_NAMES = {
 }
 
 
-def is_local(ref: str, pins: dict[str, str] | None = None) -> bool:
-    return not (pins and ref in pins)
-
-
 def display_name(ref: str, pins: dict[str, str] | None = None) -> str:
     """A model's name for the card: Hub inputs as ``org/name``, local folders by their own
     name only, so that the user's file system layout does not leak into a published card."""

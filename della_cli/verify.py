@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from della_cli.errors import ModelError
-from della_cli.io.reader import INDEX_NAME, ModelReader, read_weight_map
+from della_cli.io.reader import ModelReader
 from della_cli.plan import find_embedding
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -84,9 +84,7 @@ def unnamed_weight_files(folder: Path, reader: ModelReader) -> list[str]:
     that the model does not use (the index names others): the leftovers of another merge,
     which transformers ignores but a reader of files may not."""
     used = {info.path.name for info in reader.tensors.values()}
-    weight_map = read_weight_map(folder) if (folder / INDEX_NAME).is_file() else None
-    if weight_map is not None:
-        used |= set(weight_map.values())
+    used |= set((reader.weight_map or {}).values())
     # Only names of the Hugging Face layout: a release may ship other files on purpose
     # (Mistral's consolidated.safetensors, for its own loader).
     unused = sorted(

@@ -105,6 +105,7 @@ class PickleModelReader(ModelReader):
                 info = TensorInfo(name, code, tuple(tensor.shape), path, position, nbytes)
                 self.tensors[name] = info
             del state
+        self.weight_map = None  # no safetensors index
         self.config = self._read_json("config.json")
         self._handles = {}
         self._open_path: Path | None = None

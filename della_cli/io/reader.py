@@ -206,6 +206,8 @@ class ModelReader:
                 for name, (raw, size) in headers.items()
             ]
         self.tensors, self.shadowed = combine_shards(folder, shards, weight_map)
+        # The index's file of each tensor (None without an index), as read once here.
+        self.weight_map = weight_map
         self.config = self._read_json("config.json")
         self._handles: dict[Path, int] = {}
 
