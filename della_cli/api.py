@@ -37,6 +37,7 @@ from della_cli.session import (
     select_device,
     tokenizer_reader,
 )
+from della_cli.tokenizer_union import write_tokenizer
 from della_cli.verify import verify_model
 
 # The names callers have used from here; they live in session (and locate, devices) now.
@@ -140,6 +141,8 @@ def run_merge(
             copy_metadata(reference.folder, staging, reference.root, GENERATION_PATTERNS)
             tokenizer = tokenizer_reader(recipe, inputs)
             copy_metadata(tokenizer.folder, staging, tokenizer.root, TOKENIZER_PATTERNS)
+            if plan.vocabulary is not None:  # a tokenizer the merge builds (union, tokens:)
+                write_tokenizer(staging, plan.vocabulary.tokenizer)
             if recipe.schema.chat_template:
                 _set_chat_template(recipe, inputs, staging, warn)
             _write_card_and_recipe(recipe, inputs, staging, recipe.schema.name or out.name, warn)

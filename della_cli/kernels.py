@@ -164,11 +164,14 @@ class _Chooser:
     def loaded_dtypes(self, job: TensorJob) -> list[str | None]:
         """The dtype of each input's rows as the engine loads them (None: not known here):
         as stored, except an expert fitted to another vocabulary, which arrives in the
-        compute dtype, and a reference filled from another model of another dtype."""
+        compute dtype, and a reference filled from another model of another dtype; rows
+        re-indexed to a built tokenizer arrive in the compute dtype too."""
         dtypes = []
         for index, source in enumerate([job.reference, *job.experts]):
             stored = self.readers[source.model].tensors[source.tensor].dtype
-            if source.rows is not None and index > 0:
+            if source.aligned:
+                stored = "F32"  # re-indexed rows are built in the compute dtype
+            elif source.rows is not None and index > 0:
                 stored = "F32"  # the compute dtype (the CPU kernels need float32 math)
             elif source.rows is not None and source.fill is not None:
                 fill = self.readers[source.fill.model].tensors[source.fill.tensor].dtype
@@ -188,7 +191,7 @@ class _Chooser:
         method = self.recipe.method
         summing = not method.sign_consensus and all(step.sparsify == KEEP for step in steps)
         if summing and self.sum_kernel and len(steps) <= MAX_SUM_EXPERTS:
-            fitted = any(s.rows is not None for s in [job.reference, *job.experts])
+            fitted = any(s.rows is not None or s.aligned for s in [job.reference, *job.experts])
             if fitted:
                 return "weighted_sum"  # in the pipeline's blocks
             return "streamed_sum" if self.stream_reads else "chunked_sum"

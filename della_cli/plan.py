@@ -25,6 +25,7 @@ from della_cli.methods.counts import fraction_count
 from della_cli.methods.streamed import statistics_bytes
 from della_cli.quantized import refuse_quantized
 from della_cli.recipe import Recipe
+from della_cli.vocab_rows import VocabularyAlignment, align_vocabulary
 
 BASE = -1  # model index of the base model in a Source
 
@@ -49,6 +50,7 @@ class Source:
     tensor: str
     rows: int | None = None  # set when the rows must be cropped or padded to the job's shape
     fill: Source | None = None  # a reference's rows past ``rows`` come from here
+    aligned: bool = False  # rows re-indexed to the output vocabulary (``Plan.vocabulary``)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Plan:
     compute_dtype: str = "F32"
     tie_word_embeddings: bool | None = None
     vocab_size: int | None = None  # set when tokenizer_source changes the vocabulary rows
+    vocabulary: VocabularyAlignment | None = None  # a tokenizer the merge builds (union, ...)
 
     @property
     def output_bytes(self) -> int:
@@ -159,8 +162,10 @@ class _Planner:
         ref_model: int,
         experts: list[ModelReader],
         strict: bool,
+        alignment: VocabularyAlignment | None = None,
     ):
         self.recipe = recipe
+        self.alignment = alignment
         self.reference = reference
         self.ref_model = ref_model
         self.experts = experts
@@ -173,8 +178,22 @@ class _Planner:
         # Without out_dtype, dtype is also the output's dtype (mergekit's rule).
         self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or recipe.schema.dtype or "")
         self.tokenizer_model = recipe.tokenizer_model
-        if self.tokenizer_model == ref_model:
+        if self.tokenizer_model == ref_model or alignment is not None:
             self.tokenizer_model = None  # the reference is the source: nothing to refit
+        embedding = find_embedding(reference)
+        self.vocab_rows = reference.tensors[embedding].shape[0] if embedding else None
+
+    def aligned_target(
+        self, name: str, ref: TensorInfo, own: Source
+    ) -> tuple[TensorInfo, Source] | None:
+        """A vocabulary tensor's output shape and reference when the merge re-indexes rows to
+        the tokenizer it builds (``della_cli.vocab_rows``); None for any other tensor."""
+        if self.alignment is None or not ref.shape or ref.shape[0] != self.vocab_rows:
+            return None
+        if not (_VOCAB_NAME.search(name) and ref.is_floating):
+            return None
+        shape = (self.alignment.padded_size, *ref.shape[1:])
+        return replace(ref, shape=shape), replace(own, aligned=True)
 
     def vocabulary_target(
         self, name: str, ref: TensorInfo, own: Source
@@ -212,7 +231,9 @@ class _Planner:
         target = replace(ref, shape=(rows, *ref.shape[1:]))
         return target, replace(own, rows=ref.shape[0], fill=fill)
 
-    def source_for(self, index: int, name: str, ref: TensorInfo) -> Source | None:
+    def source_for(
+        self, index: int, name: str, ref: TensorInfo, aligned: bool = False
+    ) -> Source | None:
         """Expert ``index``'s input for output tensor ``name`` (None: it sits this one out)."""
         expert = self.experts[index]
         label = self.recipe.model_refs[index]
@@ -227,7 +248,9 @@ class _Planner:
             else:
                 self.warnings.append(f"{message}; it is left out of that tensor")
             return None
-        if info.shape == ref.shape:
+        if aligned and info.shape[1:] == ref.shape[1:] and len(info.shape) == len(ref.shape):
+            return Source(index, tensor, aligned=True)  # any row count: re-indexed by token
+        if info.shape == ref.shape and not aligned:
             if ref.is_floating and not info.is_floating:
                 self.problems.append(
                     f"'{label}' has '{name}' as {info.dtype} but the reference has {ref.dtype}"
@@ -245,18 +268,36 @@ class _Planner:
         return None
 
     def job_for(self, name: str, ref: TensorInfo, ref_source: Source) -> TensorJob:
-        ref, ref_source = self.vocabulary_target(name, ref, ref_source)
+        aligned = self.aligned_target(name, ref, ref_source)
+        if aligned is None:
+            ref, ref_source = self.vocabulary_target(name, ref, ref_source)
+        else:
+            ref, ref_source = aligned
         out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else ref.dtype
         if not ref.is_floating:
             return TensorJob(name, "copy", ref.shape, ref.dtype, ref_source)
-        sources = [self.source_for(i, name, ref) for i in range(len(self.experts))]
+        sources = [
+            self.source_for(i, name, ref, aligned is not None) for i in range(len(self.experts))
+        ]
         present = tuple(s for s in sources if s is not None)
+        if aligned is not None:
+            self.check_row_donors(name, (ref_source, *present))
         if not present:
             self.warnings.append(f"no model has '{name}'; copied from the base")
             return TensorJob(name, "copy", ref.shape, out_dtype, ref_source)
         self.check_keep_count(name, ref, present)
         self.check_contract(name, present)
         return TensorJob(name, "merge", ref.shape, out_dtype, ref_source, present)
+
+    def check_row_donors(self, name: str, sources: tuple[Source, ...]) -> None:
+        """Every model whose rows give other models' default rows must have this tensor."""
+        for model in sorted(self.alignment.models_read - {s.model for s in sources}):
+            label = (
+                self.recipe.schema.base_model if model == BASE else self.recipe.model_refs[model]
+            )
+            self.problems.append(
+                f"tokenizer: '{label}' gives tokens' rows to the other models but has no '{name}'"
+            )
 
     def check_contract(self, name: str, present: tuple[Source, ...]) -> None:
         """A catalog method with a fixed number of models (nuslerp's two) cannot merge a
@@ -304,7 +345,11 @@ def build_plan(
     merge job gets the backend and kernel that run it (``della_cli.kernels``)."""
     refuse_quantized([base, *experts])  # before anything is planned from their raw values
     reference, ref_model = (base, BASE) if base is not None else (experts[0], 0)
-    planner = _Planner(recipe, reference, ref_model, experts, strict)
+    alignment = None
+    if recipe.aligns_vocabulary:
+        limits = {model: _row_limit(reader) for model, reader in _readers(base, experts)}
+        alignment = align_vocabulary(recipe, base, experts, limits)
+    planner = _Planner(recipe, reference, ref_model, experts, strict, alignment)
     ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
     jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
     jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
@@ -335,8 +380,24 @@ def build_plan(
         vocab_size = rows if rows != reference.tensors[embedding].shape[0] else None
     shards = split_into_shards(outputs, max_shard_bytes)
     warnings = [*recipe.schema.notes, *planner.warnings]  # the recipe's notes first
-    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size)
+    if alignment is not None:
+        vocab_size = alignment.padded_size
+        warnings += [alignment.summary, *alignment.warnings]
+    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size, alignment)
     return assign_kernels(plan, recipe, base, experts, device)
+
+
+def _readers(base: ModelReader | None, experts: list[ModelReader]):
+    return [*([(BASE, base)] if base is not None else []), *enumerate(experts)]
+
+
+def _row_limit(reader: ModelReader) -> int | None:
+    """The rows a model's tokens must lie under: its config's vocab_size, at most the rows of
+    its embedding."""
+    embedding = find_embedding(reader)
+    rows = reader.tensors[embedding].shape[0] if embedding else None
+    limits = [v for v in (_vocab_size(reader), rows) if v is not None]
+    return min(limits) if limits else None
 
 
 def _report_architecture(planner: _Planner) -> None:

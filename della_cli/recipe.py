@@ -39,6 +39,11 @@ from della_cli.recipe_settings import (
     sample_names,
     varies,
 )
+from della_cli.recipe_tokenizer import (
+    TokenizerSettings,
+    check_token_models,
+    check_tokenizer_block,
+)
 from della_cli.recipe_yaml import MAX_RECIPE_BYTES, RecipeLoader, load_yaml, seed_edit
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
@@ -118,6 +123,7 @@ class RecipeSchema:
     out_dtype: str | None = None
     seed: int | None = None
     tokenizer_source: str | None = None  # also what a tokenizer: {source: ...} block says
+    tokenizer: TokenizerSettings | None = None  # the block's tokens and pad_to_multiple_of
     chat_template: str | None = None  # auto, a named template or a Jinja template
     name: str | None = None  # mergekit's stage name; here, the title of the model card
     # What was accepted as mergekit accepts it (ignored, defaulted): one line each, for the plan.
@@ -152,9 +158,19 @@ class Recipe:
         """The recipe index of the model named by ``tokenizer_source``, or None for the base
         (the default, and also what ``base`` and the base model's own name mean)."""
         source = self.schema.tokenizer_source
-        if source in (None, "base", self.schema.base_model):
-            return None
+        if source in (None, "base", "union", self.schema.base_model):
+            return None  # a union starts from the base's files
         return self.model_refs.index(source)
+
+    @property
+    def aligns_vocabulary(self) -> bool:
+        """Whether the vocabulary rows are re-indexed token by token (``vocab_rows``): a union
+        tokenizer, ``tokens:`` settings or padding; else ``tokenizer_source`` fits rows by
+        position."""
+        settings = self.schema.tokenizer
+        return self.schema.tokenizer_source == "union" or bool(
+            settings and (settings.tokens or settings.pad_to_multiple_of)
+        )
 
     @functools.cached_property
     def varies_by_tensor(self) -> bool:
@@ -448,13 +464,7 @@ def _seed(value: Any, path: str) -> int | None:
 
 
 def _tokenizer_source(value: Any, path: str) -> str | None:
-    if _string(value, path) == "union":
-        _fail(
-            path,
-            "'union' (a tokenizer merged from several models) is not supported yet; "
-            "use base or the name of one of the models",
-        )
-    return value
+    return _string(value, path)  # union, base or a model, checked by check_rules
 
 
 # Each mapping's keys, in the order an unknown key's message lists them: the attribute each
@@ -514,6 +524,7 @@ RECIPE_KEYS: dict[str, tuple[str, Check]] = {
     "out_dtype": ("out_dtype", _dtype),
     "seed": ("seed", _seed),
     "tokenizer_source": ("tokenizer_source", _tokenizer_source),
+    "tokenizer": ("tokenizer", check_tokenizer_block),
     "chat_template": ("chat_template", check_chat_template),
     "name": ("name", _string),
 }
@@ -575,11 +586,13 @@ def check_rules(recipe: Recipe) -> None:
             )
         seen[ref] = index
     source = schema.tokenizer_source
-    if source not in (None, "base", schema.base_model, *recipe.model_refs):
+    if source not in (None, "base", "union", schema.base_model, *recipe.model_refs):
         names = ", ".join(f"'{ref}'" for ref in recipe.model_refs)
         raise RecipeError(
-            f"tokenizer_source: '{source}' is neither base nor one of the models ({names})"
+            f"tokenizer_source: '{source}' is neither base nor one of the models ({names}), "
+            "nor union"
         )
+    check_token_models(schema.tokenizer, schema.base_model, recipe.model_refs)
     _check_parameter_names(recipe)
     if spec.catalog is not None:
         _check_catalog_method(recipe)

@@ -94,8 +94,8 @@ def adapt_recipe(data: dict) -> tuple[dict, list[str]]:
 
 
 def _adapt_tokenizer(data: dict) -> None:
-    """``tokenizer: {source: ...}`` read as ``tokenizer_source``; what it cannot do yet is
-    refused, said so."""
+    """``tokenizer: {source: ...}`` read as ``tokenizer_source`` (no source: union, as
+    mergekit reads it); its other keys stay under ``tokenizer``."""
     if "tokenizer" not in data:
         return
     block = data.pop("tokenizer")
@@ -113,28 +113,15 @@ def _adapt_tokenizer(data: dict) -> None:
             known = ", ".join(TOKENIZER_KEYS)
             hint = f"did you mean '{close[0]}'?" if close else f"known keys: {known}"
             raise RecipeError(f"tokenizer.{key}: unknown key; {hint}")
-    if "tokens" in block:
-        raise RecipeError(
-            "tokenizer.tokens: per-token embedding settings are not supported yet; remove tokens"
-        )
-    if "pad_to_multiple_of" in block:
-        raise RecipeError(
-            "tokenizer.pad_to_multiple_of: padding the vocabulary is not supported yet; remove it"
-        )
-    if "source" not in block:
-        raise RecipeError(
-            "tokenizer.source: missing, which mergekit reads as union (a tokenizer merged "
-            "from several models), not supported yet; give source: base or one of the models"
-        )
-    source = block["source"]
-    if source == "union":
-        raise RecipeError(
-            "tokenizer.source: 'union' (a tokenizer merged from several models) is not "
-            "supported yet; use base or the name of one of the models"
-        )
+    source = block.get("source", "union")  # mergekit's default source
     if not isinstance(source, str):
-        raise RecipeError(f"tokenizer.source: must be base or a model's name, got {source!r}")
+        raise RecipeError(
+            f"tokenizer.source: must be union, base or a model's name, got {source!r}"
+        )
     data["tokenizer_source"] = source
+    rest = {key: value for key, value in block.items() if key != "source"}
+    if rest:
+        data["tokenizer"] = rest  # tokens and pad_to_multiple_of: recipe_tokenizer checks them
 
 
 def _drop_empty_parameters(data: dict) -> None:

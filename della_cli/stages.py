@@ -154,6 +154,7 @@ def bind(stage: Stage, folders: dict[str, Path]) -> Recipe:
         base_model=ref(schema.base_model),
         models=[ModelEntry(m.model, m.parameters) for m in models],
         tokenizer_source=ref(schema.tokenizer_source),
+        tokenizer=schema.tokenizer and schema.tokenizer.with_models(ref),
     )
     return dataclasses.replace(stage.recipe, schema=schema)
 

@@ -8,7 +8,8 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
 - ``shared``: the opened inputs, block tasks and sizes every room uses;
 - ``schedule``: the threads (the reader, merging and writer pipeline, and the chunks of
   weighted sums that one thread reads, merges and writes) and the order of the writes;
-- ``rows``: a block's rows from the input files, fitted to the job's vocabulary;
+- ``rows``: a block's rows from the input files, fitted to the job's vocabulary
+  (``aligned_rows``: re-indexed, token by token, to a tokenizer the merge builds);
 - ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
   needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
   tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
@@ -103,7 +104,7 @@ class MergeEngine:
         ):
             raise ValueError(f"the plan was made for the CPU, not for {self.device}")
         self.threads = ThreadBudget(threads)
-        self.rows = RowLoader(inputs, plan.compute_dtype)
+        self.rows = RowLoader(inputs, plan.compute_dtype, plan.vocabulary)
         self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
         self.cpu = CpuJobs(recipe.method, self.threads)
         self.torch = TorchJobs(self.device, plan.compute_dtype, recipe.method, self.threads)

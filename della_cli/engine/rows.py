@@ -4,24 +4,39 @@ from __future__ import annotations
 
 import numpy as np
 
+from della_cli.engine.aligned_rows import AlignedRows
 from della_cli.engine.shared import BlockTask, MergeInputs, reference_expert, rows_shape
 from della_cli.io.buffers import BufferPool
 from della_cli.io.dtypes import cast
 from della_cli.plan import Source, TensorJob
+from della_cli.vocab_rows import VocabularyAlignment
 
 
 class RowLoader:
     """Reads the rows of blocks as stored; ``compute_dtype`` is what fitted expert rows are
-    cast to (a vocabulary row an expert lacks is the reference's, a zero task vector)."""
+    cast to (a vocabulary row an expert lacks is the reference's, a zero task vector).
+    With ``vocabulary``, rows re-indexed to a built tokenizer come from ``AlignedRows``."""
 
-    def __init__(self, inputs: MergeInputs, compute_dtype: str):
+    def __init__(
+        self,
+        inputs: MergeInputs,
+        compute_dtype: str,
+        vocabulary: VocabularyAlignment | None = None,
+    ):
         self.inputs = inputs
         self.compute_dtype = compute_dtype
+        self.aligned = (
+            None if vocabulary is None else AlignedRows(inputs, vocabulary, compute_dtype)
+        )
 
     def load(self, task: BlockTask, pool: BufferPool | None = None) -> list[np.ndarray]:
         """The raw rows of a block (reference first, then each expert), as stored."""
         job = task.job
         if job.action == "copy":
+            if job.reference.aligned:
+                return [
+                    self.read_reference_rows(job, 0, rows_shape(job.shape)[0]).reshape(job.shape)
+                ]
             if job.reference.rows is None:
                 return [self.read(job.reference)]
             rows, _ = rows_shape(job.shape)
@@ -51,6 +66,8 @@ class RowLoader:
         vocabulary: rows past the job's are not read, and rows past the reference's own come
         from its ``fill`` source."""
         source = job.reference
+        if source.aligned:
+            return self.aligned.rows(job, source, start, stop)
         if source.rows is None:
             return self.read_rows(source, start, stop, pool)
         return self.fitted_rows(job, source, start, stop, source.fill)
@@ -65,6 +82,8 @@ class RowLoader:
     ) -> np.ndarray:
         """An expert's rows, fitted to the reference's vocabulary: extra rows are cropped, and
         rows it lacks are the reference's own (a zero delta), in the compute dtype."""
+        if source.aligned:
+            return self.aligned.rows(job, source, start, stop)
         if source.rows is None:
             return self.read_rows(source, start, stop, pool)
         return self.fitted_rows(job, source, start, stop, None, self.compute_dtype)

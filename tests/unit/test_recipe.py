@@ -336,12 +336,6 @@ BAD_RECIPES = [
         edited(("dtype", "int8")), "dtype: must be one of", ["got 'int8'"], id="dtype-int8"
     ),
     pytest.param(
-        edited(("tokenizer_source", "union")),
-        "tokenizer_source: 'union' (a tokenizer merged from several models) is not supported yet",
-        ["use base or the name of one of the models"],
-        id="tokenizer-source-union",
-    ),
-    pytest.param(
         edited(("tokenizer_source", "./nowhere")),
         "tokenizer_source: './nowhere' is neither base nor one of the models",
         [],
@@ -497,28 +491,89 @@ BAD_RECIPES = [
         id="slices",
     ),
     pytest.param(
-        edited(("tokenizer", {"source": "union"})),
-        "tokenizer.source: 'union' (a tokenizer merged from several models) is not supported yet",
-        ["use base or the name of one of the models"],
-        id="tokenizer-union",
+        edited(("tokenizer", {"tokens": {"<|im_start|>": {"source": "./elsewhere"}}})),
+        "tokenizer.tokens.<|im_start|>.source: './elsewhere' is neither the base_model nor one "
+        "of the models",
+        ["'base', 'lm', 'math'"],
+        id="tokenizer-tokens-unknown-model",
     ),
     pytest.param(
-        edited(("tokenizer", {"tokens": {"<|im_start|>": {"source": "lm"}}})),
-        "tokenizer.tokens: per-token embedding settings are not supported yet",
+        edited(
+            (
+                "tokenizer",
+                {
+                    "tokens": {
+                        "<x>": {
+                            "source": {"kind": "model_token", "model": "nowhere", "token_id": 1}
+                        }
+                    }
+                },
+            )
+        ),
+        "tokenizer.tokens.<x>.source.model: 'nowhere' is neither the base_model nor",
         [],
-        id="tokenizer-tokens",
+        id="tokenizer-tokens-unknown-model-token-model",
     ),
     pytest.param(
-        edited(("tokenizer", {"source": "base", "pad_to_multiple_of": 64})),
-        "tokenizer.pad_to_multiple_of: padding the vocabulary is not supported yet",
+        edited(("tokenizer", {"tokens": {"<x>": {"source": {"kind": "mean"}}}})),
+        "tokenizer.tokens.<x>.source.kind: must be zero or model_token, got 'mean'",
         [],
-        id="tokenizer-pad",
+        id="tokenizer-tokens-kind",
     ),
     pytest.param(
-        edited(("tokenizer", {})),
-        "tokenizer.source: missing, which mergekit reads as union",
-        ["give source: base or one of the models"],
-        id="tokenizer-without-source",
+        edited(
+            (
+                "tokenizer",
+                {
+                    "tokens": {
+                        "<x>": {
+                            "source": {
+                                "kind": "model_token",
+                                "model": "lm",
+                                "token": "a",
+                                "token_id": 3,
+                            }
+                        }
+                    }
+                },
+            )
+        ),
+        "tokenizer.tokens.<x>.source: a model_token source takes exactly one of token and token_id",
+        [],
+        id="tokenizer-tokens-token-and-id",
+    ),
+    pytest.param(
+        edited(
+            (
+                "tokenizer",
+                {
+                    "tokens": {
+                        "<x>": {"source": {"kind": "model_token", "model": "lm", "token_id": -1}}
+                    }
+                },
+            )
+        ),
+        "tokenizer.tokens.<x>.source.token_id: must be a non-negative integer, got -1",
+        [],
+        id="tokenizer-tokens-negative-id",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"tokens": {"<x>": {"force": True}}})),
+        "tokenizer.tokens.<x>.force: force: true needs a source",
+        [],
+        id="tokenizer-tokens-force-without-source",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"tokens": {"<x>": {"sorce": "lm"}}})),
+        "tokenizer.tokens.<x>.sorce: unknown key",
+        ["source, force"],
+        id="tokenizer-tokens-unknown-key",
+    ),
+    pytest.param(
+        edited(("tokenizer", {"source": "base", "pad_to_multiple_of": 0})),
+        "tokenizer.pad_to_multiple_of: must be a positive integer, got 0",
+        [],
+        id="tokenizer-pad-zero",
     ),
     pytest.param(
         edited(("tokenizer", {"source": "base"}), ("tokenizer_source", "base")),
