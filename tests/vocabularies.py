@@ -38,3 +38,58 @@ def with_vocabulary(source: Path, folder: Path, rows: int) -> Path:
     (folder / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
     save_tokenizer(folder, rows)
     return folder
+
+
+def save_words(folder: Path, words: list[str], added: tuple[tuple[str, bool], ...] = ()) -> Path:
+    """A word-level tokenizer over ``words`` (ids in that order; the first four are the
+    special tokens <pad>, <s>, </s>, <unk> as ``della_cli.tiny`` has them), then ``added``
+    tokens (content, special) at the next ids, saved the transformers way."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    for content, special in added:
+        tokenizer.add_tokens([AddedToken(content, special=special, normalized=not special)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def with_added_tokens(
+    source: Path, folder: Path, added: tuple[tuple[str, bool], ...], seed: int = 5
+) -> Path:
+    """A copy of ``source`` whose tokenizer adds ``added`` tokens (content, special) after its
+    own, with a seeded random row for each in its vocabulary tensors and ``vocab_size`` grown
+    to match, as a fine-tune that added ChatML tokens has."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, folder)
+    words = list(
+        dict(
+            sorted(
+                AutoTokenizer.from_pretrained(source).get_vocab().items(), key=lambda item: item[1]
+            )
+        )
+    )
+    save_words(folder, words, added)
+    rows = len(words) + len(added)
+    tensors = load_model(folder)
+    generator = torch.Generator().manual_seed(seed)
+    for name in VOCAB_TENSORS:
+        tensor = tensors[name]
+        extra = torch.randn(rows - tensor.shape[0], tensor.shape[1], generator=generator) * 0.02
+        tensors[name] = torch.cat([tensor, extra]).contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    return folder
