@@ -165,7 +165,8 @@ def align_vocabulary(
         for model, vocabulary in vocabularies.items()
     }
     # A model listed twice (the base also under models) counts once, as in mergekit.
-    groups = list({aligner.labels[m]: m for m in reversed(list(own))}.values())
+    labels = [aligner.labels[m] for m in own]
+    groups = [m for i, m in enumerate(own) if aligner.labels[m] not in labels[:i]]
     defaults = _Defaults(aligner, output, own, groups, vocabularies).assign()
     settings = recipe.schema.tokenizer
     multiple = settings.pad_to_multiple_of if settings else None
