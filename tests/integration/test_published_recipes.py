@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from oracle import assert_same_model, assert_same_tokenizer
-from vocabularies import with_vocabulary
+from vocabularies import with_added_tokens, with_vocabulary
 
 from della_cli.api import MergeOptions, run_merge
 from della_cli.chat_template import template_text
@@ -34,6 +34,9 @@ STAND_INS = {
     "teknium/OpenHermes-2.5-Llama-3-8B": "chatml-1",
     "example-org/chatml-tune-Llama-3-8B": "chatml-2",
     "example-org/another-chatml-tune-Llama-3-8B": "chatml-1",
+    "mistralai/Mistral-7B-v0.1": "base",
+    "teknium/OpenHermes-2.5-Mistral-7B": "chatml-tokens",
+    "HuggingFaceH4/zephyr-7b-beta": "expert-2",
 }
 # Where mergekit computes in a 16-bit dtype and della in float32: a unit in the last place.
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2}
@@ -55,6 +58,8 @@ def workspace(model_zoo, tmp_path_factory) -> Path:
     expert_1, expert_2 = model_zoo("llama", expert=1), model_zoo("llama", expert=2)
     built = {"base": model_zoo("llama"), "expert-1": expert_1, "expert-2": expert_2}
     built["grown"] = with_vocabulary(expert_1, folder / "grown", 98)
+    chatml_tokens = (("<|im_end|>", True), ("<|im_start|>", True))
+    built["chatml-tokens"] = with_added_tokens(expert_1, folder / "chatml-tokens", chatml_tokens)
     for index, expert in enumerate((expert_1, expert_2), start=1):
         built[f"chatml-{index}"] = shutil.copytree(expert, folder / f"chatml-{index}")
         (built[f"chatml-{index}"] / "chat_template.jinja").write_text(template_text("chatml"))
@@ -70,7 +75,7 @@ def test_the_folder_covers_every_feature():
     features = ("tokenizer:", "tokenizer_source:", "chat_template: auto", "name:", "lambda:")
     for feature in (*features, "- filter:", "weight: [", "density: [", "value: ["):
         assert feature in texts, feature
-    assert len(ACCEPTED) >= 10 and len(REFUSED) >= 4
+    assert len(ACCEPTED) >= 10 and len(REFUSED) >= 1
     assert all(header(path, "refused") for path in REFUSED)
 
 
