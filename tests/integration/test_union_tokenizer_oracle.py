@@ -49,6 +49,14 @@ def every_kind_of_token(models: dict[str, Path]) -> dict:
 
 CASES: dict[str, Callable[[dict[str, Path]], dict]] = {
     "union": lambda m: recipe(m, tokenizer_source="union"),
+    # a catalog method, whose statistics pass reads the re-indexed rows too
+    "union-slerp-padded": lambda m: {
+        "merge_method": "slerp",
+        "base_model": str(m["base"]),
+        "models": [{"model": str(m["chat"])}],
+        "parameters": {"t": 0.3},
+        "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
+    },
     "union-ties-padded": lambda m: recipe(
         m, "ties", tokenizer={"source": "union", "pad_to_multiple_of": 8}
     ),
