@@ -177,3 +177,37 @@ def test_the_plan_names_the_new_tokens(models, write_recipe, tmp_path):
         f"tokenizer: a union of '{chat}' (99 tokens) and 2 from '{grown}'; vocab_size 101 "
         "(new tokens take ids in recipe order of the models, each model's by id)"
     ]
+
+
+@pytest.mark.parametrize("method", ["della", "ties"])
+def test_rows_built_block_by_block_equal_the_whole_tensors(models, write_recipe, method):
+    """The re-indexed rows, their defaults and the padding mean's pass, gathered a few rows at a
+    time, give the bytes of one block holding the whole tensor (the sparsified methods too)."""
+    from della_cli.api import prepare
+    from della_cli.engine import MergeEngine
+
+    base, chat, grown = models
+    recipe_path = write_recipe(
+        {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(chat)}, {"model": str(grown), "parameters": {"weight": 0.5}}],
+            "parameters": {"density": 0.6, "epsilon": 0.1}
+            if method == "della"
+            else {"density": 0.6},
+            "tokenizer": {
+                "tokens": {"w3": {"source": str(grown), "force": True}},
+                "pad_to_multiple_of": 16,
+            },
+            "seed": 3,
+        },
+        f"{method}-blocks.yaml",
+    )
+    recipe, inputs, plan = prepare(recipe_path, MergeOptions())
+    whole = MergeEngine(recipe, plan, inputs, "cpu", block_elements=1 << 30)
+    blocked = MergeEngine(recipe, plan, inputs, "cpu", block_elements=100)
+    vocabulary = [job for job in plan.jobs if job.reference.aligned]
+    assert len(vocabulary) == 2 and all(len(blocked.row_blocks(job)) > 30 for job in vocabulary)
+    for job in vocabulary:
+        a, b = whole.compute(job), blocked.compute(job)
+        assert a.shape == (112, 32) and a.tobytes() == b.tobytes(), job.name
