@@ -211,3 +211,35 @@ def test_rows_built_block_by_block_equal_the_whole_tensors(models, write_recipe,
     for job in vocabulary:
         a, b = whole.compute(job), blocked.compute(job)
         assert a.shape == (112, 32) and a.tobytes() == b.tobytes(), job.name
+
+
+def test_the_torch_backend_gives_the_cpu_kernels_bytes(models, write_recipe):
+    """The torch backend (the CUDA path) gets the same re-indexed rows as the CPU kernels."""
+    from kernel_check import on_backend
+
+    from della_cli.api import prepare
+    from della_cli.engine import MergeEngine
+
+    base, chat, grown = models
+    recipe_path = write_recipe(
+        {
+            "merge_method": "della",
+            "base_model": str(base),
+            "models": [{"model": str(chat)}, {"model": str(grown), "parameters": {"weight": 0.5}}],
+            "parameters": {"density": 0.7, "epsilon": 0.07},
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
+            "seed": 3,
+        },
+        "backends.yaml",
+    )
+    recipe, inputs, plan = prepare(recipe_path, MergeOptions())
+    engines = {
+        backend: MergeEngine(recipe, on_backend(plan, recipe, inputs, backend), inputs, "cpu")
+        for backend in ("cpu", "torch")
+    }
+    for job in engines["cpu"].plan.jobs:
+        if job.reference.aligned:
+            torch_job = next(j for j in engines["torch"].plan.jobs if j.name == job.name)
+            assert job.kernel.backend == "cpu" and torch_job.kernel.backend == "torch"
+            cpu, reference = engines["cpu"].compute(job), engines["torch"].compute(torch_job)
+            assert cpu.tobytes() == reference.tobytes(), job.name
