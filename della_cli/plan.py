@@ -110,6 +110,8 @@ class Plan:
         worst = 0
         for job in self.jobs:
             stored = itemsize(job.out_dtype)
+            if job.reference.aligned:  # re-indexed rows are built in the compute dtype
+                stored = max(stored, compute)
             if job.action == "copy":
                 worst = max(worst, 2 * job.numel * stored)
                 continue

@@ -178,7 +178,14 @@ def align_vocabulary(
 class _Defaults:
     """The default row of each output token that some input lacks or that is forced."""
 
-    def __init__(self, aligner, output, own, groups, vocabularies):
+    def __init__(
+        self,
+        aligner: _Aligner,
+        output: OutputVocabulary,
+        own: dict[int, np.ndarray],
+        groups: list[int],
+        vocabularies: dict[int, ModelVocabulary],
+    ):
         self.aligner = aligner
         self.output = output
         self.own = own
@@ -250,8 +257,10 @@ def _summary(aligner: _Aligner, output: OutputVocabulary, padded: int) -> str:
     start = output.size - sum(output.contributions.values())
     model = aligner.recipe.tokenizer_model
     owner = aligner.labels[aligner.reference if model is None else model]
-    parts = [f"{count} from '{who}'" for who, count in output.contributions.items()]
-    parts = [p.replace("from 'tokens:'", "named under tokens:") for p in parts]
+    parts = [
+        f"{count} named under tokens:" if who == "tokens:" else f"{count} from '{who}'"
+        for who, count in output.contributions.items()
+    ]
     added = f" and {', '.join(parts)}" if parts else ", no token added"
     what = "a union of" if source == "union" else "the tokenizer of"
     line = f"tokenizer: {what} '{owner}' ({start} tokens){added}; vocab_size {output.size}"

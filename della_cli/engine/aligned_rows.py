@@ -66,7 +66,9 @@ class AlignedRows:
             rows = reader.read_rows(tensor, first, last).reshape(last - first, -1)
         return cast(rows, self.dtype)
 
-    def default_row(self, job: TensorJob, tensors: dict[int, str], row: int, width: int):
+    def default_row(
+        self, job: TensorJob, tensors: dict[int, str], row: int, width: int
+    ) -> np.ndarray:
         """The default of output ``row``: the mean of the rows it names (summed in order, then
         divided, as mergekit does), or zero."""
         total = np.zeros(width, dtype=NUMPY_DTYPES[self.dtype])
