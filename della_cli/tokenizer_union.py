@@ -72,7 +72,7 @@ def read_vocabulary(folder: Path, label: str, limit: int | None) -> ModelVocabul
         vocab = model["vocab"]
         if isinstance(vocab, list):  # Unigram: [token, score] pairs, the id is the position
             vocab = {entry[0]: index for index, entry in enumerate(vocab)}
-        ids = {str(token): int(index) for token, index in vocab.items()}
+        ids = dict(vocab)  # JSON gives str keys; the ids are checked to be integers below
         added = {int(entry["id"]): entry for entry in data.get("added_tokens", [])}
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise PlanError(
@@ -80,6 +80,8 @@ def read_vocabulary(folder: Path, label: str, limit: int | None) -> ModelVocabul
         ) from None
     for index, entry in added.items():
         ids[entry["content"]] = index
+    if not all(type(index) is int for index in ids.values()):
+        raise PlanError([f"'{label}': its {TOKENIZER_FILE} gives a token an id that is no integer"])
     limit = max(ids.values(), default=-1) + 1 if limit is None else limit
     skipped = sorted((t for t, i in ids.items() if i >= limit), key=ids.__getitem__)
     kept = {t: i for t, i in ids.items() if i < limit}

@@ -93,7 +93,8 @@ class AlignedRows:
         total = np.zeros(width, dtype=np.float64)
         for first in range(0, size, step):
             total += self.gather(job, source, first, min(first + step, size)).sum(axis=0)
-        return cast(total / max(size, 1), self.dtype)
+        # float64 to float32 (or 64) rounds to nearest in numpy as in torch, without importing it
+        return (total / max(size, 1)).astype(NUMPY_DTYPES[self.dtype])
 
 
 def _runs(own: np.ndarray) -> list[tuple[int, int, int]]:
