@@ -1,7 +1,7 @@
 """A sweep that runs here: tiny experts of two skills merged, DELLA's parameters swept.
 
 A tiny Llama-shaped model is pre-trained on one synthetic task (shift: each digit plus one),
-then fine-tuned from it into two experts, one that copies digit strings and one that reverses
+then fine-tuned from it into two experts, one that copies digit strings and one that spells
 them (``sweep_skills``). ``della sweep`` then merges the experts over a grid of DELLA's
 density, epsilon and lambda with several seeds, scoring each candidate by its mean accuracy on
 held-out examples of both skills; the default recipe and task arithmetic are scored the same
@@ -39,14 +39,14 @@ from sweep_skills import (  # noqa: E402
     batch,
 )
 
-TRAINING = {"base": (("shift",), 1200, 3e-3), "copy": (("copy",), 300, 1e-3)}
-TRAINING["reverse"] = (("reverse",), 300, 1e-3)
+TRAINING = {"base": (("shift",), 1000, 3e-3), "copy": (("copy",), 300, 1e-3)}
+TRAINING["spell"] = (("spell",), 300, 1e-3)
 RECIPE = """merge_method: della
 base_model: base
 models:
   - model: copy
     parameters: {weight: 1.0}
-  - model: reverse
+  - model: spell
     parameters: {weight: 1.0}
 parameters: {density: 0.5, epsilon: 0.1, lambda: 1.0}
 dtype: float32
@@ -56,11 +56,11 @@ TASK_ARITHMETIC = """merge_method: task_arithmetic
 base_model: base
 models:
   - model: copy
-  - model: reverse
+  - model: spell
 parameters: {lambda: 1.0}
 dtype: float32
 """
-GRID = ["density=0.3,0.5,0.7", "lambda=1.0,1.5,2.0"]
+GRID = ["density=0.5,0.7,0.9", "lambda=0.6,0.8,1.0"]
 SEEDS = 3
 
 
@@ -115,14 +115,14 @@ def trained_models(work: Path) -> dict[str, float]:
     train(base, tasks, steps, lr, seed=1)
     base.save_pretrained(work / "base")
     scores = {"base": _skills(base)}
-    for seed, name in enumerate(("copy", "reverse"), start=2):
+    for seed, name in enumerate(("copy", "spell"), start=2):
         expert = LlamaForCausalLM.from_pretrained(work / "base")
         tasks, steps, lr = TRAINING[name]
         train(expert, tasks, steps, lr, seed=seed)
         expert.save_pretrained(work / name)
         scores[name] = _skills(expert)
     scores["training_cpu_s"] = round(time.process_time() - started, 1)
-    _check_scorer(work / "reverse")
+    _check_scorer(work / "spell")
     record.write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -132,7 +132,7 @@ def _check_scorer(folder: Path) -> None:
     nothing)."""
     from transformers import LlamaForCausalLM
 
-    tokens = batch("reverse", 8, torch.Generator().manual_seed(0))
+    tokens = batch("spell", 8, torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = LlamaForCausalLM.from_pretrained(folder).eval()(input_ids=tokens).logits
     found = TinyLlama(str(folder))(tokens).logits
@@ -142,7 +142,7 @@ def _check_scorer(folder: Path) -> None:
 
 
 def _skills(model) -> dict[str, float]:
-    return {skill: round(accuracy(model, skill), 4) for skill in ("copy", "reverse", "shift")}
+    return {skill: round(accuracy(model, skill), 4) for skill in ("copy", "spell", "shift")}
 
 
 def sweep(work: Path, name: str, recipe: str, grid: list[str], seeds: int):
@@ -169,7 +169,7 @@ def main() -> None:
     models = trained_models(args.work)
     found = sweep(args.work, "della", RECIPE, GRID, SEEDS)
     default = sweep(args.work, "default", RECIPE, ["density=0.5"], SEEDS)
-    arithmetic = sweep(args.work, "task-arithmetic", TASK_ARITHMETIC, ["lambda=1.0"], 1)
+    arithmetic = sweep(args.work, "task-arithmetic", TASK_ARITHMETIC, ["lambda=0.6,0.8,1.0"], 1)
     lines = report(models, found, default, arithmetic, time.time() - started)
     print("\n".join(lines))
     if args.markdown:
@@ -178,11 +178,12 @@ def main() -> None:
 
 def report(models, found, default, arithmetic, wall_s: float) -> list[str]:
     best, base = found.best, default.best
-    lines = ["Accuracy on held-out examples (share of answer digits right):", ""]
-    lines += ["| model | copy | reverse | shift |", "|---|---|---|---|"]
-    for name in ("base", "copy", "reverse"):
+    plain = next(row for row in arithmetic.results if row.values["lambda"] == 1.0)
+    lines = ["Accuracy on held-out examples (share of answer symbols right):", ""]
+    lines += ["| model | copy | spell | shift |", "|---|---|---|---|"]
+    for name in ("base", "copy", "spell"):
         row = models[name]
-        lines.append(f"| {name} | {row['copy']:.3f} | {row['reverse']:.3f} | {row['shift']:.3f} |")
+        lines.append(f"| {name} | {row['copy']:.3f} | {row['spell']:.3f} | {row['shift']:.3f} |")
     lines += [
         "",
         f"Training: {models['training_cpu_s']} s of CPU (cached after the first run).",
@@ -190,12 +191,10 @@ def report(models, found, default, arithmetic, wall_s: float) -> list[str]:
     ]
     lines += [
         "Sweep of della, epsilon 0.1, 3 seeds per setting (score: mean accuracy over copy "
-        "and reverse; * best):",
+        "and spell; * best):",
         "",
         "```",
-    ]
-    lines += table_lines(found.results, best)
-    lines += [
+        *table_lines(found.results, best),
         "```",
         "",
         "| merge | mean score | ± spread over seeds | seeds |",
@@ -203,17 +202,21 @@ def report(models, found, default, arithmetic, wall_s: float) -> list[str]:
     ]
     for label, row in (
         (f"della, best of the sweep ({_values(best)})", best),
-        ("della, the recipe's defaults (density 0.5, epsilon 0.1, lambda 1)", base),
-        ("task arithmetic, lambda 1", arithmetic.best),
+        ("della, the recipe's defaults (density 0.5, epsilon 0.1, lambda 1.0)", base),
+        ("task arithmetic, lambda 1.0", plain),
+        (f"task arithmetic, lambda swept too (best: {_values(arithmetic.best)})", arithmetic.best),
     ):
         lines.append(f"| {label} | {row.mean:.4f} | {row.spread:.4f} | {len(row.scores)} |")
-    margin = best.mean - max(base.mean, arithmetic.best.mean)
+    margin = best.mean - max(base.mean, plain.mean)
     spread = max(best.spread, base.spread)
     verdict = "beats" if margin > spread else "does not beat"
+    tuned = best.mean - arithmetic.best.mean
     lines += [
         "",
-        f"The best setting {verdict} both by more than the seed spread: its mean is "
-        f"{margin:+.4f} from the better of the two, against a spread of {spread:.4f}.",
+        f"The best setting {verdict} the recipe's defaults and task arithmetic by more than "
+        f"the seed spread: its mean is {margin:+.4f} from the better of the two, against a "
+        f"spread of {spread:.4f}. Against task arithmetic with its own lambda swept, it is "
+        f"{tuned:+.4f}.",
         f"Wall time of this run: {wall_s:.0f} s.",
     ]
     return lines

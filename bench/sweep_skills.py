@@ -2,10 +2,10 @@
 
 Every example is one token sequence: ``BOS TASK s1 ... sn = a1 ... an`` over two alphabets of
 ten symbols (digits and letters), where the answer is a digit string copied (task C), a letter
-string reversed (task R), or either raised by one symbol modulo 10 (task S, the base model's
-pre-training only). A model is scored by the share of answer digits it
-predicts right, teacher-forced: all of a sequence right under teacher forcing is exactly what
-greedy decoding would produce, so one forward pass scores it.
+string in a cipher (task P: letter i becomes 3i + 2 modulo 10), or either raised by one symbol
+modulo 10 (task S, the base model's pre-training only). A model is scored by the share of
+answer symbols it predicts right, teacher-forced: all of a sequence right under teacher
+forcing is exactly what greedy decoding would produce, so one forward pass scores it.
 
 Run as a script, it is the sweep's evaluation command: ``python bench/sweep_skills.py MODEL``
 prints each skill's accuracy on stderr and their mean, the score, on stdout.
@@ -20,12 +20,13 @@ import torch
 DIGITS = 8  # symbols per example
 # Two alphabets of ten symbols: digits (tokens 0-9) and letters (10-19).
 LETTERS = 10
-BOS, COPY, REVERSE, SHIFT, EQUALS = 20, 21, 22, 23, 24
+BOS, COPY, SPELL, SHIFT, EQUALS = 20, 21, 22, 23, 24
 VOCAB = 26
-TASKS = {"copy": COPY, "reverse": REVERSE, "shift": SHIFT}
-# The experts' skills: copy digit strings; reverse letter strings. The base shifts both.
-ALPHABET = {"copy": (0,), "reverse": (LETTERS,), "shift": (0, LETTERS)}
-SKILLS = ("copy", "reverse")  # what the experts learn and the merge is scored on
+TASKS = {"copy": COPY, "spell": SPELL, "shift": SHIFT}
+# The experts' skills: copy digit strings; spell letter strings in a cipher (each letter i
+# becomes 3i + 2 modulo 10). The base shifts both alphabets by one.
+ALPHABET = {"copy": (0,), "spell": (LETTERS,), "shift": (0, LETTERS)}
+SKILLS = ("copy", "spell")  # what the experts learn and the merge is scored on
 HELD_OUT_SEED = 12345  # examples never drawn in training (training seeds are below 1000)
 HELD_OUT = 512
 
@@ -33,8 +34,8 @@ HELD_OUT = 512
 def answer(task: int, symbols: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     if task == COPY:
         return symbols
-    if task == REVERSE:
-        return symbols.flip(-1)
+    if task == SPELL:
+        return (3 * (symbols - offset) + 2) % 10 + offset
     return (symbols - offset + 1) % 10 + offset
 
 
