@@ -168,3 +168,24 @@ def test_the_score_is_the_last_line_or_a_json_field():
     ]:
         with pytest.raises(ScoreError, match=message):
             read_score(stdout, field)
+
+
+def test_without_matplotlib_the_plot_is_an_svg_with_a_point_per_setting(tmp_path, monkeypatch):
+    import sys
+
+    from della_cli.sweep.plot import write_plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    recipe = parse_recipe(DELLA)
+    axes = [
+        parse_axis("--grid", "density=0.3,0.6", REFS),
+        parse_axis("--grid", "rescale=true", REFS),
+    ]
+    candidates = build_candidates(recipe, axes, grid_settings(axes), seeds=1)
+    results = summarize(candidates, {"c000-s7": 0.5, "c001-s7": 0.75})
+    path = write_plot(tmp_path, results, results[1], "score")
+    picture = path.read_text()
+    assert path.name == "sweep.svg" and picture.startswith("<svg")
+    assert picture.count("<circle") == 4  # two settings, in each of the two panels
+    assert picture.count('fill="#d62728"') == 2  # the best, once per panel
+    assert ">density<" in picture and ">True<" in picture  # a boolean axis is labelled
