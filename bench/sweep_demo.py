@@ -153,6 +153,7 @@ def sweep(work: Path, name: str, recipe: str, grid: list[str], seeds: int):
         eval_command=f"{sys.executable} {HERE / 'sweep_skills.py'} {{model}}",
         grid=grid,
         seeds=seeds,
+        quiet=True,
         options=MergeOptions(device="cpu", threads=1, progress=False),
     )
     return run_sweep(request, lambda line: print(f"{name}: {line}", file=sys.stderr))

@@ -99,6 +99,7 @@ def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Call
                 score_field=score_field,
                 minimize=minimize,
                 keep_all=keep_all,
+                quiet=quiet,
                 options=options,
             )
             say = (

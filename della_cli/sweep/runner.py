@@ -26,6 +26,7 @@ from pathlib import Path
 from della_cli.api import MergeOptions, MergeSession, run_merge
 from della_cli.errors import MergeFailure, UsageError
 from della_cli.io import interrupts
+from della_cli.io.output import check_destination
 from della_cli.recipe import Recipe, load_recipe
 from della_cli.sweep.candidates import (
     Candidate,
@@ -60,6 +61,7 @@ class SweepRequest:
     score_field: str | None = None
     minimize: bool = False
     keep_all: bool = False
+    quiet: bool = False  # the evaluation command's stderr hidden
     options: MergeOptions = field(default_factory=MergeOptions)
 
 
@@ -103,6 +105,11 @@ def run_sweep(request: SweepRequest, say: Callable[[str], None] = lambda line: N
     fingerprint = sweep_fingerprint(recipe, candidates, request.eval_command, request.score_field)
     state = _sweep_state(request.out, fingerprint)
     shared, sessions = _planned_sessions(recipe, candidates, request.options)
+    try:
+        _check_destinations(request.out, candidates, shared)
+    except BaseException:
+        shared.close()
+        raise
     resumed = sum(candidate.name in state.scores for candidate in candidates)
     merged = evaluated = 0
     try:
@@ -139,9 +146,8 @@ def _merge(request: SweepRequest, candidate: Candidate, session, say, step: str)
 def _evaluate(request: SweepRequest, candidate: Candidate, state: SweepState, say, step) -> int:
     """Score a candidate and record it (or its failure) in the state file at once."""
     folder = request.out / CANDIDATES / candidate.name
-    quiet = not request.options.progress
     try:
-        score = evaluate(request.eval_command, folder, request.score_field, quiet)
+        score = evaluate(request.eval_command, folder, request.score_field, request.quiet)
     except ScoreError as error:
         state.failures[candidate.name] = str(error)
         state.save(request.out)
@@ -169,6 +175,17 @@ def _sweep_state(folder: Path, fingerprint: str) -> SweepState:
             "choose another folder, or delete it to start over"
         )
     return state or SweepState(fingerprint)
+
+
+def _check_destinations(folder: Path, candidates: list[Candidate], shared: MergeSession) -> None:
+    """Each candidate's output may be written where it goes (not inside an input model, not
+    over the recipe), checked before the sweep folder is made."""
+    readers = [shared.inputs.base, *shared.inputs.experts]
+    inputs = [reader.folder for reader in readers if reader is not None]
+    for candidate in candidates:
+        destination = folder / CANDIDATES / candidate.name
+        if not destination.exists():
+            check_destination(destination, False, inputs, shared.recipe.path)
 
 
 def _planned_sessions(

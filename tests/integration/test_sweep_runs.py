@@ -139,3 +139,10 @@ def test_another_sweep_in_the_same_folder_is_refused(models):
     result = sweep(models / "ta.yaml", "--out", out, "--eval", SCORE, *GRID)
     assert result.exit_code == 2 and "holds a sweep of another recipe" in result.stderr
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_a_sweep_folder_inside_an_input_model_is_refused_before_anything_is_written(models):
+    out = models / "a" / "sweep"
+    result = sweep(models / "ta.yaml", "--out", out, "--eval", SCORE, *GRID[:2])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert not out.exists()
