@@ -105,7 +105,7 @@ def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Call
             say = (
                 (lambda line: None) if quiet or as_json else lambda line: typer.echo(line, err=True)
             )
-            report = run_sweep(request, say)
+            report = run_sweep(request, say, lambda m: typer.echo(f"warning: {m}", err=True))
         if as_json:
             typer.echo(json.dumps(_summary(report)))
             return

@@ -99,27 +99,35 @@ def plan_candidates(request: SweepRequest) -> tuple[Recipe, list[Candidate]]:
     return recipe, build_candidates(recipe, axes, settings, request.seeds)
 
 
-def run_sweep(request: SweepRequest, say: Callable[[str], None] = lambda line: None) -> SweepReport:
-    """Run (or resume) the sweep; ``say`` receives a line of progress per candidate."""
+def run_sweep(
+    request: SweepRequest,
+    say: Callable[[str], None] = lambda line: None,
+    on_warning: Callable[[str], None] | None = None,
+) -> SweepReport:
+    """Run (or resume) the sweep; ``say`` receives a line of progress per candidate step,
+    ``on_warning`` each distinct warning of the merges (by default, ``say`` it)."""
     recipe, candidates = plan_candidates(request)
     fingerprint = sweep_fingerprint(recipe, candidates, request.eval_command, request.score_field)
     state = _sweep_state(request.out, fingerprint)
     shared, sessions = _planned_sessions(recipe, candidates, request.options)
-    try:
-        _check_destinations(request.out, candidates, shared)
-    except BaseException:
-        shared.close()
-        raise
     resumed = sum(candidate.name in state.scores for candidate in candidates)
     merged = evaluated = 0
+    warned: set[str] = set()  # each merge warning once, not once per candidate
+
+    def warn(message: str) -> None:
+        if message not in warned:
+            warned.add(message)
+            (on_warning or (lambda line: say(f"warning: {line}")))(message)
+
     try:
+        _check_destinations(request.out, candidates, shared)
         request.out.mkdir(parents=True, exist_ok=True)
         state.save(request.out)
         for number, (candidate, session) in enumerate(zip(candidates, sessions, strict=True), 1):
             if candidate.name in state.scores:
                 continue
             step = f"[{number}/{len(candidates)}] {_described(candidate)}"
-            merged += _merge(request, candidate, session, say, step)
+            merged += _merge(request, candidate, session, warn, say, step)
             evaluated += _evaluate(request, candidate, state, say, step)
     finally:
         shared.close()  # the models every candidate shares
@@ -131,14 +139,14 @@ def _described(candidate: Candidate) -> str:
     return f"{candidate.name} {values}"
 
 
-def _merge(request: SweepRequest, candidate: Candidate, session, say, step: str) -> int:
+def _merge(request: SweepRequest, candidate: Candidate, session, warn, say, step: str) -> int:
     """Merge a candidate unless its output is already there (published whole, so complete);
     a merge killed earlier resumes from its verified shards. Returns 1 when it merged."""
     folder = request.out / CANDIDATES / candidate.name
     if folder.is_dir():
         return 0
     say(f"{step}: merging")
-    run_merge(session, folder, session.options, on_warning=lambda message: None)
+    run_merge(session, folder, session.options, on_warning=warn)
     interrupts.forget_published()  # a candidate, not the output this command is run for
     return 1
 
