@@ -106,6 +106,8 @@ def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Call
                 (lambda line: None) if quiet or as_json else lambda line: typer.echo(line, err=True)
             )
             report = run_sweep(request, say, lambda m: typer.echo(f"warning: {m}", err=True))
+        for name, reason in report.failures.items():
+            typer.echo(f"warning: {name}: {reason}", err=True)
         if as_json:
             typer.echo(json.dumps(_summary(report)))
             return
@@ -118,8 +120,6 @@ def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Call
                 f"{report.evaluated} scored now, {report.resumed} from before; "
                 f"table in {report.folder / 'results.csv'}, plot in {report.plot}"
             )
-        for name, reason in report.failures.items():
-            typer.echo(f"warning: {name}: {reason}", err=True)
 
     return sweep
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -146,3 +147,18 @@ def test_a_sweep_folder_inside_an_input_model_is_refused_before_anything_is_writ
     result = sweep(models / "ta.yaml", "--out", out, "--eval", SCORE, *GRID[:2])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert not out.exists()
+
+
+def test_a_failed_evaluation_marks_its_candidate_and_a_rerun_tries_it_again(models):
+    out = models / "sweep"
+    fails_above_3 = SCORE.replace("print(", "sys.exit(3) if w.mean() > 3.2 else print(")
+    args = [models / "ta.yaml", "--out", out, "--eval", fails_above_3, *GRID, "--json"]
+    result = sweep(*args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["failures"] == {"c003-s0": "the evaluation command exited with status 3"}
+    assert summary["settings"][3]["scores"] == [] and summary["settings"][3]["mean"] is None
+    assert summary["best"]["values"] == {"lambda": 1.0, "weight@b": 1.0}  # 3.0, the closest left
+    assert "warning: c003-s0: the evaluation command exited with status 3" in result.stderr
+    again = json.loads(sweep(*args).stdout)
+    assert (again["resumed"], again["merged"], again["failures"]) == (3, 1, {"c003-s0": ANY})
