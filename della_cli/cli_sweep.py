@@ -105,7 +105,17 @@ def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Call
             say = (
                 (lambda line: None) if quiet or as_json else lambda line: typer.echo(line, err=True)
             )
-            report = run_sweep(request, say, lambda m: typer.echo(f"warning: {m}", err=True))
+            try:
+                report = run_sweep(request, say, lambda m: typer.echo(f"warning: {m}", err=True))
+            except KeyboardInterrupt:
+                if not (request.out / "sweep_state.json").exists():
+                    raise  # stopped before the sweep began: nothing was written
+                typer.echo(
+                    f"error: interrupted; what was finished is kept in {request.out}: run the "
+                    "same command again to resume",
+                    err=True,
+                )
+                raise typer.Exit(130) from None
         for name, reason in report.failures.items():
             typer.echo(f"warning: {name}: {reason}", err=True)
         if as_json:
