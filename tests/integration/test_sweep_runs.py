@@ -104,13 +104,24 @@ def test_random_methods_are_merged_with_each_seed_and_their_spread_shown(models)
     out = models / "sweep"
     grid = ["--grid", "density=0.5,1.0"]
     result = sweep(
-        models / "dare.yaml", "--out", out, "--eval", SCORE, *grid, "--seeds", 2, "--json"
+        models / "dare.yaml",
+        "--out",
+        out,
+        "--eval",
+        SCORE,
+        *grid,
+        "--seeds",
+        2,
+        "--keep-all",
+        "--json",
     )
     assert result.exit_code == 0, result.output
     halved, whole = json.loads(result.stdout)["settings"]
     assert halved["seeds"] == whole["seeds"] == [5, 6]
     assert whole["spread"] == 0.0  # density 1 drops nothing: every seed merges the same
     assert halved["spread"] > 0  # a different half of 32 entries dropped by each seed
+    kept = ["c000-s5", "c000-s6", "c001-s5", "c001-s6"]  # --keep-all
+    assert sorted(p.name for p in (out / "candidates").iterdir()) == kept
 
 
 @pytest.mark.parametrize(
