@@ -53,14 +53,14 @@ class Axis:
         return self.low is not None
 
 
-def parse_target(name: str, model_refs: list[str]) -> Target:
+def parse_target(name: str, model_refs: list[str], option: str = "--grid") -> Target:
     """The place ``name`` addresses (see the module docstring), or UsageError."""
     indexed, named = _INDEXED.match(name), _NAMED.match(name)
     if indexed:
         index = int(indexed.group(1))
         if index >= len(model_refs):
             raise UsageError(
-                f"--grid {name}: the recipe lists {len(model_refs)} models (models[0] to "
+                f"{option} {name}: the recipe lists {len(model_refs)} models (models[0] to "
                 f"models[{len(model_refs) - 1}])"
             )
         return Target(name, indexed.group(2), index)
@@ -70,14 +70,14 @@ def parse_target(name: str, model_refs: list[str]) -> Target:
         if len(found) != 1:
             how = "no model" if not found else "several models"
             raise UsageError(
-                f"--grid {name}: {how} of the recipe named '{wanted}' (it lists "
+                f"{option} {name}: {how} of the recipe named '{wanted}' (it lists "
                 f"{', '.join(model_refs)}); or address it as models[N].{named.group(1)}"
             )
         return Target(name, named.group(1), found[0])
     if _PLAIN.match(name):
         return Target(name, name)
     raise UsageError(
-        f"--grid {name}: not a parameter address; write density, models[1].weight or weight@NAME"
+        f"{option} {name}: not a parameter address; write density, models[1].weight or weight@NAME"
     )
 
 
@@ -86,7 +86,7 @@ def parse_axis(option: str, text: str, model_refs: list[str]) -> Axis:
     name, equals, values = text.partition("=")
     if not equals or not name.strip() or not values.strip():
         raise UsageError(f"{option} {text}: write NAME=VALUES, e.g. density=0.3,0.5")
-    target = parse_target(name.strip(), model_refs)
+    target = parse_target(name.strip(), model_refs, option)
     if option == "--random":
         low, colon, high = values.partition(":")
         bounds = [_scalar(option, target, low), _scalar(option, target, high)]
@@ -118,17 +118,17 @@ def check_axes(axes: list[Axis], method: str, top: tuple[str, ...], own: tuple[s
     top-level block takes; ``own``: those a model's entry takes) and a parameter swept twice."""
     seen: set[Target] = set()
     for axis in axes:
-        target = axis.target
+        target, option = axis.target, "--random" if axis.is_range else "--grid"
         takes = own if target.model is not None else top
         if target.parameter not in takes:
             where = "per model" if target.model is not None else "in parameters"
             raise UsageError(
-                f"--grid {target.name}: {method} does not take {target.parameter} {where} "
+                f"{option} {target.name}: {method} does not take {target.parameter} {where} "
                 f"(it takes {', '.join(takes) or 'none'})"
             )
         key = Target("", target.parameter, target.model)
         if key in seen:
-            raise UsageError(f"--grid {target.name}: this parameter is swept twice")
+            raise UsageError(f"{option} {target.name}: this parameter is swept twice")
         seen.add(key)
 
 
