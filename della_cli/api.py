@@ -80,7 +80,7 @@ class MergeReport:
 
 
 def run_merge(
-    recipe_path: Path | Recipe,
+    recipe_path: Path | Recipe | MergeSession,
     out: Path,
     options: MergeOptions,
     on_start: Callable[[Plan], None] | None = None,
@@ -91,13 +91,17 @@ def run_merge(
 ) -> MergeReport:
     """Merge as the recipe says into ``out``, which appears only once complete.
     ``on_planned`` runs once the recipe and the models' headers have passed the plan, before
-    any download or write (the CLI checks push credentials there, after the user's files)."""
+    any download or write (the CLI checks push credentials there, after the user's files).
+    A session given instead of a recipe is used as it is (its options, not ``options``)."""
     from della_cli.preflight import assess
 
     started = time.perf_counter()
     # Everything is checked from headers (Hub models' read remotely) before any download;
     # the recipe is read, the models opened and the plan made once.
-    session = MergeSession.open(recipe_path, options)
+    if isinstance(recipe_path, MergeSession):
+        session, options = recipe_path, recipe_path.options
+    else:
+        session = MergeSession.open(recipe_path, options)
     try:
         preflight, plan = assess(session, out)
         if not preflight.can_run:

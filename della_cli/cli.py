@@ -595,6 +595,11 @@ def demo(
         run_demo(folder, typer.echo)
 
 
+from della_cli.cli_sweep import sweep_command  # noqa: E402  (its options in their own module)
+
+app.command("sweep", cls=_Command)(sweep_command(reported_errors, lambda: _loaded()))
+
+
 def main() -> None:
     """The ``della`` command (the console script; tests call ``app``).
 

@@ -50,6 +50,7 @@ class MergeSession:
     options: MergeOptions
     plan: Plan | None = None
     downloaded: bool = field(default=False, repr=False)
+    borrowed: bool = field(default=False, repr=False)  # its models belong to another session
 
     @classmethod
     def open(cls, recipe_path: Path | Recipe, options: MergeOptions) -> MergeSession:
@@ -107,7 +108,22 @@ class MergeSession:
                 self.inputs.experts[position - 1] = local
         self.downloaded = True
 
+    def with_recipe(self, recipe: Recipe, options: MergeOptions) -> MergeSession:
+        """A session of another recipe over this session's opened models (``della sweep``'s
+        candidates: the models opened and their headers read once, each candidate planned
+        from them). Closing it leaves the models open for the next; download first."""
+        return MergeSession(
+            placed(recipe, self.inputs),
+            self.inputs,
+            self.device,
+            options,
+            downloaded=self.downloaded,
+            borrowed=True,
+        )
+
     def close(self) -> None:
+        if self.borrowed:
+            return
         for reader in [self.inputs.base, *self.inputs.experts]:
             if reader is not None:
                 reader.close()

@@ -12,8 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "della_cli"
 # Higher layers first; a module may import only from its own layer or those after it.
 LAYERS = [
-    {"cli", "__main__", "demo"},
-    {"api", "preflight", "inspection"},
+    {"cli", "__main__", "demo", "cli_sweep"},
+    {"api", "preflight", "inspection", "sweep"},
     {"session"},
     {"engine"},
     {"plan", "kernels"},
