@@ -168,7 +168,9 @@ class _Chooser:
         dtypes = []
         for index, source in enumerate([job.reference, *job.experts]):
             stored = self.readers[source.model].tensors[source.tensor].dtype
-            if source.rows is not None and index > 0:
+            if self.readers[source.model].computes(source.tensor):
+                stored = "F32"  # a LoRA adapter merged in (``io.lora``): computed in float32
+            elif source.rows is not None and index > 0:
                 stored = "F32"  # the compute dtype (the CPU kernels need float32 math)
             elif source.rows is not None and source.fill is not None:
                 fill = self.readers[source.fill.model].tensors[source.fill.tensor].dtype
@@ -188,9 +190,10 @@ class _Chooser:
         method = self.recipe.method
         summing = not method.sign_consensus and all(step.sparsify == KEEP for step in steps)
         if summing and self.sum_kernel and len(steps) <= MAX_SUM_EXPERTS:
-            fitted = any(s.rows is not None for s in [job.reference, *job.experts])
-            if fitted:
-                return "weighted_sum"  # in the pipeline's blocks
+            sources = [job.reference, *job.experts]
+            fitted = any(s.rows is not None for s in sources)
+            if fitted or any(self.readers[s.model].computes(s.tensor) for s in sources):
+                return "weighted_sum"  # in the pipeline's blocks: rows not as stored
             return "streamed_sum" if self.stream_reads else "chunked_sum"
         if not self.numba or len(set(dtypes[:-1])) != 1:
             return None

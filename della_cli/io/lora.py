@@ -1,0 +1,96 @@
+"""A model with a LoRA adapter merged in on the fly, behind the ``ModelReader`` interface.
+
+``model+adapter`` in a recipe is read through ``LoraModelReader``: the model's own headers
+(the adapter changes values, never names, shapes or dtypes), and for each tensor the adapter
+changes (``io.lora_adapter.Patch``), rows computed when they are asked for:
+
+    rows of W' = rows of W + scale * (B[rows] @ A)      ((A[:, rows]).T @ B.T when transposed)
+
+in float32 from the stored values, whatever their dtype, and handed over in float32 (the
+engine's compute dtype; ``kernels`` knows such rows arrive widened, and never hands them to
+the kernel that reads rows straight from the files). A and B are small (r rows or columns), so
+memory stays bounded by the block being read, as for any other input: the merged expert never
+exists whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from della_cli.io.buffers import BufferPool
+from della_cli.io.lora_adapter import LoraAdapter, Patch
+from della_cli.io.reader import ModelReader
+from della_cli.io.streamed_sum import FileSpan
+
+COMPUTED_DTYPE = "F32"  # what the rows of a changed tensor are handed over in
+
+
+class LoraModelReader(ModelReader):
+    """``model`` with ``adapter`` merged in, as the recipe names it (``label``)."""
+
+    def __init__(self, model: ModelReader, adapter: LoraAdapter, label: str):
+        self.model, self.adapter, self.label = model, adapter, label
+        self.folder, self.root = model.folder, model.root
+        self.tensors, self.shadowed = model.tensors, model.shadowed
+        self.weight_map, self.config = model.weight_map, model.config
+        self._handles = {}
+        self.patches: dict[str, Patch] = adapter.patches(model.tensors)
+
+    def computes(self, name: str) -> bool:
+        """Whether the rows of ``name`` are computed (in ``COMPUTED_DTYPE``), not read."""
+        return name in self.patches
+
+    def read(self, name: str) -> np.ndarray:
+        patch = self.patches.get(name)
+        if patch is None:
+            return self.model.read(name)
+        shape = self.tensors[name].shape
+        rows = shape[0] if len(shape) > 1 else 1
+        return self.patched_rows(patch, 0, rows).reshape(shape)
+
+    def read_rows(
+        self, name: str, start: int, stop: int, pool: BufferPool | None = None
+    ) -> np.ndarray:
+        patch = self.patches.get(name)
+        if patch is None:
+            return self.model.read_rows(name, start, stop, pool)
+        return self.patched_rows(patch, start, stop)
+
+    def patched_rows(self, patch: Patch, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``patch.target`` (seen as (shape[0], -1)) with the adapter
+        merged in, in float32."""
+        adapter = self.adapter.weights
+        source = adapter if patch.replacement is not None else self.model
+        name = patch.replacement or patch.target
+        rows = source.read_rows(name, start, stop).astype(np.float32)  # a copy, widened
+        if patch.bias is not None:
+            rows += np.float32(patch.scale) * adapter.read(patch.bias).astype(np.float32)
+        if patch.a is not None:
+            a = adapter.read(patch.a).astype(np.float32)  # (r, in), or (r, rows) transposed
+            if patch.transposed:
+                b = adapter.read(patch.b).astype(np.float32)  # (columns, r)
+                delta = (b @ a[:, start:stop]).T
+            else:
+                b = adapter.read_rows(patch.b, start, stop).astype(np.float32)
+                delta = b @ a
+            delta *= np.float32(patch.scale)  # peft scales B @ A, then adds it
+            rows += delta.reshape(rows.shape)
+        return rows
+
+    def row_span(self, name: str, start: int) -> FileSpan:
+        if name in self.patches:
+            raise RuntimeError(f"'{name}' of '{self.label}' is computed, not read from a file")
+        return self.model.row_span(name, start)
+
+    def close(self) -> None:
+        self.model.close()
+        self.adapter.close()
+
+
+def input_folders(reader: ModelReader) -> list[Path]:
+    """The folders a reader reads: a model's, and its adapter's where it has one."""
+    if isinstance(reader, LoraModelReader):
+        return [reader.folder, reader.adapter.folder]
+    return [reader.folder]

@@ -1,0 +1,306 @@
+"""A PEFT LoRA adapter folder: its settings, its tensors, and the model tensor each one changes.
+
+A LoRA adapter (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+arXiv:2106.09685) stores, for each adapted module, two small matrices A (r x in) and B
+(out x r); merging it into the model replaces the module's weight W (out x in) by
+
+    W' = W + scale * B @ A,   scale = lora_alpha / r   (lora_alpha / sqrt(r) with rsLoRA,
+                                                         Kalajdzievski, 2023, arXiv:2312.03732)
+
+as ``peft``'s ``merge_and_unload`` does, with r and lora_alpha per module where the config's
+``rank_pattern`` and ``alpha_pattern`` name it. A weight stored transposed (GPT-2's Conv1D,
+``fan_in_fan_out``) and an embedding's LoRA (``lora_embedding_A``: r x vocabulary,
+``lora_embedding_B``: width x r) take (B @ A) transposed. Tensors that are no LoRA factor
+(``modules_to_save``, an embedding's ``base_layer`` saved whole) replace the model's tensor of
+that name, as peft loads them. Everything here is read from headers and the small JSON config,
+so a plan can check every name and shape before any weight is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from della_cli.errors import ModelError, shown
+from della_cli.io.bounded import MAX_CONFIG_BYTES, load_json
+from della_cli.io.reader import ModelReader, TensorInfo, ensure_inside
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # what peft puts before the model's own module names
+# Config keys whose non-empty value changes what merging means; each refused with its reason.
+_REFUSED = {
+    "use_dora": "DoRA adapters (use_dora) rescale each weight column by a learnt magnitude",
+    "trainable_token_indices": "trainable token rows (trainable_token_indices)",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "layer_replication": "layer replication (layer_replication)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+}
+# Adapter tensor names: (pattern, role). Roles: A and B are the factors, "bias" lora_B's bias
+# (lora_bias), "replace" a whole tensor of the model.
+_ROLES = [
+    (re.compile(r"^(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$"), "A"),
+    (re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.weight$"), "B"),
+    (re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$"), "bias"),
+    (re.compile(r"^(?P<module>.+)\.lora_embedding_A(?:\.[^.]+)?$"), "embedding_A"),
+    (re.compile(r"^(?P<module>.+)\.lora_embedding_B(?:\.[^.]+)?$"), "embedding_B"),
+    (re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), "dora"),
+    (
+        re.compile(r"^(?P<module>.+)\.(?:base_layer|modules_to_save\.[^.]+)\.(?P<leaf>[^.]+)$"),
+        "whole",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The parts of ``adapter_config.json`` that decide the merged weights."""
+
+    r: int
+    alpha: float
+    rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    target_modules: tuple[str, ...] | str
+
+    def rank_and_scale(self, module: str) -> tuple[int, float]:
+        """Module ``module``'s rank and scale, its patterns matched as peft matches them (a
+        pattern names the module's whole name or its last dotted parts)."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.alpha)
+        return r, alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+def _pattern_key(patterns: dict, module: str) -> str | None:
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class Patch:
+    """How one model tensor is changed: its rows taken from ``replacement`` (an adapter
+    tensor) instead of the model, ``bias`` (lora_B's bias) and ``scale * B @ A`` added,
+    (B @ A) transposed where ``transposed``."""
+
+    target: str
+    scale: float = 0.0
+    a: str | None = None
+    b: str | None = None
+    transposed: bool = False
+    bias: str | None = None
+    replacement: str | None = None
+
+
+class LoraAdapter:
+    """An adapter folder (local, or a Hub snapshot whose weights' header was read remotely)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        label: str,
+        root: Path | None = None,
+        headers: dict[str, tuple[bytes, int]] | None = None,
+    ):
+        self.folder, self.label, self.root = folder, label, root or folder
+        self.settings = load_settings(folder, label, self.root)
+        if headers is None and not (folder / WEIGHTS_NAME).is_file():
+            pickled = (folder / "adapter_model.bin").is_file()
+            raise ModelError(
+                f"adapter '{label}': no {WEIGHTS_NAME} in {folder}"
+                + ("; it has only adapter_model.bin, convert it to safetensors" if pickled else "")
+            )
+        self.weights = ModelReader(folder, label, self.root, headers)
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.weights.tensors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def patches(self, model: dict[str, TensorInfo]) -> dict[str, Patch]:
+        """Each changed tensor of ``model`` (its headers) and how; every adapter tensor must
+        change one, with the shapes its role needs, else a ModelError naming it."""
+        parts: dict[str, dict[str, str]] = {}  # model tensor -> role -> adapter tensor
+        modules: dict[str, str] = {}  # model tensor -> its module's name
+        for name, info in self.tensors.items():
+            if not info.is_floating:
+                raise ModelError(
+                    f"adapter '{self.label}': tensor '{name}' is {info.dtype}, not floating"
+                )
+            role, module, target = _role(name.removeprefix(_PREFIX))
+            if role == "dora":
+                raise ModelError(f"adapter '{self.label}': {_refusal('use_dora')}")
+            found = self.model_tensor(name, target, model)
+            own = parts.setdefault(found, {})
+            if role in own:
+                raise ModelError(
+                    f"adapter '{self.label}': '{name}' and '{own[role]}' both give "
+                    f"{role} of '{found}'"
+                )
+            own[role] = name
+            modules[found] = module  # as peft named it, which its patterns match
+        return {
+            target: self.patch(target, roles, modules[target], model[target])
+            for target, roles in parts.items()
+        }
+
+    def model_tensor(self, name: str, target: str, model: dict[str, TensorInfo]) -> str:
+        """The model tensor that adapter tensor ``name`` (aimed at ``target``) changes: the
+        same name, or with a leading ``model.`` added or dropped (an adapter trained on the
+        bare decoder), or the one model tensor whose name ends with it."""
+        bare = target.removeprefix("model.")
+        for candidate in (target, "model." + target, bare):
+            if candidate in model:
+                return candidate
+        ending = [tensor for tensor in model if tensor.endswith("." + bare)]
+        if len(ending) == 1:
+            return ending[0]
+        raise ModelError(
+            f"adapter '{self.label}': tensor '{name}' changes '{target}', which the model "
+            "lacks; the adapter was trained on another architecture"
+        )
+
+    def patch(self, target: str, roles: dict[str, str], module: str, info: TensorInfo) -> Patch:
+        """The patch of ``target`` from its adapter tensors, shapes checked."""
+        r, scale = self.settings.rank_and_scale(module)
+        a = roles.get("A") or roles.get("embedding_A")
+        b = roles.get("B") or roles.get("embedding_B")
+        if (a is None) != (b is None) or ("A" in roles and "embedding_B" in roles):
+            present = a or b
+            raise ModelError(
+                f"adapter '{self.label}': '{present}' has no matching "
+                f"{'lora_B' if b is None else 'lora_A'} for '{target}'"
+            )
+        replacement = roles.get("replace") or roles.get("whole")
+        if replacement is not None:
+            self.check_shape(replacement, info.shape, target, info.shape)
+        bias = roles.get("bias")
+        if bias is not None:
+            self.check_shape(bias, (info.shape[0],) if info.shape else (), target, info.shape)
+        if a is None:
+            return Patch(target, scale, bias=bias, replacement=replacement)
+        transposed = "embedding_A" in roles or self.settings.fan_in_fan_out
+        rows, columns = (info.shape[1], info.shape[0]) if transposed else info.shape[:2]
+        if len(info.shape) != 2:
+            raise ModelError(
+                f"adapter '{self.label}': '{a}' changes '{target}' of shape {info.shape}; "
+                "only LoRA on 2-D weights (linear layers, embeddings) is supported"
+            )
+        self.check_shape(a, (r, columns), target, info.shape)
+        self.check_shape(b, (rows, r), target, info.shape)
+        return Patch(target, scale, a, b, transposed, bias, replacement)
+
+    def check_shape(self, name: str, wanted: tuple, target: str, target_shape: tuple) -> None:
+        shape = self.tensors[name].shape
+        if tuple(shape) != tuple(wanted):
+            raise ModelError(
+                f"adapter '{self.label}': '{name}' has shape {tuple(shape)} but '{target}' of "
+                f"shape {tuple(target_shape)} needs {tuple(wanted)}; the adapter does not fit "
+                "this model"
+            )
+
+    def summary(self) -> dict:
+        """What ``della plan`` shows of the adapter."""
+        settings = self.settings
+        targets = settings.target_modules
+        return {
+            "r": settings.r,
+            "alpha": settings.alpha,
+            "rslora": settings.rslora,
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+            "rank_pattern": settings.rank_pattern,
+            "alpha_pattern": settings.alpha_pattern,
+            "tensors": len(self.tensors),
+            "bytes": self.nbytes,
+        }
+
+    def close(self) -> None:
+        self.weights.close()
+
+
+def _role(name: str) -> tuple[str, str, str]:
+    """(role, module, model tensor aimed at) of an adapter tensor name, prefix removed."""
+    for pattern, role in _ROLES:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        module = match["module"]
+        if role == "whole":
+            return "whole", module, f"{module}.{match['leaf']}"
+        if role == "bias":
+            return role, module, f"{module}.bias"
+        return role, module, f"{module}.weight"
+    return "replace", name.rsplit(".", 1)[0], name
+
+
+def _refusal(key: str) -> str:
+    return f"{_REFUSED[key]} are not supported; merge the adapter with peft first"
+
+
+def load_settings(folder: Path, label: str, root: Path | None = None) -> LoraSettings:
+    """The settings of the adapter folder ``folder`` (``label`` as the recipe names it)."""
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise ModelError(f"adapter '{label}': {folder} is not a folder")
+    if not path.is_file():
+        raise ModelError(
+            f"adapter '{label}': no {CONFIG_NAME} in {folder}; an adapter is a PEFT LoRA "
+            f"folder with {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    ensure_inside(path, root or folder)
+    return read_settings(path, load_json(path, MAX_CONFIG_BYTES, "a config"))
+
+
+def read_settings(path: Path, config: object) -> LoraSettings:
+    """The LoRA settings of an adapter config, refusing what della cannot merge."""
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise ModelError(
+            f"{path}: peft_type is {shown(kind)}; della merges LoRA adapters (peft_type LORA) only"
+        )
+    for key in _REFUSED:
+        if config.get(key):
+            raise ModelError(f"{path}: {_refusal(key)}")
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if not _positive(r, integer=True) or not _number(alpha):
+        raise ModelError(
+            f"{path}: r must be a positive integer and lora_alpha a number, got r={shown(r)}, "
+            f"lora_alpha={shown(alpha)}"
+        )
+    ranks = config.get("rank_pattern") or {}
+    alphas = config.get("alpha_pattern") or {}
+    if not isinstance(ranks, dict) or not all(_positive(v, integer=True) for v in ranks.values()):
+        raise ModelError(f"{path}: rank_pattern must map module names to positive integers")
+    if not isinstance(alphas, dict) or not all(_number(v) for v in alphas.values()):
+        raise ModelError(f"{path}: alpha_pattern must map module names to numbers")
+    targets = config.get("target_modules") or ()
+    return LoraSettings(
+        r=r,
+        alpha=float(alpha),
+        rslora=config.get("use_rslora") is True,
+        fan_in_fan_out=config.get("fan_in_fan_out") is True,
+        rank_pattern=dict(ranks),
+        alpha_pattern={key: float(value) for key, value in alphas.items()},
+        target_modules=targets if isinstance(targets, str) else tuple(map(str, targets)),
+    )
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: object, integer: bool = False) -> bool:
+    whole = isinstance(value, int) or not integer
+    return _number(value) and whole and value > 0
