@@ -38,6 +38,7 @@ _REFUSED = {
     "layer_replication": "layer replication (layer_replication)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
 }
+_PAIRS = (("A", "B"), ("embedding_A", "embedding_B"))  # the roles of the two factors
 # Adapter tensor names: (pattern, role). Roles: A and B are the factors, "bias" lora_B's bias
 # (lora_bias), "replace" a whole tensor of the model.
 _ROLES = [
@@ -173,15 +174,19 @@ class LoraAdapter:
     def patch(self, target: str, roles: dict[str, str], module: str, info: TensorInfo) -> Patch:
         """The patch of ``target`` from its adapter tensors, shapes checked."""
         r, scale = self.settings.rank_and_scale(module)
-        a = roles.get("A") or roles.get("embedding_A")
-        b = roles.get("B") or roles.get("embedding_B")
-        if (a is None) != (b is None) or ("A" in roles and "embedding_B" in roles):
-            present = a or b
+        pairs = [pair for pair in _PAIRS if pair[0] in roles or pair[1] in roles]
+        if len(pairs) > 1:
             raise ModelError(
-                f"adapter '{self.label}': '{present}' has no matching "
+                f"adapter '{self.label}': '{target}' has both a linear and an embedding LoRA "
+                f"('{roles['A'] if 'A' in roles else roles['B']}')"
+            )
+        a, b = (roles.get(pairs[0][0]), roles.get(pairs[0][1])) if pairs else (None, None)
+        if (a is None) != (b is None):
+            raise ModelError(
+                f"adapter '{self.label}': '{a or b}' has no matching "
                 f"{'lora_B' if b is None else 'lora_A'} for '{target}'"
             )
-        replacement = roles.get("replace") or roles.get("whole")
+        replacement = roles.get("replace")
         if replacement is not None:
             self.check_shape(replacement, info.shape, target, info.shape)
         bias = roles.get("bias")
@@ -235,8 +240,8 @@ def _role(name: str) -> tuple[str, str, str]:
         if match is None:
             continue
         module = match["module"]
-        if role == "whole":
-            return "whole", module, f"{module}.{match['leaf']}"
+        if role == "whole":  # saved whole: replaces the model's tensor, as peft loads it
+            return "replace", module, f"{module}.{match['leaf']}"
         if role == "bias":
             return role, module, f"{module}.bias"
         return role, module, f"{module}.weight"
