@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import FakeHub
+from killed_merges import kill_after, make_model
 from lora_factory import write_adapter
 from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
 from della_cli.api import MergeOptions, run_merge
 from della_cli.cli import app
-from della_cli.session import MergeSession, merge_fingerprint_of
 
 runner = CliRunner()
 WEIGHT = 0.6
@@ -95,24 +95,46 @@ def test_plan_shows_the_adapter_and_computed_tensors_skip_the_streamed_reader(
     assert report["adapters"][f"{base}+{folder}"]["target_modules"] == ["q_proj", "down_proj"]
 
 
-def test_resume_fingerprint_covers_the_adapter(model_zoo, write_recipe, tmp_path):
-    base = model_zoo("llama")
-    folder = tmp_path / "adapter"
-    write_adapter(folder, base, ("v_proj",))
-    path = write_recipe(recipe(str(base), f"{base}+{folder}", str(model_zoo("llama", expert=1))))
+def test_killed_merge_resumes_to_the_same_bytes_unless_the_adapter_changed(
+    write_recipe, tmp_path, monkeypatch
+):
+    base = make_model(tmp_path / "base", 0)
+    adapter = tmp_path / "adapter"
+    write_adapter(adapter, base, ("layers.3", "layers.7", "layers.10"), r=8, alpha=16)
+    path = write_recipe(
+        {
+            "merge_method": "della",
+            "base_model": str(base),
+            "models": [
+                {"model": f"{base}+{adapter}"},
+                {"model": str(make_model(tmp_path / "e", 2))},
+            ],
+            "parameters": {"density": 0.6, "epsilon": 0.1},
+            "seed": 5,
+        }
+    )
+    options = MergeOptions(out_shard_bytes=600_000, progress=False)
+    reference = tmp_path / "uninterrupted"
+    run_merge(path, reference, options)
+    out = tmp_path / "merged"
+    kill_after(7, path, out, options, monkeypatch)
+    resumed = MergeOptions(out_shard_bytes=600_000, progress=False, resume=True)
+    assert run_merge(path, out, resumed).resumed_shards > 0
+    assert shard_bytes(out) == shard_bytes(reference)
 
-    def fingerprint() -> str:
-        session = MergeSession.open(path, MergeOptions(device="cpu", progress=False))
-        try:
-            return merge_fingerprint_of(session.recipe, session.build_plan(), session.inputs)
-        finally:
-            session.close()
+    again = tmp_path / "again"
+    kill_after(7, path, again, options, monkeypatch)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4}))
+    warnings: list[str] = []
+    report = run_merge(path, again, resumed, on_warning=warnings.append)
+    assert report.resumed_shards == 0
+    assert any("different recipe, seed or inputs" in w for w in warnings)
+    assert shard_bytes(again) != shard_bytes(reference)
 
-    first = fingerprint()
-    assert fingerprint() == first
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
-    assert fingerprint() != first
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors*"))}
 
 
 @pytest.mark.parametrize(
