@@ -104,6 +104,7 @@ class MergeSession:
         downloaded at their pinned commits and checked against the headers planned."""
         parts, pins = split_model_ref(ref), self.inputs.pins
         recipe_dir = self.recipe.path.parent if self.recipe.path else None
+        # A local model is kept: closing ``reader`` closes its files, which reopen when read.
         local = reader.model if parts.adapter is not None else reader
         if parts.model in pins:
             where = locate_model(parts.model, recipe_dir)

@@ -169,20 +169,25 @@ def test_bad_adapters_are_refused_in_one_line(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("on_hub", [True, False], ids=["hub-model", "local-model"])
 def test_hub_adapter_is_pinned_planned_from_headers_and_merged_as_the_local_one(
-    fake_hub: FakeHub, model_zoo, adapter, write_recipe, tmp_path
+    on_hub, fake_hub: FakeHub, model_zoo, adapter, write_recipe, tmp_path
 ):
     base, (folder, _) = model_zoo("llama"), adapter
     other = model_zoo("llama", expert=1)
     fake_hub.add_model("org/base", base)
     commit = fake_hub.add_model("org/lora", folder, tag="v1")
-    path = write_recipe(recipe("org/base", "org/base+org/lora@v1", str(other)))
+    model = "org/base" if on_hub else str(base)
+    path = write_recipe(recipe(str(base), f"{model}+org/lora@v1", str(other)))
     result = invoke("plan", path)
     assert result.exit_code == 0, result.output
     assert f"org/lora@v1: commit {commit}" in result.stdout
-    assert "org/base+org/lora@v1: LoRA adapter, r 4, alpha 8" in result.stdout
+    assert f"{model}+org/lora@v1: LoRA adapter, r 4, alpha 8" in result.stdout
     served = [r for r in fake_hub.requests if r.path.endswith(".safetensors") and r.served_bytes]
     assert served and all(r.range for r in served), "headers only"
+    report = json.loads(invoke("plan", path, "--json").stdout)
+    weights = [folder / "adapter_model.safetensors"] + [base / "model.safetensors"] * on_hub
+    assert report["download_bytes"] == sum(path.stat().st_size for path in weights)
 
     out = tmp_path / "hub-out"
     report = run_merge(path, out, MergeOptions(device="cpu", progress=False))
