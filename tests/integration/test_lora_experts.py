@@ -144,6 +144,7 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
         ("missing", "models.0.model (adapter): model folder 'missing' does not exist"),
         ("no-config", "no adapter_config.json in"),
         ("dora", "DoRA adapters (use_dora) rescale each weight column"),
+        ("ia3", "adapter_config.json: peft_type is 'IA3'; della merges LoRA adapters"),
         ("transposed", "has shape (4, 64) but 'model.layers.0.mlp.down_proj.weight' of shape"),
     ],
 )
@@ -156,8 +157,10 @@ def test_bad_adapters_are_refused_in_one_line(
     if edit == "no-config":
         write_adapter(folder, base)
         (folder / "adapter_config.json").unlink()
-    elif edit == "dora":
-        write_adapter(folder, base, use_dora=True)
+    elif edit in ("dora", "ia3"):
+        write_adapter(
+            folder, base, **({"use_dora": True} if edit == "dora" else {"peft_type": "IA3"})
+        )
     elif edit == "transposed":  # an adapter whose config says its weights are stored (in, out)
         write_adapter(folder, base, ("down_proj",))
         config = json.loads((folder / "adapter_config.json").read_text())
