@@ -164,3 +164,19 @@ def test_model_refs_split_at_their_plus(ref, parts):
 def test_malformed_model_refs_are_refused(ref, fragment):
     with pytest.raises(ValueError, match=fragment):
         split_model_ref(ref)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_the_product_in_pieces_equals_it_whole(tmp_path, monkeypatch, fan_in_fan_out):
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(7, 5, generator=generator)
+    out_features, in_features = (5, 7) if fan_in_fan_out else (7, 5)
+    a = torch.randn(3, in_features, generator=generator)
+    b = torch.randn(out_features, 3, generator=generator)
+    config = {"r": 3, "lora_alpha": 6, "fan_in_fan_out": fan_in_fan_out}
+    reader = merged(tmp_path, {f"model.{PROJ}.weight": weight}, factors(a=a, b=b), **config)
+    product = b @ a
+    expected = weight + 2 * (product.T if fan_in_fan_out else product)
+    monkeypatch.setattr("della_cli.io.lora.DELTA_ELEMENTS", 10)  # two rows at a time
+    rows = reader.read_rows(f"model.{PROJ}.weight", 1, 6)
+    torch.testing.assert_close(torch.from_numpy(rows), expected[1:6], rtol=0, atol=1e-6)
