@@ -192,8 +192,8 @@ class _Chooser:
         if summing and self.sum_kernel and len(steps) <= MAX_SUM_EXPERTS:
             sources = [job.reference, *job.experts]
             fitted = any(s.rows is not None for s in sources)
-            if fitted or any(self.readers[s.model].computes(s.tensor) for s in sources):
-                return "weighted_sum"  # in the pipeline's blocks: rows not as stored
+            if fitted or not all(self.readers[s.model].has_row_spans(s.tensor) for s in sources):
+                return "weighted_sum"  # in the pipeline's blocks: rows not as in a file
             return "streamed_sum" if self.stream_reads else "chunked_sum"
         if not self.numba or len(set(dtypes[:-1])) != 1:
             return None

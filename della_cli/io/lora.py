@@ -47,6 +47,9 @@ class LoraModelReader(ModelReader):
         """Whether the rows of ``name`` are computed (in ``COMPUTED_DTYPE``), not read."""
         return name in self.patches
 
+    def has_row_spans(self, name: str) -> bool:
+        return name not in self.patches and self.model.has_row_spans(name)
+
     def read(self, name: str) -> np.ndarray:
         patch = self.patches.get(name)
         if patch is None:
