@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from della_cli.errors import HubError, ModelError, UsageError
-from della_cli.io.lora_adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
-from della_cli.io.lora_adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from della_cli.io.lora_settings import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from della_cli.io.lora_settings import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from della_cli.io.metadata import TOKENIZER_PATTERNS
 from della_cli.io.reader import INDEX_NAME, SINGLE_NAME, read_weight_map
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from della_cli.errors import ModelError
 from della_cli.hub import HubRef, remote_headers, resolve_adapter
 from della_cli.io.lora import LoraModelReader
-from della_cli.io.lora_adapter import WEIGHTS_NAME, LoraAdapter, load_settings
+from della_cli.io.lora_adapter import LoraAdapter
+from della_cli.io.lora_settings import WEIGHTS_NAME, load_settings
 from della_cli.io.reader import ModelReader
 from della_cli.locate import locate_model, missing_folder_message
 

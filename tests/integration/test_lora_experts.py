@@ -143,7 +143,7 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
         ("a+b+c", "models.0.model: 'a+b+c' has 2 '+'"),
         ("missing", "models.0.model (adapter): model folder 'missing' does not exist"),
         ("no-config", "no adapter_config.json in"),
-        ("dora", "DoRA adapters (use_dora) rescale each weight column"),
+        ("dora", "DoRA adapters (use_dora), which also rescale each weight column, are not"),
         ("ia3", "adapter_config.json: peft_type is 'IA3'; della merges LoRA adapters"),
         ("transposed", "has shape (4, 64) but 'model.layers.0.mlp.down_proj.weight' of shape"),
     ],

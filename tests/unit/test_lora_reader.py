@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from della_cli.errors import ModelError
 from della_cli.io.lora import LoraModelReader
-from della_cli.io.lora_adapter import LoraAdapter, LoraSettings
+from della_cli.io.lora_adapter import LoraAdapter
+from della_cli.io.lora_settings import LoraSettings
 from della_cli.io.reader import ModelReader
 from della_cli.model_ref import split_model_ref
 
@@ -132,7 +133,7 @@ def test_rank_and_scale_match_patterns_as_peft_does():
         (factors("model.layers.0.gone"), {}, "'base_model.model.model.layers.0.gone.lora_A"),
         (factors(b=B[:, :2].contiguous()), {}, "has shape (3, 2) but 'model.layers.0.proj.weight'"),
         (factors(a=A[:, :1].contiguous()), {}, "needs (4, 2)"),
-        (factors(), {"use_dora": True}, "DoRA adapters (use_dora)"),
+        (factors(), {"use_dora": True}, "DoRA adapters (use_dora), which also rescale each"),
         (factors(), {"peft_type": "IA3"}, "peft_type is 'IA3'; della merges LoRA adapters"),
         (factors(), {"r": 0}, "r must be a positive integer"),
         ({**factors(), "base_model.model.model.layers.0.proj.lora_magnitude_vector": W[0]}, {},
@@ -180,3 +181,13 @@ def test_the_product_in_pieces_equals_it_whole(tmp_path, monkeypatch, fan_in_fan
     monkeypatch.setattr("della_cli.io.lora.DELTA_ELEMENTS", 10)  # two rows at a time
     rows = reader.read_rows(f"model.{PROJ}.weight", 1, 6)
     torch.testing.assert_close(torch.from_numpy(rows), expected[1:6], rtol=0, atol=1e-6)
+
+
+def test_lora_bias_is_added_scaled(tmp_path):
+    bias = torch.tensor([1.0, 1.0, 1.0])
+    adapter = {**factors(), "base_model.model.model.layers.0.proj.lora_B.bias": torch.arange(3.0)}
+    model = {f"model.{PROJ}.weight": W, f"model.{PROJ}.bias": bias}
+    reader = merged(tmp_path, model, adapter, lora_alpha=8, lora_bias=True)  # scale 2
+    np.testing.assert_array_equal(reader.read(f"model.{PROJ}.bias"), [1, 3, 5])
+    np.testing.assert_array_equal(reader.read_rows(f"model.{PROJ}.bias", 0, 1), [[1, 3, 5]])
+    np.testing.assert_array_equal(reader.read(f"model.{PROJ}.weight"), [[3, 2], [5, 4], [9, 6]])
