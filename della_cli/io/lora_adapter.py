@@ -153,13 +153,13 @@ class LoraAdapter:
             self.check_shape(bias, (info.shape[0],) if info.shape else (), target, info.shape)
         if a is None:
             return Patch(target, scale, bias=bias, replacement=replacement)
-        transposed = "embedding_A" in roles or self.settings.fan_in_fan_out
-        rows, columns = (info.shape[1], info.shape[0]) if transposed else info.shape[:2]
         if len(info.shape) != 2:
             raise ModelError(
                 f"adapter '{self.label}': '{a}' changes '{target}' of shape {info.shape}; "
                 "only LoRA on 2-D weights (linear layers, embeddings) is supported"
             )
+        transposed = "embedding_A" in roles or self.settings.fan_in_fan_out
+        rows, columns = (info.shape[1], info.shape[0]) if transposed else info.shape
         self.check_shape(a, (r, columns), target, info.shape)
         self.check_shape(b, (rows, r), target, info.shape)
         return Patch(target, scale, a, b, transposed, bias, replacement)

@@ -139,11 +139,13 @@ def test_rank_and_scale_match_patterns_as_peft_does():
         ({**factors(), "base_model.model.model.layers.0.proj.lora_magnitude_vector": W[0]}, {},
          "DoRA adapters"),
         ({"base_model.model.model.layers.0.proj.lora_A.weight": A}, {}, "no matching lora_B"),
+        (factors("model.layers.0.norm"), {"fan_in_fan_out": True}, "only LoRA on 2-D weights"),
     ],
 )  # fmt: skip
 def test_refusals_name_the_problem(tmp_path, adapter, config, fragment):
+    model = {f"model.{PROJ}.weight": W, "model.layers.0.norm.weight": W[0].clone()}
     with pytest.raises(ModelError) as caught:
-        merged(tmp_path, {f"model.{PROJ}.weight": W}, adapter, **config)
+        merged(tmp_path, model, adapter, **config)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
 
 
