@@ -12,6 +12,7 @@ from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, Warning
 from della_cli.errors import MergeFailure, ModelError, PlanError, UsageError
 from della_cli.hub import parse_hub_ref, push_files
 from della_cli.io.journal import JOURNAL_NAME, Journal, verified_shard_count
+from della_cli.io.lora import input_folders
 from della_cli.io.metadata import (
     GENERATION_PATTERNS,
     TOKENIZER_PATTERNS,
@@ -23,6 +24,7 @@ from della_cli.io.output import check_destination, clear_partial, staged_folder
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
 from della_cli.locate import locate_model
+from della_cli.model_ref import split_model_ref
 from della_cli.plan import Plan
 from della_cli.recipe import Recipe, load_recipe
 from della_cli.session import (
@@ -111,7 +113,7 @@ def run_merge(
         session.download_weights()  # Hub models: their weights, at the commits planned
         check_metadata_files(session.recipe, session.inputs)
         readers = [session.inputs.base, *session.inputs.experts]
-        folders = [reader.folder for reader in readers if reader]
+        folders = [folder for reader in readers if reader for folder in input_folders(reader)]
         check_destination(out, options.overwrite, folders, session.recipe.path)  # again, now
     except BaseException:
         session.close()
@@ -210,7 +212,8 @@ def _write_card_and_recipe(
     conflict = license_conflict(licenses)
     if conflict:
         warn(conflict)
-    local = [ref for ref in readers if ref not in inputs.pins]
+    parts = [part for ref in readers for part in split_model_ref(ref).parts]
+    local = [part for part in parts if part not in inputs.pins]
     (staging / RECIPE_FILE).write_text(public_recipe(recipe.text, local))
     card = render_card(recipe, title, inputs.pins, licenses)
     (staging / "README.md").write_text(card)

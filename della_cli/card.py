@@ -15,6 +15,7 @@ import yaml
 from della_cli import __version__
 from della_cli.errors import RecipeError
 from della_cli.methods import Rescale
+from della_cli.model_ref import has_adapter, split_model_ref
 from della_cli.recipe import Recipe, load_yaml, parameter_attribute
 
 HUB_URL = "https://huggingface.co"
@@ -27,7 +28,10 @@ _RESCALE_NAMES = {
 
 def display_name(ref: str, pins: dict[str, str] | None = None) -> str:
     """A model's name for the card: Hub inputs as ``org/name``, local folders by their own
-    name only, so that the user's file system layout does not leak into a published card."""
+    name only, so that the user's file system layout does not leak into a published card. A
+    model with an adapter is named as the recipe names it, ``model+adapter``."""
+    if has_adapter(ref):
+        return "+".join(display_name(part, pins) for part in split_model_ref(ref).parts)
     if pins and ref in pins:
         return ref.split("@")[0]
     path = Path(ref).expanduser()
@@ -44,7 +48,8 @@ def public_recipe(text: str, local_refs: list[str]) -> str:
     The text is edited in place (comments and layout stay); if a path is still among the
     values it then parses to (spelled with escapes, say, which a text replacement misses),
     the recipe is written anew from its values with the names replaced instead."""
-    private = [ref for ref in set(local_refs) if ref.startswith(("/", "~"))]
+    parts = {part for ref in local_refs for part in split_model_ref(ref).parts}
+    private = [ref for ref in parts if ref.startswith(("/", "~"))]
     names = {ref: display_name(ref) for ref in private}
     names = {ref: name for ref, name in names.items() if name != ref}
     public = text
@@ -116,22 +121,35 @@ def front_matter(recipe: Recipe, pins: dict[str, str], license: str | None = Non
     front: dict = {}
     if license:
         front["license"] = license
-    hub_ids = [ref.split("@")[0] for ref in refs if ref in pins]
+    hub_ids = [p.split("@")[0] for ref in refs for p in split_model_ref(ref).parts if p in pins]
     if hub_ids:
         front["base_model"] = list(dict.fromkeys(hub_ids))
         front["base_model_relation"] = "merge"
     front["tags"] = list(dict.fromkeys(["merge", "della", recipe.method.name]))
     front["library_name"] = "transformers"
-    front["merge_inputs"] = [
-        {
-            "model": display_name(ref, pins),
-            "role": "base" if ref == schema.base_model else "model",
-            **({"revision": ref.split("@")[1]} if ref in pins and "@" in ref else {}),
-            **({"commit": pins[ref]} if ref in pins else {"source": "local folder"}),
-        }
-        for ref in refs
-    ]
+    front["merge_inputs"] = [_input_entry(ref, ref == schema.base_model, pins) for ref in refs]
     return front
+
+
+def _input_entry(ref: str, is_base: bool, pins: dict[str, str]) -> dict:
+    """One input of the front matter: its name, role, and commit (or 'local folder'); a
+    model with an adapter, the adapter's too."""
+    parts = split_model_ref(ref)
+    entry = {"model": display_name(parts.model, pins), "role": "base" if is_base else "model"}
+    entry.update(_pinned(parts.model, pins))
+    if parts.adapter is not None:
+        entry["adapter"] = {
+            "model": display_name(parts.adapter, pins),
+            **_pinned(parts.adapter, pins),
+        }
+    return entry
+
+
+def _pinned(ref: str, pins: dict[str, str]) -> dict:
+    return {
+        **({"revision": ref.split("@")[1]} if ref in pins and "@" in ref else {}),
+        **({"commit": pins[ref]} if ref in pins else {"source": "local folder"}),
+    }
 
 
 def _input_refs(recipe: Recipe) -> list[str]:
@@ -278,11 +296,16 @@ def _value(value: object) -> str:
 
 
 def _linked(ref: str, pins: dict[str, str]) -> str:
+    if has_adapter(ref):
+        return "+".join(_linked(part, pins) for part in split_model_ref(ref).parts)
     name = display_name(ref, pins)
     return f"[{name}]({HUB_URL}/{name})" if ref in pins else name
 
 
 def _source(ref: str, pins: dict[str, str]) -> str:
+    if has_adapter(ref):
+        model, adapter = split_model_ref(ref).parts
+        return f"{_source(model, pins)} + adapter {_source(adapter, pins)}"
     return f"commit `{pins[ref][:12]}`" if ref in pins else "local folder"
 
 
@@ -327,7 +350,8 @@ def _reproduce_lines(recipe: Recipe, pins: dict[str, str]) -> list[str]:
         lines.append("")
         lines += [f"- {display_name(ref, pins)}: `{commit}`" for ref, commit in pins.items()]
         lines.append("")
-    local = [ref for ref in _input_refs(recipe) if ref not in pins]
+    parts = [part for ref in _input_refs(recipe) for part in split_model_ref(ref).parts]
+    local = [part for part in dict.fromkeys(parts) if part not in pins]
     if local:
         names = ", ".join(f"`{display_name(ref)}`" for ref in local)
         lines.append(f"Local inputs ({names}) must be put where the recipe names them.")

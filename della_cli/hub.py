@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from della_cli.errors import HubError, ModelError, UsageError
+from della_cli.io.lora_settings import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from della_cli.io.lora_settings import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from della_cli.io.metadata import TOKENIZER_PATTERNS
 from della_cli.io.reader import INDEX_NAME, SINGLE_NAME, read_weight_map
 
@@ -31,6 +33,8 @@ METADATA_PATTERNS = [
     INDEX_NAME,
     *TOKENIZER_PATTERNS,
 ]
+# What a merge reads from a LoRA adapter repository besides its weights.
+ADAPTER_PATTERNS = [ADAPTER_CONFIG_NAME, "README.md"]
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
 _TRUE = {"1", "on", "yes", "true"}
 # Network failures by class name: huggingface_hub has used requests, httpx and httpx2.
@@ -140,12 +144,29 @@ def resolve_model(
     index, and with ``weights`` the safetensors shards the index names) into the Hub cache,
     pinned to the commit its revision points to now (or to ``commit``, pinned earlier).
     Offline, the cache alone answers."""
-    with hub_errors(f"model '{ref}'"):
+    return _resolve(
+        ref, "model", METADATA_PATTERNS, weight_names if weights else None, progress, commit
+    )
+
+
+def resolve_adapter(
+    ref: HubRef, weights: bool = True, progress: bool = True, commit: str | None = None
+) -> ResolvedModel:
+    """``resolve_model`` for a LoRA adapter: its config and card, and with ``weights`` its
+    ``adapter_model.safetensors``."""
+    names = (lambda folder: [ADAPTER_WEIGHTS_NAME]) if weights else None
+    return _resolve(ref, "adapter", ADAPTER_PATTERNS, names, progress, commit)
+
+
+def _resolve(ref, what, patterns, weights, progress, commit) -> ResolvedModel:
+    """``patterns`` of ``ref`` at ``commit`` (else its revision, pinned now), then the weight
+    files ``weights`` names from that snapshot (None: none)."""
+    with hub_errors(f"{what} '{ref}'"):
         revision = commit or ref.revision or "main"
-        folder = _snapshot(ref, revision, METADATA_PATTERNS, progress)
+        folder = _snapshot(ref, revision, patterns, progress)
         commit = folder.name  # the snapshot folder is named by its commit
-        if weights:
-            folder = _snapshot(ref, commit, weight_names(folder), progress)
+        if weights is not None:
+            folder = _snapshot(ref, commit, weights(folder), progress)
     return ResolvedModel(ref, commit, folder, folder.parent.parent)
 
 
@@ -158,14 +179,17 @@ def weight_names(folder: Path, remote: bool = False) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
-def remote_headers(resolved: ResolvedModel) -> tuple[dict[str, tuple[bytes, int]], int]:
-    """The raw safetensors header and size of each weight file at the pinned commit, read
-    with HTTP range requests (the first 8 bytes, then the header) so that no tensor data is
-    downloaded; and the bytes a merge still has to download. Cached files are read locally."""
+def remote_headers(
+    resolved: ResolvedModel, names: list[str] | None = None
+) -> tuple[dict[str, tuple[bytes, int]], int]:
+    """The raw safetensors header and size of each weight file at the pinned commit (those of
+    the model's index, or ``names``), read with HTTP range requests (the first 8 bytes, then
+    the header) so that no tensor data is downloaded; and the bytes a merge still has to
+    download. Cached files are read locally."""
     found: dict[str, tuple[bytes, int]] = {}
     missing_bytes = 0
     with hub_errors(f"model '{resolved.ref}'"):
-        for name in weight_names(resolved.folder, remote=True):
+        for name in names or weight_names(resolved.folder, remote=True):
             cached = resolved.folder / name
             if cached.is_file():
                 with cached.open("rb") as handle:

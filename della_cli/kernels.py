@@ -171,6 +171,8 @@ class _Chooser:
             stored = self.readers[source.model].tensors[source.tensor].dtype
             if source.aligned:
                 stored = "F32"  # re-indexed rows are built in the compute dtype
+            elif self.readers[source.model].computes(source.tensor):
+                stored = "F32"  # a LoRA adapter merged in (``io.lora``): computed in float32
             elif source.rows is not None and index > 0:
                 stored = "F32"  # the compute dtype (the CPU kernels need float32 math)
             elif source.rows is not None and source.fill is not None:
@@ -191,9 +193,10 @@ class _Chooser:
         method = self.recipe.method
         summing = not method.sign_consensus and all(step.sparsify == KEEP for step in steps)
         if summing and self.sum_kernel and len(steps) <= MAX_SUM_EXPERTS:
-            fitted = any(s.rows is not None or s.aligned for s in [job.reference, *job.experts])
-            if fitted:
-                return "weighted_sum"  # in the pipeline's blocks
+            sources = [job.reference, *job.experts]
+            fitted = any(s.rows is not None or s.aligned for s in sources)
+            if fitted or not all(self.readers[s.model].has_row_spans(s.tensor) for s in sources):
+                return "weighted_sum"  # in the pipeline's blocks: rows not as in a file
             return "streamed_sum" if self.stream_reads else "chunked_sum"
         if not self.numba or len(set(dtypes[:-1])) != 1:
             return None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from della_cli.errors import PlanError
 from della_cli.hub import cache_dir
+from della_cli.io.lora import LoraModelReader, input_folders
 from della_cli.plan import Plan
 from della_cli.plan_parameters import group_parameters, parameter_lines
 from della_cli.session import MergeSession, merge_fingerprint_of
@@ -34,6 +35,7 @@ class PlanReport:
     method: str
     device: str
     inputs: dict[str, str]  # Hub reference -> the commit it resolved to
+    adapters: dict[str, dict] = field(default_factory=dict)  # model+adapter -> the adapter
     groups: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -59,6 +61,7 @@ class PlanReport:
         lines: list[str] = []
         for ref, commit in self.inputs.items():
             lines.append(f"{ref}: commit {commit}")
+        lines += [adapter_line(ref, adapter) for ref, adapter in self.adapters.items()]
         width = max((len(group["action"]) for group in self.groups), default=0)
         for group in self.groups:
             count = f" ({group['count']})" if group["count"] > 1 else ""
@@ -87,6 +90,22 @@ class PlanReport:
         return lines
 
 
+def adapter_line(ref: str, adapter: dict) -> str:
+    """One line on a model's LoRA adapter: rank, alpha, what it targets, its size."""
+    targets = adapter["target_modules"]
+    targets = targets if isinstance(targets, str) else ", ".join(targets)
+    patterns = (
+        " (per-module ranks or alphas: rank_pattern, alpha_pattern)"
+        if (adapter["rank_pattern"] or adapter["alpha_pattern"])
+        else ""
+    )
+    return (
+        f"{ref}: LoRA adapter, r {adapter['r']}, alpha {adapter['alpha']:g}"
+        f"{', rsLoRA' if adapter['rslora'] else ''}{patterns}, targets {targets or 'none'}; "
+        f"{adapter['tensors']} tensors, {human_size(adapter['bytes'])}, merged in on the fly"
+    )
+
+
 def plan_merge(recipe_path, out: Path | None, options) -> PlanReport:
     """Plan the merge of ``recipe_path`` (a file, or a recipe already read) into ``out``
     (None: only the plan, disk checked in the working directory) without downloading or
@@ -111,10 +130,16 @@ def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | 
         session.options,
         session.device,
     )
+    readers = [reader for reader in [inputs.base, *inputs.experts] if reader]
     if out is not None:
-        folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
+        folders = [folder for reader in readers for folder in input_folders(reader)]
         check_destination(out, options.overwrite, folders, recipe.path)
     report = PlanReport(recipe.method.name, device, dict(inputs.pins))
+    report.adapters = {
+        reader.label: reader.adapter.summary()
+        for reader in readers
+        if isinstance(reader, LoraModelReader)
+    }
     report.download_bytes = inputs.download_bytes
     report.warnings = architecture_warnings(inputs)
     try:

@@ -24,6 +24,7 @@ from della_cli.chat_template import check_chat_template
 from della_cli.errors import RecipeError, shown
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, MethodSpec, Rescale
 from della_cli.methods.catalog import BasePolicy, Parameter, Scope
+from della_cli.model_ref import split_model_ref
 from della_cli.recipe_compat import (
     MERGEKIT_DEFAULTS,
     adapt_recipe,
@@ -443,7 +444,15 @@ def _required_string(value: Any, path: str) -> str:
 def _model_name(value: Any, path: str) -> str:
     if not _required_string(value, path):
         _fail(path, "must not be empty")
+    try:
+        split_model_ref(value)  # model+adapter (model_ref)
+    except ValueError as error:
+        _fail(path, str(error))
     return value
+
+
+def _optional_model_name(value: Any, path: str) -> str | None:
+    return _model_name(value, path) if _string(value, path) else value
 
 
 def _dtype(value: Any, path: str) -> str | None:
@@ -517,7 +526,7 @@ ENTRY_KEYS: dict[str, tuple[str, Check]] = {
 }
 RECIPE_KEYS: dict[str, tuple[str, Check]] = {
     "merge_method": ("merge_method", _required_string),
-    "base_model": ("base_model", _string),
+    "base_model": ("base_model", _optional_model_name),
     "models": ("models", _model_entries),
     "parameters": ("parameters", _parameters(GLOBAL_PARAMETER_KEYS, GlobalParameters)),
     "dtype": ("dtype", _dtype),

@@ -16,9 +16,12 @@ from della_cli.engine import MergeInputs
 from della_cli.errors import DellaError, HubError, ModelError
 from della_cli.hub import HubRef, remote_headers, resolve_model
 from della_cli.io.journal import merge_fingerprint
+from della_cli.io.lora import input_folders
 from della_cli.io.metadata import GENERATION_PATTERNS, TOKENIZER_PATTERNS, metadata_files
 from della_cli.io.reader import ModelReader
 from della_cli.locate import close_folder, locate_model, missing_folder_message
+from della_cli.lora_inputs import adapter_layout, open_adapter, with_adapter
+from della_cli.model_ref import split_model_ref
 from della_cli.plan import Plan, build_plan
 from della_cli.recipe import Recipe, load_recipe
 
@@ -87,20 +90,9 @@ class MergeSession:
         readers = [self.inputs.base, *self.inputs.experts]
         refs = [self.recipe.schema.base_model, *self.recipe.model_refs]
         for position, (ref, reader) in enumerate(zip(refs, readers, strict=True)):
-            if reader is None or ref not in self.inputs.pins:
+            if reader is None or not set(split_model_ref(ref).parts) & set(self.inputs.pins):
                 continue
-            where = locate_model(ref, self.recipe.path.parent if self.recipe.path else None)
-            assert isinstance(where, HubRef)  # it resolved to the Hub when it was opened
-            resolved = resolve_model(
-                where, weights=True, progress=self.options.progress, commit=self.inputs.pins[ref]
-            )
-            local = ModelReader(resolved.folder, ref, resolved.root)
-            if _layout(local) != _layout(reader):
-                local.close()
-                raise ModelError(
-                    f"model '{ref}': the files downloaded at commit {self.inputs.pins[ref]} are "
-                    "not the ones whose headers were planned; run the merge again"
-                )
+            local = self._downloaded(ref, reader)
             reader.close()
             if position == 0:
                 self.inputs.base = local
@@ -120,6 +112,38 @@ class MergeSession:
             downloaded=self.downloaded,
             borrowed=True,
         )
+
+    def _downloaded(self, ref: str, reader: ModelReader) -> ModelReader:
+        """``reader``'s model (and adapter) read from local files, those on the Hub
+        downloaded at their pinned commits and checked against the headers planned."""
+        parts, pins = split_model_ref(ref), self.inputs.pins
+        recipe_dir = self.recipe.path.parent if self.recipe.path else None
+        # A local model is kept: closing ``reader`` closes its files, which reopen when read.
+        local = reader.model if parts.adapter is not None else reader
+        if parts.model in pins:
+            where = locate_model(parts.model, recipe_dir)
+            assert isinstance(where, HubRef)  # it resolved to the Hub when it was opened
+            resolved = resolve_model(
+                where, weights=True, progress=self.options.progress, commit=pins[parts.model]
+            )
+            local = ModelReader(resolved.folder, parts.model, resolved.root)
+        if parts.adapter is not None:
+            opened = open_adapter(
+                ref,
+                parts.adapter,
+                recipe_dir,
+                progress=self.options.progress,
+                commit=pins.get(parts.adapter),
+            )
+            local = with_adapter(local, opened.adapter, ref)
+        if _layout(local) != _layout(reader) or adapter_layout(local) != adapter_layout(reader):
+            local.close()
+            commits = ", ".join(pins[part] for part in parts.parts if part in pins)
+            raise ModelError(
+                f"model '{ref}': the files downloaded at commit {commits} are not the ones "
+                "whose headers were planned; run the merge again"
+            )
+        return local
 
     def close(self) -> None:
         if self.borrowed:
@@ -151,6 +175,24 @@ def open_inputs(
     download_bytes = 0
 
     def open_model(field: str, ref: str) -> ModelReader:
+        """The model ``ref`` names, with its adapter merged in where it has one."""
+        nonlocal download_bytes
+        parts = split_model_ref(ref)
+        model = open_folder(field, parts.model)
+        if parts.adapter is None:
+            return model
+        try:
+            commit = (pins or {}).get(parts.adapter)
+            opened = open_adapter(field, parts.adapter, recipe_dir, weights, progress, commit)
+        except BaseException:
+            model.close()
+            raise
+        if opened.commit is not None:
+            resolved_pins[parts.adapter] = opened.commit
+        download_bytes += opened.download_bytes
+        return with_adapter(model, opened.adapter, ref)
+
+    def open_folder(field: str, ref: str) -> ModelReader:
         nonlocal download_bytes
         where = locate_model(ref, recipe_dir)
         if not isinstance(where, HubRef):
@@ -267,5 +309,6 @@ def check_metadata_files(recipe: Recipe, inputs: MergeInputs) -> None:
 def merge_fingerprint_of(recipe: Recipe, plan: Plan, inputs: MergeInputs) -> str:
     """The resume fingerprint of this merge (see ``io.journal.merge_fingerprint``)."""
     layout = [[(t.name, t.dtype, list(t.shape)) for t in shard] for shard in plan.shards]
-    folders = [reader.folder for reader in [inputs.base, *inputs.experts] if reader]
+    readers = [reader for reader in [inputs.base, *inputs.experts] if reader]
+    folders = [folder for reader in readers for folder in input_folders(reader)]
     return merge_fingerprint(recipe.text, recipe.seed, layout, folders)

@@ -80,6 +80,7 @@ class Mergekit:
         command = [str(script), str(batch), "--intermediate-dir", str(folder), "--no-lazy"]
         command += ["--copy-tokenizer", "--device", "cpu", "--random-seed", str(seed)]
         command += ["--quiet", "--no-write-model-card"]
+        command += ["--lora-merge-cache", str(folder / "lora-cache")]  # model+adapter inputs
         cwd = next(iter(recipes.values())).parent
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=MERGE_TIMEOUT_S, cwd=cwd

@@ -87,7 +87,8 @@ def merge_fingerprint(recipe_text: str, seed: int, layout: object, inputs: list[
     files = []
     for folder in inputs:
         weights = [*folder.glob("*.safetensors*"), *folder.glob("pytorch_model*.bin*")]
-        for path in sorted({*weights, folder / "config.json"}):
+        # adapter_config.json: a LoRA adapter's folder (its scale is there)
+        for path in sorted({*weights, folder / "config.json", folder / "adapter_config.json"}):
             if path.is_file():  # a regular file (never a FIFO, which would block the read)
                 files.append([str(path.resolve()), file_identity(path)])
     material = json.dumps([recipe_text, seed, layout, files], sort_keys=True, default=str)

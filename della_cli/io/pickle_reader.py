@@ -119,6 +119,10 @@ class PickleModelReader(ModelReader):
             self._open_path = path
         return self._open_state
 
+    def has_row_spans(self, name: str) -> bool:
+        """No: a pickle's tensors are not rows of bytes at known places in a file."""
+        return False
+
     def read(self, name: str) -> np.ndarray:
         info = self.tensors[name]
         return from_torch(

@@ -222,6 +222,17 @@ class ModelReader:
         _check_config_fields(path, value)
         return value
 
+    def has_row_spans(self, name: str) -> bool:
+        """Whether the rows of ``name`` lie in a file as stored, so that a reader of its own
+        may read them there (``row_span``, ``io.streamed_sum``)."""
+        return True
+
+    def computes(self, name: str) -> bool:
+        """Whether the rows of ``name`` are computed rather than read as stored (a model with
+        a LoRA adapter merged in, ``io.lora``): they arrive in float32, and have no span in a
+        file."""
+        return False
+
     def read(self, name: str) -> np.ndarray:
         """Read one tensor into a new array of its stored dtype and shape."""
         info = self.tensors[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -33,15 +34,20 @@ def recipe(base: Path, experts: list[Path]) -> dict:
     }
 
 
+# task_arithmetic: a weighted sum, whose rows the streamed reader would read straight from
+# the files, which a pickle's are not (it read the pickle's bytes as tensors).
+@pytest.mark.parametrize("method", ["della", "task_arithmetic"])
 def test_pickle_inputs_merge_to_the_bytes_of_their_safetensors_twins(
-    model_zoo, write_recipe, tmp_path
+    method, model_zoo, write_recipe, tmp_path
 ):
     folders = [model_zoo("llama"), model_zoo("llama", expert=1), model_zoo("llama", expert=2)]
     pickled = [as_pickle(f, tmp_path / f"pickled-{i}") for i, f in enumerate(folders)]
     expected, actual = tmp_path / "from-safetensors", tmp_path / "from-pickle"
-    run_merge(write_recipe(recipe(folders[0], folders[1:]), "a.yaml"), expected, MergeOptions())
-    options = MergeOptions(allow_pickle=True)
-    run_merge(write_recipe(recipe(pickled[0], pickled[1:]), "b.yaml"), actual, options)
+    first, second = (
+        {**recipe(models[0], models[1:]), "merge_method": method} for models in (folders, pickled)
+    )
+    run_merge(write_recipe(first, "a.yaml"), expected, MergeOptions())
+    run_merge(write_recipe(second, "b.yaml"), actual, MergeOptions(allow_pickle=True))
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (actual / name).read_bytes() == (expected / name).read_bytes(), name
 

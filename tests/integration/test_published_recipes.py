@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from lora_factory import write_adapter
 from oracle import assert_same_model, assert_same_tokenizer
 from vocabularies import with_added_tokens, with_vocabulary
 
@@ -38,6 +39,8 @@ STAND_INS = {
     "teknium/OpenHermes-2.5-Mistral-7B": "chatml-tokens",
     "HuggingFaceH4/zephyr-7b-beta": "expert-2",
 }
+# The LoRA adapters the recipes name (model+adapter), made for the base's stand-in.
+ADAPTERS = {"example-org/Llama-3-8B-math-lora": ("q_proj", "v_proj", "down_proj")}
 # Where mergekit computes in a 16-bit dtype and della in float32: a unit in the last place.
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2}
 
@@ -65,6 +68,8 @@ def workspace(model_zoo, tmp_path_factory) -> Path:
         (built[f"chatml-{index}"] / "chat_template.jinja").write_text(template_text("chatml"))
     for name, stand_in in STAND_INS.items():
         shutil.copytree(built[stand_in], folder / name)
+    for name, targets in ADAPTERS.items():
+        write_adapter(folder / name, built["base"], targets)
     for path in ACCEPTED:
         shutil.copy(path, folder / path.name)
     return folder
