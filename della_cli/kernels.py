@@ -188,8 +188,10 @@ class _Chooser:
         method = self.recipe.method
         summing = not method.sign_consensus and all(step.sparsify == KEEP for step in steps)
         if summing and self.sum_kernel and len(steps) <= MAX_SUM_EXPERTS:
-            fitted = any(s.rows is not None for s in [job.reference, *job.experts])
-            if fitted:
+            sources = [job.reference, *job.experts]
+            fitted = any(s.rows is not None for s in sources)
+            stored = all(self.readers[s.model].stores_rows(s.tensor) for s in sources)
+            if fitted or not stored:
                 return "weighted_sum"  # in the pipeline's blocks
             return "streamed_sum" if self.stream_reads else "chunked_sum"
         if not self.numba or len(set(dtypes[:-1])) != 1:

@@ -23,6 +23,7 @@ from della_cli.kernels import Kernel, assign_kernels
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
 from della_cli.methods.streamed import statistics_bytes
+from della_cli.quant.view import written_dtype
 from della_cli.quantized import refuse_quantized
 from della_cli.recipe import Recipe
 
@@ -246,7 +247,7 @@ class _Planner:
 
     def job_for(self, name: str, ref: TensorInfo, ref_source: Source) -> TensorJob:
         ref, ref_source = self.vocabulary_target(name, ref, ref_source)
-        out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else ref.dtype
+        out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else written_dtype(ref)
         if not ref.is_floating:
             return TensorJob(name, "copy", ref.shape, ref.dtype, ref_source)
         sources = [self.source_for(i, name, ref) for i in range(len(self.experts))]

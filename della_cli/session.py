@@ -20,6 +20,7 @@ from della_cli.io.metadata import GENERATION_PATTERNS, TOKENIZER_PATTERNS, metad
 from della_cli.io.reader import ModelReader
 from della_cli.locate import close_folder, locate_model, missing_folder_message
 from della_cli.plan import Plan, build_plan
+from della_cli.quant import dequantizing
 from della_cli.recipe import Recipe, load_recipe
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -93,7 +94,7 @@ class MergeSession:
             resolved = resolve_model(
                 where, weights=True, progress=self.options.progress, commit=self.inputs.pins[ref]
             )
-            local = ModelReader(resolved.folder, ref, resolved.root)
+            local = dequantizing(ModelReader(resolved.folder, ref, resolved.root))
             if _layout(local) != _layout(reader):
                 local.close()
                 raise ModelError(
@@ -160,7 +161,7 @@ def open_inputs(
     def attempt(field: str, ref: str) -> ModelReader | None:
         """Open one model, noting a failure so that every missing model is named at once."""
         try:
-            return open_model(field, ref)
+            return dequantizing(open_model(field, ref))
         except ModelError as error:
             failures.append(error)
         except HubError as error:  # also the local folder a typo made look like org/name

@@ -243,6 +243,11 @@ class ModelReader:
         flat = self._read_bytes(info, start * row_bytes, (stop - start) * row_bytes, pool)
         return flat.reshape(stop - start, row_length)
 
+    def stores_rows(self, name: str) -> bool:
+        """Whether ``name``'s rows lie in its file as ``read_rows`` returns them, so that a
+        kernel may read them itself (``row_span``); a dequantized weight's do not."""
+        return True
+
     def row_span(self, name: str, start: int) -> FileSpan:
         """Where row ``start`` of a tensor (seen as in ``read_rows``) begins in its file, for a
         reader that reads the rows itself (``io.streamed_sum``)."""
