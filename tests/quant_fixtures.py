@@ -50,7 +50,7 @@ def mxfp4_experts(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = values.float().transpose(1, 2).reshape(experts, rows, columns // 32, 32)
     largest = groups.abs().amax(dim=-1).clamp(min=2.0**-126)
     exponent = torch.ceil(torch.log2(largest / 6.0)).clamp(-127, 127).to(torch.int32)
-    scaled = groups / torch.ldexp(torch.ones(()), exponent)[..., None]
+    scaled = groups / torch.pow(2.0, exponent.float())[..., None]
     nearest = (scaled.abs()[..., None] - FP4_MAGNITUDES).abs().argmin(dim=-1)
     codes = (nearest + 8 * torch.signbit(scaled)).to(torch.uint8)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)

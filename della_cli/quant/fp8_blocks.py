@@ -87,7 +87,7 @@ def dequantize_rows(
     block_rows, block_columns = stored.block
     grid = scales.astype(np.float32)
     if lead:  # stacked experts: each weight row is one expert's (rows, columns) matrix
-        grid = grid.reshape(count, *grid.shape[-2:])
+        grid = grid.reshape(count, *stored.scale_shape()[-2:])
         expanded = np.repeat(np.repeat(grid, block_rows, axis=1), block_columns, axis=2)
         expanded = expanded[:, :rows, :columns]
         return (values.reshape(count, rows, columns) * expanded).reshape(count, -1)
