@@ -86,11 +86,16 @@ class Plan:
 
     @property
     def config_dtype(self) -> str | None:
-        """The dtype name config.json should carry: that of the floating tensors written."""
+        """The dtype name config.json should carry: that of the floating tensors written, the
+        one of most entries where they differ (a DeepSeek-V3 keeps its router biases in
+        float32 beside bfloat16 weights, and transformers loads the model in this dtype)."""
+        entries: dict[str, int] = {}
         for job in self.jobs:
             if job.out_dtype in CONFIG_NAMES:
-                return CONFIG_NAMES[job.out_dtype]
-        return None
+                entries[job.out_dtype] = entries.get(job.out_dtype, 0) + job.numel
+        if not entries:
+            return None
+        return CONFIG_NAMES[max(entries, key=entries.__getitem__)]  # a tie: the first
 
     def working_memory_bytes(self, block_elements: int, whole_tensor_selection: bool) -> int:
         """An upper estimate of the memory the engine holds at once, beyond the runtime.

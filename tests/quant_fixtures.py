@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,47 +74,86 @@ def copy_metadata(source: Path, folder: Path, quantization: dict | None) -> None
         (folder / "config.json").write_text(json.dumps(config))
 
 
-def quantize_fp8(
-    source: Path,
-    folder: Path,
-    block: tuple[int, int] = (16, 16),
-    chosen: Callable[[str, torch.Tensor], bool] = fp8_linear,
-) -> Path:
-    """A fine-grained FP8 copy of the model at ``source`` (DeepSeek's layout and config)."""
+def channel_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors FP8 per channel (llm-compressor's FP8_DYNAMIC scheme): a scale
+    per output row, ``amax / 448``, stored in bfloat16 as those checkpoints store it."""
+    scale = (weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX).bfloat16()
+    return (weight.float() / scale.float()).to(torch.float8_e4m3fn), scale
+
+
+def fp8_weight(name: str, tensor: torch.Tensor) -> bool:
+    """``fp8_linear``, and stacked expert matrices (experts, rows, columns)."""
+    stacked = name.endswith(("experts.gate_up_proj", "experts.down_proj")) and tensor.dim() == 3
+    return fp8_linear(name, tensor) or stacked
+
+
+QUANTIZATIONS = {
+    "fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"},
+    "compressed": {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+            }
+        },
+        "ignore": ["lm_head"],
+    },
+    "mxfp4": {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]},
+}
+
+
+def quantize(source: Path, folder: Path, form: str, block: tuple[int, int] = (16, 16)) -> Path:
+    """A copy of the model at ``source`` in ``form``: "fp8" (DeepSeek's fine-grained blocks,
+    stacked experts too), "compressed" (compressed-tensors FP8 per channel) or "mxfp4"
+    (gpt-oss experts), with the quantization_config those releases carry."""
     tensors = {}
     for name, tensor in load_file(source / "model.safetensors").items():
-        if chosen(name, tensor):
+        if form == "fp8" and fp8_weight(name, tensor):
             tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(tensor, block)
+        elif form == "compressed" and fp8_linear(name, tensor):
+            tensors[name], tensors[name + "_scale"] = channel_fp8(tensor)
+        elif form == "mxfp4" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4_experts(tensor)
         else:
             tensors[name] = tensor
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    settings = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-    }
+    settings = dict(QUANTIZATIONS[form])
+    if form == "fp8":
+        settings["weight_block_size"] = list(block)
     copy_metadata(source, folder, settings)
     return folder
 
 
 def dequantized_twin(folder: Path, twin: Path) -> Path:
-    """The float32 model an FP8 checkpoint stands for, unquantized (scales applied by
-    transformers' dequantizer), with config.json's quantization_config removed."""
+    """The float32 model a quantized checkpoint stands for, unquantized by transformers' own
+    dequantizers (FP8 blocks, MXFP4) or by ``weight * weight_scale`` (compressed-tensors),
+    with config.json's quantization_config removed."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
     config = json.loads((folder / "config.json").read_text())
-    block = config["quantization_config"].get("weight_block_size")
+    block = config.pop("quantization_config").get("weight_block_size")
     stored = load_file(folder / "model.safetensors")
     tensors = {}
     for name, tensor in stored.items():
-        if name.endswith("_scale_inv"):
+        if name.endswith(("_scale_inv", "_scale", "_scales")):
             continue
-        scale = stored.get(name + "_scale_inv")
-        tensors[name] = tensor if scale is None else fp8_dequantized(tensor, scale, block)
+        if name.endswith("_blocks"):
+            scales = stored[name.removesuffix("_blocks") + "_scales"]
+            unpacked = convert_moe_packed_tensors(tensor, scales, dtype=torch.float32)
+            tensors[name.removesuffix("_blocks")] = unpacked
+        elif name + "_scale_inv" in stored:
+            tensors[name] = fp8_dequantized(tensor, stored[name + "_scale_inv"], block)
+        elif name + "_scale" in stored:
+            tensors[name] = tensor.float() * stored[name + "_scale"].float()
+        else:
+            tensors[name] = tensor
     twin.mkdir(parents=True, exist_ok=True)
     save_file(tensors, twin / "model.safetensors", metadata={"format": "pt"})
     copy_metadata(folder, twin, None)
-    config.pop("quantization_config")
     (twin / "config.json").write_text(json.dumps(config))
     return twin
 

@@ -127,7 +127,7 @@ def _fine_grained(tensors: dict[str, TensorInfo], settings: dict, scheme: Scheme
         scheme.problems.append(f"fmt {shown(settings.get('fmt'))} is not e4m3")
         return
     for name in tensors:
-        if name.endswith(".weight_scale_inv"):
+        if name.endswith("_scale_inv"):  # "x.weight_scale_inv", fused experts' "x_scale_inv"
             _pair(tensors, name, name.removesuffix("_scale_inv"), block, scheme)
     _unscaled(tensors, scheme, "_scale_inv")
 
