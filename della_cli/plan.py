@@ -23,6 +23,12 @@ from della_cli.kernels import Kernel, assign_kernels
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
 from della_cli.methods.streamed import statistics_bytes
+from della_cli.quant.requantize import (
+    Requantize,
+    fp8_output_problem,
+    output_shards,
+    requantization,
+)
 from della_cli.quant.view import written_dtype
 from della_cli.quantized import refuse_quantized
 from della_cli.recipe import Recipe
@@ -63,6 +69,7 @@ class TensorJob:
     reference: Source  # the base of a delta merge, or what a copy copies
     experts: tuple[Source, ...] = ()
     kernel: Kernel | None = None  # what merges it (``della_cli.kernels``); None for a copy
+    requantize: Requantize | None = None  # written in the base's FP8 format (out_dtype: fp8)
 
     @property
     def numel(self) -> int:
@@ -79,6 +86,7 @@ class Plan:
     compute_dtype: str = "F32"
     tie_word_embeddings: bool | None = None
     vocab_size: int | None = None  # set when tokenizer_source changes the vocabulary rows
+    quantization: dict | None = None  # the quantization_config of an FP8 output
 
     @property
     def output_bytes(self) -> int:
@@ -178,6 +186,7 @@ class _Planner:
         self.vocab = {v for v in map(_vocab_size, [reference, *experts]) if v}
         # Without out_dtype, dtype is also the output's dtype (mergekit's rule).
         self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or recipe.schema.dtype or "")
+        self.requantizing = recipe.schema.out_dtype == "fp8"
         self.tokenizer_model = recipe.tokenizer_model
         if self.tokenizer_model == ref_model:
             self.tokenizer_model = None  # the reference is the source: nothing to refit
@@ -264,6 +273,12 @@ class _Planner:
         self.check_contract(name, present)
         return TensorJob(name, "merge", ref.shape, out_dtype, ref_source, present)
 
+    def requantized(self, job: TensorJob) -> TensorJob:
+        """``job`` written in the base's FP8 format where the base stores it so: merged in
+        float32, quantized as it is written (``della_cli.quant.requantize``)."""
+        how = requantization(self.reference, job.name)
+        return job if how is None else replace(job, out_dtype="F32", requantize=how)
+
     def check_contract(self, name: str, present: tuple[Source, ...]) -> None:
         """A catalog method with a fixed number of models (nuslerp's two) cannot merge a
         tensor that one of them lacks; mergekit fails there too."""
@@ -314,6 +329,10 @@ def build_plan(
     ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
     jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
     jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
+    if planner.requantizing:
+        problem = fp8_output_problem(reference)
+        planner.problems += [problem] if problem else []
+        jobs = [planner.requantized(job) for job in jobs]
     _report_architecture(planner)
     for index, expert in enumerate(experts):
         if not set(expert.tensors) & set(reference.tensors):
@@ -339,9 +358,11 @@ def build_plan(
         tied = not any(j.name.endswith("lm_head.weight") for j in jobs)
         rows = next(j.shape[0] for j in jobs if j.name == embedding)
         vocab_size = rows if rows != reference.tensors[embedding].shape[0] else None
-    shards = split_into_shards(outputs, max_shard_bytes)
+    shards, quantization = split_into_shards(outputs, max_shard_bytes), None
+    if planner.requantizing:
+        shards, quantization = output_shards(reference, jobs, max_shard_bytes)
     warnings = [*recipe.schema.notes, *planner.warnings]  # the recipe's notes first
-    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size)
+    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size, quantization)
     return assign_kernels(plan, recipe, base, experts, device)
 
 

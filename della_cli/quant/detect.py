@@ -24,7 +24,7 @@ _FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
 # compressed-tensors formats whose weights are FP8 values beside float scales
 _FLOAT_FORMATS = ("float-quantized", "naive-quantized")
 # activation scales: what a static scheme multiplies inputs by, nothing of the weights
-_ACTIVATION_SCALES = (".input_scale", ".activation_scale")
+ACTIVATION_SCALES = (".input_scale", ".activation_scale")
 
 
 @dataclass
@@ -116,7 +116,7 @@ def _unscaled(tensors: dict[str, TensorInfo], scheme: Scheme, suffix: str) -> No
             scheme.problems.append(f"FP8 tensor '{name}' has no '{name}{suffix}' beside it")
             return
     for name in tensors:
-        if name.endswith(_ACTIVATION_SCALES):
+        if name.endswith(ACTIVATION_SCALES):
             scheme.hidden.add(name)
 
 
