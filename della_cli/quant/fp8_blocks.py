@@ -22,9 +22,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from della_cli.errors import ModelError
+
+# Every e4m3 byte's value: a table lookup widens four times faster than ml_dtypes' cast.
+E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def dequantize_rows(
     ``weight``: rows ``start:start+n`` of the FP8 weight, shape (n, -1); ``scales``: the scale
     rows ``scale_rows`` names (the whole tensor per tensor). Returns shape (n, -1)."""
     count = weight.shape[0]
-    values = weight.astype(np.float32)
+    values = E4M3_VALUES[weight.view(np.uint8)]
     if stored.block is None and not stored.per_channel:
         return values * np.float32(scales.reshape(-1)[0])
     if stored.per_channel:
@@ -91,7 +95,11 @@ def dequantize_rows(
         expanded = np.repeat(np.repeat(grid, block_rows, axis=1), block_columns, axis=2)
         expanded = expanded[:, :rows, :columns]
         return (values.reshape(count, rows, columns) * expanded).reshape(count, -1)
-    first = start // block_rows
-    which = np.arange(start, start + count) // block_rows - first
-    per_row = np.repeat(grid, block_columns, axis=1)[:, :columns]
-    return values * per_row[which]
+    per_column = np.repeat(grid, block_columns, axis=1)[:, :columns]
+    band = start // block_rows  # the first scale row, ``grid``'s row 0
+    row = start
+    while row < start + count:  # one band of rows at a time shares a row of scales
+        end = min((row // block_rows + 1) * block_rows, start + count)
+        values[row - start : end - start] *= per_column[row // block_rows - band]
+        row = end
+    return values
