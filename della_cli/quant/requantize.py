@@ -207,15 +207,15 @@ class RequantizingWriter:
             return
         shape, how = self.requantized[name]
         rows = shape[0]
-        self._held.append(np.asarray(part, np.float32).reshape(part.shape[0], -1))
-        held_rows = sum(len(h) for h in self._held)
+        arrived = np.asarray(part, np.float32).reshape(part.shape[0], -1)
+        joined = np.concatenate([*self._held, arrived]) if self._held else arrived
         band = how.block[0] if how.block is not None and len(shape) == 2 else 1
-        done_after = self._rows_done + held_rows
-        ready = held_rows - held_rows % band if done_after < rows else held_rows
+        complete = self._rows_done + len(joined) == rows
+        ready = len(joined) if complete else len(joined) - len(joined) % band
         if ready:
-            joined = np.concatenate(self._held)
-            self._held = [joined[ready:]] if ready < held_rows else []
             self._emit(name, shape, how, joined[:ready])
+        # the engine recycles ``part``'s buffer once this returns: what waits is copied
+        self._held = [joined[ready:].copy()] if ready < len(joined) else []
         if self._rows_done == rows:
             scales = np.concatenate(self._scales).reshape(how.scale_shape)
             self._rows_done, self._scales = 0, []
