@@ -53,7 +53,7 @@ def test_a_ragged_200x300_weight_round_trips_within_half_an_fp8_step():
     scaled = np.abs(weight) / scale
     step = np.exp2(np.maximum(np.floor(np.log2(scaled)) - 3, -9))
     assert (np.abs(back - weight) <= scale * step / 2 * (1 + 1e-6)).all()
-    # transformers' own quantizer writes the same bytes on whole blocks
+    # the fixtures' quantizer (DeepSeek's division by amax / 448) writes the same bytes here
     from quant_fixtures import fp8_blocks
 
     theirs, their_scales = fp8_blocks(torch.from_numpy(weight[:128, :256]), (128, 128))
@@ -117,20 +117,20 @@ def test_an_fp8_output_is_the_float32_merge_within_half_an_fp8_step(fp8_models):
         assert (np.abs(got - values) <= scale * step / 2 * (1 + 1e-5) + 1e-12).all(), name
 
 
+@pytest.mark.parametrize("out_dtype", ["fp8", "bfloat16"])
 @pytest.mark.parametrize("method", ["task_arithmetic", "della"])
 def test_blocks_of_rows_that_cut_through_fp8_blocks_write_the_same_bytes(
-    fp8_models, monkeypatch, method
+    fp8_models, monkeypatch, method, out_dtype
 ):
-    # rows arrive a few at a time (6 rows of 32, 3 of 64), in recycled buffers, and are held
-    # until a band of 16 rows is complete
-    first = merge(fp8_models, "base", f"{method}-whole", "fp8", method=method)
+    # rows are read and arrive a few at a time (6 rows of 32, 3 of 64), in recycled buffers:
+    # read across the 16-row bands of scales, and held until a band is complete to write
+    run = f"{method}-{out_dtype}"
+    first = merge(fp8_models, "base", f"{run}-whole", out_dtype, method=method)
     assert first.exit_code == 0, first.output
     monkeypatch.setattr("della_cli.engine.shared.CPU_BLOCK_ELEMENTS", 200)
-    second = merge(fp8_models, "base", f"{method}-blocks", "fp8", method=method)
+    second = merge(fp8_models, "base", f"{run}-blocks", out_dtype, method=method)
     assert second.exit_code == 0, second.output
-    whole, blocks = (
-        fp8_models / f"{method}-{k}" / "model.safetensors" for k in ("whole", "blocks")
-    )
+    whole, blocks = (fp8_models / f"{run}-{k}" / "model.safetensors" for k in ("whole", "blocks"))
     assert blocks.read_bytes() == whole.read_bytes()
 
 
