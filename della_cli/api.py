@@ -26,6 +26,7 @@ from della_cli.io.writer import ShardWriter, shard_file_names
 from della_cli.locate import locate_model
 from della_cli.model_ref import split_model_ref
 from della_cli.plan import Plan
+from della_cli.quant.requantize import requantizing, with_quantization
 from della_cli.recipe import Recipe, load_recipe
 from della_cli.session import (
     DEFAULT_SHARD_BYTES,
@@ -138,9 +139,9 @@ def run_merge(
                 recipe, plan, inputs, device, staging, options, on_progress, warn, on_notice
             )
             write_config(
-                reference.config,
+                with_quantization(reference.config, plan.quantization),
                 staging,
-                plan.config_dtype,
+                plan.config_dtype if plan.quantization is None else None,
                 plan.tie_word_embeddings,
                 plan.vocab_size,
             )
@@ -277,6 +278,7 @@ def _write_weights(
         journal.save(staging)
 
     writer = ShardWriter(staging, plan.shards, first_shard=done, on_shard_finished=record)
+    writer = requantizing(writer, plan.jobs)
     try:
         engine = MergeEngine(
             recipe,

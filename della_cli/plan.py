@@ -23,6 +23,13 @@ from della_cli.kernels import Kernel, assign_kernels
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
 from della_cli.methods.streamed import statistics_bytes
+from della_cli.quant.requantize import (
+    Requantize,
+    fp8_output_problem,
+    output_shards,
+    requantization,
+)
+from della_cli.quant.view import written_dtype
 from della_cli.quantized import refuse_quantized
 from della_cli.recipe import Recipe
 from della_cli.vocab_rows import VocabularyAlignment, align_vocabulary
@@ -64,6 +71,7 @@ class TensorJob:
     reference: Source  # the base of a delta merge, or what a copy copies
     experts: tuple[Source, ...] = ()
     kernel: Kernel | None = None  # what merges it (``della_cli.kernels``); None for a copy
+    requantize: Requantize | None = None  # written in the base's FP8 format (out_dtype: fp8)
 
     @property
     def numel(self) -> int:
@@ -81,6 +89,7 @@ class Plan:
     tie_word_embeddings: bool | None = None
     vocab_size: int | None = None  # set when tokenizer_source changes the vocabulary rows
     vocabulary: VocabularyAlignment | None = None  # a tokenizer the merge builds (union, ...)
+    quantization: dict | None = None  # the quantization_config of an FP8 output
 
     @property
     def output_bytes(self) -> int:
@@ -88,11 +97,16 @@ class Plan:
 
     @property
     def config_dtype(self) -> str | None:
-        """The dtype name config.json should carry: that of the floating tensors written."""
+        """The dtype name config.json should carry: that of the floating tensors written, the
+        one of most entries where they differ (a DeepSeek-V3 keeps its router biases in
+        float32 beside bfloat16 weights, and transformers loads the model in this dtype)."""
+        entries: dict[str, int] = {}
         for job in self.jobs:
             if job.out_dtype in CONFIG_NAMES:
-                return CONFIG_NAMES[job.out_dtype]
-        return None
+                entries[job.out_dtype] = entries.get(job.out_dtype, 0) + job.numel
+        if not entries:
+            return None
+        return CONFIG_NAMES[max(entries, key=entries.__getitem__)]  # a tie: the first
 
     def working_memory_bytes(self, block_elements: int, whole_tensor_selection: bool) -> int:
         """An upper estimate of the memory the engine holds at once, beyond the runtime.
@@ -179,6 +193,7 @@ class _Planner:
         self.vocab = {v for v in map(_vocab_size, [reference, *experts]) if v}
         # Without out_dtype, dtype is also the output's dtype (mergekit's rule).
         self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or recipe.schema.dtype or "")
+        self.requantizing = recipe.schema.out_dtype == "fp8"
         self.tokenizer_model = recipe.tokenizer_model
         if self.tokenizer_model == ref_model or alignment is not None:
             self.tokenizer_model = None  # the reference is the source: nothing to refit
@@ -275,7 +290,7 @@ class _Planner:
             ref, ref_source = self.vocabulary_target(name, ref, ref_source)
         else:
             ref, ref_source = aligned
-        out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else ref.dtype
+        out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else written_dtype(ref)
         if not ref.is_floating:
             return TensorJob(name, "copy", ref.shape, ref.dtype, ref_source)
         sources = [
@@ -300,6 +315,12 @@ class _Planner:
             self.problems.append(
                 f"tokenizer: '{label}' gives tokens' rows to the other models but has no '{name}'"
             )
+
+    def requantized(self, job: TensorJob) -> TensorJob:
+        """``job`` written in the base's FP8 format where the base stores it so: merged in
+        float32, quantized as it is written (``della_cli.quant.requantize``)."""
+        how = requantization(self.reference, job.name)
+        return job if how is None else replace(job, out_dtype="F32", requantize=how)
 
     def check_contract(self, name: str, present: tuple[Source, ...]) -> None:
         """A catalog method with a fixed number of models (nuslerp's two) cannot merge a
@@ -355,6 +376,10 @@ def build_plan(
     ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
     jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
     jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
+    if planner.requantizing:
+        problem = fp8_output_problem(reference)
+        planner.problems += [problem] if problem else []
+        jobs = [planner.requantized(job) for job in jobs]
     _report_architecture(planner)
     for index, expert in enumerate(experts):
         if not set(expert.tensors) & set(reference.tensors):
@@ -380,12 +405,14 @@ def build_plan(
         tied = not any(j.name.endswith("lm_head.weight") for j in jobs)
         rows = next(j.shape[0] for j in jobs if j.name == embedding)
         vocab_size = rows if rows != reference.tensors[embedding].shape[0] else None
-    shards = split_into_shards(outputs, max_shard_bytes)
+    shards, quantization = split_into_shards(outputs, max_shard_bytes), None
+    if planner.requantizing:
+        shards, quantization = output_shards(reference, jobs, max_shard_bytes)
     warnings = [*recipe.schema.notes, *planner.warnings]  # the recipe's notes first
     if alignment is not None:
         vocab_size = alignment.padded_size
         warnings += [alignment.summary, *alignment.warnings]
-    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size, alignment)
+    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size, alignment, quantization)
     return assign_kernels(plan, recipe, base, experts, device)
 
 

@@ -1,4 +1,4 @@
-"""Quantized checkpoints, recognised so that the plan can refuse them.
+"""Quantized checkpoints, recognised so that the plan can refuse those della cannot read.
 
 A quantized tensor is not its values: an FP8 weight with DeepSeek-style block scales means
 ``weight * weight_scale_inv`` per 128x128 block, GPTQ and AWQ pack 4-bit integers into int32
@@ -6,8 +6,9 @@ A quantized tensor is not its values: an FP8 weight with DeepSeek-style block sc
 ``*_scales`` exponents, bitsandbytes keeps ``absmax`` and a ``quant_map`` beside packed bytes.
 Merging the stored values as if they were weights gives a silently wrong model (an FP8 merge
 without its scales was off by up to 224 bf16 ulps), and the scale tensors would be copied into
-the output as weights. Until della dequantizes a format, a model in it is refused, naming the
-format, the model and a first tensor that shows it.
+the output as weights. FP8 and MXFP4 checkpoints that config.json declares are dequantized as
+they are read (``della_cli.quant``) and reach the plan unquantized; any other quantized model
+is refused here, naming the format, the model and a first tensor that shows it.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def quantization_problem(reader: ModelReader) -> str | None:
         evidence.append(f"tensors such as '{tensor[0]}' ({reader.tensors[tensor[0]].dtype})")
     return (
         f"model '{reader.label}' is quantized ({form}: "
-        f"{' and '.join(evidence)}); della merges unquantized weights only, so merge the "
-        "model's bf16/fp16 checkpoint, or dequantize it first"
+        f"{' and '.join(evidence)}); della reads fp8 and mxfp4 checkpoints whose config.json "
+        "declares them (quant_method fp8, compressed-tensors float-quantized, mxfp4) and "
+        "unquantized ones: merge the model's bf16/fp16 checkpoint, or dequantize it first"
     )
 
 

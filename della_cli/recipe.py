@@ -462,6 +462,16 @@ def _dtype(value: Any, path: str) -> str | None:
     return value
 
 
+def _out_dtype(value: Any, path: str) -> str | None:
+    """``dtype``'s choices, or ``fp8``: the base's own FP8 format (``della_cli.quant``)."""
+    if value == "fp8":
+        return value
+    if value is not None and value not in DTYPE_CHOICES:
+        choices = ", ".join(f"'{name}'" for name in DTYPE_CHOICES)
+        _fail(path, f"must be one of {choices} or 'fp8', got {shown(value)}")
+    return value
+
+
 def _seed(value: Any, path: str) -> int | None:
     if value is None:
         return None
@@ -530,7 +540,7 @@ RECIPE_KEYS: dict[str, tuple[str, Check]] = {
     "models": ("models", _model_entries),
     "parameters": ("parameters", _parameters(GLOBAL_PARAMETER_KEYS, GlobalParameters)),
     "dtype": ("dtype", _dtype),
-    "out_dtype": ("out_dtype", _dtype),
+    "out_dtype": ("out_dtype", _out_dtype),
     "seed": ("seed", _seed),
     "tokenizer_source": ("tokenizer_source", _tokenizer_source),
     "tokenizer": ("tokenizer", check_tokenizer_block),

@@ -23,6 +23,7 @@ from della_cli.locate import close_folder, locate_model, missing_folder_message
 from della_cli.lora_inputs import adapter_layout, open_adapter, with_adapter
 from della_cli.model_ref import split_model_ref
 from della_cli.plan import Plan, build_plan
+from della_cli.quant import dequantizing
 from della_cli.recipe import Recipe, load_recipe
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -126,7 +127,7 @@ class MergeSession:
             resolved = resolve_model(
                 where, weights=True, progress=self.options.progress, commit=pins[parts.model]
             )
-            local = ModelReader(resolved.folder, parts.model, resolved.root)
+            local = dequantizing(ModelReader(resolved.folder, parts.model, resolved.root))
         if parts.adapter is not None:
             opened = open_adapter(
                 ref,
@@ -178,7 +179,7 @@ def open_inputs(
         """The model ``ref`` names, with its adapter merged in where it has one."""
         nonlocal download_bytes
         parts = split_model_ref(ref)
-        model = open_folder(field, parts.model)
+        model = dequantizing(open_folder(field, parts.model))
         if parts.adapter is None:
             return model
         try:

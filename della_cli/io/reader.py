@@ -223,8 +223,9 @@ class ModelReader:
         return value
 
     def has_row_spans(self, name: str) -> bool:
-        """Whether the rows of ``name`` lie in a file as stored, so that a reader of its own
-        may read them there (``row_span``, ``io.streamed_sum``)."""
+        """Whether the rows of ``name`` lie in a file as ``read_rows`` returns them, so that a
+        kernel may read them there itself (``row_span``, ``io.streamed_sum``); a dequantized
+        weight's, a pickle's or an adapted weight's do not."""
         return True
 
     def computes(self, name: str) -> bool:

@@ -327,8 +327,9 @@ BAD_RECIPES = [
     pytest.param(edited(("seed", -1)), "seed:", ["0"], id="seed-negative"),
     pytest.param(edited(("seed", 2**63)), "seed:", [], id="seed-too-large"),
     pytest.param(
-        edited(("out_dtype", "fp8")),
-        "out_dtype: must be one of 'float32', 'float16', 'bfloat16' or 'float64', got 'fp8'",
+        edited(("out_dtype", "int8")),
+        "out_dtype: must be one of 'float32', 'float16', 'bfloat16', 'float64' or 'fp8', "
+        "got 'int8'",
         [],
         id="out-dtype",
     ),
