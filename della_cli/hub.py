@@ -134,18 +134,23 @@ def _snapshot(ref: HubRef, revision: str, patterns: list[str], progress: bool) -
 
 
 def resolve_model(
-    ref: HubRef, weights: bool = True, progress: bool = True, commit: str | None = None
+    ref: HubRef,
+    weights: bool = True,
+    progress: bool = True,
+    commit: str | None = None,
+    only: list[str] | None = None,
 ) -> ResolvedModel:
     """Download what a merge reads of ``ref`` (config, generation config, tokenizer files,
     index, and with ``weights`` the safetensors shards the index names) into the Hub cache,
     pinned to the commit its revision points to now (or to ``commit``, pinned earlier).
-    Offline, the cache alone answers."""
+    ``only``: just these weight files, for a part of a merge (none when empty). Offline, the
+    cache alone answers."""
     with hub_errors(f"model '{ref}'"):
         revision = commit or ref.revision or "main"
         folder = _snapshot(ref, revision, METADATA_PATTERNS, progress)
         commit = folder.name  # the snapshot folder is named by its commit
-        if weights:
-            folder = _snapshot(ref, commit, weight_names(folder), progress)
+        if weights and only != []:  # ``only``: these weight files (a part of a merge)
+            folder = _snapshot(ref, commit, only or weight_names(folder), progress)
     return ResolvedModel(ref, commit, folder, folder.parent.parent)
 
 

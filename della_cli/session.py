@@ -8,6 +8,7 @@ commits the plan pinned and keeps the plan (``MergeSession.download_weights``).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from della_cli.errors import DellaError, HubError, ModelError
 from della_cli.hub import HubRef, remote_headers, resolve_model
 from della_cli.io.journal import merge_fingerprint
 from della_cli.io.metadata import GENERATION_PATTERNS, TOKENIZER_PATTERNS, metadata_files
-from della_cli.io.reader import ModelReader
+from della_cli.io.reader import ModelReader, ensure_inside
 from della_cli.locate import close_folder, locate_model, missing_folder_message
 from della_cli.plan import Plan, build_plan
 from della_cli.recipe import Recipe, load_recipe
@@ -75,11 +76,13 @@ class MergeSession:
             )
         return self.plan
 
-    def download_weights(self) -> None:
+    def download_weights(self, only: Mapping[int, Collection[str]] | None = None) -> None:
         """Download the Hub models' weights at the commits the plan pinned, and read them as
         local folders, checked as every local model is (files confined to the cache, headers
         valid). Their tensors must be the ones the plan was made from: the same commit cannot
-        give others, so a difference is refused rather than merged."""
+        give others, so a difference is refused rather than merged. ``only``: the weight files
+        to download, by model (-1 the base, else the expert's index), for a part of a merge
+        (``della_cli.parts``); the other files' tensors stay known from their headers."""
         if self.downloaded or not self.inputs.pins:
             self.downloaded = True
             return
@@ -90,10 +93,15 @@ class MergeSession:
                 continue
             where = locate_model(ref, self.recipe.path.parent if self.recipe.path else None)
             assert isinstance(where, HubRef)  # it resolved to the Hub when it was opened
+            files = None if only is None else sorted(only.get(position - 1, ()))
             resolved = resolve_model(
-                where, weights=True, progress=self.options.progress, commit=self.inputs.pins[ref]
+                where,
+                weights=True,
+                progress=self.options.progress,
+                commit=self.inputs.pins[ref],
+                only=files,
             )
-            local = ModelReader(resolved.folder, ref, resolved.root)
+            local = _downloaded_reader(resolved, ref, files)
             if _layout(local) != _layout(reader):
                 local.close()
                 raise ModelError(
@@ -111,6 +119,17 @@ class MergeSession:
         for reader in [self.inputs.base, *self.inputs.experts]:
             if reader is not None:
                 reader.close()
+
+
+def _downloaded_reader(resolved, ref: str, files: list[str] | None) -> ModelReader:
+    """A Hub model read from the cache: all of it, or (``files``) the downloaded weight files
+    with the headers of the others, read again remotely (header bytes only)."""
+    if files is None:
+        return ModelReader(resolved.folder, ref, resolved.root)
+    for name in files:
+        ensure_inside(resolved.folder / name, resolved.root)
+    headers, _ = remote_headers(resolved)
+    return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
 
 
 def _layout(reader: ModelReader) -> dict[str, tuple]:

@@ -13,10 +13,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "della_cli"
 # Higher layers first; a module may import only from its own layer or those after it.
 LAYERS = [
     {"cli", "__main__", "demo"},
-    {"api", "preflight", "inspection"},
+    {"api", "preflight", "inspection", "assemble", "part_merge", "ray_runner"},
     {"session"},
     {"engine"},
-    {"plan", "kernels"},
+    {"plan", "kernels", "parts"},
     {"backends"},
     {"methods"},
 ]
