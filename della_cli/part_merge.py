@@ -75,6 +75,20 @@ def plan_parts(session: MergeSession, plan: Plan, count: int) -> list[Part]:
     return split_parts(plan, readers, count, hub, block_elements_for(session.device), whole)
 
 
+def plan_parts_report(recipe_path, out: Path | None, options: MergeOptions, count: int):
+    """``della plan --parts N``: the plan report of the whole merge, and its parts (none when
+    the merge cannot be planned)."""
+    from della_cli.preflight import assess
+
+    session = MergeSession.open(recipe_path, options)
+    try:
+        report, plan = assess(session, out)
+        parts = plan_parts(session, plan, count) if plan is not None else []
+    finally:
+        session.close()
+    return report, parts
+
+
 def parts_fingerprint(session: MergeSession, plan: Plan) -> str:
     """What determines the output bytes, the same on every machine: the recipe and seed, the
     shard layout, and each model by its pinned commit (Hub) or each of its weight files by size

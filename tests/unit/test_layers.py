@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "della_cli"
 # Higher layers first; a module may import only from its own layer or those after it.
 LAYERS = [
-    {"cli", "__main__", "demo"},
+    {"cli", "cli_parts", "__main__", "demo"},
     {"api", "preflight", "inspection", "assemble", "part_merge", "ray_runner"},
     {"session"},
     {"engine"},

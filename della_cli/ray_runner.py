@@ -1,0 +1,257 @@
+"""A merge in parts on a Ray cluster (``della merge RECIPE OUT --ray [ADDRESS] --parts N``).
+
+Each part (``della_cli.parts``) is one Ray task, given the CPUs and memory it needs; Ray
+schedules the tasks, reruns a task whose worker or node died (``max_retries``) or that failed
+for a reason that may pass (``retry_exceptions``), and a rerun keeps the shards its killed
+attempt finished (parts resume). Progress comes back through a Ray queue. A task writes its
+shards into the parts folder beside OUT when its node sees the same folder as the driver (a
+shared file system, found out by a probe file the driver writes there); otherwise it writes
+into a scratch folder on its own node, and the driver pulls each shard from there as a stream
+of chunks in Ray's object store (a generator task pinned to that node), checks its digest and
+records it. The driver then assembles (``della_cli.assemble``): the same bytes as a merge on
+one machine, whatever the number of nodes.
+
+The recipe and any local model folders must be at the same paths on every node (a shared file
+system); Hub models need nothing shared, each part downloads only the files it reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from della_cli.errors import HubError, MergeFailure, UsageError
+from della_cli.io.journal import shard_digest
+from della_cli.io.parts_folder import Manifest, manifest_name, open_parts_folder, parts_path
+from della_cli.session import MergeOptions
+
+PROBE_NAME = ".della-ray-probe"
+CHUNK_BYTES = 64 << 20
+TASK_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class RayEvent:
+    """What the driver hears: a part ``started`` (on a node, in a process; again when Ray
+    retries it), ``merged`` some bytes, gave a ``warning``, ``finished``, or was ``pulled``
+    to the driver."""
+
+    kind: str
+    part: str
+    node: str = ""
+    pid: int = 0
+    bytes: int = 0
+    message: str = ""
+
+
+def run_on_ray(
+    recipe,
+    out: Path,
+    options: MergeOptions,
+    address: str | None = "auto",
+    count: int | None = None,
+    on_event: Callable[[RayEvent], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    gather: str = "auto",
+):
+    """Merge in ``count`` parts (default: one per alive node) as Ray tasks, then assemble.
+    ``address``: the cluster (``auto``: the one this machine belongs to; None: keep the
+    connection this process already has). ``gather``: ``auto`` (shared file system when the
+    workers see the driver's parts folder, else pull) or ``pull`` (always through Ray)."""
+    from della_cli.assemble import assemble
+
+    ray = _import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        _connect(ray, address)
+    try:
+        count = count or len([node for node in ray.nodes() if node.get("Alive")])
+        memory = _part_memory(recipe, out, options, count)
+        folder = open_parts_folder(out, create=True)
+        nonce = secrets.token_hex(8)
+        (folder / PROBE_NAME).write_text(nonce)
+        _run_tasks(ray, recipe, out, options, count, memory, nonce, gather, on_event)
+        (folder / PROBE_NAME).unlink(missing_ok=True)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return assemble(recipe, out, options, on_warning=on_warning)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(
+            "--ray needs Ray, which is not installed: pip install 'della-cli[ray]'"
+        ) from None
+    return ray
+
+
+def _connect(ray, address: str | None) -> None:
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as error:
+        raise UsageError(
+            f"no Ray cluster at '{address}' ({error}); start one with `ray start --head`, or "
+            "give its address: --ray HOST:6379"
+        ) from None
+
+
+def _part_memory(recipe, out: Path, options: MergeOptions, count: int) -> list[int]:
+    """Each part's working memory (the plan, made on the driver before anything runs, also
+    refuses a recipe that cannot be merged)."""
+    from della_cli.errors import PlanError
+    from della_cli.part_merge import plan_parts_report
+
+    report, parts = plan_parts_report(recipe, out, options, count)
+    if not parts:
+        raise PlanError(report.problems)
+    return [part.working_memory_bytes for part in parts]
+
+
+def _run_tasks(ray, recipe, out, options, count, memory, nonce, gather, on_event) -> None:
+    """One task per part; wait for all, relaying progress; pull what was not shared."""
+    from ray.util.queue import Queue
+
+    emit = on_event or (lambda event: None)
+    queue = Queue()
+    task = ray.remote(_part_task)
+    retry = {"max_retries": TASK_RETRIES, "retry_exceptions": [MergeFailure, HubError, OSError]}
+    recipe_path = str(Path(recipe).resolve())
+    options = replace(options, resume=True, progress=False)
+    pending = {}
+    for number in range(1, count + 1):
+        needs = {"num_cpus": options.threads or 1, "memory": max(memory[number - 1], 1)}
+        ref = task.options(**retry, **needs).remote(
+            recipe_path, str(out.resolve()), options, number, count, queue, nonce, gather
+        )
+        pending[ref] = number
+    results = []
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            _relay(queue, emit)
+            for ref in ready:
+                pending.pop(ref)
+                results.append(_result(ray, ref))
+        _relay(queue, emit)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    for result in results:
+        if not result["shared"]:
+            _pull(ray, result, out)
+            emit(RayEvent("pulled", result["part"], result["node"], bytes=result["bytes"]))
+
+
+def _result(ray, ref) -> dict:
+    """A finished task's result; a della error it raised (a user's mistake, or a failure
+    that outlived the retries) is raised again here as itself."""
+    from della_cli.errors import DellaError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, DellaError):
+            raise cause from None
+        raise MergeFailure(f"a part failed on the Ray cluster: {cause or error}") from None
+    except ray.exceptions.RayError as error:
+        raise MergeFailure(
+            f"a part failed on the Ray cluster after {TASK_RETRIES} retries: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+
+
+def _relay(queue, emit) -> None:
+    while not queue.empty():
+        for item in queue.get_nowait_batch(queue.qsize()):
+            emit(RayEvent(**item))
+
+
+def _part_task(recipe, out, options, number, count, queue, nonce, gather) -> dict:
+    """A part, run by a Ray worker: into the shared parts folder, or a scratch one here."""
+    import ray
+
+    from della_cli.io.dtypes import itemsize
+    from della_cli.part_merge import run_part
+
+    node = ray.get_runtime_context().get_node_id()
+    label = f"{number}/{count}"
+    queue.put({"kind": "started", "part": label, "node": node, "pid": os.getpid()})
+    target = Path(out)
+    probe = parts_path(target) / PROBE_NAME
+    shared = gather == "auto" and probe.is_file() and probe.read_text() == nonce
+    if not shared:
+        target = Path(tempfile.gettempdir()) / "della-ray" / nonce / str(number) / target.name
+
+    def progress(job) -> None:
+        size = job.numel * itemsize(job.out_dtype)
+        queue.put({"kind": "merged", "part": label, "node": node, "bytes": size})
+
+    def warn(message: str) -> None:
+        queue.put({"kind": "warning", "part": label, "node": node, "message": message})
+
+    report = run_part(Path(recipe), target, options, number, count, progress, warn)
+    queue.put({"kind": "finished", "part": label, "node": node, "bytes": report.bytes})
+    manifest = Manifest.load(parts_path(target) / manifest_name(number, count))
+    return {
+        "part": label,
+        "node": node,
+        "shared": shared,
+        "folder": str(parts_path(target)),
+        "manifest": manifest.__dict__ if manifest else None,
+        "name": manifest_name(number, count),
+        "bytes": report.bytes,
+    }
+
+
+def _read_chunks(path: str):
+    """The bytes of a shard on this node, in chunks (a Ray generator task)."""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk
+
+
+def _remove_scratch(folder: str) -> None:
+    """Remove a part's scratch folder, and the merge's once no part's is left in it."""
+    part = Path(folder).parent
+    shutil.rmtree(part, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        part.parent.rmdir()
+
+
+def _pull(ray, result: dict, out: Path) -> None:
+    """Copy a part's shards from its node into the driver's parts folder, each checked
+    against the digest its part recorded, then the part's manifest; then clear the scratch."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    on_node = NodeAffinitySchedulingStrategy(result["node"], soft=False)
+    folder = open_parts_folder(out, create=True)
+    manifest = Manifest(**result["manifest"])
+    reader = ray.remote(_read_chunks).options(scheduling_strategy=on_node, num_returns="streaming")
+    for name, recorded in manifest.shards.items():
+        digest = shard_digest()
+        temporary = folder / f".{name}.pull"
+        with temporary.open("wb") as handle:
+            for ref in reader.remote(f"{result['folder']}/{name}"):
+                chunk = ray.get(ref)
+                handle.write(chunk)
+                digest.update(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if digest.hexdigest() != recorded:
+            temporary.unlink()
+            raise MergeFailure(f"shard {name} of part {result['part']} changed on its way here")
+        os.replace(temporary, folder / name)
+    manifest.save(folder, result["name"])
+    ray.get(
+        ray.remote(_remove_scratch).options(scheduling_strategy=on_node).remote(result["folder"])
+    )
