@@ -34,6 +34,15 @@ class _Command(typer.core.TyperCommand):
         return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
 
 
+class _MergeCommand(_Command):
+    """``--ray`` may come without its address (``cli_parts.with_ray_address``)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        from della_cli.cli_parts import with_ray_address
+
+        return super().parse_args(ctx, with_ray_address(args))
+
+
 app = typer.Typer(
     name="della",
     help="Merge fine-tuned language models without training (DELLA-Merging and baselines).",
@@ -115,7 +124,7 @@ RevisionOption = Annotated[
 MessageOption = Annotated[str | None, typer.Option(help="Commit message on the Hub.")]
 
 
-@app.command(cls=_Command)
+@app.command(cls=_MergeCommand)
 def merge(
     recipe: Annotated[
         Path, typer.Argument(help="The YAML recipe.", show_default=False, metavar="RECIPE")
@@ -176,10 +185,9 @@ def merge(
     ray: Annotated[
         str | None,
         typer.Option(
-            is_flag=False,
-            flag_value="auto",
             metavar="[ADDRESS]",
-            help="Run the parts as tasks on a Ray cluster (default: the one running here).",
+            help="Run the parts as tasks on the Ray cluster at ADDRESS (alone: the cluster "
+            "this machine belongs to).",
         ),
     ] = None,
     parts: Annotated[

@@ -14,6 +14,17 @@ from della_cli.errors import UsageError
 from della_cli.sizes import human_size
 
 
+def with_ray_address(args: list[str]) -> list[str]:
+    """The arguments with ``auto`` after a ``--ray`` that has no address (last, or followed
+    by another option): Ray's name for the cluster this machine belongs to."""
+    args = list(args)
+    for index, arg in enumerate(args):
+        if arg == "--ray" and (index + 1 == len(args) or args[index + 1].startswith("-")):
+            args.insert(index + 1, "auto")
+            break
+    return args
+
+
 def check_part_options(
     part: str | None,
     assemble: bool,
