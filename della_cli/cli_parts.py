@@ -180,7 +180,9 @@ class _Progress:
                 f"part {event.part}: {human_size(event.bytes)} pulled from node {event.node[:12]}"
             )
         else:
-            text = f"part {event.part} {event.kind}"
+            text = f"part {event.part} {event.kind}" + (
+                f" ({event.message})" if event.message else ""
+            )
         if not self.quiet:
             (bar.write if bar else lambda m: typer.echo(m, err=True))(text)
 

@@ -59,11 +59,14 @@ def run_on_ray(
     on_event: Callable[[RayEvent], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     gather: str = "auto",
+    progress_slots: int = 1024,
 ):
     """Merge in ``count`` parts (default: one per alive node) as Ray tasks, then assemble.
     ``address``: the cluster (``auto``: the one this machine belongs to; None: keep the
     connection this process already has). ``gather``: ``auto`` (shared file system when the
-    workers see the driver's parts folder, else pull) or ``pull`` (always through Ray)."""
+    workers see the driver's parts folder, else pull) or ``pull`` (always through Ray).
+    ``progress_slots``: how many progress messages may wait for the driver before a part
+    waits for it to read them."""
     from della_cli.assemble import assemble
 
     ray = _import_ray()
@@ -76,7 +79,8 @@ def run_on_ray(
         folder = open_parts_folder(out, create=True)
         nonce = secrets.token_hex(8)
         (folder / PROBE_NAME).write_text(nonce)
-        _run_tasks(ray, recipe, out, options, count, memory, nonce, gather, on_event)
+        tasks = _Tasks(recipe, out, options, count, memory, nonce, gather, progress_slots)
+        _run_tasks(ray, tasks, on_event)
         (folder / PROBE_NAME).unlink(missing_ok=True)
     finally:
         if started_here:
@@ -116,27 +120,41 @@ def _part_memory(recipe, out: Path, options: MergeOptions, count: int) -> list[i
     return [part.working_memory_bytes for part in parts]
 
 
-def _run_tasks(ray, recipe, out, options, count, memory, nonce, gather, on_event) -> None:
+@dataclass(frozen=True)
+class _Tasks:
+    """What the tasks of one merge share."""
+
+    recipe: Path
+    out: Path
+    options: MergeOptions
+    count: int
+    memory: list[int]
+    nonce: str
+    gather: str
+    progress_slots: int
+
+
+def _run_tasks(ray, tasks: _Tasks, on_event) -> None:
     """One task per part; wait for all, relaying progress; pull what was not shared."""
     from ray.util.queue import Queue
 
     emit = on_event or (lambda event: None)
-    queue = Queue()
+    queue = Queue(maxsize=tasks.progress_slots)
     task = ray.remote(_part_task)
     retry = {"max_retries": TASK_RETRIES, "retry_exceptions": [MergeFailure, HubError, OSError]}
-    recipe_path = str(Path(recipe).resolve())
-    options = replace(options, resume=True, progress=False)
+    options = replace(tasks.options, resume=True, progress=False)
+    recipe, out = Path(tasks.recipe).resolve(), tasks.out.resolve()
     pending = {}
-    for number in range(1, count + 1):
-        needs = {"num_cpus": options.threads or 1, "memory": max(memory[number - 1], 1)}
+    for number in range(1, tasks.count + 1):
+        needs = {"num_cpus": options.threads or 1, "memory": max(tasks.memory[number - 1], 1)}
         ref = task.options(**retry, **needs).remote(
-            recipe_path, str(out.resolve()), options, number, count, queue, nonce, gather
+            recipe, out, options, number, tasks.count, queue, tasks.nonce, tasks.gather
         )
         pending[ref] = number
     results = []
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
             _relay(queue, emit)
             for ref in ready:
                 pending.pop(ref)
@@ -147,7 +165,7 @@ def _run_tasks(ray, recipe, out, options, count, memory, nonce, gather, on_event
             ray.cancel(ref, force=True)
     for result in results:
         if not result["shared"]:
-            _pull(ray, result, out)
+            _pull(ray, result, tasks.out)
             emit(RayEvent("pulled", result["part"], result["node"], bytes=result["bytes"]))
 
 
@@ -199,8 +217,9 @@ def _part_task(recipe, out, options, number, count, queue, nonce, gather) -> dic
     def warn(message: str) -> None:
         queue.put({"kind": "warning", "part": label, "node": node, "message": message})
 
-    report = run_part(Path(recipe), target, options, number, count, progress, warn)
-    queue.put({"kind": "finished", "part": label, "node": node, "bytes": report.bytes})
+    report = run_part(recipe, target, options, number, count, progress, warn)
+    done = f"{report.computed_shards} shard(s) computed, {report.kept_shards} kept"
+    queue.put({"kind": "finished", "part": label, "node": node, "message": done})
     manifest = Manifest.load(parts_path(target) / manifest_name(number, count))
     return {
         "part": label,
