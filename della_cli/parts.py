@@ -97,7 +97,7 @@ def split_parts(
     whole_tensor_selection: bool,
 ) -> list[Part]:
     """The plan's shards in ``count`` parts of consecutive shards, balanced by cost. With more
-    parts than shards, the last parts are empty (they compute nothing and succeed).
+    parts than shards, some parts are empty (they compute nothing and succeed).
     ``readers``: each model by index (BASE for the base); ``hub_models``: the indexes of
     those that come from the Hub, whose files a part downloads."""
     check_part_count(count)
