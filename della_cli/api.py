@@ -131,7 +131,7 @@ def run_merge(
             )
             write_model_files(recipe, plan, inputs, staging, recipe.schema.name or out.name, warn)
             (staging / JOURNAL_NAME).unlink(missing_ok=True)
-            check_output(staging, warn, (saw_nonfinite or resumed_shards) > 0, options)
+            check_output(staging, warn, bool(saw_nonfinite or resumed_shards), options)
     except OSError as error:
         raise MergeFailure(
             f"writing {out} failed: {error.strerror or error}; nothing was left behind"

@@ -218,7 +218,7 @@ def merge(
         # (a typo in the recipe is exit 2 naming the field, not a missing token), and before
         # a merge that may take hours.
         check_push = _push_check(push_to_hub)
-        if check_part_options(part, assemble, ray, parts, dry_run, recipe):
+        if check_part_options(part, assemble, ray, parts, dry_run, recipe, bool(push_to_hub)):
             if check_push:
                 check_push()
             report = merge_in_parts(

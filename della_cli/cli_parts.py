@@ -32,6 +32,7 @@ def check_part_options(
     parts: int | None,
     dry_run: bool,
     recipe: Path,
+    push: bool = False,
 ) -> bool:
     """Whether the merge is made in parts; refuse combinations that mean nothing."""
     from della_cli.stages import read_stages
@@ -47,6 +48,8 @@ def check_part_options(
         return False
     if dry_run:
         raise UsageError(f"{chosen[0]} makes no dry run; see the parts with `della plan --parts N`")
+    if part and push:
+        raise UsageError("--push-to-hub goes with --assemble, once every part is done")
     if read_stages(recipe) is not None:
         raise UsageError(
             f"{recipe} is a multi-stage file; merge in parts one stage at a time (each stage "
@@ -120,7 +123,9 @@ def print_parts(recipe: Path, out: Path | None, options, count: int, as_json: bo
     typer.echo(f"in {count} part(s):")
     typer.echo("  part    shards       download       read      write     memory       disk")
     for p in parts:
-        shards = f"{p.first_shard + 1}-{p.stop_shard}" if p.stop_shard > p.first_shard else "-"
+        shards = {0: "-", 1: f"{p.stop_shard}"}.get(
+            p.stop_shard - p.first_shard, f"{p.first_shard + 1}-{p.stop_shard}"
+        )
         typer.echo(
             f"  {p.label:>6} {shards:>8} "
             + " ".join(

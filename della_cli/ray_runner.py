@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,6 +70,7 @@ def run_on_ray(
     waits for it to read them."""
     from della_cli.assemble import assemble
 
+    started = time.perf_counter()
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -85,7 +87,9 @@ def run_on_ray(
     finally:
         if started_here:
             ray.shutdown()
-    return assemble(recipe, out, options, on_warning=on_warning)
+    report = assemble(recipe, out, options, on_warning=on_warning)
+    report.seconds = round(time.perf_counter() - started, 3)  # the parts and the assembly
+    return report
 
 
 def _import_ray():

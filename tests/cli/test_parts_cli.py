@@ -176,11 +176,20 @@ def test_a_parts_folder_della_did_not_make_is_refused(recipe, tmp_path):
         (["--assemble", "--ray"], "--assemble and --ray cannot be combined"),
         (["--parts", "2"], "--parts goes with --ray"),
         (["--part", "1/2", "--dry-run"], "della plan --parts N"),
+        (["--part", "1/2", "--push-to-hub", "org/x"], "--push-to-hub goes with --assemble"),
     ],
 )
 def test_part_options_that_mean_nothing_are_refused(recipe, tmp_path, args, fragment):
     refused(invoke("merge", recipe, tmp_path / "out", *args), fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ray_without_ray_installed_says_how_to_install_it(recipe, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    refused(
+        invoke("merge", recipe, tmp_path / "out", "--ray", "--parts", "2"),
+        "pip install 'della-cli[ray]'",
+    )
 
 
 def test_plan_parts_shows_each_part_and_covers_every_shard_once(recipe):
