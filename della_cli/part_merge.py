@@ -122,8 +122,6 @@ def run_part(
     on_notice: WarningCallback | None = None,
 ) -> PartReport:
     """Compute part ``number`` of ``count`` of the merge into the parts folder of ``out``."""
-    from della_cli.preflight import assess, disk_needs, fit_problems
-
     started = time.perf_counter()
     warnings: list[str] = []
 
@@ -134,16 +132,7 @@ def run_part(
 
     session = MergeSession.open(recipe_path, options)
     try:
-        report, plan = assess(session, out)
-        if plan is None:
-            raise PlanError(report.problems)
-        part = plan_parts(session, plan, count)[number - 1]
-        # The part must fit this machine, not the whole merge.
-        report.working_memory_bytes = part.working_memory_bytes
-        report.disk = disk_needs(out, part.output_bytes, part.download_bytes)
-        problems = fit_problems(report)
-        if problems:
-            raise PlanError(problems)
+        plan, part = _planned_part(session, out, number, count)
         for message in plan.warnings:
             warn(message)
         session.download_weights(only=part.files)
@@ -154,8 +143,6 @@ def run_part(
         try:
             manifest = Manifest(parts_fingerprint(session, plan), part.label)
             kept = _kept_shards(folder, name, manifest, plan, part) if options.resume else []
-            manifest.shards = {n: d for n, d in manifest.shards.items() if n in kept}
-            manifest.resumed = bool(kept)
             names = shard_file_names(len(plan.shards))
             todo = [k for k in part.shards if names[k] not in kept]
             manifest.save(folder, name)
@@ -170,7 +157,6 @@ def run_part(
         ) from error
     finally:
         session.close()
-    names = shard_file_names(len(plan.shards))
     return PartReport(
         output=str(out),
         part=part.label,
@@ -184,12 +170,30 @@ def run_part(
     )
 
 
+def _planned_part(session: MergeSession, out: Path, number: int, count: int) -> tuple[Plan, Part]:
+    """The plan of the whole merge and this part of it, refused (PlanError) when the recipe
+    cannot be merged or when the part does not fit this machine (the whole merge need not)."""
+    from della_cli.preflight import assess, disk_needs, fit_problems
+
+    report, plan = assess(session, out)
+    if plan is None:
+        raise PlanError(report.problems)
+    part = plan_parts(session, plan, count)[number - 1]
+    report.working_memory_bytes = part.working_memory_bytes
+    report.disk = disk_needs(out, part.output_bytes, part.download_bytes)
+    problems = fit_problems(report)
+    if problems:
+        raise PlanError(problems)
+    return plan, part
+
+
 def _kept_shards(folder: Path, name: str, manifest: Manifest, plan: Plan, part: Part) -> list:
     """The part's shards an earlier run of this very merge finished and whose bytes still
     have the digest it recorded; their records go into ``manifest``."""
     previous = Manifest.load(folder / name)
     if previous is None or previous.fingerprint != manifest.fingerprint:
         return []
+    manifest.nonfinite = previous.nonfinite
     names = shard_file_names(len(plan.shards))
     kept = []
     for k in part.shards:
@@ -198,7 +202,7 @@ def _kept_shards(folder: Path, name: str, manifest: Manifest, plan: Plan, part: 
         if recorded is not None and path.is_file() and file_digest(path) == recorded:
             manifest.shards[names[k]] = recorded
             kept.append(names[k])
-    manifest.nonfinite = previous.nonfinite
+    manifest.resumed = bool(kept)
     return kept
 
 
