@@ -76,7 +76,9 @@ def run_on_ray(
     if started_here:
         _connect(ray, address)
     try:
-        count = count or len([node for node in ray.nodes() if node.get("Alive")])
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        _check_cpus(alive, options.threads or 1)
+        count = count or len(alive)
         memory = _part_memory(recipe, out, options, count)
         folder = open_parts_folder(out, create=True)
         nonce = secrets.token_hex(8)
@@ -90,6 +92,16 @@ def run_on_ray(
     report = assemble(recipe, out, options, on_warning=on_warning)
     report.seconds = round(time.perf_counter() - started, 3)  # the parts and the assembly
     return report
+
+
+def _check_cpus(alive: list[dict], cpus: int) -> None:
+    """Refuse a part no node can hold: Ray would wait for such a node for ever."""
+    largest = max((node.get("Resources", {}).get("CPU", 0) for node in alive), default=0)
+    if cpus > largest:
+        raise UsageError(
+            f"--threads {cpus}: each part asks Ray for {cpus} CPUs, and the cluster's largest "
+            f"node has {largest:g}; give at most --threads {int(largest)}"
+        )
 
 
 def _import_ray():
@@ -155,22 +167,20 @@ def _run_tasks(ray, tasks: _Tasks, on_event) -> None:
             recipe, out, options, number, tasks.count, queue, tasks.nonce, tasks.gather
         )
         pending[ref] = number
-    results = []
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
             _relay(queue, emit)
             for ref in ready:
                 pending.pop(ref)
-                results.append(_result(ray, ref))
+                result = _result(ray, ref)
+                if not result["shared"]:  # while the other parts run
+                    _pull(ray, result, tasks.out)
+                    emit(RayEvent("pulled", result["part"], result["node"], bytes=result["bytes"]))
         _relay(queue, emit)
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
-    for result in results:
-        if not result["shared"]:
-            _pull(ray, result, tasks.out)
-            emit(RayEvent("pulled", result["part"], result["node"], bytes=result["bytes"]))
 
 
 def _result(ray, ref) -> dict:
