@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(
                     f"| {label} | {n} | {shards[0]}-{shards[-1]} | "
                     f"{worst.download_bytes / GB:,.0f} GB | {worst.disk_bytes / GB:,.0f} GB | "
-                    f"{worst.working_memory_bytes / GB:.1f} GB | {download_s / 60:,.0f} min | "
-                    f"{merge_s / 60:,.0f} min | {(download_s + merge_s) / 60:,.0f} min |"
+                    f"{worst.working_memory_bytes / GB:.1f} GB | {download_s / 60:,.1f} min | "
+                    f"{merge_s / 60:,.1f} min | {(download_s + merge_s) / 60:,.1f} min |"
                 )
     text = "\n".join(
         [
