@@ -18,13 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from parts_models import build_toy_models, method_recipe
+from parts_models import options as toy_options
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from della_cli.api import MergeOptions, run_merge
 from della_cli.cli import app
+from della_cli.methods import METHODS
 
 SHARD_BYTES = 6000
+PART_COUNTS = (1, 2, 3, 7)
 
 
 def _ray():
@@ -95,7 +99,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize(("count", "gather"), [(2, "auto"), (3, "pull"), (7, "auto")])
+@pytest.mark.parametrize(("count", "gather"), [(3, "pull"), (7, "auto")])
 def test_parts_on_a_ray_cluster_give_the_bytes_of_one_machine(
     cluster, recipe, whole, tmp_path, count, gather
 ):
@@ -110,8 +114,30 @@ def test_parts_on_a_ray_cluster_give_the_bytes_of_one_machine(
     assert finished == sorted(f"{n}/{count}" for n in range(1, count + 1))
     pulled = {e.part for e in events if e.kind == "pulled"}
     assert pulled == (set(finished) if gather == "pull" else set())
-    if count > 2:  # more parts than one node holds at once: Ray spreads them
-        assert len({e.node for e in events if e.kind == "started"}) >= 2
+    # more parts than one node holds at once: Ray spreads them
+    assert len({e.node for e in events if e.kind == "started"}) >= 2
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory) -> list[Path]:
+    return build_toy_models(tmp_path_factory.mktemp("ray-toy-models"))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_on_the_cluster_gives_the_bytes_of_one_machine(
+    cluster, method, toy_models, tmp_path
+):
+    """Each method in one of 1, 2, 3 and 7 parts, in turn: every method runs on the
+    cluster, and every part count for several methods (in-process, every method runs in
+    every part count: test_parts_same_bytes.py)."""
+    from della_cli.ray_runner import run_on_ray
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(method_recipe(method, toy_models)))
+    run_merge(recipe, tmp_path / "one" / "out", toy_options())
+    count = PART_COUNTS[sorted(METHODS).index(method) % len(PART_COUNTS)]
+    run_on_ray(recipe, tmp_path / "ray" / "out", toy_options(), None, count)
+    assert files_of(tmp_path / "ray" / "out") == files_of(tmp_path / "one" / "out")
 
 
 def test_a_part_whose_worker_is_killed_is_run_again_and_keeps_its_shards(
