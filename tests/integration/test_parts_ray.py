@@ -1,8 +1,9 @@
 """A merge in parts on a local multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and
 two worker nodes, processes on this machine) gives exactly the bytes of the merge on one
-machine: with the parts folder shared, with every shard pulled through Ray's object store, with
-7 parts on 3 nodes, and with a part's worker killed (SIGKILL) midway, which Ray runs again and
-which keeps the shards its killed attempt finished.
+machine: every method (each in 1, 2, 3 or 7 parts, in turn), with the parts folder shared, with
+every shard pulled through Ray's object store, with 7 parts on 3 nodes, and with a part's
+worker killed (SIGKILL) midway, which Ray runs again and which keeps the shards its killed
+attempt finished.
 
 Ray is an optional extra (``pip install della-cli[ray]``): these tests skip without it, and
 fail under CI (``CI=true``), where ``.ci/run`` installs it. One cluster serves the module: it
