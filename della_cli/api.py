@@ -120,7 +120,6 @@ def run_merge(
         session.close()
         raise
     recipe, inputs, device = session.recipe, session.inputs, session.device
-    reference = inputs.base or inputs.experts[0]
     warnings = list(plan.warnings)
     for message in warnings:
         (on_warning or (lambda m: None))(message)
@@ -138,25 +137,9 @@ def run_merge(
             resumed_shards, saw_nonfinite = _write_weights(
                 recipe, plan, inputs, device, staging, options, on_progress, warn, on_notice
             )
-            write_config(
-                with_quantization(reference.config, plan.quantization),
-                staging,
-                plan.config_dtype if plan.quantization is None else None,
-                plan.tie_word_embeddings,
-                plan.vocab_size,
-            )
-            copy_metadata(reference.folder, staging, reference.root, GENERATION_PATTERNS)
-            tokenizer = tokenizer_reader(recipe, inputs)
-            copy_metadata(tokenizer.folder, staging, tokenizer.root, TOKENIZER_PATTERNS)
-            if plan.vocabulary is not None:  # a tokenizer the merge builds (union, tokens:)
-                write_tokenizer(staging, plan.vocabulary.tokenizer)
-            if recipe.schema.chat_template:
-                _set_chat_template(recipe, inputs, staging, warn)
-            _write_card_and_recipe(recipe, inputs, staging, recipe.schema.name or out.name, warn)
+            write_model_files(recipe, plan, inputs, staging, recipe.schema.name or out.name, warn)
             (staging / JOURNAL_NAME).unlink(missing_ok=True)
-            _check_own_output(staging, warn)
-            if (saw_nonfinite or resumed_shards) and not options.allow_nonfinite:
-                _check_finite_output(staging)
+            check_output(staging, warn, bool(saw_nonfinite or resumed_shards), options)
     except OSError as error:
         raise MergeFailure(
             f"writing {out} failed: {error.strerror or error}; nothing was left behind"
@@ -177,6 +160,38 @@ def run_merge(
         inputs=dict(inputs.pins),
         warnings=warnings,
     )
+
+
+def write_model_files(
+    recipe: Recipe, plan: Plan, inputs: MergeInputs, staging: Path, title: str, warn
+) -> None:
+    """Everything of the output but its weights: config, generation config, tokenizer (with
+    the recipe's chat template), card and recipe."""
+    reference = inputs.base or inputs.experts[0]
+    write_config(
+        with_quantization(reference.config, plan.quantization),
+        staging,
+        plan.config_dtype if plan.quantization is None else None,
+        plan.tie_word_embeddings,
+        plan.vocab_size,
+    )
+    copy_metadata(reference.folder, staging, reference.root, GENERATION_PATTERNS)
+    tokenizer = tokenizer_reader(recipe, inputs)
+    copy_metadata(tokenizer.folder, staging, tokenizer.root, TOKENIZER_PATTERNS)
+    if plan.vocabulary is not None:  # a tokenizer the merge builds (union, tokens:)
+        write_tokenizer(staging, plan.vocabulary.tokenizer)
+    if recipe.schema.chat_template:
+        _set_chat_template(recipe, inputs, staging, warn)
+    _write_card_and_recipe(recipe, inputs, staging, title, warn)
+
+
+def check_output(staging: Path, warn, read_values: bool, options: MergeOptions) -> None:
+    """The output's own check before it is published; with ``read_values`` (an input held
+    NaN or Inf, or shards come from an earlier run) its values are read for NaN and Inf too,
+    unless ``--allow-nonfinite``."""
+    _check_own_output(staging, warn)
+    if read_values and not options.allow_nonfinite:
+        _check_finite_output(staging)
 
 
 def _set_chat_template(recipe: Recipe, inputs: MergeInputs, staging: Path, warn) -> None:

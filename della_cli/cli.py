@@ -34,6 +34,15 @@ class _Command(typer.core.TyperCommand):
         return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
 
 
+class _MergeCommand(_Command):
+    """``--ray`` may come without its address (``cli_parts.with_ray_address``)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        from della_cli.cli_parts import with_ray_address
+
+        return super().parse_args(ctx, with_ray_address(args))
+
+
 app = typer.Typer(
     name="della",
     help="Merge fine-tuned language models without training (DELLA-Merging and baselines).",
@@ -115,7 +124,7 @@ RevisionOption = Annotated[
 MessageOption = Annotated[str | None, typer.Option(help="Commit message on the Hub.")]
 
 
-@app.command(cls=_Command)
+@app.command(cls=_MergeCommand)
 def merge(
     recipe: Annotated[
         Path, typer.Argument(help="The YAML recipe.", show_default=False, metavar="RECIPE")
@@ -166,10 +175,29 @@ def merge(
             metavar="DIR",
         ),
     ] = None,
+    part: Annotated[
+        str | None,
+        typer.Option(help="Compute only part I of N (e.g. 2/8) into OUT's parts folder."),
+    ] = None,
+    assemble: Annotated[
+        bool, typer.Option(help="Check the parts' shards, then write and publish OUT.")
+    ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[ADDRESS]",
+            help="Run the parts as tasks on the Ray cluster at ADDRESS (alone: the cluster "
+            "this machine belongs to).",
+        ),
+    ] = None,
+    parts: Annotated[
+        int | None, typer.Option(help="With --ray: the number of parts (default: nodes).")
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (and push it with --push-to-hub).
     A RECIPE of several YAML documents is a multi-stage file: its stages run in order."""
     from della_cli.api import MergeOptions
+    from della_cli.cli_parts import check_part_options, merge_in_parts
 
     _loaded()
 
@@ -190,10 +218,21 @@ def merge(
         # (a typo in the recipe is exit 2 naming the field, not a missing token), and before
         # a merge that may take hours.
         check_push = _push_check(push_to_hub)
-        if dry_run:
+        if check_part_options(part, assemble, ray, parts, dry_run, recipe, bool(push_to_hub)):
+            if check_push:
+                check_push()
+            report = merge_in_parts(
+                recipe, out, options, part, assemble, ray, parts, quiet, as_json
+            )
+            if report is None:  # a part: its summary is printed
+                return
+        elif dry_run:
             _dry_run(recipe, out, options, as_json, check_push)
             return
-        report = _merge_file(recipe, out, options, quiet or as_json, check_push, keep_intermediates)
+        else:
+            report = _merge_file(
+                recipe, out, options, quiet or as_json, check_push, keep_intermediates
+            )
     summary = report.to_dict()
     if not as_json and not quiet:
         typer.echo(
@@ -418,6 +457,10 @@ def plan(
         bool, typer.Option(help="Tensors missing from a model are problems.")
     ] = False,
     allow_pickle: AllowPickleOption = False,
+    parts: Annotated[
+        int | None,
+        typer.Option(help="Also show each of N parts' download, reads, writes, memory, disk."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Plan the merge of RECIPE from headers only, downloading no weights (exit 0 when it can
@@ -433,6 +476,11 @@ def plan(
             allow_pickle=allow_pickle,
         )
         options.progress = not as_json
+        if parts is not None:
+            from della_cli.cli_parts import print_parts
+
+            print_parts(recipe, out, options, parts, as_json)
+            return
         _dry_run(recipe, out, options, as_json)
 
 

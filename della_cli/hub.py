@@ -138,15 +138,20 @@ def _snapshot(ref: HubRef, revision: str, patterns: list[str], progress: bool) -
 
 
 def resolve_model(
-    ref: HubRef, weights: bool = True, progress: bool = True, commit: str | None = None
+    ref: HubRef,
+    weights: bool = True,
+    progress: bool = True,
+    commit: str | None = None,
+    only: list[str] | None = None,
 ) -> ResolvedModel:
     """Download what a merge reads of ``ref`` (config, generation config, tokenizer files,
     index, and with ``weights`` the safetensors shards the index names) into the Hub cache,
     pinned to the commit its revision points to now (or to ``commit``, pinned earlier).
-    Offline, the cache alone answers."""
-    return _resolve(
-        ref, "model", METADATA_PATTERNS, weight_names if weights else None, progress, commit
-    )
+    ``only``: just these weight files, for a part of a merge (none when empty). Offline, the
+    cache alone answers."""
+    names = weight_names if only is None else (lambda folder: only)
+    wanted = weights and only != []
+    return _resolve(ref, "model", METADATA_PATTERNS, names if wanted else None, progress, commit)
 
 
 def resolve_adapter(

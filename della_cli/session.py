@@ -8,6 +8,7 @@ commits the plan pinned and keeps the plan (``MergeSession.download_weights``).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from della_cli.hub import HubRef, remote_headers, resolve_model
 from della_cli.io.journal import merge_fingerprint
 from della_cli.io.lora import input_folders
 from della_cli.io.metadata import GENERATION_PATTERNS, TOKENIZER_PATTERNS, metadata_files
-from della_cli.io.reader import ModelReader
+from della_cli.io.reader import ModelReader, ensure_inside
 from della_cli.locate import close_folder, locate_model, missing_folder_message
 from della_cli.lora_inputs import adapter_layout, open_adapter, with_adapter
 from della_cli.model_ref import split_model_ref
@@ -80,11 +81,13 @@ class MergeSession:
             )
         return self.plan
 
-    def download_weights(self) -> None:
+    def download_weights(self, only: Mapping[int, Collection[str]] | None = None) -> None:
         """Download the Hub models' weights at the commits the plan pinned, and read them as
         local folders, checked as every local model is (files confined to the cache, headers
         valid). Their tensors must be the ones the plan was made from: the same commit cannot
-        give others, so a difference is refused rather than merged."""
+        give others, so a difference is refused rather than merged. ``only``: the weight files
+        to download, by model (-1 the base, else the expert's index), for a part of a merge
+        (``della_cli.parts``); the other files' tensors stay known from their headers."""
         if self.downloaded or not self.inputs.pins:
             self.downloaded = True
             return
@@ -93,7 +96,8 @@ class MergeSession:
         for position, (ref, reader) in enumerate(zip(refs, readers, strict=True)):
             if reader is None or not set(split_model_ref(ref).parts) & set(self.inputs.pins):
                 continue
-            local = self._downloaded(ref, reader)
+            files = None if only is None else sorted(only.get(position - 1, ()))
+            local = self._downloaded(ref, reader, files)
             reader.close()
             if position == 0:
                 self.inputs.base = local
@@ -114,9 +118,10 @@ class MergeSession:
             borrowed=True,
         )
 
-    def _downloaded(self, ref: str, reader: ModelReader) -> ModelReader:
+    def _downloaded(self, ref: str, reader: ModelReader, files: list[str] | None) -> ModelReader:
         """``reader``'s model (and adapter) read from local files, those on the Hub
-        downloaded at their pinned commits and checked against the headers planned."""
+        downloaded at their pinned commits (``files``: just these weight files of the model)
+        and checked against the headers planned."""
         parts, pins = split_model_ref(ref), self.inputs.pins
         recipe_dir = self.recipe.path.parent if self.recipe.path else None
         # A local model is kept: closing ``reader`` closes its files, which reopen when read.
@@ -125,9 +130,13 @@ class MergeSession:
             where = locate_model(parts.model, recipe_dir)
             assert isinstance(where, HubRef)  # it resolved to the Hub when it was opened
             resolved = resolve_model(
-                where, weights=True, progress=self.options.progress, commit=pins[parts.model]
+                where,
+                weights=True,
+                progress=self.options.progress,
+                commit=pins[parts.model],
+                only=files,
             )
-            local = dequantizing(ModelReader(resolved.folder, parts.model, resolved.root))
+            local = dequantizing(_downloaded_reader(resolved, parts.model, files))
         if parts.adapter is not None:
             opened = open_adapter(
                 ref,
@@ -152,6 +161,17 @@ class MergeSession:
         for reader in [self.inputs.base, *self.inputs.experts]:
             if reader is not None:
                 reader.close()
+
+
+def _downloaded_reader(resolved, ref: str, files: list[str] | None) -> ModelReader:
+    """A Hub model read from the cache: all of it, or (``files``) the downloaded weight files
+    with the headers of the others, read again remotely (header bytes only)."""
+    if files is None:
+        return ModelReader(resolved.folder, ref, resolved.root)
+    for name in files:
+        ensure_inside(resolved.folder / name, resolved.root)
+    headers, _ = remote_headers(resolved)
+    return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
 
 
 def _layout(reader: ModelReader) -> dict[str, tuple]:

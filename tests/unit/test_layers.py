@@ -12,11 +12,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "della_cli"
 # Higher layers first; a module may import only from its own layer or those after it.
 LAYERS = [
-    {"cli", "__main__", "demo", "cli_sweep"},
-    {"api", "preflight", "inspection", "sweep"},
+    {"cli", "cli_parts", "cli_sweep", "__main__", "demo"},
+    {"api", "preflight", "inspection", "sweep", "assemble", "part_merge", "ray_runner"},
     {"session"},
     {"engine"},
-    {"plan", "kernels"},
+    {"plan", "kernels", "parts"},
     {"backends"},
     {"methods"},
 ]
