@@ -22,6 +22,7 @@ from della_cli.io.metadata import (
 from della_cli.io.output import check_destination, clear_partial, staged_folder
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
+from della_cli.layer_map import output_config
 from della_cli.locate import locate_model
 from della_cli.plan import Plan
 from della_cli.recipe import Recipe, load_recipe
@@ -131,7 +132,7 @@ def run_merge(
                 recipe, plan, inputs, device, staging, options, on_progress, warn, on_notice
             )
             write_config(
-                reference.config,
+                output_config(reference.config, plan.layer_map),
                 staging,
                 plan.config_dtype,
                 plan.tie_word_embeddings,

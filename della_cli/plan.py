@@ -20,6 +20,7 @@ from della_cli.io.dtypes import CONFIG_NAMES, DTYPE_NAMES, itemsize
 from della_cli.io.reader import ModelReader, TensorInfo
 from della_cli.io.writer import OutputTensor, split_into_shards
 from della_cli.kernels import Kernel, assign_kernels
+from della_cli.layer_map import LayerMap, SlicedTensor, plan_slices
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
 from della_cli.methods.streamed import statistics_bytes
@@ -62,6 +63,12 @@ class TensorJob:
     reference: Source  # the base of a delta merge, or what a copy copies
     experts: tuple[Source, ...] = ()
     kernel: Kernel | None = None  # what merges it (``della_cli.kernels``); None for a copy
+    reference_is_base: bool = False  # a slice's own base_model, one of the recipe's models
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the reference is a base the method merges into (not one of its inputs)."""
+        return self.reference.model == BASE or self.reference_is_base
 
     @property
     def numel(self) -> int:
@@ -78,6 +85,7 @@ class Plan:
     compute_dtype: str = "F32"
     tie_word_embeddings: bool | None = None
     vocab_size: int | None = None  # set when tokenizer_source changes the vocabulary rows
+    layer_map: LayerMap | None = None  # a merge by slices: the output's layers
 
     @property
     def output_bytes(self) -> int:
@@ -212,16 +220,19 @@ class _Planner:
         target = replace(ref, shape=(rows, *ref.shape[1:]))
         return target, replace(own, rows=ref.shape[0], fill=fill)
 
-    def source_for(self, index: int, name: str, ref: TensorInfo) -> Source | None:
-        """Expert ``index``'s input for output tensor ``name`` (None: it sits this one out)."""
+    def source_for(
+        self, index: int, name: str, ref: TensorInfo, tensor: str | None = None
+    ) -> Source | None:
+        """Expert ``index``'s input for output tensor ``name``: its own ``tensor`` of that name
+        unless given (None: it sits this one out)."""
         expert = self.experts[index]
         label = self.recipe.model_refs[index]
-        tensor = name
-        if name not in expert.tensors and name.endswith("lm_head.weight") and _is_tied(expert):
+        tensor = tensor or name
+        if tensor not in expert.tensors and name.endswith("lm_head.weight") and _is_tied(expert):
             tensor = find_embedding(expert)  # a tied model's lm_head is its embedding matrix
         info = expert.tensors.get(tensor)
         if info is None:
-            message = f"'{label}' has no '{name}'"
+            message = f"'{label}' has no '{tensor}'"
             if self.strict:
                 self.problems.append(f"{message} (--strict)")
             else:
@@ -244,15 +255,26 @@ class _Planner:
         self.mismatched.setdefault(index, []).append((name, info.shape, ref.shape))
         return None
 
-    def job_for(self, name: str, ref: TensorInfo, ref_source: Source) -> TensorJob:
+    def job_for(
+        self,
+        name: str,
+        ref: TensorInfo,
+        ref_source: Source,
+        inputs: tuple[tuple[int, str], ...] | None = None,
+    ) -> TensorJob:
+        """The job of output tensor ``name``, merged from ``inputs`` ((model, tensor) each;
+        by default every model's tensor of that name)."""
         ref, ref_source = self.vocabulary_target(name, ref, ref_source)
         out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else ref.dtype
         if not ref.is_floating:
             return TensorJob(name, "copy", ref.shape, ref.dtype, ref_source)
-        sources = [self.source_for(i, name, ref) for i in range(len(self.experts))]
+        if inputs is None:
+            inputs = tuple((i, name) for i in range(len(self.experts)))
+        sources = [self.source_for(i, name, ref, tensor) for i, tensor in inputs]
         present = tuple(s for s in sources if s is not None)
         if not present:
-            self.warnings.append(f"no model has '{name}'; copied from the base")
+            if inputs:  # a slice of its base alone has nothing to merge: no warning
+                self.warnings.append(f"no model has '{name}'; copied from the base")
             return TensorJob(name, "copy", ref.shape, out_dtype, ref_source)
         self.check_keep_count(name, ref, present)
         self.check_contract(name, present)
@@ -305,11 +327,15 @@ def build_plan(
     refuse_quantized([base, *experts])  # before anything is planned from their raw values
     reference, ref_model = (base, BASE) if base is not None else (experts[0], 0)
     planner = _Planner(recipe, reference, ref_model, experts, strict)
-    ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
-    jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
-    jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
-    _report_architecture(planner)
-    for index, expert in enumerate(experts):
+    layer_map = None
+    if recipe.schema.slices is not None:
+        layer_map, jobs = _sliced_jobs(planner, base)
+    else:
+        ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
+        jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
+        jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
+    _report_architecture(planner, depths=layer_map is None)
+    for index, expert in enumerate(experts if layer_map is None else ()):
         if not set(expert.tensors) & set(reference.tensors):
             planner.problems.append(
                 f"'{recipe.model_refs[index]}' shares no tensor name with the base; it is "
@@ -335,26 +361,44 @@ def build_plan(
         vocab_size = rows if rows != reference.tensors[embedding].shape[0] else None
     shards = split_into_shards(outputs, max_shard_bytes)
     warnings = [*recipe.schema.notes, *planner.warnings]  # the recipe's notes first
-    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size)
+    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size, layer_map)
     return assign_kernels(plan, recipe, base, experts, device)
 
 
-def _report_architecture(planner: _Planner) -> None:
+def _sliced_jobs(planner: _Planner, base: ModelReader | None) -> tuple[LayerMap, list[TensorJob]]:
+    """The jobs of a merge by slices, in output order (``layer_map``)."""
+    sliced = plan_slices(planner.recipe, base, planner.experts)
+    planner.problems += sliced.problems
+
+    def job(tensor: SlicedTensor) -> TensorJob:
+        model, name = tensor.reference
+        reader = base if model == BASE else planner.experts[model]
+        if name not in reader.tensors:  # an lm_head the tied reference has as its embedding
+            name = find_embedding(reader)
+        info = reader.tensors[name]
+        made = planner.job_for(tensor.name, info, Source(model, name), tensor.inputs)
+        return replace(made, reference_is_base=tensor.reference_is_base)
+
+    return sliced.layer_map, [job(tensor) for tensor in sliced.tensors]
+
+
+def _report_architecture(planner: _Planner, depths: bool = True) -> None:
     """One problem per model that is not the base's architecture, naming the cause (a width
-    in config.json, a different number of layers) before the tensors it shows in."""
+    in config.json, a different number of layers, unless slices pick the layers) before the
+    tensors it shows in."""
     reference = planner.reference
     for index, expert in enumerate(planner.experts):
         if expert is reference:
             continue
         label = planner.recipe.model_refs[index]
         widths = config_differences(reference.config, expert.config)
-        depths = layer_differences(reference.tensors, expert.tensors)
+        stacks = layer_differences(reference.tensors, expert.tensors) if depths else []
         mismatches = planner.mismatched.get(index, [])
         if mismatches:
-            planner.problems.append(shape_summary(label, mismatches, widths + depths))
-        elif depths:
+            planner.problems.append(shape_summary(label, mismatches, widths + stacks))
+        elif stacks:
             planner.problems.append(
-                f"'{label}' has {', '.join(depths)} (the base's depth); models of different "
+                f"'{label}' has {', '.join(stacks)} (the base's depth); models of different "
                 "depths cannot be merged tensor by tensor"
             )
 
