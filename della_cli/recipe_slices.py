@@ -24,9 +24,10 @@ this module free of the schema's types.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from della_cli.errors import RecipeError, shown
@@ -105,11 +106,7 @@ def unwrap_modules(data: dict, check_parameters: Check) -> tuple[dict, Any]:
             )
     module = modules[MODULE_NAME]
     path = f"modules.{MODULE_NAME}"
-    if not isinstance(module, dict):
-        raise RecipeError(f"{path}: must be a mapping with models or slices, got {shown(module)}")
-    for key in module:
-        if key not in MODULE_KEYS:
-            raise RecipeError(f"{path}.{key}: unknown key; known keys: {', '.join(MODULE_KEYS)}")
+    _known_keys(module, path, MODULE_KEYS)
     given = [key for key in ("models", "slices") if module.get(key)]
     if len(given) != 1:
         raise RecipeError(f"{path}: give exactly one of models or slices")
@@ -193,7 +190,9 @@ def _known_keys(value: Any, path: str, keys: tuple[str, ...]) -> None:
         raise RecipeError(f"{path}: must be a mapping, got {shown(value)}")
     for key in value:
         if key not in keys:
-            raise RecipeError(f"{path}.{key}: unknown key; known keys: {', '.join(keys)}")
+            close = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(keys)}"
+            raise RecipeError(f"{path}.{key}: unknown key; {hint}")
 
 
 def slice_models(slices: tuple[OutputSlice, ...]) -> list[str]:
@@ -333,3 +332,31 @@ def parameter_groups(schema) -> list[ParameterGroup]:
         base = slice_base(piece, schema.base_model)
         groups.append(ParameterGroup(f"{piece.path}.sources", members, base, upper + top, False))
     return groups
+
+
+def rebind_slices(
+    slices: tuple[OutputSlice, ...], ref: Callable[[str | None], str | None]
+) -> tuple[OutputSlice, ...]:
+    """``slices`` with every model reference (sources, slice bases) replaced by ``ref(it)``:
+    a multi-stage file's stage names become their output folders."""
+    return tuple(
+        replace(
+            piece,
+            sources=tuple(replace(s, model=ref(s.model)) for s in piece.sources),
+            base_model=ref(piece.base_model),
+        )
+        for piece in slices
+    )
+
+
+def model_field(schema, index: int) -> str:
+    """The field that names the recipe's model ``index``: ``models.1.model``, or under slices
+    the first source that reads it (``slices[0].sources[1].model``)."""
+    if schema.slices is None:
+        return f"models.{index}.model"
+    ref = schema.models[index].model
+    for piece in schema.slices:
+        for number, source in enumerate(piece.sources):
+            if source.model == ref:
+                return f"{piece.path}.sources[{number}].model"
+    return f"models.{index}.model"
