@@ -388,8 +388,10 @@ def recipe_of(data: Any, text: str, path: Path | None, key_given_twice: bool = F
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with merge_method and models")
     try:
-        data, module = unwrap_modules(data, _parameters(GLOBAL_PARAMETER_KEYS, GlobalParameters))
-        data, notes = adapt_recipe(data)
+        data, module, raw = unwrap_modules(
+            data, _parameters(GLOBAL_PARAMETER_KEYS, GlobalParameters)
+        )
+        data, notes = adapt_recipe(data, raw)
         schema = dataclasses.replace(read_schema(data), module_parameters=module)
     except RecipeError as error:  # a key or value quoted in the message stays on one line
         raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None

@@ -87,11 +87,12 @@ class Place:
     t: float
 
 
-def unwrap_modules(data: dict, check_parameters: Check) -> tuple[dict, Any]:
+def unwrap_modules(data: dict, check_parameters: Check) -> tuple[dict, Any, Any]:
     """``data`` with ``modules: {default: {...}}`` unwrapped into top-level ``models`` or
-    ``slices``, and the module's checked parameters (None without modules)."""
+    ``slices``, the module's checked parameters and the mapping they were read from (None
+    and None without modules)."""
     if "modules" not in data:
-        return data, None
+        return data, None, None
     modules = data["modules"]
     for key in ("models", "slices"):
         if key in data:
@@ -114,7 +115,7 @@ def unwrap_modules(data: dict, check_parameters: Check) -> tuple[dict, Any]:
     data[given[0]] = module[given[0]]
     parameters = module.get("parameters")
     checked = None if parameters is None else check_parameters(parameters, f"{path}.parameters")
-    return data, checked
+    return data, checked, parameters
 
 
 def read_slices(value: Any, path: str, source_parameters: Check, slice_parameters: Check):

@@ -1,0 +1,239 @@
+"""Merges by slices: and modules: against mergekit 0.1.5 (tests/oracle.py) on tiny Llamas of
+two, three and five layers: every tensor (within float32 rounding), config.json's
+num_hidden_layers and embedding tying, and the output reloaded and run by transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from oracle import assert_same_model, config_of, load_tensors
+
+from della_cli.api import MergeOptions, run_merge
+from della_cli.preflight import plan_merge
+from della_cli.recipe import load_recipe
+
+OPTIONS = MergeOptions(device="cpu", progress=False)
+
+
+@dataclass(frozen=True)
+class Zoo:
+    base: Path  # two layers
+    experts: tuple[Path, Path]
+    deep: tuple[Path, Path, Path]  # a five-layer base and two experts of it
+    tied: Path  # three layers, tied embeddings
+
+
+def source(model: Path, start: int, end: int, **parameters) -> dict:
+    entry: dict = {"model": str(model), "layer_range": [start, end]}
+    return {**entry, "parameters": parameters} if parameters else entry
+
+
+CASES = {
+    # base 0-2, expert 1-4 scaled by a gradient over its slice, then the two-layer base's
+    # layer 1: 3 + 4 + 1 = 8 layers from models of two depths
+    "frankenmerge": lambda z: {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [source(z.deep[0], 0, 3)]},
+            {"sources": [source(z.deep[1], 1, 5, scale=[0.5, 2.0])]},
+            {"sources": [source(z.base, 1, 2)]},
+        ],
+    },
+    # weights and densities per source, a filter per slice, lambda graded per slice
+    "ties-gradients": lambda z: {
+        "merge_method": "ties",
+        "base_model": str(z.deep[0]),
+        "slices": [
+            {
+                "sources": [
+                    source(z.deep[0], 0, 3),
+                    source(z.deep[1], 0, 3, weight=[0.0, 1.0], density=0.5),
+                    source(z.deep[2], 2, 5, weight=0.7),
+                ],
+                "parameters": {"density": [{"filter": "mlp", "value": 0.3}]},
+            },
+            {
+                "sources": [
+                    source(z.deep[0], 3, 5),
+                    source(z.deep[1], 1, 3, weight=[{"filter": "layers.2.", "value": 2.0}]),
+                    source(z.deep[2], 3, 5),
+                ],
+            },
+        ],
+        "parameters": {"weight": 0.4, "density": 0.8, "lambda": [1.0, 1.5]},
+    },
+    "linear-gradients": lambda z: {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    source(z.deep[1], 0, 4, weight=[1.0, 0.0, 2.0]),
+                    source(z.deep[2], 1, 5, weight=[0.0, 1.0]),
+                ]
+            },
+            {"sources": [source(z.deep[2], 4, 5), source(z.deep[0], 0, 1, weight=3.0)]},
+        ],
+        "parameters": {"weight": 1.0},
+    },
+    # modules: default: with slices; the module's parameters under the slices', over the top's
+    "modules-default": lambda z: {
+        "merge_method": "task_arithmetic",
+        "base_model": str(z.base),
+        "modules": {
+            "default": {
+                "slices": [
+                    {
+                        "sources": [
+                            source(z.base, 0, 2),
+                            source(z.experts[0], 0, 2, weight=[1.0, 0.2]),
+                            source(z.experts[1], 0, 2),
+                        ],
+                        "parameters": {"lambda": 0.9},
+                    },
+                    {"sources": [source(z.base, 1, 2), source(z.experts[1], 0, 1)]},
+                ],
+                "parameters": {"weight": 0.6, "lambda": [1.0, 0.5]},
+            }
+        },
+        "parameters": {"weight": 0.1, "lambda": 3.0},
+    },
+    # the second slice merges into its own base, one of the experts
+    "slerp-slice-base": lambda z: {
+        "merge_method": "slerp",
+        "base_model": str(z.deep[0]),
+        "slices": [
+            {"sources": [source(z.deep[0], 0, 2), source(z.deep[1], 0, 2)]},
+            {
+                "sources": [source(z.deep[1], 2, 5), source(z.deep[2], 2, 5)],
+                "base_model": str(z.deep[2]),
+                "parameters": {"t": [{"filter": "mlp", "value": [0.2, 0.8]}, {"value": 0.3}]},
+            },
+        ],
+        "parameters": {"t": 0.6},
+    },
+    # the embeddings of a tied model, the layers and lm_head of an untied one
+    "tied-then-untied": lambda z: {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [source(z.tied, 0, 2)]},
+            {"sources": [source(z.experts[0], 0, 2)]},
+        ],
+    },
+}
+LAYERS = {
+    "frankenmerge": 8,
+    "ties-gradients": 5,
+    "linear-gradients": 5,
+    "modules-default": 3,
+    "slerp-slice-base": 5,
+    "tied-then-untied": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(model_zoo) -> Zoo:
+    deep = tuple(model_zoo("llama", expert=e, layers=5) for e in (None, 1, 2))
+    experts = (model_zoo("llama", expert=1), model_zoo("llama", expert=2))
+    return Zoo(model_zoo("llama"), experts, deep, model_zoo("llama", tie=True, layers=3))
+
+
+@pytest.fixture(scope="module")
+def recipes(zoo, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("slices-recipes")
+    paths = {}
+    for name, build in CASES.items():
+        paths[name] = folder / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(build(zoo), sort_keys=False))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(mergekit, recipes, tmp_path_factory) -> dict[str, Path]:
+    return mergekit.merge_many(recipes, tmp_path_factory.mktemp("slices-mergekit"))
+
+
+@pytest.fixture(scope="module")
+def outputs(recipes, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("slices-della")
+    return {
+        case: run_merge(path, folder / case, OPTIONS) and folder / case
+        for case, path in recipes.items()
+    }
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", list(CASES))
+def test_sliced_merge_matches_mergekit(case, outputs, mergekit_outputs):
+    assert_same_model(outputs[case], mergekit_outputs[case])
+    assert config_of(outputs[case])["num_hidden_layers"] == LAYERS[case]
+
+
+def test_frankenmerge_takes_each_layer_from_its_source(outputs, zoo):
+    """Checked without mergekit: output layer k is its source's layer, scaled where asked."""
+    out = load_tensors(outputs["frankenmerge"])
+    deep_base, deep_expert = load_tensors(zoo.deep[0]), load_tensors(zoo.deep[1])
+    name = "model.layers.{}.mlp.up_proj.weight"
+    assert torch.equal(out["model.embed_tokens.weight"], deep_base["model.embed_tokens.weight"])
+    assert torch.equal(out[name.format(2)], deep_base[name.format(2)])
+    for offset, scale in enumerate((0.5, 1.0, 1.5, 2.0)):  # the gradient [0.5, 2] over 4
+        expected = deep_expert[name.format(1 + offset)] * scale
+        torch.testing.assert_close(out[name.format(3 + offset)], expected)
+    assert torch.equal(out[name.format(7)], load_tensors(zoo.base)[name.format(1)])
+    assert torch.equal(out["lm_head.weight"], load_tensors(zoo.base)["lm_head.weight"])
+    assert f"model.layers.{LAYERS['frankenmerge']}.mlp.up_proj.weight" not in out
+
+
+@pytest.mark.parametrize("case", ["frankenmerge", "tied-then-untied", "modules-default"])
+def test_transformers_reloads_and_runs_the_output(case, outputs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(outputs[case])
+    assert model.config.num_hidden_layers == LAYERS[case]
+    logits = model(torch.tensor([[1, 5, 9, 3]])).logits
+    assert logits.shape == (1, 4, model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_the_written_recipe_reads_back_as_the_one_merged(outputs, recipes):
+    for case in ("frankenmerge", "modules-default"):
+        written = load_recipe(outputs[case] / "della_recipe.yaml").schema
+        merged = load_recipe(recipes[case]).schema
+        # the same slices, with local folders named by their own name only
+        assert [Path(ref.model).name for ref in merged.models] == [
+            ref.model for ref in written.models
+        ]
+        assert [
+            [(s.start, s.end, s.parameters) for s in piece.sources] for piece in merged.slices
+        ] == [[(s.start, s.end, s.parameters) for s in piece.sources] for piece in written.slices]
+        assert written.module_parameters == merged.module_parameters
+        card = (outputs[case] / "README.md").read_text()
+        assert f"## Layers\n\n{LAYERS[case]} layers" in card
+
+
+def test_the_plan_shows_the_layer_map(recipes, zoo):
+    report = plan_merge(recipes["frankenmerge"], None, OPTIONS)
+    assert report.layers["count"] == 8
+    deep_base, deep_expert, base = (str(p) for p in (zoo.deep[0], zoo.deep[1], zoo.base))
+    assert report.layers["map"] == (
+        f"layers 0-2 ← {deep_base} 0-2; 3-6 ← {deep_expert} 1-4; 7 ← {base} 1"
+    )
+    assert any(
+        line.startswith("num_hidden_layers 8: layers 0-2") for line in report.summary_lines()
+    )
+
+
+def test_a_range_past_a_model_is_refused_before_anything_is_written(zoo, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"merge_method": "passthrough", "slices": [{"sources": [source(zoo.base, 1, 4)]}]}
+        )
+    )
+    report = plan_merge(recipe, None, OPTIONS)
+    assert report.problems == [
+        f"slices[0].sources[0].layer_range: [1, 4) goes past the 2 layers of '{zoo.base}'"
+    ]
