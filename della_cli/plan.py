@@ -369,6 +369,13 @@ def _sliced_jobs(planner: _Planner, base: ModelReader | None) -> tuple[LayerMap,
     """The jobs of a merge by slices, in output order (``layer_map``)."""
     sliced = plan_slices(planner.recipe, base, planner.experts)
     planner.problems += sliced.problems
+    first, last = planner.recipe.schema.slices[0], planner.recipe.schema.slices[-1]
+    if len(last.sources) > len(first.sources):
+        planner.warnings.append(
+            f"{last.path}: the final norm and lm_head are merged from its {len(last.sources)} "
+            f"sources; mergekit 0.1.5 would take only its first {len(first.sources)} (as many "
+            f"as {first.path} has)"
+        )
 
     def job(tensor: SlicedTensor) -> TensorJob:
         model, name = tensor.reference
