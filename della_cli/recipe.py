@@ -30,6 +30,14 @@ from della_cli.recipe_compat import (
     check_method,
     duplicate_key_notes,
 )
+from della_cli.recipe_scopes import (
+    Member,
+    ParameterGroup,
+    own_block,
+    parameter_blocks,
+    parameter_groups,
+    shared_blocks,
+)
 from della_cli.recipe_settings import (
     breakpoints,
     check_setting,
@@ -40,15 +48,11 @@ from della_cli.recipe_settings import (
     varies,
 )
 from della_cli.recipe_slices import (
-    Member,
     OutputSlice,
-    ParameterGroup,
     check_slice_bases,
-    parameter_groups,
     place_of,
     read_slices,
     slice_models,
-    source_tensor,
     unwrap_modules,
 )
 from della_cli.recipe_yaml import MAX_RECIPE_BYTES, RecipeLoader, load_yaml, seed_edit
@@ -171,12 +175,8 @@ class Recipe:
     def varies_by_tensor(self) -> bool:
         """Whether any parameter is a gradient or a filter list (else every tensor gets the
         same values)."""
-        blocks = [self.schema.parameters, *(entry.parameters for entry in self.schema.models)]
-        blocks += [self.schema.module_parameters] if self.schema.module_parameters else []
-        for piece in self.schema.slices or ():
-            blocks += [piece.parameters] if piece.parameters else []
-            blocks += [source.parameters for source in piece.sources]
         names = [f.name for f in dataclasses.fields(ModelParameters) if f.name != "given"]
+        blocks = parameter_blocks(self.schema)
         return any(varies(getattr(block, name)) for block in blocks for name in names)
 
     def with_layers(self, layers: int | None) -> Recipe:
@@ -184,21 +184,11 @@ class Recipe:
         return self if layers == self.layers else dataclasses.replace(self, layers=layers)
 
     def _position(self, tensor_name: str) -> float:
-        """The tensor's layer position t, where some parameter needs it (else 0)."""
+        """The tensor's layer position t, where some parameter needs it (else 0); under
+        slices, its position in its slice."""
         if self.schema.slices is not None:
             return place_of(self.schema.slices, tensor_name).t
         return layer_position(tensor_name, self.layers) if self.varies_by_tensor else 0.0
-
-    def _shared_scopes(self, tensor_name: str) -> tuple[ModelParameters, ...]:
-        """Where merge-wide values are looked up for ``tensor_name``: its slice's parameters,
-        the module's, then the top level's."""
-        scopes = [self.schema.parameters]
-        if self.schema.module_parameters is not None:
-            scopes.insert(0, self.schema.module_parameters)
-        if self.schema.slices is not None:
-            piece = self.schema.slices[place_of(self.schema.slices, tensor_name).slice_index]
-            scopes[:0] = [piece.parameters] if piece.parameters is not None else []
-        return tuple(scopes)
 
     def expert_params(self, model_index: int, tensor_name: str) -> ExpertParams:
         """Parameters of model ``model_index`` for ``tensor_name``, its gradients placed at the
@@ -206,26 +196,15 @@ class Recipe:
         the model's own input tensor, and the model's parameters in that tensor's slice)."""
         if self.schema.slices is None:
             return self.expert_params_at(model_index, tensor_name, self._position(tensor_name))
-        place = place_of(self.schema.slices, tensor_name)
-        piece = self.schema.slices[place.slice_index]
-        source = piece.source_of(self.model_refs[model_index])
-        if source is None:  # not in this slice: only the scopes above the sources apply
-            return self._expert_params_in(None, tensor_name, place.t, tensor_name)
-        own_name = source_tensor(piece, source, place, tensor_name)
-        return self._expert_params_in(source.parameters, own_name, place.t, tensor_name)
+        own, own_name, t = own_block(self.schema, self.model_refs[model_index], tensor_name)
+        blocks = ((own,) if own is not None else ()) + shared_blocks(self.schema, tensor_name)
+        return self.expert_params_from(blocks, own_name, t)
 
     def expert_params_at(self, model_index: int, tensor_name: str, t: float) -> ExpertParams:
         """``expert_params`` at layer position ``t``; the own scope first, then the module's,
         the top level, then the default (a filter list matching nothing falls through)."""
         own = self.schema.models[model_index].parameters
-        return self._expert_params_in(own, tensor_name, t)
-
-    def _expert_params_in(
-        self, own: ModelParameters | None, tensor_name: str, t: float, output_name: str = ""
-    ) -> ExpertParams:
-        """A model's parameters from its own block ``own`` and the scopes above it (those of
-        output tensor ``output_name``'s slice), filters matched against ``tensor_name``."""
-        blocks = ((own,) if own is not None else ()) + self._shared_scopes(output_name)
+        blocks = (own, *shared_blocks(self.schema, tensor_name))
         return self.expert_params_from(blocks, tensor_name, t)
 
     def expert_params_from(
@@ -257,7 +236,7 @@ class Recipe:
         entry = self.method.catalog
         if entry is None:
             return {}
-        blocks, t = self._shared_scopes(tensor_name), self._position(tensor_name)
+        blocks, t = shared_blocks(self.schema, tensor_name), self._position(tensor_name)
         return {
             p.name: _settle(
                 tuple(getattr(b, parameter_attribute(p.name)) for b in blocks),
@@ -272,7 +251,7 @@ class Recipe:
     def global_params(self, tensor_name: str = "") -> GlobalParams:
         """The merge-wide parameters for ``tensor_name`` (the output's name); without one,
         those of a tensor outside the layers that no filter names."""
-        spec, blocks = self.method, self._shared_scopes(tensor_name)
+        spec, blocks = self.method, shared_blocks(self.schema, tensor_name)
         t = self._position(tensor_name)
 
         def scopes(name: str) -> tuple[Any, ...]:

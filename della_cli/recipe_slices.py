@@ -290,51 +290,6 @@ def _span(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
-@dataclass(frozen=True)
-class Member:
-    """One input of a parameter group, with its own parameter block and where it is written."""
-
-    model: str
-    path: str  # ``models.1.parameters``, ``slices[0].sources[1].parameters``
-    parameters: Any
-
-
-@dataclass(frozen=True)
-class ParameterGroup:
-    """Inputs merged together (the models, or one slice's sources) and the parameter blocks
-    above theirs, highest precedence first, each with its path: what the recipe's checks of
-    contracts, required parameters and bounds run over."""
-
-    path: str  # ``models`` or ``slices[1].sources``
-    members: tuple[Member, ...]
-    base: str | None
-    upper: tuple[tuple[str, Any], ...]
-    adds_base: bool  # ``models:`` takes an unlisted base as an input where the method would
-
-
-def parameter_groups(schema) -> list[ParameterGroup]:
-    """The groups of a recipe's schema: one for ``models:``, one per slice under ``slices:``."""
-    top = (("parameters", schema.parameters),)
-    if schema.module_parameters is not None:
-        top = ((f"modules.{MODULE_NAME}.parameters", schema.module_parameters), *top)
-    if schema.slices is None:
-        members = tuple(
-            Member(entry.model, f"models.{index}.parameters", entry.parameters)
-            for index, entry in enumerate(schema.models)
-        )
-        return [ParameterGroup("models", members, schema.base_model, top, adds_base=True)]
-    groups = []
-    for piece in schema.slices:
-        members = tuple(
-            Member(source.model, f"{piece.path}.sources[{index}].parameters", source.parameters)
-            for index, source in enumerate(piece.sources)
-        )
-        upper = ((f"{piece.path}.parameters", piece.parameters),) if piece.parameters else ()
-        base = slice_base(piece, schema.base_model)
-        groups.append(ParameterGroup(f"{piece.path}.sources", members, base, upper + top, False))
-    return groups
-
-
 def rebind_slices(
     slices: tuple[OutputSlice, ...], ref: Callable[[str | None], str | None]
 ) -> tuple[OutputSlice, ...]:

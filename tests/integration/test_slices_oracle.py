@@ -237,3 +237,23 @@ def test_a_range_past_a_model_is_refused_before_anything_is_written(zoo, tmp_pat
     assert report.problems == [
         f"slices[0].sources[0].layer_range: [1, 4) goes past the 2 layers of '{zoo.base}'"
     ]
+
+
+def test_a_killed_sliced_merge_resumes_to_the_same_bytes(recipes, tmp_path, monkeypatch):
+    """The frankenmerge in shards of about one layer: killed after 30 tensors, resumed; the
+    kept shards are not merged again and every shard is the uninterrupted run's."""
+    from killed_merges import kill_after
+
+    options = MergeOptions(device="cpu", progress=False, out_shard_bytes=40_000)
+    reference, out = tmp_path / "whole", tmp_path / "resumed"
+    run_merge(recipes["frankenmerge"], reference, options)
+    kill_after(30, recipes["frankenmerge"], out, options, monkeypatch)
+    done = []
+    resumed = MergeOptions(device="cpu", progress=False, out_shard_bytes=40_000, resume=True)
+    report = run_merge(recipes["frankenmerge"], out, resumed, on_progress=done.append)
+    assert report.resumed_shards >= 1 and len(done) < report.tensors
+    shards = sorted(p.name for p in reference.glob("*.safetensors"))
+    assert len(shards) > 2
+    assert shards == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in shards:
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
