@@ -257,3 +257,36 @@ def test_a_killed_sliced_merge_resumes_to_the_same_bytes(recipes, tmp_path, monk
     assert shards == sorted(p.name for p in out.glob("*.safetensors"))
     for name in shards:
         assert (out / name).read_bytes() == (reference / name).read_bytes()
+
+
+def test_whole_model_slices_write_what_models_writes(zoo, tmp_path):
+    """One slice covering every layer of the base and both experts is mergekit's reading of
+    ``models:``: the same shards, byte for byte, in the same order."""
+    parameters = ({"weight": [1.0, 0.3], "density": 0.6}, {"weight": 0.5, "density": 0.4})
+    as_models = {
+        "merge_method": "ties",
+        "base_model": str(zoo.base),
+        "models": [
+            {"model": str(e), "parameters": p} for e, p in zip(zoo.experts, parameters, strict=True)
+        ],
+    }
+    as_slices = {
+        "merge_method": "ties",
+        "base_model": str(zoo.base),
+        "slices": [
+            {
+                "sources": [source(zoo.base, 0, 2)]
+                + [source(e, 0, 2, **p) for e, p in zip(zoo.experts, parameters, strict=True)]
+            }
+        ],
+    }
+    folders = []
+    for name, recipe in (("models", as_models), ("slices", as_slices)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        run_merge(path, tmp_path / name, OPTIONS)
+        folders.append(tmp_path / name)
+    shards = sorted(p.name for p in folders[0].glob("*.safetensors"))
+    for shard in shards:
+        assert (folders[0] / shard).read_bytes() == (folders[1] / shard).read_bytes()
+    assert config_of(folders[0]) == config_of(folders[1])
