@@ -115,9 +115,12 @@ CASES = {
         ],
         "parameters": {"t": 0.6},
     },
-    # the embeddings of a tied model, the layers and lm_head of an untied one
+    # the embeddings of a tied model, the layers and lm_head of an untied one; the base_model
+    # (which passthrough does not read) names the config: without one, mergekit takes that of
+    # an arbitrary model (set order), so its tie_word_embeddings would vary from run to run
     "tied-then-untied": lambda z: {
         "merge_method": "passthrough",
+        "base_model": str(z.experts[0]),
         "slices": [
             {"sources": [source(z.tied, 0, 2)]},
             {"sources": [source(z.experts[0], 0, 2)]},
