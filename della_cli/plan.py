@@ -277,20 +277,16 @@ class _Planner:
                 self.warnings.append(f"no model has '{name}'; copied from the base")
             return TensorJob(name, "copy", ref.shape, out_dtype, ref_source)
         self.check_keep_count(name, ref, present)
-        self.check_contract(name, present)
+        self.check_contract(name, present, [model for model, _ in inputs])
         return TensorJob(name, "merge", ref.shape, out_dtype, ref_source, present)
 
-    def check_contract(self, name: str, present: tuple[Source, ...]) -> None:
+    def check_contract(self, name: str, present: tuple[Source, ...], inputs: list[int]) -> None:
         """A catalog method with a fixed number of models (nuslerp's two) cannot merge a
-        tensor that one of them lacks; mergekit fails there too."""
+        tensor that one of its ``inputs`` lacks; mergekit fails there too."""
         catalog = self.recipe.method.catalog
         if catalog is None or len(present) >= catalog.contract.min_models:
             return
-        lacking = [
-            self.recipe.model_refs[i]
-            for i in range(len(self.experts))
-            if i not in {s.model for s in present}
-        ]
+        lacking = [self.recipe.model_refs[i] for i in inputs if i not in {s.model for s in present}]
         self.problems.append(
             f"{catalog.name} needs {catalog.contract.min_models} models for '{name}', but "
             f"{', '.join(map(repr, lacking))} lack it"
