@@ -293,3 +293,30 @@ def test_whole_model_slices_write_what_models_writes(zoo, tmp_path):
     for shard in shards:
         assert (folders[0] / shard).read_bytes() == (folders[1] / shard).read_bytes()
     assert config_of(folders[0]) == config_of(folders[1])
+
+
+def test_per_layer_config_lists_follow_their_layers(model_zoo, tmp_path):
+    """Gemma 2 alternates sliding and full attention (``layer_types``); a frankenmerge keeps
+    each output layer's type, so transformers 5 loads and runs it (mergekit 0.1.5 leaves the
+    list at the old length, which transformers refuses)."""
+    from transformers import AutoModelForCausalLM
+
+    base = model_zoo("gemma2", layers=4)
+    recipe = tmp_path / "gemma2.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "passthrough",
+                "slices": [
+                    {"sources": [source(base, 0, 3)]},
+                    {"sources": [source(model_zoo("gemma2", expert=1, layers=4), 2, 4)]},
+                ],
+            }
+        )
+    )
+    run_merge(recipe, tmp_path / "out", OPTIONS)
+    types = config_of(base)["layer_types"]
+    assert types == ["sliding_attention", "full_attention"] * 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.layer_types == [types[0], types[1], types[2], types[2], types[3]]
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
