@@ -320,3 +320,22 @@ def test_per_layer_config_lists_follow_their_layers(model_zoo, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.layer_types == [types[0], types[1], types[2], types[2], types[3]]
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
+
+
+def test_della_plan_prints_the_map_and_a_bad_slice_exits_2_in_one_line(recipes, tmp_path):
+    from typer.testing import CliRunner
+
+    from della_cli.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", str(recipes["frankenmerge"])])
+    assert result.exit_code == 0, result.stderr
+    assert "num_hidden_layers 8: layers 0-2 ← " in result.stdout
+    bad = tmp_path / "bad.yaml"
+    recipe = yaml.safe_load(recipes["frankenmerge"].read_text())
+    recipe["slices"][1]["sources"][0]["layer_range"] = [5, 1]
+    bad.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["plan", str(bad)])
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: slices[1].sources[0].layer_range"), lines
