@@ -316,3 +316,11 @@ def model_field(schema, index: int) -> str:
             if source.model == ref:
                 return f"{piece.path}.sources[{number}].model"
     return f"models.{index}.model"
+
+
+def reads(slices: tuple[OutputSlice, ...] | None, model: str, tensor_name: str) -> bool:
+    """Whether ``model`` is a source of output tensor ``tensor_name``'s slice (always, without
+    slices)."""
+    if slices is None:
+        return True
+    return slices[place_of(slices, tensor_name).slice_index].source_of(model) is not None
