@@ -13,7 +13,8 @@ Output order: a single slice that covers every layer of every source (mergekit's
 gives; otherwise the tensors before the layers, then each output layer, then those after.
 
 ``output_config`` gives config.json its number of layers and, for per-layer lists
-(``layer_types``), the entry of the layer each output layer is read from.
+(``layer_types``), the entry of the layer each output layer is read from; a list of layer
+indices (``mlp_only_layers``) names the output layers read from the layers it named.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from della_cli.recipe_slices import (
 BASE = -1  # as plan.BASE
 # config.json keys that hold one entry per layer, remapped with the layers.
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+# config.json keys that list layer indices (Qwen's MoE models: the layers with a dense MLP).
+LAYER_INDEX_KEYS = ("mlp_only_layers",)
 # config.json keys that hold the number of layers (transformers' name, GPT-2's, others').
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -238,4 +241,9 @@ def _relayered(config: dict, original: int | None, layer_map: LayerMap) -> dict:
         values = config.get(key)
         if isinstance(values, list) and len(values) == original:
             config[key] = [values[layer] for layer in layer_map.source_layers]
+    for key in LAYER_INDEX_KEYS:
+        indices = config.get(key)
+        if isinstance(indices, list):
+            chosen = set(indices)
+            config[key] = [k for k, layer in enumerate(layer_map.source_layers) if layer in chosen]
     return config

@@ -302,6 +302,11 @@ CONFIG_CASES = [
     ),
     ({"n_layer": 2}, LayerMap(3, (0, 1, 1), ""), {"n_layer": 3}),
     (
+        {"num_hidden_layers": 3, "mlp_only_layers": [1]},
+        LayerMap(4, (0, 1, 1, 2), ""),
+        {"num_hidden_layers": 4, "mlp_only_layers": [1, 2]},
+    ),
+    (
         {"text_config": {"num_hidden_layers": 2, "layer_types": ["a", "b"]}, "x": 1},
         LayerMap(1, (1,), ""),
         {"text_config": {"num_hidden_layers": 1, "layer_types": ["b"]}, "x": 1},
