@@ -13,13 +13,14 @@ Output order: a single slice that covers every layer of every source (mergekit's
 gives; otherwise the tensors before the layers, then each output layer, then those after.
 
 ``output_config`` gives config.json its number of layers and, for per-layer lists
-(``layer_types``), the entry of the layer each output layer is read from; a list of layer
-indices (``mlp_only_layers``) names the output layers read from the layers it named.
+(``layer_types``), the entry of the layer each output layer is read from, as its model's
+config gives it; a list of layer indices (``mlp_only_layers``) names the output layers read
+from the layers it named.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from della_cli.architecture import layer_counts
 from della_cli.io.reader import ModelReader
@@ -59,8 +60,9 @@ class LayerMap:
     """What the plan says about the output's layers."""
 
     layers: int  # the output's number of layers
-    source_layers: tuple[int, ...]  # per output layer, the layer its reference reads
     description: str  # ``layers 0-3 ← base 0-3; 4-7 ← expert 2-5``
+    # config.json's per-layer lists for the output's layers (``_per_layer_values``)
+    config_lists: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,13 +161,10 @@ def plan_slices(recipe, base: ModelReader | None, experts: list[ModelReader]) ->
     slicer = _Slicer(recipe, base, experts)
     slices = slicer.slices
     whole = slicer.check_ranges()
-    layer_map = LayerMap(
-        output_layers(slices),
-        tuple(_source_layers(slicer)),
-        describe_layer_map(slices, lambda ref: ref),
-    )
+    layer_map = LayerMap(output_layers(slices), describe_layer_map(slices, lambda ref: ref))
     if slicer.problems:
         return SlicedPlan(layer_map, [], slicer.problems)
+    layer_map = replace(layer_map, config_lists=_per_layer_values(slicer))
     last = len(slices) - 1
     if whole:  # mergekit's models: one slice of every layer; the reference's file order
         last_reader, names = slicer.reference_names(0)
@@ -209,41 +208,48 @@ def _untied_lm_head(slicer: _Slicer, reader: ModelReader, written: set[str]) -> 
     return [slicer.tensor("lm_head.weight", len(slicer.slices) - 1, None)]
 
 
-def _source_layers(slicer: _Slicer) -> list[int]:
-    layers = []
-    for piece in slicer.slices:
-        (_, number), _, _ = slicer.roles(piece)
-        start = piece.sources[number].start
-        layers += range(start, start + piece.length)
-    return layers
+def _per_layer_values(slicer: _Slicer) -> dict[str, list]:
+    """Each per-layer list of config.json (and list of layer indices) for the output: output
+    layer k takes the entry its slice's reference model's config gives the layer it reads. A
+    key some slice's reference lacks (or holds at another length) is left out."""
+    found: dict[str, list] = {}
+    for key in (*PER_LAYER_KEYS, *LAYER_INDEX_KEYS):
+        values: list = []
+        for piece in slicer.slices:
+            (model, number), _, _ = slicer.roles(piece)
+            config = slicer.reader(model).config or {}
+            own, depth = config.get(key), layer_count(config, ())
+            start = piece.sources[number].start
+            layers = range(start, start + piece.length)
+            if not isinstance(own, list) or (key in PER_LAYER_KEYS and len(own) != depth):
+                break
+            values += (
+                [own[i] for i in layers] if key in PER_LAYER_KEYS else [i in own for i in layers]
+            )
+        else:
+            found[key] = values if key in PER_LAYER_KEYS else [k for k, v in enumerate(values) if v]
+    return found
 
 
 def output_config(config: dict | None, layer_map: LayerMap | None) -> dict | None:
     """``config`` (the reference's config.json) with the output's number of layers and its
-    per-layer lists remapped (entry k: that of the layer output layer k reads); unchanged
-    without a layer map."""
+    per-layer lists (``LayerMap.config_lists``); unchanged without a layer map."""
     if config is None or layer_map is None:
         return config
-    original = layer_count(config, ())
-    config = _relayered(config, original, layer_map)
+    config = _relayered(config, layer_map)
     if isinstance(config.get("text_config"), dict):
-        config["text_config"] = _relayered(config["text_config"], original, layer_map)
+        config["text_config"] = _relayered(config["text_config"], layer_map)
     return config
 
 
-def _relayered(config: dict, original: int | None, layer_map: LayerMap) -> dict:
-    """A copy of one config level with the layer count and per-layer lists of the output."""
+def _relayered(config: dict, layer_map: LayerMap) -> dict:
+    """A copy of one config level with the layer count and per-layer lists of the output
+    (only the keys it has)."""
     config = dict(config)
     for key in LAYER_COUNT_KEYS:
         if type(config.get(key)) is int:
             config[key] = layer_map.layers
-    for key in PER_LAYER_KEYS:
-        values = config.get(key)
-        if isinstance(values, list) and len(values) == original:
-            config[key] = [values[layer] for layer in layer_map.source_layers]
-    for key in LAYER_INDEX_KEYS:
-        indices = config.get(key)
-        if isinstance(indices, list):
-            chosen = set(indices)
-            config[key] = [k for k, layer in enumerate(layer_map.source_layers) if layer in chosen]
+    for key, values in layer_map.config_lists.items():
+        if key in config:
+            config[key] = list(values)
     return config

@@ -294,21 +294,16 @@ def test_a_slice_may_merge_into_its_own_base():
 
 
 CONFIG_CASES = [
-    # (config, layer map, expected changes)
+    # (config, layer map, expected)
     (
         {"num_hidden_layers": 4, "layer_types": ["s", "f", "s", "f"], "hidden_size": 8},
-        LayerMap(5, (0, 1, 2, 2, 3), ""),
+        LayerMap(5, "", {"layer_types": ["s", "f", "s", "s", "f"], "no_rope_layers": [1] * 5}),
         {"num_hidden_layers": 5, "layer_types": ["s", "f", "s", "s", "f"], "hidden_size": 8},
     ),
-    ({"n_layer": 2}, LayerMap(3, (0, 1, 1), ""), {"n_layer": 3}),
-    (
-        {"num_hidden_layers": 3, "mlp_only_layers": [1]},
-        LayerMap(4, (0, 1, 1, 2), ""),
-        {"num_hidden_layers": 4, "mlp_only_layers": [1, 2]},
-    ),
+    ({"n_layer": 2}, LayerMap(3, ""), {"n_layer": 3}),
     (
         {"text_config": {"num_hidden_layers": 2, "layer_types": ["a", "b"]}, "x": 1},
-        LayerMap(1, (1,), ""),
+        LayerMap(1, "", {"layer_types": ["b"]}),
         {"text_config": {"num_hidden_layers": 1, "layer_types": ["b"]}, "x": 1},
     ),
 ]
@@ -320,3 +315,29 @@ def test_output_config_has_the_layers_written(config, layer_map, expected):
     assert output_config(config, layer_map) == expected
     assert yaml.safe_dump(config) == before  # the reference's config is left as it was
     assert output_config(config, None) is config
+
+
+class _Reader:
+    def __init__(self, config: dict, layers: int):
+        self.config = config
+        self.tensors = {f"model.layers.{i}.mlp.up_proj.weight": None for i in range(layers)}
+
+
+def test_per_layer_lists_come_from_each_slices_own_model():
+    """A two-layer model first, a four-layer one second: each output layer's entry is the one
+    its own model's config gives its source layer (the first config has no entry 3)."""
+    from della_cli.layer_map import _per_layer_values, _Slicer
+
+    recipe = parse_recipe(
+        "merge_method: passthrough\nslices:\n"
+        "  - sources: [{model: short, layer_range: [0, 2]}]\n"
+        "  - sources: [{model: long, layer_range: [2, 4]}]\n"
+    )
+    short = _Reader({"num_hidden_layers": 2, "layer_types": ["a", "b"], "mlp_only_layers": [0]}, 2)
+    long = _Reader(
+        {"num_hidden_layers": 4, "layer_types": ["w", "x", "y", "z"], "mlp_only_layers": [3]}, 4
+    )
+    values = _per_layer_values(_Slicer(recipe, None, [short, long]))
+    assert values == {"layer_types": ["a", "b", "y", "z"], "mlp_only_layers": [0, 3]}
+    del long.config["layer_types"]
+    assert "layer_types" not in _per_layer_values(_Slicer(recipe, None, [short, long]))
