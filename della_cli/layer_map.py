@@ -221,7 +221,8 @@ def _per_layer_values(slicer: _Slicer) -> dict[str, list]:
             own, depth = config.get(key), layer_count(config, ())
             start = piece.sources[number].start
             layers = range(start, start + piece.length)
-            if not isinstance(own, list) or (key in PER_LAYER_KEYS and len(own) != depth):
+            lengths_fit = len(own) == depth and layers.stop <= depth if own else False
+            if not isinstance(own, list) or (key in PER_LAYER_KEYS and not lengths_fit):
                 break
             values += (
                 [own[i] for i in layers] if key in PER_LAYER_KEYS else [i in own for i in layers]

@@ -1,5 +1,5 @@
-"""``slices:`` and ``modules:`` in a recipe: read, checked, and where each tensor's values
-come from.
+"""``slices:`` and ``modules:`` in a recipe: read, checked, and where each output tensor
+sits (its slice, its layer in the slice, the layer each source gives it).
 
 As mergekit 0.1.5 reads them (MERGEKIT-SEMANTICS.md, "Slices and modules"):
 
@@ -19,7 +19,7 @@ As mergekit 0.1.5 reads them (MERGEKIT-SEMANTICS.md, "Slices and modules"):
   first slice (embeddings) or of the last (final norm, ``lm_head``).
 
 The parameter blocks themselves are checked by ``recipe`` (passed in as a check), which keeps
-this module free of the schema's types.
+this module free of the schema's types; ``recipe_scopes`` looks values up in them.
 """
 
 from __future__ import annotations
