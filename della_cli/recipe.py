@@ -53,6 +53,7 @@ from della_cli.recipe_slices import (
     place_of,
     read_slices,
     slice_models,
+    slice_notes,
     unwrap_modules,
 )
 from della_cli.recipe_yaml import MAX_RECIPE_BYTES, RecipeLoader, load_yaml, seed_edit
@@ -372,6 +373,7 @@ def recipe_of(data: Any, text: str, path: Path | None, key_given_twice: bool = F
         )
         data, notes = adapt_recipe(data, raw)
         schema = dataclasses.replace(read_schema(data), module_parameters=module)
+        notes += slice_notes(schema.slices)
     except RecipeError as error:  # a key or value quoted in the message stays on one line
         raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None
     if key_given_twice:

@@ -68,6 +68,7 @@ class OutputSlice:
     path: str  # where the recipe wrote it: ``slices[1]`` (for messages)
     base_model: str | None = None
     parameters: Any = None  # GlobalParameters (recipe) or None
+    residual_weight: float | None = None  # mergekit reads it and does nothing with it
 
     @property
     def length(self) -> int:
@@ -160,7 +161,7 @@ def _read_slice(value: Any, path: str, source_parameters: Check, slice_parameter
     parameters = value.get("parameters")
     if parameters is not None:
         parameters = slice_parameters(parameters, f"{path}.parameters")
-    return OutputSlice(read, path, base, parameters)
+    return OutputSlice(read, path, base, parameters, weight)
 
 
 def _read_source(value: Any, path: str, source_parameters: Check) -> SliceSource:
@@ -324,3 +325,12 @@ def reads(slices: tuple[OutputSlice, ...] | None, model: str, tensor_name: str) 
     if slices is None:
         return True
     return slices[place_of(slices, tensor_name).slice_index].source_of(model) is not None
+
+
+def slice_notes(slices: tuple[OutputSlice, ...] | None) -> list[str]:
+    """What mergekit reads and ignores in the slices, said in the plan."""
+    return [
+        f"{piece.path}.residual_weight: ignored, as mergekit ignores it"
+        for piece in slices or ()
+        if piece.residual_weight is not None
+    ]

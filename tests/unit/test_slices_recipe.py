@@ -341,3 +341,13 @@ def test_per_layer_lists_come_from_each_slices_own_model():
     assert values == {"layer_types": ["a", "b", "y", "z"], "mlp_only_layers": [0, 3]}
     del long.config["layer_types"]
     assert "layer_types" not in _per_layer_values(_Slicer(recipe, None, [short, long]))
+
+
+def test_residual_weight_is_read_and_ignored_with_a_note():
+    recipe = parse_recipe(
+        FRANKEN.replace(
+            "  - sources: [{model: base", "  - residual_weight: 0.5\n    sources: [{model: base"
+        )
+    )
+    assert recipe.schema.notes == ("slices[0].residual_weight: ignored, as mergekit ignores it",)
+    assert parse_recipe(FRANKEN).schema.notes == ()
