@@ -115,6 +115,29 @@ CASES = {
         ],
         "parameters": {"t": 0.6},
     },
+    # a trim method (the CPU kernels) merging the second slice into one of the experts
+    "ties-slice-base": lambda z: {
+        "merge_method": "ties",
+        "base_model": str(z.deep[0]),
+        "slices": [
+            {
+                "sources": [
+                    source(z.deep[0], 0, 2),
+                    source(z.deep[1], 0, 2, weight=1.0, density=0.5),
+                    source(z.deep[2], 1, 3, weight=0.5),
+                ]
+            },
+            {
+                "sources": [
+                    source(z.deep[1], 2, 5, weight=0.6, density=0.7),
+                    source(z.deep[2], 2, 5, weight=1.0),
+                    source(z.deep[0], 0, 3, weight=0.3, density=0.4),
+                ],
+                "base_model": str(z.deep[2]),
+            },
+        ],
+        "parameters": {"density": 0.5},
+    },
     # the embeddings of a tied model, the layers and lm_head of an untied one; the base_model
     # (which passthrough does not read) names the config: without one, mergekit takes that of
     # an arbitrary model (set order), so its tie_word_embeddings would vary from run to run
@@ -133,6 +156,7 @@ LAYERS = {
     "linear-gradients": 5,
     "modules-default": 3,
     "slerp-slice-base": 5,
+    "ties-slice-base": 5,
     "tied-then-untied": 4,
 }
 
