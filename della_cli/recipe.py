@@ -565,6 +565,7 @@ RECIPE_KEYS: dict[str, tuple[str, Check]] = {
     "tokenizer_source": ("tokenizer_source", _tokenizer_source),
     "chat_template": ("chat_template", check_chat_template),
     "name": ("name", _string),
+    "slices": SLICES_KEY,  # instead of models (``read_schema``)
 }
 
 
@@ -575,7 +576,7 @@ def read_schema(data: dict) -> RecipeSchema:
         return RecipeSchema(**_fields(data, "", RECIPE_KEYS, required=("merge_method", "models")))
     if "models" in data:
         raise RecipeError("slices: give one of models, slices or modules, not models too")
-    fields = _fields(data, "", {**RECIPE_KEYS, "slices": SLICES_KEY}, required=("merge_method",))
+    fields = _fields(data, "", RECIPE_KEYS, required=("merge_method",))
     models = [ModelEntry(ref) for ref in slice_models(fields["slices"])]
     return RecipeSchema(**fields, models=models)
 
