@@ -23,6 +23,7 @@ from della_cli.io.metadata import (
 from della_cli.io.output import check_destination, clear_partial, staged_folder
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import ShardWriter, shard_file_names
+from della_cli.layer_map import output_config
 from della_cli.locate import locate_model
 from della_cli.model_ref import split_model_ref
 from della_cli.plan import Plan
@@ -169,7 +170,7 @@ def write_model_files(
     the recipe's chat template), card and recipe."""
     reference = inputs.base or inputs.experts[0]
     write_config(
-        with_quantization(reference.config, plan.quantization),
+        with_quantization(output_config(reference.config, plan.layer_map), plan.quantization),
         staging,
         plan.config_dtype if plan.quantization is None else None,
         plan.tie_word_embeddings,

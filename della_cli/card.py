@@ -181,6 +181,7 @@ def render_card(
         "",
         *_model_table(recipe, pins),
         "",
+        *_layer_lines(recipe, pins),
         *_parameter_lines(recipe),
         "## Recipe",
         "",
@@ -255,10 +256,32 @@ def _model_table(recipe: Recipe, pins: dict[str, str]) -> list[str]:
             continue
         params = recipe.expert_params(index, "")
         values = " | ".join(
-            _varying(recipe, index, name) or _value(getattr(params, name)) for name in columns
+            "per slice"
+            if recipe.schema.slices is not None
+            else _varying(recipe, index, name) or _value(getattr(params, name))
+            for name in columns
         )
         rows.append(f"| {_linked(ref, pins)} | model | {values} | {_source(ref, pins)} |")
     return rows
+
+
+def _layer_lines(recipe: Recipe, pins: dict[str, str]) -> list[str]:
+    """Under ``slices:``, where each output layer comes from (the parameters of each slice
+    are in the recipe below)."""
+    from della_cli.recipe_slices import describe_layer_map, output_layers
+
+    slices = recipe.schema.slices
+    if slices is None:
+        return []
+    layer_map = describe_layer_map(slices, lambda ref: display_name(ref, pins))
+    count = output_layers(slices)
+    return [
+        "## Layers",
+        "",
+        f"{count} layers, from slices of the models ({layer_map}); each slice's parameters "
+        "are in the recipe below.",
+        "",
+    ]
 
 
 def _varying(recipe: Recipe, index: int | None, name: str) -> str | None:

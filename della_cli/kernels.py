@@ -138,7 +138,7 @@ class _Chooser:
             if method.catalog.contract.base is BasePolicy.IGNORED:
                 schema = self.recipe.schema
                 listed = schema.base_model in self.recipe.model_refs
-                values[BASE_INPUT] = job.reference.model == BASE and not listed
+                values[BASE_INPUT] = job.has_base and not listed
             compute = "F64" if self.recipe.schema.dtype == "float64" else "F32"
             passes = method_passes(method.name, values, len(steps), compute)
             shared = self.recipe.global_params(job.name)

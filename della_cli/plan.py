@@ -20,6 +20,7 @@ from della_cli.io.dtypes import CONFIG_NAMES, DTYPE_NAMES, itemsize
 from della_cli.io.reader import ModelReader, TensorInfo
 from della_cli.io.writer import OutputTensor, split_into_shards
 from della_cli.kernels import Kernel, assign_kernels
+from della_cli.layer_map import LayerMap, SlicedTensor, plan_slices
 from della_cli.methods import Sparsifier
 from della_cli.methods.counts import fraction_count
 from della_cli.methods.streamed import statistics_bytes
@@ -72,6 +73,12 @@ class TensorJob:
     experts: tuple[Source, ...] = ()
     kernel: Kernel | None = None  # what merges it (``della_cli.kernels``); None for a copy
     requantize: Requantize | None = None  # written in the base's FP8 format (out_dtype: fp8)
+    reference_is_base: bool = False  # a slice's own base_model, one of the recipe's models
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the reference is a base the method merges into (not one of its inputs)."""
+        return self.reference.model == BASE or self.reference_is_base
 
     @property
     def numel(self) -> int:
@@ -90,6 +97,7 @@ class Plan:
     vocab_size: int | None = None  # set when tokenizer_source changes the vocabulary rows
     vocabulary: VocabularyAlignment | None = None  # a tokenizer the merge builds (union, ...)
     quantization: dict | None = None  # the quantization_config of an FP8 output
+    layer_map: LayerMap | None = None  # a merge by slices: the output's layers
 
     @property
     def output_bytes(self) -> int:
@@ -249,17 +257,24 @@ class _Planner:
         return target, replace(own, rows=ref.shape[0], fill=fill)
 
     def source_for(
-        self, index: int, name: str, ref: TensorInfo, aligned: bool = False
+        self,
+        index: int,
+        name: str,
+        ref: TensorInfo,
+        tensor: str | None = None,
+        aligned: bool = False,
     ) -> Source | None:
-        """Expert ``index``'s input for output tensor ``name`` (None: it sits this one out)."""
+        """Expert ``index``'s input for output tensor ``name``: its own ``tensor`` of that name
+        unless given (None: it sits this one out); ``aligned``: re-indexed to the tokenizer the
+        merge builds."""
         expert = self.experts[index]
         label = self.recipe.model_refs[index]
-        tensor = name
-        if name not in expert.tensors and name.endswith("lm_head.weight") and _is_tied(expert):
+        tensor = tensor or name
+        if tensor not in expert.tensors and name.endswith("lm_head.weight") and _is_tied(expert):
             tensor = find_embedding(expert)  # a tied model's lm_head is its embedding matrix
         info = expert.tensors.get(tensor)
         if info is None:
-            message = f"'{label}' has no '{name}'"
+            message = f"'{label}' has no '{tensor}'"
             if self.strict:
                 self.problems.append(f"{message} (--strict)")
             else:
@@ -284,7 +299,15 @@ class _Planner:
         self.mismatched.setdefault(index, []).append((name, info.shape, ref.shape))
         return None
 
-    def job_for(self, name: str, ref: TensorInfo, ref_source: Source) -> TensorJob:
+    def job_for(
+        self,
+        name: str,
+        ref: TensorInfo,
+        ref_source: Source,
+        inputs: tuple[tuple[int, str], ...] | None = None,
+    ) -> TensorJob:
+        """The job of output tensor ``name``, merged from ``inputs`` ((model, tensor) each;
+        by default every model's tensor of that name)."""
         aligned = self.aligned_target(name, ref, ref_source)
         if aligned is None:
             ref, ref_source = self.vocabulary_target(name, ref, ref_source)
@@ -293,17 +316,20 @@ class _Planner:
         out_dtype = self.out_dtype if (self.out_dtype and ref.is_floating) else written_dtype(ref)
         if not ref.is_floating:
             return TensorJob(name, "copy", ref.shape, ref.dtype, ref_source)
+        if inputs is None:
+            inputs = tuple((i, name) for i in range(len(self.experts)))
         sources = [
-            self.source_for(i, name, ref, aligned is not None) for i in range(len(self.experts))
+            self.source_for(i, name, ref, tensor, aligned is not None) for i, tensor in inputs
         ]
         present = tuple(s for s in sources if s is not None)
         if aligned is not None:
             self.check_row_donors(name, (ref_source, *present))
         if not present:
-            self.warnings.append(f"no model has '{name}'; copied from the base")
+            if inputs:  # a slice of its base alone has nothing to merge: no warning
+                self.warnings.append(f"no model has '{name}'; copied from the base")
             return TensorJob(name, "copy", ref.shape, out_dtype, ref_source)
         self.check_keep_count(name, ref, present)
-        self.check_contract(name, present)
+        self.check_contract(name, present, [model for model, _ in inputs])
         return TensorJob(name, "merge", ref.shape, out_dtype, ref_source, present)
 
     def check_row_donors(self, name: str, sources: tuple[Source, ...]) -> None:
@@ -322,17 +348,13 @@ class _Planner:
         how = requantization(self.reference, job.name)
         return job if how is None else replace(job, out_dtype="F32", requantize=how)
 
-    def check_contract(self, name: str, present: tuple[Source, ...]) -> None:
+    def check_contract(self, name: str, present: tuple[Source, ...], inputs: list[int]) -> None:
         """A catalog method with a fixed number of models (nuslerp's two) cannot merge a
-        tensor that one of them lacks; mergekit fails there too."""
+        tensor that one of its ``inputs`` lacks; mergekit fails there too."""
         catalog = self.recipe.method.catalog
         if catalog is None or len(present) >= catalog.contract.min_models:
             return
-        lacking = [
-            self.recipe.model_refs[i]
-            for i in range(len(self.experts))
-            if i not in {s.model for s in present}
-        ]
+        lacking = [self.recipe.model_refs[i] for i in inputs if i not in {s.model for s in present}]
         self.problems.append(
             f"{catalog.name} needs {catalog.contract.min_models} models for '{name}', but "
             f"{', '.join(map(repr, lacking))} lack it"
@@ -373,15 +395,19 @@ def build_plan(
         limits = {model: _row_limit(reader) for model, reader in _readers(base, experts)}
         alignment = align_vocabulary(recipe, base, experts, limits)
     planner = _Planner(recipe, reference, ref_model, experts, strict, alignment)
-    ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
-    jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
-    jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
+    layer_map = None
+    if recipe.schema.slices is not None:
+        layer_map, jobs = _sliced_jobs(planner, base)
+    else:
+        ordered = sorted(reference.tensors.values(), key=lambda t: (str(t.path), t.offset))
+        jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
+        jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
     if planner.requantizing:
         problem = fp8_output_problem(reference)
         planner.problems += [problem] if problem else []
         jobs = [planner.requantized(job) for job in jobs]
-    _report_architecture(planner)
-    for index, expert in enumerate(experts):
+    _report_architecture(planner, depths=layer_map is None)
+    for index, expert in enumerate(experts if layer_map is None else ()):
         if not set(expert.tensors) & set(reference.tensors):
             planner.problems.append(
                 f"'{recipe.model_refs[index]}' shares no tensor name with the base; it is "
@@ -412,7 +438,9 @@ def build_plan(
     if alignment is not None:
         vocab_size = alignment.padded_size
         warnings += [alignment.summary, *alignment.warnings]
-    plan = Plan(jobs, shards, warnings, compute, tied, vocab_size, alignment, quantization)
+    plan = Plan(
+        jobs, shards, warnings, compute, tied, vocab_size, alignment, quantization, layer_map
+    )
     return assign_kernels(plan, recipe, base, experts, device)
 
 
@@ -429,22 +457,47 @@ def _row_limit(reader: ModelReader) -> int | None:
     return min(limits) if limits else None
 
 
-def _report_architecture(planner: _Planner) -> None:
+def _sliced_jobs(planner: _Planner, base: ModelReader | None) -> tuple[LayerMap, list[TensorJob]]:
+    """The jobs of a merge by slices, in output order (``layer_map``)."""
+    sliced = plan_slices(planner.recipe, base, planner.experts)
+    planner.problems += sliced.problems
+    first, last = planner.recipe.schema.slices[0], planner.recipe.schema.slices[-1]
+    if len(last.sources) > len(first.sources):
+        planner.warnings.append(
+            f"{last.path}: the final norm and lm_head are merged from its {len(last.sources)} "
+            f"sources; mergekit 0.1.5 would take only its first {len(first.sources)} (as many "
+            f"as {first.path} has)"
+        )
+
+    def job(tensor: SlicedTensor) -> TensorJob:
+        model, name = tensor.reference
+        reader = base if model == BASE else planner.experts[model]
+        if name not in reader.tensors:  # an lm_head the tied reference has as its embedding
+            name = find_embedding(reader)
+        info = reader.tensors[name]
+        made = planner.job_for(tensor.name, info, Source(model, name), tensor.inputs)
+        return replace(made, reference_is_base=tensor.reference_is_base)
+
+    return sliced.layer_map, [job(tensor) for tensor in sliced.tensors]
+
+
+def _report_architecture(planner: _Planner, depths: bool = True) -> None:
     """One problem per model that is not the base's architecture, naming the cause (a width
-    in config.json, a different number of layers) before the tensors it shows in."""
+    in config.json, a different number of layers, unless slices pick the layers) before the
+    tensors it shows in."""
     reference = planner.reference
     for index, expert in enumerate(planner.experts):
         if expert is reference:
             continue
         label = planner.recipe.model_refs[index]
         widths = config_differences(reference.config, expert.config)
-        depths = layer_differences(reference.tensors, expert.tensors)
+        stacks = layer_differences(reference.tensors, expert.tensors) if depths else []
         mismatches = planner.mismatched.get(index, [])
         if mismatches:
-            planner.problems.append(shape_summary(label, mismatches, widths + depths))
-        elif depths:
+            planner.problems.append(shape_summary(label, mismatches, widths + stacks))
+        elif stacks:
             planner.problems.append(
-                f"'{label}' has {', '.join(depths)} (the base's depth); models of different "
+                f"'{label}' has {', '.join(stacks)} (the base's depth); models of different "
                 "depths cannot be merged tensor by tensor"
             )
 

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from della_cli.methods import Rescale
+from della_cli.recipe_slices import reads
 
 _INDEX = re.compile(r"\.(\d+)\.")
 SHARED = "merge-wide"
@@ -26,13 +27,15 @@ def _layer_key(name: str) -> tuple[int, ...]:
 def group_parameters(recipe, names: list[str]) -> dict[str, dict[str, Any]]:
     """For the tensors ``names`` of one group: per model label (and ``SHARED`` for the
     merge-wide ones), the parameters that vary over the group or differ from the plain value;
-    a value the whole group shares, else the list in layer order."""
+    a value the whole group shares, else the list in layer order. Under slices, a model's
+    values cover the tensors whose slice reads it."""
     names = sorted(names, key=_layer_key)
     spec = recipe.method
     found: dict[str, dict[str, Any]] = {}
     for index, ref in enumerate(recipe.model_refs):
-        for field in spec.expert_parameters:
-            values = [getattr(recipe.expert_params(index, name), field) for name in names]
+        own = [name for name in names if reads(recipe.schema.slices, ref, name)]
+        for field in spec.expert_parameters if own else ():
+            values = [getattr(recipe.expert_params(index, name), field) for name in own]
             plain = getattr(recipe.expert_params(index, ""), field)
             _keep(found.setdefault(ref, {}), field, values, plain)
     for field in spec.global_parameters:

@@ -48,6 +48,8 @@ class PlanReport:
     working_memory_bytes: int = 0
     available_memory_bytes: int | None = None
     disk: list[dict] = field(default_factory=list)
+    # A merge by slices: the output's num_hidden_layers and where each layer comes from.
+    layers: dict | None = None
 
     @property
     def can_run(self) -> bool:
@@ -69,6 +71,8 @@ class PlanReport:
             lines.append(f"  {group['action']:<{width}}  {group['tensors']}{count}{kernel}")
             if group.get("parameters"):
                 lines += parameter_lines(group["parameters"], " " * (width + 6))
+        if self.layers is not None:
+            lines.append(f"num_hidden_layers {self.layers['count']}: {self.layers['map']}")
         lines.append(
             f"{self.method}: {self.tensors} tensors ({self.merged} merged, "
             f"{self.copied} copied) into {self.shards} shard(s), "
@@ -149,6 +153,8 @@ def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | 
         return report, None
     whole = recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
     _describe_plan(report, plan, recipe.model_refs)
+    if plan.layer_map is not None:
+        report.layers = {"count": plan.layer_map.layers, "map": plan.layer_map.description}
     if recipe.varies_by_tensor:
         _describe_parameters(report, plan, recipe)
     report.working_memory_bytes = plan.working_memory_bytes(block_elements_for(device), whole)

@@ -31,6 +31,14 @@ from della_cli.recipe_compat import (
     check_method,
     duplicate_key_notes,
 )
+from della_cli.recipe_scopes import (
+    Member,
+    ParameterGroup,
+    own_block,
+    parameter_blocks,
+    parameter_groups,
+    shared_blocks,
+)
 from della_cli.recipe_settings import (
     breakpoints,
     check_setting,
@@ -39,6 +47,15 @@ from della_cli.recipe_settings import (
     resolve,
     sample_names,
     varies,
+)
+from della_cli.recipe_slices import (
+    OutputSlice,
+    check_slice_bases,
+    place_of,
+    read_slices,
+    slice_models,
+    slice_notes,
+    unwrap_modules,
 )
 from della_cli.recipe_tokenizer import (
     TokenizerSettings,
@@ -49,11 +66,6 @@ from della_cli.recipe_yaml import MAX_RECIPE_BYTES, RecipeLoader, load_yaml, see
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
 DEFAULT_GAMMA = 0.01  # mergekit's breadcrumbs default
-# mergekit keys we know but do not implement yet: said so instead of "unknown key".
-UNSUPPORTED_KEYS = {
-    "slices": "slice-wise merges (slices) are not supported yet; merge whole models",
-    "modules": "per-module merges (modules) are not supported yet; merge whole models",
-}
 # Spellings of a boolean accepted besides YAML's own (mergekit's parser takes them too).
 BOOLEAN_WORDS = {
     **dict.fromkeys(("true", "t", "yes", "y", "on", "1"), True),
@@ -127,6 +139,10 @@ class RecipeSchema:
     tokenizer: TokenizerSettings | None = None  # the block's tokens and pad_to_multiple_of
     chat_template: str | None = None  # auto, a named template or a Jinja template
     name: str | None = None  # mergekit's stage name; here, the title of the model card
+    # ``slices:`` (recipe_slices), else None; ``models`` then lists the models they read.
+    slices: tuple[OutputSlice, ...] | None = None
+    # The parameters of ``modules: {default: ...}``, between the slices' and the top level's.
+    module_parameters: GlobalParameters | None = None
     # What was accepted as mergekit accepts it (ignored, defaulted): one line each, for the plan.
     notes: tuple[str, ...] = ()
 
@@ -177,8 +193,8 @@ class Recipe:
     def varies_by_tensor(self) -> bool:
         """Whether any parameter is a gradient or a filter list (else every tensor gets the
         same values)."""
-        blocks = [self.schema.parameters, *(entry.parameters for entry in self.schema.models)]
         names = [f.name for f in dataclasses.fields(ModelParameters) if f.name != "given"]
+        blocks = parameter_blocks(self.schema)
         return any(varies(getattr(block, name)) for block in blocks for name in names)
 
     def with_layers(self, layers: int | None) -> Recipe:
@@ -186,22 +202,36 @@ class Recipe:
         return self if layers == self.layers else dataclasses.replace(self, layers=layers)
 
     def _position(self, tensor_name: str) -> float:
-        """The tensor's layer position t, where some parameter needs it (else 0)."""
+        """The tensor's layer position t, where some parameter needs it (else 0); under
+        slices, its position in its slice."""
+        if self.schema.slices is not None:
+            return place_of(self.schema.slices, tensor_name).t
         return layer_position(tensor_name, self.layers) if self.varies_by_tensor else 0.0
 
     def expert_params(self, model_index: int, tensor_name: str) -> ExpertParams:
         """Parameters of model ``model_index`` for ``tensor_name``, its gradients placed at the
-        tensor's layer and its filters matched against the name."""
-        return self.expert_params_at(model_index, tensor_name, self._position(tensor_name))
+        tensor's layer and its filters matched against the name (under slices, the name of
+        the model's own input tensor, and the model's parameters in that tensor's slice)."""
+        if self.schema.slices is None:
+            return self.expert_params_at(model_index, tensor_name, self._position(tensor_name))
+        own, own_name, t = own_block(self.schema, self.model_refs[model_index], tensor_name)
+        blocks = ((own,) if own is not None else ()) + shared_blocks(self.schema, tensor_name)
+        return self.expert_params_from(blocks, own_name, t)
 
     def expert_params_at(self, model_index: int, tensor_name: str, t: float) -> ExpertParams:
-        """``expert_params`` at layer position ``t``; the own scope first, then the top level,
-        then the default (a filter list matching nothing falls through)."""
+        """``expert_params`` at layer position ``t``; the own scope first, then the module's,
+        the top level, then the default (a filter list matching nothing falls through)."""
         own = self.schema.models[model_index].parameters
-        default = self.schema.parameters
+        blocks = (own, *shared_blocks(self.schema, tensor_name))
+        return self.expert_params_from(blocks, tensor_name, t)
+
+    def expert_params_from(
+        self, blocks: tuple[ModelParameters, ...], tensor_name: str, t: float
+    ) -> ExpertParams:
+        """A model's parameters from the parameter ``blocks``, highest precedence first."""
 
         def settle(name: str, fallback: Any) -> Any:
-            scopes = (getattr(own, name), getattr(default, name))
+            scopes = tuple(getattr(block, name) for block in blocks)
             return _settle(scopes, tensor_name, t, fallback)
 
         takes = self.method.expert_parameters
@@ -224,9 +254,14 @@ class Recipe:
         entry = self.method.catalog
         if entry is None:
             return {}
-        top, t = self.schema.parameters, self._position(tensor_name)
+        blocks, t = shared_blocks(self.schema, tensor_name), self._position(tensor_name)
         return {
-            p.name: _settle((getattr(top, parameter_attribute(p.name)),), tensor_name, t, p.default)
+            p.name: _settle(
+                tuple(getattr(b, parameter_attribute(p.name)) for b in blocks),
+                tensor_name,
+                t,
+                p.default,
+            )
             for p in entry.parameters
             if p.scope is Scope.SHARED
         }
@@ -234,12 +269,16 @@ class Recipe:
     def global_params(self, tensor_name: str = "") -> GlobalParams:
         """The merge-wide parameters for ``tensor_name`` (the output's name); without one,
         those of a tensor outside the layers that no filter names."""
-        spec, top = self.method, self.schema.parameters
+        spec, blocks = self.method, shared_blocks(self.schema, tensor_name)
         t = self._position(tensor_name)
-        rescale = _settle((top.rescale,), tensor_name, t, True)
+
+        def scopes(name: str) -> tuple[Any, ...]:
+            return tuple(getattr(block, name) for block in blocks)
+
+        rescale = _settle(scopes("rescale"), tensor_name, t, True)
         return GlobalParams(
-            lambda_=_settle((top.lambda_,), tensor_name, t, 1.0),
-            normalize=_settle((top.normalize,), tensor_name, t, spec.normalize_default),
+            lambda_=_settle(scopes("lambda_"), tensor_name, t, 1.0),
+            normalize=_settle(scopes("normalize"), tensor_name, t, spec.normalize_default),
             rescale={True: Rescale.KEEP_PROB, False: Rescale.NONE, "l1": Rescale.L1}[rescale],
         )
 
@@ -346,11 +385,12 @@ def recipe_of(data: Any, text: str, path: Path | None, key_given_twice: bool = F
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with merge_method and models")
     try:
-        data, notes = adapt_recipe(data)
-        for key, reason in UNSUPPORTED_KEYS.items():
-            if key in data:
-                raise RecipeError(f"{key}: {reason}")
-        schema = read_schema(data)
+        data, module, raw = unwrap_modules(
+            data, _parameters(GLOBAL_PARAMETER_KEYS, GlobalParameters)
+        )
+        data, notes = adapt_recipe(data, raw)
+        schema = dataclasses.replace(read_schema(data), module_parameters=module)
+        notes += slice_notes(schema.slices)
     except RecipeError as error:  # a key or value quoted in the message stays on one line
         raise RecipeError(str(error).replace("\r", "\\r").replace("\n", "\\n")) from None
     if key_given_twice:
@@ -534,6 +574,15 @@ ENTRY_KEYS: dict[str, tuple[str, Check]] = {
     "model": ("model", _model_name),
     "parameters": ("parameters", _parameters(PARAMETER_KEYS, ModelParameters)),
 }
+SLICES_KEY = (
+    "slices",
+    lambda value, path: read_slices(
+        value,
+        path,
+        _parameters(PARAMETER_KEYS, ModelParameters),
+        _parameters(GLOBAL_PARAMETER_KEYS, GlobalParameters),
+    ),
+)
 RECIPE_KEYS: dict[str, tuple[str, Check]] = {
     "merge_method": ("merge_method", _required_string),
     "base_model": ("base_model", _optional_model_name),
@@ -546,12 +595,20 @@ RECIPE_KEYS: dict[str, tuple[str, Check]] = {
     "tokenizer": ("tokenizer", check_tokenizer_block),
     "chat_template": ("chat_template", check_chat_template),
     "name": ("name", _string),
+    "slices": SLICES_KEY,  # instead of models (``read_schema``)
 }
 
 
 def read_schema(data: dict) -> RecipeSchema:
-    """The recipe mapping ``data`` (from YAML) checked field by field."""
-    return RecipeSchema(**_fields(data, "", RECIPE_KEYS, required=("merge_method", "models")))
+    """The recipe mapping ``data`` (from YAML) checked field by field. Under ``slices:`` the
+    schema's ``models`` are the models the slices read, each once, without parameters."""
+    if "slices" not in data:
+        return RecipeSchema(**_fields(data, "", RECIPE_KEYS, required=("merge_method", "models")))
+    if "models" in data:
+        raise RecipeError("slices: give one of models, slices or modules, not models too")
+    fields = _fields(data, "", RECIPE_KEYS, required=("merge_method",))
+    models = [ModelEntry(ref) for ref in slice_models(fields["slices"])]
+    return RecipeSchema(**fields, models=models)
 
 
 def _fields(
@@ -594,7 +651,9 @@ def check_rules(recipe: Recipe) -> None:
     spec = recipe.method
     if not schema.models:
         raise RecipeError("models: must list at least one model")
-    if spec.needs_base and not schema.base_model:
+    if schema.slices is not None:
+        check_slice_bases(schema.slices, schema.base_model, spec)
+    elif spec.needs_base and not schema.base_model:
         what = "merges task vectors" if spec.catalog is None else "merges into a base"
         raise RecipeError(f"base_model: {spec.name} {what} and needs a base_model")
     seen: dict[str, int] = {}
@@ -613,23 +672,34 @@ def check_rules(recipe: Recipe) -> None:
         )
     check_token_models(schema.tokenizer, schema.base_model, recipe.model_refs)
     _check_parameter_names(recipe)
-    if spec.catalog is not None:
-        _check_catalog_method(recipe)
-        return
-    for index in range(len(schema.models)):
-        _check_expert_values(recipe, index)
+    for group in parameter_groups(schema):
+        if spec.catalog is not None:
+            _check_catalog_method(recipe, group)
+            continue
+        for member in _merged_members(recipe, group):
+            _check_expert_values(recipe, member, group)
 
 
-def _check_catalog_method(recipe: Recipe) -> None:
-    """A catalog method's input contract, required parameters and ranges (``catalog``)."""
-    schema, entry = recipe.schema, recipe.method.catalog
+def _merged_members(recipe: Recipe, group: ParameterGroup) -> list[Member]:
+    """The inputs of ``group`` whose own parameters a merge reads: all but a listed base
+    where the method merges into the base (``models:`` drops that entry when it is read)."""
+    on_deltas = recipe.method.on_deltas
+    return [m for m in group.members if not (on_deltas and m.model == group.base)]
+
+
+def _check_catalog_method(recipe: Recipe, group: ParameterGroup) -> None:
+    """A catalog method's input contract, required parameters and ranges (``catalog``), for
+    the models or one slice's sources."""
+    entry = recipe.method.catalog
     contract = entry.contract
-    inputs = len(schema.models)
+    members = _merged_members(recipe, group)
+    inputs = len(members)
     besides = " besides the base"
     if contract.base is BasePolicy.IGNORED:
-        besides = " (the base_model counts as one)"
-        inputs += bool(schema.base_model) and schema.base_model not in recipe.model_refs
-    elif contract.base is BasePolicy.OPTIONAL and not schema.base_model:
+        besides = " (the base_model counts as one)" if group.adds_base else ""
+        listed = group.base in [m.model for m in members]
+        inputs += bool(group.base) and not listed and group.adds_base
+    elif contract.base is BasePolicy.OPTIONAL and not group.base:
         besides = ""
     least, most = contract.min_models, contract.max_models
     if inputs < least or (most is not None and inputs > most):
@@ -640,32 +710,40 @@ def _check_catalog_method(recipe: Recipe) -> None:
         noun = "input" if contract.base is BasePolicy.IGNORED else "model"
         plural = "" if (most or least) == 1 else "s"
         raise RecipeError(
-            f"models: {entry.name} takes {wanted} {noun}{plural}{besides}, got {inputs}"
+            f"{group.path}: {entry.name} takes {wanted} {noun}{plural}{besides}, got {inputs}"
         )
-    top = schema.parameters
     for parameter in entry.parameters:
+        attribute = parameter_attribute(parameter.name)
         if parameter.scope is Scope.SHARED:
-            _check_catalog_value(
-                entry.name,
-                parameter,
-                getattr(top, parameter_attribute(parameter.name)),
-                "parameters",
-            )
+            for path, block in group.upper:
+                if getattr(block, attribute) is not None:
+                    _check_catalog_value(entry.name, parameter, getattr(block, attribute), path)
+            if all(getattr(block, attribute) is None for _, block in group.upper):
+                _check_catalog_value(entry.name, parameter, None, group.upper[-1][0])
             continue
-        for index, model in enumerate(schema.models):
-            own = getattr(model.parameters, parameter_attribute(parameter.name))
-            value = _first_set(own, getattr(top, parameter_attribute(parameter.name)), None)
-            where = f"models.{index}.parameters" if own is not None else "parameters"
+        for member in members:
+            blocks = ((member.path, member.parameters), *group.upper)
+            where, value = next(
+                (
+                    (path, getattr(b, attribute))
+                    for path, b in blocks
+                    if getattr(b, attribute) is not None
+                ),
+                (group.upper[-1][0], None),
+            )
             if value is None and parameter.required:
-                where = f"models.{index}.parameters"
+                where = member.path
             _check_catalog_value(entry.name, parameter, value, where)
-    normalize = _first_set(top.normalize_weights, True)
-    if entry.name == "multislerp" and normalize and len(schema.models) > 1:
-        weights = [_first_set(m.parameters.weight, top.weight, 1.0) for m in schema.models]
+    uppers = [block for _, block in group.upper]
+    normalize = _first_set(*(b.normalize_weights for b in uppers), True)
+    if entry.name == "multislerp" and normalize and len(members) > 1:
+        weights = [
+            _first_set(m.parameters.weight, *(b.weight for b in uppers), 1.0) for m in members
+        ]
         if not any(map(varies, weights)) and sum(weights) == 0:
             raise RecipeError(
-                "models: the multislerp weights sum to 0, so normalize_weights cannot divide "
-                "by their sum; change a weight or set normalize_weights: false"
+                f"{group.path}: the multislerp weights sum to 0, so normalize_weights cannot "
+                "divide by their sum; change a weight or set normalize_weights: false"
             )
 
 
@@ -716,14 +794,14 @@ def _check_parameter_names(recipe: Recipe) -> None:
             )
 
 
-def _check_expert_values(recipe: Recipe, index: int) -> None:
+def _check_expert_values(recipe: Recipe, member: Member, group: ParameterGroup) -> None:
     """The bounds that join density with epsilon or gamma, for every tensor: where values vary,
     at every name the filters tell apart and every gradient's breakpoint (between two, each
     bound is linear in t, so holding at both ends it holds between)."""
-    own, top = recipe.schema.models[index].parameters, recipe.schema.parameters
-    settings = [getattr(block, name) for block in (own, top) for name in EXPERT_FIELDS]
+    blocks = ((member.path, member.parameters), *group.upper)
+    settings = [getattr(block, name) for _, block in blocks for name in EXPERT_FIELDS]
     if not any(varies(setting) for setting in settings):
-        _check_expert_window(recipe, index, "", 0.0, "")
+        _check_expert_window(recipe, blocks, "", 0.0, "")
         return
     for name in sample_names(settings):
         for t in breakpoints(settings):
@@ -731,20 +809,19 @@ def _check_expert_values(recipe: Recipe, index: int) -> None:
             place = f" at layer position t = {t:g}" + (
                 f" for tensors containing '{parts}'" if name else ""
             )
-            _check_expert_window(recipe, index, name, t, place)
+            _check_expert_window(recipe, blocks, name, t, place)
 
 
-def _check_expert_window(recipe: Recipe, index: int, tensor: str, t: float, where: str) -> None:
-    own = recipe.schema.models[index].parameters
+def _check_expert_window(
+    recipe: Recipe, blocks: tuple[tuple[str, Any], ...], tensor: str, t: float, where: str
+) -> None:
+    """``blocks``: (path, parameter block), the model's own first, the top level's last."""
 
     def path(name: str) -> str:
-        return (
-            f"models.{index}.parameters.{name}"
-            if getattr(own, name) is not None
-            else (f"parameters.{name}")
-        )
+        found = (p for p, block in blocks if getattr(block, name) is not None)
+        return f"{next(found, blocks[-1][0])}.{name}"
 
-    params = recipe.expert_params_at(index, tensor, t)
+    params = recipe.expert_params_from(tuple(block for _, block in blocks), tensor, t)
     density = params.density
     in_window = (
         params.epsilon is None
@@ -753,7 +830,7 @@ def _check_expert_window(recipe: Recipe, index: int, tensor: str, t: float, wher
         or (density - params.epsilon > 0 and density + params.epsilon <= 1)
     )
     if not in_window:
-        defaulted = own.epsilon is None and recipe.schema.parameters.epsilon is None
+        defaulted = all(block.epsilon is None for _, block in blocks)
         whose, fix = (" (mergekit's default)", "set") if defaulted else ("", "lower")
         raise RecipeError(
             f"{path('epsilon')}: keep probabilities d ± ε must lie in (0, 1], but density "

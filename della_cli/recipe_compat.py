@@ -69,10 +69,11 @@ def check_method(method: Any) -> None:
     raise RecipeError(f"merge_method: unknown method '{method}'; {hint}")
 
 
-def adapt_recipe(data: dict) -> tuple[dict, list[str]]:
+def adapt_recipe(data: dict, module: Any = None) -> tuple[dict, list[str]]:
     """``data`` (a recipe mapping from YAML) in della's schema, and the notes saying what was
     ignored or defaulted as mergekit does. Parts of the wrong shape are left as they are, for
-    the schema check to report."""
+    the schema check to report. ``module``: the parameters of ``modules: {default: ...}``,
+    which count as set for every model."""
     check_method(data.get("merge_method"))
     data = dict(data)
     notes: list[str] = []
@@ -89,7 +90,7 @@ def adapt_recipe(data: dict) -> tuple[dict, list[str]]:
         return data, notes
     _drop_base_entry(data, spec, notes)
     _drop_unused_parameters(data, spec, notes)
-    _note_defaults(data, spec, notes)
+    _note_defaults(data, spec, notes, module)
     return data, notes
 
 
@@ -222,13 +223,15 @@ def _merge_wide_value(key: str, top: Any, spec: MethodSpec) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _note_defaults(data: dict, spec: MethodSpec, notes: list[str]) -> None:
+def _note_defaults(data: dict, spec: MethodSpec, notes: list[str], module: Any = None) -> None:
     """Say where density or epsilon takes mergekit's default (``Recipe.expert_params`` uses
     it)."""
     top = data.get("parameters")
     entries = _entries(data)
     for name, default in MERGEKIT_DEFAULTS.items():
-        if name not in spec.expert_parameters or (isinstance(top, dict) and name in top):
+        if name not in spec.expert_parameters:
+            continue
+        if any(isinstance(block, dict) and name in block for block in (top, module)):
             continue
         lacking = [
             str(entry.get("model"))

@@ -26,6 +26,7 @@ from della_cli.model_ref import split_model_ref
 from della_cli.plan import Plan, build_plan
 from della_cli.quant import dequantizing
 from della_cli.recipe import Recipe, load_recipe
+from della_cli.recipe_slices import model_field
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -256,7 +257,8 @@ def open_inputs(
         return None
 
     base = attempt("base_model", recipe.schema.base_model) if recipe.schema.base_model else None
-    experts = [attempt(f"models.{i}.model", ref) for i, ref in enumerate(recipe.model_refs)]
+    fields = [model_field(recipe.schema, i) for i in range(len(recipe.model_refs))]
+    experts = [attempt(field, ref) for field, ref in zip(fields, recipe.model_refs, strict=True)]
     if failures:
         for reader in [base, *experts]:
             if reader is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from della_cli.errors import RecipeError
 from della_cli.recipe import ModelEntry, Recipe, read_recipe_text, recipe_of
+from della_cli.recipe_slices import rebind_slices
 from della_cli.recipe_yaml import load_documents, split_documents
 
 INTERMEDIATES_MARK = ".della-stages-"
@@ -155,6 +156,7 @@ def bind(stage: Stage, folders: dict[str, Path]) -> Recipe:
         models=[ModelEntry(m.model, m.parameters) for m in models],
         tokenizer_source=ref(schema.tokenizer_source),
         tokenizer=schema.tokenizer and schema.tokenizer.with_models(ref),
+        slices=None if schema.slices is None else rebind_slices(schema.slices, ref),
     )
     return dataclasses.replace(stage.recipe, schema=schema)
 
@@ -317,6 +319,7 @@ def stand_in(plan, config: dict | None, folder: Path) -> Path:
     import json
 
     from della_cli.io.writer import SHARD_METADATA, encode_header, shard_file_names
+    from della_cli.layer_map import output_config
 
     folder.mkdir(parents=True)
     names = shard_file_names(len(plan.shards))
@@ -329,7 +332,7 @@ def stand_in(plan, config: dict | None, folder: Path) -> Path:
         weight_map = {t.name: n for n, shard in zip(names, plan.shards, strict=True) for t in shard}
         index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    config = dict(config or {})
+    config = dict(output_config(config, plan.layer_map) or {})
     if plan.config_dtype:
         config["torch_dtype"] = plan.config_dtype
     (folder / "config.json").write_text(json.dumps(config))

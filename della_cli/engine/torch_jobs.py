@@ -14,7 +14,7 @@ from della_cli.engine.shared import BlockTask
 from della_cli.engine.threads import ThreadBudget
 from della_cli.methods import MethodSpec
 from della_cli.methods.randomness import Draws
-from della_cli.plan import BASE, TensorJob
+from della_cli.plan import TensorJob
 
 if TYPE_CHECKING:
     from della_cli.backends.torch_backend import Mask, TorchBackend
@@ -111,4 +111,4 @@ class TorchJobs:
         rows = loaded[0].shape[0]
         shape = (rows, *job.shape[1:]) if len(job.shape) > 1 else job.shape
         reference, *experts = (self.backend.to_device(raw).reshape(shape) for raw in loaded)
-        return (reference if job.reference.model == BASE else None), experts
+        return (reference if job.has_base else None), experts

@@ -78,7 +78,8 @@ def workspace(model_zoo, tmp_path_factory) -> Path:
 def test_the_folder_covers_every_feature():
     texts = "".join(path.read_text() for path in ACCEPTED)
     features = ("tokenizer:", "tokenizer_source:", "chat_template: auto", "name:", "lambda:")
-    for feature in (*features, "- filter:", "weight: [", "density: [", "value: ["):
+    layers = ("slices:", "layer_range:", "modules:")
+    for feature in (*features, *layers, "- filter:", "weight: [", "density: [", "value: ["):
         assert feature in texts, feature
     assert len(ACCEPTED) >= 10 and len(REFUSED) >= 1
     assert all(header(path, "refused") for path in REFUSED)

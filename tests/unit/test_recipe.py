@@ -487,7 +487,7 @@ BAD_RECIPES = [
     ),
     pytest.param(
         edited(("slices", [{"sources": [{"model": "lm", "layer_range": [0, 2]}]}])),
-        "slices: slice-wise merges (slices) are not supported yet",
+        "slices: give one of models, slices or modules, not models too",
         [],
         id="slices",
     ),
@@ -638,8 +638,8 @@ BAD_RECIPES = [
         id="unknown-to-mergekit-too",
     ),
     pytest.param(
-        edited(("merge_method", "slerp"), ("slices", [{"sources": []}])),
-        "slices: slice-wise merges (slices) are not supported yet",
+        edited(("merge_method", "slerp"), ("models", DROP), ("slices", [{"sources": []}])),
+        "slices[0].sources: must list at least one source",
         [],
         id="slerp-slices",
     ),
@@ -709,7 +709,7 @@ BAD_RECIPES = [
     ),
     pytest.param(
         edited(("modules", {"text": {}})),
-        "modules: per-module merges (modules) are not supported yet",
+        "modules: give one of models, slices or modules, not models too",
         [],
         id="modules",
     ),
