@@ -37,6 +37,7 @@ from della_cli.engine.shared import (
     CUDA_BLOCK_ELEMENTS,
     DEFAULT_BLOCK_ELEMENTS,
     MAX_ITEMSIZE,
+    SMALL_TASK_ELEMENTS,
     BlockTask,
     Merged,
     MergeInputs,
@@ -44,6 +45,7 @@ from della_cli.engine.shared import (
     WarningCallback,
     block_elements_for,
     rows_shape,
+    task_elements,
 )
 from della_cli.engine.threads import ThreadBudget
 from della_cli.engine.torch_jobs import TorchJobs
@@ -155,7 +157,12 @@ class MergeEngine:
 
     def load(self, task: BlockTask) -> list[np.ndarray]:
         """The raw rows of a block (reference first, then each expert), as stored."""
-        return self.rows.load(task, self._buffers)
+        return self.rows.load(task, self._pool_for(task))
+
+    def _pool_for(self, task: BlockTask) -> BufferPool | None:
+        """The recycled block buffers, for all but small tasks (``SMALL_TASK_ELEMENTS``): a
+        batch of small tasks would otherwise hold a block-sized buffer for each input."""
+        return None if task_elements(task) <= SMALL_TASK_ELEMENTS else self._buffers
 
     def release(self, task: BlockTask, loaded: list[np.ndarray]) -> None:
         """Give a merged block's input buffers back (a copy's output is its input)."""
@@ -239,10 +246,11 @@ class MergeEngine:
         job = task.job
         dtype = NUMPY_DTYPES[job.out_dtype]
         nbytes = math.prod(shape) * dtype.itemsize
-        if self._writer is None or self._buffers is None:
+        pool = self._pool_for(task)
+        if self._writer is None or pool is None:
             return np.empty(shape, dtype=dtype)
         offset = self._writer.file_offset(job.name, task.start * (nbytes // max(shape[0], 1)))
-        return self._buffers.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
+        return pool.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
 
     def global_keep_masks(self, job: TensorJob) -> list | None:
         """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks, made before
