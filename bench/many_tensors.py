@@ -4,8 +4,10 @@ A mixture-of-experts checkpoint holds 30,000-45,000 tensors, most of them small 
 matrices; whatever della spends per tensor (planning, scheduling, a threshold selection, a
 kernel call, a write) is multiplied by that count. This benchmark writes a synthetic MoE base
 and experts of that shape (bf16, several shards, a DeepSeek-like config.json), merges them with
-every method asked for, and prints per method the wall time, milliseconds per tensor and peak
-RSS of ``della merge`` (its own process, through ``timed.py``).
+every method asked for, and prints per method the wall time, milliseconds per tensor, CPU time
+(every thread's, user and system: on a shared machine the wall time also holds waits for the
+disk and for other processes) and peak RSS of ``della merge`` (its own process, through
+``timed.py``).
 
     python bench/many_tensors.py --methods ties,dare_ties --runs 3
 
@@ -187,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     for index, folder in enumerate([base, *experts]):
         write_model(folder, args.layers, None if index == 0 else index)
     print(f"{tensors} tensors per model, {len(experts)} experts, {args.runs} runs", flush=True)
-    print("| method | median s | ms per tensor | peak RSS GB | runs s |")
-    print("|---|---|---|---|---|")
+    print(
+        "| method | median s | ms per tensor | CPU s | CPU ms per tensor | peak RSS GB | runs s |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for method in methods:
         recipe = write_recipe(args.work / f"{method}.yaml", method, base, experts)
         runs = [
@@ -197,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
         seconds = [run["wall_s"] for run in runs]
         median = statistics.median(seconds)
+        cpu = statistics.median(run["cpu_s"] for run in runs)
         rss = max(run["peak_rss_bytes"] for run in runs) / 1e9
         listed = ", ".join(f"{s:.2f}" for s in seconds)
-        print(f"| {method} | {median:.2f} | {1000 * median / tensors:.2f} | {rss:.3f} | {listed} |")
+        per_tensor = f"{1000 * median / tensors:.2f} | {cpu:.2f} | {1000 * cpu / tensors:.2f}"
+        print(f"| {method} | {median:.2f} | {per_tensor} | {rss:.3f} | {listed} |")
         sys.stdout.flush()
     shutil.rmtree(args.work / "out", ignore_errors=True)
     return 0
