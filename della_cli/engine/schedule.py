@@ -24,7 +24,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from della_cli.engine.shared import SMALL_TASK_ELEMENTS, BlockTask, task_elements
+from della_cli.engine.shared import (
+    BATCH_ELEMENTS,
+    SMALL_TASK_ELEMENTS,
+    BlockTask,
+    task_elements,
+)
 
 if TYPE_CHECKING:
     from della_cli.engine import MergeEngine
@@ -39,8 +44,8 @@ def run_pipeline(
     writes: ThreadPoolExecutor,
 ) -> None:
     """Blocks read one ahead by ``reads``, merged here, written behind by ``writes``; small
-    tasks travel in batches of about a block (``task_batches``)."""
-    batches = task_batches(tasks, engine.block_elements)
+    tasks travel in batches (``task_batches``)."""
+    batches = task_batches(tasks, min(engine.block_elements, BATCH_ELEMENTS))
     prefetched = reads.submit(_load_batch, engine, batches[0]) if batches else None
     in_flight: deque[Future] = deque()
     for index, batch in enumerate(batches):
@@ -62,7 +67,7 @@ def run_pipeline(
 
 def task_batches(tasks: list[BlockTask], block_elements: int) -> list[list[BlockTask]]:
     """Consecutive small tasks (``SMALL_TASK_ELEMENTS``) grouped up to ``block_elements`` in
-    all, so that a batch holds about what one block does; any other task alone. Each batch
+    all; any other task alone. Each batch
     is one hand-over to the reader and one to the writer: per task, those round trips (a
     thread woken, the GIL passed) cost about 0.7 ms, more than merging a small tensor."""
     batches: list[list[BlockTask]] = []
