@@ -110,6 +110,7 @@ class MergeEngine:
         self.cpu = CpuJobs(recipe.method, self.threads)
         self.torch = TorchJobs(self.device, plan.compute_dtype, recipe.method, self.threads)
         self._masks: dict[str, list | None] = {}
+        self._stand_ins: set[str] = set()  # cpu/block jobs on torch while numba compiles
         self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
         # (whose file offsets place the output buffers).
@@ -129,6 +130,7 @@ class MergeEngine:
             self._buffers = BufferPool(self.block_elements * MAX_ITEMSIZE)
             self._writer = writer
             try:
+                self.cpu.start_compiling(self.plan.jobs[start:], self.inputs)
                 with self._compile_notice():
                     self._run_jobs(start, reads, writes, helpers)
             finally:
@@ -204,14 +206,16 @@ class MergeEngine:
             return cast(loaded[0], job.out_dtype)
         if job.kernel.streamed:
             return self.streamed_block(task, loaded)
+        on_torch = self._on_torch(task)
         if task.start == 0:
-            self._masks[job.name] = self.global_keep_masks(job)
+            self._masks[job.name] = self.global_keep_masks(job, on_torch)
         masks = self._masks[job.name]
         if task.last:
             del self._masks[job.name]
+            self._stand_ins.discard(job.name)
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
         kernel = job.kernel
-        if kernel.backend == "torch":
+        if on_torch:
             return self.torch.block(task, loaded, mask_blocks, self.report)
         out = self.output_buffer(task, loaded[0].shape)
         if kernel.name == "block":
@@ -252,7 +256,18 @@ class MergeEngine:
         offset = self._writer.file_offset(job.name, task.start * (nbytes // max(shape[0], 1)))
         return pool.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
 
-    def global_keep_masks(self, job: TensorJob) -> list | None:
+    def _on_torch(self, task: BlockTask) -> bool:
+        """Whether a block goes to the torch backend: the plan's choice, or a ``cpu/block``
+        job begun while its kernels compile beside the merge (``backends.cpu.warm``), which
+        the torch reference merges to the same bytes, to its last block."""
+        job = task.job
+        if job.kernel.backend == "torch":
+            return True
+        if task.start == 0 and job.kernel.name == "block" and self.cpu.compiling():
+            self._stand_ins.add(job.name)
+        return job.name in self._stand_ins
+
+    def global_keep_masks(self, job: TensorJob, on_torch: bool = False) -> list | None:
         """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks, made before
         blocking by the job's backend, one expert at a time so only one full task vector is
         alive."""
@@ -266,7 +281,7 @@ class MergeEngine:
             expert = self.rows.read_expert_rows(job, source, 0, total_rows)
             if step.sparsify != WINDOW:
                 masks.append(np.ones(expert.shape, dtype=np.bool_))
-            elif job.kernel.backend == "cpu":
+            elif not on_torch:
                 masks.append(self.cpu.keep_mask(expert, reference, step.window))
             else:
                 magnitude = self.recipe.method.sparsifier is Sparsifier.MAGNITUDE
