@@ -33,6 +33,8 @@ def missing(pairs: set[tuple[str, str]], selects: set[str]) -> bool:
     of the TIES selection of these input dtypes, is not in numba's cache."""
     from della_cli.backends.cpu import block, select
 
+    pairs = {(a, b) for a, b in pairs if a in DTYPES and b in DTYPES}
+    selects = {a for a in selects if a in DTYPES}
     merges = _cached_views(block._merge_rows, (0, -2))
     pivots = _cached_views(select._pivots, (0,))
     marks = _cached_views(select._mark, (0,))
@@ -63,12 +65,7 @@ def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # an interrupted merge leaves it to finish
-        preexec_fn=_lower_priority,
     )
-
-
-def _lower_priority() -> None:
-    os.nice(10)
 
 
 def warm(pairs: set[tuple[str, str]], selects: set[str]) -> None:
@@ -118,4 +115,6 @@ def main(words: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if hasattr(os, "nice"):
+        os.nice(10)  # beside a merge: the merge first
     main(sys.argv[1:])
