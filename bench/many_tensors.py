@@ -138,9 +138,20 @@ def write_model(folder: Path, layers: int, expert: int | None) -> None:
     marker.write_text(stamp)
 
 
+# The catalog's methods (``della methods``) with bench.py's recipes; these take one expert.
+ONE_EXPERT = {"slerp", "nearswap", "arcee_fusion", "passthrough"}
+TWO_EXPERTS = {"nuslerp"}
+
+
 def write_recipe(path: Path, method: str, base: Path, experts: list[Path]) -> Path:
     import yaml
 
+    if method not in METHODS:  # a catalog method: bench.py's recipe
+        import tools
+
+        count = 1 if method in ONE_EXPERT else 2 if method in TWO_EXPERTS else len(experts)
+        chosen = experts[:count]
+        return tools.write_recipe(path, method, base, chosen)
     recipe: dict = {"merge_method": method}
     if method != "linear":
         recipe["base_model"] = str(base)
