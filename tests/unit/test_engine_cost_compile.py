@@ -71,3 +71,18 @@ def test_jobs_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
 def test_kernels_the_child_compiled_are_found_in_the_cache():
     warm.main(["BF16:BF16", "select:BF16"])  # compiled once, else loaded from the cache
     assert not warm.missing({("BF16", "BF16")}, {"BF16"})
+
+
+def test_a_merge_waits_for_another_merges_compilation_instead_of_repeating_it(
+    tmp_path, monkeypatch
+):
+    fcntl = pytest.importorskip("fcntl")
+    lock = tmp_path / "compiling.lock"
+    monkeypatch.setattr(warm, "LOCK", lock)
+    monkeypatch.setattr(warm.subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
+    with open(lock, "a") as held:  # as the other merge's child holds it while compiling
+        fcntl.flock(held, fcntl.LOCK_EX)
+        other = warm.start({("BF16", "BF16")}, set())
+        assert other.poll() is None
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert other.poll() == 0  # finished: the kernels load from the cache

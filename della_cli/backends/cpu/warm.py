@@ -18,14 +18,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from della_cli.backends.cpu import ensure_numba_cache
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, at worst two children compile
+    fcntl = None
+
 # Every dtype pair of inputs and output the block kernel takes (``block._KERNEL_VIEWS``).
 DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32)}
+# Held by the compiling child, so that merges started meanwhile wait for it.
+_UID = os.getuid() if hasattr(os, "getuid") else "user"
+LOCK = Path(tempfile.gettempdir()) / f"della-numba-compiling-{_UID}.lock"
 
 
 def missing(pairs: set[tuple[str, str]], selects: set[str]) -> bool:
@@ -54,9 +64,12 @@ def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]
         return set()
 
 
-def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen:
+def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen | OtherCompiler:
     """Compile these kernels in a child process of low priority, which outlives the merge if
-    it must (the cache is for the next merge too)."""
+    it must (the cache is for the next merge too); where another merge's child is compiling
+    (it holds ``LOCK``), wait for that one instead of compiling the same kernels twice."""
+    if _held(LOCK):
+        return OtherCompiler()
     ensure_numba_cache()  # the child inherits the cache folder
     words = [f"{a}:{b}" for a, b in sorted(pairs)] + [f"select:{a}" for a in sorted(selects)]
     return subprocess.Popen(
@@ -66,6 +79,29 @@ def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # an interrupted merge leaves it to finish
     )
+
+
+class OtherCompiler:
+    """Another process's compilation, seen as a child's: ``poll`` is None while it runs."""
+
+    def poll(self) -> int | None:
+        return None if _held(LOCK) else 0
+
+
+def _held(path: Path) -> bool:
+    """Whether another process holds the lock at ``path`` (never, where locks are unknown)."""
+    if fcntl is None:
+        return False
+    try:
+        with open(path, "a") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(file, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
 
 
 def warm(pairs: set[tuple[str, str]], selects: set[str]) -> None:
@@ -111,7 +147,10 @@ def main(words: list[str]) -> None:
     pairs = {tuple(w.split(":")) for w in words if not w.startswith("select:")}
     selects = {w.split(":")[1] for w in words if w.startswith("select:")}
     ensure_numba_cache()
-    warm(pairs, selects)  # type: ignore[arg-type]
+    with open(LOCK, "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held while compiling; released at exit
+        warm(pairs, selects)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
