@@ -9,6 +9,7 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
 - ``schedule``: the threads (the reader, merging and writer pipeline, and the chunks of
   weighted sums that one thread reads, merges and writes) and the order of the writes;
 - ``rows``: a block's rows from the input files, fitted to the job's vocabulary;
+- ``masks``: the whole-tensor selections (TIES, breadcrumbs) made before a job's blocks;
 - ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
   needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
   tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
@@ -28,6 +29,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import numpy as np
 
 from della_cli.engine.cpu_jobs import CpuJobs
+from della_cli.engine.masks import global_keep_masks
 from della_cli.engine.reporting import Reporter
 from della_cli.engine.rows import RowLoader
 from della_cli.engine.schedule import InOrder, run_in_chunks, run_pipeline
@@ -52,8 +54,8 @@ from della_cli.engine.torch_jobs import TorchJobs
 from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.writer import ShardWriter
-from della_cli.kernels import WHOLE_TENSOR_SPARSIFIERS, WINDOW
-from della_cli.methods import Rescale, Sparsifier
+from della_cli.kernels import WHOLE_TENSOR_SPARSIFIERS
+from della_cli.methods import Rescale
 from della_cli.plan import Plan, TensorJob
 from della_cli.recipe import Recipe
 
@@ -110,7 +112,6 @@ class MergeEngine:
         self.cpu = CpuJobs(recipe.method, self.threads)
         self.torch = TorchJobs(self.device, plan.compute_dtype, recipe.method, self.threads)
         self._masks: dict[str, list | None] = {}
-        self._stand_ins: set[str] = set()  # cpu/block jobs on torch while numba compiles
         self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
         # (whose file offsets place the output buffers).
@@ -206,13 +207,15 @@ class MergeEngine:
             return cast(loaded[0], job.out_dtype)
         if job.kernel.streamed:
             return self.streamed_block(task, loaded)
-        on_torch = self._on_torch(task)
+        on_torch = job.kernel.backend == "torch" or self.cpu.stands_in(task)
         if task.start == 0:
-            self._masks[job.name] = self.global_keep_masks(job, on_torch)
+            # The block is the whole tensor: the numba selection only reads it (torch's
+            # works on its inputs in place, a float32 block's memory among them).
+            whole = loaded if task.last and not on_torch else None
+            self._masks[job.name] = self.global_keep_masks(job, on_torch, whole)
         masks = self._masks[job.name]
         if task.last:
             del self._masks[job.name]
-            self._stand_ins.discard(job.name)
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
         kernel = job.kernel
         if on_torch:
@@ -256,39 +259,12 @@ class MergeEngine:
         offset = self._writer.file_offset(job.name, task.start * (nbytes // max(shape[0], 1)))
         return pool.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
 
-    def _on_torch(self, task: BlockTask) -> bool:
-        """Whether a block goes to the torch backend: the plan's choice, or a ``cpu/block``
-        job begun while its kernels compile beside the merge (``backends.cpu.warm``), which
-        the torch reference merges to the same bytes, to its last block."""
-        job = task.job
-        if job.kernel.backend == "torch":
-            return True
-        if task.start == 0 and job.kernel.name == "block" and self.cpu.compiling():
-            self._stand_ins.add(job.name)
-        return job.name in self._stand_ins
-
-    def global_keep_masks(self, job: TensorJob, on_torch: bool = False) -> list | None:
-        """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks, made before
-        blocking by the job's backend, one expert at a time so only one full task vector is
-        alive."""
-        steps = job.kernel.experts
-        if not any(step.sparsify == WINDOW for step in steps):
-            return None
-        total_rows, _ = rows_shape(job.shape)
-        reference = self.rows.read_reference_rows(job, 0, total_rows)  # as stored: smaller
-        masks = []
-        for source, step in zip(job.experts, steps, strict=True):
-            expert = self.rows.read_expert_rows(job, source, 0, total_rows)
-            if step.sparsify != WINDOW:
-                masks.append(np.ones(expert.shape, dtype=np.bool_))
-            elif not on_torch:
-                masks.append(self.cpu.keep_mask(expert, reference, step.window))
-            else:
-                magnitude = self.recipe.method.sparsifier is Sparsifier.MAGNITUDE
-                gamma = None if magnitude else (step.params.gamma or 0.0)
-                masks.append(self.torch.keep_mask(expert, reference, step.params, gamma))
-            del expert
-        return masks
+    def global_keep_masks(
+        self, job: TensorJob, on_torch: bool = False, whole: list[np.ndarray] | None = None
+    ) -> list | None:
+        """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks
+        (``masks.global_keep_masks``); ``whole``: the tensor's rows, when one block holds it."""
+        return global_keep_masks(self, job, on_torch, whole)
 
     def compute(self, job: TensorJob) -> np.ndarray:
         """One job's whole output tensor, in its output dtype (blocks joined)."""

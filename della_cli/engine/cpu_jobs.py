@@ -33,6 +33,7 @@ class CpuJobs:
         self._stream_scratch = streamed_sum.Scratch()
         self._sums: dict[str, weighted_sum.WeightedSum] = {}
         self._compiler: subprocess.Popen | None = None  # compiling the kernels, if it is
+        self._stand_ins: set[str] = set()  # cpu/block jobs on torch while they compile
 
     def start_compiling(self, jobs: list[TensorJob], inputs) -> None:
         """Where the ``cpu/block`` jobs' kernels are not in numba's cache, compile them in a
@@ -60,6 +61,17 @@ class CpuJobs:
     def compiling(self) -> bool:
         """Whether the kernels are still being compiled beside the merge."""
         return self._compiler is not None and self._compiler.poll() is None
+
+    def stands_in(self, task: BlockTask) -> bool:
+        """Whether the torch reference merges this block of a ``cpu/block`` job: one begun
+        while its kernels compile, to its last block (the same bytes)."""
+        name = task.job.name
+        if task.start == 0 and task.job.kernel.name == "block" and self.compiling():
+            self._stand_ins.add(name)
+        standing_in = name in self._stand_ins
+        if task.last:
+            self._stand_ins.discard(name)
+        return standing_in
 
     def sum_spec(self, job: TensorJob) -> weighted_sum.WeightedSum:
         """What a weighted-sum job sums (made once per job: its chunks ask again and again)."""
