@@ -35,6 +35,7 @@ def main(argv: list[str]) -> int:
     result = {
         "wall_s": wall_s,
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # KiB on Linux
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # every thread's, user and system
         "returncode": os.waitstatus_to_exitcode(status),
     }
     print(json.dumps(result))

@@ -12,6 +12,11 @@ import torch
 
 from della_cli.tiny import make_base, make_expert, random_delta
 
+# Merges compile the numba kernels in their own process, as before backends.cpu.warm: which
+# jobs a cold cache sends to the torch stand-in would otherwise depend on the tests' order
+# (tests/unit/test_engine_cost_compile.py tests the stand-in itself).
+os.environ.setdefault("DELLA_COMPILE_INLINE", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

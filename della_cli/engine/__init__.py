@@ -10,6 +10,7 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
   weighted sums that one thread reads, merges and writes) and the order of the writes;
 - ``rows``: a block's rows from the input files, fitted to the job's vocabulary
   (``aligned_rows``: re-indexed, token by token, to a tokenizer the merge builds);
+- ``masks``: the whole-tensor selections (TIES, breadcrumbs) made before a job's blocks;
 - ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
   needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
   tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
@@ -29,6 +30,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import numpy as np
 
 from della_cli.engine.cpu_jobs import CpuJobs
+from della_cli.engine.masks import global_keep_masks
 from della_cli.engine.reporting import Reporter
 from della_cli.engine.rows import RowLoader
 from della_cli.engine.schedule import InOrder, run_in_chunks, run_pipeline
@@ -38,6 +40,7 @@ from della_cli.engine.shared import (
     CUDA_BLOCK_ELEMENTS,
     DEFAULT_BLOCK_ELEMENTS,
     MAX_ITEMSIZE,
+    SMALL_TASK_ELEMENTS,
     BlockTask,
     Merged,
     MergeInputs,
@@ -45,14 +48,15 @@ from della_cli.engine.shared import (
     WarningCallback,
     block_elements_for,
     rows_shape,
+    task_elements,
 )
 from della_cli.engine.threads import ThreadBudget
 from della_cli.engine.torch_jobs import TorchJobs
 from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.writer import ShardWriter
-from della_cli.kernels import WHOLE_TENSOR_SPARSIFIERS, WINDOW
-from della_cli.methods import Rescale, Sparsifier
+from della_cli.kernels import WHOLE_TENSOR_SPARSIFIERS
+from della_cli.methods import Rescale
 from della_cli.plan import Plan, TensorJob
 from della_cli.recipe import Recipe
 
@@ -128,6 +132,7 @@ class MergeEngine:
             self._buffers = BufferPool(self.block_elements * MAX_ITEMSIZE)
             self._writer = writer
             try:
+                self.cpu.start_compiling(self.plan.jobs[start:], self.inputs)
                 with self._compile_notice():
                     self._run_jobs(start, reads, writes, helpers)
             finally:
@@ -156,7 +161,12 @@ class MergeEngine:
 
     def load(self, task: BlockTask) -> list[np.ndarray]:
         """The raw rows of a block (reference first, then each expert), as stored."""
-        return self.rows.load(task, self._buffers)
+        return self.rows.load(task, self._pool_for(task))
+
+    def _pool_for(self, task: BlockTask) -> BufferPool | None:
+        """The recycled block buffers, for all but small tasks (``SMALL_TASK_ELEMENTS``): a
+        batch of small tasks would otherwise hold a block-sized buffer for each input."""
+        return None if task_elements(task) <= SMALL_TASK_ELEMENTS else self._buffers
 
     def release(self, task: BlockTask, loaded: list[np.ndarray]) -> None:
         """Give a merged block's input buffers back (a copy's output is its input)."""
@@ -198,14 +208,18 @@ class MergeEngine:
             return cast(loaded[0], job.out_dtype)
         if job.kernel.streamed:
             return self.streamed_block(task, loaded)
+        on_torch = job.kernel.backend == "torch" or self.cpu.stands_in(task)
         if task.start == 0:
-            self._masks[job.name] = self.global_keep_masks(job)
+            # The block is the whole tensor: the numba selection only reads it (torch's
+            # works on its inputs in place, a float32 block's memory among them).
+            whole = loaded if task.last and not on_torch else None
+            self._masks[job.name] = self.global_keep_masks(job, on_torch, whole)
         masks = self._masks[job.name]
         if task.last:
             del self._masks[job.name]
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
         kernel = job.kernel
-        if kernel.backend == "torch":
+        if on_torch:
             return self.torch.block(task, loaded, mask_blocks, self.report)
         out = self.output_buffer(task, loaded[0].shape)
         if kernel.name == "block":
@@ -240,33 +254,18 @@ class MergeEngine:
         job = task.job
         dtype = NUMPY_DTYPES[job.out_dtype]
         nbytes = math.prod(shape) * dtype.itemsize
-        if self._writer is None or self._buffers is None:
+        pool = self._pool_for(task)
+        if self._writer is None or pool is None:
             return np.empty(shape, dtype=dtype)
         offset = self._writer.file_offset(job.name, task.start * (nbytes // max(shape[0], 1)))
-        return self._buffers.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
+        return pool.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
 
-    def global_keep_masks(self, job: TensorJob) -> list | None:
-        """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks, made before
-        blocking by the job's backend, one expert at a time so only one full task vector is
-        alive."""
-        steps = job.kernel.experts
-        if not any(step.sparsify == WINDOW for step in steps):
-            return None
-        total_rows, _ = rows_shape(job.shape)
-        reference = self.rows.read_reference_rows(job, 0, total_rows)  # as stored: smaller
-        masks = []
-        for source, step in zip(job.experts, steps, strict=True):
-            expert = self.rows.read_expert_rows(job, source, 0, total_rows)
-            if step.sparsify != WINDOW:
-                masks.append(np.ones(expert.shape, dtype=np.bool_))
-            elif job.kernel.backend == "cpu":
-                masks.append(self.cpu.keep_mask(expert, reference, step.window))
-            else:
-                magnitude = self.recipe.method.sparsifier is Sparsifier.MAGNITUDE
-                gamma = None if magnitude else (step.params.gamma or 0.0)
-                masks.append(self.torch.keep_mask(expert, reference, step.params, gamma))
-            del expert
-        return masks
+    def global_keep_masks(
+        self, job: TensorJob, on_torch: bool = False, whole: list[np.ndarray] | None = None
+    ) -> list | None:
+        """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks
+        (``masks.global_keep_masks``); ``whole``: the tensor's rows, when one block holds it."""
+        return global_keep_masks(self, job, on_torch, whole)
 
     def compute(self, job: TensorJob) -> np.ndarray:
         """One job's whole output tensor, in its output dtype (blocks joined)."""

@@ -6,6 +6,8 @@ where the job's kernel is ``cpu/block`` (``backends.cpu.block`` and ``select``).
 
 from __future__ import annotations
 
+import os
+import subprocess
 from concurrent.futures import Executor
 
 import numpy as np
@@ -30,6 +32,46 @@ class CpuJobs:
         self.threads = threads
         self._stream_scratch = streamed_sum.Scratch()
         self._sums: dict[str, weighted_sum.WeightedSum] = {}
+        self._compiler: subprocess.Popen | None = None  # compiling the kernels, if it is
+        self._stand_ins: set[str] = set()  # cpu/block jobs on torch while they compile
+
+    def start_compiling(self, jobs: list[TensorJob], inputs) -> None:
+        """Where the ``cpu/block`` jobs' kernels are not in numba's cache, compile them in a
+        child process (``backends.cpu.warm``) rather than make the merge wait for them."""
+        pairs, selects = set(), set()
+        for job in jobs:
+            if job.kernel is None or job.kernel.name != "block":
+                continue
+            first = job.experts[0]
+            dtype = (
+                "F32"
+                if first.rows is not None
+                else inputs.reader(first.model).tensors[first.tensor].dtype
+            )  # fitted rows arrive in the compute dtype, float32
+            pairs.add((dtype, job.out_dtype))
+            if any(step.sparsify == WINDOW for step in job.kernel.experts):
+                selects.add(dtype)
+        if not pairs or os.environ.get("DELLA_COMPILE_INLINE"):
+            return
+        from della_cli.backends.cpu import warm  # numba: imported only when needed
+
+        if warm.missing(pairs, selects):
+            self._compiler = warm.start(pairs, selects)
+
+    def compiling(self) -> bool:
+        """Whether the kernels are still being compiled beside the merge."""
+        return self._compiler is not None and self._compiler.poll() is None
+
+    def stands_in(self, task: BlockTask) -> bool:
+        """Whether the torch reference merges this block of a ``cpu/block`` job: one begun
+        while its kernels compile, to its last block (the same bytes)."""
+        name = task.job.name
+        if task.start == 0 and task.job.kernel.name == "block" and self.compiling():
+            self._stand_ins.add(name)
+        standing_in = name in self._stand_ins
+        if task.last:
+            self._stand_ins.discard(name)
+        return standing_in
 
     def sum_spec(self, job: TensorJob) -> weighted_sum.WeightedSum:
         """What a weighted-sum job sums (made once per job: its chunks ask again and again)."""

@@ -12,6 +12,7 @@ thread runs its kernels on ``budget - 2`` threads (at least one) beside the read
 from __future__ import annotations
 
 import os
+import threading
 
 
 def usable_cores() -> int:
@@ -28,6 +29,7 @@ class ThreadBudget:
     def __init__(self, threads: int | None = None):
         cores = usable_cores()  # asked once: the affinity is a system call
         self.total = max(1, min(threads or cores, cores))
+        self._numba_set = threading.local()
 
     @property
     def chunk_helpers(self) -> int:
@@ -40,10 +42,14 @@ class ThreadBudget:
         return max(1, self.total - 2)
 
     def limit_numba(self) -> None:
-        """Cap numba's threads for the calling thread (numba keeps the setting per thread)."""
+        """Cap numba's threads for the calling thread (numba keeps the setting per thread);
+        set once per thread, as a block of a small tensor took longer to set it than to merge."""
+        if getattr(self._numba_set, "done", False):
+            return
         import numba
 
         numba.set_num_threads(min(self.kernel_threads, numba.config.NUMBA_NUM_THREADS))
+        self._numba_set.done = True
 
     def limit_torch(self) -> None:
         import torch

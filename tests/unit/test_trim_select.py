@@ -42,7 +42,7 @@ def reference_mask(expert, base, density, gamma):
     ("density", "gamma"),
     [(0.5, None), (0.01, None), (0.999, None), (0.3, 0.05), (0.9, 0.2), (0.5, 0.0)],
 )
-@pytest.mark.parametrize("shape", [(64, 300), (5000,), (3, 7)])
+@pytest.mark.parametrize("shape", [(64, 300), (5000,), (3, 7), (520, 512)])  # 8- and 16-bit digits
 def test_window_mask_equals_the_reference(dtype, ties, density, gamma, shape):
     expert, base = pair(shape, dtype, seed=len(shape) + shape[0], ties=ties)
     low, high = magnitude_rank_window(expert.numel(), density, gamma)

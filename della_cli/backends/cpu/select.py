@@ -22,10 +22,15 @@ except ImportError:  # pragma: no cover - exercised only where numba is not inst
     numba = None
 
 _CHUNK = 4096
-# The radix selection takes 16 bits of the 31-bit key a pass: two passes over the inputs,
-# where 8-bit digits took four; each pass recomputes |δ|, which is what the selection costs.
-_DIGIT_BITS = 16
-_BUCKETS = 1 << _DIGIT_BITS
+# The radix selection takes 16 bits of the 31-bit key a pass on large tensors: two passes over
+# the inputs, where 8-bit digits take four; each pass recomputes |δ|, which is what the
+# selection costs there. On a small tensor the 65,536-bucket histograms cost more than the
+# passes (clearing and summing 1 MiB of counts a pass: a 96x64 expert matrix of a
+# mixture-of-experts model took 1.4 ms to select), so below ``_SMALL`` entries the digits are
+# 8 bits (256 buckets). Either way the pivots are the same.
+_WIDE_DIGIT_BITS = 16
+_NARROW_DIGIT_BITS = 8
+_SMALL = 1 << 18
 
 
 def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -46,7 +51,8 @@ def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) 
         chunks = max(1, min(numba.get_num_threads() * 4, numel // _CHUNK))
         # one histogram per thread's share: 1 MiB each to clear and sum per pass
         shares = max(1, min(numba.get_num_threads(), numel // _CHUNK))
-        pivots, wanted = _pivots(e, b, wanted, active, shares)
+        digit_bits = _NARROW_DIGIT_BITS if numel < _SMALL else _WIDE_DIGIT_BITS
+        pivots, wanted = _pivots(e, b, wanted, active, shares, digit_bits)
         _mark(e, b, pivots, wanted, active, keep, chunks)
     return keep.reshape(expert.shape)
 
@@ -84,16 +90,18 @@ if numba is not None:
             keys[j] = bits[j] & np.uint32(0x7FFFFFFF)
 
     @numba.njit(parallel=True, cache=True)
-    def _pivots(expert, base, wanted, active, chunks):
-        """Radix selection of the magnitude at each of the two ranks, 16 bits a pass from the
-        top: returns each pivot and how many entries equal to it are still to be kept."""
+    def _pivots(expert, base, wanted, active, chunks, digit_bits):
+        """Radix selection of the magnitude at each of the two ranks, ``digit_bits`` (8 or 16)
+        a pass from the top: returns each pivot and how many entries equal to it are still to
+        be kept."""
         n = expert.shape[0]
         wanted = wanted.copy()
         prefix = np.zeros(2, dtype=np.uint32)
         prefix_mask = np.uint32(0)
-        digit_mask = np.uint32(_BUCKETS - 1)
-        for shift in range(32 - _DIGIT_BITS, -_DIGIT_BITS, -_DIGIT_BITS):
-            partial = np.zeros((chunks, 2, _BUCKETS), dtype=np.int64)
+        buckets = 1 << digit_bits
+        digit_mask = np.uint32(buckets - 1)
+        for shift in range(32 - digit_bits, -digit_bits, -digit_bits):
+            partial = np.zeros((chunks, 2, buckets), dtype=np.int64)
             for chunk in numba.prange(chunks):
                 first, last = chunk * n // chunks, (chunk + 1) * n // chunks
                 scratch_expert, scratch_base, keys = _scratch()
@@ -106,13 +114,13 @@ if numba is not None:
                         for selection in range(2):
                             if active[selection] and (key & prefix_mask) == prefix[selection]:
                                 partial[chunk, selection, digit] += 1
-            counts = np.zeros((2, _BUCKETS), dtype=np.int64)
+            counts = np.zeros((2, buckets), dtype=np.int64)
             for chunk in range(chunks):
                 counts += partial[chunk]
             for selection in range(2):
                 if not active[selection]:
                     continue
-                digit = _BUCKETS - 1
+                digit = buckets - 1
                 while counts[selection, digit] < wanted[selection]:
                     wanted[selection] -= counts[selection, digit]
                     digit -= 1

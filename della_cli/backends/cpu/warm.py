@@ -1,0 +1,159 @@
+"""Compiling the numba kernels beside a merge instead of in its way (issue 15).
+
+numba compiles a kernel the first time it is called with a new type of arguments and caches
+the machine code (``ensure_numba_cache``); after install, the first merge that used the block
+kernel and the TIES selection waited about 12 s for that on the 2-core reference machine. Now
+the engine asks first whether the kernels its plan needs are cached (``missing``); if not, a
+child process compiles them (``start``, which runs this module) while the merge goes on with
+the torch reference, which gives the same bytes (``tests/unit/test_backends.py``), and the
+jobs that start after the child has finished load the compiled kernels from the cache.
+
+``python -m della_cli.backends.cpu.warm`` compiles every kernel for bfloat16 and float32
+inputs and outputs, once after install (or as part of an image build), so that no merge runs on the
+reference for want of them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from della_cli.backends.cpu import ensure_numba_cache
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, at worst two children compile
+    fcntl = None
+
+# Every dtype pair of inputs and output the block kernel takes (``block._KERNEL_VIEWS``).
+DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32)}
+# Held by the compiling child, so that merges started meanwhile wait for it.
+_UID = os.getuid() if hasattr(os, "getuid") else "user"
+LOCK = Path(tempfile.gettempdir()) / f"della-numba-compiling-{_UID}.lock"
+
+
+def missing(pairs: set[tuple[str, str]], selects: set[str]) -> bool:
+    """Whether a kernel for any of these (input, output) dtype pairs of the block kernel, or
+    of the TIES selection of these input dtypes, is not in numba's cache."""
+    from della_cli.backends.cpu import block, select
+
+    pairs = {(a, b) for a, b in pairs if a in DTYPES and b in DTYPES}
+    selects = {a for a in selects if a in DTYPES}
+    merges = _cached_views(block._merge_rows, (0, -2))
+    pivots = _cached_views(select._pivots, (0,))
+    marks = _cached_views(select._mark, (0,))
+    views = {name: block._KERNEL_VIEWS[dtype] for name, dtype in DTYPES.items()}
+    wanted = {(str(np.dtype(views[a])), str(np.dtype(views[b]))) for a, b in pairs}
+    chosen = {(str(np.dtype(views[a])),) for a in selects}
+    return not (wanted <= merges and chosen <= pivots and chosen <= marks)
+
+
+def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]]:
+    """The element types, at ``positions`` of the arguments, of the signatures numba's cache
+    holds for ``dispatcher`` and would load (an index left by other sources is not loaded)."""
+    try:
+        index = dispatcher._cache._cache_file._load_index()
+        return {tuple(str(key[0][p].dtype) for p in positions) for key in index}
+    except Exception:  # numba's cache internals: where they differ, compile as before
+        return set()
+
+
+def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen | OtherCompiler:
+    """Compile these kernels in a child process of low priority, which outlives the merge if
+    it must (the cache is for the next merge too); where another merge's child is compiling
+    (it holds ``LOCK``), wait for that one instead of compiling the same kernels twice."""
+    if _held(LOCK):
+        return OtherCompiler()
+    ensure_numba_cache()  # the child inherits the cache folder
+    words = [f"{a}:{b}" for a, b in sorted(pairs)] + [f"select:{a}" for a in sorted(selects)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "della_cli.backends.cpu.warm", *words],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # an interrupted merge leaves it to finish
+    )
+
+
+class OtherCompiler:
+    """Another process's compilation, seen as a child's: ``poll`` is None while it runs."""
+
+    def poll(self) -> int | None:
+        return None if _held(LOCK) else 0
+
+
+def _held(path: Path) -> bool:
+    """Whether another process holds the lock at ``path`` (never, where locks are unknown)."""
+    if fcntl is None:
+        return False
+    try:
+        with open(path, "a") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(file, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+def warm(pairs: set[tuple[str, str]], selects: set[str]) -> None:
+    """Call each kernel once, so that numba compiles and caches it: the block kernel for each
+    (input, output) dtype pair, the TIES selection for each input dtype."""
+    from della_cli.backends.cpu import block, select
+
+    rng = np.random.default_rng(0)
+    plans = [
+        block.ExpertPlan(block.MAGPRUNE, 0.5, 0.1, 1.0, (1, 2, 3)),
+        block.ExpertPlan(block.MASK, 1.0, 0.0, 0.5),
+    ]
+    masks = [np.ones((4, 8), dtype=np.bool_)] * 2
+
+    def inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
+        values = rng.standard_normal((2, 4, 8))
+        return values[0].astype(DTYPES[name]), values[1].astype(DTYPES[name])
+
+    for name in sorted(selects):
+        expert, base = inputs(name)
+        select.window_keep_mask(expert, base, 3, 20)
+    for name, out_name in sorted(pairs):
+        expert, base = inputs(name)
+        block.merge_block(
+            base,
+            [expert, expert],
+            plans,
+            masks,
+            start=0,
+            rescale=True,
+            on_deltas=True,
+            consensus=True,
+            normalize=True,
+            lambda_=1.0,
+            out_dtype=DTYPES[out_name],
+        )
+
+
+def main(words: list[str]) -> None:
+    """``warm.py [IN:OUT ...] [select:IN ...]``; with no words, every kernel."""
+    if not words:
+        words = [f"{a}:{b}" for a in DTYPES for b in DTYPES] + [f"select:{a}" for a in DTYPES]
+    pairs = {tuple(w.split(":")) for w in words if not w.startswith("select:")}
+    selects = {w.split(":")[1] for w in words if w.startswith("select:")}
+    ensure_numba_cache()
+    with open(LOCK, "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held while compiling; released at exit
+        warm(pairs, selects)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    if hasattr(os, "nice"):
+        os.nice(10)  # beside a merge: the merge first
+    main(sys.argv[1:])
