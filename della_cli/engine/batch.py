@@ -11,12 +11,14 @@ whole-tensor selection (TIES, breadcrumbs) reads its tensor for each candidate's
 catalog method's statistics pass (slerp) reads its blocks for each candidate; a job whose
 candidates block it differently (their kernels differ) is read once per candidate. Weighted
 sums, which alone read straight from the files (``cpu/streamed_sum``), are merged here from the
-shared rows (``cpu/chunked_sum``'s arithmetic, the same bytes).
+shared rows (``cpu/chunked_sum``'s arithmetic, the same bytes), in chunks that one thread reads,
+sums into every target and writes, as a merge alone schedules them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from della_cli.engine.schedule import run_pipeline
+from della_cli.engine.schedule import run_in_chunks, run_pipeline
 from della_cli.engine.shared import MAX_ITEMSIZE, BlockTask
 from della_cli.io.buffers import BufferPool
 from della_cli.io.writer import ShardWriter
@@ -76,7 +78,13 @@ class BatchEngine:
         ):
             for engine, writer in zip(engines, writers, strict=True):
                 attached.enter_context(_attached(engine, writer, sums if helpers > 0 else None))
-            run_pipeline(_Fanned(engines), self.fanned_tasks(starts), reads, writes)
+            fanned = _Fanned(engines)
+            for in_chunks, group in itertools.groupby(self.fanned_tasks(starts), key=_in_chunks):
+                tasks = list(group)
+                if in_chunks:
+                    run_in_chunks(fanned, tasks, sums if helpers > 0 else None, helpers)
+                else:
+                    run_pipeline(fanned, tasks, reads, writes)
 
     def fanned_tasks(self, starts: list[int]) -> list[FannedTask]:
         """Every block of every job some engine still has to merge, in plan order: one task
@@ -95,6 +103,12 @@ class BatchEngine:
                 for k, tasks in zip(targets, per_target, strict=True):
                     fanned.extend(FannedTask((k,), (task,)) for task in tasks)
         return fanned
+
+
+def _in_chunks(fanned: FannedTask) -> bool:
+    """Whether every target sums the chunk (``cpu/streamed_sum``, ``cpu/chunked_sum``): then
+    one thread reads, sums and writes it, as a merge alone does (``schedule.run_in_chunks``)."""
+    return all(task.job.action == "merge" and task.job.kernel.in_chunks for task in fanned.tasks)
 
 
 class _Fanned:
@@ -120,6 +134,26 @@ class _Fanned:
     def write(self, fanned: FannedTask, chunks: list[np.ndarray]) -> None:
         for k, task, chunk in zip(fanned.targets, fanned.tasks, chunks, strict=True):
             self.engines[k].write(task, chunk)
+
+    def merge_chunk(self, fanned: FannedTask) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """A chunk of a weighted sum (``run_in_chunks``), read once and summed by every
+        target's kernel into its own output buffer: each one's rows and non-finite flags."""
+        loaded = self.load(fanned)
+        merged, nonfinite = [], []
+        for k, task in zip(fanned.targets, fanned.tasks, strict=True):
+            engine = self.engines[k]
+            out = engine.output_buffer(task, (task.stop - task.start, loaded[0].shape[1]))
+            rows, flags = engine.cpu.weighted_sum(task.job, loaded, out)
+            merged.append(rows)
+            nonfinite.append(flags)
+        self.release(fanned, loaded)
+        return merged, nonfinite
+
+    def write_merged(self, fanned: FannedTask, merged: list, nonfinite: list) -> None:
+        for k, task, rows, flags in zip(
+            fanned.targets, fanned.tasks, merged, nonfinite, strict=True
+        ):
+            self.engines[k].write_merged(task, rows, flags)
 
 
 @contextlib.contextmanager
