@@ -77,6 +77,7 @@ def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Call
                 help="Memory the candidates merged together may hold, e.g. 8GiB: those that "
                 "fit are merged in one pass over the inputs (default: half the available).",
                 show_default=False,
+                metavar="SIZE",
             ),
         ] = None,
         quiet: Annotated[
