@@ -97,7 +97,6 @@ def run_merge(
     ``on_planned`` runs once the recipe and the models' headers have passed the plan, before
     any download or write (the CLI checks push credentials there, after the user's files).
     A session given instead of a recipe is used as it is (its options, not ``options``)."""
-    from della_cli.preflight import assess
 
     started = time.perf_counter()
     # Everything is checked from headers (Hub models' read remotely) before any download;
@@ -107,16 +106,7 @@ def run_merge(
     else:
         session = MergeSession.open(recipe_path, options)
     try:
-        preflight, plan = assess(session, out)
-        if not preflight.can_run:
-            raise PlanError(preflight.problems)
-        if on_planned:
-            on_planned(plan)
-        session.download_weights()  # Hub models: their weights, at the commits planned
-        check_metadata_files(session.recipe, session.inputs)
-        readers = [session.inputs.base, *session.inputs.experts]
-        folders = [folder for reader in readers if reader for folder in input_folders(reader)]
-        check_destination(out, options.overwrite, folders, session.recipe.path)  # again, now
+        plan = checked_plan(session, out, on_planned)
     except BaseException:
         session.close()
         raise
@@ -138,9 +128,7 @@ def run_merge(
             resumed_shards, saw_nonfinite = _write_weights(
                 recipe, plan, inputs, device, staging, options, on_progress, warn, on_notice
             )
-            write_model_files(recipe, plan, inputs, staging, recipe.schema.name or out.name, warn)
-            (staging / JOURNAL_NAME).unlink(missing_ok=True)
-            check_output(staging, warn, bool(saw_nonfinite or resumed_shards), options)
+            finish_output(session, plan, staging, out.name, warn, saw_nonfinite or resumed_shards)
     except OSError as error:
         raise MergeFailure(
             f"writing {out} failed: {error.strerror or error}; nothing was left behind"
@@ -161,6 +149,38 @@ def run_merge(
         inputs=dict(inputs.pins),
         warnings=warnings,
     )
+
+
+def checked_plan(
+    session: MergeSession, out: Path, on_planned: Callable[[Plan], None] | None = None
+) -> Plan:
+    """The session's plan once it has passed the preflight (PlanError, exit 2, otherwise),
+    the Hub models' weights downloaded and ``out`` checked again (the caller closes the
+    session on failure)."""
+    from della_cli.preflight import assess
+
+    preflight, plan = assess(session, out)
+    if not preflight.can_run:
+        raise PlanError(preflight.problems)
+    if on_planned:
+        on_planned(plan)
+    session.download_weights()  # Hub models: their weights, at the commits planned
+    check_metadata_files(session.recipe, session.inputs)
+    readers = [session.inputs.base, *session.inputs.experts]
+    folders = [folder for reader in readers if reader for folder in input_folders(reader)]
+    check_destination(out, session.options.overwrite, folders, session.recipe.path)  # again
+    return plan
+
+
+def finish_output(
+    session: MergeSession, plan: Plan, staging: Path, title: str, warn, check_finite: bool
+) -> None:
+    """Everything but the weights, written into ``staging`` once the weights are; then the
+    staged output checked (``check_finite``: read for NaN and Inf, unless allowed)."""
+    recipe = session.recipe
+    write_model_files(recipe, plan, session.inputs, staging, recipe.schema.name or title, warn)
+    (staging / JOURNAL_NAME).unlink(missing_ok=True)
+    check_output(staging, warn, check_finite, session.options)
 
 
 def write_model_files(
@@ -276,25 +296,7 @@ def _write_weights(
     whether any input tensor held NaN or Inf.
     Everything else in the partial folder is removed first: a merge that starts over does so
     from an empty folder, never beside the old shards, index or config."""
-    journal = Journal(merge_fingerprint_of(recipe, plan, inputs))
-    file_names = shard_file_names(len(plan.shards))
-    done = 0
-    if options.resume:
-        previous = Journal.load(staging)
-        same = previous is not None and previous.fingerprint == journal.fingerprint
-        if same:
-            done = verified_shard_count(staging, previous, file_names)
-            journal.shards = {name: previous.shards[name] for name in file_names[:done]}
-        elif previous is not None:
-            warn("the partial output was made by a different recipe, seed or inputs; starting over")
-        clear_partial(staging, keep={*file_names[:done], *([JOURNAL_NAME] if same else [])})
-
-    def record(file_name: str, digest: str) -> None:
-        journal.shards[file_name] = digest
-        journal.save(staging)
-
-    writer = ShardWriter(staging, plan.shards, first_shard=done, on_shard_finished=record)
-    writer = requantizing(writer, plan.jobs)
+    writer, done = open_writer(recipe, plan, inputs, staging, options.resume, warn)
     try:
         engine = MergeEngine(
             recipe,
@@ -314,6 +316,32 @@ def _write_weights(
         writer.abort()
     writer.close()
     return done, engine.report.saw_nonfinite
+
+
+def open_writer(
+    recipe: Recipe, plan: Plan, inputs: MergeInputs, staging: Path, resume: bool, warn
+) -> tuple[ShardWriter, int]:
+    """The shard writer of ``staging``, journaling each finished shard, and the count of
+    verified shards a killed run left there (kept with ``resume``; all else is removed)."""
+    journal = Journal(merge_fingerprint_of(recipe, plan, inputs))
+    file_names = shard_file_names(len(plan.shards))
+    done = 0
+    if resume:
+        previous = Journal.load(staging)
+        same = previous is not None and previous.fingerprint == journal.fingerprint
+        if same:
+            done = verified_shard_count(staging, previous, file_names)
+            journal.shards = {name: previous.shards[name] for name in file_names[:done]}
+        elif previous is not None:
+            warn("the partial output was made by a different recipe, seed or inputs; starting over")
+        clear_partial(staging, keep={*file_names[:done], *([JOURNAL_NAME] if same else [])})
+
+    def record(file_name: str, digest: str) -> None:
+        journal.shards[file_name] = digest
+        journal.save(staging)
+
+    writer = ShardWriter(staging, plan.shards, first_shard=done, on_shard_finished=record)
+    return requantizing(writer, plan.jobs), done  # FP8 output: quantized as written
 
 
 def push_model(

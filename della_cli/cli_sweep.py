@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from della_cli.sizes import human_size
+from della_cli.sizes import human_size, parse_size
 
 
 def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Callable:
@@ -71,6 +71,15 @@ def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Call
         threads: Annotated[
             int | None, typer.Option(min=1, help="Compute threads of each merge.")
         ] = None,
+        memory: Annotated[
+            str | None,
+            typer.Option(
+                help="Memory the candidates merged together may hold, e.g. 8GiB: those that "
+                "fit are merged in one pass over the inputs (default: half the available).",
+                show_default=False,
+                metavar="SIZE",
+            ),
+        ] = None,
         quiet: Annotated[
             bool,
             typer.Option("--quiet", "-q", help="No progress lines; the command's stderr hidden."),
@@ -100,6 +109,7 @@ def sweep_command(reported_errors: Callable, loaded: Callable[[], None]) -> Call
                 minimize=minimize,
                 keep_all=keep_all,
                 quiet=quiet,
+                memory=None if memory is None else parse_size(memory, "--memory"),
                 options=options,
             )
             say = (

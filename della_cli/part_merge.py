@@ -38,6 +38,7 @@ from della_cli.io.parts_folder import (
 from della_cli.io.writer import SHARD_METADATA, ShardWriter, encode_header, shard_file_names
 from della_cli.parts import Part, model_readers, shard_job_starts, split_parts
 from della_cli.plan import Plan
+from della_cli.quant.requantize import requantizing
 from della_cli.session import MergeOptions, MergeSession, check_metadata_files
 
 
@@ -236,6 +237,7 @@ def compute_shards(
         if starts[first] == starts[stop]:
             continue
         writer = ShardWriter(work, plan.shards, first_shard=first, on_shard_finished=record)
+        writer = requantizing(writer, plan.jobs)  # FP8 output: quantized as written
         options = session.options
         engine = MergeEngine(
             session.recipe,

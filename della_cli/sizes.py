@@ -21,15 +21,15 @@ _UNITS = {
 }
 
 
-def parse_size(text: str) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 524288000, '1024' -> 1024 bytes."""
+def parse_size(text: str, option: str = "--out-shard-size") -> int:
+    """'5GB' -> 5e9, '500MiB' -> 524288000, '1024' -> 1024 bytes; errors name ``option``."""
     match = _SIZE.match(text)
     if not match:
-        raise UsageError(f"--out-shard-size: '{text}' is not a size; use e.g. 5GB, 500MB or 2GiB")
+        raise UsageError(f"{option}: '{text}' is not a size; use e.g. 5GB, 500MB or 2GiB")
     unit = (match.group(2) or "").lower().removesuffix("b")
     size = int(float(match.group(1)) * _UNITS[unit])
     if size < 1:
-        raise UsageError(f"--out-shard-size: must be at least 1 byte, got '{text}'")
+        raise UsageError(f"{option}: must be at least 1 byte, got '{text}'")
     return size
 
 

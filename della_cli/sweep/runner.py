@@ -5,15 +5,15 @@ Everything that can be refused is refused before anything is written: the swept 
 (known to the method, each candidate's recipe checked by the recipe's rules), the evaluation
 command, the sweep folder, the models, and every candidate's plan.
 
-The inputs are read as few times as the engine allows: the recipe is read and the models opened
-once, and every candidate is planned from the headers already read (``MergeSession.with_recipe``).
-Each candidate's merge then streams the tensors once; on a machine whose memory holds the
-models, the reads after the first come from the page cache. (Merging several candidates in one
-streaming pass over the inputs is not done: see README, "Finding the best merge".)
+The inputs are read as few times as the memory allows: the recipe is read and the models opened
+once, every candidate is planned from the headers already read (``MergeSession.with_recipe``),
+and the candidates are merged in batches that fit the memory budget, each batch in one
+streaming pass over the inputs (``sweep.batch``); each candidate of a batch is then scored.
 
 The sweep resumes: its state file records every score as soon as it is known, each candidate's
-merge is published atomically as every merge is (a killed one resumes from its verified shards),
-and a candidate whose merge exists but whose score does not is only evaluated again.
+merge is published atomically as every merge is (a killed batch resumes each of its candidates
+from its verified shards), and a candidate whose merge exists but whose score does not is only
+evaluated again.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from della_cli.api import MergeOptions, MergeSession, run_merge
+from della_cli.api import MergeOptions, MergeSession
 from della_cli.errors import MergeFailure, UsageError
 from della_cli.io import interrupts
 from della_cli.io.output import check_destination
 from della_cli.recipe import Recipe, load_recipe
+from della_cli.sweep.batch import batches, default_memory_budget, merge_batch, working_memory
 from della_cli.sweep.candidates import (
     Candidate,
     build_candidates,
@@ -62,6 +63,7 @@ class SweepRequest:
     minimize: bool = False
     keep_all: bool = False
     quiet: bool = False  # the evaluation command's stderr hidden
+    memory: int | None = None  # bytes a batch of merges may hold (None: half the available)
     options: MergeOptions = field(default_factory=MergeOptions)
 
 
@@ -123,12 +125,11 @@ def run_sweep(
         _check_destinations(request.out, candidates, shared)
         request.out.mkdir(parents=True, exist_ok=True)
         state.save(request.out)
-        for number, (candidate, session) in enumerate(zip(candidates, sessions, strict=True), 1):
-            if candidate.name in state.scores:
-                continue
-            step = f"[{number}/{len(candidates)}] {_described(candidate)}"
-            merged += _merge(request, candidate, session, warn, say, step)
-            evaluated += _evaluate(request, candidate, state, say, step)
+        for batch in _batches(request, candidates, sessions, state):
+            steps = {n: f"[{n + 1}/{len(candidates)}] {_described(candidates[n])}" for n in batch}
+            merged += _merge(request, batch, candidates, sessions, warn, say, steps)
+            for number in batch:
+                evaluated += _evaluate(request, candidates[number], state, say, steps[number])
     finally:
         shared.close()  # the models every candidate shares
     return _finish(request, candidates, state, merged, evaluated, resumed)
@@ -139,16 +140,35 @@ def _described(candidate: Candidate) -> str:
     return f"{candidate.name} {values}"
 
 
-def _merge(request: SweepRequest, candidate: Candidate, session, warn, say, step: str) -> int:
-    """Merge a candidate unless its output is already there (published whole, so complete);
-    a merge killed earlier resumes from its verified shards. Returns 1 when it merged."""
-    folder = request.out / CANDIDATES / candidate.name
-    if folder.is_dir():
-        return 0
-    say(f"{step}: merging")
-    run_merge(session, folder, session.options, on_warning=warn)
-    interrupts.forget_published()  # a candidate, not the output this command is run for
-    return 1
+def _batches(
+    request: SweepRequest, candidates: list[Candidate], sessions: list, state: SweepState
+) -> list[list[int]]:
+    """The unscored candidates (indices), in batches: those merged by an earlier run first, one
+    by one (they are only scored), then those to merge, as many at once as the budget holds."""
+    unscored = [n for n, c in enumerate(candidates) if c.name not in state.scores]
+    done = [n for n in unscored if (request.out / CANDIDATES / candidates[n].name).is_dir()]
+    to_merge = [n for n in unscored if n not in done]
+    budget = request.memory or default_memory_budget(sessions[0].device)
+    costs = [working_memory(sessions[n], sessions[n].plan) for n in to_merge]
+    cut = batches(costs, budget)
+    return [[n] for n in done] + [[to_merge[i] for i in batch] for batch in cut]
+
+
+def _merge(
+    request: SweepRequest, batch: list[int], candidates: list, sessions: list, warn, say, steps
+) -> int:
+    """Merge the batch's candidates whose output is not already there (published whole, so
+    complete) in one pass over the inputs; a batch killed earlier resumes each candidate from
+    its verified shards. Returns how many it merged."""
+    folders = {n: request.out / CANDIDATES / candidates[n].name for n in batch}
+    todo = [n for n in batch if not folders[n].is_dir()]
+    together = f" (one pass over the inputs for {len(todo)})" if len(todo) > 1 else ""
+    for number in todo:
+        say(f"{steps[number]}: merging{together}")
+    if todo:
+        merge_batch([sessions[n] for n in todo], [folders[n] for n in todo], warn)
+        interrupts.forget_published()  # candidates, not the output this command is run for
+    return len(todo)
 
 
 def _evaluate(request: SweepRequest, candidate: Candidate, state: SweepState, say, step) -> int:

@@ -71,13 +71,14 @@ class Killed(BaseException):
 
 
 def test_a_killed_sweep_resumes_without_redoing_what_was_finished(models, monkeypatch):
-    request = SweepRequest(models / "ta.yaml", models / "sweep", SCORE, grid=GRID[1::2])
+    # a budget of one byte: each candidate is a batch of its own, merged then scored
+    request = SweepRequest(models / "ta.yaml", models / "sweep", SCORE, grid=GRID[1::2], memory=1)
     merged, scored = [], []
-    real_merge, real_evaluate = sweep_runner.run_merge, sweep_runner.evaluate
+    real_merge, real_evaluate = sweep_runner.merge_batch, sweep_runner.evaluate
 
-    def merge(session, out, *args, **kwargs):
-        merged.append(out.name)
-        return real_merge(session, out, *args, **kwargs)
+    def merge(sessions, outs, warn):
+        merged.extend(out.name for out in outs)
+        return real_merge(sessions, outs, warn)
 
     def evaluate(command, model, *args):
         if len(scored) == 2 and not resumed:
@@ -85,7 +86,7 @@ def test_a_killed_sweep_resumes_without_redoing_what_was_finished(models, monkey
         scored.append(model.name)
         return real_evaluate(command, model, *args)
 
-    monkeypatch.setattr(sweep_runner, "run_merge", merge)
+    monkeypatch.setattr(sweep_runner, "merge_batch", merge)
     monkeypatch.setattr(sweep_runner, "evaluate", evaluate)
     resumed = False
     with pytest.raises(Killed):
