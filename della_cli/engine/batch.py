@@ -43,6 +43,20 @@ class FannedTask:
     targets: tuple[int, ...]
     tasks: tuple[BlockTask, ...]
 
+    # What the schedule reads of a task to size its hand-overs (``shared.task_elements``):
+    # the rows of the first target's job, which every target's task shares.
+    @property
+    def job(self):
+        return self.tasks[0].job
+
+    @property
+    def start(self) -> int:
+        return self.tasks[0].start
+
+    @property
+    def stop(self) -> int:
+        return self.tasks[0].stop
+
 
 def same_tensors(engines: list[MergeEngine]) -> bool:
     """Whether the engines' plans merge the same tensors from the same sources, in order."""
@@ -118,6 +132,7 @@ class _Fanned:
 
     def __init__(self, engines: list[MergeEngine]):
         self.engines = engines
+        self.block_elements = min(engine.block_elements for engine in engines)
 
     def load(self, fanned: FannedTask) -> list[np.ndarray]:
         return self.engines[fanned.targets[0]].load(fanned.tasks[0])
