@@ -140,10 +140,13 @@ def split_parts(
 
 
 def shard_job_starts(plan: Plan) -> list[int]:
-    """Where each shard's jobs start in the plan (jobs follow the shards' order), and the end."""
+    """Where each shard's jobs start in the plan (jobs follow the shards' order), and the end.
+    A shard may hold tensors that are no job of their own: an FP8 output's scales, written
+    beside their weight's (``quant.requantize``)."""
+    jobs = {job.name for job in plan.jobs}
     starts = [0]
     for shard in plan.shards:
-        starts.append(starts[-1] + len(shard))
+        starts.append(starts[-1] + sum(tensor.name in jobs for tensor in shard))
     return starts
 
 

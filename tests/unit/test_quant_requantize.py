@@ -189,3 +189,25 @@ def test_fp8_output_needs_an_fp8_base(fp8_models, base, named):
     assert head.endswith("(1 problem):"), head
     assert "out_dtype fp8 writes the base's own FP8 format" in line and named in line, line
     assert not (fp8_models / f"refused-{base}").exists()
+
+
+def test_an_fp8_output_made_in_parts_has_the_bytes_of_one_machine(fp8_models):
+    """Parts write their shards through the same requantizing writer as a merge alone, and
+    assembly writes the same quantization_config."""
+    from parts_models import files_of
+
+    whole = merge(fp8_models, "base", "fp8-whole", "fp8", "--out-shard-size", "9kB")
+    assert whole.exit_code == 0, (whole.output, whole.exception)
+    recipe, out = fp8_models / "fp8-whole.yaml", fp8_models / "fp8-parts"
+    runner = CliRunner()
+    for number in (2, 1, 3):
+        args = ["merge", str(recipe), str(out), "--part", f"{number}/3", "--out-shard-size", "9kB"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (result.output, result.exception)
+    args = ["merge", str(recipe), str(out), "--assemble", "--out-shard-size", "9kB"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    ours, theirs = files_of(out), files_of(fp8_models / "fp8-whole")
+    assert ours.pop("README.md") != b"" and theirs.pop("README.md") != b""  # titled by folder
+    assert ours == theirs
+    assert sum(name.endswith(".safetensors") for name in ours) >= 3  # several shards, 3 parts
