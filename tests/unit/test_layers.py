@@ -16,7 +16,7 @@ LAYERS = [
     {"api", "preflight", "inspection", "sweep", "assemble", "part_merge", "ray_runner"},
     {"session"},
     {"engine"},
-    {"plan", "kernels", "parts"},
+    {"plan", "plan_types", "planner", "sliced_jobs", "kernels", "parts"},
     {"backends"},
     {"methods"},
 ]
