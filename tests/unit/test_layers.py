@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "della_cli"
 LAYERS = [
     {"cli", "cli_parts", "cli_sweep", "__main__", "demo"},
     {"api", "preflight", "inspection", "sweep", "assemble", "part_merge", "ray_runner"},
-    {"session"},
+    {"session", "session_downloads"},
     {"engine"},
     {"plan", "plan_types", "planner", "sliced_jobs", "kernels", "parts"},
     {"backends"},
