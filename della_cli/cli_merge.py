@@ -191,7 +191,8 @@ def _merge_file(recipe: Path, out: Path, options, quiet: bool, on_planned, keep:
     from della_cli.errors import PlanError
     from della_cli.io import interrupts
     from della_cli.io.output import check_destination
-    from della_cli.stages import final_stage, plan_stages, read_stages, run_stages, stage_problems
+    from della_cli.stage_plans import plan_stages, stage_problems
+    from della_cli.stages import final_stage, read_stages, run_stages
 
     stages = read_stages(recipe)
     if stages is None:

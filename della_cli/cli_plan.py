@@ -48,7 +48,7 @@ def print_plan(
 def _plan_stages(stages, out: Path | None, options, as_json: bool, check_push=None) -> None:
     """``print_plan`` of a multi-stage file: every stage planned in the order it runs."""
     from della_cli.errors import PlanError
-    from della_cli.stages import plan_stages, stage_problems
+    from della_cli.stage_plans import plan_stages, stage_problems
 
     plans = plan_stages(stages, out, options)
     problems = stage_problems(plans)
