@@ -38,7 +38,8 @@ from della_cli.recipe_schema import (
 )
 from della_cli.recipe_scopes import own_block, parameter_blocks, shared_blocks
 from della_cli.recipe_settings import layer_position, resolve, varies
-from della_cli.recipe_slices import place_of, slice_notes, unwrap_modules
+from della_cli.recipe_slices import place_of, slice_notes
+from della_cli.recipe_slices_read import unwrap_modules
 from della_cli.recipe_yaml import MAX_RECIPE_BYTES, RecipeLoader, load_yaml, seed_edit
 
 # Re-exported: other modules and the tests import these from here.

@@ -21,7 +21,8 @@ from della_cli.recipe_schema import (
     RecipeSchema,
 )
 from della_cli.recipe_settings import check_setting
-from della_cli.recipe_slices import read_slices, slice_models
+from della_cli.recipe_slices import slice_models
+from della_cli.recipe_slices_read import read_slices
 from della_cli.recipe_tokenizer import check_tokenizer_block
 
 # --- the schema: each field's type and range ---------------------------------------------------
