@@ -18,7 +18,7 @@ class StagePlan:
 
     stage: Stage
     output: str  # "OUT" or the intermediate it becomes
-    report: object | None  # a preflight.PlanReport
+    report: object | None  # a plan_report.PlanReport
     unchecked: str | None = None  # why there is no report
     note: str | None = None  # how the report was made, where it leans on earlier plans
 
