@@ -2,28 +2,47 @@
 
 The only module that talks to the network. Everything goes through ``huggingface_hub`` (its
 cache layout, token lookup and progress bars), with the settings it reads from the environment
-at import time (``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``) read again here
-at call time and passed explicitly, so that a library user or a test that changes them is
-honoured. Tokens are handed to ``huggingface_hub`` and never appear in della's messages.
+at import time (``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``) read again
+(``hub_settings``) at call time and passed explicitly, so that a library user or a test that
+changes them is honoured. Tokens are handed to ``huggingface_hub`` and never appear in della's
+messages (``hub_errors`` words its failures).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from della_cli.errors import HubError, ModelError, UsageError
+from della_cli.hub_errors import describe_hub_error, hub_errors
+from della_cli.hub_settings import DEFAULT_ENDPOINT, cache_dir, endpoint, offline, token
 from della_cli.io.lora_settings import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from della_cli.io.lora_settings import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from della_cli.io.metadata import TOKENIZER_PATTERNS
 from della_cli.io.reader import INDEX_NAME, SINGLE_NAME, read_weight_map
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
+# Re-exported: the Hub's settings and errors are reached through this module.
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "HubRef",
+    "ResolvedModel",
+    "cache_dir",
+    "check_can_push",
+    "describe_hub_error",
+    "endpoint",
+    "hub_errors",
+    "offline",
+    "parse_hub_ref",
+    "push_files",
+    "remote_headers",
+    "resolve_adapter",
+    "resolve_model",
+    "token",
+    "weight_names",
+]
+
 # What a merge reads from a model repository besides its weight shards.
 # README.md: the license in its front matter goes onto the merged model's card.
 METADATA_PATTERNS = [
@@ -36,9 +55,6 @@ METADATA_PATTERNS = [
 # What a merge reads from a LoRA adapter repository besides its weights.
 ADAPTER_PATTERNS = [ADAPTER_CONFIG_NAME, "README.md"]
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
-_TRUE = {"1", "on", "yes", "true"}
-# Network failures by class name: huggingface_hub has used requests, httpx and httpx2.
-_NETWORK_ERRORS = {"TransportError", "ConnectionError", "TimeoutException", "Timeout"}
 
 
 @dataclass(frozen=True)
@@ -72,41 +88,6 @@ def parse_hub_ref(ref: str) -> HubRef | None:
     if match is None:
         return None
     return HubRef(match["repo"], match["revision"])
-
-
-def endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-
-
-def cache_dir() -> Path:
-    """The shared Hub cache: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
-
-
-def offline() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return flag.strip().lower() in _TRUE
-
-
-def token() -> str | None:
-    """The user's Hub token from the usual places: ``HF_TOKEN``, the login cache under
-    ``HF_HOME`` (or ``HF_TOKEN_PATH``), then whatever else ``huggingface_hub`` knows."""
-    from huggingface_hub import get_token
-
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if os.environ.get(name, "").strip():
-            return os.environ[name].strip()
-    path = os.environ.get("HF_TOKEN_PATH") or (
-        Path(os.environ["HF_HOME"]).expanduser() / "token" if os.environ.get("HF_HOME") else None
-    )
-    if path is not None and Path(path).is_file():
-        return Path(path).read_text().strip() or None
-    return get_token()
 
 
 def _silent_tqdm():
@@ -223,66 +204,6 @@ def _read_range(resolved: ResolvedModel, name: str, first: int, last: int):
     if len(response.content) != last - first + 1:
         raise ModelError(f"model '{resolved.ref}': {name} is not a safetensors file")
     return response
-
-
-@contextmanager
-def hub_errors(what: str) -> Iterator[None]:
-    """Turn ``huggingface_hub`` and network errors into one-line della errors naming ``what``
-    (never the token, never a URL with credentials)."""
-    try:
-        yield
-    except (ModelError, HubError, UsageError):
-        raise
-    except Exception as error:
-        message = describe_hub_error(error)
-        if message is None:
-            raise
-        usage, text = message
-        raise (ModelError if usage else HubError)(f"{what}: {text}") from error
-
-
-def describe_hub_error(error: BaseException) -> tuple[bool, str] | None:
-    """(is it the user's input, one line) for a Hub error; None for errors that are not."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(error, GatedRepoError):
-        return False, "the repository is gated; accept its terms on the Hub with your account"
-    if isinstance(error, RepositoryNotFoundError):
-        return True, (
-            "no such repository on the Hub, or it is private and no token that can read it "
-            "was found (set HF_TOKEN or run `hf auth login`)"
-        )
-    if isinstance(error, RevisionNotFoundError):
-        return True, "no such revision (branch, tag or commit) in the repository"
-    if isinstance(error, RemoteEntryNotFoundError):
-        return True, (
-            "the repository lacks a weight file at this commit; della merges safetensors "
-            "weights (model.safetensors, or shards listed in model.safetensors.index.json)"
-        )
-    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        where = "HF_HUB_OFFLINE is set" if offline() else f"{endpoint()} cannot be reached"
-        return False, (
-            f"not in the local Hub cache ({cache_dir()}) and {where}; connect once to download it"
-        )
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if isinstance(error, HfHubHTTPError) and status == 401:
-        return False, "the Hub refused the token (401); check HF_TOKEN or run `hf auth login`"
-    if isinstance(error, HfHubHTTPError) and status == 403:
-        return False, "the token has no write access there (403); use a token with write access"
-    if isinstance(error, HfHubHTTPError):
-        status = error.response.status_code if error.response is not None else "no"
-        return False, f"the Hub answered HTTP {status}; try again later"
-    if any(kind.__name__ in _NETWORK_ERRORS for kind in type(error).__mro__):
-        return False, f"the Hub ({endpoint()}) cannot be reached ({type(error).__name__})"
-    return None
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -14,100 +14,18 @@ import os
 import re
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from della_cli.errors import PlanError
 from della_cli.hub import cache_dir
 from della_cli.io.lora import LoraModelReader, input_folders
 from della_cli.plan import Plan
-from della_cli.plan_parameters import group_parameters, parameter_lines
+from della_cli.plan_parameters import group_parameters
+from della_cli.plan_report import PlanReport
 from della_cli.session import MergeSession, merge_fingerprint_of
 from della_cli.sizes import human_size
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
-
-
-@dataclass
-class PlanReport:
-    """What ``della plan`` prints (``--json``: this as one object, with ``can_run``)."""
-
-    method: str
-    device: str
-    inputs: dict[str, str]  # Hub reference -> the commit it resolved to
-    adapters: dict[str, dict] = field(default_factory=dict)  # model+adapter -> the adapter
-    groups: list[dict] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    tensors: int = 0
-    merged: int = 0
-    copied: int = 0
-    shards: int = 0
-    output_bytes: int = 0
-    download_bytes: int = 0
-    working_memory_bytes: int = 0
-    available_memory_bytes: int | None = None
-    disk: list[dict] = field(default_factory=list)
-    # A merge by slices: the output's num_hidden_layers and where each layer comes from.
-    layers: dict | None = None
-
-    @property
-    def can_run(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "can_run": self.can_run}
-
-    def summary_lines(self) -> list[str]:
-        """The human form of a plan that can run: pinned inputs, tensor groups, sizes, disk."""
-        lines: list[str] = []
-        for ref, commit in self.inputs.items():
-            lines.append(f"{ref}: commit {commit}")
-        lines += [adapter_line(ref, adapter) for ref, adapter in self.adapters.items()]
-        width = max((len(group["action"]) for group in self.groups), default=0)
-        for group in self.groups:
-            count = f" ({group['count']})" if group["count"] > 1 else ""
-            kernel = f"  [{group['kernel']}]" if group.get("kernel") else ""
-            lines.append(f"  {group['action']:<{width}}  {group['tensors']}{count}{kernel}")
-            if group.get("parameters"):
-                lines += parameter_lines(group["parameters"], " " * (width + 6))
-        if self.layers is not None:
-            lines.append(f"num_hidden_layers {self.layers['count']}: {self.layers['map']}")
-        lines.append(
-            f"{self.method}: {self.tensors} tensors ({self.merged} merged, "
-            f"{self.copied} copied) into {self.shards} shard(s), "
-            f"{human_size(self.output_bytes)} out; {human_size(self.download_bytes)} to download; "
-            f"peak working memory about {human_size(self.working_memory_bytes)} on {self.device} "
-            "beyond the runtime"
-            + (
-                f" ({human_size(self.available_memory_bytes)} available)"
-                if self.available_memory_bytes is not None
-                else ""
-            )
-        )
-        for entry in self.disk:
-            verb = "needs" if len(entry["holds"]) == 1 else "need"
-            lines.append(
-                f"disk: {' and '.join(entry['holds'])} {verb} {human_size(entry['needed_bytes'])} "
-                f"on {entry['path']}, {human_size(entry['free_bytes'])} free"
-            )
-        return lines
-
-
-def adapter_line(ref: str, adapter: dict) -> str:
-    """One line on a model's LoRA adapter: rank, alpha, what it targets, its size."""
-    targets = adapter["target_modules"]
-    targets = targets if isinstance(targets, str) else ", ".join(targets)
-    patterns = (
-        " (per-module ranks or alphas: rank_pattern, alpha_pattern)"
-        if (adapter["rank_pattern"] or adapter["alpha_pattern"])
-        else ""
-    )
-    return (
-        f"{ref}: LoRA adapter, r {adapter['r']}, alpha {adapter['alpha']:g}"
-        f"{', rsLoRA' if adapter['rslora'] else ''}{patterns}, targets {targets or 'none'}; "
-        f"{adapter['tensors']} tensors, {human_size(adapter['bytes'])}, merged in on the fly"
-    )
 
 
 def plan_merge(recipe_path, out: Path | None, options) -> PlanReport:

@@ -19,14 +19,15 @@ from della_cli.hub import HubRef, remote_headers, resolve_model
 from della_cli.io.journal import merge_fingerprint
 from della_cli.io.lora import input_folders
 from della_cli.io.metadata import GENERATION_PATTERNS, TOKENIZER_PATTERNS, metadata_files
-from della_cli.io.reader import ModelReader, ensure_inside
+from della_cli.io.reader import ModelReader
 from della_cli.locate import close_folder, locate_model, missing_folder_message
-from della_cli.lora_inputs import adapter_layout, open_adapter, with_adapter
+from della_cli.lora_inputs import open_adapter, with_adapter
 from della_cli.model_ref import split_model_ref
 from della_cli.plan import Plan, build_plan
 from della_cli.quant import dequantizing
 from della_cli.recipe import Recipe, load_recipe
 from della_cli.recipe_slices import model_field
+from della_cli.session_downloads import downloaded_model
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -98,7 +99,9 @@ class MergeSession:
             if reader is None or not set(split_model_ref(ref).parts) & set(self.inputs.pins):
                 continue
             files = None if only is None else sorted(only.get(position - 1, ()))
-            local = self._downloaded(ref, reader, files)
+            local = downloaded_model(
+                self.recipe, self.inputs.pins, ref, reader, files, self.options.progress
+            )
             reader.close()
             if position == 0:
                 self.inputs.base = local
@@ -119,66 +122,12 @@ class MergeSession:
             borrowed=True,
         )
 
-    def _downloaded(self, ref: str, reader: ModelReader, files: list[str] | None) -> ModelReader:
-        """``reader``'s model (and adapter) read from local files, those on the Hub
-        downloaded at their pinned commits (``files``: just these weight files of the model)
-        and checked against the headers planned."""
-        parts, pins = split_model_ref(ref), self.inputs.pins
-        recipe_dir = self.recipe.path.parent if self.recipe.path else None
-        # A local model is kept: closing ``reader`` closes its files, which reopen when read.
-        local = reader.model if parts.adapter is not None else reader
-        if parts.model in pins:
-            where = locate_model(parts.model, recipe_dir)
-            assert isinstance(where, HubRef)  # it resolved to the Hub when it was opened
-            resolved = resolve_model(
-                where,
-                weights=True,
-                progress=self.options.progress,
-                commit=pins[parts.model],
-                only=files,
-            )
-            local = dequantizing(_downloaded_reader(resolved, parts.model, files))
-        if parts.adapter is not None:
-            opened = open_adapter(
-                ref,
-                parts.adapter,
-                recipe_dir,
-                progress=self.options.progress,
-                commit=pins.get(parts.adapter),
-            )
-            local = with_adapter(local, opened.adapter, ref)
-        if _layout(local) != _layout(reader) or adapter_layout(local) != adapter_layout(reader):
-            local.close()
-            commits = ", ".join(pins[part] for part in parts.parts if part in pins)
-            raise ModelError(
-                f"model '{ref}': the files downloaded at commit {commits} are not the ones "
-                "whose headers were planned; run the merge again"
-            )
-        return local
-
     def close(self) -> None:
         if self.borrowed:
             return
         for reader in [self.inputs.base, *self.inputs.experts]:
             if reader is not None:
                 reader.close()
-
-
-def _downloaded_reader(resolved, ref: str, files: list[str] | None) -> ModelReader:
-    """A Hub model read from the cache: all of it, or (``files``) the downloaded weight files
-    with the headers of the others, read again remotely (header bytes only)."""
-    if files is None:
-        return ModelReader(resolved.folder, ref, resolved.root)
-    for name in files:
-        ensure_inside(resolved.folder / name, resolved.root)
-    headers, _ = remote_headers(resolved)
-    return ModelReader(resolved.folder, ref, resolved.root, headers=headers)
-
-
-def _layout(reader: ModelReader) -> dict[str, tuple]:
-    """Each tensor's dtype, shape and place in its file (the file itself may be a cache blob
-    of another name)."""
-    return {n: (t.dtype, t.shape, t.offset, t.nbytes) for n, t in reader.tensors.items()}
 
 
 def open_inputs(

@@ -12,11 +12,31 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "della_cli"
 # Higher layers first; a module may import only from its own layer or those after it.
 LAYERS = [
-    {"cli", "cli_parts", "cli_sweep", "__main__", "demo"},
-    {"api", "preflight", "inspection", "sweep", "assemble", "part_merge", "ray_runner"},
-    {"session"},
+    {
+        "cli",
+        "cli_common",
+        "cli_examine",
+        "cli_merge",
+        "cli_methods",
+        "cli_parts",
+        "cli_plan",
+        "cli_sweep",
+        "__main__",
+        "demo",
+    },
+    {
+        "api",
+        "preflight",
+        "plan_report",
+        "inspection",
+        "sweep",
+        "assemble",
+        "part_merge",
+        "ray_runner",
+    },
+    {"session", "session_downloads"},
     {"engine"},
-    {"plan", "kernels", "parts"},
+    {"plan", "plan_types", "planner", "sliced_jobs", "kernels", "parts"},
     {"backends"},
     {"methods"},
 ]
