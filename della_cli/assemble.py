@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from della_cli.api import MergeReport, check_output, write_model_files
+from della_cli.api import MergeReport
 from della_cli.engine import ProgressCallback, WarningCallback
 from della_cli.errors import MergeFailure, PlanError, UsageError
 from della_cli.io.journal import file_digest
@@ -30,6 +30,7 @@ from della_cli.io.parts_folder import (
     remove_parts_folder,
 )
 from della_cli.io.writer import ShardWriter, shard_file_names
+from della_cli.output_files import check_output, write_model_files
 from della_cli.part_merge import compute_shards, parts_fingerprint, plan_parts
 from della_cli.parts import files_read, model_readers, shard_job_starts
 from della_cli.plan import Plan

@@ -26,6 +26,7 @@ LAYERS = [
     },
     {
         "api",
+        "output_files",
         "preflight",
         "plan_report",
         "inspection",
