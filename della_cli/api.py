@@ -69,6 +69,33 @@ class MergeReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of(
+        cls,
+        session: MergeSession,
+        plan: Plan,
+        out: Path,
+        started: float,
+        warnings: list[str],
+        resumed_shards: int = 0,
+    ) -> MergeReport:
+        """The report of a finished merge (on one machine, or assembled from parts)."""
+        recipe = session.recipe
+        return cls(
+            output=str(out),
+            method=recipe.method.name,
+            device=str(session.device),
+            seed=recipe.seed,
+            recipe_sha256=recipe.sha256,
+            tensors=len(plan.jobs),
+            shards=len(plan.shards),
+            bytes=plan.output_bytes,
+            seconds=round(time.perf_counter() - started, 3),
+            resumed_shards=resumed_shards,
+            inputs=dict(session.inputs.pins),
+            warnings=warnings,
+        )
+
 
 def run_merge(
     recipe_path: Path | Recipe | MergeSession,
@@ -122,20 +149,7 @@ def run_merge(
         ) from error
     finally:
         session.close()
-    return MergeReport(
-        output=str(out),
-        method=recipe.method.name,
-        device=str(device),
-        seed=recipe.seed,
-        recipe_sha256=recipe.sha256,
-        tensors=len(plan.jobs),
-        shards=len(plan.shards),
-        bytes=plan.output_bytes,
-        seconds=round(time.perf_counter() - started, 3),
-        resumed_shards=resumed_shards,
-        inputs=dict(inputs.pins),
-        warnings=warnings,
-    )
+    return MergeReport.of(session, plan, out, started, warnings, resumed_shards)
 
 
 def checked_plan(

@@ -93,20 +93,7 @@ def assemble(
     finally:
         session.close()
     remove_parts_folder(folder)
-    recipe = session.recipe
-    return MergeReport(
-        output=str(out),
-        method=recipe.method.name,
-        device=str(session.device),
-        seed=recipe.seed,
-        recipe_sha256=recipe.sha256,
-        tensors=len(plan.jobs),
-        shards=len(plan.shards),
-        bytes=plan.output_bytes,
-        seconds=round(time.perf_counter() - started, 3),
-        inputs=dict(session.inputs.pins),
-        warnings=warnings,
-    )
+    return MergeReport.of(session, plan, out, started, warnings)
 
 
 def shard_problems(folder: Path, plan: Plan, found: dict[str, Manifest]) -> dict[int, str]:
