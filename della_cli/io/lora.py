@@ -6,6 +6,14 @@ changes (``io.lora_adapter.Patch``), rows computed when they are asked for:
 
     rows of W' = rows of W + scale * (B[rows] @ A)      ((A[:, rows]).T @ B.T when transposed)
 
+and for a DoRA adapter, each of those rows i then rescaled to the norm its magnitude gives it,
+as peft's ``merge_and_unload`` does:
+
+    W'[i] = m[i] / ||W[i] + scale * (B @ A)[i]|| * (W[i] + scale * (B @ A)[i])
+
+The norm runs over the input dimension of one output row, so it streams with the row blocks
+(weights stored transposed and embeddings, whose norms would run across rows, are refused).
+
 in float32 from the stored values, whatever their dtype, and handed over in float32 (the
 engine's compute dtype; ``kernels`` knows such rows arrive widened, and never hands them to
 the kernel that reads rows straight from the files). A and B are small (r rows or columns), so
@@ -91,6 +99,9 @@ class LoraModelReader(ModelReader):
                 delta = adapter.read_rows(patch.b, first, last).astype(np.float32) @ a
             delta *= scale  # peft scales B @ A, then adds it
             rows[first - start : last - start] += delta
+        if patch.magnitude is not None:
+            magnitude = adapter.read(patch.magnitude).astype(np.float32)[start:stop]
+            rows *= (magnitude / np.linalg.norm(rows, axis=1))[:, None]
         return rows
 
     def row_span(self, name: str, start: int) -> FileSpan:

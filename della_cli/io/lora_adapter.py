@@ -10,7 +10,11 @@ arXiv:2106.09685) stores, for each adapted module, two small matrices A (r x in)
 as ``peft``'s ``merge_and_unload`` does, with r and lora_alpha per module where the config's
 ``rank_pattern`` and ``alpha_pattern`` name it. A weight stored transposed (GPT-2's Conv1D,
 ``fan_in_fan_out``) and an embedding's LoRA (``lora_embedding_A``: r x vocabulary,
-``lora_embedding_B``: width x r) take (B @ A) transposed. Tensors that are no LoRA factor
+``lora_embedding_B``: width x r) take (B @ A) transposed. A DoRA adapter (Liu et al., 2024,
+"DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353) also stores a magnitude m
+(``lora_magnitude_vector``, one value per output row) that rescales each row of W + scale * B @ A
+to norm m (``io.lora``); on an embedding or a weight stored transposed those norms run across
+stored rows, which della does not compute, so it refuses them. Tensors that are no LoRA factor
 (``modules_to_save``, an embedding's ``base_layer`` saved whole) replace the model's tensor of
 that name, as peft loads them. Everything here is read from headers and the small JSON config,
 so a plan can check every name and shape before any weight is downloaded.
@@ -23,20 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from della_cli.errors import ModelError
-from della_cli.io.lora_settings import WEIGHTS_NAME, load_settings, refusal
+from della_cli.io.lora_settings import CONFIG_NAME, WEIGHTS_NAME, load_settings
 from della_cli.io.reader import ModelReader, TensorInfo
 
 _PREFIX = "base_model.model."  # what peft puts before the model's own module names
 _PAIRS = (("A", "B"), ("embedding_A", "embedding_B"))  # the roles of the two factors
 # Adapter tensor names: (pattern, role). Roles: A and B are the factors, "bias" lora_B's bias
-# (lora_bias), "replace" a whole tensor of the model.
+# (lora_bias), "magnitude" DoRA's magnitude vector, "replace" a whole tensor of the model.
 _ROLES = [
     (re.compile(r"^(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$"), "A"),
     (re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.weight$"), "B"),
     (re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$"), "bias"),
     (re.compile(r"^(?P<module>.+)\.lora_embedding_A(?:\.[^.]+)?$"), "embedding_A"),
     (re.compile(r"^(?P<module>.+)\.lora_embedding_B(?:\.[^.]+)?$"), "embedding_B"),
-    (re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), "dora"),
+    (re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), "magnitude"),
     (
         re.compile(r"^(?P<module>.+)\.(?:base_layer|modules_to_save\.[^.]+)\.(?P<leaf>[^.]+)$"),
         "whole",
@@ -48,7 +52,8 @@ _ROLES = [
 class Patch:
     """How one model tensor is changed: its rows taken from ``replacement`` (an adapter
     tensor) instead of the model, ``bias`` (lora_B's bias) and ``scale * B @ A`` added,
-    (B @ A) transposed where ``transposed``."""
+    (B @ A) transposed where ``transposed``, then each row scaled to the norm that DoRA's
+    ``magnitude`` vector gives it."""
 
     target: str
     scale: float = 0.0
@@ -57,6 +62,7 @@ class Patch:
     transposed: bool = False
     bias: str | None = None
     replacement: str | None = None
+    magnitude: str | None = None
 
 
 class LoraAdapter:
@@ -98,8 +104,16 @@ class LoraAdapter:
                     f"adapter '{self.label}': tensor '{name}' is {info.dtype}, not floating"
                 )
             role, module, target = _role(name.removeprefix(_PREFIX))
-            if role == "dora":
-                raise ModelError(f"adapter '{self.label}': {refusal('use_dora')}")
+            if role == "magnitude" and not self.settings.dora:
+                raise ModelError(
+                    f"adapter '{self.label}': '{name}' is a DoRA magnitude but "
+                    f"{CONFIG_NAME} does not set use_dora"
+                )
+            if role == "bias" and self.settings.dora:
+                raise ModelError(
+                    f"adapter '{self.label}': DoRA with a bias on lora_B ('{name}'), which peft "
+                    "refuses too, is not supported"
+                )
             found = self.model_tensor(name, target, model)
             own = parts.setdefault(found, {})
             if role in own:
@@ -151,7 +165,13 @@ class LoraAdapter:
         bias = roles.get("bias")
         if bias is not None:
             self.check_shape(bias, (info.shape[0],) if info.shape else (), target, info.shape)
+        magnitude = roles.get("magnitude")
         if a is None:
+            if magnitude is not None:
+                raise ModelError(
+                    f"adapter '{self.label}': DoRA magnitude '{magnitude}' has no lora_A and "
+                    f"lora_B for '{target}'"
+                )
             return Patch(target, scale, bias=bias, replacement=replacement)
         if len(info.shape) != 2:
             raise ModelError(
@@ -159,10 +179,18 @@ class LoraAdapter:
                 "only LoRA on 2-D weights (linear layers, embeddings) is supported"
             )
         transposed = "embedding_A" in roles or self.settings.fan_in_fan_out
+        if "embedding_A" in roles and self.settings.dora:
+            raise ModelError(
+                f"adapter '{self.label}': DoRA on an embedding ('{a}'), whose norms run across "
+                "stored rows, is not supported; merge the adapter into its model with peft first"
+            )
         rows, columns = (info.shape[1], info.shape[0]) if transposed else info.shape
         self.check_shape(a, (r, columns), target, info.shape)
         self.check_shape(b, (rows, r), target, info.shape)
-        return Patch(target, scale, a, b, transposed, bias, replacement)
+        if magnitude is not None:
+            self.check_shape(magnitude, (rows,), target, info.shape)
+
+        return Patch(target, scale, a, b, transposed, bias, replacement, magnitude)
 
     def check_shape(self, name: str, wanted: tuple, target: str, target_shape: tuple) -> None:
         shape = self.tensors[name].shape

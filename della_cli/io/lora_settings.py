@@ -2,9 +2,10 @@
 
 peft writes the rank ``r``, ``lora_alpha``, whether the scale is rsLoRA's (``use_rslora``),
 whether weights are stored transposed (``fan_in_fan_out``), and per-module ranks and alphas
-(``rank_pattern``, ``alpha_pattern``, matched against module names as peft matches them).
-Settings that change what merging means and that della does not implement (DoRA, ...) are
-refused here, with the reason, before any weight is read.
+(``rank_pattern``, ``alpha_pattern``, matched against module names as peft matches them), and
+whether the adapter is DoRA (``use_dora``, its merge in ``io.lora``). Settings that change what
+merging means and that della does not implement (DoRA on transposed weights, ...) are refused
+here, with the reason, before any weight is read.
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # Config keys whose non-empty value changes what merging means; each refused with its reason.
 _REFUSED = {
-    "use_dora": "DoRA adapters (use_dora), which also rescale each weight column, are",
     "trainable_token_indices": "trainable token rows (trainable_token_indices) are",
     "target_parameters": "LoRA on raw parameters (target_parameters) is",
     "layer_replication": "layer replication (layer_replication) is",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is",
+}
+# Settings refused together with use_dora: DoRA normalises each row of the weight in its
+# (out, in) layout, which della computes block by block only where stored rows are those rows.
+_REFUSED_WITH_DORA = {
+    "fan_in_fan_out": "DoRA on weights stored transposed (use_dora with fan_in_fan_out), whose "
+    "norms run across stored rows, is",
+    "lora_bias": "DoRA with a bias on lora_B (use_dora with lora_bias), which peft refuses too, is",
 }
 
 
@@ -41,6 +48,7 @@ class LoraSettings:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     target_modules: tuple[str, ...] | str
+    dora: bool = False
 
     def rank_and_scale(self, module: str) -> tuple[int, float]:
         """Module ``module``'s rank and scale, its patterns matched as peft matches them (a
@@ -60,8 +68,9 @@ def _pattern_key(patterns: dict, module: str) -> str | None:
     return None
 
 
-def refusal(key: str) -> str:
-    return f"{_REFUSED[key]} not supported; merge the adapter into its model with peft first"
+def _refusal(key: str, dora: bool = False) -> str:
+    reason = (_REFUSED_WITH_DORA if dora else _REFUSED)[key]
+    return f"{reason} not supported; merge the adapter into its model with peft first"
 
 
 def load_settings(folder: Path, label: str, root: Path | None = None) -> LoraSettings:
@@ -89,7 +98,11 @@ def read_settings(path: Path, config: object) -> LoraSettings:
         )
     for key in _REFUSED:
         if config.get(key):
-            raise ModelError(f"{path}: {refusal(key)}")
+            raise ModelError(f"{path}: {_refusal(key)}")
+    dora = config.get("use_dora") is True
+    for key in _REFUSED_WITH_DORA:
+        if dora and config.get(key):
+            raise ModelError(f"{path}: {_refusal(key, dora=True)}")
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     if not _positive(r, integer=True) or not _number(alpha):
         raise ModelError(
@@ -111,6 +124,7 @@ def read_settings(path: Path, config: object) -> LoraSettings:
         rank_pattern=dict(ranks),
         alpha_pattern={key: float(value) for key, value in alphas.items()},
         target_modules=targets if isinstance(targets, str) else tuple(map(str, targets)),
+        dora=dora,
     )
 
 

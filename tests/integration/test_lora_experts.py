@@ -143,7 +143,7 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
         ("a+b+c", "models.0.model: 'a+b+c' has 2 '+'"),
         ("missing", "models.0.model (adapter): model folder 'missing' does not exist"),
         ("no-config", "no adapter_config.json in"),
-        ("dora", "DoRA adapters (use_dora), which also rescale each weight column, are not"),
+        ("dora", "DoRA on weights stored transposed (use_dora with fan_in_fan_out), whose norms"),
         ("ia3", "adapter_config.json: peft_type is 'IA3'; della merges LoRA adapters"),
         ("transposed", "has shape (4, 64) but 'model.layers.0.mlp.down_proj.weight' of shape"),
     ],
@@ -159,7 +159,13 @@ def test_bad_adapters_are_refused_in_one_line(
         (folder / "adapter_config.json").unlink()
     elif edit in ("dora", "ia3"):
         write_adapter(
-            folder, base, **({"use_dora": True} if edit == "dora" else {"peft_type": "IA3"})
+            folder,
+            base,
+            **(
+                {"use_dora": True, "fan_in_fan_out": True}
+                if edit == "dora"
+                else {"peft_type": "IA3"}
+            ),
         )
     elif edit == "transposed":  # an adapter whose config says its weights are stored (in, out)
         write_adapter(folder, base, ("down_proj",))

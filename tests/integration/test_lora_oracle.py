@@ -1,8 +1,8 @@
 """``model+adapter`` experts against mergekit 0.1.5 (tests/oracle.py), with adapters made by
 peft itself (``get_peft_model`` + ``save_pretrained``, in mergekit's environment, which has
-peft): mergekit merges each adapter into its model with peft's ``merge_and_unload`` and then
-merges; della applies the adapter tensor by tensor. The outputs must agree within float32
-rounding, and della's must load in transformers and run."""
+peft): mergekit merges each adapter (DoRA's included) into its model with peft's
+``merge_and_unload`` and then merges; della applies the adapter tensor by tensor. The outputs
+must agree within float32 rounding, and della's must load in transformers and run."""
 
 from __future__ import annotations
 
@@ -47,6 +47,10 @@ LLAMA_LORA = {
 }
 GPT2_LORA = {"r": 2, "lora_alpha": 4, "target_modules": ["c_attn", "c_fc"], "use_rslora": True}
 GPT2_LORA["fan_in_fan_out"] = True
+# DoRA: the seeded noise also moves each magnitude away from its initial row norm, so that a
+# merge that skipped the rescaling, or normed the wrong axis, would differ.
+LLAMA_DORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "o_proj", "up_proj"]}
+LLAMA_DORA["use_dora"] = True
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,7 @@ def cases(mergekit, model_zoo, tmp_path_factory) -> dict[str, Path]:
     adapters = [
         (str(llama), str(folder / "llama-lora"), LLAMA_LORA),
         (str(gpt2), str(folder / "gpt2-lora"), GPT2_LORA),
+        (str(llama), str(folder / "llama-dora"), LLAMA_DORA),
     ]
     command = [str(mergekit.python), "-c", MAKE_ADAPTERS, json.dumps(adapters)]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
@@ -77,6 +82,14 @@ def cases(mergekit, model_zoo, tmp_path_factory) -> dict[str, Path]:
                 {"model": str(model_zoo("gpt2", expert=1)), "parameters": {"weight": 0.5}},
             ],
         },
+        "dora-task-arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": str(llama),
+            "models": [
+                {"model": f"{llama}+{folder / 'llama-dora'}", "parameters": {"weight": 0.8}},
+                {"model": expert, "parameters": {"weight": 0.5}},
+            ],
+        },
     }
     paths = {}
     for name, recipe in recipes.items():
@@ -90,7 +103,7 @@ def mergekit_outputs(mergekit, cases, tmp_path_factory) -> dict[str, Path]:
     return mergekit.merge_many(cases, tmp_path_factory.mktemp("lora-mergekit"))
 
 
-@pytest.mark.parametrize("case", ["ties", "linear-gpt2"])
+@pytest.mark.parametrize("case", ["ties", "linear-gpt2", "dora-task-arithmetic"])
 def test_lora_expert_matches_mergekit_and_runs(case, cases, mergekit_outputs, tmp_path):
     ours = tmp_path / "della-out"
     run_merge(cases[case], ours, MergeOptions(device="cpu", progress=False))
