@@ -84,8 +84,11 @@ def adapter_line(ref: str, adapter: dict) -> str:
         if (adapter["rank_pattern"] or adapter["alpha_pattern"])
         else ""
     )
+    kind = (
+        "DoRA adapter (each row rescaled to its magnitude)" if adapter["dora"] else "LoRA adapter"
+    )
     return (
-        f"{ref}: LoRA adapter, r {adapter['r']}, alpha {adapter['alpha']:g}"
+        f"{ref}: {kind}, r {adapter['r']}, alpha {adapter['alpha']:g}"
         f"{', rsLoRA' if adapter['rslora'] else ''}{patterns}, targets {targets or 'none'}; "
         f"{adapter['tensors']} tensors, {human_size(adapter['bytes'])}, merged in on the fly"
     )

@@ -209,6 +209,7 @@ class LoraAdapter:
             "r": settings.r,
             "alpha": settings.alpha,
             "rslora": settings.rslora,
+            "dora": settings.dora,
             "target_modules": targets if isinstance(targets, str) else list(targets),
             "rank_pattern": settings.rank_pattern,
             "alpha_pattern": settings.alpha_pattern,

@@ -114,3 +114,13 @@ def test_what_is_not_row_wise_is_refused(tmp_path, adapter, config, fragment):
     with pytest.raises(ModelError) as caught:
         merged(tmp_path, model, adapter, **config)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_plan_says_the_adapter_is_dora(tmp_path):
+    from della_cli.plan_report import adapter_line
+
+    reader = merged(tmp_path, {TARGET: W}, dora())
+    line = adapter_line("m+a", reader.adapter.summary())
+    assert line.startswith("m+a: DoRA adapter (each row rescaled to its magnitude), r 1, alpha 1")
+    plain = {**reader.adapter.summary(), "dora": False}
+    assert adapter_line("m+a", plain).startswith("m+a: LoRA adapter, r 1")
