@@ -24,7 +24,7 @@ import torch
 
 from della_cli.methods.counts import fraction_count
 from della_cli.methods.interpolation import whole_sum, widen
-from della_cli.methods.order_statistics import order_statistic, top_rank_mask
+from della_cli.methods.order_statistics import order_statistics, top_rank_mask
 
 
 def task_vectors(models: Sequence[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
@@ -57,23 +57,22 @@ def sce_selection(
 ) -> Selection:
     """From a callable yielding the task-vector blocks (each a list of n tensors), the
     selection state ``(value, ties_to_skip)`` for ``top_rank_mask``, or None to keep every
-    entry (select_topk ≥ 1) or ``"none"`` to keep no entry. Passes: one to count the
-    nonzero variances and N, then the radix passes of ``order_statistic``."""
+    entry (select_topk ≥ 1) or ``"none"`` to keep no entry. Passes: the radix passes of
+    ``order_statistics``, whose first also counts the nonzero variances and N."""
     if select_topk >= 1:
         return None
     if select_topk <= 0:
         return "none"
-    numel = nonzero = 0
-    for block in deltas_blocks():
-        scores = sce_scores(block)
-        numel += scores.numel()
-        nonzero += int(torch.count_nonzero(scores))
-    k = sce_keep_count(select_topk, nonzero)
-    if k == 0:
+
+    def rank(numel: int, nonzero: int) -> list[int]:
+        k = sce_keep_count(select_topk, nonzero)
+        return [numel - k] if k > 0 else []
+
+    found, counts = order_statistics(lambda: (sce_scores(b) for b in deltas_blocks()), rank)
+    if not found:
         return "none"
-    rank = numel - k
-    value, below = order_statistic(lambda: (sce_scores(b) for b in deltas_blocks()), rank)
-    return value, rank - below
+    value, below = found[0]
+    return value, rank(*counts)[0] - below
 
 
 def sce_block_mask(
@@ -232,9 +231,10 @@ def quantile_ranks(numel: int) -> tuple[int, int, int]:
 def arcee_fusion_threshold(
     importance_blocks: Callable[[], Iterable[torch.Tensor]],
 ) -> torch.Tensor:
-    """median + 1.5·(q3 − q1) of all importances, exact (radix passes over the blocks)."""
-    numel = sum(b.numel() for b in importance_blocks())
-    q1, median, q3 = (order_statistic(importance_blocks, r)[0] for r in quantile_ranks(numel))
+    """median + 1.5·(q3 − q1) of all importances, exact: the three quartiles share the radix
+    passes (two over the blocks for float32 importances)."""
+    found, _ = order_statistics(importance_blocks, lambda numel, _: quantile_ranks(numel))
+    (q1, _), (median, _), (q3, _) = found
     return median + 1.5 * (q3 - q1)
 
 
