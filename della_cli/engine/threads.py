@@ -1,18 +1,17 @@
 """How many threads compute: never more than the cores this process may run on.
 
 The budget is the cores the process may use (``os.sched_getaffinity``), or fewer with
-``della merge --threads N``; no merge computes on more threads than that. Weighted sums in
-chunks use the calling thread and ``budget - 1`` helpers (the reader and writer threads are idle
-then); the pipeline's merging thread runs its kernels (numba, and torch's intra-op threads on
-the CPU) on the whole budget too. The engine's reader and writer threads are not counted against
-the kernels: for the kernels that run in the pipeline (the trim and DARE methods, the catalog
-methods) they spend nearly all their time waiting on the merging thread or on the disk. On this
-2-core machine, ~250M base + 3, one compute thread beside them against two (bench/RESULTS.md):
-ties 7.25 -> 5.40 s, dare_ties 3.28 -> 2.43 s, task_arithmetic unchanged (its C weighted sum
-already used both cores). An earlier budget counted the reader and writer as a core each, which
-left one kernel thread on two cores; that rule came from a TIES merge on a machine loaded far
-beyond its cores (8.1 s with two threads, 1.1 s with one), where every parallel loop's barrier
-waited for a descheduled thread; ``--threads 1`` gives that behaviour where it pays.
+``della merge --threads N``. Weighted sums in chunks use the calling thread and ``budget - 1``
+helpers (the reader and writer threads are idle then). numba's kernels, run by the pipeline's
+merging thread, get the whole budget: the reader and writer beside them spend nearly all their
+time waiting on it or on the disk. Counting them as a core each had left one kernel thread on 2
+cores; two took a 250M merge from 8.05 to 5.86 s (ties) and 3.48 to 2.87 s (dare_ties) on
+this 2-core machine, task_arithmetic unchanged (bench/RESULTS.md, issue 15). That rule came from a
+TIES merge beside other work, 8.1 s on two threads against 1.1 s on one: idle OpenMP threads
+spun for the next parallel loop and took the cores the merging thread needed, which
+``OMP_WAIT_POLICY=PASSIVE`` (set in ``della_cli/__init__.py``) now prevents. torch on the CPU
+keeps ``budget - 2`` threads (one on 2 cores): two gained nothing reliable for the catalog
+methods even on an idle machine (issue 17).
 """
 
 from __future__ import annotations
