@@ -49,7 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(ALL_METHODS),
         help=f"comma-separated (default all): {', '.join(ALL_METHODS)}",
     )
-    parser.add_argument("--experts", type=int, default=3, help="experts per merge (default 3)")
+    parser.add_argument(
+        "--experts",
+        type=int,
+        default=3,
+        help="experts per merge (default 3); slerp, nearswap, arcee_fusion, passthrough take "
+        "1 and nuslerp 2 whatever this says",
+    )
     parser.add_argument("--runs", type=int, default=3, help="timed runs per tool (default 3)")
     parser.add_argument(
         "--work",
@@ -170,13 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         tools.compile_della(args.before)
     bench = Bench(args)
     comparison = [
-        bench.case(method, size, args.experts) for size in args.sizes for method in args.methods
+        bench.case(method, size, tools.experts_for(method, args.experts))
+        for size in args.sizes
+        for method in args.methods
     ]
     by_size, by_experts = [], []
     if args.scaling:
         method = args.methods[0]
         largest = max(args.sizes, key=lambda size: synth.SIZES[size].parameters)
-        by_size = [bench.case(method, size, args.experts) for size in args.sizes]
+        experts = tools.experts_for(method, args.experts)
+        by_size = [bench.case(method, size, experts) for size in args.sizes]
         by_experts = [bench.case(method, largest, n) for n in args.scaling_experts]
     text = report.render(
         "della benchmark", comparison, by_size, by_experts, mergekit_python, args.device

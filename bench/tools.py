@@ -60,6 +60,13 @@ WEIGHTED = {"della", "ties", "dare_ties", "dare_linear", "breadcrumbs", "task_ar
 WEIGHTED |= {"nuslerp", "multislerp"}
 # Methods without a base (the base, if given, would be one more input).
 NO_BASE = {"linear", "karcher", "passthrough"}
+# Methods that take a fixed number of models besides the base, whatever ``--experts`` says.
+FIXED_EXPERTS = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "passthrough": 1, "nuslerp": 2}
+
+
+def experts_for(method: str, requested: int) -> int:
+    """The models a method merges besides the base: its fixed count, else ``requested``."""
+    return FIXED_EXPERTS.get(method, requested)
 
 
 @dataclass

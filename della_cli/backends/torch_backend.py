@@ -10,7 +10,7 @@ module imports torch, so the engine does it only when a job needs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,14 @@ from della_cli.methods.randomness import Draws
 from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
 
 Mask = np.ndarray | torch.Tensor
+
+# Entries of the row chunks a catalog method merges a CPU block in (at least one row): each
+# of its float32 temporaries then stays in the core's L2 cache (256 KiB of 2 MiB here), where
+# the same chain of elementwise torch ops over a whole 4M-entry block streams every
+# temporary through memory and faults in its fresh pages. Statistics (summed per row, then
+# over rows in float64) and order statistics do not depend on how the rows are split. On
+# CUDA a block goes whole: small kernels would only add launches.
+CPU_CHUNK_ELEMENTS = 1 << 16
 
 
 class TorchBackend:
@@ -38,6 +46,31 @@ class TorchBackend:
 
     def to_device(self, raw: np.ndarray) -> torch.Tensor:
         return to_torch(raw).to(self.device, dtype=self.compute_dtype, non_blocking=True)
+
+    def as_stored(self, raw: np.ndarray) -> torch.Tensor:
+        """Stored rows on the device in their own dtype (on the CPU, the same memory): the
+        catalog methods widen them a chunk at a time (``row_chunks``)."""
+        return to_torch(raw).to(self.device, non_blocking=True)
+
+    def row_chunks(
+        self, base: torch.Tensor | None, models: Sequence[torch.Tensor]
+    ) -> Iterator[tuple[int, int, torch.Tensor | None, list[torch.Tensor]]]:
+        """(start, stop, base, models) of consecutive slices along dim 0 of a block, in the
+        compute dtype: cache-sized on the CPU, the whole block on CUDA or where the tensor
+        is 1-D (a 1-D tensor is one row to the methods: its block is never split)."""
+        first = models[0] if base is None else base
+        rows, row_length = _rows(first)
+        step = rows
+        if self.device.type == "cpu" and first.dim() > 1:
+            step = max(1, CPU_CHUNK_ELEMENTS // max(row_length, 1))
+        widen = lambda t: t if t is None else t.to(self.compute_dtype)  # noqa: E731
+        if step >= rows:
+            yield 0, rows, widen(base), [widen(m) for m in models]
+            return
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            sliced = None if base is None else widen(base[start:stop])
+            yield start, stop, sliced, [widen(m[start:stop]) for m in models]
 
     @staticmethod
     def nonfinite(blocks: Sequence[torch.Tensor]) -> list[bool] | None:
@@ -67,8 +100,15 @@ class TorchBackend:
         return from_torch(merged.to(torch_dtype(out_code)))
 
     def prepare(self, kernel, params: list[ExpertParams], blocks, numel: int):
-        """A catalog method's view of a whole tensor before its merge (``methods.streamed``)."""
-        return catalog_methods.prepare(kernel.name, kernel.settings, params, blocks, numel)
+        """A catalog method's view of a whole tensor before its merge (``methods.streamed``),
+        from ``blocks()`` of stored rows, which reach the method in row chunks."""
+
+        def chunks():
+            for base, models in blocks():
+                for _, _, base_chunk, model_chunks in self.row_chunks(base, models):
+                    yield base_chunk, model_chunks
+
+        return catalog_methods.prepare(kernel.name, kernel.settings, params, chunks, numel)
 
     def streamed(
         self,
@@ -79,11 +119,19 @@ class TorchBackend:
         models: list[torch.Tensor],
         out_code: str,
     ) -> np.ndarray:
-        """One block of a catalog method, on the CPU in the output dtype, as (rows, row
-        length)."""
-        merged = catalog_methods.apply(kernel.name, kernel.settings, params, state, base, models)
-        rows = merged.shape[0] if merged.dim() > 1 else 1
-        return from_torch(merged.to(torch_dtype(out_code)).reshape(rows, -1))
+        """One block of a catalog method from its stored rows, on the CPU in the output
+        dtype, as (rows, row length): merged chunk by chunk (``row_chunks``) into one array."""
+        name, settings, out_dtype = kernel.name, kernel.settings, torch_dtype(out_code)
+        rows, row_length = _rows(models[0] if base is None else base)
+        out = None
+        for start, stop, base_chunk, model_chunks in self.row_chunks(base, models):
+            merged = catalog_methods.apply(name, settings, params, state, base_chunk, model_chunks)
+            if out is None and stop == rows:  # the whole block at once
+                return from_torch(merged.to(out_dtype).reshape(rows, -1))
+            if out is None:
+                out = torch.empty((rows, row_length), dtype=out_dtype)
+            out[start:stop].copy_(merged.reshape(stop - start, -1))
+        return from_torch(out)
 
     def as_tensor(self, mask: Mask) -> torch.Tensor:
         return to_torch(mask).to(self.device) if isinstance(mask, np.ndarray) else mask
@@ -100,3 +148,9 @@ class TorchBackend:
     def task_vector_magnitude(self, expert: np.ndarray, reference: np.ndarray) -> torch.Tensor:
         """|expert - reference| in the compute dtype, from the arrays as stored."""
         return self.to_device(expert).sub_(self.to_device(reference)).abs_()
+
+
+def _rows(block: torch.Tensor) -> tuple[int, int]:
+    """(rows, row length) of a block: slices along dim 0; a 1-D block is one row."""
+    rows = block.shape[0] if block.dim() > 1 else 1
+    return rows, block.numel() // max(rows, 1)

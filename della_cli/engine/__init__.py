@@ -80,7 +80,8 @@ class MergeEngine:
     """Runs a plan in blocks of rows, on ``device``, in plan order, each job by its kernel.
 
     ``threads``: the compute threads the merge may use (default: the cores this process may
-    run on); the engine's own reader and writer threads count among them (``threads``).
+    run on, never more); the engine's reader and writer threads, which mostly wait, are not
+    counted against it (``threads``).
     """
 
     def __init__(

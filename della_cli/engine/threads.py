@@ -1,12 +1,17 @@
 """How many threads compute: never more than the cores this process may run on.
 
-On a loaded two-core machine a TIES merge took 8.1 s with numba's default threads (one per
-core) beside the engine's reader and writer threads, and 1.1 s with one: threads that outnumber
-the cores wait for each other at every parallel loop's barrier. So the budget is the cores the
-process may use (``os.sched_getaffinity``), or fewer with ``della merge --threads N``, and the
-engine's own threads are counted in it: weighted sums in chunks use the calling thread and
-``budget - 1`` helpers (the reader and writer threads are idle then); the pipeline's merging
-thread runs its kernels on ``budget - 2`` threads (at least one) beside the reader and the writer.
+The budget is the cores the process may use (``os.sched_getaffinity``), or fewer with
+``della merge --threads N``. Weighted sums in chunks use the calling thread and ``budget - 1``
+helpers (the reader and writer threads are idle then). numba's kernels, run by the pipeline's
+merging thread, get the whole budget: the reader and writer beside them spend nearly all their
+time waiting on it or on the disk. Counting them as a core each had left one kernel thread on 2
+cores; two took a 250M merge from 8.05 to 5.86 s (ties) and 3.48 to 2.87 s (dare_ties) on
+this 2-core machine, task_arithmetic unchanged (bench/RESULTS.md, issue 15). That rule came from a
+TIES merge beside other work, 8.1 s on two threads against 1.1 s on one: idle OpenMP threads
+spun for the next parallel loop and took the cores the merging thread needed, which
+``OMP_WAIT_POLICY=PASSIVE`` (set in ``della_cli/__init__.py``) now prevents. torch on the CPU
+keeps ``budget - 2`` threads (one on 2 cores): two gained nothing reliable for the catalog
+methods even on an idle machine (issue 17).
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ class ThreadBudget:
 
     @property
     def kernel_threads(self) -> int:
-        """Threads of a parallel kernel (numba, torch) run by the pipeline's merging thread."""
-        return max(1, self.total - 2)
+        """Threads of a numba kernel run by the pipeline's merging thread: the whole budget, as
+        the reader and writer beside it mostly wait (see the module's note)."""
+        return self.total
 
     def limit_numba(self) -> None:
         """Cap numba's threads for the calling thread (numba keeps the setting per thread);
@@ -51,7 +57,17 @@ class ThreadBudget:
         numba.set_num_threads(min(self.kernel_threads, numba.config.NUMBA_NUM_THREADS))
         self._numba_set.done = True
 
+    @property
+    def torch_threads(self) -> int:
+        """torch's intra-op threads on the CPU: the budget less the reader and writer, as
+        before. torch forks and joins its OpenMP threads for every step of a catalog method
+        (dozens per 64K-entry chunk), and they spin between steps; beside other work that spin
+        takes the core the merging thread needs (see the module's note)."""
+        return max(1, self.total - 2)
+
     def limit_torch(self) -> None:
+        """Give torch's CPU kernels their threads (a process-wide setting). The catalog
+        methods write the same bytes on one thread and on two (test_threads_catalog.py)."""
         import torch
 
-        torch.set_num_threads(self.kernel_threads)
+        torch.set_num_threads(self.torch_threads)

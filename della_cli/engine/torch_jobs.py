@@ -106,9 +106,10 @@ class TorchJobs:
         return self.backend.streamed(job.kernel, params, statistics, base, models, job.out_dtype)
 
     def method_inputs(self, job: TensorJob, loaded: list[np.ndarray]):
-        """(base or None, models) of a block on the device, each in its tensor's shape: the
-        base is None where the job's reference is one of the models (no base_model)."""
+        """(base or None, models) of a block on the device, each in its tensor's shape and
+        its stored dtype (the backend widens them in row chunks): the base is None where the
+        job's reference is one of the models (no base_model)."""
         rows = loaded[0].shape[0]
         shape = (rows, *job.shape[1:]) if len(job.shape) > 1 else job.shape
-        reference, *experts = (self.backend.to_device(raw).reshape(shape) for raw in loaded)
+        reference, *experts = (self.backend.as_stored(raw).reshape(shape) for raw in loaded)
         return (reference if job.has_base else None), experts

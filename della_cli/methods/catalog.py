@@ -146,9 +146,9 @@ CATALOG: dict[str, CatalogEntry] = {
                 Parameter("int8_mask", bool, Scope.SHARED, False, meaning="no effect on values"),
             ),
             Contract(BasePolicy.REQUIRED, 1, None),
-            "count of nonzero variances; exact top-k of the variance by radix selection; "
-            "Σ(masked δᵢ)² per model",
-            ("count", "select", "select", "statistics", _MERGE),
+            "count of nonzero variances; exact top-k of the variance by radix selection "
+            "(the count in its first pass); Σ(masked δᵢ)² per model",
+            ("count and select", "select", "statistics", _MERGE),
         ),
         CatalogEntry(
             "ram",
@@ -178,7 +178,8 @@ CATALOG: dict[str, CatalogEntry] = {
             "keep the changes whose importance |Δ|·KL(row) is an upper outlier",
             (),
             Contract(BasePolicy.REQUIRED, 1, 1),
-            "exact quartiles of the importance by radix selection (3 order statistics)",
+            "exact quartiles of the importance by radix selection (3 order statistics "
+            "sharing their passes)",
             ("select", "select", _MERGE),
         ),
         CatalogEntry(

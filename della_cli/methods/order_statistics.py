@@ -10,7 +10,7 @@ block plus a 65536-bucket histogram. This is the torch reference of the selectio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -52,38 +52,64 @@ def order_statistic(
 ) -> tuple[torch.Tensor, int]:
     """The score of ascending rank ``rank`` (0-based) over all blocks, and how many scores are
     strictly below it. ``score_blocks()`` yields the score of each block afresh per pass."""
-    prefix = 0
-    remaining = rank
+    found, _ = order_statistics(score_blocks, lambda numel, nonzero: [rank])
+    if not found:
+        raise ValueError("No scores: an order statistic of an empty tensor is undefined.")
+    return found[0]
+
+
+def order_statistics(
+    score_blocks: Callable[[], Iterable[torch.Tensor]],
+    ranks_for: Callable[[int, int], Sequence[int]],
+) -> tuple[list[tuple[torch.Tensor, int]], tuple[int, int]]:
+    """Several order statistics in the passes of one: ([(value, below) per rank], (numel,
+    nonzero)), the ranks given by ``ranks_for(numel, nonzero)`` once the first pass has
+    counted the scores (and those that are nonzero). The first pass histograms every score's
+    top digit for all ranks at once; each later pass keeps, per rank, the scores that share
+    its prefix so far (ranks with the same prefix share a histogram). So a float32 score
+    takes two passes however many ranks are asked (arcee_fusion's three quartiles took six),
+    and a selection that first counts its scores (sce) counts them in the first."""
+    histogram = torch.zeros(_BUCKETS, dtype=torch.int64)
+    numel = nonzero = 0
     dtype = None
-    bits = 0
-    shift = 0
-    top = True
-    while top or shift > 0:
-        histogram = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for block in score_blocks():
+        dtype = block.dtype
+        keys = sortable_keys(block).reshape(-1)
+        numel += keys.numel()
+        nonzero += int(torch.count_nonzero(keys))
+        digits = (keys >> (_bits(dtype) - _DIGIT_BITS)) + (_BUCKETS >> 1)
+        histogram += torch.bincount(digits, minlength=_BUCKETS).cpu()  # scores on any device
+    ranks = list(ranks_for(numel, nonzero))
+    if not ranks:
+        return [], (numel, nonzero)
+    if dtype is None:
+        raise ValueError("No scores: an order statistic of an empty tensor is undefined.")
+    # per rank: [prefix of its key so far, rank among the keys with that prefix]
+    states = [[d - (_BUCKETS >> 1), r] for d, r in (_digit(histogram, rank) for rank in ranks)]
+    for shift in range(_bits(dtype) - _DIGIT_BITS, 0, -_DIGIT_BITS):
+        histograms = {prefix: torch.zeros(_BUCKETS, dtype=torch.int64) for prefix, _ in states}
         for block in score_blocks():
-            if dtype is None:
-                dtype = block.dtype
-                bits = _bits(dtype)
-                shift = bits
             keys = sortable_keys(block).reshape(-1)
-            digit_shift = shift - _DIGIT_BITS
-            if not top:
-                keys = keys[(keys >> shift) == prefix]
-                digits = (keys >> digit_shift) & (_BUCKETS - 1)
-            else:
-                digits = (keys >> digit_shift) + (_BUCKETS >> 1)
-            histogram += torch.bincount(digits, minlength=_BUCKETS).cpu()  # scores on any device
-        if dtype is None:
-            raise ValueError("No scores: an order statistic of an empty tensor is undefined.")
-        cumulative = histogram.cumsum(0)
-        if remaining >= int(cumulative[-1]):
-            raise ValueError(f"Rank {rank} is out of range for {int(cumulative[-1])} scores.")
-        digit = int(torch.searchsorted(cumulative, remaining, right=True))
-        remaining -= int(cumulative[digit - 1]) if digit > 0 else 0
-        prefix = digit - (_BUCKETS >> 1) if top else (prefix << _DIGIT_BITS) | digit
-        shift -= _DIGIT_BITS
-        top = False
-    return key_value(prefix, dtype), rank - remaining
+            for prefix, counts in histograms.items():
+                digits = (keys[(keys >> shift) == prefix] >> (shift - _DIGIT_BITS)) & (_BUCKETS - 1)
+                counts += torch.bincount(digits, minlength=_BUCKETS).cpu()
+        for state in states:
+            digit, state[1] = _digit(histograms[state[0]], state[1])
+            state[0] = (state[0] << _DIGIT_BITS) | digit
+    return [
+        (key_value(prefix, dtype), rank - remaining)
+        for (prefix, remaining), rank in zip(states, ranks, strict=True)
+    ], (numel, nonzero)
+
+
+def _digit(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The digit whose bucket holds the key of ascending rank ``rank`` among the histogram's,
+    and that key's rank among the keys of the bucket."""
+    cumulative = histogram.cumsum(0)
+    if rank >= int(cumulative[-1]):
+        raise ValueError(f"Rank {rank} is out of range for {int(cumulative[-1])} scores.")
+    digit = int(torch.searchsorted(cumulative, rank, right=True))
+    return digit, rank - (int(cumulative[digit - 1]) if digit > 0 else 0)
 
 
 def top_rank_mask(
@@ -99,4 +125,4 @@ def top_rank_mask(
     return keep.reshape(scores.shape)
 
 
-__all__ = ["key_value", "order_statistic", "sortable_keys", "top_rank_mask"]
+__all__ = ["key_value", "order_statistic", "order_statistics", "sortable_keys", "top_rank_mask"]

@@ -24,7 +24,7 @@ import torch
 
 from della_cli.methods.counts import fraction_count
 from della_cli.methods.interpolation import whole_sum, widen
-from della_cli.methods.order_statistics import order_statistic, top_rank_mask
+from della_cli.methods.order_statistics import order_statistics, top_rank_mask
 
 
 def task_vectors(models: Sequence[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
@@ -40,11 +40,22 @@ Selection = None | Literal["none"] | tuple[torch.Tensor, int]
 
 
 def sce_scores(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-entry population variance of the task vectors across models, ``(*shape)``."""
-    stacked = torch.stack(list(deltas))
-    if stacked.numel() == 0:  # torch.var warns on an empty reduction
-        return torch.zeros_like(stacked[0])
-    return torch.var(stacked, dim=0, unbiased=False)
+    """Per-entry population variance of the task vectors across models, ``(*shape)``.
+
+    The bits of ``torch.var(torch.stack(deltas), dim=0, unbiased=False)``, which mergekit
+    computes, so that the selection at the k-th variance is the same: torch's CPU kernel runs
+    Welford's update per entry in float64 and rounds once, which these elementwise float64
+    steps repeat (checked equal on random inputs in the tests). torch's own reduction over
+    the stacked models' dim 0 is not vectorized: 140 ns an entry for three models here,
+    against 20 for these steps."""
+    dtype = deltas[0].dtype
+    mean = m2 = torch.zeros(deltas[0].shape, dtype=torch.float64, device=deltas[0].device)
+    for count, delta in enumerate(deltas, start=1):
+        value = delta.double()
+        step = value - mean
+        mean = mean + step / count
+        m2 = m2 + step * (value - mean)
+    return (m2 / len(deltas)).to(dtype)
 
 
 def sce_keep_count(select_topk: float, nonzero: int) -> int:
@@ -57,23 +68,22 @@ def sce_selection(
 ) -> Selection:
     """From a callable yielding the task-vector blocks (each a list of n tensors), the
     selection state ``(value, ties_to_skip)`` for ``top_rank_mask``, or None to keep every
-    entry (select_topk ≥ 1) or ``"none"`` to keep no entry. Passes: one to count the
-    nonzero variances and N, then the radix passes of ``order_statistic``."""
+    entry (select_topk ≥ 1) or ``"none"`` to keep no entry. Passes: the radix passes of
+    ``order_statistics``, whose first also counts the nonzero variances and N."""
     if select_topk >= 1:
         return None
     if select_topk <= 0:
         return "none"
-    numel = nonzero = 0
-    for block in deltas_blocks():
-        scores = sce_scores(block)
-        numel += scores.numel()
-        nonzero += int(torch.count_nonzero(scores))
-    k = sce_keep_count(select_topk, nonzero)
-    if k == 0:
+
+    def rank(numel: int, nonzero: int) -> list[int]:
+        k = sce_keep_count(select_topk, nonzero)
+        return [numel - k] if k > 0 else []
+
+    found, counts = order_statistics(lambda: (sce_scores(b) for b in deltas_blocks()), rank)
+    if not found:
         return "none"
-    rank = numel - k
-    value, below = order_statistic(lambda: (sce_scores(b) for b in deltas_blocks()), rank)
-    return value, rank - below
+    value, below = found[0]
+    return value, rank(*counts)[0] - below
 
 
 def sce_block_mask(
@@ -181,17 +191,25 @@ def ramplus_tl_apply(
     base: torch.Tensor,
     epsilon: float = 1e-5,
 ) -> torch.Tensor:
-    """One block: unique changes × λᵢ (1 for plain RAM, ``lambdas`` None), shared ones averaged."""
+    """One block: unique changes × λᵢ (1 for plain RAM, ``lambdas`` None), shared ones averaged.
+
+    The counts are summed in the compute dtype (small integers, exact), and the masks each
+    model's terms need are made once rather than per model: the same values as counting in
+    int64, without its promotions (32 → 23 ns an entry for three models)."""
     deltas = task_vectors(models, base)
-    contributes, counts = _contributions(deltas, epsilon)
     dtype = deltas[0].dtype
+    contributes = [delta.abs() > epsilon for delta in deltas]
+    counts = contributes[0].to(dtype)
+    for mask in contributes[1:]:
+        counts = counts + mask
+    alone, several, divisor = counts == 1, counts > 1, counts.clamp(min=1)
     merged = torch.zeros_like(deltas[0])
     for i, delta in enumerate(deltas):
         changed = delta * contributes[i]
-        unique = changed * (counts == 1)
+        unique = changed * alone
         if lambdas is not None:
             unique = unique * lambdas[i].to(dtype)
-        merged += unique + changed * (counts > 1) / counts.clamp(min=1)
+        merged += unique + changed * several / divisor
     return widen([base])[0].to(dtype) + merged
 
 
@@ -232,9 +250,10 @@ def quantile_ranks(numel: int) -> tuple[int, int, int]:
 def arcee_fusion_threshold(
     importance_blocks: Callable[[], Iterable[torch.Tensor]],
 ) -> torch.Tensor:
-    """median + 1.5·(q3 − q1) of all importances, exact (radix passes over the blocks)."""
-    numel = sum(b.numel() for b in importance_blocks())
-    q1, median, q3 = (order_statistic(importance_blocks, r)[0] for r in quantile_ranks(numel))
+    """median + 1.5·(q3 − q1) of all importances, exact: the three quartiles share the radix
+    passes (two over the blocks for float32 importances)."""
+    found, _ = order_statistics(importance_blocks, lambda numel, _: quantile_ranks(numel))
+    (q1, _), (median, _), (q3, _) = found
     return median + 1.5 * (q3 - q1)
 
 

@@ -51,11 +51,11 @@ def passes(method: str, values: Mapping[str, Any], models: int, compute: str = "
         return 1  # one model is itself
     if method == "karcher" and models + bool(values.get(BASE_INPUT)) == 1:
         return 1
-    if method == "sce":
+    if method == "sce":  # the radix passes (the first also counts), the weights, the merge
         topk = values["select_topk"]
-        return 2 + (1 + digits if 0 < topk < 1 else 0)
+        return 2 + (digits if 0 < topk < 1 else 0)
     if method == "arcee_fusion":
-        return 3 * digits + 1  # the radix passes of each quartile, then the merge
+        return digits + 1  # the radix passes the three quartiles share, then the merge
     return 2
 
 
@@ -199,19 +199,14 @@ def _sce_prepare(values: Mapping[str, Any], blocks: Blocks, numel: int) -> dict:
 
 
 def _arcee_fusion_threshold(blocks: Blocks, numel: int) -> torch.Tensor | None:
-    """median + 1.5·IQR of the importances, each quartile exact by its radix passes."""
+    """median + 1.5·IQR of the importances, the quartiles exact by shared radix passes."""
     from della_cli.methods import selection
-    from della_cli.methods.order_statistics import order_statistic
 
     if numel == 0:
         return None
-
-    def importance() -> Iterable[torch.Tensor]:
-        return (selection.arcee_fusion_importance(base, models[0]) for base, models in blocks())
-
-    ranks = selection.quantile_ranks(numel)
-    q1, median, q3 = (order_statistic(importance, rank)[0] for rank in ranks)
-    return median + 1.5 * (q3 - q1)
+    return selection.arcee_fusion_threshold(
+        lambda: (selection.arcee_fusion_importance(base, models[0]) for base, models in blocks())
+    )
 
 
 __all__ = ["BASE_INPUT", "apply", "passes", "prepare", "statistics_bytes"]

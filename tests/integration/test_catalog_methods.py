@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import della_cli.engine.shared as engine_shared
 from della_cli.api import MergeOptions, run_merge
+from della_cli.backends import torch_backend
 from della_cli.methods import interpolation, selection, stock
 
 
@@ -193,8 +194,10 @@ def test_a_catalog_method_equals_its_reference_in_any_blocks(
             name,
             (tensor.float() - expected.float()).abs().max(),
         )
-    # rows of 8 entries in the tiny Llama's smallest matrices: blocks of one to a few rows
+    # rows of 8 entries in the tiny Llama's smallest matrices: blocks of one to a few rows,
+    # each merged one row at a time (the backend's row chunks)
     monkeypatch.setattr(engine_shared, "CPU_BLOCK_ELEMENTS", 16)
+    monkeypatch.setattr(torch_backend, "CPU_CHUNK_ELEMENTS", 1)
     blocked = load_model(merged(write_recipe, tmp_path, recipe, "blocks"))
     assert blocked.keys() == ours.keys()
     for name, tensor in ours.items():

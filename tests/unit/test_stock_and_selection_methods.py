@@ -342,3 +342,20 @@ def test_nan_spans_its_statistics():
     assert ram[1, 2] and int(ram.sum()) == 1
     with pytest.raises(ValueError, match="NaN"):
         sel.sce(models, base, 0.5)
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+def test_sce_scores_have_the_bits_of_torch_var(models):
+    """sce_scores repeats torch.var's float64 Welford steps: the same bits (mergekit's), also
+    where an input is infinite, so the k-th variance selects the same entries."""
+    generator = torch.Generator().manual_seed(models)
+    for scale in (1e-3, 1.0, 1e3):
+        deltas = [scale * torch.randn(37, 29, generator=generator) for _ in range(models)]
+        deltas[0][0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+        expected = torch.var(torch.stack(deltas), dim=0, unbiased=False)
+        assert torch.equal(sel.sce_scores(deltas).isnan(), expected.isnan())
+        finite = ~expected.isnan()
+        assert torch.equal(sel.sce_scores(deltas)[finite], expected[finite])
+        doubles = [d.double() for d in deltas]
+        expected = torch.var(torch.stack(doubles), dim=0, unbiased=False)
+        assert torch.equal(sel.sce_scores(doubles)[finite], expected[finite])
