@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+
+from della_cli.io.atomic import write_atomically
 
 JOURNAL_NAME = ".della-progress.json"
 JOURNAL_VERSION = 2  # 1 recorded SHA-256 digests
@@ -31,17 +32,12 @@ class Journal:
 
     def save(self, folder: Path) -> None:
         """Write atomically: a crash leaves the old journal or the new one, never half."""
-        temporary = folder / (JOURNAL_NAME + ".tmp")
         payload = {
             "version": JOURNAL_VERSION,
             "fingerprint": self.fingerprint,
             "shards": self.shards,
         }
-        with temporary.open("w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, folder / JOURNAL_NAME)
+        write_atomically(folder / JOURNAL_NAME, json.dumps(payload))
 
     @classmethod
     def load(cls, folder: Path) -> Journal | None:

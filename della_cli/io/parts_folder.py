@@ -27,6 +27,7 @@ from pathlib import Path
 
 from della_cli.errors import OutputError
 from della_cli.io import rename
+from della_cli.io.atomic import write_atomically
 from della_cli.io.destination import output_path
 
 try:
@@ -62,12 +63,7 @@ class Manifest:
     def save(self, folder: Path, name: str) -> None:
         """Replace the manifest atomically: a reader sees the old one or the new one."""
         payload = {"version": MANIFEST_VERSION, **self.__dict__}
-        temporary = folder / f".{name}.{secrets.token_hex(4)}.tmp"
-        with temporary.open("w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, folder / name)
+        write_atomically(folder / name, json.dumps(payload))
 
     @classmethod
     def load(cls, path: Path) -> Manifest | None:

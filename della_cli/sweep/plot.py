@@ -11,7 +11,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from della_cli.sweep.results import SettingResult, write_atomically
+from della_cli.io.atomic import write_atomically
+from della_cli.sweep.results import SettingResult
 
 Point = tuple[float, float, float, bool]  # x, mean, spread, best
 

@@ -7,12 +7,12 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from della_cli.io.atomic import write_atomically
 from della_cli.sweep.candidates import Candidate
 
 STATE_FILE = "sweep_state.json"
@@ -42,16 +42,6 @@ class SweepState:
 
     def save(self, folder: Path) -> None:
         write_atomically(folder / STATE_FILE, json.dumps(asdict(self), indent=1))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """``text`` in ``path``, which holds either its old content or all of the new."""
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 @dataclass
