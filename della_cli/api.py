@@ -8,7 +8,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from della_cli.card import public_recipe
-from della_cli.engine import MergeEngine, MergeInputs, ProgressCallback, WarningCallback
+from della_cli.engine import (
+    MergeEngine,
+    MergeInputs,
+    ProgressCallback,
+    WarningCallback,
+    WarningLog,
+)
 from della_cli.errors import MergeFailure, PlanError, UsageError
 from della_cli.hub import parse_hub_ref, push_files
 from della_cli.io.journal import JOURNAL_NAME, Journal, verified_shard_count
@@ -125,14 +131,9 @@ def run_merge(
         session.close()
         raise
     recipe, inputs, device = session.recipe, session.inputs, session.device
-    warnings = list(plan.warnings)
-    for message in warnings:
-        (on_warning or (lambda m: None))(message)
-
-    def warn(message: str) -> None:
-        warnings.append(message)
-        if on_warning:
-            on_warning(message)
+    warn = WarningLog(on_warning)
+    for message in plan.warnings:
+        warn(message)
 
     if on_start:
         on_start(plan)
@@ -149,7 +150,7 @@ def run_merge(
         ) from error
     finally:
         session.close()
-    return MergeReport.of(session, plan, out, started, warnings, resumed_shards)
+    return MergeReport.of(session, plan, out, started, warn.messages, resumed_shards)
 
 
 def checked_plan(

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from della_cli.api import MergeReport
-from della_cli.engine import ProgressCallback, WarningCallback
+from della_cli.engine import ProgressCallback, WarningCallback, WarningLog
 from della_cli.errors import MergeFailure, PlanError, UsageError
 from della_cli.io.journal import file_digest
 from della_cli.io.output import staged_folder
@@ -52,12 +52,7 @@ def assemble(
     from della_cli.preflight import assess
 
     started = time.perf_counter()
-    warnings: list[str] = []
-
-    def warn(message: str) -> None:
-        warnings.append(message)
-        if on_warning:
-            on_warning(message)
+    warn = WarningLog(on_warning)
 
     session = MergeSession.open(recipe_path, options)
     try:
@@ -93,7 +88,7 @@ def assemble(
     finally:
         session.close()
     remove_parts_folder(folder)
-    return MergeReport.of(session, plan, out, started, warnings)
+    return MergeReport.of(session, plan, out, started, warn.messages)
 
 
 def shard_problems(folder: Path, plan: Plan, found: dict[str, Manifest]) -> dict[int, str]:

@@ -24,6 +24,7 @@ from della_cli.engine import (
     MergeEngine,
     ProgressCallback,
     WarningCallback,
+    WarningLog,
     block_elements_for,
 )
 from della_cli.errors import MergeFailure, PlanError
@@ -124,12 +125,7 @@ def run_part(
 ) -> PartReport:
     """Compute part ``number`` of ``count`` of the merge into the parts folder of ``out``."""
     started = time.perf_counter()
-    warnings: list[str] = []
-
-    def warn(message: str) -> None:
-        warnings.append(message)
-        if on_warning:
-            on_warning(message)
+    warn = WarningLog(on_warning)
 
     session = MergeSession.open(recipe_path, options)
     try:
@@ -167,7 +163,7 @@ def run_part(
         bytes=part.output_bytes,
         download_bytes=part.download_bytes,
         seconds=round(time.perf_counter() - started, 3),
-        warnings=warnings,
+        warnings=warn.messages,
     )
 
 

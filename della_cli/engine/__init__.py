@@ -46,6 +46,7 @@ from della_cli.engine.shared import (
     MergeInputs,
     ProgressCallback,
     WarningCallback,
+    WarningLog,
     block_elements_for,
     rows_shape,
     task_elements,
@@ -72,6 +73,7 @@ __all__ = [
     "MergeInputs",
     "ProgressCallback",
     "WarningCallback",
+    "WarningLog",
     "block_elements_for",
 ]
 

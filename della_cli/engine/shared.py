@@ -38,6 +38,22 @@ BATCH_ELEMENTS = 1 << 18
 
 ProgressCallback = Callable[[TensorJob], None]
 WarningCallback = Callable[[str], None]
+
+
+class WarningLog:
+    """A WarningCallback that keeps every warning for the command's report and passes each on
+    to ``on_warning`` (the terminal) as it comes."""
+
+    def __init__(self, on_warning: WarningCallback | None = None):
+        self.messages: list[str] = []
+        self.on_warning = on_warning
+
+    def __call__(self, message: str) -> None:
+        self.messages.append(message)
+        if self.on_warning:
+            self.on_warning(message)
+
+
 # A block merged by a CPU kernel: its rows, and per input (base first) whether it held NaN or Inf.
 Merged = tuple[np.ndarray, np.ndarray]
 
