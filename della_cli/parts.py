@@ -142,8 +142,11 @@ def split_parts(
 def shard_job_starts(plan: Plan) -> list[int]:
     """Where each shard's jobs start in the plan (jobs follow the shards' order), and the end.
     A shard may hold tensors that are no job of their own: an FP8 output's scales, written
-    beside their weight's (``quant.requantize``)."""
-    jobs = {job.name for job in plan.jobs}
+    beside their weight's (``quant.requantize``); an MXFP4 output's blocks take the place of
+    their job."""
+    jobs = {
+        job.requantize.values_name(job.name) if job.requantize else job.name for job in plan.jobs
+    }
     starts = [0]
     for shard in plan.shards:
         starts.append(starts[-1] + sum(tensor.name in jobs for tensor in shard))

@@ -16,7 +16,7 @@ from della_cli.io.writer import OutputTensor, split_into_shards
 from della_cli.kernels import assign_kernels
 from della_cli.plan_types import BASE, Plan, Source, TensorJob
 from della_cli.planner import Planner, find_embedding, is_tied, row_limit
-from della_cli.quant.requantize import fp8_output_problem, output_shards
+from della_cli.quant.requantize import output_problem, output_shards
 from della_cli.quantized import refuse_quantized
 from della_cli.recipe import Recipe
 from della_cli.sliced_jobs import sliced_jobs
@@ -52,7 +52,7 @@ def build_plan(
         jobs = [planner.job_for(t.name, t, Source(ref_model, t.name)) for t in ordered]
         jobs += _untied_lm_head_jobs(planner, {t.name for t in ordered})
     if planner.requantizing:
-        problem = fp8_output_problem(reference)
+        problem = output_problem(reference, recipe.schema.out_dtype)
         planner.problems += [problem] if problem else []
         jobs = [planner.requantized(job) for job in jobs]
     _report_architecture(planner, depths=layer_map is None)

@@ -43,7 +43,7 @@ class TensorJob:
     reference: Source  # the base of a delta merge, or what a copy copies
     experts: tuple[Source, ...] = ()
     kernel: Kernel | None = None  # what merges it (``della_cli.kernels``); None for a copy
-    requantize: Requantize | None = None  # written in the base's FP8 format (out_dtype: fp8)
+    requantize: Requantize | None = None  # in the base's format (out_dtype: fp8, mxfp4)
     reference_is_base: bool = False  # a slice's own base_model, one of the recipe's models
 
     @property

@@ -86,7 +86,7 @@ class Planner:
         self.vocab = {v for v in map(_vocab_size, [reference, *experts]) if v}
         # Without out_dtype, dtype is also the output's dtype (mergekit's rule).
         self.out_dtype = DTYPE_NAMES.get(recipe.schema.out_dtype or recipe.schema.dtype or "")
-        self.requantizing = recipe.schema.out_dtype == "fp8"
+        self.requantizing = recipe.schema.out_dtype in ("fp8", "mxfp4")
         self.tokenizer_model = recipe.tokenizer_model
         if self.tokenizer_model == ref_model or alignment is not None:
             self.tokenizer_model = None  # the reference is the source: nothing to refit
@@ -228,8 +228,8 @@ class Planner:
             )
 
     def requantized(self, job: TensorJob) -> TensorJob:
-        """``job`` written in the base's FP8 format where the base stores it so: merged in
-        float32, quantized as it is written (``della_cli.quant.requantize``)."""
+        """``job`` written in the base's FP8 or MXFP4 format where the base stores it so:
+        merged in float32, quantized as it is written (``della_cli.quant.requantize``)."""
         how = requantization(self.reference, job.name)
         return job if how is None else replace(job, out_dtype="F32", requantize=how)
 

@@ -128,12 +128,13 @@ def _dtype(value: Any, path: str) -> str | None:
 
 
 def _out_dtype(value: Any, path: str) -> str | None:
-    """``dtype``'s choices, or ``fp8``: the base's own FP8 format (``della_cli.quant``)."""
-    if value == "fp8":
+    """``dtype``'s choices, or ``fp8`` / ``mxfp4``: the base's own quantized format
+    (``della_cli.quant.requantize``)."""
+    if value in ("fp8", "mxfp4"):
         return value
     if value is not None and value not in DTYPE_CHOICES:
         choices = ", ".join(f"'{name}'" for name in DTYPE_CHOICES)
-        _fail(path, f"must be one of {choices} or 'fp8', got {shown(value)}")
+        _fail(path, f"must be one of {choices}, 'fp8' or 'mxfp4', got {shown(value)}")
     return value
 
 

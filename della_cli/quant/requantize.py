@@ -13,7 +13,9 @@ Rounding follows the formats' reference quantizers: transformers' ``Fp8Quantize`
 amax`` (1 for an all-zero block), values ``clamp(weight * scale, -448, 448)`` cast to e4m3
 with round-to-nearest-even, and ``1 / scale`` stored as float32; compressed-tensors'
 ``quantize`` for channels: ``scale = amax / 448`` in the scale tensor's dtype, values
-``clamp(weight / scale)`` cast the same way.
+``clamp(weight / scale)`` cast the same way. An MXFP4 base's experts (``out_dtype: mxfp4``) are
+written as its ``*_blocks`` and ``*_scales``, one expert per row, with triton_kernels' rounding
+(``quant.mxfp4``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import numpy as np
 from della_cli.io.dtypes import NUMPY_DTYPES
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import OutputTensor, ShardWriter, split_into_shards
-from della_cli.quant.detect import ACTIVATION_SCALES, quantization_config
+from della_cli.quant.detect import ACTIVATION_SCALES, Scheme, quantization_config
 from della_cli.quant.fp8_blocks import ScaledWeight
+from della_cli.quant.mxfp4 import PackedExperts, quantize_experts
 
 FP8_MAX = 448.0
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -44,15 +47,37 @@ class Requantize:
     scale_dtype: str
     scale_shape: tuple[int, ...]
     block: tuple[int, int] | None  # None: one scale per row (compressed-tensors channel)
+    # MXFP4: the U8 tensor the values are packed into ('<name>_blocks') and its shape; None:
+    # FP8 values under the weight's own name
+    packed: tuple[str, tuple[int, ...]] | None = None
+
+    def values_name(self, name: str) -> str:
+        """The output tensor that holds weight ``name``'s values."""
+        return name if self.packed is None else self.packed[0]
 
 
-def fp8_output_problem(reader: ModelReader) -> str | None:
-    """Why ``out_dtype: fp8`` cannot write the base ``reader``'s format; None when it can."""
+# out_dtype -> the base formats it writes back
+OUTPUT_FORMATS = {"fp8": ("fp8", "compressed-tensors"), "mxfp4": ("mxfp4",)}
+
+
+def output_problem(reader: ModelReader, out_dtype: str) -> str | None:
+    """Why ``out_dtype`` (fp8 or mxfp4) cannot write the base ``reader``'s format; None when
+    it can."""
     scheme = getattr(reader, "scheme", None)
     fix = "choose out_dtype bfloat16"
-    if scheme is None or scheme.form not in ("fp8", "compressed-tensors"):
+    if scheme is None or scheme.form not in OUTPUT_FORMATS[out_dtype]:
         what = "is not quantized" if scheme is None else f"is {scheme.form}"
-        return f"out_dtype fp8 writes the base's own FP8 format, but '{reader.label}' {what}; {fix}"
+        return (
+            f"out_dtype {out_dtype} writes the base's own {out_dtype.upper()} format, but "
+            f"'{reader.label}' {what}; {fix}"
+        )
+    if scheme.form == "mxfp4":
+        return None
+    return _fp8_problem(reader, scheme, fix)
+
+
+def _fp8_problem(reader: ModelReader, scheme: Scheme, fix: str) -> str | None:
+    """What an FP8 base holds that cannot be written back as rows stream."""
     for name, stored in scheme.weights.items():
         if stored.block is None and not stored.per_channel:
             return (
@@ -69,10 +94,13 @@ def fp8_output_problem(reader: ModelReader) -> str | None:
 
 
 def requantization(reader: ModelReader, name: str) -> Requantize | None:
-    """How tensor ``name`` of the base is written in its FP8 format; None for a tensor the
-    base does not store quantized."""
+    """How tensor ``name`` of the base is written in its FP8 or MXFP4 format; None for a
+    tensor the base does not store quantized."""
     scheme = getattr(reader, "scheme", None)
     stored = scheme.weights.get(name) if scheme is not None else None
+    if isinstance(stored, PackedExperts):
+        blocks, scales = PackedExperts.stored_shapes(stored.shape)
+        return Requantize(stored.scales, "U8", scales, None, (stored.blocks, blocks))
     if not isinstance(stored, ScaledWeight):
         return None
     scale = reader.raw.tensors[stored.scale]
@@ -84,15 +112,15 @@ def requantization(reader: ModelReader, name: str) -> Requantize | None:
 def output_shards(
     reader: ModelReader, jobs: Sequence, max_shard_bytes: int
 ) -> tuple[list[list[OutputTensor]], dict]:
-    """The output's shards, each FP8 weight with its scales, and the quantization_config
-    that says so (the base's)."""
+    """The output's shards, each FP8 weight (MXFP4 blocks) with its scales, and the
+    quantization_config that says so (the base's)."""
     tensors, pairs = [], {}
     for job in jobs:
         if job.requantize is None:
             tensors.append(OutputTensor(job.name, job.out_dtype, job.shape))
         else:
             tensors += output_tensors(job.name, job.shape, job.requantize)
-            pairs[job.name] = job.requantize.scale
+            pairs[job.requantize.values_name(job.name)] = job.requantize.scale
     return shards_keeping_pairs(tensors, pairs, max_shard_bytes), quantization_config(
         reader.raw.config
     )
@@ -113,10 +141,12 @@ def with_quantization(config: dict | None, quantization: dict | None) -> dict | 
 
 
 def output_tensors(name: str, shape: tuple[int, ...], how: Requantize) -> list[OutputTensor]:
-    return [
-        OutputTensor(name, "F8_E4M3", shape),
-        OutputTensor(how.scale, how.scale_dtype, how.scale_shape),
-    ]
+    values = (
+        OutputTensor(name, "F8_E4M3", shape)
+        if how.packed is None
+        else OutputTensor(how.packed[0], "U8", how.packed[1])
+    )
+    return [values, OutputTensor(how.scale, how.scale_dtype, how.scale_shape)]
 
 
 def shards_keeping_pairs(
@@ -196,7 +226,8 @@ class RequantizingWriter:
         return sum(1 for position in self._tensor_positions if position < self.writer.next_index)
 
     def file_offset(self, name: str, byte_offset: int = 0) -> int:
-        return self.writer.file_offset(name, byte_offset)
+        stored = self.requantized.get(name)
+        return self.writer.file_offset(stored[1].values_name(name) if stored else name, byte_offset)
 
     def write(self, name: str, tensor: np.ndarray) -> None:
         self.write_part(name, tensor.reshape(tensor.shape[0], -1) if tensor.ndim > 1 else tensor)
@@ -223,6 +254,11 @@ class RequantizingWriter:
 
     def _emit(self, name: str, shape: tuple[int, ...], how: Requantize, rows: np.ndarray) -> None:
         self._rows_done += len(rows)
+        if how.packed is not None:  # MXFP4 experts: each row one expert
+            values, scales = quantize_experts(shape, rows, name)
+            self._scales.append(scales)
+            self.writer.write_part(how.packed[0], values)
+            return
         if how.block is None:
             values, scales = quantize_channels(rows, how.scale_dtype)
         elif len(shape) == 2:

@@ -101,7 +101,7 @@ class DequantizedReader(ModelReader):
         if isinstance(stored, PackedExperts):
             blocks = self.raw.read_rows(stored.blocks, start, stop)
             scales = self.raw.read_rows(stored.scales, start, stop)
-            return dequantize_experts(stored, blocks, scales, self.label)
+            return dequantize_experts(stored, blocks, scales, self.label, start)
         weight = self.raw.read_rows(stored.weight, start, stop)
         scales = self._scales(stored, start, stop)
         return dequantize_rows(stored, weight, scales, start)

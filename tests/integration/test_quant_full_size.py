@@ -77,3 +77,12 @@ def test_gpt_oss_mxfp4_plans_at_its_published_size(
     assert plan["download_bytes"] == 2 * file_bytes(layout)
     assert plan["output_bytes"] == 2 * parameters  # dequantized experts, in bfloat16
     assert plan["tensors"] == len(layout) - 2 * layers  # blocks and scales: one tensor
+
+
+def test_gpt_oss_written_back_in_mxfp4_plans_at_its_published_size(fake_hub, tmp_path):
+    config = gpt_oss_config(24, 32)
+    layout = gpt_oss_layout(config)
+    repos = ("openai/gpt-oss-20b", "openai/gpt-oss-20b-tuned")
+    plan = planned(fake_hub, tmp_path, config, layout, repos, "out_dtype: mxfp4\n")
+    assert plan["output_bytes"] == layout_bytes(layout) == 13_761_264_768  # as released
+    assert plan["tensors"] == len(layout) - 2 * 24  # the blocks and scales of each: one job

@@ -207,6 +207,16 @@ BAD_LAYOUTS = {
         {"e.down_proj_blocks": ("u8", (2, 3, 1, 16)), "e.down_proj_scales": ("u8", (2, 3))},
         "'e.down_proj_scales' is U8 (2, 3); the blocks 'e.down_proj_blocks' need U8 (2, 3, 1)",
     ),
+    "mxfp4 blocks not U8": (
+        MXFP4,
+        {"e.down_proj_blocks": ("f32", (2, 3, 1, 16)), "e.down_proj_scales": ("u8", (2, 3, 1))},
+        "'e.down_proj_blocks' is F32 (2, 3, 1, 16); MXFP4 blocks are U8",
+    ),
+    "mxfp4 scales not U8": (
+        MXFP4,
+        {"e.down_proj_blocks": ("u8", (2, 3, 1, 16)), "e.down_proj_scales": ("f32", (2, 3, 1))},
+        "'e.down_proj_scales' is F32 (2, 3, 1); the blocks 'e.down_proj_blocks' need U8",
+    ),
 }
 MAKERS = {
     "fp8": lambda s: torch.zeros(s).to(torch.float8_e4m3fn),
@@ -265,3 +275,19 @@ def test_a_nan_mxfp4_exponent_is_refused_naming_the_scales():
     packed = PackedExperts("x_blocks", "x_scales", (1, 32, 1))
     with pytest.raises(ModelError, match="'x_scales' holds the E8M0 NaN"):
         dequantize_experts(packed, np.zeros((1, 16), np.uint8), np.full((1, 1), 255, np.uint8), "m")
+
+
+def test_a_nan_mxfp4_exponent_fails_the_merge_naming_it_and_writes_nothing(tmp_path):
+    # E8M0 has no zero, infinity or negative scale: 0 is 2**-127, and 255 alone is NaN
+    name = "model.layers.0.mlp.experts.down_proj"
+    scales = torch.full((2, 3, 1), 127, dtype=torch.uint8)
+    scales[1, 2, 0] = 255
+    blocks = torch.full((2, 3, 1, 16), 0x21, dtype=torch.uint8)
+    base = folder_of(tmp_path / "base", {name + "_blocks": blocks, name + "_scales": scales}, MXFP4)
+    expert = folder_of(tmp_path / "expert", {name: torch.ones(2, 32, 3)}, None)
+    out = tmp_path / "out"
+    one_line_error(
+        plan_of(tmp_path, base, expert, out),
+        f"scale tensor '{name}_scales' holds the E8M0 NaN (255) at (expert, row, group) (1, 2, 0)",
+    )
+    assert not out.exists() and not any(tmp_path.glob(".out*"))

@@ -328,7 +328,8 @@ BAD_RECIPES = [
     pytest.param(edited(("seed", 2**63)), "seed:", [], id="seed-too-large"),
     pytest.param(
         edited(("out_dtype", "int8")),
-        "out_dtype: must be one of 'float32', 'float16', 'bfloat16', 'float64' or 'fp8', "
+        "out_dtype: must be one of 'float32', 'float16', 'bfloat16', 'float64', 'fp8' or "
+        "'mxfp4', "
         "got 'int8'",
         [],
         id="out-dtype",
