@@ -16,6 +16,7 @@ from della_cli.io.writer import OutputTensor, split_into_shards
 from della_cli.kernels import assign_kernels
 from della_cli.plan_types import BASE, Plan, Source, TensorJob
 from della_cli.planner import Planner, find_embedding, is_tied, row_limit
+from della_cli.quant.placement import place_dequantization
 from della_cli.quant.requantize import output_problem, output_shards
 from della_cli.quantized import refuse_quantized
 from della_cli.recipe import Recipe
@@ -90,7 +91,8 @@ def build_plan(
     plan = Plan(
         jobs, shards, warnings, compute, tied, vocab_size, alignment, quantization, layer_map
     )
-    return assign_kernels(plan, recipe, base, experts, device)
+    plan = assign_kernels(plan, recipe, base, experts, device)
+    return place_dequantization(plan, base, experts, str(device).startswith("cuda"))
 
 
 def _readers(base: ModelReader | None, experts: list[ModelReader]):

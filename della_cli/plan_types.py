@@ -30,6 +30,8 @@ class Source:
     rows: int | None = None  # set when the rows must be cropped or padded to the job's shape
     fill: Source | None = None  # a reference's rows past ``rows`` come from here
     aligned: bool = False  # rows re-indexed to the output vocabulary (``Plan.vocabulary``)
+    # quantized rows read as stored and dequantized on the merge's device (``quant.placement``)
+    on_device: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,16 @@ class TorchBackend:
         return [self.to_device(raw) for raw in loaded]
 
     def to_device(self, raw: np.ndarray) -> torch.Tensor:
+        if not isinstance(raw, np.ndarray):  # quantized rows, dequantized on the device
+            return raw.on_device(self.device).to(self.compute_dtype)
         return to_torch(raw).to(self.device, dtype=self.compute_dtype, non_blocking=True)
 
     def as_stored(self, raw: np.ndarray) -> torch.Tensor:
         """Stored rows on the device in their own dtype (on the CPU, the same memory): the
-        catalog methods widen them a chunk at a time (``row_chunks``)."""
+        catalog methods widen them a chunk at a time (``row_chunks``). Quantized rows
+        (``quant.view.QuantizedRows``) arrive as stored and are dequantized there, to float32."""
+        if not isinstance(raw, np.ndarray):
+            return raw.on_device(self.device)
         return to_torch(raw).to(self.device, non_blocking=True)
 
     def row_chunks(

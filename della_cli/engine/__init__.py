@@ -175,7 +175,8 @@ class MergeEngine:
         """Give a merged block's input buffers back (a copy's output is its input)."""
         if task.job.action == "merge" and self._buffers is not None:
             for array in loaded:
-                self._buffers.give(array)
+                if isinstance(array, np.ndarray):  # not rows sent as stored to the device
+                    self._buffers.give(array)
 
     def write(self, task: BlockTask, chunk: np.ndarray) -> None:
         self._writer.write_part(task.job.name, chunk)

@@ -9,6 +9,7 @@ from della_cli.engine.shared import BlockTask, MergeInputs, reference_expert, ro
 from della_cli.io.buffers import BufferPool
 from della_cli.io.dtypes import cast
 from della_cli.plan import Source, TensorJob
+from della_cli.quant.view import QuantizedRows
 from della_cli.vocab_rows import VocabularyAlignment
 
 
@@ -56,8 +57,13 @@ class RowLoader:
 
     def read_rows(
         self, source: Source, start: int, stop: int, pool: BufferPool | None = None
-    ) -> np.ndarray:
-        return self.inputs.reader(source.model).read_rows(source.tensor, start, stop, pool)
+    ) -> np.ndarray | QuantizedRows:
+        """Rows as stored; quantized rows the plan sends to the device come with their
+        scales, to be dequantized there (``quant.placement``)."""
+        reader = self.inputs.reader(source.model)
+        if source.on_device:
+            return reader.stored_rows(source.tensor, start, stop)
+        return reader.read_rows(source.tensor, start, stop, pool)
 
     def read_reference_rows(
         self, job: TensorJob, start: int, stop: int, pool: BufferPool | None = None

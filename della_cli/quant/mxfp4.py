@@ -95,7 +95,9 @@ def dequantize_experts(
     values[..., 0::2] = FP4_VALUES[codes & 0x0F]
     values[..., 1::2] = FP4_VALUES[codes >> 4]
     powers = exponents.astype(np.int32) - E8M0_BIAS
-    values = np.ldexp(values, powers[..., None])
+    # 6 * 2**127 is past float32's range: infinity, which the engine reports as any input's
+    with np.errstate(over="ignore"):
+        values = np.ldexp(values, powers[..., None])
     # (n, rows, columns) stored; the parameter is (n, columns, rows)
     return values.reshape(count, rows, columns).transpose(0, 2, 1).reshape(count, -1)
 

@@ -21,7 +21,7 @@ from della_cli.io.reader import ModelReader
 from della_cli.io.streamed_sum import FileSpan
 from della_cli.quant.detect import Scheme
 from della_cli.quant.fp8_blocks import ScaledWeight, check_scales, dequantize_rows, scale_rows
-from della_cli.quant.mxfp4 import PackedExperts, dequantize_experts
+from della_cli.quant.mxfp4 import PackedExperts, check_exponents, dequantize_experts
 
 # What a dequantized weight is written as when the recipe names no out_dtype: the dtype the
 # published unquantized twins of these models use.
@@ -106,6 +106,23 @@ class DequantizedReader(ModelReader):
         scales = self._scales(stored, start, stop)
         return dequantize_rows(stored, weight, scales, start)
 
+    def stored_rows(self, name: str, start: int, stop: int) -> QuantizedRows:
+        """Rows ``start:stop`` of quantized weight ``name`` as stored, with their scales
+        (checked as ``read_rows`` checks them), for a device that dequantizes them itself."""
+        stored = self.scheme.weights[name]
+        if isinstance(stored, PackedExperts):
+            blocks = self.raw.read_rows(stored.blocks, start, stop)
+            scales = self.raw.read_rows(stored.scales, start, stop)
+            check_exponents(
+                scales.reshape(len(scales), *stored.stored_shapes(stored.shape)[1][1:]),
+                stored,
+                self.label,
+                start,
+            )
+            return QuantizedRows(stored, blocks, scales, start)
+        weight = self.raw.read_rows(stored.weight, start, stop)
+        return QuantizedRows(stored, weight, self._scales(stored, start, stop), start)
+
     def _scales(self, stored: ScaledWeight, start: int, stop: int) -> np.ndarray:
         """The scales of weight rows ``start:stop``, checked to be positive and finite."""
         if stored.block is None and not stored.per_channel:
@@ -128,3 +145,36 @@ class DequantizedReader(ModelReader):
 def stored_name(stored: ScaledWeight | PackedExperts) -> str:
     """The stored tensor whose place in the file the logical weight takes."""
     return stored.blocks if isinstance(stored, PackedExperts) else stored.weight
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Rows of a quantized weight as stored (``values``: FP8 bytes or MXFP4 blocks, (n, -1))
+    with their ``scales``, rows ``start:start+n`` of the logical weight seen as (rows, -1).
+    What travels to a CUDA device in place of float32 rows, a quarter of their bytes (an
+    eighth for MXFP4), to be dequantized there by the torch rules (``quant.torch_rules``); on
+    the CPU, ``dequantized`` applies numpy's."""
+
+    stored: ScaledWeight | PackedExperts
+    values: np.ndarray
+    scales: np.ndarray
+    start: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the float32 rows they stand for."""
+        count = self.values.shape[0]
+        return count, math.prod(self.stored.shape) // self.stored.shape[0]
+
+    def dequantized(self, label: str = "") -> np.ndarray:
+        """The float32 rows, by the CPU's rules."""
+        if isinstance(self.stored, PackedExperts):
+            return dequantize_experts(self.stored, self.values, self.scales, label, self.start)
+        return dequantize_rows(self.stored, self.values, self.scales, self.start)
+
+    def on_device(self, device):
+        """The float32 rows as a torch tensor on ``device``, dequantized there: what the torch
+        backend receives (imports torch)."""
+        from della_cli.quant.torch_rules import dequantized_on
+
+        return dequantized_on(self, device)

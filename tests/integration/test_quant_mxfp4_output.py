@@ -158,3 +158,24 @@ def test_a_quantized_output_needs_a_base_in_that_format(gpt_oss, base, out_dtype
     wanted = f"out_dtype {out_dtype} writes the base's own {out_dtype.upper()} format"
     assert wanted in line and named in line, line
     assert not (gpt_oss / f"refused-{out_dtype}-{base}").exists()
+
+
+def test_a_nan_in_a_merged_expert_stops_an_mxfp4_merge_naming_it(gpt_oss):
+    from quant_fixtures import copy_metadata
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    tensors = load_file(gpt_oss / "e1" / "model.safetensors")
+    tensors[name][2, 5, 7] = float("nan")
+    copy_metadata(gpt_oss / "e1", gpt_oss / "e-nan", None)
+    save_file(tensors, gpt_oss / "e-nan" / "model.safetensors", metadata={"format": "pt"})
+    recipe = gpt_oss / "nan.yaml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {gpt_oss / 'base'}\nout_dtype: mxfp4\n"
+        f"models:\n  - model: {gpt_oss / 'e-nan'}\n    parameters: {{weight: 1.0}}\n"
+    )
+    result = CliRunner().invoke(app, ["merge", str(recipe), str(gpt_oss / "nan-out")])
+    assert result.exit_code == 2, (result.output, result.exception)
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"merged tensor '{name}' holds NaN or infinity, which MXFP4 cannot store" in line
+    assert not (gpt_oss / "nan-out").exists() and not list(gpt_oss.glob(".nan-out*"))
