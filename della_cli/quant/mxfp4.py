@@ -35,8 +35,12 @@ FP4_VALUES = np.array(
 # Halfway between consecutive E2M1 magnitudes: a scaled value at or past one takes the larger.
 FP4_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
 FP4_MAX = 6.0
+# The midpoints are multiples of 1/4, so the magnitude code of x in [0, 6] depends only on
+# floor(4x): the number of midpoints at or below it (a table lookup, not a binary search).
+_CODE_OF_QUARTERS = np.array(
+    [np.count_nonzero(q / 4 >= FP4_MIDPOINTS) for q in range(25)], dtype=np.uint8
+)
 GROUP = 32  # values per E8M0 scale
-E8M0_BIAS = 127
 E8M0_NAN = 255
 
 
@@ -94,10 +98,12 @@ def dequantize_experts(
     values = np.empty((count, rows, groups, GROUP), dtype=np.float32)
     values[..., 0::2] = FP4_VALUES[codes & 0x0F]
     values[..., 1::2] = FP4_VALUES[codes >> 4]
-    powers = exponents.astype(np.int32) - E8M0_BIAS
-    # 6 * 2**127 is past float32's range: infinity, which the engine reports as any input's
+    # 2**(e - 127) is the float32 whose exponent field is e (1 to 254); e = 0 stands for
+    # 2**-127, a subnormal. Each product is exact (an E2M1 value has two significant bits),
+    # but 6 * 2**127, past float32's range: infinity, which the engine reports as any input's
+    bits = np.where(exponents == 0, np.uint32(1 << 22), exponents.astype(np.uint32) << 23)
     with np.errstate(over="ignore"):
-        values = np.ldexp(values, powers[..., None])
+        values *= bits.view(np.float32)[..., None]
     # (n, rows, columns) stored; the parameter is (n, columns, rows)
     return values.reshape(count, rows, columns).transpose(0, 2, 1).reshape(count, -1)
 
@@ -112,10 +118,12 @@ def e8m0_exponents(amax: np.ndarray) -> np.ndarray:
 
 
 def fp4_codes(scaled: np.ndarray) -> np.ndarray:
-    """E2M1 codes of values already divided by their scale: the nearest magnitude, ties away
-    from zero, 6 for anything larger; the sign bit (8) from the value's sign, -0 included."""
-    magnitude = np.searchsorted(FP4_MIDPOINTS, np.abs(scaled), side="right").astype(np.uint8)
-    return magnitude | (np.signbit(scaled).astype(np.uint8) << 3)
+    """E2M1 codes of float32 values already divided by their scale: the nearest magnitude,
+    ties away from zero, 6 for anything larger; the sign bit (8) from the value's sign, -0
+    included."""
+    # 4x is exact, and the cast truncates: floor for a magnitude
+    quarters = np.minimum(np.abs(scaled) * np.float32(4), np.float32(24)).astype(np.uint8)
+    return _CODE_OF_QUARTERS[quarters] | (np.signbit(scaled).view(np.uint8) << 3)
 
 
 def quantize_experts(
@@ -135,9 +143,9 @@ def quantize_experts(
             "check the models' weights or choose out_dtype bfloat16"
         )
     exponents = e8m0_exponents(np.abs(groups).max(axis=-1))
-    shift = E8M0_BIAS - exponents.astype(np.int32)
-    # dividing by a power of two is exact; an all-zero group (exponent 0) stays +-0
-    scaled = np.ldexp(groups, shift[..., None])
-    codes = fp4_codes(scaled)
+    # 1 / 2**(e - 127) = 2**(127 - e), the float32 of exponent field 254 - e (normal for every
+    # e from 0 to 253): multiplying by it is exact; an all-zero group (e 0) stays +-0
+    inverse = ((np.uint32(254) - exponents.astype(np.uint32)) << np.uint32(23)).view(np.float32)
+    codes = fp4_codes(groups * inverse[..., None])
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # the low nibble first
     return packed.reshape(count, -1), exponents.reshape(count, -1)

@@ -95,30 +95,20 @@ class DequantizedReader(ModelReader):
     ) -> np.ndarray:
         """Rows ``start:stop`` as in ``ModelReader.read_rows``; a quantized weight's come
         dequantized to float32 (into a new array: ``pool`` holds buffers of stored rows)."""
-        stored = self.scheme.weights.get(name)
-        if stored is None:
+        if name not in self.scheme.weights:
             return self.raw.read_rows(name, start, stop, pool)
-        if isinstance(stored, PackedExperts):
-            blocks = self.raw.read_rows(stored.blocks, start, stop)
-            scales = self.raw.read_rows(stored.scales, start, stop)
-            return dequantize_experts(stored, blocks, scales, self.label, start)
-        weight = self.raw.read_rows(stored.weight, start, stop)
-        scales = self._scales(stored, start, stop)
-        return dequantize_rows(stored, weight, scales, start)
+        return self.stored_rows(name, start, stop).dequantized(self.label)
 
     def stored_rows(self, name: str, start: int, stop: int) -> QuantizedRows:
-        """Rows ``start:stop`` of quantized weight ``name`` as stored, with their scales
-        (checked as ``read_rows`` checks them), for a device that dequantizes them itself."""
+        """Rows ``start:stop`` of quantized weight ``name`` as stored, with their scales,
+        checked (ModelError naming the scale tensor): what ``read_rows`` dequantizes on the
+        CPU, and what a CUDA device receives to dequantize itself (``quant.placement``)."""
         stored = self.scheme.weights[name]
         if isinstance(stored, PackedExperts):
             blocks = self.raw.read_rows(stored.blocks, start, stop)
             scales = self.raw.read_rows(stored.scales, start, stop)
-            check_exponents(
-                scales.reshape(len(scales), *stored.stored_shapes(stored.shape)[1][1:]),
-                stored,
-                self.label,
-                start,
-            )
+            _, rows, groups = PackedExperts.stored_shapes(stored.shape)[1]
+            check_exponents(scales.reshape(-1, rows, groups), stored, self.label, start)
             return QuantizedRows(stored, blocks, scales, start)
         weight = self.raw.read_rows(stored.weight, start, stop)
         return QuantizedRows(stored, weight, self._scales(stored, start, stop), start)
@@ -167,7 +157,7 @@ class QuantizedRows:
         return count, math.prod(self.stored.shape) // self.stored.shape[0]
 
     def dequantized(self, label: str = "") -> np.ndarray:
-        """The float32 rows, by the CPU's rules."""
+        """The float32 rows, by the CPU's rules (``label``: the model, for an error)."""
         if isinstance(self.stored, PackedExperts):
             return dequantize_experts(self.stored, self.values, self.scales, label, self.start)
         return dequantize_rows(self.stored, self.values, self.scales, self.start)
