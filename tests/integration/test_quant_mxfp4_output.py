@@ -142,6 +142,25 @@ def test_an_mxfp4_output_made_in_parts_or_in_small_blocks_has_the_same_bytes(gpt
     assert blocks == theirs
 
 
+def test_a_killed_mxfp4_merge_resumes_to_the_same_bytes(gpt_oss, monkeypatch):
+    from killed_merges import kill_after
+
+    from della_cli.api import MergeOptions, run_merge
+
+    whole = merge(gpt_oss, "base", "to-kill", "mxfp4", "--out-shard-size", "9kB")
+    assert whole.exit_code == 0, whole.output
+    recipe, out = gpt_oss / "to-kill.yaml", gpt_oss / "resumed"
+    options = MergeOptions(out_shard_bytes=9_000, device="cpu")
+    kill_after(30, recipe, out, options, monkeypatch)  # 4 of 6 shards kept, MXFP4 in the 4th
+    partial = next(gpt_oss.glob(".resumed*"))
+    kept = sorted(p.name for p in partial.glob("model-*.safetensors"))
+    run_merge(recipe, out, MergeOptions(out_shard_bytes=9_000, device="cpu", resume=True))
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > len(kept) > 0
+    for shard in shards:
+        assert shard.read_bytes() == (gpt_oss / "to-kill" / shard.name).read_bytes(), shard
+
+
 @pytest.mark.parametrize(
     ("base", "out_dtype", "named"),
     [
