@@ -139,7 +139,10 @@ def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
     for job in plan.jobs:
         pattern = _LAYER_INDEX.sub(".*.", job.name)
         action = "merged" if job.action == "merge" else "copied from base"
-        counts[(pattern, action, job.kernel.label if job.kernel else "")] += 1
+        kernel = job.kernel.label if job.kernel else ""
+        if any(source.on_device for source in (job.reference, *job.experts)):
+            kernel += f", dequantized on {report.device}"  # quantized rows sent as stored
+        counts[(pattern, action, kernel)] += 1
         for source in job.experts:
             if source.rows is not None:
                 how = "cropped" if source.rows > job.shape[0] else "padded"

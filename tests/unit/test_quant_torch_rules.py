@@ -172,6 +172,15 @@ def test_a_cuda_plan_sends_quantized_inputs_to_the_device_and_a_cpu_plan_does_no
     assert {name for name, model in placed if model == -1} == quantized
     assert {name for name, model in placed if model == 1} == quantized
     assert not {name for name, model in placed if model == 0}
+    # della plan says so, beside each group's kernel
+    from della_cli.plan_report import PlanReport
+    from della_cli.preflight import _describe_plan
+
+    report = PlanReport("della", "cuda", {})
+    _describe_plan(report, cuda, list(recipe.model_refs))
+    kernels = {group["tensors"]: group["kernel"] for group in report.groups}
+    assert kernels["model.layers.*.mlp.down_proj.weight"] == "torch/merge, dequantized on cuda"
+    assert kernels["model.norm.weight"] == "torch/merge"
 
 
 @pytest.mark.parametrize("method", METHODS)
