@@ -121,6 +121,11 @@ def test_an_mxfp4_output_made_in_parts_or_in_small_blocks_has_the_same_bytes(gpt
     whole = merge(gpt_oss, "base", "whole", "mxfp4", "--out-shard-size", "20kB")
     assert whole.exit_code == 0, (whole.output, whole.exception)
     assert len(list((gpt_oss / "whole").glob("*.safetensors"))) >= 3
+    index = json.loads((gpt_oss / "whole" / "model.safetensors.index.json").read_text())
+    shard_of = index["weight_map"]
+    packed = [name for name in shard_of if name.endswith("_blocks")]
+    assert len(packed) == 4  # each with its scales, in one shard
+    assert all(shard_of[name] == shard_of[name.replace("_blocks", "_scales")] for name in packed)
     recipe, out = gpt_oss / "whole.yaml", gpt_oss / "parts"
     runner = CliRunner()
     for number in (2, 1):
