@@ -14,6 +14,9 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
 - ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
   needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
   tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
+  on several devices, one torch worker per device (``schedule.run_on_devices``), each merging
+  the jobs the plan gave its device; ``memory_retry``: a block a device had no memory for,
+  merged again in halves, then on the CPU;
 - ``reporting``: warnings (non-finite inputs, differing non-float tensors).
 
 The engine never prints: progress and warnings go to callbacks. Block buffers are recycled
@@ -31,9 +34,10 @@ import numpy as np
 
 from della_cli.engine.cpu_jobs import CpuJobs
 from della_cli.engine.masks import global_keep_masks
+from della_cli.engine.memory_retry import MemoryRetry
 from della_cli.engine.reporting import Reporter
 from della_cli.engine.rows import RowLoader
-from della_cli.engine.schedule import InOrder, run_in_chunks, run_pipeline
+from della_cli.engine.schedule import InOrder, run_in_chunks, run_on_devices, run_pipeline
 from della_cli.engine.shared import (
     CHUNK_ELEMENTS,
     CPU_BLOCK_ELEMENTS,
@@ -104,8 +108,12 @@ class MergeEngine:
         self.plan = plan
         self.inputs = inputs
         self.device = str(device)  # "cpu", "cuda" or "cuda:N" (a torch.device is accepted)
+        # The plan's devices where it spread the jobs over several, else this one.
+        self.devices = list(plan.devices) if len(plan.devices) > 1 else [self.device]
         self.on_progress = on_progress or (lambda job: None)
-        self.block_elements = block_elements or block_elements_for(self.device)
+        self.block_elements = (
+            block_elements or plan.block_elements or block_elements_for(self.device)
+        )
         if self.device != "cpu" and any(
             job.kernel is not None and job.kernel.backend == "cpu" for job in plan.jobs
         ):
@@ -114,7 +122,13 @@ class MergeEngine:
         self.rows = RowLoader(inputs, plan.compute_dtype, plan.vocabulary)
         self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
         self.cpu = CpuJobs(recipe.method, self.threads)
-        self.torch = TorchJobs(self.device, plan.compute_dtype, recipe.method, self.threads)
+        self.workers = [
+            TorchJobs(device, plan.compute_dtype, recipe.method, self.threads)
+            for device in self.devices
+        ]
+        self.torch = self.workers[0]
+        cpu_fallback = TorchJobs("cpu", plan.compute_dtype, recipe.method, self.threads, True)
+        self.retry = MemoryRetry(cpu_fallback, self.report.on_warning)
         self._masks: dict[str, list | None] = {}
         self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
@@ -159,8 +173,14 @@ class MergeEngine:
             tasks = [task for job in group for task in self.block_tasks(job)]
             if in_chunks:
                 run_in_chunks(self, tasks, self._helpers, helpers if self._helpers else 0)
+            elif len(self.workers) > 1:
+                run_on_devices(self, tasks, len(self.workers))
             else:
                 run_pipeline(self, tasks, reads, writes)
+
+    def torch_for(self, job: TensorJob) -> TorchJobs:
+        """The torch worker of the device the plan gave ``job``."""
+        return self.workers[job.device] if job.device < len(self.workers) else self.torch
 
     def load(self, task: BlockTask) -> list[np.ndarray]:
         """The raw rows of a block (reference first, then each expert), as stored."""
@@ -220,10 +240,15 @@ class MergeEngine:
         masks = self._masks[job.name]
         if task.last:
             del self._masks[job.name]
+        if on_torch:
+
+            def merge(jobs: TorchJobs, rows: BlockTask, inputs: list[np.ndarray]) -> np.ndarray:
+                mask_blocks = None if masks is None else [m[rows.start : rows.stop] for m in masks]
+                return jobs.block(rows, inputs, mask_blocks, self.report)
+
+            return self.retry.rows(self.torch_for(job), task, loaded, merge)
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
         kernel = job.kernel
-        if on_torch:
-            return self.torch.block(task, loaded, mask_blocks, self.report)
         out = self.output_buffer(task, loaded[0].shape)
         if kernel.name == "block":
             merged, nonfinite = self.cpu.block(task, loaded, mask_blocks, out)
@@ -245,11 +270,17 @@ class MergeEngine:
                 blocks = lambda: iter([loaded])  # noqa: E731
             else:
                 blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
-            self._statistics[job.name] = self.torch.prepare(job, blocks)
+            self._statistics[job.name] = self.retry.whole(
+                self.torch_for(job), job.name, lambda jobs: jobs.prepare(job, blocks)
+            )
         state = self._statistics.get(job.name)
         if task.last:
             self._statistics.pop(job.name, None)
-        return self.torch.streamed_block(task, loaded, state, self.report)
+
+        def merge(jobs: TorchJobs, rows: BlockTask, inputs: list[np.ndarray]) -> np.ndarray:
+            return jobs.streamed_block(rows, inputs, state, self.report)
+
+        return self.retry.rows(self.torch_for(job), task, loaded, merge)
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 class TorchJobs:
-    """Blocks on ``device`` in the compute dtype, through the reference functions."""
+    """Blocks on ``device`` in the compute dtype, through the reference functions.
+    ``fallback``: the CPU worker that takes blocks a device had no memory for."""
 
     def __init__(
         self,
@@ -30,11 +31,13 @@ class TorchJobs:
         compute_dtype: str,
         method: MethodSpec,
         threads: ThreadBudget,
+        fallback: bool = False,
     ):
         self.threads = threads
         self.device = device
         self.compute_dtype = compute_dtype
         self.method = method
+        self.fallback = fallback
         self._backend: TorchBackend | None = None
 
     @property
@@ -42,7 +45,7 @@ class TorchJobs:
         if self._backend is None:
             from della_cli.backends.torch_backend import TorchBackend
 
-            self._backend = TorchBackend(self.device, self.compute_dtype)
+            self._backend = TorchBackend(self.device, self.compute_dtype, self.fallback)
             if self.device == "cpu":
                 self.threads.limit_torch()
         return self._backend
