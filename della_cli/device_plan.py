@@ -60,10 +60,10 @@ def device_loads(plan: Plan) -> list[dict]:
 
 def device_memory_bytes(plan: Plan, device: int, block_elements: int, whole: bool) -> int:
     """The most device memory one of the device's jobs holds at once: a block of each input
-    as stored and widened to the compute dtype, the task vectors and a few temporaries, a
-    catalog method's statistics, and for trim methods (``whole``) the whole tensor's
-    magnitudes and keep masks (made on the device before its blocks). Copies stay on the
-    host."""
+    as stored (and the next block's, copied ahead) and widened to the compute dtype, the task
+    vectors and a few temporaries, a catalog method's statistics, and for trim methods
+    (``whole``) the whole tensor's magnitudes and keep masks (made on the device before its
+    blocks). Copies stay on the host."""
     compute = itemsize(plan.compute_dtype)
     worst = 0
     for job in plan.jobs:
@@ -72,7 +72,8 @@ def device_memory_bytes(plan: Plan, device: int, block_elements: int, whole: boo
         stored, experts = itemsize(job.out_dtype), len(job.experts)
         row = job.numel // max(job.shape[0], 1) if len(job.shape) > 1 else job.numel
         block = min(job.numel, max(row, block_elements // max(row, 1) * row))
-        need = block * ((experts + 1) * stored + (2 * experts + 5) * compute)
+        # this block's inputs as stored, and the next block's, staged while it merges
+        need = block * (2 * (experts + 1) * stored + (2 * experts + 5) * compute)
         kernel = job.kernel
         if kernel is not None and kernel.passes > 1:
             need += statistics_bytes(kernel.name, kernel.settings, job.shape, experts + 1)

@@ -56,6 +56,11 @@ class TorchBackend:
         self.device = torch.device(device)
         self.compute_dtype = torch_dtype(compute_code)
         self.fallback = fallback
+        self._uploads = None
+        if self.device.type == "cuda":
+            from della_cli.backends.cuda_uploads import CudaUploads
+
+            self._uploads = CudaUploads(self.device)
 
     def about_to_compute(self, elements: int) -> None:
         """Where a test's ``fault_injector`` makes the device run out of memory."""
@@ -70,8 +75,18 @@ class TorchBackend:
             torch.cuda.empty_cache()
 
     def inputs(self, loaded: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Stored rows on the device in the compute dtype."""
-        return [self.to_device(raw) for raw in loaded]
+        """Stored rows on the device in the compute dtype: on CUDA copied as stored (half
+        the bytes of bfloat16 widened on the host), staged ahead where ``stage`` was called,
+        and widened there."""
+        if self._uploads is None:
+            return [self.to_device(raw) for raw in loaded]
+        return [tensor.to(self.compute_dtype) for tensor in self._uploads.take(loaded)]
+
+    def stage(self, loaded: Sequence[np.ndarray]) -> None:
+        """Start copying a block's rows to the device, so that ``inputs`` finds them there;
+        nothing on the CPU. Called from the reader thread while another block merges."""
+        if self._uploads is not None:
+            self._uploads.stage(loaded)
 
     def to_device(self, raw: np.ndarray) -> torch.Tensor:
         return to_torch(raw).to(self.device, dtype=self.compute_dtype, non_blocking=True)
@@ -109,6 +124,22 @@ class TorchBackend:
         if bool(torch.isfinite(sums).all()):
             return None
         return [not bool(torch.isfinite(block).all()) for block in blocks]
+
+    def nonfinite_later(self, blocks: Sequence[torch.Tensor]) -> Callable[[], list[bool] | None]:
+        """``nonfinite`` of ``blocks`` as they are now, answered when called. On CUDA the
+        test is queued on the device and read after the merge, whose copy back waits for the
+        device anyway: asking now would stop the host once more per block. (The merge works
+        on its inputs in place, so the test is queued before it.)"""
+        if self.device.type != "cuda":
+            answer = self.nonfinite(blocks)
+            return lambda: answer
+        finite = torch.stack([torch.isfinite(block).all() for block in blocks])
+
+        def answer() -> list[bool] | None:
+            flags = finite.cpu().tolist()
+            return None if all(flags) else [not flag for flag in flags]
+
+        return answer
 
     def merge(
         self,

@@ -186,6 +186,17 @@ class MergeEngine:
         """The raw rows of a block (reference first, then each expert), as stored."""
         return self.rows.load(task, self._pool_for(task))
 
+    def load_ahead(self, task: BlockTask) -> list[np.ndarray]:
+        """``load``, by a reader thread ahead of the block's merge; a block that a CUDA
+        device merges with ``torch/merge`` also starts on its way there (``stage``)."""
+        loaded = self.load(task)
+        job = task.job
+        if job.action == "merge" and job.kernel.name == "merge" and job.kernel.backend == "torch":
+            jobs = self.torch_for(job)
+            if jobs.device.startswith("cuda"):
+                jobs.stage(loaded)
+        return loaded
+
     def _pool_for(self, task: BlockTask) -> BufferPool | None:
         """The recycled block buffers, for all but small tasks (``SMALL_TASK_ELEMENTS``): a
         batch of small tasks would otherwise hold a block-sized buffer for each input."""

@@ -97,12 +97,12 @@ def _device_worker(
 ) -> None:
     """One device's share of ``run_on_devices``: its tasks in order, each read one ahead."""
     with order.failing_all_on_error():
-        ahead = reads.submit(engine.load, tasks[indices[0]]) if indices else None
+        ahead = reads.submit(engine.load_ahead, tasks[indices[0]]) if indices else None
         for position, index in enumerate(indices):
             task = tasks[index]
             loaded = ahead.result()
             if position + 1 < len(indices):
-                ahead = reads.submit(engine.load, tasks[indices[position + 1]])
+                ahead = reads.submit(engine.load_ahead, tasks[indices[position + 1]])
             merged = engine.compute_block(task, loaded)
             engine.release(task, loaded)
             del loaded
@@ -134,7 +134,7 @@ def task_batches(tasks: list[BlockTask], block_elements: int) -> list[list[Block
 
 
 def _load_batch(engine: MergeEngine, batch: list[BlockTask]) -> list[list]:
-    return [engine.load(task) for task in batch]
+    return [engine.load_ahead(task) for task in batch]
 
 
 def _write_batch(engine: MergeEngine, merged: list[tuple[BlockTask, object]]) -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -39,15 +40,18 @@ class TorchJobs:
         self.method = method
         self.fallback = fallback
         self._backend: TorchBackend | None = None
+        self._making = threading.Lock()
 
     @property
     def backend(self) -> TorchBackend:
-        if self._backend is None:
-            from della_cli.backends.torch_backend import TorchBackend
+        """Made on first use, by whichever thread (the reader stages blocks on CUDA)."""
+        with self._making:
+            if self._backend is None:
+                from della_cli.backends.torch_backend import TorchBackend
 
-            self._backend = TorchBackend(self.device, self.compute_dtype, self.fallback)
-            if self.device == "cpu":
-                self.threads.limit_torch()
+                self._backend = TorchBackend(self.device, self.compute_dtype, self.fallback)
+                if self.device == "cpu":
+                    self.threads.limit_torch()
         return self._backend
 
     def block(
@@ -61,15 +65,13 @@ class TorchJobs:
         job = task.job
         backend = self.backend
         base, *models = backend.inputs(loaded)
-        flagged = backend.nonfinite([base, *models])
-        if flagged is not None:
-            reporter.nonfinite(job, flagged)
+        nonfinite = backend.nonfinite_later([base, *models])
         steps = job.kernel.experts
         uniform = None
         if self.method.is_random:
             start = task.start * base.shape[1]
             uniform = lambda position: Draws(steps[position].key, start)  # noqa: E731
-        return backend.merge(
+        merged = backend.merge(
             self.method,
             base,
             models,
@@ -79,6 +81,14 @@ class TorchJobs:
             masks,
             job.out_dtype,
         )
+        flagged = nonfinite()
+        if flagged is not None:
+            reporter.nonfinite(job, flagged)
+        return merged
+
+    def stage(self, loaded: list[np.ndarray]) -> None:
+        """Start a block's copy to the device ahead of its merge (CUDA only)."""
+        self.backend.stage(loaded)
 
     def keep_mask(self, expert: np.ndarray, reference: np.ndarray, params, gamma):
         """A whole-tensor selection (TIES, breadcrumbs), as a tensor on the device."""
