@@ -3,9 +3,10 @@ started by the reader thread while the previous block merges.
 
 A copy from ordinary (pageable) host memory is synchronous: the driver stages it through a
 pinned buffer of its own and the calling thread waits. Here the rows a reader thread has just
-read are copied into pinned memory from torch's caching host allocator (reused block after
-block) and sent to the device with ``non_blocking`` on a copy stream; the merging thread's
-stream waits for that copy with an event, not the host. So one block's reads and copies
+read are copied, a slot at a time, into a few pinned buffers made once, and sent to the device
+with ``non_blocking`` on a copy stream; the merging thread's stream waits for those copies
+with an event, not the host. A block travels as stored (bfloat16: half the bytes of float32)
+and is widened on the device. So one block's reads and copies
 overlap the previous block's arithmetic and its copy back, which the writer needs anyway.
 Importing this module imports torch; only the torch backend does, on CUDA.
 """
@@ -19,8 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from della_cli.io.dtypes import to_torch
+from della_cli.io.dtypes import CODES, torch_dtype
 
+# Pinned host memory: SLOTS buffers of SLOT_BYTES, filled in turn (64 MiB in all, whatever
+# the block size: pinned pages count in the process's resident memory, and a block of the
+# embedding is 130 MB per input in bfloat16).
+SLOT_BYTES = 16 << 20
+SLOTS = 4
 # Blocks staged and not yet taken. A staged block is taken by the next ``take`` of the same
 # arrays; one that never is (a retry merges other slices) is dropped past this many.
 MAX_STAGED = 4
@@ -36,12 +42,23 @@ class CudaUploads:
             OrderedDict()
         )
         self._lock = threading.Lock()
+        self._copying = threading.Lock()  # the slots: one copier at a time
+        self._slots = [
+            torch.empty(SLOT_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(SLOTS)
+        ]
+        self._slot_copied: list[torch.cuda.Event | None] = [None] * SLOTS
+        self._next_slot = 0
 
     def stage(self, arrays: Sequence[np.ndarray]) -> None:
-        """Start copying ``arrays`` to the device (from the reader thread)."""
+        """Start copying ``arrays`` to the device (from the reader thread). A device out of
+        memory leaves them to ``take``, whose out-of-memory error the engine handles
+        (``engine.memory_retry``); the reader thread must not fail for it."""
         if not arrays:
             return
-        tensors, done = self._copy(arrays)
+        try:
+            tensors, done = self._copy(arrays)
+        except torch.OutOfMemoryError:
+            return
         with self._lock:
             self._staged[id(arrays[0])] = (list(arrays), tensors, done)
             while len(self._staged) > MAX_STAGED:
@@ -64,16 +81,28 @@ class CudaUploads:
         return tensors
 
     def _copy(self, arrays: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], object]:
-        """Each array through pinned memory to the device on the copy stream, and the event
-        that marks the end of the copies. The pinned buffers go back to torch's host cache
-        when dropped, which keeps them until the copies from them are done."""
+        """Each array to the device on the copy stream, through the pinned slots in turn, and
+        the event that marks the end of the copies. A slot is refilled once its last copy is
+        done (this thread waits for it, not the merging one)."""
         tensors = []
-        with torch.cuda.stream(self.stream):
+        with self._copying, torch.cuda.stream(self.stream):
             for raw in arrays:
-                host = to_torch(np.ascontiguousarray(raw))
-                pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-                pinned.copy_(host)
-                tensors.append(pinned.to(self.device, non_blocking=True))
+                raw = np.ascontiguousarray(raw)
+                flat = raw.reshape(-1).view(np.uint8)
+                on_device = torch.empty(raw.nbytes, dtype=torch.uint8, device=self.device)
+                for begin in range(0, raw.nbytes, SLOT_BYTES):
+                    end = min(begin + SLOT_BYTES, raw.nbytes)
+                    slot = self._next_slot
+                    self._next_slot = (slot + 1) % len(self._slots)
+                    if self._slot_copied[slot] is not None:
+                        self._slot_copied[slot].synchronize()
+                    pinned = self._slots[slot][: end - begin]
+                    np.copyto(pinned.numpy(), flat[begin:end])
+                    on_device[begin:end].copy_(pinned, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(self.stream)
+                    self._slot_copied[slot] = copied
+                tensors.append(on_device.view(torch_dtype(CODES[raw.dtype])).reshape(raw.shape))
             done = torch.cuda.Event()
             done.record(self.stream)
         return tensors, done
