@@ -35,6 +35,13 @@ class PlanReport:
     layers: dict | None = None
 
     @property
+    def memory_place(self) -> str:
+        """Where ``working_memory_bytes`` is held: the device, or the host where the plan
+        measured CUDA devices apart (``devices``)."""
+        measured = any("needed_bytes" in entry for entry in self.devices)
+        return "the host" if measured else self.device
+
+    @property
     def can_run(self) -> bool:
         return not self.problems
 
@@ -60,7 +67,8 @@ class PlanReport:
             f"{self.method}: {self.tensors} tensors ({self.merged} merged, "
             f"{self.copied} copied) into {self.shards} shard(s), "
             f"{human_size(self.output_bytes)} out; {human_size(self.download_bytes)} to download; "
-            f"peak working memory about {human_size(self.working_memory_bytes)} on {self.device} "
+            f"peak working memory about {human_size(self.working_memory_bytes)} on "
+            f"{self.memory_place} "
             "beyond the runtime"
             + (
                 f" ({human_size(self.available_memory_bytes)} available)"

@@ -256,7 +256,7 @@ def fit_problems(report: PlanReport) -> list[str]:
     if available is not None and report.working_memory_bytes > available:
         problems.append(
             f"the merge needs about {human_size(report.working_memory_bytes)} of memory on "
-            f"{report.device} but {human_size(available)} is available; use another device or "
-            "free memory"
+            f"{report.memory_place} but {human_size(available)} is available; use another "
+            "device or free memory"
         )
     return problems
