@@ -14,9 +14,9 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
 - ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
   needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
   tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
-  on several devices, one torch worker per device (``schedule.run_on_devices``), each merging
-  the jobs the plan gave its device; ``memory_retry``: a block a device had no memory for,
-  merged again in halves, then on the CPU;
+  ``torch_workers``: one torch worker per device (on several, ``schedule.run_on_devices``),
+  each merging the jobs the plan gave its device, and ``memory_retry``: a block a device had
+  no memory for, merged again in halves, then on the CPU;
 - ``reporting``: warnings (non-finite inputs, differing non-float tensors).
 
 The engine never prints: progress and warnings go to callbacks. Block buffers are recycled
@@ -34,7 +34,6 @@ import numpy as np
 
 from della_cli.engine.cpu_jobs import CpuJobs
 from della_cli.engine.masks import global_keep_masks
-from della_cli.engine.memory_retry import MemoryRetry
 from della_cli.engine.reporting import Reporter
 from della_cli.engine.rows import RowLoader
 from della_cli.engine.schedule import InOrder, run_in_chunks, run_on_devices, run_pipeline
@@ -57,6 +56,7 @@ from della_cli.engine.shared import (
 )
 from della_cli.engine.threads import ThreadBudget
 from della_cli.engine.torch_jobs import TorchJobs
+from della_cli.engine.torch_workers import TorchWorkers
 from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.writer import ShardWriter
@@ -122,13 +122,10 @@ class MergeEngine:
         self.rows = RowLoader(inputs, plan.compute_dtype, plan.vocabulary)
         self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
         self.cpu = CpuJobs(recipe.method, self.threads)
-        self.workers = [
-            TorchJobs(device, plan.compute_dtype, recipe.method, self.threads)
-            for device in self.devices
-        ]
-        self.torch = self.workers[0]
-        cpu_fallback = TorchJobs("cpu", plan.compute_dtype, recipe.method, self.threads, True)
-        self.retry = MemoryRetry(cpu_fallback, self.report.on_warning)
+        self.workers = TorchWorkers(
+            self.devices, plan.compute_dtype, recipe.method, self.threads, self.report.on_warning
+        )
+        self.torch: TorchJobs = self.workers.workers[0]
         self._masks: dict[str, list | None] = {}
         self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
@@ -178,10 +175,6 @@ class MergeEngine:
             else:
                 run_pipeline(self, tasks, reads, writes)
 
-    def torch_for(self, job: TensorJob) -> TorchJobs:
-        """The torch worker of the device the plan gave ``job``."""
-        return self.workers[job.device] if job.device < len(self.workers) else self.torch
-
     def load(self, task: BlockTask) -> list[np.ndarray]:
         """The raw rows of a block (reference first, then each expert), as stored."""
         return self.rows.load(task, self._pool_for(task))
@@ -190,11 +183,7 @@ class MergeEngine:
         """``load``, by a reader thread ahead of the block's merge; a block that a CUDA
         device merges with ``torch/merge`` also starts on its way there (``stage``)."""
         loaded = self.load(task)
-        job = task.job
-        if job.action == "merge" and job.kernel.name == "merge" and job.kernel.backend == "torch":
-            jobs = self.torch_for(job)
-            if jobs.device.startswith("cuda"):
-                jobs.stage(loaded)
+        self.workers.stage(task, loaded)
         return loaded
 
     def _pool_for(self, task: BlockTask) -> BufferPool | None:
@@ -252,12 +241,7 @@ class MergeEngine:
         if task.last:
             del self._masks[job.name]
         if on_torch:
-
-            def merge(jobs: TorchJobs, rows: BlockTask, inputs: list[np.ndarray]) -> np.ndarray:
-                mask_blocks = None if masks is None else [m[rows.start : rows.stop] for m in masks]
-                return jobs.block(rows, inputs, mask_blocks, self.report)
-
-            return self.retry.rows(self.torch_for(job), task, loaded, merge)
+            return self.workers.block(task, loaded, masks, self.report)
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
         kernel = job.kernel
         out = self.output_buffer(task, loaded[0].shape)
@@ -281,17 +265,11 @@ class MergeEngine:
                 blocks = lambda: iter([loaded])  # noqa: E731
             else:
                 blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
-            self._statistics[job.name] = self.retry.whole(
-                self.torch_for(job), job.name, lambda jobs: jobs.prepare(job, blocks)
-            )
+            self._statistics[job.name] = self.workers.prepare(job, blocks)
         state = self._statistics.get(job.name)
         if task.last:
             self._statistics.pop(job.name, None)
-
-        def merge(jobs: TorchJobs, rows: BlockTask, inputs: list[np.ndarray]) -> np.ndarray:
-            return jobs.streamed_block(rows, inputs, state, self.report)
-
-        return self.retry.rows(self.torch_for(job), task, loaded, merge)
+        return self.workers.streamed_block(task, loaded, state, self.report)
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);

@@ -3,7 +3,6 @@ breadcrumbs window, whose ranks span the whole tensor, so that every later step 
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,19 +43,6 @@ def global_keep_masks(
         else:
             magnitude = engine.recipe.method.sparsifier is Sparsifier.MAGNITUDE
             gamma = None if magnitude else (step.params.gamma or 0.0)
-            masks.append(
-                engine.retry.whole(
-                    engine.torch_for(job),
-                    job.name,
-                    functools.partial(
-                        _keep_mask, expert=expert, reference=reference, step=step, gamma=gamma
-                    ),
-                )
-            )
+            masks.append(engine.workers.keep_mask(job, expert, reference, step, gamma))
         del expert
     return masks
-
-
-def _keep_mask(jobs, expert: np.ndarray, reference: np.ndarray, step, gamma: float | None):
-    """One expert's keep mask by the torch worker ``jobs`` (a device's, or the CPU's)."""
-    return jobs.keep_mask(expert, reference, step.params, gamma)
