@@ -91,6 +91,13 @@ class TorchBackend:
     def to_device(self, raw: np.ndarray) -> torch.Tensor:
         return to_torch(raw).to(self.device, dtype=self.compute_dtype, non_blocking=True)
 
+    def stored_inputs(self, loaded: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """A block's rows on the device in their own dtypes (``as_stored``), on CUDA staged
+        ahead where ``stage`` was called."""
+        if self._uploads is None:
+            return [self.as_stored(raw) for raw in loaded]
+        return self._uploads.take(loaded)
+
     def as_stored(self, raw: np.ndarray) -> torch.Tensor:
         """Stored rows on the device in their own dtype (on the CPU, the same memory): the
         catalog methods widen them a chunk at a time (``row_chunks``)."""

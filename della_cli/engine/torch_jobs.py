@@ -112,11 +112,13 @@ class TorchJobs:
         job = task.job
         base, models = self.method_inputs(job, loaded)
         inputs = [models[0] if base is None else base, *models]
-        flagged = self.backend.nonfinite(inputs)
+        nonfinite = self.backend.nonfinite_later(inputs)
+        params = [step.params for step in job.kernel.experts]
+        merged = self.backend.streamed(job.kernel, params, statistics, base, models, job.out_dtype)
+        flagged = nonfinite()
         if flagged is not None:
             reporter.nonfinite(job, flagged)
-        params = [step.params for step in job.kernel.experts]
-        return self.backend.streamed(job.kernel, params, statistics, base, models, job.out_dtype)
+        return merged
 
     def method_inputs(self, job: TensorJob, loaded: list[np.ndarray]):
         """(base or None, models) of a block on the device, each in its tensor's shape and
@@ -124,5 +126,5 @@ class TorchJobs:
         job's reference is one of the models (no base_model)."""
         rows = loaded[0].shape[0]
         shape = (rows, *job.shape[1:]) if len(job.shape) > 1 else job.shape
-        reference, *experts = (self.backend.as_stored(raw).reshape(shape) for raw in loaded)
+        reference, *experts = (t.reshape(shape) for t in self.backend.stored_inputs(loaded))
         return (reference if job.has_base else None), experts

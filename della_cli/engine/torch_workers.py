@@ -51,9 +51,9 @@ class TorchWorkers:
         return self.workers[job.device] if job.device < len(self.workers) else self.workers[0]
 
     def stage(self, task: BlockTask, loaded: list[np.ndarray]) -> None:
-        """Start a ``torch/merge`` block's copy to its CUDA device (from a reader thread)."""
+        """Start a torch job's block on its way to its CUDA device (from a reader thread)."""
         job = task.job
-        if job.action == "merge" and job.kernel.name == "merge" and job.kernel.backend == "torch":
+        if job.action == "merge" and job.kernel.backend == "torch":
             jobs = self.of(job)
             if jobs.device.startswith("cuda"):
                 jobs.stage(loaded)
