@@ -67,8 +67,9 @@ def recipe(folders, method, write_recipe):
     )
 
 
-def merged(recipe_path, out, device, warnings=None) -> dict:
-    run_merge(recipe_path, out, MergeOptions(device=device, progress=False), on_warning=warnings)
+def merged(recipe_path, out, device, warnings=None, allow_nonfinite=False) -> dict:
+    options = MergeOptions(device=device, progress=False, allow_nonfinite=allow_nonfinite)
+    run_merge(recipe_path, out, options, on_warning=warnings)
     return load_file(out / "model.safetensors")
 
 
@@ -102,10 +103,11 @@ def test_one_gpu_and_several_workers_match_the_cpu(method, write_recipe, tmp_pat
     folders = bfloat16_models(tmp_path)
     path = recipe(folders, method, write_recipe)
     cpu = merged(path, tmp_path / "cpu", "cpu")
-    one = merged(path, tmp_path / "cuda", "cuda")
-    assert_matches_cpu(one, cpu, method)
-    # two workers on one GPU, in blocks small enough that tensors span several
+    assert_matches_cpu(merged(path, tmp_path / "cuda", "cuda"), cpu, method)
+    # one worker and two on one GPU, in blocks small enough that tensors span several
+    one = merged_on_workers(path, tmp_path / "one", ["cuda:0"], 64 * 768)
     two = merged_on_workers(path, tmp_path / "two", ["cuda:0", "cuda:0"], 64 * 768)
+    assert_matches_cpu(two, cpu, method)
     assert two.keys() == one.keys()
     for name, value in one.items():  # the same device's math: the same bytes
         assert torch.equal(two[name].view(torch.int16), value.view(torch.int16)), name
@@ -144,6 +146,7 @@ def test_a_real_out_of_memory_error_is_retried_with_one_warning(method, write_re
 def test_non_finite_inputs_are_still_reported_on_the_device(write_recipe, tmp_path):
     folders = bfloat16_models(tmp_path, nan_in="small.weight")
     warnings: list[str] = []
-    merged(recipe(folders, "della", write_recipe), tmp_path / "out", "cuda", warnings.append)
+    path = recipe(folders, "della", write_recipe)
+    merged(path, tmp_path / "out", "cuda", warnings.append, allow_nonfinite=True)
     assert any("NaN or Inf values in 'small.weight'" in warning for warning in warnings)
     assert not any("'big.weight'" in warning for warning in warnings)
