@@ -59,7 +59,10 @@ def recipe(folders, method, write_recipe):
         {
             "merge_method": method,
             "base_model": str(folders[0]),
-            "models": [{"model": str(folder)} for folder in models],
+            "models": [
+                {"model": str(folder), "parameters": {"weight": index + 1}}
+                for index, folder in enumerate(models)
+            ],
             "parameters": PARAMETERS[method],
             "seed": 9,
         },
@@ -103,7 +106,7 @@ def test_one_gpu_and_several_workers_match_the_cpu(method, write_recipe, tmp_pat
     folders = bfloat16_models(tmp_path)
     path = recipe(folders, method, write_recipe)
     cpu = merged(path, tmp_path / "cpu", "cpu")
-    assert_matches_cpu(merged(path, tmp_path / "cuda", "cuda"), cpu, method)
+    assert_matches_cpu(merged(path, tmp_path / "gpu", "cuda"), cpu, method)
     # one worker and two on one GPU, in blocks small enough that tensors span several
     one = merged_on_workers(path, tmp_path / "one", ["cuda:0"], 64 * 768)
     two = merged_on_workers(path, tmp_path / "two", ["cuda:0", "cuda:0"], 64 * 768)
@@ -136,7 +139,7 @@ def test_a_real_out_of_memory_error_is_retried_with_one_warning(method, write_re
     torch.cuda.set_per_process_memory_fraction(8e6 / torch.cuda.mem_get_info()[1])
     warnings: list[str] = []
     try:
-        got = merged(path, tmp_path / "cuda", "cuda", warnings.append)
+        got = merged(path, tmp_path / "gpu", "cuda", warnings.append)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert len(warnings) == 1 and "ran out of memory" in warnings[0], warnings
