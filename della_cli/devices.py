@@ -57,8 +57,12 @@ def _select_list(names: str) -> str:
             )
     if len(set(entries)) != len(entries):
         raise UsageError(f"--devices: '{names}' names a device twice; list each once")
+    count = _cuda_device_count()
+    if count == 0:
+        raise UsageError(f"--devices {names}: CUDA is not available on this machine")
     for entry in entries:
-        select_device(entry)
+        if int(entry.split(":")[1]) >= count:
+            raise UsageError(f"--devices {names}: there is no {entry}; {count} CUDA device(s)")
     return ",".join(entries)
 
 
