@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from della_cli.api import MergeOptions, prepare
 from della_cli.device_plan import (
     MIN_DEVICE_BLOCK_ELEMENTS,
@@ -94,3 +96,65 @@ def test_the_engine_merges_in_the_blocks_the_plan_chose(model_zoo, write_recipe)
     assert MergeEngine(recipe, plan, inputs, "cpu").block_elements == 4096
     plan.block_elements = None
     assert MergeEngine(recipe, plan, inputs, "cpu").block_elements == 1 << 22
+
+
+def cuda_session(model_zoo, write_recipe, devices: str):
+    """A session planned for ``devices`` (CUDA names, on a machine without CUDA: the plan
+    only names them; nothing here computes on them)."""
+    from della_cli.session import MergeSession
+
+    recipe = write_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(model_zoo("llama")),
+            "models": [{"model": str(model_zoo("llama", expert=e))} for e in (1, 2)],
+            "parameters": {"density": 0.5},
+        }
+    )
+    session = MergeSession.open(recipe, MergeOptions(device="cpu", progress=False))
+    session.device = devices
+    return session
+
+
+def test_the_preflight_measures_each_cuda_device_and_refuses_one_too_small(
+    model_zoo, write_recipe, tmp_path, monkeypatch
+):
+    from della_cli import preflight
+    from della_cli.api import run_merge
+    from della_cli.errors import PlanError
+
+    free = {"cuda:0": 80 << 30, "cuda:1": 1000, "cpu": 16 << 30}
+    monkeypatch.setattr(preflight, "available_memory", free.__getitem__)
+    session = cuda_session(model_zoo, write_recipe, "cuda:0,cuda:1")
+    report, plan = preflight.assess(session, None)
+    assert plan.devices == ("cuda:0", "cuda:1")
+    assert [entry["device"] for entry in report.devices] == ["cuda:0", "cuda:1"]
+    assert report.devices[1]["free_bytes"] == 1000
+    assert report.problems == [
+        f"cuda:1 has 1.0 kB free but the merge needs about "
+        f"{preflight.human_size(report.devices[1]['needed_bytes'])} there even in blocks of "
+        "1,048,576 entries; free the device, use another one or more of them (--devices), "
+        "or --device cpu"
+    ]
+    assert report.available_memory_bytes == 16 << 30  # the host's, for the host's buffers
+    assert "on the host" in " ".join(report.summary_lines())
+    session.close()
+    session = cuda_session(model_zoo, write_recipe, "cuda:0,cuda:1")
+    with pytest.raises(PlanError, match=r"cuda:1 has 1\.0 kB free"):
+        run_merge(session, tmp_path / "out", session.options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_preflight_keeps_the_block_size_where_the_devices_have_room(
+    model_zoo, write_recipe, monkeypatch
+):
+    from della_cli import preflight
+
+    monkeypatch.setattr(preflight, "available_memory", lambda device: 80 << 30)
+    session = cuda_session(model_zoo, write_recipe, "cuda:0")
+    report, plan = preflight.assess(session, None)
+    session.close()
+    assert report.can_run and plan.block_elements == CUDA_BLOCK_ELEMENTS
+    (line,) = [line for line in report.summary_lines() if line.startswith("device ")]
+    assert line.startswith("device cuda:0: ") and "(85.9 GB free)" in line
+    assert f"blocks of {CUDA_BLOCK_ELEMENTS:,} entries need about" in line
