@@ -46,6 +46,9 @@ def _select_list(names: str) -> str:
     """Several devices: each ``cuda:N`` once (or only ``cpu`` entries, torch workers on the
     CPU); each checked as one device is."""
     entries = [entry.strip() for entry in names.split(",")]
+    for entry in entries:
+        if _DEVICE_NAME.fullmatch(entry) is None:
+            raise UsageError(f"--devices: '{entry}' in '{names}' is not a device; {_CHOICES}")
     if all(entry == "cpu" for entry in entries):
         return ",".join(entries)
     for entry in entries:

@@ -129,7 +129,8 @@ def test_the_plan_shows_each_device(model_zoo, write_recipe):
         ("cpu,cuda", "'cpu' in 'cpu,cuda' is not a numbered CUDA device"),
         ("cuda:0,cuda:0", "names a device twice"),
         ("cuda:0,cuda:1", "CUDA is not available"),
-        ("gpu,cpu", "'gpu' in 'gpu,cpu'"),
+        ("gpu,cpu", "'gpu' in 'gpu,cpu' is not a device"),
+        ("cuda,cuda:1", "'cuda' in 'cuda,cuda:1' is not a numbered CUDA device"),
     ],
 )
 def test_device_lists_are_checked(given, message):
@@ -142,3 +143,25 @@ def test_device_lists_name_their_devices():
     assert merge_devices("cpu,cpu") == ["cpu", "cpu"]
     assert merge_devices("cpu") == ["cpu"]
     assert merge_devices("cuda:1") == ["cuda:1"]
+
+
+def test_the_command_line_takes_a_list_of_devices(model_zoo, write_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from della_cli.cli import app
+
+    recipe = recipe_of("ties", model_zoo, write_recipe)
+    runner = CliRunner()
+    shown = runner.invoke(app, ["plan", str(recipe), "--devices", "cpu,cpu"])
+    assert shown.exit_code == 0, shown.output
+    assert [line.split(":")[0] for line in shown.stdout.splitlines() if "device " in line] == [
+        "device cpu",
+        "device cpu",
+    ]
+    refused = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "o"), "--devices", "cpu,x"])
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        "error: --devices: 'x' in 'cpu,x' is not a device; use auto, cpu, cuda or cuda:N, or a "
+        "list such as cuda:0,cuda:1"
+    ]
+    assert not (tmp_path / "o").exists()
