@@ -39,7 +39,9 @@ import synth  # noqa: E402
 import tools  # noqa: E402
 from floor import BUFFER_BYTES, read_all  # noqa: E402
 
-TARGET = 2.0  # issue 18: the merge within twice the floor on one GPU
+# Issue 18: on one GPU, the merge within twice the floor at 1.1B, within 1.5 times at 7B.
+TARGETS = {"7b": 1.5}
+DEFAULT_TARGET = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +168,7 @@ def row(method: str, inputs: list[Path], merges: list[dict], floor: float) -> di
 def render(args, rows, startup, generated_s, skipped, total_s) -> str:
     import torch
 
+    target = TARGETS.get(args.size, DEFAULT_TARGET)
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     lines = [
         f"# della on CUDA ({names}) vs the I/O floor, {args.size}, start-up apart",
@@ -180,14 +183,14 @@ def render(args, rows, startup, generated_s, skipped, total_s) -> str:
         "",
         "`merge s` is the merge's own time (`--json` seconds: inputs opened, plan, tensors, "
         "output written and checked), without Python's start-up; `wall s` the whole process. "
-        f"The target: merge s within {TARGET:g} x the floor.",
+        f"The target: merge s within {target:g} x the floor.",
         "",
         "| method | input GB | wall s | merge s | merge/floor | peak RSS GB | floor s | target |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["merge_s"] / r["floor_s"] if r["merge_s"] and r["floor_s"] else None
-        met = "–" if ratio is None else ("met" if ratio <= TARGET else "missed")
+        met = "–" if ratio is None else ("met" if ratio <= target else "missed")
         lines.append(
             f"| {r['method']} | {r['input_gb']:.2f} "
             f"| {report.cell(r['wall_s'], failed=r['failed'])} | {report.cell(r['merge_s'])} "
