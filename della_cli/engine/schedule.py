@@ -84,8 +84,12 @@ def run_on_devices(engine: MergeEngine, tasks: list[BlockTask], devices: int) ->
         futures = [
             workers.submit(_device_worker, engine, tasks, indices, order, reads) for indices in mine
         ]
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # Ctrl-C here, or a worker's error: the others stop too
+            order.stop()
+            raise
 
 
 def _device_worker(
@@ -182,6 +186,12 @@ class InOrder:
         self._writing = False  # whether a thread is writing queued results
         self._failed = False
         self._condition = threading.Condition()
+
+    def stop(self) -> None:
+        """Stop every thread at its next claim or delivery (the caller was interrupted)."""
+        with self._condition:
+            self._failed = True
+            self._condition.notify_all()
 
     def claim(self) -> int | None:
         """The next task nobody took, or None when all are taken (or a thread failed)."""
