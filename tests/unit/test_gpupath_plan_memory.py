@@ -19,6 +19,7 @@ from della_cli.engine import CUDA_BLOCK_ELEMENTS, MergeEngine
 from della_cli.plan_types import Source, TensorJob
 
 MIB = 1 << 20
+START = 1 << 26  # the block size the plan starts from in these tests (64M entries)
 
 
 def big_plan(model_zoo, write_recipe, devices):
@@ -43,10 +44,8 @@ def big_plan(model_zoo, write_recipe, devices):
 
 def test_a_block_that_fits_is_kept(model_zoo, write_recipe):
     plan = big_plan(model_zoo, write_recipe, ["cuda:0", "cuda:1"])
-    block, figures, problems = fit_device_blocks(
-        plan, CUDA_BLOCK_ELEMENTS, False, lambda device: 80 << 30
-    )
-    assert block == CUDA_BLOCK_ELEMENTS and problems == []
+    block, figures, problems = fit_device_blocks(plan, START, False, lambda device: 80 << 30)
+    assert block == START and problems == []
     assert [figure["device"] for figure in figures] == ["cuda:0", "cuda:1"]
     assert figures[0]["needed_bytes"] == device_memory_bytes(plan, 0, block, False)
     assert figures[0]["free_bytes"] == 80 << 30
@@ -54,23 +53,23 @@ def test_a_block_that_fits_is_kept(model_zoo, write_recipe):
 
 def test_the_block_is_halved_until_the_largest_job_fits(model_zoo, write_recipe):
     plan = big_plan(model_zoo, write_recipe, ["cuda:0", "cuda:1"])
-    whole = device_memory_bytes(plan, 0, CUDA_BLOCK_ELEMENTS, False)
+    whole = device_memory_bytes(plan, 0, START, False)
     # the 32M-entry tensor (on cuda:0, the first job) in one block: 3 inputs stored (2 bytes)
     # twice (this block and the next, copied ahead) and 2 x 2 + 5 float32 temporaries
     assert whole == 8192 * 4096 * (2 * 3 * 2 + 9 * 4)
     free = {"cuda:0": whole // 5, "cuda:1": 80 << 30}
-    block, figures, problems = fit_device_blocks(plan, CUDA_BLOCK_ELEMENTS, False, free.__getitem__)
+    block, figures, problems = fit_device_blocks(plan, START, False, free.__getitem__)
     assert problems == []
     # 64M and 32M entries: the whole tensor; 16M and 8M: a half and a quarter of it, too
     # much; 4M, an eighth, fits
-    assert block == CUDA_BLOCK_ELEMENTS // 16
+    assert block == START // 16
     assert figures[0]["needed_bytes"] <= free["cuda:0"] < 2 * figures[0]["needed_bytes"]
 
 
 def test_a_device_without_room_for_the_smallest_block_refuses_in_one_line(model_zoo, write_recipe):
     plan = big_plan(model_zoo, write_recipe, ["cuda:0", "cuda:1"])
     free = {"cuda:0": 3 * MIB, "cuda:1": 80 << 30}
-    block, figures, problems = fit_device_blocks(plan, CUDA_BLOCK_ELEMENTS, True, free.__getitem__)
+    block, figures, problems = fit_device_blocks(plan, START, True, free.__getitem__)
     assert block == MIN_DEVICE_BLOCK_ELEMENTS
     assert figures[0]["needed_bytes"] > figures[0]["free_bytes"] == 3 * MIB
     assert len(problems) == 1
