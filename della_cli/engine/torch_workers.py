@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from della_cli.engine.memory_retry import MemoryRetry
-from della_cli.engine.shared import BlockTask, WarningCallback
+from della_cli.engine.shared import (
+    SMALL_TASK_ELEMENTS,
+    BlockTask,
+    WarningCallback,
+    task_elements,
+)
 from della_cli.engine.threads import ThreadBudget
 from della_cli.engine.torch_jobs import TorchJobs
 from della_cli.methods import MethodSpec
@@ -51,8 +56,12 @@ class TorchWorkers:
         return self.workers[job.device] if job.device < len(self.workers) else self.workers[0]
 
     def stage(self, task: BlockTask, loaded: list[np.ndarray]) -> None:
-        """Start a torch job's block on its way to its CUDA device (from a reader thread)."""
+        """Start a torch job's block on its way to its CUDA device (from a reader thread).
+        Small tasks, which travel in batches of many, are copied when merged instead: a
+        batch would stage more of them than ``cuda_uploads.MAX_STAGED`` keeps."""
         job = task.job
+        if task_elements(task) <= SMALL_TASK_ELEMENTS:
+            return
         if job.action == "merge" and job.kernel.backend == "torch":
             jobs = self.of(job)
             if jobs.device.startswith("cuda"):
