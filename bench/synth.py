@@ -66,6 +66,8 @@ SIZES: dict[str, ModelShape] = {
     "tiny": ModelShape(128, 4, 352, 4096, 4, 4, shard_bytes=2 * 10**6),
     "250m": ModelShape(1024, 16, 2816, 32000, 16, 16, shard_bytes=250 * 10**6),
     "1b": ModelShape(2048, 22, 5632, 32000, 32, 4, shard_bytes=10**9),  # TinyLlama
+    # Llama-2-7B: 13.5 GB per model in bf16; for bench/gpu_bench.py on a GPU machine's disk
+    "7b": ModelShape(4096, 32, 11008, 32000, 32, 32, shard_bytes=5 * 10**9),
 }
 
 

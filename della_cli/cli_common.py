@@ -62,6 +62,14 @@ AllowPickleOption = Annotated[
         "loader (pickles from untrusted sources can still be risky)."
     ),
 ]
+DevicesOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Spread the tensors over these devices, e.g. cuda:0,cuda:1 (replaces --device; "
+        "--device cuda already uses every visible GPU).",
+        show_default=False,
+    ),
+]
 QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar or summary (warnings still show).")
 ]

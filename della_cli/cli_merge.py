@@ -10,6 +10,7 @@ import typer
 
 from della_cli.cli_common import (
     AllowPickleOption,
+    DevicesOption,
     JsonOption,
     MessageOption,
     PrivateOption,
@@ -30,6 +31,7 @@ def merge(
         Path, typer.Argument(help="Output model folder.", show_default=False, metavar="OUT")
     ],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    devices: DevicesOption = None,
     seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[
@@ -100,7 +102,7 @@ def merge(
 
     with reported_errors():
         options = MergeOptions(
-            device=device,
+            device=devices or device,
             seed=seed,
             out_shard_bytes=parse_size(out_shard_size),
             overwrite=overwrite,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from della_cli.cli_common import AllowPickleOption, JsonOption, reported_errors
+from della_cli.cli_common import AllowPickleOption, DevicesOption, JsonOption, reported_errors
 from della_cli.sizes import parse_size
 
 
@@ -90,6 +90,7 @@ def plan(
         Path | None, typer.Option(help="Where the output would go (checked, disk counted).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    devices: DevicesOption = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="OUT may exist (it would be replaced).")] = False,
     strict: Annotated[
@@ -108,7 +109,7 @@ def plan(
 
     with reported_errors():
         options = MergeOptions(
-            device=device,
+            device=devices or device,
             out_shard_bytes=parse_size(out_shard_size),
             overwrite=overwrite,
             strict=strict,

@@ -10,6 +10,7 @@ are recognised by shape and by name patterns every Hugging Face causal LM shares
 from __future__ import annotations
 
 from della_cli.architecture import config_differences, layer_differences, shape_summary
+from della_cli.device_plan import spread_jobs
 from della_cli.errors import PlanError
 from della_cli.io.reader import ModelReader
 from della_cli.io.writer import OutputTensor, split_into_shards
@@ -37,7 +38,9 @@ def build_plan(
 ) -> Plan:
     """Plan the merge on ``device`` from headers; raise PlanError listing every problem found.
     Under ``strict``, a tensor missing from a model is a problem rather than a warning. Each
-    merge job gets the backend and kernel that run it (``della_cli.kernels``)."""
+    merge job gets the backend and kernel that run it (``della_cli.kernels``) and, where
+    ``device`` lists several (``cuda:0,cuda:1``), the device that merges it
+    (``della_cli.device_plan``)."""
     refuse_quantized([base, *experts])  # before anything is planned from their raw values
     reference, ref_model = (base, BASE) if base is not None else (experts[0], 0)
     alignment = None
@@ -92,7 +95,8 @@ def build_plan(
         jobs, shards, warnings, compute, tied, vocab_size, alignment, quantization, layer_map
     )
     plan = assign_kernels(plan, recipe, base, experts, device)
-    return place_dequantization(plan, base, experts, str(device).startswith("cuda"))
+    plan = place_dequantization(plan, base, experts, str(device).startswith("cuda"))
+    return spread_jobs(plan, str(device).split(","))
 
 
 def _readers(base: ModelReader | None, experts: list[ModelReader]):

@@ -29,8 +29,17 @@ class PlanReport:
     working_memory_bytes: int = 0
     available_memory_bytes: int | None = None
     disk: list[dict] = field(default_factory=list)
+    # Per device of a CUDA or several-device merge (``preflight.device_report``).
+    devices: list[dict] = field(default_factory=list)
     # A merge by slices: the output's num_hidden_layers and where each layer comes from.
     layers: dict | None = None
+
+    @property
+    def memory_place(self) -> str:
+        """Where ``working_memory_bytes`` is held: the device, or the host where the plan
+        measured CUDA devices apart (``devices``)."""
+        measured = any("needed_bytes" in entry for entry in self.devices)
+        return "the host" if measured else self.device
 
     @property
     def can_run(self) -> bool:
@@ -58,7 +67,8 @@ class PlanReport:
             f"{self.method}: {self.tensors} tensors ({self.merged} merged, "
             f"{self.copied} copied) into {self.shards} shard(s), "
             f"{human_size(self.output_bytes)} out; {human_size(self.download_bytes)} to download; "
-            f"peak working memory about {human_size(self.working_memory_bytes)} on {self.device} "
+            f"peak working memory about {human_size(self.working_memory_bytes)} on "
+            f"{self.memory_place} "
             "beyond the runtime"
             + (
                 f" ({human_size(self.available_memory_bytes)} available)"
@@ -66,6 +76,7 @@ class PlanReport:
                 else ""
             )
         )
+        lines += [device_line(entry) for entry in self.devices]
         for entry in self.disk:
             verb = "needs" if len(entry["holds"]) == 1 else "need"
             lines.append(
@@ -73,6 +84,22 @@ class PlanReport:
                 f"on {entry['path']}, {human_size(entry['free_bytes'])} free"
             )
         return lines
+
+
+def device_line(entry: dict) -> str:
+    """One line on a device: what it merges, and on CUDA the memory its blocks need."""
+    line = (
+        f"device {entry['device']}: {entry['tensors']} tensors, "
+        f"{human_size(entry['bytes'])} read and written"
+    )
+    if "needed_bytes" in entry:
+        free = entry["free_bytes"]
+        line += (
+            f"; blocks of {entry['block_elements']:,} entries need about "
+            f"{human_size(entry['needed_bytes'])} there"
+            + ("" if free is None else f" ({human_size(free)} free)")
+        )
+    return line
 
 
 def adapter_line(ref: str, adapter: dict) -> str:

@@ -47,6 +47,7 @@ class TensorJob:
     kernel: Kernel | None = None  # what merges it (``della_cli.kernels``); None for a copy
     requantize: Requantize | None = None  # in the base's format (out_dtype: fp8, mxfp4)
     reference_is_base: bool = False  # a slice's own base_model, one of the recipe's models
+    device: int = 0  # which of ``Plan.devices`` merges it (``della_cli.device_plan``)
 
     @property
     def has_base(self) -> bool:
@@ -71,6 +72,10 @@ class Plan:
     vocabulary: VocabularyAlignment | None = None  # a tokenizer the merge builds (union, ...)
     quantization: dict | None = None  # the quantization_config of an FP8 output
     layer_map: LayerMap | None = None  # a merge by slices: the output's layers
+    # The devices the jobs are spread over (``della_cli.device_plan``), and the block size
+    # the plan chose to fit their free memory (None: the engine's default for the device).
+    devices: tuple[str, ...] = ("cpu",)
+    block_elements: int | None = None
 
     @property
     def output_bytes(self) -> int:

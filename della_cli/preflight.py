@@ -16,6 +16,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from della_cli.device_plan import device_loads, fit_device_blocks
 from della_cli.errors import PlanError
 from della_cli.hub import cache_dir
 from della_cli.io.lora import LoraModelReader, input_folders
@@ -75,14 +76,39 @@ def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | 
         report.layers = {"count": plan.layer_map.layers, "map": plan.layer_map.description}
     if recipe.varies_by_tensor:
         _describe_parameters(report, plan, recipe)
-    report.working_memory_bytes = plan.working_memory_bytes(block_elements_for(device), whole)
+    block_elements = block_elements_for(device)
+    if any(name.startswith("cuda") for name in plan.devices):
+        # The host holds the read-ahead and output blocks; each device its blocks' working
+        # set, which sets the block size (``device_plan.fit_device_blocks``).
+        block_elements, figures, device_problems = fit_device_blocks(
+            plan, block_elements, whole, lambda name: available_memory(name)
+        )
+        plan.block_elements = block_elements
+        device = "cpu"  # the host's memory, below
+    else:
+        figures, device_problems = [], []
+    report.devices = device_report(plan, figures, block_elements)
+    report.working_memory_bytes = plan.working_memory_bytes(block_elements, whole)
     report.available_memory_bytes = available_memory(device)
     to_write = plan.output_bytes
     if out is not None and options.resume:
         to_write -= resumable_bytes(out, recipe, plan, inputs)
     report.disk = disk_needs(out or Path.cwd(), to_write, report.download_bytes)
-    report.problems = fit_problems(report)
+    report.problems = device_problems + fit_problems(report)
     return report, plan
+
+
+def device_report(plan: Plan, figures: list[dict], block_elements: int) -> list[dict]:
+    """Per device of a merge on CUDA or on several devices: the tensors it merges and their
+    bytes, and on CUDA the memory its blocks need and the memory it has free."""
+    if len(plan.devices) == 1 and not figures:
+        return []
+    needs = {figure["device"]: figure for figure in figures}
+    entries = device_loads(plan)
+    for entry in entries:
+        entry["block_elements"] = block_elements
+        entry.update(needs.get(entry["device"], {}))
+    return entries
 
 
 def resumable_bytes(out: Path, recipe, plan: Plan, inputs) -> int:
@@ -233,7 +259,7 @@ def fit_problems(report: PlanReport) -> list[str]:
     if available is not None and report.working_memory_bytes > available:
         problems.append(
             f"the merge needs about {human_size(report.working_memory_bytes)} of memory on "
-            f"{report.device} but {human_size(available)} is available; use another device or "
-            "free memory"
+            f"{report.memory_place} but {human_size(available)} is available; use another "
+            "device or free memory"
         )
     return problems

@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from della_cli.devices import select_device
+from della_cli.devices import merge_devices, select_device
 from della_cli.engine import MergeInputs
 from della_cli.errors import DellaError, HubError, ModelError
 from della_cli.hub import HubRef, remote_headers, resolve_model
@@ -79,7 +79,7 @@ class MergeSession:
                 self.inputs.experts,
                 self.options.out_shard_bytes,
                 strict=self.options.strict,
-                device=self.device,
+                device=",".join(merge_devices(self.device)),
             )
         return self.plan
 
@@ -264,7 +264,7 @@ def prepare(
         inputs.experts,
         options.out_shard_bytes,
         strict=options.strict,
-        device=select_device(options.device),
+        device=",".join(merge_devices(select_device(options.device))),
     )
     return recipe, inputs, plan
 

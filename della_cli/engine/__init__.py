@@ -14,6 +14,9 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
 - ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
   needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
   tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
+  ``torch_workers``: one torch worker per device (on several, ``schedule.run_on_devices``),
+  each merging the jobs the plan gave its device, and ``memory_retry``: a block a device had
+  no memory for, merged again in halves, then on the CPU;
 - ``reporting``: warnings (non-finite inputs, differing non-float tensors).
 
 The engine never prints: progress and warnings go to callbacks. Block buffers are recycled
@@ -33,7 +36,7 @@ from della_cli.engine.cpu_jobs import CpuJobs
 from della_cli.engine.masks import global_keep_masks
 from della_cli.engine.reporting import Reporter
 from della_cli.engine.rows import RowLoader
-from della_cli.engine.schedule import InOrder, run_in_chunks, run_pipeline
+from della_cli.engine.schedule import InOrder, run_in_chunks, run_on_devices, run_pipeline
 from della_cli.engine.shared import (
     CHUNK_ELEMENTS,
     CPU_BLOCK_ELEMENTS,
@@ -53,6 +56,7 @@ from della_cli.engine.shared import (
 )
 from della_cli.engine.threads import ThreadBudget
 from della_cli.engine.torch_jobs import TorchJobs
+from della_cli.engine.torch_workers import TorchWorkers
 from della_cli.io.buffers import BufferPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES, cast
 from della_cli.io.writer import ShardWriter
@@ -104,8 +108,12 @@ class MergeEngine:
         self.plan = plan
         self.inputs = inputs
         self.device = str(device)  # "cpu", "cuda" or "cuda:N" (a torch.device is accepted)
+        # The plan's devices where it spread the jobs over several, else this one.
+        self.devices = list(plan.devices) if len(plan.devices) > 1 else [self.device]
         self.on_progress = on_progress or (lambda job: None)
-        self.block_elements = block_elements or block_elements_for(self.device)
+        self.block_elements = (
+            block_elements or plan.block_elements or block_elements_for(self.device)
+        )
         if self.device != "cpu" and any(
             job.kernel is not None and job.kernel.backend == "cpu" for job in plan.jobs
         ):
@@ -114,7 +122,10 @@ class MergeEngine:
         self.rows = RowLoader(inputs, plan.compute_dtype, plan.vocabulary)
         self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
         self.cpu = CpuJobs(recipe.method, self.threads)
-        self.torch = TorchJobs(self.device, plan.compute_dtype, recipe.method, self.threads)
+        self.workers = TorchWorkers(
+            self.devices, plan.compute_dtype, recipe.method, self.threads, self.report.on_warning
+        )
+        self.torch: TorchJobs = self.workers.workers[0]
         self._masks: dict[str, list | None] = {}
         self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
@@ -159,12 +170,21 @@ class MergeEngine:
             tasks = [task for job in group for task in self.block_tasks(job)]
             if in_chunks:
                 run_in_chunks(self, tasks, self._helpers, helpers if self._helpers else 0)
+            elif len(self.workers) > 1:
+                run_on_devices(self, tasks, len(self.workers))
             else:
                 run_pipeline(self, tasks, reads, writes)
 
     def load(self, task: BlockTask) -> list[np.ndarray]:
         """The raw rows of a block (reference first, then each expert), as stored."""
         return self.rows.load(task, self._pool_for(task))
+
+    def load_ahead(self, task: BlockTask) -> list[np.ndarray]:
+        """``load``, by a reader thread ahead of the block's merge; a block that a CUDA
+        device merges with ``torch/merge`` also starts on its way there (``stage``)."""
+        loaded = self.load(task)
+        self.workers.stage(task, loaded)
+        return loaded
 
     def _pool_for(self, task: BlockTask) -> BufferPool | None:
         """The recycled block buffers, for all but small tasks (``SMALL_TASK_ELEMENTS``): a
@@ -221,10 +241,10 @@ class MergeEngine:
         masks = self._masks[job.name]
         if task.last:
             del self._masks[job.name]
+        if on_torch:
+            return self.workers.block(task, loaded, masks, self.report)
         mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
         kernel = job.kernel
-        if on_torch:
-            return self.torch.block(task, loaded, mask_blocks, self.report)
         out = self.output_buffer(task, loaded[0].shape)
         if kernel.name == "block":
             merged, nonfinite = self.cpu.block(task, loaded, mask_blocks, out)
@@ -246,11 +266,11 @@ class MergeEngine:
                 blocks = lambda: iter([loaded])  # noqa: E731
             else:
                 blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
-            self._statistics[job.name] = self.torch.prepare(job, blocks)
+            self._statistics[job.name] = self.workers.prepare(job, blocks)
         state = self._statistics.get(job.name)
         if task.last:
             self._statistics.pop(job.name, None)
-        return self.torch.streamed_block(task, loaded, state, self.report)
+        return self.workers.streamed_block(task, loaded, state, self.report)
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);

@@ -137,6 +137,11 @@ class _Fanned:
     def load(self, fanned: FannedTask) -> list[np.ndarray]:
         return self.engines[fanned.targets[0]].load(fanned.tasks[0])
 
+    def load_ahead(self, fanned: FannedTask) -> list[np.ndarray]:
+        """``load``: the rows go to several engines, so none copies them to a device ahead
+        (each takes them from the host, as a block of its own that was not staged)."""
+        return self.load(fanned)
+
     def compute_block(self, fanned: FannedTask, loaded: list[np.ndarray]) -> list[np.ndarray]:
         return [
             self.engines[k].compute_block(task, loaded)

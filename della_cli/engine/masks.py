@@ -43,6 +43,6 @@ def global_keep_masks(
         else:
             magnitude = engine.recipe.method.sparsifier is Sparsifier.MAGNITUDE
             gamma = None if magnitude else (step.params.gamma or 0.0)
-            masks.append(engine.torch.keep_mask(expert, reference, step.params, gamma))
+            masks.append(engine.workers.keep_mask(job, expert, reference, step, gamma))
         del expert
     return masks

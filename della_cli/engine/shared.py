@@ -13,9 +13,13 @@ from della_cli.plan import BASE, TensorJob
 
 # Elements merged at a time. On the CPU 4M (16 MiB per float32 temporary) amortizes the cost
 # of each torch call and larger blocks gain nothing (measured: 1M and 4M equal, 256K 15%
-# slower); on a GPU larger blocks keep the device busy.
+# slower). On a GPU a block of 16M entries still keeps every kernel far longer than its launch,
+# and the host holds a block per input in each recycled read buffer (two blocks in flight):
+# at 64M the ~1.1B model's embedding and lm_head went whole, 131 MB per bfloat16 input, and the
+# buffers that held them stayed that large in the process's resident memory (issue 18: peak RSS
+# 1.9 GB against a 1.5 GB target; not measured again since).
 CPU_BLOCK_ELEMENTS = 1 << 22
-CUDA_BLOCK_ELEMENTS = 1 << 26
+CUDA_BLOCK_ELEMENTS = 1 << 24
 DEFAULT_BLOCK_ELEMENTS = CPU_BLOCK_ELEMENTS
 # Entries per chunk of a weighted-sum merge on the CPU, which one thread reads, merges and
 # writes (``schedule.run_in_chunks``). Smaller chunks pay Python's cost per chunk more

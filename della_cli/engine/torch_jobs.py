@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 
 class TorchJobs:
-    """Blocks on ``device`` in the compute dtype, through the reference functions."""
+    """Blocks on ``device`` in the compute dtype, through the reference functions.
+    ``fallback``: the CPU worker that takes blocks a device had no memory for."""
 
     def __init__(
         self,
@@ -30,21 +32,26 @@ class TorchJobs:
         compute_dtype: str,
         method: MethodSpec,
         threads: ThreadBudget,
+        fallback: bool = False,
     ):
         self.threads = threads
         self.device = device
         self.compute_dtype = compute_dtype
         self.method = method
+        self.fallback = fallback
         self._backend: TorchBackend | None = None
+        self._making = threading.Lock()
 
     @property
     def backend(self) -> TorchBackend:
-        if self._backend is None:
-            from della_cli.backends.torch_backend import TorchBackend
+        """Made on first use, by whichever thread (the reader stages blocks on CUDA)."""
+        with self._making:
+            if self._backend is None:
+                from della_cli.backends.torch_backend import TorchBackend
 
-            self._backend = TorchBackend(self.device, self.compute_dtype)
-            if self.device == "cpu":
-                self.threads.limit_torch()
+                self._backend = TorchBackend(self.device, self.compute_dtype, self.fallback)
+                if self.device == "cpu":
+                    self.threads.limit_torch()
         return self._backend
 
     def block(
@@ -58,15 +65,13 @@ class TorchJobs:
         job = task.job
         backend = self.backend
         base, *models = backend.inputs(loaded)
-        flagged = backend.nonfinite([base, *models])
-        if flagged is not None:
-            reporter.nonfinite(job, flagged)
+        nonfinite = backend.nonfinite_later([base, *models])
         steps = job.kernel.experts
         uniform = None
         if self.method.is_random:
             start = task.start * base.shape[1]
             uniform = lambda position: Draws(steps[position].key, start)  # noqa: E731
-        return backend.merge(
+        merged = backend.merge(
             self.method,
             base,
             models,
@@ -76,6 +81,14 @@ class TorchJobs:
             masks,
             job.out_dtype,
         )
+        flagged = nonfinite()
+        if flagged is not None:
+            reporter.nonfinite(job, flagged)
+        return merged
+
+    def stage(self, loaded: list[np.ndarray]) -> None:
+        """Start a block's copy to the device ahead of its merge (CUDA only)."""
+        self.backend.stage(loaded)
 
     def keep_mask(self, expert: np.ndarray, reference: np.ndarray, params, gamma):
         """A whole-tensor selection (TIES, breadcrumbs), as a tensor on the device."""
@@ -99,11 +112,13 @@ class TorchJobs:
         job = task.job
         base, models = self.method_inputs(job, loaded)
         inputs = [models[0] if base is None else base, *models]
-        flagged = self.backend.nonfinite(inputs)
+        nonfinite = self.backend.nonfinite_later(inputs)
+        params = [step.params for step in job.kernel.experts]
+        merged = self.backend.streamed(job.kernel, params, statistics, base, models, job.out_dtype)
+        flagged = nonfinite()
         if flagged is not None:
             reporter.nonfinite(job, flagged)
-        params = [step.params for step in job.kernel.experts]
-        return self.backend.streamed(job.kernel, params, statistics, base, models, job.out_dtype)
+        return merged
 
     def method_inputs(self, job: TensorJob, loaded: list[np.ndarray]):
         """(base or None, models) of a block on the device, each in its tensor's shape and
@@ -111,5 +126,5 @@ class TorchJobs:
         job's reference is one of the models (no base_model)."""
         rows = loaded[0].shape[0]
         shape = (rows, *job.shape[1:]) if len(job.shape) > 1 else job.shape
-        reference, *experts = (self.backend.as_stored(raw).reshape(shape) for raw in loaded)
+        reference, *experts = (t.reshape(shape) for t in self.backend.stored_inputs(loaded))
         return (reference if job.has_base else None), experts

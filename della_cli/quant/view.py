@@ -156,6 +156,11 @@ class QuantizedRows:
         count = self.values.shape[0]
         return count, math.prod(self.stored.shape) // self.stored.shape[0]
 
+    @property
+    def size(self) -> int:
+        """How many float32 entries they stand for (as ``numpy.ndarray.size``)."""
+        return math.prod(self.shape)
+
     def dequantized(self, label: str = "") -> np.ndarray:
         """The float32 rows, by the CPU's rules (``label``: the model, for an error)."""
         if isinstance(self.stored, PackedExperts):

@@ -114,16 +114,18 @@ def test_plan_on_cuda_measures_the_device_and_refuses_what_cannot_fit(
             "parameters": {"density": 0.7, "epsilon": 0.07},
         }
     )
-    report = preflight.plan_merge(recipe, None, MergeOptions(device=DEVICE))
-    free, total = torch.cuda.mem_get_info()
+    report = preflight.plan_merge(recipe, None, MergeOptions(device="cuda:0"))
+    free, total = torch.cuda.mem_get_info(0)
     assert report.can_run and report.device.startswith("cuda")
-    assert 0 < report.available_memory_bytes <= total
-    assert abs(report.available_memory_bytes - free) < total // 10
+    (device,) = report.devices
+    assert device["device"] == "cuda:0" and 0 < device["free_bytes"] <= total
+    assert abs(device["free_bytes"] - free) < total // 10
+    assert 0 < device["needed_bytes"] < device["free_bytes"]
     monkeypatch.setattr(preflight, "available_memory", lambda device: 1000)
-    report = preflight.plan_merge(recipe, None, MergeOptions(device=DEVICE))
-    assert "of memory on cuda" in report.problems[0]
-    with pytest.raises(PlanError, match=r"1\.0 kB is available"):
-        run_merge(recipe, recipe.parent / "out", MergeOptions(device=DEVICE))
+    report = preflight.plan_merge(recipe, None, MergeOptions(device="cuda:0"))
+    assert report.problems[0].startswith("cuda:0 has 1.0 kB free but the merge needs about")
+    with pytest.raises(PlanError, match=r"cuda:0 has 1\.0 kB free"):
+        run_merge(recipe, recipe.parent / "out", MergeOptions(device="cuda:0"))
     assert not (recipe.parent / "out").exists()
 
 

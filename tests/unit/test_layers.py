@@ -54,6 +54,7 @@ LAYERS = [
     {
         "plan",
         "plan_types",
+        "device_plan",
         "planner",
         "sliced_jobs",
         "kernels",
