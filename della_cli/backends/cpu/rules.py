@@ -36,6 +36,9 @@ except ImportError:  # pragma: no cover - exercised only where numba is not inst
     numba = None
 
 _MASK32 = 0xFFFFFFFF
+# float32 bits: the magnitude (all but the sign), and the magnitude of an Inf.
+_MAGNITUDE = np.uint32(0x7FFFFFFF)
+_INFINITY = np.uint32(0x7F800000)
 # The row sort's digits: three of 11 bits cover a 31-bit magnitude key.
 _DIGIT_BITS = 11
 _DIGITS = 3
@@ -79,14 +82,15 @@ if numba is not None:
         if target.dtype == types.uint16:  # round to nearest even, as torch; NaN as torch's
 
             def store_bfloat16(values, target):
+                # Branch-free, so the loop vectorizes: round every entry, then turn the
+                # NaNs' bits to all ones (a NaN's rounding may carry into any bits).
                 bits = values.view(np.uint32)
                 for i in range(values.shape[0]):
                     x = bits[i]
-                    if values[i] != values[i]:
-                        target[i] = np.uint16(0xFFFF)
-                    else:
-                        bias = ((x >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
-                        target[i] = np.uint16(np.uint32(x + bias) >> np.uint32(16))
+                    bias = ((x >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+                    rounded = np.uint32(x + bias) >> np.uint32(16)
+                    nan = np.uint32(1) if (x & _MAGNITUDE) > _INFINITY else np.uint32(0)
+                    target[i] = np.uint16(rounded | (np.uint32(0) - nan))
 
             return store_bfloat16
 
@@ -97,12 +101,19 @@ if numba is not None:
         return store_float32
 
     @numba.njit(cache=True, inline="always")
-    def has_nonfinite(values):
+    def largest_magnitude(values):
+        """The largest magnitude of a float32 row, as its bits (a NaN's are above an Inf's,
+        ``_INFINITY``): a maximum without a branch or an early exit, so the loop vectorizes."""
         bits = values.view(np.uint32)
+        largest = np.uint32(0)
         for i in range(values.shape[0]):
-            if (bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000):
-                return True
-        return False
+            largest = max(largest, np.uint32(bits[i] & _MAGNITUDE))
+        return largest
+
+    @numba.njit(cache=True, inline="always")
+    def has_nonfinite(values):
+        """Whether a float32 row holds a NaN or an Inf (all ones in its exponent)."""
+        return largest_magnitude(values) >= _INFINITY
 
     @numba.njit(cache=True)
     def fuse_row(vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas):
