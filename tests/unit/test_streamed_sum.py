@@ -145,3 +145,21 @@ def test_a_read_error_is_an_os_error_naming_the_file(tmp_path):
     finally:
         close(spans[:1])
     assert caught.value.filename == str(spans[1].path)
+
+
+def test_sixty_five_experts_read_from_files_give_the_bytes_and_flags_of_the_arrays(tmp_path):
+    """More experts than the C reader took (63), each in its own file: one region each."""
+    arrays = [a.astype(BFLOAT16) for a in awkward(65, STEP + 3, seed=9)]
+    arrays[65][STEP + 1] = np.nan
+    weights = tuple(1.0 / (index + 1) for index in range(65))
+    spec = WeightedSum(weights, on_deltas=True, normalize=True, lambda_=1.0)
+    expected, expected_flags = weighted_sum.merge_block(arrays[0], arrays[1:], spec, BFLOAT16)
+    spans = spans_in_file(tmp_path, arrays, lead=10)
+    out = np.empty(STEP + 3, dtype=BFLOAT16)
+    try:
+        flags = weighted_sum.merge_streamed(out, spans[0], spans[1:], spec, streamed_sum.Scratch())
+    finally:
+        close(spans)
+    assert out.tobytes() == expected.tobytes()
+    assert flags.tolist() == expected_flags.tolist()
+    assert np.flatnonzero(flags).tolist() == [65]

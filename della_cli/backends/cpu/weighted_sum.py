@@ -37,6 +37,8 @@ from della_cli.io.streamed_sum import FileSpan
 
 try:
     import numba
+    from numba.core import types
+    from numba.extending import overload
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -187,24 +189,57 @@ def _merge_span(block: _Block, start: int, stop: int) -> np.ndarray:
 
 if numba is not None:
 
-    @numba.njit(cache=True, inline="always")
-    def _widen_piece(address, kind, entries, start, stop, target, halves, singles):
-        """Entries ``start:stop`` of the input at ``address`` (``entries`` long, of kind
-        ``kind``) widened into ``target``."""
-        if kind == _BFLOAT16_KIND:
+    def _widen_input(address, stored, index, entries, start, stop, target, halves, singles):
+        """Entries ``start:stop`` of input ``index`` (``entries`` long, at ``address``) widened
+        into ``target``. ``stored``: every input's kind (int64), or an array of the one dtype
+        of every input, so that the common case compiles without a branch per input."""
+
+    @overload(_widen_input, inline="always")
+    def _widen_input_impl(address, stored, index, entries, start, stop, target, halves, singles):
+        if stored.dtype == types.int64:  # inputs of both kinds
+
+            def widen_either(address, stored, index, entries, start, stop, target, halves, singles):
+                if stored[index] == _BFLOAT16_KIND:
+                    source = numba.carray(pointer_like(address, halves), entries)
+                    rules.widen_row(source[start:stop], target)
+                else:
+                    source = numba.carray(pointer_like(address, singles), entries)
+                    rules.widen_row(source[start:stop], target)
+
+            return widen_either
+
+        def widen_one(address, stored, index, entries, start, stop, target, halves, singles):
             rules.widen_row(
-                numba.carray(pointer_like(address, halves), entries)[start:stop], target
+                numba.carray(pointer_like(address, stored), entries)[start:stop], target
             )
-        else:
-            rules.widen_row(
-                numba.carray(pointer_like(address, singles), entries)[start:stop], target
-            )
+
+        return widen_one
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def sum_entries(inputs, kinds, weights, on_deltas, divide, divisor, lam, out, flags):
         """The weighted sum of ``out.shape[0]`` entries of the inputs at the addresses
         ``inputs`` (base first, then the experts; of the ``kinds``) into ``out``, rounded to
-        its dtype. ``flags[s]`` is set where input ``s`` holds a NaN or an Inf.
+        its dtype. ``flags[s]`` is set where input ``s`` holds a NaN or an Inf."""
+        halves = np.empty(0, dtype=np.uint16)  # the element types of the two kinds
+        singles = np.empty(0, dtype=np.float32)
+        uniform = True
+        for s in range(1, kinds.shape[0]):
+            uniform = uniform and kinds[s] == kinds[0]
+        # the base of a linear merge is checked on its own, unless it is one of the experts
+        check_base = not on_deltas
+        for t in range(1, inputs.shape[0]):
+            check_base = check_base and inputs[t] != inputs[0]
+        settings = (weights, on_deltas, divide, divisor, lam, check_base)
+        if uniform and kinds[0] == _BFLOAT16_KIND:
+            _sum_pieces(inputs, halves, settings, out, flags, halves, singles)
+        elif uniform:
+            _sum_pieces(inputs, singles, settings, out, flags, halves, singles)
+        else:
+            _sum_pieces(inputs, kinds, settings, out, flags, halves, singles)
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def _sum_pieces(inputs, stored, settings, out, flags, halves, singles):
+        """``sum_entries``, piece by piece (``stored``: as ``_widen_input`` takes it).
 
         A NaN or an Inf in any input makes the float32 result non-finite wherever it sits
         (every operation propagates it: x - Inf, Inf * w with w = 0, Inf + -Inf, Inf / D,
@@ -212,9 +247,8 @@ if numba is not None:
         and which is checked on its own. So the inputs are searched only in a piece whose
         result is not finite: rare, and then every input is searched, as finite inputs may
         also overflow."""
+        weights, on_deltas, divide, divisor, lam, check_base = settings
         entries = out.shape[0]
-        halves = np.empty(0, dtype=np.uint16)  # the element types of the two kinds
-        singles = np.empty(0, dtype=np.float32)
         reference = np.empty(PIECE, dtype=np.float32)
         total = np.empty(PIECE, dtype=np.float32)
         widened = np.empty(PIECE, dtype=np.float32)
@@ -222,15 +256,24 @@ if numba is not None:
             stop = min(start + PIECE, entries)
             size = stop - start
             base, sums, values = reference[:size], total[:size], widened[:size]
-            _widen_piece(inputs[0], kinds[0], entries, start, stop, base, halves, singles)
-            for i in range(size):
-                sums[i] = np.float32(0.0)
+            if on_deltas or check_base:
+                _widen_input(inputs[0], stored, 0, entries, start, stop, base, halves, singles)
+            if inputs.shape[0] == 1:
+                for i in range(size):
+                    sums[i] = np.float32(0.0)
             for t in range(1, inputs.shape[0]):
-                _widen_piece(inputs[t], kinds[t], entries, start, stop, values, halves, singles)
+                _widen_input(inputs[t], stored, t, entries, start, stop, values, halves, singles)
                 weight = weights[t - 1]
-                if on_deltas:
+                # the sum starts from +0: the first term is added to it, not copied
+                if on_deltas and t == 1:
+                    for i in range(size):
+                        sums[i] = np.float32(0.0) + (values[i] - base[i]) * weight
+                elif on_deltas:
                     for i in range(size):
                         sums[i] = sums[i] + (values[i] - base[i]) * weight
+                elif t == 1:
+                    for i in range(size):
+                        sums[i] = np.float32(0.0) + values[i] * weight
                 else:
                     for i in range(size):
                         sums[i] = sums[i] + values[i] * weight
@@ -245,9 +288,11 @@ if numba is not None:
                     sums[i] = base[i] + sums[i]
             if rules.has_nonfinite(sums):
                 for s in range(inputs.shape[0]):
-                    _widen_piece(inputs[s], kinds[s], entries, start, stop, values, halves, singles)
+                    _widen_input(
+                        inputs[s], stored, s, entries, start, stop, values, halves, singles
+                    )
                     if rules.has_nonfinite(values):
                         flags[s] = True
-            elif not on_deltas and rules.has_nonfinite(base):
+            elif check_base and rules.has_nonfinite(base):
                 flags[0] = True
             rules.store_row(sums, out[start:stop])
