@@ -11,13 +11,13 @@ import pytest
 import torch
 from kernel_check import require_kernel
 
-from della_cli.backends.cpu import weighted_sum
+from della_cli.backends.cpu import sum_kernel, weighted_sum
 from della_cli.backends.cpu.weighted_sum import BFLOAT16, CHUNK, WeightedSum
 from della_cli.io.dtypes import from_torch, to_torch
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor
 
 F32 = np.dtype(np.float32)
-PIECE_ENTRIES = weighted_sum.PIECE  # entries the kernel merges at a time
+PIECE_ENTRIES = sum_kernel.PIECE  # entries the kernel merges at a time
 
 
 @pytest.fixture

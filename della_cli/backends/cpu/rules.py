@@ -4,7 +4,7 @@ Every kernel of the CPU backend (``block``: a whole merge of a block of rows; ``
 whole-tensor selections of TIES and breadcrumbs; ``weighted_sum``: task arithmetic and linear)
 is built from these functions, which numba inlines into them:
 
-- widen: a stored bfloat16 or float32 row into float32 (``widen_row``);
+- widen: a stored bfloat16 or float32 value into float32 (``widen``; a row, ``widen_row``);
 - round: a float32 row into the output dtype, to nearest even, NaN as torch writes it
   (``store_row``);
 - non-finite check: whether a float32 row holds a NaN or an Inf (``has_nonfinite``, from the
@@ -32,8 +32,9 @@ ensure_numba_cache()  # before numba reads its configuration
 
 try:
     import numba
+    from llvmlite import ir
     from numba.core import types
-    from numba.extending import overload
+    from numba.extending import intrinsic, overload
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -56,25 +57,34 @@ def available() -> bool:
 
 if numba is not None:
 
+    @intrinsic
+    def _float_of_bits(typingctx, bits):
+        """The float32 whose bits are the uint32 ``bits``."""
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    def widen(value):
+        """A stored value (bfloat16 bits, or a float32) as a float32."""
+
+    @overload(widen, inline="always")
+    def _widen_impl(value):
+        if value == types.uint16:  # bfloat16 bits: the top half of a float32
+            return lambda value: _float_of_bits(np.uint32(np.uint32(value) << np.uint32(16)))
+        return lambda value: np.float32(value)
+
     def widen_row(source, target):
         """Copy a row of stored values into a float32 buffer."""
 
     @overload(widen_row, inline="always")
     def _widen_row_impl(source, target):
-        if source.dtype == types.uint16:  # bfloat16 bits: the top half of a float32
-
-            def widen_bfloat16(source, target):
-                bits = target.view(np.uint32)
-                for i in range(source.shape[0]):
-                    bits[i] = np.uint32(source[i]) << np.uint32(16)
-
-            return widen_bfloat16
-
-        def copy(source, target):
+        def widen_each(source, target):
             for i in range(source.shape[0]):
-                target[i] = source[i]
+                target[i] = widen(source[i])
 
-        return copy
+        return widen_each
 
     def store_row(values, target):
         """Write a float32 row into the output row, rounded to its dtype."""

@@ -44,7 +44,7 @@ def missing(pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = fro
     """Whether a kernel for any of these (input, output) dtype pairs of the block kernel, of
     the TIES selection of these input dtypes, or of the weighted sum into these output dtypes,
     is not in numba's cache."""
-    from della_cli.backends.cpu import block, select, weighted_sum
+    from della_cli.backends.cpu import block, select, sum_kernel
 
     pairs = {(a, b) for a, b in pairs if a in DTYPES and b in DTYPES}
     selects = {a for a in selects if a in DTYPES}
@@ -55,7 +55,7 @@ def missing(pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = fro
     wanted = {(str(np.dtype(views[a])), str(np.dtype(views[b]))) for a, b in pairs}
     chosen = {(str(np.dtype(views[a])),) for a in selects}
     summed = {(str(np.dtype(views[a])),) for a in sums if a in DTYPES}
-    added = _cached_views(weighted_sum.sum_entries, (-2,))
+    added = _cached_views(sum_kernel.sum_entries, (-2,))
     return not (wanted <= merges and chosen <= pivots and chosen <= marks and summed <= added)
 
 

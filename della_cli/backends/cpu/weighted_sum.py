@@ -1,14 +1,11 @@
 """Merges without sparsification or sign election (task arithmetic, linear), in one numba pass.
 
 These methods are a weighted sum of the inputs: a handful of float32 operations per entry, so
-they move far more bytes than they compute on. ``sum_entries`` makes one pass over the inputs
-and writes the output once, in pieces of ``PIECE`` entries whose float32 sums stay in L1:
-widen the base's piece, then expert by expert widen its piece and add its term, then divide,
-scale, add the base and round, each a branch-free loop over the piece that vectorizes
-(``bench/RESULTS.md``: within 1.15 times the C kernel it replaced). Widening, rounding and the
-non-finite check are ``rules``'; ``io.streamed_sum`` runs the same kernel on pieces read
-straight from the files. It runs without the GIL, so a block is split into spans that run in
-parallel threads.
+they move far more bytes than they compute on. The kernel (``sum_kernel.sum_entries``) makes
+one pass over the inputs and writes the output once, in pieces whose float32 sums stay in L1;
+widening, rounding and the non-finite check are ``rules``'. ``merge_streamed`` runs it on
+pieces read straight from the files (``io.streamed_sum``). It runs without the GIL, so a block
+is split into spans that run in parallel threads.
 
 The operations are the torch reference's (``merge.merge_tensor``), in its order and in float32,
 so the bytes are the same (with one freedom IEEE 754 leaves: where two NaNs meet, which payload
@@ -31,25 +28,16 @@ import ml_dtypes
 import numpy as np
 
 from della_cli.backends.cpu import output_array, rules
-from della_cli.backends.cpu.pointers import addresses, pointer_like
+from della_cli.backends.cpu.pointers import addresses
+from della_cli.backends.cpu.sum_kernel import sum_entries
 from della_cli.io import streamed_sum
 from della_cli.io.streamed_sum import FileSpan
-
-try:
-    import numba
-    from numba.core import types
-    from numba.extending import overload
-except ImportError:  # pragma: no cover - exercised only where numba is not installed
-    numba = None
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 # Stored dtypes the kernel reads and writes, and their codes in ``kinds``.
 KINDS = {BFLOAT16: 0, np.dtype(np.float32): 1}
 # Entries per span a thread takes at least: shorter spans cost more in calls than they gain.
 CHUNK = 1 << 18
-# Entries merged at a time: their float32 sums (4 KiB) stay in L1 while every expert is added.
-PIECE = 1024
-_BFLOAT16_KIND = 0
 _STORED = {"BF16": BFLOAT16, "F32": np.dtype(np.float32)}  # by safetensors code
 
 
@@ -185,114 +173,3 @@ def _merge_span(block: _Block, start: int, stop: int) -> np.ndarray:
         spans = [array[start:stop] for array in block.inputs]  # alive for the call
         sum_entries(addresses(spans), block.kinds, *block.arguments, block.out[start:stop], flags)
     return flags
-
-
-if numba is not None:
-
-    def _widen_input(address, stored, index, entries, start, stop, target, halves, singles):
-        """Entries ``start:stop`` of input ``index`` (``entries`` long, at ``address``) widened
-        into ``target``. ``stored``: every input's kind (int64), or an array of the one dtype
-        of every input, so that the common case compiles without a branch per input."""
-
-    @overload(_widen_input, inline="always")
-    def _widen_input_impl(address, stored, index, entries, start, stop, target, halves, singles):
-        if stored.dtype == types.int64:  # inputs of both kinds
-
-            def widen_either(address, stored, index, entries, start, stop, target, halves, singles):
-                if stored[index] == _BFLOAT16_KIND:
-                    source = numba.carray(pointer_like(address, halves), entries)
-                    rules.widen_row(source[start:stop], target)
-                else:
-                    source = numba.carray(pointer_like(address, singles), entries)
-                    rules.widen_row(source[start:stop], target)
-
-            return widen_either
-
-        def widen_one(address, stored, index, entries, start, stop, target, halves, singles):
-            rules.widen_row(
-                numba.carray(pointer_like(address, stored), entries)[start:stop], target
-            )
-
-        return widen_one
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def sum_entries(inputs, kinds, weights, on_deltas, divide, divisor, lam, out, flags):
-        """The weighted sum of ``out.shape[0]`` entries of the inputs at the addresses
-        ``inputs`` (base first, then the experts; of the ``kinds``) into ``out``, rounded to
-        its dtype. ``flags[s]`` is set where input ``s`` holds a NaN or an Inf."""
-        halves = np.empty(0, dtype=np.uint16)  # the element types of the two kinds
-        singles = np.empty(0, dtype=np.float32)
-        uniform = True
-        for s in range(1, kinds.shape[0]):
-            uniform = uniform and kinds[s] == kinds[0]
-        # the base of a linear merge is checked on its own, unless it is one of the experts
-        check_base = not on_deltas
-        for t in range(1, inputs.shape[0]):
-            check_base = check_base and inputs[t] != inputs[0]
-        settings = (weights, on_deltas, divide, divisor, lam, check_base)
-        if uniform and kinds[0] == _BFLOAT16_KIND:
-            _sum_pieces(inputs, halves, settings, out, flags, halves, singles)
-        elif uniform:
-            _sum_pieces(inputs, singles, settings, out, flags, halves, singles)
-        else:
-            _sum_pieces(inputs, kinds, settings, out, flags, halves, singles)
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def _sum_pieces(inputs, stored, settings, out, flags, halves, singles):
-        """``sum_entries``, piece by piece (``stored``: as ``_widen_input`` takes it).
-
-        A NaN or an Inf in any input makes the float32 result non-finite wherever it sits
-        (every operation propagates it: x - Inf, Inf * w with w = 0, Inf + -Inf, Inf / D,
-        Inf * lambda), except the base of a linear merge, which the result does not contain
-        and which is checked on its own. So the inputs are searched only in a piece whose
-        result is not finite: rare, and then every input is searched, as finite inputs may
-        also overflow."""
-        weights, on_deltas, divide, divisor, lam, check_base = settings
-        entries = out.shape[0]
-        reference = np.empty(PIECE, dtype=np.float32)
-        total = np.empty(PIECE, dtype=np.float32)
-        widened = np.empty(PIECE, dtype=np.float32)
-        for start in range(0, entries, PIECE):
-            stop = min(start + PIECE, entries)
-            size = stop - start
-            base, sums, values = reference[:size], total[:size], widened[:size]
-            if on_deltas or check_base:
-                _widen_input(inputs[0], stored, 0, entries, start, stop, base, halves, singles)
-            if inputs.shape[0] == 1:
-                for i in range(size):
-                    sums[i] = np.float32(0.0)
-            for t in range(1, inputs.shape[0]):
-                _widen_input(inputs[t], stored, t, entries, start, stop, values, halves, singles)
-                weight = weights[t - 1]
-                # the sum starts from +0: the first term is added to it, not copied
-                if on_deltas and t == 1:
-                    for i in range(size):
-                        sums[i] = np.float32(0.0) + (values[i] - base[i]) * weight
-                elif on_deltas:
-                    for i in range(size):
-                        sums[i] = sums[i] + (values[i] - base[i]) * weight
-                elif t == 1:
-                    for i in range(size):
-                        sums[i] = np.float32(0.0) + values[i] * weight
-                else:
-                    for i in range(size):
-                        sums[i] = sums[i] + values[i] * weight
-            if divide:
-                for i in range(size):
-                    sums[i] = sums[i] / divisor
-            if on_deltas:
-                if lam != np.float32(1.0):
-                    for i in range(size):
-                        sums[i] = sums[i] * lam
-                for i in range(size):
-                    sums[i] = base[i] + sums[i]
-            if rules.has_nonfinite(sums):
-                for s in range(inputs.shape[0]):
-                    _widen_input(
-                        inputs[s], stored, s, entries, start, stop, values, halves, singles
-                    )
-                    if rules.has_nonfinite(values):
-                        flags[s] = True
-            elif check_base and rules.has_nonfinite(base):
-                flags[0] = True
-            rules.store_row(sums, out[start:stop])
