@@ -70,8 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--before",
         type=Path,
-        help="a checkout of della to time against this one, alternating run by run (tool "
-        "'before'; build its C extensions first)",
+        help="a checkout of della to time against this one, alternating run by run (tool 'before')",
     )
     parser.add_argument(
         "--scaling",

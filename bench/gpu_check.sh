@@ -4,7 +4,7 @@
 #
 #     bash bench/gpu_check.sh            # results under $OUT (default bench/work/gpu-check)
 #
-# 1. builds the C extensions (the CPU merges the tests compare with use them; numba otherwise),
+# 1. compiles the CPU backend's numba kernels once (the CPU merges the tests compare with),
 # 2. runs tests/gpu (every method's bytes on CUDA against the CPU, one device and several, a
 #    real out-of-memory retry, the plan's device-memory check), at most 150 s,
 # 3. runs bench/gpu_bench.py on the ~1.1B merge, every method, start-up timed apart, stopping
@@ -17,7 +17,7 @@ started=$(date +%s)
 elapsed() { echo $(($(date +%s) - started)); }
 status=0
 
-python setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || echo "build_ext failed (numba is used instead); see build.log" >&2
+python -m della_cli.backends.cpu.warm >"$OUT/warm.log" 2>&1 || echo "compiling the numba kernels failed (torch stands in); see warm.log" >&2
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv >"$OUT/nvidia-smi.csv" 2>&1
 
 timeout 150 python -m pytest -q -p no:cacheprovider -rs tests/gpu >"$OUT/gpu-tests.txt" 2>&1 || status=1

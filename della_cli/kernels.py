@@ -3,13 +3,17 @@
 Decided once, at plan time, from the recipe, the headers and the device (docs/BACKENDS.md):
 
 - ``cpu/streamed_sum``: a weighted sum (task arithmetic, linear; nothing sparsified or
-  elected) on the CPU, whose chunks the C kernel reads straight from the input files;
-- ``cpu/weighted_sum``: the same C kernel on rows read into buffers (inputs fitted to another
-  vocabulary, or no streamed reader on this platform);
+  elected) on the CPU, whose chunks are read straight from the input files, a piece at a time,
+  into the numba weighted-sum kernel;
+- ``cpu/chunked_sum``: the same kernel on chunks read into buffers (no positioned reads on this
+  platform, or the streamed reads turned off);
+- ``cpu/weighted_sum``: the same kernel in the pipeline's blocks (inputs fitted to another
+  vocabulary, or rows that are not in the files as merged);
 - ``cpu/block``: the numba kernel that merges a block of rows in one pass (every other method;
   TIES and breadcrumbs select over the whole tensor first, also in numba);
 - ``torch/merge``: the torch backend, the reference: CUDA, float16 or float64 inputs, inputs of
-  mixed dtypes, the L1 rescale, MAGPRUNE rows of one entry, or a CPU backend not installed;
+  mixed dtypes (but for weighted sums), the L1 rescale, MAGPRUNE rows of one entry, or numba
+  not installed;
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
   in the passes over the row blocks its statistics need (``methods.streamed``).
 
@@ -41,7 +45,6 @@ if TYPE_CHECKING:
 
 BASE = -1  # as plan.BASE
 CPU_DTYPES = ("BF16", "F32")  # what the CPU kernels read and write
-MAX_SUM_EXPERTS = 63  # the C kernel's flags fit in 64 bits
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
 # The kernels of the generalized pipeline; any other name is a catalog method's.
@@ -94,11 +97,9 @@ class Kernel:
         return self.name in ("streamed_sum", "chunked_sum")
 
 
-def cpu_backend_installed() -> tuple[bool, bool]:
-    """(numba installed, C weighted-sum kernel built), without importing either."""
-    numba = importlib.util.find_spec("numba") is not None
-    kernel = importlib.util.find_spec("della_cli.backends.cpu._weighted_sum") is not None
-    return numba, kernel
+def cpu_backend_installed() -> bool:
+    """Whether the CPU backend can run (numba is installed), without importing numba."""
+    return importlib.util.find_spec("numba") is not None
 
 
 def assign_kernels(
@@ -122,10 +123,7 @@ class _Chooser:
     def __init__(self, recipe, base, experts, device, backend, stream_reads):
         self.recipe = recipe
         self.readers = {BASE: base, **dict(enumerate(experts))}
-        numba, kernel = cpu_backend_installed()
-        cpu = device == "cpu" and backend != "torch"
-        self.numba = cpu and numba
-        self.sum_kernel = cpu and kernel
+        self.numba = device == "cpu" and backend != "torch" and cpu_backend_installed()
         self.stream_reads = stream_reads and streamed_sum.AVAILABLE
 
     def assign(self, job: TensorJob) -> TensorJob:
@@ -185,6 +183,8 @@ class _Chooser:
         self, job: TensorJob, steps: tuple[ExpertStep, ...], shared: GlobalParams
     ) -> str | None:
         """The CPU kernel that merges ``job``, or None where only torch does."""
+        if not self.numba:
+            return None
         dtypes = [*self.loaded_dtypes(job), job.out_dtype]
         cpu_dtypes = all(dtype in CPU_DTYPES for dtype in dtypes)
         # the CPU kernels compute in float32: a float64 recipe goes to torch
@@ -192,13 +192,13 @@ class _Chooser:
             return None
         method = self.recipe.method
         summing = not method.sign_consensus and all(step.sparsify == KEEP for step in steps)
-        if summing and self.sum_kernel and len(steps) <= MAX_SUM_EXPERTS:
+        if summing:
             sources = [job.reference, *job.experts]
             fitted = any(s.rows is not None or s.aligned for s in sources)
             if fitted or not all(self.readers[s.model].has_row_spans(s.tensor) for s in sources):
                 return "weighted_sum"  # in the pipeline's blocks: rows not as in a file
             return "streamed_sum" if self.stream_reads else "chunked_sum"
-        if not self.numba or len(set(dtypes[:-1])) != 1:
+        if len(set(dtypes[:-1])) != 1:
             return None
         if shared.rescale not in (Rescale.KEEP_PROB, Rescale.NONE):
             return None

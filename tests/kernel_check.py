@@ -7,26 +7,26 @@ import os
 import pytest
 
 from della_cli import kernels
-from della_cli.backends.cpu import weighted_sum
 from della_cli.io import streamed_sum
 
 
 def require_kernel() -> None:
-    """Skip without the compiled kernel, except in CI, which builds it: there it fails."""
-    _require(weighted_sum.COMPILED, "the compiled kernel")
+    """Skip without numba (the CPU backend's kernels), except in CI, which installs it."""
+    _require(kernels.cpu_backend_installed(), "numba")
 
 
 def require_streamed_reads() -> None:
-    """Skip without the compiled streamed reader (io/_streamed_sum.c, POSIX), except in CI."""
-    _require(streamed_sum.AVAILABLE, "the compiled streamed reader")
+    """Skip without numba or positioned reads (``os.preadv``, POSIX), except in CI."""
+    require_kernel()
+    _require(streamed_sum.AVAILABLE, "os.preadv")
 
 
-def _require(built: bool, what: str) -> None:
-    if built:
+def _require(present: bool, what: str) -> None:
+    if present:
         return
     if os.environ.get("CI"):
-        pytest.fail(f"{what} was not built (is a C compiler installed?)")
-    pytest.skip(f"{what} is not installed")
+        pytest.fail(f"{what} is not available")
+    pytest.skip(f"{what} is not available")
 
 
 def on_backend(plan, recipe, inputs, backend, stream_reads=True):
@@ -37,5 +37,5 @@ def on_backend(plan, recipe, inputs, backend, stream_reads=True):
 
 
 def without_cpu_backend(monkeypatch) -> None:
-    """Plans made from here on give every job the torch backend, as without numba and C."""
-    monkeypatch.setattr(kernels, "cpu_backend_installed", lambda: (False, False))
+    """Plans made from here on give every job the torch backend, as without numba."""
+    monkeypatch.setattr(kernels, "cpu_backend_installed", lambda: False)

@@ -155,7 +155,7 @@ class MergeEngine:
     def _compile_notice(self) -> contextlib.AbstractContextManager:
         """Say so once when numba compiles (``backends.cpu.compile_notice``)."""
         compiled = any(
-            job.kernel is not None and job.kernel.name == "block" for job in self.plan.jobs
+            job.kernel is not None and job.kernel.backend == "cpu" for job in self.plan.jobs
         )
         if self.on_notice is None or not compiled:
             return contextlib.nullcontext()
@@ -215,6 +215,11 @@ class MergeEngine:
     def merge_chunk(self, task: BlockTask) -> Merged:
         """One chunk of a weighted sum in chunks: read and merged by the streamed reader, or
         read into buffers and merged by the kernel, as the plan says."""
+        if self.cpu.stands_in(task):  # the kernel compiles beside the merge: the reference
+            loaded = self.load(task)
+            merged = self.torch.block(task, loaded, None, self.report)  # reports non-finites
+            self.release(task, loaded)
+            return merged, np.zeros(len(loaded), dtype=np.bool_)
         out = self.output_buffer(task, (task.stop - task.start, rows_shape(task.job.shape)[1]))
         if task.job.kernel.name == "streamed_sum":
             return self.cpu.streamed_sum(task, self.inputs, out)

@@ -1,7 +1,7 @@
 """The CPU backend's kernels applied to blocks: what the plan's ``cpu/*`` kernels run.
 
 Blocks are numpy arrays of the stored dtypes; nothing here imports torch, and numba only
-where the job's kernel is ``cpu/block`` (``backends.cpu.block`` and ``select``).
+where a job runs a CPU kernel (``backends.cpu.block``, ``select`` and ``weighted_sum``).
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from della_cli.backends.cpu import weighted_sum
 from della_cli.engine.shared import BlockTask, Merged, reference_expert
 from della_cli.engine.threads import ThreadBudget
 from della_cli.io import streamed_sum
@@ -21,6 +21,9 @@ from della_cli.kernels import MAGPRUNE, RANDOM, WINDOW
 from della_cli.methods import MethodSpec, Rescale
 from della_cli.methods.randomness import Draws
 from della_cli.plan import TensorJob
+
+if TYPE_CHECKING:
+    from della_cli.backends.cpu.weighted_sum import WeightedSum
 
 
 class CpuJobs:
@@ -31,16 +34,19 @@ class CpuJobs:
         self.method = method
         self.threads = threads
         self._stream_scratch = streamed_sum.Scratch()
-        self._sums: dict[str, weighted_sum.WeightedSum] = {}
+        self._sums: dict[str, WeightedSum] = {}
         self._compiler: subprocess.Popen | None = None  # compiling the kernels, if it is
         self._stand_ins: set[str] = set()  # cpu/block jobs on torch while they compile
 
     def start_compiling(self, jobs: list[TensorJob], inputs) -> None:
-        """Where the ``cpu/block`` jobs' kernels are not in numba's cache, compile them in a
-        child process (``backends.cpu.warm``) rather than make the merge wait for them."""
-        pairs, selects = set(), set()
+        """Where the kernels of the jobs on the CPU backend are not in numba's cache, compile
+        them in a child process (``backends.cpu.warm``) rather than make the merge wait."""
+        pairs, selects, sums = set(), set(), set()
         for job in jobs:
-            if job.kernel is None or job.kernel.name != "block":
+            if job.kernel is None or job.kernel.backend != "cpu":
+                continue
+            if job.kernel.name != "block":
+                sums.add(job.out_dtype)  # a weighted sum: compiled per output dtype
                 continue
             first = job.experts[0]
             dtype = (
@@ -51,33 +57,38 @@ class CpuJobs:
             pairs.add((dtype, job.out_dtype))
             if any(step.sparsify == WINDOW for step in job.kernel.experts):
                 selects.add(dtype)
-        if not pairs or os.environ.get("DELLA_COMPILE_INLINE"):
+        if not (pairs or sums) or os.environ.get("DELLA_COMPILE_INLINE"):
             return
         from della_cli.backends.cpu import warm  # numba: imported only when needed
 
-        if warm.missing(pairs, selects):
-            self._compiler = warm.start(pairs, selects)
+        if warm.missing(pairs, selects, sums):
+            self._compiler = warm.start(pairs, selects, sums)
 
     def compiling(self) -> bool:
         """Whether the kernels are still being compiled beside the merge."""
         return self._compiler is not None and self._compiler.poll() is None
 
     def stands_in(self, task: BlockTask) -> bool:
-        """Whether the torch reference merges this block of a ``cpu/block`` job: one begun
-        while its kernels compile, to its last block (the same bytes)."""
+        """Whether the torch reference merges this block (the same bytes) while the kernels
+        compile: any block of a weighted sum, each on its own; a ``cpu/block`` job begun
+        meanwhile, to its last block (its whole-tensor selection was made for it)."""
+        if task.job.kernel.name != "block":
+            return self.compiling()
         name = task.job.name
-        if task.start == 0 and task.job.kernel.name == "block" and self.compiling():
+        if task.start == 0 and self.compiling():
             self._stand_ins.add(name)
         standing_in = name in self._stand_ins
         if task.last:
             self._stand_ins.discard(name)
         return standing_in
 
-    def sum_spec(self, job: TensorJob) -> weighted_sum.WeightedSum:
+    def sum_spec(self, job: TensorJob) -> WeightedSum:
         """What a weighted-sum job sums (made once per job: its chunks ask again and again)."""
         spec = self._sums.get(job.name)
         if spec is None:
-            spec = self._sums[job.name] = weighted_sum.WeightedSum(
+            from della_cli.backends.cpu.weighted_sum import WeightedSum
+
+            spec = self._sums[job.name] = WeightedSum(
                 weights=tuple(step.params.weight for step in job.kernel.experts),
                 on_deltas=self.method.on_deltas,
                 normalize=job.kernel.shared.normalize,
@@ -95,6 +106,8 @@ class CpuJobs:
     ) -> Merged:
         """A block of a weighted sum (``cpu/weighted_sum``, ``cpu/chunked_sum``), its spans
         split among ``helpers`` where given."""
+        from della_cli.backends.cpu import weighted_sum  # numba: imported only when needed
+
         return weighted_sum.merge_block(
             loaded[0],
             loaded[1:],
@@ -106,7 +119,8 @@ class CpuJobs:
         )
 
     def streamed_sum(self, task: BlockTask, inputs, out: np.ndarray) -> Merged:
-        """A chunk of a ``cpu/streamed_sum`` job, whose rows the kernel reads from the files."""
+        """A chunk of a ``cpu/streamed_sum`` job, whose rows are read from the files a piece at
+        a time (``io.streamed_sum``) and merged as they come."""
         job = task.job
         spec = self.sum_spec(job)
         experts = [
@@ -116,16 +130,9 @@ class CpuJobs:
         base = reference_expert(job)
         if base is None:
             base = inputs.reader(job.reference.model).row_span(job.reference.tensor, task.start)
-        flags = streamed_sum.merge(
-            out,
-            base,
-            experts,
-            spec.weights,
-            spec.on_deltas,
-            None if spec.divisor is None else float(spec.divisor),
-            spec.lambda_,
-            self._stream_scratch,
-        )
+        from della_cli.backends.cpu import weighted_sum  # numba: imported only when needed
+
+        flags = weighted_sum.merge_streamed(out, base, experts, spec, self._stream_scratch)
         return out, flags
 
     def block(

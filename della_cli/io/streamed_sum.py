@@ -1,38 +1,39 @@
-"""Weighted sums (task arithmetic, linear) read straight from the input files.
+"""The reads of ``cpu/streamed_sum``: a weighted sum's inputs read straight from their files,
+a piece of every input at a time.
 
-The engine merges a weighted sum in chunks of about a million entries. Read the usual way,
-each input's rows are first copied from the page cache into a buffer of their own (2 MiB of
-bfloat16 per input), which is out of the caches by the time the kernel reads it back. The
-compiled reader here (``_streamed_sum.c``, POSIX) instead reads 32K entries of every input at
-a time into scratch memory that stays in L2 and merges them at once, with the same kernel
-(``backends/cpu/weighted_sum_kernel.h``), so the bytes are those of
-``backends.cpu.weighted_sum``.
+The engine merges a weighted sum (task arithmetic, linear) in chunks of about a million
+entries. Read the usual way, each input's rows are first copied from the page cache into a
+buffer of their own (2 MiB of bfloat16 per input), which is out of the caches by the time the
+kernel reads it back. Here each input's next ``STEP`` entries are read into a scratch region of
+the thread's that stays in L2, and the caller merges them at once
+(``backends.cpu.weighted_sum.merge_streamed``). The reads are positioned (``os.preadv``: the
+descriptors' offsets never move, so threads share them) and release the GIL.
 
-Where it was not built (no C compiler, or Windows), ``AVAILABLE`` is False and the engine
-reads rows into buffers as before.
+Regions are placed like ``io.buffers`` places its buffers: at the page offset of the file
+offset they are read from, rounded down to 64 bytes, where the copy from the page cache is
+fastest. Without positioned reads (Windows), ``AVAILABLE`` is False and the engine reads rows
+into buffers instead (``cpu/chunked_sum``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from della_cli.errors import ModelError
-from della_cli.io.dtypes import code_of
+from della_cli.io.buffers import PAGE_BYTES, read_offset
 
-try:
-    from della_cli.io import _streamed_sum as _compiled
-except ImportError:  # no C compiler at install, or not POSIX
-    _compiled = None
-
-AVAILABLE = _compiled is not None
-# The kernel's dtype codes, by safetensors dtype.
-KINDS = {"BF16": 0, "F32": 1}
-MAX_EXPERTS = 63  # the kernel's flags fit in 64 bits
+AVAILABLE = hasattr(os, "preadv")
+# The dtypes read, by safetensors code, and their sizes.
+ITEMSIZES = {"BF16": 2, "F32": 4}
+# Entries read per input at a time: 128 KiB of bfloat16, so that a base and three experts stay
+# in L2 with the pieces being merged, and the calls per chunk are few.
+STEP = 65536
 
 
 @dataclass(frozen=True)
@@ -46,75 +47,49 @@ class FileSpan:
     tensor: str
 
 
-def supports(dtypes: Sequence[str], expert_count: int) -> bool:
-    """Whether inputs and output of these dtypes, with that many experts, can be streamed."""
-    return AVAILABLE and expert_count <= MAX_EXPERTS and all(d in KINDS for d in dtypes)
-
-
 class Scratch:
-    """Each thread's scratch memory for the reads, kept from chunk to chunk (new memory is
+    """Each thread's scratch regions for the reads, kept from chunk to chunk (new memory is
     faulted in and zeroed on first touch)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def buffer(self, inputs: int) -> np.ndarray:
-        needed = _compiled.scratch_bytes(inputs)
-        buffer = getattr(self._local, "buffer", None)
-        if buffer is None or buffer.nbytes < needed:
-            buffer = self._local.buffer = np.empty(needed, dtype=np.uint8)
-        return buffer
+    def regions(self, spans: Sequence[FileSpan]) -> list[np.ndarray]:
+        """A region (uint8) of ``STEP`` entries for each span, placed for its file offset."""
+        memory = getattr(self._local, "memory", None)
+        if memory is None or len(memory) < len(spans):
+            size = STEP * max(ITEMSIZES.values()) + PAGE_BYTES
+            memory = self._local.memory = [np.empty(size, dtype=np.uint8) for _ in spans]
+        regions = []
+        for raw, span in zip(memory, spans, strict=False):
+            start = (read_offset(span.offset) - raw.ctypes.data) % PAGE_BYTES
+            regions.append(raw[start : start + STEP * ITEMSIZES[span.dtype]])
+        return regions
 
 
-def merge(
-    out: np.ndarray,
-    base: FileSpan | int,
-    experts: Sequence[FileSpan],
-    weights: Sequence[float],
-    on_deltas: bool,
-    divisor: float | None,
-    lambda_: float,
-    scratch: Scratch,
-) -> np.ndarray:
-    """Merge the entries the spans start at into ``out`` (bfloat16 or float32, contiguous; its
-    size sets how many entries are read). ``base``: a span, or the index of the expert whose
-    entries are also the base (a linear merge's reference, read once). Returns, per input
-    (base first), whether it held a NaN or an Inf; raises ModelError for a file that ends early.
-    """
-    if not out.flags.c_contiguous:
-        raise ValueError("out must be contiguous")  # the kernel writes where it lies
-    out_kind = KINDS[code_of(out)]
-    inputs = len(experts) + (0 if isinstance(base, int) else 1)
-    try:
-        bits = _compiled.merge(
-            out.reshape(-1).view(np.uint8),
-            out_kind,
-            base if isinstance(base, int) else _triple(base),
-            tuple(_triple(span) for span in experts),
-            tuple(float(weight) for weight in weights),
-            on_deltas,
-            divisor,
-            lambda_,
-            scratch.buffer(inputs),
-        )
-    except OSError as error:
-        index = getattr(error, "input_index", None)
-        if index is None:
-            raise
-        span = _span_of(index, base, experts)
-        if error.errno == 0:
-            raise ModelError(f"{span.path}: ended early while reading '{span.tensor}'") from None
-        raise OSError(error.errno, error.strerror, str(span.path)) from None
-    count = len(experts) + 1
-    return np.array([bool(bits >> index & 1) for index in range(count)], dtype=np.bool_)
+def pieces(
+    spans: Sequence[FileSpan], regions: Sequence[np.ndarray], entries: int
+) -> Iterator[tuple[int, int]]:
+    """Read ``entries`` entries of each span, ``STEP`` at a time, into its region; yield
+    (first entry, entries read) after each step, for the caller to merge before the next.
+    A file that ends early is a ModelError, a failed read an OSError, each naming the file."""
+    places = [memoryview(region) for region in regions]
+    for first in range(0, entries, STEP):
+        step = min(STEP, entries - first)
+        for span, place in zip(spans, places, strict=True):
+            size = ITEMSIZES[span.dtype]
+            _read_fully(span, place[: step * size], span.offset + first * size)
+        yield first, step
 
 
-def _triple(span: FileSpan) -> tuple[int, int, int]:
-    return span.descriptor, span.offset, KINDS[span.dtype]
-
-
-def _span_of(index: int, base: FileSpan | int, experts: Sequence[FileSpan]) -> FileSpan:
-    """The span of input ``index`` (0 the base, 1 + t expert t)."""
-    if index > 0:
-        return experts[index - 1]
-    return experts[base] if isinstance(base, int) else base
+def _read_fully(span: FileSpan, place: memoryview, offset: int) -> None:
+    """Fill ``place`` with the bytes of ``span``'s file from ``offset``."""
+    done, count = 0, len(place)
+    while done < count:
+        try:
+            got = os.preadv(span.descriptor, [place[done:]], offset + done)
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, str(span.path)) from None
+        if got == 0:
+            raise ModelError(f"{span.path}: ended early while reading '{span.tensor}'")
+        done += got

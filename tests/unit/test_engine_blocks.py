@@ -64,7 +64,6 @@ def test_the_cpu_and_torch_backends_write_the_same_bytes(
     from della_cli.api import run_merge
     from della_cli.backends.cpu import block as fused_merge
     from della_cli.backends.cpu import weighted_sum
-    from della_cli.io import streamed_sum
 
     recipe = {
         "merge_method": method,
@@ -89,13 +88,13 @@ def test_the_cpu_and_torch_backends_write_the_same_bytes(
         return merge_block(*args, **kwargs)
 
     monkeypatch.setattr(fast, "merge_block", counted)
-    streamed, streamed_merge = [], streamed_sum.merge
+    streamed, streamed_merge = [], weighted_sum.merge_streamed
 
     def counted_streams(*args, **kwargs):
         streamed.append(args[0].shape)
         return streamed_merge(*args, **kwargs)
 
-    monkeypatch.setattr(streamed_sum, "merge", counted_streams)
+    monkeypatch.setattr(weighted_sum, "merge_streamed", counted_streams)
     run_merge(recipe_path, tmp_path / "fused", MergeOptions(device="cpu"))
     assert fast_blocks or streamed, f"{fast.__name__} never ran"
     if fast is fused_merge:
@@ -220,7 +219,7 @@ def test_a_linear_merge_without_a_base_reads_its_first_model_once(
 
     from safetensors.numpy import load_file
 
-    from della_cli.io import streamed_sum
+    from della_cli.backends.cpu import weighted_sum
     from della_cli.io.reader import ModelReader
     from della_cli.io.writer import ShardWriter
 
@@ -238,7 +237,7 @@ def test_a_linear_merge_without_a_base_reads_its_first_model_once(
     )
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())
     reads, bases = Counter(), []
-    read_rows, streamed_merge = ModelReader.read_rows, streamed_sum.merge
+    read_rows, streamed_merge = ModelReader.read_rows, weighted_sum.merge_streamed
 
     def counted(self, name, start, stop, pool=None):
         reads[(self.folder, name, start)] += 1
@@ -251,7 +250,7 @@ def test_a_linear_merge_without_a_base_reads_its_first_model_once(
         return streamed_merge(out, base, experts, *args)
 
     monkeypatch.setattr(ModelReader, "read_rows", counted)
-    monkeypatch.setattr(streamed_sum, "merge", streamed)
+    monkeypatch.setattr(weighted_sum, "merge_streamed", streamed)
     writer = ShardWriter(tmp_path, plan.shards)
     chunked = on_backend(plan, recipe, inputs, "cpu", stream_reads=stream_reads)
     engine = MergeEngine(recipe, chunked, inputs, "cpu", block_elements=96)

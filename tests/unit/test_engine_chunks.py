@@ -19,7 +19,6 @@ from della_cli.backends.cpu import weighted_sum
 from della_cli.engine import InOrder, MergeEngine
 from della_cli.engine import threads as engine_threads
 from della_cli.errors import ModelError
-from della_cli.io import streamed_sum
 from della_cli.io.writer import ShardWriter
 
 
@@ -59,7 +58,7 @@ def test_chunks_finished_out_of_order_are_written_in_order(
 ):
     """Four threads, each delayed at random before it merges a chunk: the file holds every
     tensor as the torch path computes it alone, whether the chunks are read by the streamed
-    reader or into buffers merged by the compiled kernel."""
+    reader or into buffers merged by the kernel."""
     if reads == "streamed":
         require_streamed_reads()
     if reads == "kernel":
@@ -74,9 +73,9 @@ def test_chunks_finished_out_of_order_are_written_in_order(
         streamed.append(args[0].size)
         return streamed_merge(*args, **kwargs)
 
-    streamed_merge = streamed_sum.merge
+    streamed_merge = weighted_sum.merge_streamed
     monkeypatch.setattr(weighted_sum, "merge_block", counted)
-    monkeypatch.setattr(streamed_sum, "merge", counted_streams)
+    monkeypatch.setattr(weighted_sum, "merge_streamed", counted_streams)
     monkeypatch.setattr(engine_threads, "usable_cores", lambda: 8)
     recipe_path = bf16_recipe(method, parameters)
     recipe, inputs, plan = prepare(recipe_path, MergeOptions())

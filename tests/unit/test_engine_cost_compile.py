@@ -42,12 +42,12 @@ def test_jobs_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
         numba_jobs.append(task.job.name)
         return real_block(self, task, *args)
 
-    def start(pairs, selects):
-        started.append((pairs, selects))
+    def start(pairs, selects, sums):
+        started.append((pairs, selects, sums))
         return Compiling(polls)
 
     monkeypatch.delenv("DELLA_COMPILE_INLINE")
-    monkeypatch.setattr(warm, "missing", lambda pairs, selects: True)
+    monkeypatch.setattr(warm, "missing", lambda pairs, selects, sums: True)
     monkeypatch.setattr(warm, "start", start)
     monkeypatch.setattr(cpu_jobs.CpuJobs, "block", block)
     engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=256)
@@ -58,7 +58,7 @@ def test_jobs_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
         written.update(load_file(tmp_path / file_name))
 
     selects = {"BF16"} if method == "ties" else set()
-    assert started == [({("BF16", "BF16")}, selects)]
+    assert started == [({("BF16", "BF16")}, selects, set())]
     if polls > 10**6:
         assert numba_jobs == []  # nothing waited for a compilation
     else:
@@ -68,9 +68,51 @@ def test_jobs_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
         assert written[job.name].tobytes() == expected_bytes[job.name], job.name
 
 
+@pytest.mark.parametrize(("method", "polls"), [("task_arithmetic", 10**9), ("linear", 9)])
+def test_weighted_sums_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
+    method, polls, bf16_recipe, tmp_path, monkeypatch
+):
+    """The chunks of a weighted sum go to the torch reference while the weighted-sum kernel
+    compiles, each on its own (no chunk waits for the compilation), then to the kernel."""
+    from della_cli.backends.cpu import weighted_sum
+
+    recipe, inputs, plan = prepare(bf16_recipe(method, {}, seed=3), MergeOptions())
+    assert all(job.kernel.in_chunks for job in plan.jobs if job.action == "merge")
+    expected = MergeEngine(recipe, plan, inputs, "cpu")  # numba, in this process
+    expected_bytes = {job.name: expected.compute(job).tobytes() for job in plan.jobs}
+    started, summed = [], []
+    real_merge = weighted_sum.merge_streamed
+
+    def merge_streamed(out, *args):
+        summed.append(out.size)
+        return real_merge(out, *args)
+
+    def start(pairs, selects, sums):
+        started.append((pairs, selects, sums))
+        return Compiling(polls)
+
+    monkeypatch.delenv("DELLA_COMPILE_INLINE")
+    monkeypatch.setattr(warm, "missing", lambda pairs, selects, sums: True)
+    monkeypatch.setattr(warm, "start", start)
+    monkeypatch.setattr(weighted_sum, "merge_streamed", merge_streamed)
+    engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=256, threads=1)
+    writer = ShardWriter(tmp_path, plan.shards)
+    engine.run(writer)
+    written = {}
+    for file_name in writer.close():
+        written.update(load_file(tmp_path / file_name))
+
+    assert started == [(set(), set(), {"BF16"})]
+    chunks = sum(len(engine.block_tasks(job)) for job in plan.jobs if job.action == "merge")
+    # one poll per chunk: the first ``polls`` chunks on torch, the rest by the kernel
+    assert len(summed) == (0 if polls > 10**6 else chunks - polls)
+    for job in plan.jobs:
+        assert written[job.name].tobytes() == expected_bytes[job.name], job.name
+
+
 def test_kernels_the_child_compiled_are_found_in_the_cache():
-    warm.main(["BF16:BF16", "select:BF16"])  # compiled once, else loaded from the cache
-    assert not warm.missing({("BF16", "BF16")}, {"BF16"})
+    warm.main(["BF16:BF16", "select:BF16", "sum:BF16"])  # compiled once, else loaded
+    assert not warm.missing({("BF16", "BF16")}, {"BF16"}, {"BF16"})
 
 
 def test_a_merge_waits_for_another_merges_compilation_instead_of_repeating_it(

@@ -14,7 +14,7 @@ from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import derive_key
 from della_cli.preflight import plan_merge
 
-numba_installed, sum_kernel_built = cpu_backend_installed()
+numba_installed = cpu_backend_installed()
 needs_numba = pytest.mark.skipif(not numba_installed, reason="numba is not installed")
 
 
@@ -43,7 +43,7 @@ def test_della_settles_the_draw_key_of_each_expert_and_tensor(bf16_recipe):
     assert [step.key for step in steps] == [derive_key(9, job.name, m) for m in (0, 1)]
 
 
-@pytest.mark.skipif(not sum_kernel_built, reason="the C kernel is not built")
+@needs_numba
 def test_a_weighted_sum_runs_in_chunks_read_by_the_kernel(bf16_recipe):
     recipe, inputs, plan = prepare(bf16_recipe("task_arithmetic", {}), MergeOptions())
     names = {job.kernel.name for job in merged_jobs(plan)}

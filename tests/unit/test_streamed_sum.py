@@ -1,6 +1,7 @@
-"""The streamed reader (io/_streamed_sum.c): weighted sums read straight from files give the
-bytes and flags of ``weighted_sum.merge_block`` on the same values held in memory, wherever
-the entries sit in the files, and a file that ends early is an error naming it."""
+"""Weighted sums read straight from files a piece at a time (``io.streamed_sum`` and
+``weighted_sum.merge_streamed``) give the bytes and flags of ``weighted_sum.merge_block`` on the
+same values held in memory, wherever the entries sit in the files, and a file that ends early
+is an error naming it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from della_cli.io.streamed_sum import FileSpan
 
 F32 = np.dtype(np.float32)
 CODES = {BFLOAT16: "BF16", F32: "F32"}
-STEP = 32768  # entries read per input at a time (_streamed_sum.c)
+STEP = streamed_sum.STEP  # entries read per input at a time
 
 
 @pytest.fixture(autouse=True)
@@ -80,11 +81,8 @@ def test_same_bytes_and_flags_as_the_kernel_on_arrays(dtypes, out_dtype, on_delt
     spans = spans_in_file(tmp_path, arrays, lead=1001)
     out = np.full(entries, 7, dtype=out_dtype)
     try:
-        divisor = float(spec.divisor)
         scratch = streamed_sum.Scratch()
-        flags = streamed_sum.merge(
-            out, spans[0], spans[1:], spec.weights, on_deltas, divisor, 0.7, scratch
-        )
+        flags = weighted_sum.merge_streamed(out, spans[0], spans[1:], spec, scratch)
     finally:
         close(spans)
     same_nan = np.isnan(out.astype(np.float32)) == np.isnan(expected.astype(np.float32))
@@ -107,7 +105,7 @@ def test_a_base_that_is_an_expert_is_read_once_and_flagged_as_the_base(tmp_path)
     out = np.empty(STEP + 17, dtype=BFLOAT16)
     try:
         scratch = streamed_sum.Scratch()
-        flags = streamed_sum.merge(out, 1, spans, spec.weights, False, 4.0, 1.0, scratch)
+        flags = weighted_sum.merge_streamed(out, 1, spans, spec, scratch)
         positions = [os.lseek(span.descriptor, 0, os.SEEK_CUR) for span in spans]
     finally:
         close(spans)
@@ -127,7 +125,8 @@ def test_a_file_that_ends_early_names_the_file_and_the_tensor(base_is_an_expert,
     try:
         with pytest.raises(ModelError) as caught:
             scratch = streamed_sum.Scratch()
-            streamed_sum.merge(out, base, experts, weights, True, None, 1.0, scratch)
+            spec = WeightedSum(weights, on_deltas=True, normalize=False, lambda_=1.0)
+            weighted_sum.merge_streamed(out, base, experts, spec, scratch)
     finally:
         close(spans)
     assert str(caught.value) == f"{spans[2].path}: ended early while reading 't2'"
@@ -141,13 +140,26 @@ def test_a_read_error_is_an_os_error_naming_the_file(tmp_path):
     try:
         with pytest.raises(OSError) as caught:
             scratch = streamed_sum.Scratch()
-            streamed_sum.merge(out, spans[0], spans[1:], (1.0,), True, None, 1.0, scratch)
+            spec = WeightedSum((1.0,), on_deltas=True, normalize=False, lambda_=1.0)
+            weighted_sum.merge_streamed(out, spans[0], spans[1:], spec, scratch)
     finally:
         close(spans[:1])
     assert caught.value.filename == str(spans[1].path)
 
 
-def test_which_inputs_it_takes():
-    assert streamed_sum.supports(["BF16", "F32", "BF16"], expert_count=2)
-    assert not streamed_sum.supports(["BF16", "F16"], expert_count=1)
-    assert not streamed_sum.supports(["BF16"] * 65, expert_count=64)
+def test_sixty_five_experts_read_from_files_give_the_bytes_and_flags_of_the_arrays(tmp_path):
+    """More experts than the C reader took (63), each in its own file: one region each."""
+    arrays = [a.astype(BFLOAT16) for a in awkward(65, STEP + 3, seed=9)]
+    arrays[65][STEP + 1] = np.nan
+    weights = tuple(1.0 / (index + 1) for index in range(65))
+    spec = WeightedSum(weights, on_deltas=True, normalize=True, lambda_=1.0)
+    expected, expected_flags = weighted_sum.merge_block(arrays[0], arrays[1:], spec, BFLOAT16)
+    spans = spans_in_file(tmp_path, arrays, lead=10)
+    out = np.empty(STEP + 3, dtype=BFLOAT16)
+    try:
+        flags = weighted_sum.merge_streamed(out, spans[0], spans[1:], spec, streamed_sum.Scratch())
+    finally:
+        close(spans)
+    assert out.tobytes() == expected.tobytes()
+    assert flags.tolist() == expected_flags.tolist()
+    assert np.flatnonzero(flags).tolist() == [65]

@@ -11,14 +11,13 @@ import pytest
 import torch
 from kernel_check import require_kernel
 
-from della_cli.backends.cpu import weighted_sum
+from della_cli.backends.cpu import sum_kernel, weighted_sum
 from della_cli.backends.cpu.weighted_sum import BFLOAT16, CHUNK, WeightedSum
 from della_cli.io.dtypes import from_torch, to_torch
 from della_cli.methods import METHODS, ExpertParams, GlobalParams, merge_tensor
 
 F32 = np.dtype(np.float32)
-# Entries the kernel merges at a time (PIECE in _weighted_sum.c).
-PIECE_ENTRIES = 1024
+PIECE_ENTRIES = sum_kernel.PIECE  # entries the kernel merges at a time
 
 
 @pytest.fixture
@@ -240,3 +239,39 @@ def test_experts_summed_in_groups_give_the_reference_bytes_and_flags(kinds, merg
         merged, flags = merge_block(arrays[0], arrays[1:], spec, BFLOAT16)
         assert merged.tobytes() == expected.tobytes(), method
         assert flags.tolist() == [False] * count + [True], method
+
+
+@pytest.mark.parametrize(
+    ("method", "normalize", "lambda_"),
+    [("task_arithmetic", True, 0.6), ("task_arithmetic", False, 1.0), ("linear", False, 1.0)],
+)
+def test_seventy_experts_of_both_dtypes_give_the_reference_bytes_and_flags(
+    method, normalize, lambda_, merge_block
+):
+    """More experts than the C kernel's 63 (its flags were 64 bits): one compilation takes any
+    count and any mix of dtypes, on a length that is no multiple of a piece."""
+    count = 70
+    arrays = awkward_inputs((3, PIECE_ENTRIES + 77), count, F32, seed=11)
+    for index in range(1, count + 1, 3):
+        arrays[index] = arrays[index].astype(BFLOAT16)
+    arrays[66][1, 5] = np.nan  # expert 65: past the 64th bit
+    arrays[2][2, -1] = -np.inf
+    weights = tuple(0.1 * ((index % 7) - 3) for index in range(count))
+    spec = WeightedSum(weights, METHODS[method].on_deltas, normalize, lambda_)
+    expected = reference(
+        method, arrays, weights, torch.bfloat16, normalize=normalize, lambda_=lambda_
+    )
+    merged, flags = merge_block(arrays[0], arrays[1:], spec, BFLOAT16)
+    assert merged.tobytes() == expected.tobytes()
+    assert np.flatnonzero(flags).tolist() == [2, 66]
+
+
+def test_a_non_finite_base_is_flagged_on_deltas_and_spreads_to_the_result(merge_block):
+    base = np.zeros((1, PIECE_ENTRIES + 3), dtype=F32)
+    base[0, -2] = np.inf
+    expert = np.ones_like(base)
+    spec = WeightedSum(weights=(1.0,), on_deltas=True, normalize=False, lambda_=1.0)
+    merged, flags = merge_block(base, [expert], spec, F32)
+    assert flags.tolist() == [True, False]
+    assert np.isnan(merged[0, -2])  # θ₀ + (θ₁ - θ₀) = Inf + -Inf
+    assert (merged[0, :-2] == 1.0).all() and merged[0, -1] == 1.0

@@ -1,8 +1,8 @@
-"""The CPU backend: numba kernels over the inputs as stored (``rules``, ``block``, ``select``)
-and the C weighted-sum kernel (``weighted_sum``). See docs/BACKENDS.md.
+"""The CPU backend: numba kernels over the inputs as stored, built from one set of rules
+(``rules``; the kernels ``block``, ``select`` and ``weighted_sum``). See docs/BACKENDS.md.
 
-Importing this package imports numpy only: numba is loaded by the modules that need it, and
-task arithmetic and linear merges never do.
+Importing this package imports numpy only: numba is loaded by the modules that need it, the
+first time a merge runs a job on the CPU backend.
 """
 
 from __future__ import annotations

@@ -22,11 +22,10 @@ import ml_dtypes
 import numpy as np
 
 from della_cli.backends.cpu import output_array, rules
+from della_cli.backends.cpu.pointers import addresses, pointer_like
 
 try:
     import numba
-    from numba.core import types
-    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -81,10 +80,8 @@ def merge_block(
     averaged and the base only checked.
     """
     rows, n = base.shape
-    # The experts and masks go in as addresses, not as a tuple of arrays: numba compiles a
-    # function once per argument type, and a tuple's type includes its length, so every expert
-    # count was a compilation of its own (13 s here). The arrays are kept alive by ``views``
-    # and ``mask_views`` for the call, which only reads them.
+    # The experts and masks go in as addresses (``pointers``), kept alive by ``views`` and
+    # ``mask_views`` for the call.
     views = [kernel_view(expert) for expert in experts]
     if any(view.shape != base.shape or view.dtype != kernel_view(base).dtype for view in views):
         raise ValueError("the experts must have the base's shape and dtype")
@@ -97,8 +94,8 @@ def merge_block(
     nonfinite = np.zeros((rows, len(experts) + 1), dtype=np.bool_)
     _merge_rows(
         kernel_view(base),
-        _addresses(views),
-        _addresses(mask_views) if mask_views else np.zeros(len(views), dtype=np.uint64),
+        addresses(views),
+        addresses(mask_views) if mask_views else np.zeros(len(views), dtype=np.uint64),
         np.array([p.mode for p in plans], dtype=np.int64),
         np.array([p.density for p in plans], dtype=np.float32),
         np.array([p.density - p.epsilon for p in plans], dtype=np.float32),
@@ -119,21 +116,7 @@ def merge_block(
     return out, nonfinite.any(axis=0)
 
 
-def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.array([array.ctypes.data for array in arrays], dtype=np.uint64)
-
-
 if numba is not None:
-
-    @intrinsic
-    def _pointer_like(typingctx, address, like):
-        """The integer ``address`` as a pointer to elements of ``like``'s dtype."""
-        pointer = types.CPointer(like.dtype)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(pointer))
-
-        return pointer(address, like), codegen
 
     @numba.njit(parallel=True, cache=True)
     def _merge_rows(
@@ -166,7 +149,7 @@ if numba is not None:
             vectors = np.empty((count, n), dtype=np.float32)
             for t in range(count):
                 vector = vectors[t]
-                expert = numba.carray(_pointer_like(experts[t], base), (rows, n))
+                expert = numba.carray(pointer_like(experts[t], base), (rows, n))
                 rules.widen_row(expert[row], vector)
                 nonfinite[row, t + 1] = rules.has_nonfinite(vector)
                 if on_deltas:
@@ -185,7 +168,7 @@ if numba is not None:
                         rescale,
                     )
                 elif mode == MASK:
-                    keep = numba.carray(_pointer_like(masks[t], nonfinite), (rows, n))[row]
+                    keep = numba.carray(pointer_like(masks[t], nonfinite), (rows, n))[row]
                     for i in range(n):
                         vector[i] = vector[i] * (np.float32(1.0) if keep[i] else np.float32(0.0))
                 if weighted[t]:

@@ -2,14 +2,16 @@
 
 numba compiles a kernel the first time it is called with a new type of arguments and caches
 the machine code (``ensure_numba_cache``); after install, the first merge that used the block
-kernel and the TIES selection waited about 12 s for that on the 2-core reference machine. Now
+kernel and the TIES selection waited about 12 s for that on the 2-core reference machine (and
+the weighted sum of task arithmetic and linear a few seconds more). Now
 the engine asks first whether the kernels its plan needs are cached (``missing``); if not, a
 child process compiles them (``start``, which runs this module) while the merge goes on with
 the torch reference, which gives the same bytes (``tests/unit/test_backends.py``), and the
 jobs that start after the child has finished load the compiled kernels from the cache.
 
 ``python -m della_cli.backends.cpu.warm`` compiles every kernel for bfloat16 and float32
-inputs and outputs, once after install (or as part of an image build), so that no merge runs on the
+inputs and outputs (the weighted sum is compiled per output dtype: its inputs' dtypes are
+arguments), once after install (or as part of an image build), so that no merge runs on the
 reference for want of them.
 """
 
@@ -38,10 +40,11 @@ _UID = os.getuid() if hasattr(os, "getuid") else "user"
 LOCK = Path(tempfile.gettempdir()) / f"della-numba-compiling-{_UID}.lock"
 
 
-def missing(pairs: set[tuple[str, str]], selects: set[str]) -> bool:
-    """Whether a kernel for any of these (input, output) dtype pairs of the block kernel, or
-    of the TIES selection of these input dtypes, is not in numba's cache."""
-    from della_cli.backends.cpu import block, select
+def missing(pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = frozenset()) -> bool:
+    """Whether a kernel for any of these (input, output) dtype pairs of the block kernel, of
+    the TIES selection of these input dtypes, or of the weighted sum into these output dtypes,
+    is not in numba's cache."""
+    from della_cli.backends.cpu import block, select, sum_kernel
 
     pairs = {(a, b) for a, b in pairs if a in DTYPES and b in DTYPES}
     selects = {a for a in selects if a in DTYPES}
@@ -51,7 +54,9 @@ def missing(pairs: set[tuple[str, str]], selects: set[str]) -> bool:
     views = {name: block._KERNEL_VIEWS[dtype] for name, dtype in DTYPES.items()}
     wanted = {(str(np.dtype(views[a])), str(np.dtype(views[b]))) for a, b in pairs}
     chosen = {(str(np.dtype(views[a])),) for a in selects}
-    return not (wanted <= merges and chosen <= pivots and chosen <= marks)
+    summed = {(str(np.dtype(views[a])),) for a in sums if a in DTYPES}
+    added = _cached_views(sum_kernel.sum_entries, (-2,))
+    return not (wanted <= merges and chosen <= pivots and chosen <= marks and summed <= added)
 
 
 def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]]:
@@ -64,7 +69,9 @@ def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]
         return set()
 
 
-def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen | OtherCompiler:
+def start(
+    pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = frozenset()
+) -> subprocess.Popen | OtherCompiler:
     """Compile these kernels in a child process of low priority, which outlives the merge if
     it must (the cache is for the next merge too); where another merge's child is compiling
     (it holds ``LOCK``), wait for that one instead of compiling the same kernels twice."""
@@ -72,6 +79,7 @@ def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen | 
         return OtherCompiler()
     ensure_numba_cache()  # the child inherits the cache folder
     words = [f"{a}:{b}" for a, b in sorted(pairs)] + [f"select:{a}" for a in sorted(selects)]
+    words += [f"sum:{a}" for a in sorted(sums)]
     return subprocess.Popen(
         [sys.executable, "-m", "della_cli.backends.cpu.warm", *words],
         stdin=subprocess.DEVNULL,
@@ -104,10 +112,11 @@ def _held(path: Path) -> bool:
     return False
 
 
-def warm(pairs: set[tuple[str, str]], selects: set[str]) -> None:
+def warm(pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = frozenset()) -> None:
     """Call each kernel once, so that numba compiles and caches it: the block kernel for each
-    (input, output) dtype pair, the TIES selection for each input dtype."""
-    from della_cli.backends.cpu import block, select
+    (input, output) dtype pair, the TIES selection for each input dtype, the weighted sum for
+    each output dtype."""
+    from della_cli.backends.cpu import block, select, weighted_sum
 
     rng = np.random.default_rng(0)
     plans = [
@@ -120,6 +129,10 @@ def warm(pairs: set[tuple[str, str]], selects: set[str]) -> None:
         values = rng.standard_normal((2, 4, 8))
         return values[0].astype(DTYPES[name]), values[1].astype(DTYPES[name])
 
+    for name in sorted(sums):
+        expert, base = inputs("BF16")
+        spec = weighted_sum.WeightedSum((1.0, 0.5), True, True, 0.5)
+        weighted_sum.merge_block(base, [expert, expert], spec, DTYPES[name])
     for name in sorted(selects):
         expert, base = inputs(name)
         select.window_keep_mask(expert, base, 3, 20)
@@ -141,16 +154,18 @@ def warm(pairs: set[tuple[str, str]], selects: set[str]) -> None:
 
 
 def main(words: list[str]) -> None:
-    """``warm.py [IN:OUT ...] [select:IN ...]``; with no words, every kernel."""
+    """``warm.py [IN:OUT ...] [select:IN ...] [sum:OUT ...]``; with no words, every kernel."""
     if not words:
-        words = [f"{a}:{b}" for a in DTYPES for b in DTYPES] + [f"select:{a}" for a in DTYPES]
-    pairs = {tuple(w.split(":")) for w in words if not w.startswith("select:")}
+        words = [f"{a}:{b}" for a in DTYPES for b in DTYPES]
+        words += [f"{kind}:{a}" for kind in ("select", "sum") for a in DTYPES]
+    pairs = {tuple(w.split(":")) for w in words if not w.startswith(("select:", "sum:"))}
     selects = {w.split(":")[1] for w in words if w.startswith("select:")}
+    sums = {w.split(":")[1] for w in words if w.startswith("sum:")}
     ensure_numba_cache()
     with open(LOCK, "a") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # held while compiling; released at exit
-        warm(pairs, selects)  # type: ignore[arg-type]
+        warm(pairs, selects, sums)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
-"""Merges without sparsification or sign election (task arithmetic, linear), by the C kernel.
+"""Merges without sparsification or sign election (task arithmetic, linear), in one numba pass.
 
 These methods are a weighted sum of the inputs: a handful of float32 operations per entry, so
-they move far more bytes than they compute on. The kernel (``weighted_sum_kernel.h``, built at
-install where a C compiler is present) makes one pass over the inputs without numba's start-up;
-``io.streamed_sum`` runs the same kernel on pieces read straight from the files. Where it was
-not built, the plan gives these jobs the numba block kernel instead (``block``, every expert
-kept whole), which gives the same bytes. A call releases the GIL, so a block is split into
-spans that run in parallel threads.
+they move far more bytes than they compute on. The kernel (``sum_kernel.sum_entries``) makes
+one pass over the inputs and writes the output once, in pieces whose float32 sums stay in L1;
+widening, rounding and the non-finite check are ``rules``'. ``merge_streamed`` runs it on
+pieces read straight from the files (``io.streamed_sum``). It runs without the GIL, so a block
+is split into spans that run in parallel threads.
 
 The operations are the torch reference's (``merge.merge_tensor``), in its order and in float32,
 so the bytes are the same (with one freedom IEEE 754 leaves: where two NaNs meet, which payload
 a float32 result keeps; a bfloat16 NaN is always 0xFFFF):
 
-    on deltas:  θ = θ₀ + λ · (Σ_t w_t (θ_t − θ₀)) / D      (λ = 1 and w_t = 1 skip their
-    linear:     θ = (Σ_t w_t θ_t) / D                        multiplies, which are exact)
+    on deltas:  θ = θ₀ + λ · (Σ_t w_t (θ_t − θ₀)) / D      (λ = 1 skips its multiply,
+    linear:     θ = (Σ_t w_t θ_t) / D                        which is exact)
 
 with D = Σ_t w_t when normalizing (1 where it is 0), else 1, and the sum starting from +0.
 """
@@ -28,23 +27,18 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from della_cli.backends.cpu import output_array
-
-try:
-    from della_cli.backends.cpu import _weighted_sum as _compiled
-except ImportError:  # installed without a C compiler: the numba block kernel, same bytes
-    _compiled = None
+from della_cli.backends.cpu import output_array, rules
+from della_cli.backends.cpu.pointers import addresses
+from della_cli.backends.cpu.sum_kernel import sum_entries
+from della_cli.io import streamed_sum
+from della_cli.io.streamed_sum import FileSpan
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-# Stored dtypes the kernel reads and writes.
-SUPPORTED = (BFLOAT16, np.dtype(np.float32))
+# Stored dtypes the kernel reads and writes, and their codes in ``kinds``.
+KINDS = {BFLOAT16: 0, np.dtype(np.float32): 1}
 # Entries per span a thread takes at least: shorter spans cost more in calls than they gain.
 CHUNK = 1 << 18
-# Whether the compiled kernel is installed.
-COMPILED = _compiled is not None
-# The kernel's dtype codes (it sees bfloat16 as its bits) and its limit (flags in 64 bits).
-_KINDS = {BFLOAT16: 0, np.dtype(np.float32): 1}
-KERNEL_MAX_EXPERTS = 63
+_STORED = {"BF16": BFLOAT16, "F32": np.dtype(np.float32)}  # by safetensors code
 
 
 @dataclass(frozen=True)
@@ -64,14 +58,31 @@ class WeightedSum:
         total = np.float32(sum(self.weights))
         return total if total != 0 else np.float32(1.0)
 
+    def call_arguments(self) -> tuple:
+        """The arguments of ``sum_entries`` after the inputs and their kinds, up to ``out``."""
+        divisor = self.divisor
+        return (
+            np.array(self.weights, dtype=np.float32),
+            self.on_deltas,
+            divisor is not None,
+            np.float32(1.0 if divisor is None else divisor),
+            np.float32(self.lambda_),
+        )
 
-def supports(dtypes: Sequence[np.dtype], expert_count: int) -> bool:
-    """Whether the kernel is installed and takes inputs and output of these dtypes."""
-    return (
-        COMPILED
-        and expert_count <= KERNEL_MAX_EXPERTS
-        and all(np.dtype(dtype) in SUPPORTED for dtype in dtypes)
-    )
+
+def available() -> bool:
+    """Whether the kernel can run (numba installed)."""
+    return rules.available()
+
+
+def kinds_of(dtypes: Sequence[np.dtype]) -> np.ndarray:
+    """The kernel's codes of these input dtypes (bfloat16 or float32)."""
+    return np.array([KINDS[np.dtype(dtype)] for dtype in dtypes], dtype=np.int64)
+
+
+def kernel_output(out: np.ndarray) -> np.ndarray:
+    """An output array as the kernel writes it: float32 values, or bfloat16 bits as uint16."""
+    return out.view(np.uint16) if out.dtype == BFLOAT16 else out
 
 
 def merge_block(
@@ -90,17 +101,19 @@ def merge_block(
     the calling thread and one by each of the ``helper_count`` helper threads. ``out``: where
     to put the result (``base``'s shape, ``out_dtype``), else a new array.
     """
-    if not COMPILED:
-        raise RuntimeError("the compiled weighted-sum kernel is not installed")
     if len(experts) != len(spec.weights):
         raise ValueError("merge_block needs one weight per expert")
+    inputs = [np.ascontiguousarray(array).reshape(-1) for array in (base, *experts)]
+    if any(array.shape != inputs[0].shape for array in inputs):
+        raise ValueError("the experts must have the base's shape")
+    result = output_array(out, base.shape, out_dtype)
     block = _Block(
-        base.reshape(-1),
-        [expert.reshape(-1) for expert in experts],
-        spec,
-        output_array(out, base.shape, out_dtype).reshape(-1),
+        inputs,
+        kinds_of([array.dtype for array in inputs]),
+        spec.call_arguments(),
+        kernel_output(result.reshape(-1)),
     )
-    size = block.base.shape[0]
+    size = inputs[0].shape[0]
     threads = 1 + (helper_count if helpers is not None else 0)
     parts = max(1, min(threads, -(-size // CHUNK)))
     bounds = [size * part // parts for part in range(parts + 1)]
@@ -108,36 +121,55 @@ def merge_block(
     others = [helpers.submit(_merge_span, block, *span) for span in spans[1:]]
     flags = [_merge_span(block, *spans[0])]
     flags += [future.result() for future in others]
-    return block.out.reshape(base.shape), np.logical_or.reduce(flags)
+    return result, np.logical_or.reduce(flags)
+
+
+def merge_streamed(
+    out: np.ndarray,
+    base: FileSpan | int,
+    experts: Sequence[FileSpan],
+    spec: WeightedSum,
+    scratch: streamed_sum.Scratch,
+) -> np.ndarray:
+    """Merge the entries the spans start at into ``out`` (bfloat16 or float32, contiguous; its
+    size sets how many entries are read), a piece of every input at a time as
+    ``io.streamed_sum`` reads them. ``base``: a span, or the index of the expert whose entries
+    are also the base (a linear merge's reference, read once). Returns, per input (base
+    first), whether it held a NaN or an Inf."""
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be contiguous")  # the kernel writes where it lies
+    if len(experts) != len(spec.weights):
+        raise ValueError("merge_streamed needs one weight per expert")
+    read = list(experts) if isinstance(base, int) else [base, *experts]
+    regions = scratch.regions(read)
+    if isinstance(base, int):
+        regions = [regions[base], *regions]
+        base = experts[base]
+    pointers = addresses(regions)
+    kinds = kinds_of([_STORED[span.dtype] for span in (base, *experts)])
+    arguments = spec.call_arguments()
+    target = kernel_output(out.reshape(-1))
+    flags = np.zeros(len(experts) + 1, dtype=np.bool_)
+    for first, step in streamed_sum.pieces(read, regions[-len(read) :], target.shape[0]):
+        sum_entries(pointers, kinds, *arguments, target[first : first + step], flags)
+    return flags
 
 
 @dataclass(frozen=True)
 class _Block:
-    """One call's flattened inputs and output, shared by the threads merging its spans."""
+    """One call's flattened inputs (base first) and output, shared by the threads merging
+    its spans."""
 
-    base: np.ndarray
-    experts: list[np.ndarray]
-    spec: WeightedSum
+    inputs: list[np.ndarray]
+    kinds: np.ndarray
+    arguments: tuple
     out: np.ndarray
 
 
 def _merge_span(block: _Block, start: int, stop: int) -> np.ndarray:
-    """Entries ``start:stop`` into ``block.out``; the per-input non-finite flags (the kernel
-    returns them as bits)."""
-    spec = block.spec
-    bits = _compiled.merge(
-        _kernel_operand(block.out[start:stop]),
-        _kernel_operand(block.base[start:stop]),
-        tuple(_kernel_operand(expert[start:stop]) for expert in block.experts),
-        spec.weights,
-        spec.on_deltas,
-        None if spec.divisor is None else float(spec.divisor),
-        spec.lambda_,
-    )
-    count = len(block.experts) + 1
-    return np.array([bool(bits >> index & 1) for index in range(count)], dtype=np.bool_)
-
-
-def _kernel_operand(values: np.ndarray) -> tuple[np.ndarray, int]:
-    kind = _KINDS[values.dtype]
-    return (values.view(np.uint16) if values.dtype == BFLOAT16 else values), kind
+    """Entries ``start:stop`` into ``block.out``; the per-input non-finite flags."""
+    flags = np.zeros(len(block.inputs), dtype=np.bool_)
+    if stop > start:
+        spans = [array[start:stop] for array in block.inputs]  # alive for the call
+        sum_entries(addresses(spans), block.kinds, *block.arguments, block.out[start:stop], flags)
+    return flags
