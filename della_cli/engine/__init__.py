@@ -143,9 +143,7 @@ class MergeEngine:
 
     def _compile_notice(self) -> contextlib.AbstractContextManager:
         """Say so once when numba compiles (``backends.cpu.compile_notice``)."""
-        compiled = any(
-            job.kernel is not None and job.kernel.name == "block" for job in self.plan.jobs
-        )
+        compiled = any(job.kernel is not None and job.kernel.compiled for job in self.plan.jobs)
         if self.on_notice is None or not compiled:
             return contextlib.nullcontext()
         from della_cli.backends.cpu import compile_notice
@@ -238,18 +236,27 @@ class MergeEngine:
         """One block of a catalog method's job. At its first block, a job whose method needs
         the whole tensor first (slerp's norms, sce's selection) makes its passes over the row
         blocks, each read in turn (one at a time, so memory holds a block, not the tensor); a
-        tensor of one block reuses the block already read."""
+        tensor of one block reuses the block already read. A ``cpu/<method>`` job runs on
+        the CPU backend, or wholly on torch where it began while its kernels compiled."""
         job = task.job
+        on_cpu = job.kernel.backend == "cpu" and not self.cpu.stands_in(task)
         if task.start == 0 and job.kernel.passes > 1:
             if task.last:
                 blocks = lambda: iter([loaded])  # noqa: E731
             else:
                 blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
-            self._statistics[job.name] = self.torch.prepare(job, blocks)
+            backend = self.cpu if on_cpu else self.torch
+            self._statistics[job.name] = backend.prepare(job, blocks)
         state = self._statistics.get(job.name)
         if task.last:
             self._statistics.pop(job.name, None)
-        return self.torch.streamed_block(task, loaded, state, self.report)
+        if not on_cpu:
+            return self.torch.streamed_block(task, loaded, state, self.report)
+        out = self.output_buffer(task, loaded[0].shape)
+        merged, nonfinite = self.cpu.streamed_block(task, loaded, state, out)
+        if nonfinite.any():
+            self.report.nonfinite(job, [bool(flag) for flag in nonfinite])
+        return merged
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);
