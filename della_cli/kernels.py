@@ -50,7 +50,7 @@ WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 # The kernels of the generalized pipeline; any other name is a catalog method's.
 PIPELINE_KERNELS = ("merge", "block", "weighted_sum", "streamed_sum", "chunked_sum")
 
-# The catalog methods the CPU backend runs (``backends.cpu.catalog.METHODS``, without numba).
+# The catalog methods the CPU backend runs (``backends.cpu.catalog``, not imported to plan).
 CPU_CATALOG = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
 
 # How an expert's task vector is sparsified.

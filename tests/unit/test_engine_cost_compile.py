@@ -42,12 +42,12 @@ def test_jobs_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
         numba_jobs.append(task.job.name)
         return real_block(self, task, *args)
 
-    def start(pairs, selects):
+    def start(pairs, selects, catalog=frozenset()):
         started.append((pairs, selects))
         return Compiling(polls)
 
     monkeypatch.delenv("DELLA_COMPILE_INLINE")
-    monkeypatch.setattr(warm, "missing", lambda pairs, selects: True)
+    monkeypatch.setattr(warm, "missing", lambda pairs, selects, catalog=(): True)
     monkeypatch.setattr(warm, "start", start)
     monkeypatch.setattr(cpu_jobs.CpuJobs, "block", block)
     engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=256)

@@ -130,3 +130,80 @@ def test_the_sums_of_products_are_the_torch_backends_bits(length):
     assert folded == fold_rows(torch.zeros(()), torch.from_numpy(expected)).item()
     # folding in two blocks is folding whole
     assert spherical.fold_rows(spherical.fold_rows(None, gram[:2, 0, 1]), gram[2:, 0, 1]) == folded
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [
+        ("nuslerp", {"weight": 0.6}),
+        ("multislerp", {"weight": 0.5}),
+        ("karcher", {}),
+        ("model_stock", {"filter_wise": True}),
+    ],
+)
+def test_the_engine_runs_the_cpu_kernels_with_the_torch_backends_bytes(
+    method, parameters, bf16_recipe
+):
+    """Whole merges of a tiny bf16 Llama in blocks of a few rows: the plan gives every merged
+    tensor ``cpu/<method>``, and each tensor's bytes are the torch backend's."""
+    from kernel_check import on_backend
+
+    from della_cli.api import MergeOptions, prepare
+    from della_cli.engine import MergeEngine
+
+    recipe, inputs, plan = prepare(bf16_recipe(method, parameters), MergeOptions())
+    cpu_plan = on_backend(plan, recipe, inputs, "cpu")
+    merged = [job for job in cpu_plan.jobs if job.kernel]
+    assert merged and all(job.kernel.label.startswith(f"cpu/{method}") for job in merged)
+    passes = {job.kernel.passes for job in merged}
+    assert passes == ({1} if method == "model_stock" else {2})
+    cpu = MergeEngine(recipe, cpu_plan, inputs, "cpu", block_elements=200)
+    torch_plan = on_backend(plan, recipe, inputs, "torch")
+    assert all(job.kernel.backend == "torch" for job in torch_plan.jobs if job.kernel)
+    reference_engine = MergeEngine(recipe, torch_plan, inputs, "cpu", block_elements=200)
+    for job, torch_job in zip(cpu_plan.jobs, torch_plan.jobs, strict=True):
+        ours, theirs = cpu.compute(job), reference_engine.compute(torch_job)
+        assert ours.dtype == theirs.dtype, job.name
+        assert ours.tobytes() == theirs.tobytes(), job.name
+
+
+def test_jobs_begun_while_the_kernels_compile_run_on_torch_to_the_same_bytes(
+    bf16_recipe, tmp_path, monkeypatch
+):
+    """While the catalog kernels compile in a child process, each job begun meanwhile runs
+    wholly on torch (its statistics too), and the shards are the CPU backend's bytes."""
+    from safetensors.numpy import load_file
+
+    from della_cli.api import MergeOptions, prepare
+    from della_cli.backends.cpu import warm
+    from della_cli.engine import MergeEngine, cpu_jobs
+    from della_cli.io.writer import ShardWriter
+
+    recipe, inputs, plan = prepare(bf16_recipe("nuslerp", {"weight": 0.6}), MergeOptions())
+    expected = MergeEngine(recipe, plan, inputs, "cpu")
+    expected_bytes = {job.name: expected.compute(job).tobytes() for job in plan.jobs}
+
+    class Compiling:
+        def poll(self):
+            return None  # compiling throughout
+
+    started, cpu_blocks = [], []
+    real = cpu_jobs.CpuJobs.streamed_block
+    monkeypatch.delenv("DELLA_COMPILE_INLINE")
+    monkeypatch.setattr(warm, "missing", lambda pairs, selects, catalog=(): True)
+    monkeypatch.setattr(warm, "start", lambda *words: started.append(words) or Compiling())
+    monkeypatch.setattr(
+        cpu_jobs.CpuJobs,
+        "streamed_block",
+        lambda self, task, *args: cpu_blocks.append(task) or real(self, task, *args),
+    )
+    engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=256)
+    writer = ShardWriter(tmp_path, plan.shards)
+    engine.run(writer)
+    written = {}
+    for file_name in writer.close():
+        written.update(load_file(tmp_path / file_name))
+    assert started == [(set(), set(), {("BF16", "BF16")})]
+    assert cpu_blocks == []
+    for job in plan.jobs:
+        assert written[job.name].tobytes() == expected_bytes[job.name], job.name

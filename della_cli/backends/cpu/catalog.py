@@ -19,8 +19,7 @@ import numpy as np
 
 from della_cli.backends.cpu import coefficients, spherical
 
-# The catalog methods this backend runs, and those that take a first pass over the tensor.
-METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
+# The catalog methods this backend runs are ``kernels.CPU_CATALOG`` (planned without numba).
 Blocks = Callable[[], Iterable[tuple[np.ndarray, list[np.ndarray]]]]
 
 
