@@ -159,7 +159,8 @@ if numba is not None:
             length = half
         return scratch[0]
 
-    @numba.njit(parallel=True, cache=True)
+    # nogil: the engine's reader and writer threads go on while a block is computed
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def _gram_rows(base, inputs, subtract, gram):
         rows, n = base.shape
         count = len(inputs)
@@ -182,7 +183,7 @@ if numba is not None:
                     gram[row, a, b] = value
                     gram[row, b, a] = value
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def _combine_rows(
         base, inputs, coefficients, mode, subtract, add_reference, read_reference, out, flags
     ):
