@@ -214,3 +214,16 @@ def test_jobs_begun_while_the_kernels_compile_run_on_torch_to_the_same_bytes(
     assert compiling or any(task.start > 0 for task in cpu_blocks)  # tensors of several blocks
     for job in plan.jobs:
         assert written[job.name].tobytes() == expected_bytes[job.name], job.name
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[9], CASES[10]], ids=lambda c: str(c[1]))
+def test_gram_matrices_in_row_chunks_give_the_same_bytes(case, monkeypatch):
+    """A block's Gram matrices are computed a few rows at a time (``GRAM_ROWS``), for blocks
+    of many short rows: the folds and per-row coefficients do not change."""
+    method, settings, count, has_base = case
+    base, experts = inputs("random", DTYPES["bf16"], (9, 37), count)
+    blocks = as_blocks(base, experts, [(0, 5), (5, 9)])
+    theirs = torch_merge(method, settings, blocks, has_base, DTYPES["bf16"])
+    monkeypatch.setattr(catalog, "GRAM_ROWS", 2)
+    ours, _ = cpu_merge(method, settings, blocks, has_base, DTYPES["bf16"])
+    np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))

@@ -20,6 +20,8 @@ import numpy as np
 from della_cli.backends.cpu import coefficients, spherical
 
 # The catalog methods this backend runs are ``kernels.CPU_CATALOG`` (planned without numba).
+# Rows whose Gram matrices are computed at a time: at most 64K × n² float64 (8 MiB for n = 4).
+GRAM_ROWS = 1 << 16
 Blocks = Callable[[], Iterable[tuple[np.ndarray, list[np.ndarray]]]]
 
 
@@ -70,8 +72,10 @@ def prepare(
     total = None
     for reference, experts in blocks():
         chosen = vectors(method, values, reference, experts, has_base)
-        gram = spherical.gram_rows(reference, chosen.inputs, chosen.subtract)
-        total = spherical.fold_rows(total, gram)
+        for start, stop in _row_chunks(reference.shape[0]):
+            rows = [x[start:stop] for x in chosen.inputs]
+            gram = spherical.gram_rows(reference[start:stop], rows, chosen.subtract)
+            total = spherical.fold_rows(total, gram)
     if total is None:
         raise ValueError("a tensor of no blocks")
     return _coefficients(method, values, weights, total)
@@ -99,6 +103,12 @@ def _coefficients_of(method, values, weights, gram: np.ndarray) -> np.ndarray | 
         return coefficients.karcher(gram, values["max_iter"], values["tol"])
     t = coefficients.model_stock_t(gram).astype(np.float32)
     return np.stack([t, np.float32(1) - t], axis=-1)
+
+
+def _row_chunks(rows: int) -> list[tuple[int, int]]:
+    """Row ranges of at most ``GRAM_ROWS`` rows (one range for a block of none): the Gram
+    matrices of a block of short rows (a (4M, 1) tensor's block has 4M rows) stay small."""
+    return [(a, min(a + GRAM_ROWS, rows)) for a in range(0, max(rows, 1), GRAM_ROWS)]
 
 
 def nuslerp_t(weights: Sequence[float]) -> float:
@@ -130,8 +140,17 @@ def apply(
     reference, as the torch backend reports)."""
     chosen = vectors(method, values, reference, experts, has_base)
     if per_row(method, values):
-        gram = spherical.gram_rows(reference, chosen.inputs, chosen.subtract)
-        state = _coefficients(method, values, weights, gram)
+        state = np.concatenate(
+            [
+                np.asarray(_coefficients(method, values, weights, gram), dtype=np.float32)
+                for gram in (
+                    spherical.gram_rows(
+                        reference[a:b], [x[a:b] for x in chosen.inputs], chosen.subtract
+                    )
+                    for a, b in _row_chunks(reference.shape[0])
+                )
+            ]
+        )
     if state is None:  # one input: itself
         chosen = Vectors(chosen.inputs[:1], False)
         state = np.ones(1)
