@@ -15,7 +15,10 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
   mixed dtypes (but for weighted sums), the L1 rescale, MAGPRUNE rows of one entry, or numba
   not installed;
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
-  in the passes over the row blocks its statistics need (``methods.streamed``).
+  in the passes over the row blocks its statistics need (``methods.streamed``);
+- ``cpu/<method>``: slerp, nuslerp, multislerp, karcher and model_stock on the CPU backend's
+  numba kernels, in the same passes (``backends.cpu.catalog``), where the inputs are bfloat16
+  or float32 of one dtype and the vectors are the tensor's rows (not nuslerp's columns).
 
 Each merge job also gets its experts' parameters settled here: weight, how the task vector is
 sparsified, the density and window, and the key of its random draws. The engine runs what the
@@ -49,6 +52,9 @@ WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
 # The kernels of the generalized pipeline; any other name is a catalog method's.
 PIPELINE_KERNELS = ("merge", "block", "weighted_sum", "streamed_sum", "chunked_sum")
+
+# The catalog methods the CPU backend runs (``backends.cpu.catalog``, not imported to plan).
+CPU_CATALOG = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
 
 # How an expert's task vector is sparsified.
 KEEP, RANDOM, MAGPRUNE, WINDOW = "keep", "random", "magprune", "window"
@@ -86,6 +92,12 @@ class Kernel:
     def streamed(self) -> bool:
         """Whether a catalog method runs this job (``methods.streamed``)."""
         return self.name not in PIPELINE_KERNELS
+
+    @property
+    def compiled(self) -> bool:
+        """Whether numba compiles what runs this job (every CPU kernel: the block kernel, the
+        weighted sums, ``cpu/<method>``)."""
+        return self.backend == "cpu"
 
     @property
     def settings(self) -> dict[str, object]:
@@ -140,12 +152,27 @@ class _Chooser:
             compute = "F64" if self.recipe.schema.dtype == "float64" else "F32"
             passes = method_passes(method.name, values, len(steps), compute)
             shared = self.recipe.global_params(job.name)
-            kernel = Kernel("torch", method.name, steps, shared, passes, tuple(values.items()))
+            backend = "cpu" if self.catalog_on_cpu(job, method.name, values) else "torch"
+            kernel = Kernel(backend, method.name, steps, shared, passes, tuple(values.items()))
             return dataclasses.replace(job, kernel=kernel)
         shared = self.recipe.global_params(job.name)
         name = self.cpu_kernel(job, steps, shared)
         backend = "torch" if name is None else "cpu"
         return dataclasses.replace(job, kernel=Kernel(backend, name or "merge", steps, shared))
+
+    def catalog_on_cpu(self, job: TensorJob, method: str, values: dict) -> bool:
+        """Whether the CPU backend runs this job of a catalog method: one of its methods,
+        inputs of one CPU dtype (float32 math: not a float64 recipe), and vectors that are
+        the tensor's rows (nuslerp per column, and per-row methods on tensors of more than
+        two dimensions, whose rows are their last dimension, stay on torch)."""
+        if not self.numba or method not in CPU_CATALOG or self.recipe.schema.dtype == "float64":
+            return False
+        dtypes = [*self.loaded_dtypes(job), job.out_dtype]
+        if not all(dtype in CPU_DTYPES for dtype in dtypes) or len(set(dtypes[:-1])) != 1:
+            return False
+        if method == "nuslerp" and not values["nuslerp_flatten"]:
+            return not values["nuslerp_row_wise"] and len(job.shape) <= 2
+        return not (method == "model_stock" and values["filter_wise"] and len(job.shape) > 2)
 
     def step(self, job: TensorJob, model: int) -> ExpertStep:
         params = self.recipe.expert_params(model, job.name)

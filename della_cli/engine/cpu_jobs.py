@@ -41,9 +41,14 @@ class CpuJobs:
     def start_compiling(self, jobs: list[TensorJob], inputs) -> None:
         """Where the kernels of the jobs on the CPU backend are not in numba's cache, compile
         them in a child process (``backends.cpu.warm``) rather than make the merge wait."""
-        pairs, selects, sums = set(), set(), set()
+        pairs, selects, sums, catalog = set(), set(), set(), set()
         for job in jobs:
             if job.kernel is None or job.kernel.backend != "cpu":
+                continue
+            if job.kernel.streamed:  # a catalog method: compiled per (input, output) dtypes
+                first = job.experts[0]
+                dtype = inputs.reader(first.model).tensors[first.tensor].dtype
+                catalog.add((dtype, job.out_dtype))
                 continue
             if job.kernel.name != "block":
                 sums.add(job.out_dtype)  # a weighted sum: compiled per output dtype
@@ -57,12 +62,12 @@ class CpuJobs:
             pairs.add((dtype, job.out_dtype))
             if any(step.sparsify == WINDOW for step in job.kernel.experts):
                 selects.add(dtype)
-        if not (pairs or sums) or os.environ.get("DELLA_COMPILE_INLINE"):
+        if not (pairs or sums or catalog) or os.environ.get("DELLA_COMPILE_INLINE"):
             return
         from della_cli.backends.cpu import warm  # numba: imported only when needed
 
-        if warm.missing(pairs, selects, sums):
-            self._compiler = warm.start(pairs, selects, sums)
+        if warm.missing(pairs, selects, sums, catalog):
+            self._compiler = warm.start(pairs, selects, sums, catalog)
 
     def compiling(self) -> bool:
         """Whether the kernels are still being compiled beside the merge."""
@@ -70,9 +75,10 @@ class CpuJobs:
 
     def stands_in(self, task: BlockTask) -> bool:
         """Whether the torch reference merges this block (the same bytes) while the kernels
-        compile: any block of a weighted sum, each on its own; a ``cpu/block`` job begun
-        meanwhile, to its last block (its whole-tensor selection was made for it)."""
-        if task.job.kernel.name != "block":
+        compile: any block of a weighted sum, each on its own; a ``cpu/block`` or catalog job
+        begun meanwhile, to its last block (its whole-tensor selection, or its statistics,
+        were made for it)."""
+        if task.job.kernel.name != "block" and not task.job.kernel.streamed:
             return self.compiling()
         name = task.job.name
         if task.start == 0 and self.compiling():
@@ -172,6 +178,44 @@ class CpuJobs:
             out=out,
         )
 
+    def prepare(self, job: TensorJob, blocks) -> np.ndarray | None:
+        """A ``cpu/<method>`` job's coefficients of the whole tensor, from a pass over its
+        blocks (``blocks()``: each block's raw rows, reference first, as ``RowLoader.load``
+        gives them)."""
+        from della_cli.backends.cpu import catalog  # numba: imported only when needed
+
+        self.threads.limit_numba()
+        kernel = job.kernel
+        weights = [step.params.weight for step in kernel.experts]
+
+        def split():
+            for loaded in blocks():
+                reference, *experts = _as_rows(loaded)
+                yield reference, experts
+
+        return catalog.prepare(kernel.name, kernel.settings, weights, split, job.has_base)
+
+    def streamed_block(self, task: BlockTask, loaded: list[np.ndarray], state, out) -> Merged:
+        """One output block of a ``cpu/<method>`` job, and its inputs' non-finite flags."""
+        from della_cli.backends.cpu import catalog
+
+        self.threads.limit_numba()
+        job = task.job
+        kernel = job.kernel
+        weights = [step.params.weight for step in kernel.experts]
+        reference, *experts = _as_rows(loaded)
+        return catalog.apply(
+            kernel.name,
+            kernel.settings,
+            weights,
+            state,
+            reference,
+            experts,
+            job.has_base,
+            NUMPY_DTYPES[job.out_dtype],
+            out,
+        )
+
     def keep_mask(self, expert: np.ndarray, reference: np.ndarray, window: tuple[int, int]):
         """A whole-tensor selection (TIES, breadcrumbs) from the two inputs as stored."""
         from della_cli.backends.cpu import select  # numba: imported only when needed
@@ -179,3 +223,11 @@ class CpuJobs:
         self.threads.limit_numba()
         low, high = window
         return select.window_keep_mask(expert, reference, low, high)
+
+
+def _as_rows(loaded: list[np.ndarray]) -> list[np.ndarray]:
+    """A block's arrays as (rows, row length): a 1-D tensor's block is one row."""
+    return [
+        array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+        for array in loaded
+    ]

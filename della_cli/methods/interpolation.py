@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from della_cli.methods.row_sums import as_rows, fold_rows, row_dots
+
 # nuslerp lerps vectors with cos Ω below −ANTIPARALLEL_COS, the bound slerp uses on both sides.
 ANTIPARALLEL_COS = 0.9995
 
@@ -45,38 +47,51 @@ def widen(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def whole_sum(values: torch.Tensor) -> torch.Tensor:
     """Σ values in float64 (a 0-dim tensor): each row (a slice along dim 0; a 1-D tensor is one
-    row) summed in the compute dtype, then the row sums in float64. A row's sum does not depend
-    on how the rows are split into blocks, so a tensor's sum is the same in any blocks up to
-    float64 rounding, and summing the rows in float32 is several times faster than widening
-    every product to float64 first."""
+    row) summed in the compute dtype, then the row sums in float64 (sce's statistics)."""
     if values.dim() <= 1:
         return values.sum(dtype=torch.float64)
     rows = values.reshape(values.shape[0], math.prod(values.shape[1:]))
     return rows.sum(dim=1).sum(dtype=torch.float64)
 
 
-def pair_sums(x: torch.Tensor, y: torch.Tensor, layout: str = WHOLE) -> torch.Tensor:
-    """[Σx², Σy², Σxy] in float64, stacked on the last axis: shape (3,) for ``WHOLE``,
+def pair_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[Σx², Σy², Σxy] per row (a slice along dim 0; a 1-D tensor is one row): (rows, 3)
+    float64, each a ``row_sums.row_dots``."""
+    x, y = (as_rows(t) for t in widen([x, y]))
+    return torch.stack([row_dots(x, x), row_dots(y, y), row_dots(x, y)], dim=-1)
+
+
+def pair_sums(
+    x: torch.Tensor, y: torch.Tensor, layout: str = WHOLE, total: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[Σx², Σy², Σxy] in float64, stacked on the last axis: shape (3,) for ``WHOLE`` (the
+    rows folded into ``total``, zeros if None, as ``row_sums.fold_rows`` says),
     ``(*x.shape[:-1], 3)`` for ``ROWS`` (block-local), ``(*x.shape[1:], 3)`` for ``COLUMNS``."""
-    x, y = widen([x, y])
     if layout == WHOLE:
-        return torch.stack([whole_sum(x * x), whole_sum(y * y), whole_sum(x * y)])
-    if x.dim() <= 1 and layout == ROWS:
-        dims: tuple[int, ...] = tuple(range(x.dim()))
-    elif layout == ROWS:
-        dims = (-1,)
-    else:
-        dims = (0,)
+        start = torch.zeros(3, dtype=torch.float64) if total is None else total
+        return fold_rows(start, pair_rows(x, y))
+    x, y = widen([x, y])
+    if layout == ROWS:
+        length = x.shape[-1] if x.dim() else 1
+        vectors = [t.reshape(t.numel() // max(length, 1), length) for t in (x, y)]
+        sums = torch.stack([row_dots(vectors[a], vectors[b]) for a, b in _PAIRS], dim=-1)
+        return sums.reshape(*x.shape[:-1], 3)
     products = (x * x, y * y, x * y)
-    return torch.stack([p.sum(dim=dims, dtype=torch.float64) for p in products], dim=-1)
+    return torch.stack([p.sum(dim=(0,), dtype=torch.float64) for p in products], dim=-1)
+
+
+_PAIRS = ((0, 0), (1, 1), (0, 1))
 
 
 # ---------------------------------------------------------------- slerp
 
 
-def slerp_statistics(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Partial sums [Σb², Σo², Σbo] (3,) of a block of ``base`` and ``other`` (same shape)."""
-    return pair_sums(base, other)
+def slerp_statistics(
+    base: torch.Tensor, other: torch.Tensor, total: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sums [Σb², Σo², Σbo] (3,) of a block of ``base`` and ``other`` (same shape), folded
+    into ``total`` (the sums of the blocks before it)."""
+    return pair_sums(base, other, WHOLE, total)
 
 
 def slerp_coefficients(
@@ -134,11 +149,15 @@ def nuslerp_statistics(
     second: torch.Tensor,
     base: torch.Tensor | None = None,
     layout: str = WHOLE,
+    total: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Partial sums [Σv₀², Σv₁², Σv₀v₁] of the two vectors (task vectors when ``base`` is
-    given): (3,), or ``(*shape[1:], 3)`` for columns. Rows need no first pass."""
+    """Sums [Σv₀², Σv₁², Σv₀v₁] of the two vectors (task vectors when ``base`` is given):
+    (3,) folded into ``total``, or partial sums ``(*shape[1:], 3)`` for columns (added over
+    blocks). Rows need no first pass."""
     v0, v1 = _task_pair(first, second, base)
-    return pair_sums(v0, v1, layout)
+    if layout == COLUMNS and total is not None:
+        return total + pair_sums(v0, v1, layout)
+    return pair_sums(v0, v1, layout, total)
 
 
 def _task_pair(
@@ -198,20 +217,31 @@ def nuslerp(
 # ---------------------------------------------------------------- Gram matrices
 
 
-def gram_statistics(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Partial Gram matrix G[i, j] = Σ xᵢxⱼ (n, n) in float64 of a block of the inputs (of
-    their task vectors when ``base`` is given); adds up over row blocks."""
+def gram_rows(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    """Gram matrices G[r, i, j] = Σ xᵢxⱼ per row r (a slice along dim 0; a 1-D tensor is one
+    row): (rows, n, n) float64 of the inputs (of their task vectors when ``base`` is given)."""
     vectors = widen([*tensors] if base is None else [*tensors, base])
     if base is not None:
         vectors = [v - vectors[-1] for v in vectors[:-1]]
+    vectors = [as_rows(v) for v in vectors]
     n = len(vectors)
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(vectors[0].shape[0], n, n, dtype=torch.float64, device=vectors[0].device)
     for i in range(n):
         for j in range(i, n):
-            gram[i, j] = gram[j, i] = whole_sum(vectors[i] * vectors[j])
+            gram[:, i, j] = gram[:, j, i] = row_dots(vectors[i], vectors[j])
     return gram
+
+
+def gram_statistics(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    total: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gram matrix G[i, j] = Σ xᵢxⱼ (n, n) in float64 of a block of the inputs (of their task
+    vectors when ``base`` is given), its rows folded into ``total`` (the blocks before it)."""
+    rows = gram_rows(tensors, base)
+    start = torch.zeros(rows.shape[1:], dtype=torch.float64) if total is None else total
+    return fold_rows(start, rows)
 
 
 def combine(
@@ -343,6 +373,7 @@ __all__ = [
     "WHOLE",
     "combine",
     "compute_dtype",
+    "gram_rows",
     "gram_statistics",
     "karcher",
     "karcher_coefficients",
@@ -354,6 +385,7 @@ __all__ = [
     "nuslerp_layout",
     "nuslerp_statistics",
     "nuslerp_t",
+    "pair_rows",
     "pair_sums",
     "slerp",
     "slerp_apply",

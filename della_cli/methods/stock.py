@@ -7,7 +7,8 @@ the mean pairwise cosine of the N ≥ 2 task vectors, over the whole tensor or, 
 
 Streaming: the whole-tensor cosine needs the Gram matrix of the task vectors (N(N+1)/2 sums),
 accumulated over row blocks by ``gram_statistics``; the row-wise one needs no first pass, since
-a row block holds whole rows. Inputs are widened to float32 (float64 when one is float64).
+a row block holds whole rows. Sums of products are those of ``row_sums``. Inputs are widened
+to float32 (float64 when one is float64).
 """
 
 from __future__ import annotations
@@ -17,20 +18,19 @@ from collections.abc import Sequence
 import torch
 
 from della_cli.methods.interpolation import gram_statistics, widen
+from della_cli.methods.row_sums import row_dots
 
 
 def row_gram(models: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Gram matrices of the task vectors per row (last dimension): (*rows, N, N) float64;
     a 1-D tensor is one row (shape (N, N))."""
     *models, base = widen([*models, base])
-    deltas = [m - base for m in models]
-    dims = -1 if base.dim() > 1 else tuple(range(base.dim()))
+    length = base.shape[-1] if base.dim() else 1
+    deltas = [(m - base).reshape(base.numel() // max(length, 1), length) for m in models]
     n = len(deltas)
-    entries = [
-        [(deltas[i] * deltas[j]).sum(dim=dims, dtype=torch.float64) for j in range(n)]
-        for i in range(n)
-    ]
-    return torch.stack([torch.stack(row, dim=-1) for row in entries], dim=-2)
+    entries = [[row_dots(deltas[i], deltas[j]) for j in range(n)] for i in range(n)]
+    gram = torch.stack([torch.stack(row, dim=-1) for row in entries], dim=-2)
+    return gram.reshape(*base.shape[:-1], n, n)
 
 
 def model_stock_t(gram: torch.Tensor) -> torch.Tensor:

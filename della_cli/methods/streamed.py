@@ -83,24 +83,31 @@ def prepare(
 
     weights = [p.weight for p in params]
     if method == "slerp":
-        return _summed(ip.slerp_statistics(base, models[0]) for base, models in blocks())
+        return _folded(
+            blocks, lambda total, base, models: ip.slerp_statistics(base, models[0], total)
+        )
     if method == "nuslerp":
         layout = _layout(values)
-        return _summed(
-            ip.nuslerp_statistics(models[0], models[1], base, layout) for base, models in blocks()
+        return _folded(
+            blocks,
+            lambda total, base, models: ip.nuslerp_statistics(*models[:2], base, layout, total),
         )
     if method == "multislerp":
-        gram = _summed(ip.gram_statistics(models, base) for base, models in blocks())
+        gram = _folded(blocks, lambda total, base, models: ip.gram_statistics(models, base, total))
         return ip.multislerp_coefficients(gram, weights, values["normalize_weights"], values["eps"])
     if method == "karcher":
-        gram = _summed(
-            ip.gram_statistics(_karcher_inputs(values, base, models)) for base, models in blocks()
+        gram = _folded(
+            blocks,
+            lambda total, base, models: ip.gram_statistics(
+                _karcher_inputs(values, base, models), None, total
+            ),
         )
         return ip.karcher_coefficients(gram, values["max_iter"], values["tol"])
     if method == "model_stock":
         from della_cli.methods.stock import model_stock_t
 
-        return model_stock_t(_summed(ip.gram_statistics(models, base) for base, models in blocks()))
+        gram = _folded(blocks, lambda total, base, models: ip.gram_statistics(models, base, total))
+        return model_stock_t(gram)
     if method == "ramplus_tl":
         counts = _summed(
             selection.ramplus_tl_statistics(models, base, values["epsilon"])
@@ -162,6 +169,16 @@ def apply(
             return ip.widen([base])[0].clone()
         return selection.arcee_fusion_apply(state, base, models[0])
     raise ValueError(f"della does not run {method} yet")
+
+
+def _folded(blocks: Blocks, step: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The statistics of a whole tensor: ``step(total, base, models)`` folds each block's rows
+    into the total of the blocks before it (None before the first), in row order, so that the
+    total does not depend on the blocks (``methods.row_sums``)."""
+    total = None
+    for base, models in blocks():
+        total = step(total, base, models)
+    return total
 
 
 def _summed(parts: Iterable[torch.Tensor]) -> torch.Tensor:

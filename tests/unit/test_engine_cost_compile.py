@@ -42,12 +42,12 @@ def test_jobs_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
         numba_jobs.append(task.job.name)
         return real_block(self, task, *args)
 
-    def start(pairs, selects, sums):
+    def start(pairs, selects, sums=frozenset(), catalog=frozenset()):
         started.append((pairs, selects, sums))
         return Compiling(polls)
 
     monkeypatch.delenv("DELLA_COMPILE_INLINE")
-    monkeypatch.setattr(warm, "missing", lambda pairs, selects, sums: True)
+    monkeypatch.setattr(warm, "missing", lambda pairs, selects, sums=(), catalog=(): True)
     monkeypatch.setattr(warm, "start", start)
     monkeypatch.setattr(cpu_jobs.CpuJobs, "block", block)
     engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=256)
@@ -87,12 +87,12 @@ def test_weighted_sums_begun_while_compiling_are_merged_by_torch_to_the_same_byt
         summed.append(out.size)
         return real_merge(out, *args)
 
-    def start(pairs, selects, sums):
+    def start(pairs, selects, sums, catalog=frozenset()):
         started.append((pairs, selects, sums))
         return Compiling(polls)
 
     monkeypatch.delenv("DELLA_COMPILE_INLINE")
-    monkeypatch.setattr(warm, "missing", lambda pairs, selects, sums: True)
+    monkeypatch.setattr(warm, "missing", lambda pairs, selects, sums, catalog=(): True)
     monkeypatch.setattr(warm, "start", start)
     monkeypatch.setattr(weighted_sum, "merge_streamed", merge_streamed)
     engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=256, threads=1)

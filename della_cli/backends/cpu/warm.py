@@ -40,11 +40,17 @@ _UID = os.getuid() if hasattr(os, "getuid") else "user"
 LOCK = Path(tempfile.gettempdir()) / f"della-numba-compiling-{_UID}.lock"
 
 
-def missing(pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = frozenset()) -> bool:
+def missing(
+    pairs: set[tuple[str, str]],
+    selects: set[str],
+    sums: set[str] = frozenset(),
+    catalog: set[tuple[str, str]] = frozenset(),
+) -> bool:
     """Whether a kernel for any of these (input, output) dtype pairs of the block kernel, of
-    the TIES selection of these input dtypes, or of the weighted sum into these output dtypes,
-    is not in numba's cache."""
-    from della_cli.backends.cpu import block, select, sum_kernel
+    the TIES selection of these input dtypes, of the weighted sum into these output dtypes, or
+    of these (input, output) pairs of the catalog methods' kernels (``spherical``), is not in
+    numba's cache."""
+    from della_cli.backends.cpu import block, select, spherical, sum_kernel
 
     pairs = {(a, b) for a, b in pairs if a in DTYPES and b in DTYPES}
     selects = {a for a in selects if a in DTYPES}
@@ -56,7 +62,15 @@ def missing(pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = fro
     chosen = {(str(np.dtype(views[a])),) for a in selects}
     summed = {(str(np.dtype(views[a])),) for a in sums if a in DTYPES}
     added = _cached_views(sum_kernel.sum_entries, (-2,))
-    return not (wanted <= merges and chosen <= pivots and chosen <= marks and summed <= added)
+    catalog = {(a, b) for a, b in catalog if a in DTYPES and b in DTYPES}
+    combined = {(str(np.dtype(views[a])), str(np.dtype(views[b]))) for a, b in catalog}
+    grams = {(str(np.dtype(views[a])),) for a, _ in catalog}
+    ready = combined <= _cached_views(spherical._combine_rows, (0, -2)) and grams <= (
+        _cached_views(spherical._gram_rows, (0,))
+    )
+    return not (
+        wanted <= merges and chosen <= pivots and chosen <= marks and summed <= added and ready
+    )
 
 
 def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]]:
@@ -70,7 +84,10 @@ def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]
 
 
 def start(
-    pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = frozenset()
+    pairs: set[tuple[str, str]],
+    selects: set[str],
+    sums: set[str] = frozenset(),
+    catalog: set[tuple[str, str]] = frozenset(),
 ) -> subprocess.Popen | OtherCompiler:
     """Compile these kernels in a child process of low priority, which outlives the merge if
     it must (the cache is for the next merge too); where another merge's child is compiling
@@ -80,6 +97,7 @@ def start(
     ensure_numba_cache()  # the child inherits the cache folder
     words = [f"{a}:{b}" for a, b in sorted(pairs)] + [f"select:{a}" for a in sorted(selects)]
     words += [f"sum:{a}" for a in sorted(sums)]
+    words += [f"catalog:{a}:{b}" for a, b in sorted(catalog)]
     return subprocess.Popen(
         [sys.executable, "-m", "della_cli.backends.cpu.warm", *words],
         stdin=subprocess.DEVNULL,
@@ -112,11 +130,16 @@ def _held(path: Path) -> bool:
     return False
 
 
-def warm(pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = frozenset()) -> None:
+def warm(
+    pairs: set[tuple[str, str]],
+    selects: set[str],
+    sums: set[str] = frozenset(),
+    catalog: set[tuple[str, str]] = frozenset(),
+) -> None:
     """Call each kernel once, so that numba compiles and caches it: the block kernel for each
     (input, output) dtype pair, the TIES selection for each input dtype, the weighted sum for
-    each output dtype."""
-    from della_cli.backends.cpu import block, select, weighted_sum
+    each output dtype, the catalog methods' kernels for each (input, output) pair."""
+    from della_cli.backends.cpu import block, select, spherical, weighted_sum
 
     rng = np.random.default_rng(0)
     plans = [
@@ -151,21 +174,36 @@ def warm(pairs: set[tuple[str, str]], selects: set[str], sums: set[str] = frozen
             lambda_=1.0,
             out_dtype=DTYPES[out_name],
         )
+    for name, out_name in sorted(catalog):
+        expert, base = inputs(name)
+        spherical.gram_rows(base, [expert, expert], subtract=True)
+        spherical.combine_rows(
+            base,
+            [expert, expert],
+            np.ones((1, 2), dtype=np.float32),
+            mode=spherical.SUM,
+            subtract=True,
+            add_reference=True,
+            out_dtype=DTYPES[out_name],
+        )
 
 
 def main(words: list[str]) -> None:
-    """``warm.py [IN:OUT ...] [select:IN ...] [sum:OUT ...]``; with no words, every kernel."""
+    """``warm.py [IN:OUT ...] [select:IN ...] [sum:OUT ...] [catalog:IN:OUT ...]``; with no
+    words, every kernel."""
     if not words:
         words = [f"{a}:{b}" for a in DTYPES for b in DTYPES]
         words += [f"{kind}:{a}" for kind in ("select", "sum") for a in DTYPES]
-    pairs = {tuple(w.split(":")) for w in words if not w.startswith(("select:", "sum:"))}
+        words += [f"catalog:{a}:{b}" for a in DTYPES for b in DTYPES]
+    pairs = {tuple(w.split(":")) for w in words if ":" in w and w.split(":")[0] in DTYPES}
     selects = {w.split(":")[1] for w in words if w.startswith("select:")}
     sums = {w.split(":")[1] for w in words if w.startswith("sum:")}
+    catalog = {tuple(w.split(":")[1:]) for w in words if w.startswith("catalog:")}
     ensure_numba_cache()
     with open(LOCK, "a") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # held while compiling; released at exit
-        warm(pairs, selects, sums)  # type: ignore[arg-type]
+        warm(pairs, selects, sums, catalog)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
