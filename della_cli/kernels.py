@@ -17,8 +17,9 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
   in the passes over the row blocks its statistics need (``methods.streamed``);
 - ``cpu/<method>``: slerp, nuslerp, multislerp, karcher and model_stock on the CPU backend's
-  numba kernels, in the same passes (``backends.cpu.catalog``), where the inputs are bfloat16
-  or float32 of one dtype and the vectors are the tensor's rows (not nuslerp's columns).
+  numba kernels, in the same passes (``backends.cpu.spherical_methods``), where the inputs
+  are bfloat16 or float32 of one dtype and the vectors are the tensor's rows (not nuslerp's
+  columns).
 
 Each merge job also gets its experts' parameters settled here: weight, how the task vector is
 sparsified, the density and window, and the key of its random draws. The engine runs what the
@@ -53,7 +54,8 @@ WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 # The kernels of the generalized pipeline; any other name is a catalog method's.
 PIPELINE_KERNELS = ("merge", "block", "weighted_sum", "streamed_sum", "chunked_sum")
 
-# The catalog methods the CPU backend runs (``backends.cpu.catalog``, not imported to plan).
+# The catalog methods the CPU backend runs by coefficients (``backends.cpu.spherical_methods``,
+# not imported to plan).
 CPU_CATALOG = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
 
 # How an expert's task vector is sparsified.

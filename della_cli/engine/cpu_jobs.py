@@ -182,7 +182,7 @@ class CpuJobs:
         """A ``cpu/<method>`` job's coefficients of the whole tensor, from a pass over its
         blocks (``blocks()``: each block's raw rows, reference first, as ``RowLoader.load``
         gives them)."""
-        from della_cli.backends.cpu import catalog  # numba: imported only when needed
+        from della_cli.backends.cpu import spherical_methods  # numba: imported only when needed
 
         self.threads.limit_numba()
         kernel = job.kernel
@@ -193,18 +193,18 @@ class CpuJobs:
                 reference, *experts = _as_rows(loaded)
                 yield reference, experts
 
-        return catalog.prepare(kernel.name, kernel.settings, weights, split, job.has_base)
+        return spherical_methods.prepare(kernel.name, kernel.settings, weights, split, job.has_base)
 
     def streamed_block(self, task: BlockTask, loaded: list[np.ndarray], state, out) -> Merged:
         """One output block of a ``cpu/<method>`` job, and its inputs' non-finite flags."""
-        from della_cli.backends.cpu import catalog
+        from della_cli.backends.cpu import spherical_methods
 
         self.threads.limit_numba()
         job = task.job
         kernel = job.kernel
         weights = [step.params.weight for step in kernel.experts]
         reference, *experts = _as_rows(loaded)
-        return catalog.apply(
+        return spherical_methods.apply(
             kernel.name,
             kernel.settings,
             weights,

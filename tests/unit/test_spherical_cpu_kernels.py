@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from della_cli.backends.cpu import catalog, spherical
+from della_cli.backends.cpu import spherical, spherical_methods
 from della_cli.io.dtypes import from_torch, to_torch
 from della_cli.methods import ExpertParams
 from della_cli.methods import streamed as reference
@@ -41,9 +41,9 @@ def cpu_merge(method, settings, blocks, has_base, out_dtype):
     weights = WEIGHTS[: len(blocks[0][1])]
     state = None
     if reference.passes(method, settings, len(blocks[0][1])) > 1:
-        state = catalog.prepare(method, settings, weights, lambda: iter(blocks), has_base)
+        state = spherical_methods.prepare(method, settings, weights, lambda: iter(blocks), has_base)
     merged = [
-        catalog.apply(method, settings, weights, state, r, e, has_base, out_dtype)
+        spherical_methods.apply(method, settings, weights, state, r, e, has_base, out_dtype)
         for r, e in blocks
     ]
     flags = np.any([f for _, f in merged], axis=0)
@@ -220,6 +220,6 @@ def test_gram_matrices_in_row_chunks_give_the_same_bytes(case, monkeypatch):
     base, experts = inputs("random", DTYPES["bf16"], (9, 37), count)
     blocks = as_blocks(base, experts, [(0, 5), (5, 9)])
     theirs = torch_merge(method, settings, blocks, has_base, DTYPES["bf16"])
-    monkeypatch.setattr(catalog, "GRAM_ROWS", 2)
+    monkeypatch.setattr(spherical_methods, "GRAM_ROWS", 2)
     ours, _ = cpu_merge(method, settings, blocks, has_base, DTYPES["bf16"])
     np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))
