@@ -10,6 +10,8 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
   TIES and breadcrumbs select over the whole tensor first, also in numba);
 - ``torch/merge``: the torch backend, the reference: CUDA, float16 or float64 inputs, inputs of
   mixed dtypes, the L1 rescale, MAGPRUNE rows of one entry, or a CPU backend not installed;
+- ``cpu/<method>``: sce, ram, ramplus_tl and arcee_fusion in numba (``backends.cpu.catalog``),
+  in the passes of their torch kernels, with the same bytes;
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
   in the passes over the row blocks its statistics need (``methods.streamed``).
 
@@ -44,6 +46,8 @@ CPU_DTYPES = ("BF16", "F32")  # what the CPU kernels read and write
 MAX_SUM_EXPERTS = 63  # the C kernel's flags fit in 64 bits
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
+# The catalog methods the CPU backend runs (``backends.cpu.catalog``): ``cpu/<method>``.
+CPU_CATALOG_METHODS = ("sce", "ram", "ramplus_tl", "arcee_fusion")
 # The kernels of the generalized pipeline; any other name is a catalog method's.
 PIPELINE_KERNELS = ("merge", "block", "weighted_sum", "streamed_sum", "chunked_sum")
 
@@ -142,7 +146,8 @@ class _Chooser:
             compute = "F64" if self.recipe.schema.dtype == "float64" else "F32"
             passes = method_passes(method.name, values, len(steps), compute)
             shared = self.recipe.global_params(job.name)
-            kernel = Kernel("torch", method.name, steps, shared, passes, tuple(values.items()))
+            backend = "cpu" if self.catalog_on_cpu(job, method.name, compute) else "torch"
+            kernel = Kernel(backend, method.name, steps, shared, passes, tuple(values.items()))
             return dataclasses.replace(job, kernel=kernel)
         shared = self.recipe.global_params(job.name)
         name = self.cpu_kernel(job, steps, shared)
@@ -180,6 +185,14 @@ class _Chooser:
                 stored = stored if fill == stored else None
             dtypes.append(stored)
         return dtypes
+
+    def catalog_on_cpu(self, job: TensorJob, method: str, compute: str) -> bool:
+        """Whether the CPU backend has a kernel for this catalog method's job: numba, float32
+        math, and inputs of one dtype and an output the kernels read and write."""
+        if not self.numba or method not in CPU_CATALOG_METHODS or compute != "F32":
+            return False
+        inputs = self.loaded_dtypes(job)
+        return len(set(inputs)) == 1 and all(d in CPU_DTYPES for d in [*inputs, job.out_dtype])
 
     def cpu_kernel(
         self, job: TensorJob, steps: tuple[ExpertStep, ...], shared: GlobalParams

@@ -29,6 +29,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
+from della_cli.engine.catalog_jobs import CatalogJobs
 from della_cli.engine.cpu_jobs import CpuJobs
 from della_cli.engine.masks import global_keep_masks
 from della_cli.engine.reporting import Reporter
@@ -115,6 +116,7 @@ class MergeEngine:
         self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
         self.cpu = CpuJobs(recipe.method, self.threads)
         self.torch = TorchJobs(self.device, plan.compute_dtype, recipe.method, self.threads)
+        self.catalog = CatalogJobs(self.torch, self.output_buffer)
         self._masks: dict[str, list | None] = {}
         self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
@@ -240,16 +242,18 @@ class MergeEngine:
         blocks, each read in turn (one at a time, so memory holds a block, not the tensor); a
         tensor of one block reuses the block already read."""
         job = task.job
+        on_cpu = job.kernel.backend == "cpu" and not self.cpu.stands_in(task)
+        runner = self.catalog if on_cpu else self.torch
         if task.start == 0 and job.kernel.passes > 1:
             if task.last:
                 blocks = lambda: iter([loaded])  # noqa: E731
             else:
                 blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
-            self._statistics[job.name] = self.torch.prepare(job, blocks)
+            self._statistics[job.name] = runner.prepare(job, blocks)
         state = self._statistics.get(job.name)
         if task.last:
             self._statistics.pop(job.name, None)
-        return self.torch.streamed_block(task, loaded, state, self.report)
+        return runner.streamed_block(task, loaded, state, self.report)
 
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);

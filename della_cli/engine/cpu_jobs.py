@@ -63,10 +63,11 @@ class CpuJobs:
         return self._compiler is not None and self._compiler.poll() is None
 
     def stands_in(self, task: BlockTask) -> bool:
-        """Whether the torch reference merges this block of a ``cpu/block`` job: one begun
-        while its kernels compile, to its last block (the same bytes)."""
+        """Whether the torch reference merges this block of a ``cpu/block`` or ``cpu/<method>``
+        job: one begun while its kernels compile, to its last block (the same bytes)."""
         name = task.job.name
-        if task.start == 0 and task.job.kernel.name == "block" and self.compiling():
+        numba_kernel = task.job.kernel.name == "block" or task.job.kernel.streamed
+        if task.start == 0 and numba_kernel and self.compiling():
             self._stand_ins.add(name)
         standing_in = name in self._stand_ins
         if task.last:

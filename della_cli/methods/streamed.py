@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 
 # The key of a kernel's values saying that the base_model is one of the inputs (karcher).
 BASE_INPUT = "base_input"
+# Entries of the row chunks a catalog method merges a CPU block in (at least one row): each
+# of its float32 temporaries then stays in the core's L2 cache (256 KiB of 2 MiB here), where
+# the same chain of elementwise torch ops over a whole 4M-entry block streams every
+# temporary through memory and faults in its fresh pages. Statistics (summed per row, then
+# over rows in float64) and order statistics do not depend on how the rows are split. On
+# CUDA a block goes whole: small kernels would only add launches.
+# The CPU backend's kernels (``backends.cpu.catalog``) merge in the same chunks, so that sums
+# made per chunk are the same there.
+CPU_CHUNK_ELEMENTS = 1 << 16
 # Radix digits of an order statistic per compute dtype (16 bits a pass).
 _DIGITS = {"F32": 2, "F64": 4}
 
@@ -209,4 +218,4 @@ def _arcee_fusion_threshold(blocks: Blocks, numel: int) -> torch.Tensor | None:
     )
 
 
-__all__ = ["BASE_INPUT", "apply", "passes", "prepare", "statistics_bytes"]
+__all__ = ["BASE_INPUT", "CPU_CHUNK_ELEMENTS", "apply", "passes", "prepare", "statistics_bytes"]

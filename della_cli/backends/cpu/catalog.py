@@ -1,0 +1,270 @@
+"""The CPU backend's runs of sce, ram, ramplus_tl and arcee_fusion (``cpu/<method>``).
+
+The passes are those of ``methods.streamed`` over the same row chunks of each block (so that
+the sums the torch reference makes per chunk come out the same), with the per-entry work in
+the numba kernels of ``catalog_kernels``: sce's variance, selection, weights and fusion; ram's
+and ramplus_tl's counts and fusion; the radix selections of sce's top-k and of arcee_fusion's
+quartiles (whose importance, a softmax, stays torch's: numba's ``exp`` has other bits).
+Blocks arrive as stored, (rows, row length) arrays, the reference first; the results are the
+torch backend's bytes.
+
+A tensor of fewer than ``SMALL`` entries is selected with 8-bit digits on keys made once, as
+``select.py`` does for TIES: the 65,536 buckets of a 16-bit digit cost more to clear and sum
+than such a tensor's merge (issue 19). Larger tensors take two 16-bit passes, each making the
+keys afresh from the inputs, so memory stays one chunk of keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from della_cli.backends.cpu import block, catalog_kernels
+from della_cli.methods.counts import fraction_count
+from della_cli.methods.streamed import CPU_CHUNK_ELEMENTS
+
+SMALL = 1 << 18
+_ALL = np.zeros(1, dtype=np.uint32)  # the prefix of the first digit: every key
+
+Blocks = Callable[[], Iterable[list[np.ndarray]]]
+# (start row, stop row, base float32 (c,), task vectors float32 (n, c)) of one row chunk
+Chunk = tuple[int, int, np.ndarray, np.ndarray]
+
+
+def chunks(
+    loaded: Sequence[np.ndarray], flags: np.ndarray | None = None, task_vectors: bool = True
+) -> Iterator[Chunk]:
+    """The row chunks of one block ``[reference, *models]``, widened, the models made task
+    vectors (unless ``task_vectors`` is False); the chunks of ``TorchBackend.row_chunks`` (a
+    1-D tensor, one row, whole). ``flags`` (n + 1,): set where an input holds a NaN or Inf."""
+    reference, *models = (block.kernel_view(raw) for raw in loaded)
+    rows = reference.shape[0] if reference.ndim > 1 else 1
+    row_length = reference.size // max(rows, 1)
+    step = rows if reference.ndim == 1 else max(1, CPU_CHUNK_ELEMENTS // max(row_length, 1))
+    step = min(step, rows)
+    scratch = np.empty((len(models) + 1) * step * row_length, dtype=np.float32)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        size = (stop - start) * row_length
+        base = scratch[:size]
+        deltas = scratch[size : size * (len(models) + 1)].reshape(len(models), size)
+        for index, raw in enumerate([reference, *models]):
+            source = raw.reshape(rows, row_length)[start:stop].reshape(-1)
+            target = base if index == 0 else deltas[index - 1]
+            nonfinite = catalog_kernels.widen(source, target)
+            if flags is not None:
+                flags[index] |= nonfinite
+        if task_vectors:
+            catalog_kernels.subtract_base(deltas, base)
+        yield start, stop, base, deltas
+
+
+def _output_rows(out: np.ndarray, start: int, stop: int) -> np.ndarray:
+    rows = out.shape[0] if out.ndim > 1 else 1
+    return block.kernel_view(out).reshape(rows, -1)[start:stop].reshape(-1)
+
+
+# ---------------------------------------------------------------- order statistics
+
+
+def order_statistics(
+    key_chunks: Callable[[], Iterable[tuple[np.ndarray, int]]],
+    numel: int,
+    ranks_for: Callable[[int, int], Sequence[int]],
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """``methods.order_statistics.order_statistics`` on uint32 keys: ([(key, ties to skip)
+    per rank], (numel, nonzero)); ``key_chunks()`` yields (keys, nonzero among them) afresh."""
+    bits = 8 if numel < SMALL else 16
+    buckets = 1 << bits
+    counts = np.zeros((1, buckets), dtype=np.int64)
+    kept: list[np.ndarray] | None = [] if numel < SMALL else None
+    total = nonzero = 0
+    for keys, found in key_chunks():
+        total += keys.size
+        nonzero += found
+        catalog_kernels.histogram(keys, _ALL, 32, 32 - bits, buckets - 1, counts)
+        if kept is not None:
+            kept.append(keys.copy())
+    ranks = list(ranks_for(total, nonzero))
+    if not ranks:
+        return [], (total, nonzero)
+    states = [list(_digit(counts[0], rank)) for rank in ranks]  # [prefix, rank within it]
+    for shift in range(32 - 2 * bits, -1, -bits):
+        prefixes = sorted({prefix for prefix, _ in states})
+        counts = np.zeros((len(prefixes), buckets), dtype=np.int64)
+        sources = [np.concatenate(kept)] if kept is not None else (k for k, _ in key_chunks())
+        for keys in sources:
+            catalog_kernels.histogram(
+                keys, np.array(prefixes, dtype=np.uint32), shift + bits, shift, buckets - 1, counts
+            )
+        for state in states:
+            digit, state[1] = _digit(counts[prefixes.index(state[0])], state[1])
+            state[0] = (state[0] << bits) | digit
+    return [(prefix, remaining) for prefix, remaining in states], (total, nonzero)
+
+
+def _digit(histogram: np.ndarray, rank: int) -> tuple[int, int]:
+    cumulative = np.cumsum(histogram)
+    if rank >= int(cumulative[-1]):
+        raise ValueError(f"Rank {rank} is out of range for {int(cumulative[-1])} scores.")
+    digit = int(np.searchsorted(cumulative, rank, side="right"))
+    return digit, rank - (int(cumulative[digit - 1]) if digit > 0 else 0)
+
+
+def key_value(key: int) -> np.float32:
+    """The float32 whose key is ``key``."""
+    bits = key & 0x7FFFFFFF if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def _nan_score() -> ValueError:
+    return ValueError("A score is NaN; an order statistic of NaN is undefined.")
+
+
+# ---------------------------------------------------------------- sce
+
+
+def _sce_keys(
+    loaded: Sequence[np.ndarray], flags: np.ndarray | None = None
+) -> Iterator[tuple[Chunk, np.ndarray, int]]:
+    """Each chunk of a block with the keys of its variances and how many are nonzero."""
+    keys = None
+    for chunk in chunks(loaded, flags):
+        deltas = chunk[3]
+        if keys is None or keys.size < deltas.shape[1]:
+            keys = np.empty(deltas.shape[1], dtype=np.uint32)
+        chunk_keys = keys[: deltas.shape[1]]
+        nonzero, nan = catalog_kernels.sce_keys(deltas, chunk_keys)
+        if nan:
+            raise _nan_score()
+        yield chunk, chunk_keys, nonzero
+
+
+def sce_prepare(select_topk: float, blocks: Blocks, numel: int, shape: tuple[int, ...]) -> dict:
+    """``streamed._sce_prepare``: the selection (count and radix passes), then the model
+    weights from Σ(keep·δᵢ)², summed per chunk by ``interpolation.whole_sum`` as there."""
+    import torch
+
+    from della_cli.methods import selection as reference
+    from della_cli.methods.interpolation import whole_sum
+
+    chosen: object = None if select_topk >= 1 else "none"
+    if 0 < select_topk < 1:
+
+        def rank(total: int, nonzero: int) -> list[int]:
+            k = fraction_count(select_topk, nonzero)
+            return [total - k] if k > 0 else []
+
+        def key_chunks():
+            for loaded in blocks():
+                for _, keys, nonzero in _sce_keys(loaded):
+                    yield keys, nonzero
+
+        found, _ = order_statistics(key_chunks, numel, rank)
+        chosen = found[0] if found else "none"
+    state = {"selection": chosen, "ties": 0}
+    squares = None
+    for loaded in blocks():
+        for (start, stop, _, deltas), keys, _ in _sce_keys(loaded):
+            keep = sce_keep(state, keys)
+            values = np.empty_like(deltas)
+            catalog_kernels.masked_squares(deltas, keep, values)
+            rows_shape = (stop - start, -1) if len(shape) > 1 else (-1,)
+            part = torch.stack(
+                [whole_sum(torch.from_numpy(row).reshape(rows_shape)) for row in values]
+            )
+            squares = part if squares is None else squares + part
+    weights = reference.sce_weights(squares, numel)
+    return {"selection": chosen, "weights": weights.to(torch.float32).numpy(), "ties": 0}
+
+
+def sce_keep(state: dict, keys: np.ndarray) -> np.ndarray:
+    """The keep mask of one chunk, counting the ties of the selection in ``state``."""
+    keep = np.empty(keys.size, dtype=np.bool_)
+    chosen = state["selection"]
+    if chosen is None or isinstance(chosen, str):
+        keep[:] = chosen is None
+        return keep
+    pivot, skip = chosen
+    ties = catalog_kernels.top_rank_keep(keys, np.uint32(pivot), skip, state["ties"], keep)
+    state["ties"] += ties
+    return keep
+
+
+def sce_apply(state: dict, loaded: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """One block of sce into ``out``; returns the input flags (NaN or Inf) of the block."""
+    flags = np.zeros(len(loaded), dtype=np.bool_)
+    for (start, stop, base, deltas), keys, _ in _sce_keys(loaded, flags):
+        keep = sce_keep(state, keys)
+        target = _output_rows(out, start, stop)
+        catalog_kernels.sce_fuse(deltas, keep, state["weights"], base, target)
+    return flags
+
+
+# ---------------------------------------------------------------- ram, ramplus_tl
+
+
+def ramplus_tl_prepare(values: dict, blocks: Blocks, models: int) -> np.ndarray:
+    """The λᵢ of ramplus_tl (float32, as the reference's merge uses them) from the counts."""
+    import torch
+
+    from della_cli.methods import selection as reference
+
+    counts = np.zeros((models, 2), dtype=np.int64)
+    epsilon = np.float32(values["epsilon"])
+    for loaded in blocks():
+        for _, _, _, deltas in chunks(loaded):
+            catalog_kernels.ram_counts(deltas, epsilon, counts)
+    lambdas = reference.ramplus_tl_lambdas(
+        torch.from_numpy(counts), values["r"], values["alpha"], values["epsilon"]
+    )
+    return lambdas.to(torch.float32).numpy()
+
+
+def ram_apply(
+    lambdas: np.ndarray | None, epsilon: float, loaded: Sequence[np.ndarray], out: np.ndarray
+) -> np.ndarray:
+    """One block of ram (``lambdas`` None) or ramplus_tl into ``out``; the input flags."""
+    flags = np.zeros(len(loaded), dtype=np.bool_)
+    boosted = lambdas is not None
+    factors = lambdas if boosted else np.ones(len(loaded) - 1, dtype=np.float32)
+    for start, stop, base, deltas in chunks(loaded, flags):
+        target = _output_rows(out, start, stop)
+        catalog_kernels.ram_fuse(deltas, base, np.float32(epsilon), factors, boosted, target)
+    return flags
+
+
+# ---------------------------------------------------------------- arcee_fusion
+
+
+def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]):
+    """median + 1.5·IQR of the importances (a float32 0-dim tensor, as the reference's),
+    the importances torch's, their quartiles selected here."""
+    import torch
+
+    from della_cli.methods import selection as reference
+
+    if numel == 0:
+        return None
+
+    def key_chunks():
+        keys = None
+        for loaded in blocks():
+            for start, stop, base, models in chunks(loaded[:2], task_vectors=False):
+                rows_shape = (stop - start, *shape[1:]) if len(shape) > 1 else shape
+                importance = reference.arcee_fusion_importance(
+                    torch.from_numpy(base).reshape(rows_shape),
+                    torch.from_numpy(models[0]).reshape(rows_shape),
+                ).reshape(-1)
+                if keys is None or keys.size < importance.numel():
+                    keys = np.empty(importance.numel(), dtype=np.uint32)
+                chunk_keys = keys[: importance.numel()]
+                if not catalog_kernels.float_keys(importance.numpy(), chunk_keys):
+                    raise _nan_score()
+                yield chunk_keys, 0
+
+    ranks = reference.quantile_ranks(numel)
+    found, _ = order_statistics(key_chunks, numel, lambda total, _: ranks)
+    q1, median, q3 = (torch.tensor(key_value(key)) for key, _ in found)
+    return median + 1.5 * (q3 - q1)

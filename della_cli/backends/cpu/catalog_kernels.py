@@ -1,0 +1,189 @@
+"""numba kernels of the catalog methods that select or count entries: sce, ram and ramplus_tl
+(``cpu/<method>``), and the whole-tensor order statistics of sce and arcee_fusion.
+
+Each works on one row chunk of a block: the inputs widened to float32 by ``rules.widen_row``
+(``widen``), the task vectors made in place (``subtract_base``), then a fused loop per entry
+where the torch reference (``methods.selection``) runs a chain of whole-chunk operations, each
+allocating its result. The float32 and float64 operations are the reference's, in its order,
+so the bytes are the same (``tests/unit/test_selection_kernels.py`` compares them).
+
+Order statistics: a score's float32 bits map to a uint32 ``key`` with the values' order
+(``-0.0`` as ``+0.0``), histogrammed a digit at a time under each rank's prefix (``histogram``)
+as ``methods.order_statistics`` does with int64 keys; the rank arithmetic is in
+``backends.cpu.catalog``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from della_cli.backends.cpu import rules
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is not installed
+    numba = None
+
+
+if numba is not None:
+
+    @numba.njit(cache=True)
+    def widen(source, target):
+        """A stored row (bfloat16 bits or float32) into ``target`` (float32); whether it holds
+        a NaN or an Inf."""
+        rules.widen_row(source, target)
+        return rules.has_nonfinite(target)
+
+    @numba.njit(cache=True)
+    def store(values, target):
+        """A float32 row into the output row, rounded to its dtype."""
+        rules.store_row(values, target)
+
+    @numba.njit(cache=True)
+    def subtract_base(models, base):
+        """δᵢ = θᵢ − θ₀ in place, float32 (``selection.task_vectors``)."""
+        count, n = models.shape
+        for i in range(count):
+            for j in range(n):
+                models[i, j] = models[i, j] - base[j]
+
+    @numba.njit(cache=True, inline="always")
+    def _key(bits):
+        """The uint32 key of a float32's bits with the order of the values (not of −0.0:
+        the callers give +0.0 for it)."""
+        if bits & np.uint32(0x80000000):
+            return np.uint32(~bits)
+        return np.uint32(bits | np.uint32(0x80000000))
+
+    @numba.njit(cache=True)
+    def float_keys(values, keys):
+        """Keys of a float32 row (arcee_fusion's importances); False where a value is NaN."""
+        bits = values.view(np.uint32)
+        for j in range(values.shape[0]):
+            if values[j] != values[j]:
+                return False
+            keys[j] = _key(bits[j]) if values[j] != 0 else np.uint32(0x80000000)
+        return True
+
+    @numba.njit(cache=True)
+    def sce_keys(deltas, keys):
+        """Keys of the per-entry population variance of the task vectors across models, as
+        ``selection.sce_scores``: Welford's float64 steps in model order, rounded once to
+        float32. Returns (entries of nonzero variance, whether a variance is NaN)."""
+        count, n = deltas.shape
+        nonzero = 0
+        scores = keys.view(np.float32)
+        for j in range(n):
+            mean = 0.0
+            m2 = 0.0
+            for i in range(count):
+                value = np.float64(deltas[i, j])
+                step = value - mean
+                mean = mean + step / np.float64(i + 1)
+                m2 = m2 + step * (value - mean)
+            score = np.float32(m2 / np.float64(count))
+            if score != score:
+                return nonzero, True
+            nonzero += score != 0
+            scores[j] = score + np.float32(0.0)  # −0.0 as +0.0
+            keys[j] = _key(keys[j])
+        return nonzero, False
+
+    @numba.njit(cache=True)
+    def histogram(keys, prefixes, prefix_shift, digit_shift, digit_mask, counts):
+        """Add to ``counts[p]`` the digit ``(key >> digit_shift) & digit_mask`` of each key
+        whose bits above ``prefix_shift`` equal ``prefixes[p]`` (every key when the shift is
+        32: the first digit)."""
+        whole = prefix_shift >= 32
+        for j in range(keys.shape[0]):
+            key = keys[j]
+            digit = (key >> np.uint32(digit_shift)) & np.uint32(digit_mask)
+            for p in range(prefixes.shape[0]):
+                if whole or (key >> np.uint32(prefix_shift)) == prefixes[p]:
+                    counts[p, digit] += 1
+
+    @numba.njit(cache=True)
+    def top_rank_keep(keys, pivot, skip, ties_before, keep):
+        """``order_statistics.top_rank_mask`` on keys: keep the keys above ``pivot`` and the
+        ties after the first ``skip`` in position order (``ties_before`` in earlier chunks);
+        returns the ties seen here."""
+        ties = 0
+        for j in range(keys.shape[0]):
+            key = keys[j]
+            if key == pivot:
+                keep[j] = ties_before + ties >= skip
+                ties += 1
+            else:
+                keep[j] = key > pivot
+        return ties
+
+    @numba.njit(cache=True)
+    def masked_squares(deltas, keep, squares):
+        """(keep·δᵢ)² in float32 (``selection.sce_statistics`` before its sums)."""
+        count, n = deltas.shape
+        for i in range(count):
+            for j in range(n):
+                kept = np.float32(1.0) if keep[j] else np.float32(0.0)
+                value = deltas[i, j] * kept
+                squares[i, j] = value * value
+
+    @numba.njit(cache=True)
+    def sce_fuse(deltas, keep, weights, base, out):
+        """``selection.sce_apply`` on one chunk: elect the sign of Σ masked δ (+ where ≥ 0),
+        the weighted mean of the agreeing masked δ (0 where none agrees), plus the base."""
+        count, n = deltas.shape
+        merged = np.empty(n, dtype=np.float32)
+        for j in range(n):
+            kept = np.float32(1.0) if keep[j] else np.float32(0.0)
+            total = np.float32(0.0)
+            for i in range(count):
+                total += deltas[i, j] * kept
+            majority = np.float32(1.0) if total >= 0 else np.float32(-1.0)
+            numerator = np.float32(0.0)
+            denominator = np.float32(0.0)
+            for i in range(count):
+                masked = deltas[i, j] * kept
+                sign = np.float32(1.0) if masked > 0 else np.float32(-1.0 if masked < 0 else 0.0)
+                erased = weights[i] * (np.float32(1.0) if sign == majority else np.float32(0.0))
+                numerator += masked * erased
+                denominator += erased
+            fused = np.float32(0.0) if denominator == 0 else numerator / denominator
+            merged[j] = base[j] + fused
+        rules.store_row(merged, out)
+
+    @numba.njit(cache=True)
+    def ram_counts(deltas, epsilon, counts):
+        """``selection.ramplus_tl_statistics`` added into ``counts`` (n, 2): per model, its
+        contributing entries (|δ| > ε) that others share, and those it alone has."""
+        count, n = deltas.shape
+        for j in range(n):
+            contributing = 0
+            for i in range(count):
+                contributing += abs(deltas[i, j]) > epsilon
+            for i in range(count):
+                if abs(deltas[i, j]) > epsilon:
+                    counts[i, 0 if contributing > 1 else 1] += 1
+
+    @numba.njit(cache=True)
+    def ram_fuse(deltas, base, epsilon, lambdas, boosted, out):
+        """``selection.ramplus_tl_apply`` on one chunk: a change one model alone makes, × its
+        λ where ``boosted`` (ramplus_tl); changes several make, averaged; plus the base."""
+        count, n = deltas.shape
+        merged = np.empty(n, dtype=np.float32)
+        for j in range(n):
+            contributing = np.float32(0.0)
+            for i in range(count):
+                contributing += np.float32(1.0 if abs(deltas[i, j]) > epsilon else 0.0)
+            alone = np.float32(1.0) if contributing == 1 else np.float32(0.0)
+            several = np.float32(1.0) if contributing > 1 else np.float32(0.0)
+            divisor = max(contributing, np.float32(1.0))
+            total = np.float32(0.0)
+            for i in range(count):
+                delta = deltas[i, j]
+                changed = delta * (np.float32(1.0) if abs(delta) > epsilon else np.float32(0.0))
+                unique = changed * alone
+                if boosted:
+                    unique = unique * lambdas[i]
+                total += unique + changed * several / divisor
+            merged[j] = base[j] + total
+        rules.store_row(merged, out)
