@@ -69,25 +69,37 @@ if numba is not None:
     def sce_keys(deltas, keys):
         """Keys of the per-entry population variance of the task vectors across models, as
         ``selection.sce_scores``: Welford's float64 steps in model order, rounded once to
-        float32. Returns (entries of nonzero variance, whether a variance is NaN)."""
+        float32 (model by model over the chunk, so the loops vectorize). Returns (entries of
+        nonzero variance, whether a variance is NaN)."""
         count, n = deltas.shape
-        nonzero = 0
-        scores = keys.view(np.float32)
-        for j in range(n):
-            mean = 0.0
-            m2 = 0.0
-            for i in range(count):
+        mean = np.zeros(n, dtype=np.float64)
+        m2 = np.zeros(n, dtype=np.float64)
+        for i in range(count):
+            seen = np.float64(i + 1)
+            if i & (i + 1) == 0:  # a power of two: × its inverse is ÷, exactly, and faster
+                inverse = np.float64(1.0) / seen
+                for j in range(n):
+                    value = np.float64(deltas[i, j])
+                    step = value - mean[j]
+                    mean[j] = mean[j] + step * inverse
+                    m2[j] = m2[j] + step * (value - mean[j])
+                continue
+            for j in range(n):
                 value = np.float64(deltas[i, j])
-                step = value - mean
-                mean = mean + step / np.float64(i + 1)
-                m2 = m2 + step * (value - mean)
-            score = np.float32(m2 / np.float64(count))
-            if score != score:
-                return nonzero, True
+                step = value - mean[j]
+                mean[j] = mean[j] + step / seen
+                m2[j] = m2[j] + step * (value - mean[j])
+        scores = keys.view(np.float32)
+        nonzero = 0
+        nan = False
+        for j in range(n):
+            score = np.float32(m2[j] / np.float64(count))
+            nan |= score != score
             nonzero += score != 0
             scores[j] = score + np.float32(0.0)  # −0.0 as +0.0
+        for j in range(n):
             keys[j] = _key(keys[j])
-        return nonzero, False
+        return nonzero, nan
 
     @numba.njit(cache=True)
     def histogram(keys, prefixes, prefix_shift, digit_shift, digit_mask, counts):
@@ -130,26 +142,32 @@ if numba is not None:
     @numba.njit(cache=True)
     def sce_fuse(deltas, keep, weights, base, out):
         """``selection.sce_apply`` on one chunk: elect the sign of Σ masked δ (+ where ≥ 0),
-        the weighted mean of the agreeing masked δ (0 where none agrees), plus the base."""
+        the weighted mean of the agreeing masked δ (0 where none agrees), plus the base; sums
+        in model order, model by model over the chunk (so the loops vectorize)."""
         count, n = deltas.shape
-        merged = np.empty(n, dtype=np.float32)
+        kept = np.empty(n, dtype=np.float32)
+        total = np.zeros(n, dtype=np.float32)
+        numerator = np.zeros(n, dtype=np.float32)
+        denominator = np.zeros(n, dtype=np.float32)
         for j in range(n):
-            kept = np.float32(1.0) if keep[j] else np.float32(0.0)
-            total = np.float32(0.0)
-            for i in range(count):
-                total += deltas[i, j] * kept
-            majority = np.float32(1.0) if total >= 0 else np.float32(-1.0)
-            numerator = np.float32(0.0)
-            denominator = np.float32(0.0)
-            for i in range(count):
-                masked = deltas[i, j] * kept
-                sign = np.float32(1.0) if masked > 0 else np.float32(-1.0 if masked < 0 else 0.0)
-                erased = weights[i] * (np.float32(1.0) if sign == majority else np.float32(0.0))
-                numerator += masked * erased
-                denominator += erased
-            fused = np.float32(0.0) if denominator == 0 else numerator / denominator
-            merged[j] = base[j] + fused
-        rules.store_row(merged, out)
+            kept[j] = np.float32(1.0) if keep[j] else np.float32(0.0)
+        for i in range(count):
+            for j in range(n):
+                total[j] += deltas[i, j] * kept[j]
+        for i in range(count):
+            weight = weights[i]
+            for j in range(n):
+                masked = deltas[i, j] * kept[j]
+                # sign(masked) == ±1 as elected: a NaN total elects −, zeros never agree
+                agrees = (masked > 0) if total[j] >= 0 else (masked < 0)
+                erased = weight * (np.float32(1.0) if agrees else np.float32(0.0))
+                numerator[j] += masked * erased
+                denominator[j] += erased
+        for j in range(n):
+            d = denominator[j]
+            fused = np.float32(0.0) if d == 0 else numerator[j] / d
+            numerator[j] = base[j] + fused
+        rules.store_row(numerator, out)
 
     @numba.njit(cache=True)
     def ram_counts(deltas, epsilon, counts):
