@@ -89,6 +89,11 @@ class Kernel:
         return self.name not in PIPELINE_KERNELS
 
     @property
+    def compiled(self) -> bool:
+        """Whether numba kernels run this job: ``cpu/block`` or a catalog method's ``cpu/``."""
+        return self.backend == "cpu" and (self.name == "block" or self.streamed)
+
+    @property
     def settings(self) -> dict[str, object]:
         return dict(self.values)
 

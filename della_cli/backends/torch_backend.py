@@ -24,8 +24,6 @@ from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
 
 Mask = np.ndarray | torch.Tensor
 
-CPU_CHUNK_ELEMENTS = catalog_methods.CPU_CHUNK_ELEMENTS  # (why there)
-
 
 class TorchBackend:
     """Tensors on ``device`` in the compute dtype, merged by the reference functions."""
@@ -56,7 +54,7 @@ class TorchBackend:
         rows, row_length = _rows(first)
         step = rows
         if self.device.type == "cpu" and first.dim() > 1:
-            step = max(1, CPU_CHUNK_ELEMENTS // max(row_length, 1))
+            step = max(1, catalog_methods.CPU_CHUNK_ELEMENTS // max(row_length, 1))
         widen = lambda t: t if t is None else t.to(self.compute_dtype)  # noqa: E731
         if step >= rows:
             yield 0, rows, widen(base), [widen(m) for m in models]

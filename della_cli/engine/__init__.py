@@ -145,9 +145,7 @@ class MergeEngine:
 
     def _compile_notice(self) -> contextlib.AbstractContextManager:
         """Say so once when numba compiles (``backends.cpu.compile_notice``)."""
-        compiled = any(
-            job.kernel is not None and job.kernel.name == "block" for job in self.plan.jobs
-        )
+        compiled = any(job.kernel is not None and job.kernel.compiled for job in self.plan.jobs)
         if self.on_notice is None or not compiled:
             return contextlib.nullcontext()
         from della_cli.backends.cpu import compile_notice

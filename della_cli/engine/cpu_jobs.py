@@ -36,27 +36,34 @@ class CpuJobs:
         self._stand_ins: set[str] = set()  # cpu/block jobs on torch while they compile
 
     def start_compiling(self, jobs: list[TensorJob], inputs) -> None:
-        """Where the ``cpu/block`` jobs' kernels are not in numba's cache, compile them in a
-        child process (``backends.cpu.warm``) rather than make the merge wait for them."""
-        pairs, selects = set(), set()
+        """Where the ``cpu/block`` and ``cpu/<method>`` jobs' kernels are not in numba's
+        cache, compile them in a child process (``backends.cpu.warm``) rather than make the
+        merge wait for them."""
+        pairs, selects, catalogs = set(), set(), set()
         for job in jobs:
+            if job.kernel is not None and job.kernel.backend == "cpu" and job.kernel.streamed:
+                catalogs.add((self.stored_dtype(job, inputs), job.out_dtype))
             if job.kernel is None or job.kernel.name != "block":
                 continue
-            first = job.experts[0]
-            dtype = (
-                "F32"
-                if first.rows is not None
-                else inputs.reader(first.model).tensors[first.tensor].dtype
-            )  # fitted rows arrive in the compute dtype, float32
+            dtype = self.stored_dtype(job, inputs)
             pairs.add((dtype, job.out_dtype))
             if any(step.sparsify == WINDOW for step in job.kernel.experts):
                 selects.add(dtype)
-        if not pairs or os.environ.get("DELLA_COMPILE_INLINE"):
+        if not (pairs or catalogs) or os.environ.get("DELLA_COMPILE_INLINE"):
             return
         from della_cli.backends.cpu import warm  # numba: imported only when needed
 
-        if warm.missing(pairs, selects):
-            self._compiler = warm.start(pairs, selects)
+        if warm.missing(pairs, selects, frozenset(catalogs)):
+            self._compiler = warm.start(pairs, selects, frozenset(catalogs))
+
+    @staticmethod
+    def stored_dtype(job: TensorJob, inputs) -> str:
+        """The dtype of a job's first expert as its rows arrive: fitted rows in the compute
+        dtype, float32."""
+        first = job.experts[0]
+        if first.rows is not None:
+            return "F32"
+        return inputs.reader(first.model).tensors[first.tensor].dtype
 
     def compiling(self) -> bool:
         """Whether the kernels are still being compiled beside the merge."""
@@ -66,8 +73,7 @@ class CpuJobs:
         """Whether the torch reference merges this block of a ``cpu/block`` or ``cpu/<method>``
         job: one begun while its kernels compile, to its last block (the same bytes)."""
         name = task.job.name
-        numba_kernel = task.job.kernel.name == "block" or task.job.kernel.streamed
-        if task.start == 0 and numba_kernel and self.compiling():
+        if task.start == 0 and task.job.kernel.compiled and self.compiling():
             self._stand_ins.add(name)
         standing_in = name in self._stand_ins
         if task.last:

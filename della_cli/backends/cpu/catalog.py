@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from della_cli.backends.cpu import block, catalog_kernels
+from della_cli.methods import streamed
 from della_cli.methods.counts import fraction_count
-from della_cli.methods.streamed import CPU_CHUNK_ELEMENTS
 
 SMALL = 1 << 18
 _ALL = np.zeros(1, dtype=np.uint32)  # the prefix of the first digit: every key
@@ -41,8 +41,9 @@ def chunks(
     reference, *models = (block.kernel_view(raw) for raw in loaded)
     rows = reference.shape[0] if reference.ndim > 1 else 1
     row_length = reference.size // max(rows, 1)
-    step = rows if reference.ndim == 1 else max(1, CPU_CHUNK_ELEMENTS // max(row_length, 1))
-    step = min(step, rows)
+    step = rows
+    if reference.ndim > 1:
+        step = min(rows, max(1, streamed.CPU_CHUNK_ELEMENTS // max(row_length, 1)))
     scratch = np.empty((len(models) + 1) * step * row_length, dtype=np.float32)
     for start in range(0, rows, step):
         stop = min(rows, start + step)

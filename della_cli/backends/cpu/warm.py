@@ -38,10 +38,16 @@ _UID = os.getuid() if hasattr(os, "getuid") else "user"
 LOCK = Path(tempfile.gettempdir()) / f"della-numba-compiling-{_UID}.lock"
 
 
-def missing(pairs: set[tuple[str, str]], selects: set[str]) -> bool:
-    """Whether a kernel for any of these (input, output) dtype pairs of the block kernel, or
-    of the TIES selection of these input dtypes, is not in numba's cache."""
+def missing(
+    pairs: set[tuple[str, str]], selects: set[str], catalogs: frozenset = frozenset()
+) -> bool:
+    """Whether a kernel for any of these (input, output) dtype pairs of the block kernel, of
+    the TIES selection of these input dtypes, or of the catalog kernels (``cpu/sce``, ...)
+    for these dtype pairs, is not in numba's cache."""
     from della_cli.backends.cpu import block, select
+
+    if catalogs and catalog_missing(catalogs):
+        return True
 
     pairs = {(a, b) for a, b in pairs if a in DTYPES and b in DTYPES}
     selects = {a for a in selects if a in DTYPES}
@@ -54,6 +60,32 @@ def missing(pairs: set[tuple[str, str]], selects: set[str]) -> bool:
     return not (wanted <= merges and chosen <= pivots and chosen <= marks)
 
 
+def catalog_missing(pairs: frozenset) -> bool:
+    """Whether a kernel of ``backends.cpu.catalog`` for these (input, output) pairs is not in
+    numba's cache: ``widen`` per input dtype, the fusions per output dtype, the rest (float32
+    only) at all."""
+    from della_cli.backends.cpu import block, catalog_kernels
+
+    views = {name: str(np.dtype(block._KERNEL_VIEWS[dtype])) for name, dtype in DTYPES.items()}
+    inputs = {(views[a],) for a, _ in pairs if a in views}
+    outputs = {(views[b],) for _, b in pairs if b in views}
+    if not inputs <= _cached_views(catalog_kernels.widen, (0,)):
+        return True
+    for fuse in (catalog_kernels.sce_fuse, catalog_kernels.ram_fuse):
+        if not outputs <= _cached_views(fuse, (-1,)):
+            return True
+    float32_only = (
+        catalog_kernels.subtract_base,
+        catalog_kernels.sce_keys,
+        catalog_kernels.histogram,
+        catalog_kernels.top_rank_keep,
+        catalog_kernels.masked_squares,
+        catalog_kernels.ram_counts,
+        catalog_kernels.float_keys,
+    )
+    return any(not _cached_views(kernel, ()) for kernel in float32_only)
+
+
 def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]]:
     """The element types, at ``positions`` of the arguments, of the signatures numba's cache
     holds for ``dispatcher`` and would load (an index left by other sources is not loaded)."""
@@ -64,7 +96,9 @@ def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]
         return set()
 
 
-def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen | OtherCompiler:
+def start(
+    pairs: set[tuple[str, str]], selects: set[str], catalogs: frozenset = frozenset()
+) -> subprocess.Popen | OtherCompiler:
     """Compile these kernels in a child process of low priority, which outlives the merge if
     it must (the cache is for the next merge too); where another merge's child is compiling
     (it holds ``LOCK``), wait for that one instead of compiling the same kernels twice."""
@@ -72,6 +106,7 @@ def start(pairs: set[tuple[str, str]], selects: set[str]) -> subprocess.Popen | 
         return OtherCompiler()
     ensure_numba_cache()  # the child inherits the cache folder
     words = [f"{a}:{b}" for a, b in sorted(pairs)] + [f"select:{a}" for a in sorted(selects)]
+    words += [f"catalog:{a}:{b}" for a, b in sorted(catalogs)]
     return subprocess.Popen(
         [sys.executable, "-m", "della_cli.backends.cpu.warm", *words],
         stdin=subprocess.DEVNULL,
@@ -104,10 +139,14 @@ def _held(path: Path) -> bool:
     return False
 
 
-def warm(pairs: set[tuple[str, str]], selects: set[str]) -> None:
+def warm(pairs: set[tuple[str, str]], selects: set[str], catalogs: frozenset = frozenset()) -> None:
     """Call each kernel once, so that numba compiles and caches it: the block kernel for each
-    (input, output) dtype pair, the TIES selection for each input dtype."""
+    (input, output) dtype pair, the TIES selection for each input dtype, the catalog kernels
+    for each of ``catalogs``' (input, output) pairs."""
     from della_cli.backends.cpu import block, select
+
+    for name, out_name in sorted(catalogs):
+        warm_catalog(DTYPES[name], DTYPES[out_name])
 
     rng = np.random.default_rng(0)
     plans = [
@@ -140,17 +179,35 @@ def warm(pairs: set[tuple[str, str]], selects: set[str]) -> None:
         )
 
 
+def warm_catalog(dtype: np.dtype, out_dtype: np.dtype) -> None:
+    """The catalog kernels (``backends.cpu.catalog``) on a small block of ``dtype`` inputs
+    written as ``out_dtype``: every kernel of sce, ram, ramplus_tl and arcee_fusion."""
+    from della_cli.backends.cpu import catalog
+
+    rng = np.random.default_rng(0)
+    loaded = [rng.standard_normal((4, 8)).astype(dtype) for _ in range(3)]
+    out = np.empty((4, 8), dtype=out_dtype)
+    catalog.sce_apply(catalog.sce_prepare(0.5, lambda: iter([loaded]), 32, (4, 8)), loaded, out)
+    values = {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2}
+    lambdas = catalog.ramplus_tl_prepare(values, lambda: iter([loaded]), 2)
+    catalog.ram_apply(lambdas, 1e-5, loaded, out)
+    catalog.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
+
+
 def main(words: list[str]) -> None:
-    """``warm.py [IN:OUT ...] [select:IN ...]``; with no words, every kernel."""
+    """``warm.py [IN:OUT ...] [select:IN ...] [catalog:IN:OUT ...]``; with no words, every
+    kernel."""
     if not words:
         words = [f"{a}:{b}" for a in DTYPES for b in DTYPES] + [f"select:{a}" for a in DTYPES]
-    pairs = {tuple(w.split(":")) for w in words if not w.startswith("select:")}
+        words += [f"catalog:{a}:{b}" for a in DTYPES for b in DTYPES]
+    pairs = {tuple(w.split(":")) for w in words if ":" in w and w.split(":")[0] in DTYPES}
     selects = {w.split(":")[1] for w in words if w.startswith("select:")}
+    catalogs = frozenset(tuple(w.split(":")[1:]) for w in words if w.startswith("catalog:"))
     ensure_numba_cache()
     with open(LOCK, "a") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # held while compiling; released at exit
-        warm(pairs, selects)  # type: ignore[arg-type]
+        warm(pairs, selects, catalogs)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
