@@ -1,0 +1,182 @@
+"""The CPU backend's catalog kernels (``cpu/sce``, ``cpu/ram``, ``cpu/ramplus_tl``,
+``cpu/arcee_fusion``) give the torch backend's bytes, block by block, on random and
+adversarial inputs; the plan gives them to bfloat16 and float32 merges on the CPU."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from della_cli.api import MergeOptions, prepare
+from della_cli.kernels import cpu_backend_installed
+
+numba_installed, _ = cpu_backend_installed()
+pytestmark = pytest.mark.skipif(not numba_installed, reason="numba is not installed")
+
+METHODS = {
+    "sce": ({"select_topk": 0.4}, 3),
+    "sce_one": ({"select_topk": 0.7}, 1),
+    "ram": ({"epsilon": 0.25}, 3),
+    "ramplus_tl": ({"epsilon": 0.25, "r": 0.5, "alpha": 0.8}, 4),
+    "arcee_fusion": ({}, 1),
+}
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype(np.float32)}
+
+
+def inputs(shape, models, dtype, kind, seed=0):
+    """[base, *models] as (rows, row length) arrays: ``random`` normal changes on half the
+    entries; ``ties`` changes from {0, ±0.25, ±0.5} (many equal variances and magnitudes,
+    changes at ε exactly, zeros and all-zero entries)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape).astype(np.float32)
+    arrays = [base]
+    for _ in range(models):
+        if kind == "ties":
+            change = rng.choice(np.float32([0, 0.25, -0.25, 0.5, -0.5]), size=shape)
+        else:
+            change = rng.standard_normal(shape) * (rng.random(shape) < 0.5) * 0.01
+        arrays.append(base + change.astype(np.float32))
+    rows = shape[0] if len(shape) > 1 else 1
+    return [np.ascontiguousarray(a.astype(dtype).reshape(rows, -1)) for a in arrays]
+
+
+def split(loaded, blocks):
+    """``blocks()`` of the rows in ``blocks`` pieces (ties then span blocks)."""
+    rows = loaded[0].shape[0]
+    bounds = np.linspace(0, rows, min(blocks, rows) + 1).astype(int)
+    pieces = [[a[s:e] for a in loaded] for s, e in itertools.pairwise(bounds)]
+    return pieces, lambda: iter(pieces)
+
+
+def torch_merge(method, values, loaded, shape, blocks):
+    from della_cli.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend("cpu", "F32")
+    kernel = SimpleNamespace(name=method, settings=values)
+    pieces, _ = split(loaded, blocks)
+
+    def tensors(piece):
+        rows_shape = (piece[0].shape[0], *shape[1:]) if len(shape) > 1 else shape
+        base, *models = (backend.as_stored(a).reshape(rows_shape) for a in piece)
+        return base, models
+
+    numel = int(np.prod(shape))
+    state = None
+    if method != "ram":
+        state = backend.prepare(kernel, [], lambda: (tensors(p) for p in pieces), numel)
+    out_code = "BF16" if loaded[0].dtype == DTYPES["bf16"] else "F32"
+    outs = [backend.streamed(kernel, [], state, *tensors(p), out_code) for p in pieces]
+    return state, np.concatenate(outs)
+
+
+def cpu_merge(method, values, loaded, shape, blocks):
+    from della_cli.backends.cpu import catalog
+
+    pieces, blocked = split(loaded, blocks)
+    numel = int(np.prod(shape))
+    out = np.empty_like(loaded[0])
+    if method == "arcee_fusion":
+        return catalog.arcee_fusion_prepare(blocked, numel, shape), None
+    state = None
+    if method == "sce":
+        state = catalog.sce_prepare(values["select_topk"], blocked, numel, shape)
+    elif method == "ramplus_tl":
+        state = catalog.ramplus_tl_prepare(values, blocked, len(loaded) - 1)
+    start = 0
+    for piece in pieces:
+        rows = piece[0].shape[0]
+        if method == "sce":
+            catalog.sce_apply(state, piece, out[start : start + rows])
+        else:
+            catalog.ram_apply(state, values["epsilon"], piece, out[start : start + rows])
+        start += rows
+    return state, out
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", [(37, 41), (130,), (3, 4, 5)], ids=["2d", "1d", "3d"])
+@pytest.mark.parametrize("case", list(METHODS))
+def test_a_cpu_catalog_kernel_gives_the_torch_backends_bytes(case, shape, dtype, kind):
+    values, models = METHODS[case]
+    method = "sce" if case.startswith("sce") else case
+    loaded = inputs(shape, models, DTYPES[dtype], kind)
+    blocks = 3 if len(shape) > 1 else 1  # a 1-D tensor is one row, one block
+    expected_state, expected = torch_merge(method, values, loaded, shape, blocks)
+    state, ours = cpu_merge(method, values, loaded, shape, blocks)
+    if method == "arcee_fusion":  # the threshold: its merge pass is the torch backend's
+        assert state.dtype == expected_state.dtype and float(state) == float(expected_state)
+        return
+    assert ours.dtype == expected.dtype
+    assert np.array_equal(ours.view(np.uint8), expected.reshape(ours.shape).view(np.uint8))
+
+
+def test_sce_keeps_exactly_k_entries_ties_by_position():
+    """Every variance equal: the top-k are the last k entries, whatever the blocks."""
+    from della_cli.backends.cpu import catalog
+
+    base = np.zeros((10, 10), dtype=np.float32)
+    loaded = [base, base + 1, base - 1]
+    for blocks in (1, 3, 10):
+        _, blocked = split(loaded, blocks)
+        state = catalog.sce_prepare(0.25, blocked, 100, (10, 10))
+        out = np.empty_like(base)
+        start = 0
+        for piece in blocked():
+            catalog.sce_apply(state, piece, out[start : start + len(piece[0])])
+            start += len(piece[0])
+        # the kept ±1 cancel in the election (+ wins a tie), so kept entries take +1
+        assert (out.reshape(-1)[:75] == 0).all() and (out.reshape(-1)[75:] == 1).all()
+
+
+def test_nan_inputs_flag_the_input_and_a_nan_variance_is_refused_as_by_torch():
+    from della_cli.backends.cpu import catalog
+
+    loaded = inputs((4, 6), 3, DTYPES["f32"], "random")
+    loaded[2][1, 3] = np.nan
+    out = np.empty_like(loaded[0])
+    flags = catalog.ram_apply(None, 1e-5, loaded, out)
+    assert flags.tolist() == [False, False, True, False]
+    _, expected = torch_merge("ram", {"epsilon": 1e-5}, loaded, (4, 6), 1)
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+    assert np.isnan(out[1, 3])
+    with pytest.raises(ValueError, match="score is NaN"):
+        catalog.sce_prepare(0.5, lambda: iter([loaded]), 24, (4, 6))
+    with pytest.raises(ValueError, match="score is NaN"):
+        torch_merge("sce", {"select_topk": 0.5}, loaded, (4, 6), 1)
+
+
+@pytest.mark.parametrize("method", ["sce", "ram", "ramplus_tl", "arcee_fusion"])
+def test_the_plan_gives_the_selecting_catalog_methods_the_cpu_kernel(
+    method, model_zoo, write_recipe
+):
+    import torch
+
+    from della_cli.kernels import assign_kernels
+
+    experts = 1 if method == "arcee_fusion" else 2
+    recipe = {
+        "merge_method": method,
+        "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
+        "models": [
+            {"model": str(model_zoo("llama", expert=e, dtype=torch.bfloat16))}
+            for e in range(1, experts + 1)
+        ],
+        "parameters": {"sce": {"select_topk": 0.5}}.get(method, {}),
+    }
+    parsed, models, plan = prepare(write_recipe(recipe), MergeOptions(device="cpu"))
+    labels = {job.kernel.label for job in plan.jobs if job.action == "merge"}
+    passes = (
+        {"sce": ", 4 passes", "ram": "", "ramplus_tl": ", 2 passes"}[method]
+        if (method != "arcee_fusion")
+        else ", 3 passes"
+    )
+    assert labels == {f"cpu/{method}{passes}"}
+    on_cuda = assign_kernels(plan, parsed, models.base, models.experts, "cuda")
+    assert {job.kernel.backend for job in on_cuda.jobs if job.action == "merge"} == {"torch"}
+    _, _, wide = prepare(write_recipe({**recipe, "dtype": "float64"}), MergeOptions(device="cpu"))
+    assert {job.kernel.backend for job in wide.jobs if job.action == "merge"} == {"torch"}
