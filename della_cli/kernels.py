@@ -11,7 +11,8 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
 - ``torch/merge``: the torch backend, the reference: CUDA, float16 or float64 inputs, inputs of
   mixed dtypes, the L1 rescale, MAGPRUNE rows of one entry, or a CPU backend not installed;
 - ``cpu/<method>``: sce, ram, ramplus_tl and arcee_fusion in numba (``backends.cpu.catalog``),
-  in the passes of their torch kernels, with the same bytes;
+  in the passes of their torch kernels, with the same bytes; ``cpu/passthrough``: a copy of
+  the input as stored (no scale, the same dtype), which imports neither numba nor torch;
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
   in the passes over the row blocks its statistics need (``methods.streamed``).
 
@@ -91,7 +92,7 @@ class Kernel:
     @property
     def compiled(self) -> bool:
         """Whether numba kernels run this job: ``cpu/block`` or a catalog method's ``cpu/``."""
-        return self.backend == "cpu" and (self.name == "block" or self.streamed)
+        return self.backend == "cpu" and self.name in ("block", *CPU_CATALOG_METHODS)
 
     @property
     def settings(self) -> dict[str, object]:
@@ -133,6 +134,7 @@ class _Chooser:
         self.readers = {BASE: base, **dict(enumerate(experts))}
         numba, kernel = cpu_backend_installed()
         cpu = device == "cpu" and backend != "torch"
+        self.cpu = cpu
         self.numba = cpu and numba
         self.sum_kernel = cpu and kernel
         self.stream_reads = stream_reads and streamed_sum.AVAILABLE
@@ -151,7 +153,8 @@ class _Chooser:
             compute = "F64" if self.recipe.schema.dtype == "float64" else "F32"
             passes = method_passes(method.name, values, len(steps), compute)
             shared = self.recipe.global_params(job.name)
-            backend = "cpu" if self.catalog_on_cpu(job, method.name, compute) else "torch"
+            on_cpu = self.catalog_on_cpu(job, method.name, compute, steps)
+            backend = "cpu" if on_cpu else "torch"
             kernel = Kernel(backend, method.name, steps, shared, passes, tuple(values.items()))
             return dataclasses.replace(job, kernel=kernel)
         shared = self.recipe.global_params(job.name)
@@ -191,12 +194,18 @@ class _Chooser:
             dtypes.append(stored)
         return dtypes
 
-    def catalog_on_cpu(self, job: TensorJob, method: str, compute: str) -> bool:
+    def catalog_on_cpu(
+        self, job: TensorJob, method: str, compute: str, steps: tuple[ExpertStep, ...]
+    ) -> bool:
         """Whether the CPU backend has a kernel for this catalog method's job: numba, float32
-        math, and inputs of one dtype and an output the kernels read and write."""
+        math, and inputs of one dtype and an output the kernels read and write; or a
+        passthrough without a scale into its own dtype, a copy (no numba, no torch)."""
+        inputs = self.loaded_dtypes(job)
+        if method == "passthrough":
+            unscaled = steps[0].params.scale is None
+            return self.cpu and unscaled and inputs[-1] == job.out_dtype
         if not self.numba or method not in CPU_CATALOG_METHODS or compute != "F32":
             return False
-        inputs = self.loaded_dtypes(job)
         return len(set(inputs)) == 1 and all(d in CPU_DTYPES for d in [*inputs, job.out_dtype])
 
     def cpu_kernel(

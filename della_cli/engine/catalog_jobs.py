@@ -1,5 +1,6 @@
 """The CPU backend's catalog kernels applied to a job's blocks: ``cpu/sce``, ``cpu/ram``,
-``cpu/ramplus_tl`` and ``cpu/arcee_fusion`` (``backends.cpu.catalog``).
+``cpu/ramplus_tl`` and ``cpu/arcee_fusion`` (``backends.cpu.catalog``), and
+``cpu/passthrough``, a copy of the rows as stored.
 
 The counterpart of ``TorchJobs.prepare`` and ``TorchJobs.streamed_block`` for these kernels:
 blocks stay numpy arrays as stored; the output block is written into a buffer of the engine's
@@ -47,13 +48,17 @@ class CatalogJobs:
         self, task: BlockTask, loaded: list[np.ndarray], state, reporter: Reporter
     ) -> np.ndarray:
         """One output block of the job, in the output dtype, as (rows, row length)."""
-        from della_cli.backends.cpu import catalog
-
         job = task.job
         name = job.kernel.name
         if name == "arcee_fusion":
             return self.torch.streamed_block(task, loaded, state, reporter)
         out = self.output_buffer(task, loaded[0].shape)
+        if name == "passthrough":  # the one model's rows as stored (loaded[0] is them too)
+            np.copyto(out, loaded[-1])
+            reporter.copied_values(job, out, "the merged tensor may hold them too")
+            return out
+        from della_cli.backends.cpu import catalog
+
         if name == "sce":
             flags = catalog.sce_apply(state, loaded, out)
         else:

@@ -41,7 +41,7 @@ class CpuJobs:
         merge wait for them."""
         pairs, selects, catalogs = set(), set(), set()
         for job in jobs:
-            if job.kernel is not None and job.kernel.backend == "cpu" and job.kernel.streamed:
+            if job.kernel is not None and job.kernel.compiled and job.kernel.streamed:
                 catalogs.add((self.stored_dtype(job, inputs), job.out_dtype))
             if job.kernel is None or job.kernel.name != "block":
                 continue

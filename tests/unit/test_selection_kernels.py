@@ -180,3 +180,68 @@ def test_the_plan_gives_the_selecting_catalog_methods_the_cpu_kernel(
     assert {job.kernel.backend for job in on_cuda.jobs if job.action == "merge"} == {"torch"}
     _, _, wide = prepare(write_recipe({**recipe, "dtype": "float64"}), MergeOptions(device="cpu"))
     assert {job.kernel.backend for job in wide.jobs if job.action == "merge"} == {"torch"}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_the_bit_test_for_nan_and_inf_agrees_with_isfinite(dtype):
+    from della_cli.engine.reporting import has_nonfinite
+
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    values = np.array([0.0, -1.5, 3e4, -0.0], dtype=np.float32).astype(dtype)
+    assert not has_nonfinite(values) and not has_nonfinite(values[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        changed = values.copy()
+        changed[2] = bad
+        assert has_nonfinite(changed.reshape(2, 2))
+
+
+def test_passthrough_copies_its_input_as_stored_without_torch_or_numba(
+    model_zoo, write_recipe, tmp_path
+):
+    """No scale: ``cpu/passthrough``, the bytes of the input (a NaN in it reported); with a
+    scale, the torch reference."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file, save_file
+
+    source = model_zoo("llama", expert=1, dtype=__import__("torch").bfloat16)
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in source.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    weights = next(model.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(n for n, t in tensors.items() if t.ndim == 2)
+    tensors[name] = tensors[name].copy()
+    tensors[name].view(np.uint16)[0, 0] = 0x7FC0  # a bfloat16 NaN
+    save_file(tensors, weights, metadata={"format": "pt"})
+    recipe = write_recipe({"merge_method": "passthrough", "models": [{"model": str(model)}]})
+    _, _, plan = prepare(recipe, MergeOptions(device="cpu"))
+    assert {job.kernel.label for job in plan.jobs if job.action == "merge"} == {"cpu/passthrough"}
+    code = (
+        "import sys; from pathlib import Path; from della_cli.api import MergeOptions, run_merge\n"
+        "warnings = []\n"
+        f"run_merge(Path({str(recipe)!r}), Path({str(tmp_path / 'out')!r}),"
+        " MergeOptions(device='cpu', progress=False, allow_nonfinite=True),"
+        " on_warning=warnings.append)\n"
+        "print(warnings)\n"
+        "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    warnings, imported = result.stdout.strip().splitlines()[-2:]
+    assert "NaN or Inf" in warnings and name in warnings
+    assert imported == "[]"
+    out = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    assert all(
+        np.array_equal(out[n].view(np.uint16), t.view(np.uint16)) for n, t in tensors.items()
+    )
+    scaled = write_recipe(
+        {
+            "merge_method": "passthrough",
+            "models": [{"model": str(model), "parameters": {"scale": 2.0}}],
+        }
+    )
+    _, _, plan = prepare(scaled, MergeOptions(device="cpu"))
+    assert {job.kernel.label for job in plan.jobs if job.action == "merge"} == {"torch/passthrough"}

@@ -207,20 +207,16 @@ def sce_apply(state: dict, loaded: Sequence[np.ndarray], out: np.ndarray) -> np.
 
 
 def ramplus_tl_prepare(values: dict, blocks: Blocks, models: int) -> np.ndarray:
-    """The λᵢ of ramplus_tl (float32, as the reference's merge uses them) from the counts."""
-    import torch
-
-    from della_cli.methods import selection as reference
-
+    """The λᵢ of ramplus_tl from the counts, float32 as the merge uses them:
+    ``selection.ramplus_tl_lambdas``' float64 steps in numpy (no torch to import)."""
     counts = np.zeros((models, 2), dtype=np.int64)
-    epsilon = np.float32(values["epsilon"])
+    epsilon = values["epsilon"]
     for loaded in blocks():
         for _, _, _, deltas in chunks(loaded):
-            catalog_kernels.ram_counts(deltas, epsilon, counts)
-    lambdas = reference.ramplus_tl_lambdas(
-        torch.from_numpy(counts), values["r"], values["alpha"], values["epsilon"]
-    )
-    return lambdas.to(torch.float32).numpy()
+            catalog_kernels.ram_counts(deltas, np.float32(epsilon), counts)
+    rho = counts[:, 0].astype(np.float64) / np.maximum(counts[:, 1].astype(np.float64), epsilon)
+    lambdas = 1 + values["r"] * np.minimum(np.maximum(rho, 0.0), values["alpha"])
+    return lambdas.astype(np.float32)
 
 
 def ram_apply(
