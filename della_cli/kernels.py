@@ -34,7 +34,7 @@ from della_cli.methods import ExpertParams, GlobalParams, Rescale, Sparsifier
 from della_cli.methods.catalog import BasePolicy
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import derive_key
-from della_cli.methods.streamed import BASE_INPUT
+from della_cli.methods.streamed import BASE_INPUT, KEYS_KEPT_BELOW
 from della_cli.methods.streamed import passes as method_passes
 
 if TYPE_CHECKING:
@@ -151,10 +151,11 @@ class _Chooser:
                 listed = schema.base_model in self.recipe.model_refs
                 values[BASE_INPUT] = job.has_base and not listed
             compute = "F64" if self.recipe.schema.dtype == "float64" else "F32"
-            passes = method_passes(method.name, values, len(steps), compute)
             shared = self.recipe.global_params(job.name)
             on_cpu = self.catalog_on_cpu(job, method.name, compute, steps)
             backend = "cpu" if on_cpu else "torch"
+            kept = on_cpu and job.numel < KEYS_KEPT_BELOW
+            passes = method_passes(method.name, values, len(steps), compute, kept)
             kernel = Kernel(backend, method.name, steps, shared, passes, tuple(values.items()))
             return dataclasses.replace(job, kernel=kernel)
         shared = self.recipe.global_params(job.name)

@@ -36,6 +36,9 @@ BASE_INPUT = "base_input"
 # The CPU backend's kernels (``backends.cpu.catalog``) merge in the same chunks, so that sums
 # made per chunk are the same there.
 CPU_CHUNK_ELEMENTS = 1 << 16
+# Tensors of fewer entries have the keys of their order statistics kept by the CPU kernels
+# (``backends.cpu.catalog``): 1 MiB at most, where 16-bit digits' histograms would cost more.
+KEYS_KEPT_BELOW = 1 << 18
 # Radix digits of an order statistic per compute dtype (16 bits a pass).
 _DIGITS = {"F32": 2, "F64": 4}
 
@@ -46,10 +49,18 @@ def _layout(values: Mapping[str, Any]) -> str:
     return nuslerp_layout(values["nuslerp_flatten"], values["nuslerp_row_wise"])
 
 
-def passes(method: str, values: Mapping[str, Any], models: int, compute: str = "F32") -> int:
+def passes(
+    method: str,
+    values: Mapping[str, Any],
+    models: int,
+    compute: str = "F32",
+    keys_kept: bool = False,
+) -> int:
     """Passes over a tensor's row blocks, the merge pass included, for ``models`` inputs
-    besides the base."""
-    digits = _DIGITS.get(compute, 2)
+    besides the base. ``keys_kept``: the order statistic's keys are kept after its first pass
+    (the CPU kernels do so below ``KEYS_KEPT_BELOW`` entries), so its later digits read no
+    block."""
+    digits = 1 if keys_kept else _DIGITS.get(compute, 2)
     if method in ("passthrough", "nearswap", "ram"):
         return 1
     if method == "nuslerp" and not values["nuslerp_flatten"] and not values["nuslerp_row_wise"]:
@@ -218,4 +229,12 @@ def _arcee_fusion_threshold(blocks: Blocks, numel: int) -> torch.Tensor | None:
     )
 
 
-__all__ = ["BASE_INPUT", "CPU_CHUNK_ELEMENTS", "apply", "passes", "prepare", "statistics_bytes"]
+__all__ = [
+    "BASE_INPUT",
+    "CPU_CHUNK_ELEMENTS",
+    "KEYS_KEPT_BELOW",
+    "apply",
+    "passes",
+    "prepare",
+    "statistics_bytes",
+]

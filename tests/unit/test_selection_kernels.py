@@ -170,11 +170,8 @@ def test_the_plan_gives_the_selecting_catalog_methods_the_cpu_kernel(
     }
     parsed, models, plan = prepare(write_recipe(recipe), MergeOptions(device="cpu"))
     labels = {job.kernel.label for job in plan.jobs if job.action == "merge"}
-    passes = (
-        {"sce": ", 4 passes", "ram": "", "ramplus_tl": ", 2 passes"}[method]
-        if (method != "arcee_fusion")
-        else ", 3 passes"
-    )
+    # the tiny model's tensors are small: their keys are kept after the first pass
+    passes = {"sce": ", 3 passes", "ram": "", "ramplus_tl": ", 2 passes"}.get(method, ", 2 passes")
     assert labels == {f"cpu/{method}{passes}"}
     on_cuda = assign_kernels(plan, parsed, models.base, models.experts, "cuda")
     assert {job.kernel.backend for job in on_cuda.jobs if job.action == "merge"} == {"torch"}

@@ -8,10 +8,11 @@ quartiles (whose importance, a softmax, stays torch's: numba's ``exp`` has other
 Blocks arrive as stored, (rows, row length) arrays, the reference first; the results are the
 torch backend's bytes.
 
-A tensor of fewer than ``SMALL`` entries is selected with 8-bit digits on keys made once, as
-``select.py`` does for TIES: the 65,536 buckets of a 16-bit digit cost more to clear and sum
-than such a tensor's merge (issue 19). Larger tensors take two 16-bit passes, each making the
-keys afresh from the inputs, so memory stays one chunk of keys.
+A tensor of fewer than ``streamed.KEYS_KEPT_BELOW`` entries is selected with 8-bit digits on
+keys made once and kept (1 MiB at most), as ``select.py`` does for TIES: the 65,536 buckets of
+a 16-bit digit cost more to clear and sum than such a tensor's merge (issue 19). Larger
+tensors take two 16-bit passes, each making the keys afresh from the inputs, so memory stays
+one chunk of keys.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from della_cli.backends.cpu import block, catalog_kernels
 from della_cli.methods import streamed
 from della_cli.methods.counts import fraction_count
 
-SMALL = 1 << 18
 _ALL = np.zeros(1, dtype=np.uint32)  # the prefix of the first digit: every key
 
 Blocks = Callable[[], Iterable[list[np.ndarray]]]
@@ -76,10 +76,11 @@ def order_statistics(
 ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """``methods.order_statistics.order_statistics`` on uint32 keys: ([(key, ties to skip)
     per rank], (numel, nonzero)); ``key_chunks()`` yields (keys, nonzero among them) afresh."""
-    bits = 8 if numel < SMALL else 16
+    small = numel < streamed.KEYS_KEPT_BELOW
+    bits = 8 if small else 16
     buckets = 1 << bits
     counts = np.zeros((1, buckets), dtype=np.int64)
-    kept: list[np.ndarray] | None = [] if numel < SMALL else None
+    kept: list[np.ndarray] | None = [] if small else None
     total = nonzero = 0
     for keys, found in key_chunks():
         total += keys.size
