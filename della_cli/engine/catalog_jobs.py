@@ -5,7 +5,8 @@
 The counterpart of ``TorchJobs.prepare`` and ``TorchJobs.streamed_block`` for these kernels:
 blocks stay numpy arrays as stored; the output block is written into a buffer of the engine's
 (``output_buffer``). arcee_fusion's merge pass is the torch backend's (its importance is a
-softmax, torch's; its selection was made here).
+softmax, torch's; its selection was made here), except on a small tensor, whose importances'
+keys were kept from its selection.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class CatalogJobs:
         """One output block of the job, in the output dtype, as (rows, row length)."""
         job = task.job
         name = job.kernel.name
-        if name == "arcee_fusion":
-            return self.torch.streamed_block(task, loaded, state, reporter)
+        if name == "arcee_fusion" and (state is None or state["keys"] is None):
+            threshold = None if state is None else state["threshold"]  # None: an empty tensor
+            return self.torch.streamed_block(task, loaded, threshold, reporter)
         out = self.output_buffer(task, loaded[0].shape)
         if name == "passthrough":  # the one model's rows as stored (loaded[0] is them too)
             np.copyto(out, loaded[-1])
@@ -61,6 +63,9 @@ class CatalogJobs:
 
         if name == "sce":
             flags = catalog.sce_apply(state, loaded, out)
+        elif name == "arcee_fusion":
+            first = task.start * (loaded[0].size // max(loaded[0].shape[0], 1))
+            flags = catalog.arcee_fusion_apply(state, loaded, first, out)
         else:
             lambdas = state if name == "ramplus_tl" else None
             flags = catalog.ram_apply(lambdas, job.kernel.settings["epsilon"], loaded, out)

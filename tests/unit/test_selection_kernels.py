@@ -79,9 +79,9 @@ def cpu_merge(method, values, loaded, shape, blocks):
     pieces, blocked = split(loaded, blocks)
     numel = int(np.prod(shape))
     out = np.empty_like(loaded[0])
-    if method == "arcee_fusion":
-        return catalog.arcee_fusion_prepare(blocked, numel, shape), None
     state = None
+    if method == "arcee_fusion":
+        state = catalog.arcee_fusion_prepare(blocked, numel, shape)
     if method == "sce":
         state = catalog.sce_prepare(values["select_topk"], blocked, numel, shape)
     elif method == "ramplus_tl":
@@ -91,6 +91,9 @@ def cpu_merge(method, values, loaded, shape, blocks):
         rows = piece[0].shape[0]
         if method == "sce":
             catalog.sce_apply(state, piece, out[start : start + rows])
+        elif method == "arcee_fusion":
+            first = start * piece[0].shape[1]
+            catalog.arcee_fusion_apply(state, piece, first, out[start : start + rows])
         else:
             catalog.ram_apply(state, values["epsilon"], piece, out[start : start + rows])
         start += rows
@@ -108,11 +111,32 @@ def test_a_cpu_catalog_kernel_gives_the_torch_backends_bytes(case, shape, dtype,
     blocks = 3 if len(shape) > 1 else 1  # a 1-D tensor is one row, one block
     expected_state, expected = torch_merge(method, values, loaded, shape, blocks)
     state, ours = cpu_merge(method, values, loaded, shape, blocks)
-    if method == "arcee_fusion":  # the threshold: its merge pass is the torch backend's
-        assert state.dtype == expected_state.dtype and float(state) == float(expected_state)
-        return
+    if method == "arcee_fusion":  # the threshold, then the merge from the kept keys
+        threshold = state["threshold"]
+        assert threshold.dtype == expected_state.dtype
+        assert float(threshold) == float(expected_state)
     assert ours.dtype == expected.dtype
     assert np.array_equal(ours.view(np.uint8), expected.reshape(ours.shape).view(np.uint8))
+
+
+@pytest.mark.parametrize("case", ["sce", "arcee_fusion"])
+def test_a_large_tensor_is_selected_in_16_bit_radix_passes_to_the_same_bytes(case):
+    """Above ``KEYS_KEPT_BELOW`` entries the keys are made afresh in each of two passes."""
+    from della_cli.backends.cpu import catalog
+    from della_cli.methods import streamed
+
+    values, models = METHODS[case]
+    shape = (520, 512)
+    assert np.prod(shape) >= streamed.KEYS_KEPT_BELOW
+    loaded = inputs(shape, models, DTYPES["bf16"], "ties")
+    expected_state, expected = torch_merge(case, values, loaded, shape, 2)
+    _, blocked = split(loaded, 2)
+    if case == "arcee_fusion":
+        state = catalog.arcee_fusion_prepare(blocked, int(np.prod(shape)), shape)
+        assert state["keys"] is None and float(state["threshold"]) == float(expected_state)
+        return
+    _, ours = cpu_merge(case, values, loaded, shape, 2)
+    assert np.array_equal(ours.view(np.uint16), expected.reshape(ours.shape).view(np.uint16))
 
 
 def test_sce_keeps_exactly_k_entries_ties_by_position():

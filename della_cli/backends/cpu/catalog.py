@@ -75,35 +75,57 @@ def order_statistics(
     ranks_for: Callable[[int, int], Sequence[int]],
 ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """``methods.order_statistics.order_statistics`` on uint32 keys: ([(key, ties to skip)
-    per rank], (numel, nonzero)); ``key_chunks()`` yields (keys, nonzero among them) afresh."""
-    small = numel < streamed.KEYS_KEPT_BELOW
-    bits = 8 if small else 16
-    buckets = 1 << bits
+    per rank], (numel, nonzero)); ``key_chunks()`` yields (keys, nonzero among them) afresh.
+    A small tensor's keys are kept from the first pass and selected in memory."""
+    if numel < streamed.KEYS_KEPT_BELOW:
+        kept, nonzero = kept_keys(key_chunks)
+        return select_kept(kept, ranks_for(kept.size, nonzero)), (kept.size, nonzero)
+    buckets = 1 << 16
     counts = np.zeros((1, buckets), dtype=np.int64)
-    kept: list[np.ndarray] | None = [] if small else None
     total = nonzero = 0
     for keys, found in key_chunks():
         total += keys.size
         nonzero += found
-        catalog_kernels.histogram(keys, _ALL, 32, 32 - bits, buckets - 1, counts)
-        if kept is not None:
-            kept.append(keys.copy())
+        catalog_kernels.histogram(keys, _ALL, 32, 16, buckets - 1, counts)
     ranks = list(ranks_for(total, nonzero))
     if not ranks:
         return [], (total, nonzero)
     states = [list(_digit(counts[0], rank)) for rank in ranks]  # [prefix, rank within it]
-    for shift in range(32 - 2 * bits, -1, -bits):
-        prefixes = sorted({prefix for prefix, _ in states})
-        counts = np.zeros((len(prefixes), buckets), dtype=np.int64)
-        sources = [np.concatenate(kept)] if kept is not None else (k for k, _ in key_chunks())
-        for keys in sources:
-            catalog_kernels.histogram(
-                keys, np.array(prefixes, dtype=np.uint32), shift + bits, shift, buckets - 1, counts
-            )
-        for state in states:
-            digit, state[1] = _digit(counts[prefixes.index(state[0])], state[1])
-            state[0] = (state[0] << bits) | digit
+    prefixes = sorted({prefix for prefix, _ in states})
+    counts = np.zeros((len(prefixes), buckets), dtype=np.int64)
+    for keys, _ in key_chunks():
+        catalog_kernels.histogram(
+            keys, np.array(prefixes, dtype=np.uint32), 16, 0, buckets - 1, counts
+        )
+    for state in states:
+        digit, state[1] = _digit(counts[prefixes.index(state[0])], state[1])
+        state[0] = (state[0] << 16) | digit
     return [(prefix, remaining) for prefix, remaining in states], (total, nonzero)
+
+
+def kept_keys(key_chunks: Callable[[], Iterable[tuple[np.ndarray, int]]]) -> tuple[np.ndarray, int]:
+    """Every key of a tensor in position order, and how many are of nonzero scores."""
+    parts, nonzero = [], 0
+    for keys, found in key_chunks():
+        parts.append(keys.copy())
+        nonzero += found
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)), nonzero
+
+
+def select_kept(keys: np.ndarray, ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """(key, ties to skip) of each ascending rank among ``keys``, by partition (a 6K-entry
+    tensor: a radix selection's passes cost more than its merge)."""
+    ranks = list(ranks)
+    if not ranks:
+        return []
+    if max(ranks) >= keys.size:
+        raise ValueError(f"Rank {max(ranks)} is out of range for {keys.size} scores.")
+    ordered = np.partition(keys, ranks)
+    found = []
+    for rank in ranks:
+        key = ordered[rank]
+        found.append((int(key), rank - int(np.count_nonzero(keys < key))))
+    return found
 
 
 def _digit(histogram: np.ndarray, rank: int) -> tuple[int, int]:
@@ -236,9 +258,10 @@ def ram_apply(
 # ---------------------------------------------------------------- arcee_fusion
 
 
-def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]):
-    """median + 1.5·IQR of the importances (a float32 0-dim tensor, as the reference's),
-    the importances torch's, their quartiles selected here."""
+def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]) -> dict | None:
+    """{"threshold": median + 1.5·IQR of the importances (a float32 0-dim tensor, as the
+    reference's), "keys": the importances' keys of a small tensor, else None}: the
+    importances torch's, their quartiles selected here."""
     import torch
 
     from della_cli.methods import selection as reference
@@ -263,6 +286,26 @@ def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]):
                 yield chunk_keys, 0
 
     ranks = reference.quantile_ranks(numel)
-    found, _ = order_statistics(key_chunks, numel, lambda total, _: ranks)
+    kept = None
+    if numel < streamed.KEYS_KEPT_BELOW:
+        kept, _ = kept_keys(key_chunks)
+        found = select_kept(kept, ranks)
+    else:
+        found, _ = order_statistics(key_chunks, numel, lambda total, _: ranks)
     q1, median, q3 = (torch.tensor(key_value(key)) for key, _ in found)
-    return median + 1.5 * (q3 - q1)
+    return {"threshold": median + 1.5 * (q3 - q1), "keys": kept}
+
+
+def arcee_fusion_apply(state: dict, loaded: Sequence[np.ndarray], first: int, out: np.ndarray):
+    """One block of a small tensor's arcee_fusion into ``out`` from its kept keys (the block
+    starts at flat entry ``first``); the input flags."""
+    threshold = np.array([float(state["threshold"])], dtype=np.float32) + np.float32(0.0)
+    pivot = np.empty(1, dtype=np.uint32)
+    keep_none = not catalog_kernels.float_keys(threshold, pivot)  # a NaN threshold
+    flags = np.zeros(len(loaded), dtype=np.bool_)
+    for start, stop, base, deltas in chunks(loaded, flags):
+        row_length = base.size // max(stop - start, 1)
+        keys = state["keys"][first + start * row_length : first + stop * row_length]
+        target = _output_rows(out, start, stop)
+        catalog_kernels.arcee_fuse(deltas, base, keys, pivot[0], keep_none, target)
+    return flags

@@ -205,3 +205,15 @@ if numba is not None:
                 total += unique + changed * several / divisor
             merged[j] = base[j] + total
         rules.store_row(merged, out)
+
+    @numba.njit(cache=True)
+    def arcee_fuse(deltas, base, keys, pivot, keep_none, out):
+        """``selection.arcee_fusion_apply`` on one chunk from its importances' kept keys:
+        θ₀ + δ·[importance ≥ threshold], the threshold's key ``pivot`` (none kept where the
+        threshold is NaN)."""
+        n = base.shape[0]
+        merged = np.empty(n, dtype=np.float32)
+        for j in range(n):
+            kept = np.float32(0.0) if keep_none or keys[j] < pivot else np.float32(1.0)
+            merged[j] = base[j] + deltas[0, j] * kept
+        rules.store_row(merged, out)

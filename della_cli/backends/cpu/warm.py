@@ -71,7 +71,7 @@ def catalog_missing(pairs: frozenset) -> bool:
     outputs = {(views[b],) for _, b in pairs if b in views}
     if not inputs <= _cached_views(catalog_kernels.widen, (0,)):
         return True
-    for fuse in (catalog_kernels.sce_fuse, catalog_kernels.ram_fuse):
+    for fuse in (catalog_kernels.sce_fuse, catalog_kernels.ram_fuse, catalog_kernels.arcee_fuse):
         if not outputs <= _cached_views(fuse, (-1,)):
             return True
     float32_only = (
@@ -191,7 +191,8 @@ def warm_catalog(dtype: np.dtype, out_dtype: np.dtype) -> None:
     values = {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2}
     lambdas = catalog.ramplus_tl_prepare(values, lambda: iter([loaded]), 2)
     catalog.ram_apply(lambdas, 1e-5, loaded, out)
-    catalog.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
+    state = catalog.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
+    catalog.arcee_fusion_apply(state, loaded[:2], 0, out)
 
 
 def main(words: list[str]) -> None:
