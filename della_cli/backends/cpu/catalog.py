@@ -8,11 +8,10 @@ quartiles (whose importance, a softmax, stays torch's: numba's ``exp`` has other
 Blocks arrive as stored, (rows, row length) arrays, the reference first; the results are the
 torch backend's bytes.
 
-A tensor of fewer than ``streamed.KEYS_KEPT_BELOW`` entries is selected with 8-bit digits on
-keys made once and kept (1 MiB at most), as ``select.py`` does for TIES: the 65,536 buckets of
-a 16-bit digit cost more to clear and sum than such a tensor's merge (issue 19). Larger
-tensors take two 16-bit passes, each making the keys afresh from the inputs, so memory stays
-one chunk of keys.
+The order statistics (sce's top-k, arcee_fusion's quartiles) are ``catalog_select``'s: two
+16-bit radix passes on a large tensor, a partition of the kept keys on a small one (issue 19:
+the 65,536 buckets of a 16-bit digit cost more to clear and sum than a 6K-entry tensor's
+merge), where arcee_fusion's merge pass then reads the kept keys too.
 """
 
 from __future__ import annotations
@@ -21,11 +20,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from della_cli.backends.cpu import block, catalog_kernels
+from della_cli.backends.cpu import block, catalog_kernels, catalog_select
+from della_cli.backends.cpu.catalog_select import (
+    kept_keys,
+    key_value,
+    order_statistics,
+    select_kept,
+)
 from della_cli.methods import streamed
 from della_cli.methods.counts import fraction_count
-
-_ALL = np.zeros(1, dtype=np.uint32)  # the prefix of the first digit: every key
 
 Blocks = Callable[[], Iterable[list[np.ndarray]]]
 # (start row, stop row, base float32 (c,), task vectors float32 (n, c)) of one row chunk
@@ -66,86 +69,6 @@ def _output_rows(out: np.ndarray, start: int, stop: int) -> np.ndarray:
     return block.kernel_view(out).reshape(rows, -1)[start:stop].reshape(-1)
 
 
-# ---------------------------------------------------------------- order statistics
-
-
-def order_statistics(
-    key_chunks: Callable[[], Iterable[tuple[np.ndarray, int]]],
-    numel: int,
-    ranks_for: Callable[[int, int], Sequence[int]],
-) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-    """``methods.order_statistics.order_statistics`` on uint32 keys: ([(key, ties to skip)
-    per rank], (numel, nonzero)); ``key_chunks()`` yields (keys, nonzero among them) afresh.
-    A small tensor's keys are kept from the first pass and selected in memory."""
-    if numel < streamed.KEYS_KEPT_BELOW:
-        kept, nonzero = kept_keys(key_chunks)
-        return select_kept(kept, ranks_for(kept.size, nonzero)), (kept.size, nonzero)
-    buckets = 1 << 16
-    counts = np.zeros((1, buckets), dtype=np.int64)
-    total = nonzero = 0
-    for keys, found in key_chunks():
-        total += keys.size
-        nonzero += found
-        catalog_kernels.histogram(keys, _ALL, 32, 16, buckets - 1, counts)
-    ranks = list(ranks_for(total, nonzero))
-    if not ranks:
-        return [], (total, nonzero)
-    states = [list(_digit(counts[0], rank)) for rank in ranks]  # [prefix, rank within it]
-    prefixes = sorted({prefix for prefix, _ in states})
-    counts = np.zeros((len(prefixes), buckets), dtype=np.int64)
-    for keys, _ in key_chunks():
-        catalog_kernels.histogram(
-            keys, np.array(prefixes, dtype=np.uint32), 16, 0, buckets - 1, counts
-        )
-    for state in states:
-        digit, state[1] = _digit(counts[prefixes.index(state[0])], state[1])
-        state[0] = (state[0] << 16) | digit
-    return [(prefix, remaining) for prefix, remaining in states], (total, nonzero)
-
-
-def kept_keys(key_chunks: Callable[[], Iterable[tuple[np.ndarray, int]]]) -> tuple[np.ndarray, int]:
-    """Every key of a tensor in position order, and how many are of nonzero scores."""
-    parts, nonzero = [], 0
-    for keys, found in key_chunks():
-        parts.append(keys.copy())
-        nonzero += found
-    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)), nonzero
-
-
-def select_kept(keys: np.ndarray, ranks: Sequence[int]) -> list[tuple[int, int]]:
-    """(key, ties to skip) of each ascending rank among ``keys``, by partition (a 6K-entry
-    tensor: a radix selection's passes cost more than its merge)."""
-    ranks = list(ranks)
-    if not ranks:
-        return []
-    if max(ranks) >= keys.size:
-        raise ValueError(f"Rank {max(ranks)} is out of range for {keys.size} scores.")
-    ordered = np.partition(keys, ranks)
-    found = []
-    for rank in ranks:
-        key = ordered[rank]
-        found.append((int(key), rank - int(np.count_nonzero(keys < key))))
-    return found
-
-
-def _digit(histogram: np.ndarray, rank: int) -> tuple[int, int]:
-    cumulative = np.cumsum(histogram)
-    if rank >= int(cumulative[-1]):
-        raise ValueError(f"Rank {rank} is out of range for {int(cumulative[-1])} scores.")
-    digit = int(np.searchsorted(cumulative, rank, side="right"))
-    return digit, rank - (int(cumulative[digit - 1]) if digit > 0 else 0)
-
-
-def key_value(key: int) -> np.float32:
-    """The float32 whose key is ``key``."""
-    bits = key & 0x7FFFFFFF if key & 0x80000000 else ~key & 0xFFFFFFFF
-    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
-
-
-def _nan_score() -> ValueError:
-    return ValueError("A score is NaN; an order statistic of NaN is undefined.")
-
-
 # ---------------------------------------------------------------- sce
 
 
@@ -161,7 +84,7 @@ def _sce_keys(
         chunk_keys = keys[: deltas.shape[1]]
         nonzero, nan = catalog_kernels.sce_keys(deltas, chunk_keys)
         if nan:
-            raise _nan_score()
+            raise catalog_select.nan_score()
         yield chunk, chunk_keys, nonzero
 
 
@@ -282,7 +205,7 @@ def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]) -> 
                     keys = np.empty(importance.numel(), dtype=np.uint32)
                 chunk_keys = keys[: importance.numel()]
                 if not catalog_kernels.float_keys(importance.numpy(), chunk_keys):
-                    raise _nan_score()
+                    raise catalog_select.nan_score()
                 yield chunk_keys, 0
 
     ranks = reference.quantile_ranks(numel)
