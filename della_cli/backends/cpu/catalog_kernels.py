@@ -10,7 +10,7 @@ so the bytes are the same (``tests/unit/test_selection_kernels.py`` compares the
 Order statistics: a score's float32 bits map to a uint32 ``key`` with the values' order
 (``-0.0`` as ``+0.0``), histogrammed a digit at a time under each rank's prefix (``histogram``)
 as ``methods.order_statistics`` does with int64 keys; the rank arithmetic is in
-``backends.cpu.catalog``.
+``backends.cpu.catalog_select``.
 """
 
 from __future__ import annotations
