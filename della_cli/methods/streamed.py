@@ -36,9 +36,10 @@ BASE_INPUT = "base_input"
 # The CPU backend's kernels (``backends.cpu.catalog``) merge in the same chunks, so that sums
 # made per chunk are the same there.
 CPU_CHUNK_ELEMENTS = 1 << 16
-# Tensors of fewer entries have the keys of their order statistics kept by the CPU kernels
-# (``backends.cpu.catalog``): 1 MiB at most, where 16-bit digits' histograms would cost more.
-KEYS_KEPT_BELOW = 1 << 18
+# Tensors of fewer entries (a CPU block) have the keys of their order statistics kept by the
+# CPU kernels after their first pass (``backends.cpu.catalog_select``; 16 MiB at most): the
+# later digits read no block and make no score again.
+KEYS_KEPT_BELOW = 1 << 22
 # Radix digits of an order statistic per compute dtype (16 bits a pass).
 _DIGITS = {"F32": 2, "F64": 4}
 
@@ -86,7 +87,9 @@ def statistics_bytes(method: str, values: Mapping[str, Any], shape: tuple[int, .
     if method in ("multislerp", "karcher", "model_stock"):
         return 8 * n * n
     if method in ("sce", "arcee_fusion"):
-        return 8 * (1 << 16)  # a radix histogram
+        numel = math.prod(shape)
+        kept = 4 * numel if numel < KEYS_KEPT_BELOW else 0  # the CPU kernels' kept keys
+        return 8 * (1 << 16) + kept  # a radix histogram
     return 8 * 3 * max(n, 1)
 
 

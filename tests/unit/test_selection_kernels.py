@@ -119,22 +119,30 @@ def test_a_cpu_catalog_kernel_gives_the_torch_backends_bytes(case, shape, dtype,
     assert np.array_equal(ours.view(np.uint8), expected.reshape(ours.shape).view(np.uint8))
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "streamed"])
 @pytest.mark.parametrize("case", ["sce", "arcee_fusion"])
-def test_a_large_tensor_is_selected_in_16_bit_radix_passes_to_the_same_bytes(case):
-    """Above ``KEYS_KEPT_BELOW`` entries the keys are made afresh in each of two passes."""
-    from della_cli.backends.cpu import catalog
+def test_a_large_tensor_is_selected_in_16_bit_radix_passes_to_the_same_bytes(
+    case, kept, monkeypatch
+):
+    """From 262,144 entries the selection takes two 16-bit radix digits: over the keys kept
+    from the first pass, or (above ``KEYS_KEPT_BELOW`` entries) made afresh in each pass."""
+    from della_cli.backends.cpu import catalog, catalog_select
     from della_cli.methods import streamed
 
     values, models = METHODS[case]
     shape = (520, 512)
-    assert np.prod(shape) >= streamed.KEYS_KEPT_BELOW
+    assert np.prod(shape) >= catalog_select.PARTITION_BELOW
+    if not kept:
+        monkeypatch.setattr(streamed, "KEYS_KEPT_BELOW", catalog_select.PARTITION_BELOW)
     loaded = inputs(shape, models, DTYPES["bf16"], "ties")
     expected_state, expected = torch_merge(case, values, loaded, shape, 2)
     _, blocked = split(loaded, 2)
     if case == "arcee_fusion":
         state = catalog.arcee_fusion_prepare(blocked, int(np.prod(shape)), shape)
-        assert state["keys"] is None and float(state["threshold"]) == float(expected_state)
-        return
+        assert (state["keys"] is not None) == kept
+        assert float(state["threshold"]) == float(expected_state)
+        if not kept:
+            return
     _, ours = cpu_merge(case, values, loaded, shape, 2)
     assert np.array_equal(ours.view(np.uint16), expected.reshape(ours.shape).view(np.uint16))
 

@@ -211,7 +211,7 @@ def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]) -> 
     ranks = reference.quantile_ranks(numel)
     kept = None
     if numel < streamed.KEYS_KEPT_BELOW:
-        kept, _ = kept_keys(key_chunks)
+        kept, _ = kept_keys(key_chunks, numel)
         found = select_kept(kept, ranks)
     else:
         found, _ = order_statistics(key_chunks, numel, lambda total, _: ranks)

@@ -8,8 +8,8 @@ allocating its result. The float32 and float64 operations are the reference's, i
 so the bytes are the same (``tests/unit/test_selection_kernels.py`` compares them).
 
 Order statistics: a score's float32 bits map to a uint32 ``key`` with the values' order
-(``-0.0`` as ``+0.0``), histogrammed a digit at a time under each rank's prefix (``histogram``)
-as ``methods.order_statistics`` does with int64 keys; the rank arithmetic is in
+(``-0.0`` as ``+0.0``), histogrammed 16 bits at a time under each rank's prefix (``top_digits``,
+``low_digits``) as ``methods.order_statistics`` does with int64 keys; the rank arithmetic is in
 ``backends.cpu.catalog_select``.
 """
 
@@ -102,17 +102,21 @@ if numba is not None:
         return nonzero, nan
 
     @numba.njit(cache=True)
-    def histogram(keys, prefixes, prefix_shift, digit_shift, digit_mask, counts):
-        """Add to ``counts[p]`` the digit ``(key >> digit_shift) & digit_mask`` of each key
-        whose bits above ``prefix_shift`` equal ``prefixes[p]`` (every key when the shift is
-        32: the first digit)."""
-        whole = prefix_shift >= 32
+    def top_digits(keys, counts):
+        """Add to ``counts`` (65,536) the top 16 bits of each key: the first radix digit."""
+        for j in range(keys.shape[0]):
+            counts[keys[j] >> np.uint32(16)] += 1
+
+    @numba.njit(cache=True)
+    def low_digits(keys, slots, counts):
+        """Add to ``counts[slots[top]]`` the low 16 bits of each key whose top 16 bits have a
+        slot (``slots[top]`` ≥ 0: a prefix a rank is in); one lookup a key, however many
+        ranks share the pass."""
         for j in range(keys.shape[0]):
             key = keys[j]
-            digit = (key >> np.uint32(digit_shift)) & np.uint32(digit_mask)
-            for p in range(prefixes.shape[0]):
-                if whole or (key >> np.uint32(prefix_shift)) == prefixes[p]:
-                    counts[p, digit] += 1
+            slot = slots[key >> np.uint32(16)]
+            if slot >= 0:
+                counts[slot, key & np.uint32(0xFFFF)] += 1
 
     @numba.njit(cache=True)
     def top_rank_keep(keys, pivot, skip, ties_before, keep):

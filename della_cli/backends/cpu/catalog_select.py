@@ -4,8 +4,9 @@ backend's counterpart of ``methods.order_statistics`` for ``cpu/sce`` and ``cpu/
 
 A score's bits map to a key with the values' order (``catalog_kernels._key``). A large tensor
 takes two 16-bit radix passes, each making the keys afresh from the inputs (``key_chunks``), so
-memory stays a chunk of keys; a tensor under ``streamed.KEYS_KEPT_BELOW`` entries keeps its keys
-from the first pass and is selected by partition. Either way: the key at each rank and how
+memory stays a chunk of keys; a tensor under ``streamed.KEYS_KEPT_BELOW`` entries (one block)
+keeps its keys from the first pass (16 MiB at most) and is selected over them, by partition
+when small. Either way: the key at each rank and how
 many ties before it to skip, as the torch selection gives them.
 """
 
@@ -18,7 +19,8 @@ import numpy as np
 from della_cli.backends.cpu import catalog_kernels
 from della_cli.methods import streamed
 
-_ALL = np.zeros(1, dtype=np.uint32)  # the prefix of the first digit: every key
+_BUCKETS = 1 << 16  # a 16-bit radix digit
+PARTITION_BELOW = 1 << 18  # kept keys fewer than this are selected by partition
 KeyChunks = Callable[[], Iterable[tuple[np.ndarray, int]]]
 
 
@@ -29,50 +31,66 @@ def order_statistics(
 ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """``methods.order_statistics.order_statistics`` on uint32 keys: ([(key, ties to skip)
     per rank], (numel, nonzero)); ``key_chunks()`` yields (keys, nonzero among them) afresh.
-    A small tensor's keys are kept from the first pass and selected in memory."""
+    A tensor under ``streamed.KEYS_KEPT_BELOW`` entries has its keys kept from the first pass
+    and selected in memory."""
     if numel < streamed.KEYS_KEPT_BELOW:
-        kept, nonzero = kept_keys(key_chunks)
+        kept, nonzero = kept_keys(key_chunks, numel)
         return select_kept(kept, ranks_for(kept.size, nonzero)), (kept.size, nonzero)
-    buckets = 1 << 16
-    counts = np.zeros((1, buckets), dtype=np.int64)
+    top = np.zeros(_BUCKETS, dtype=np.int64)
     total = nonzero = 0
     for keys, found in key_chunks():
         total += keys.size
         nonzero += found
-        catalog_kernels.histogram(keys, _ALL, 32, 16, buckets - 1, counts)
+        catalog_kernels.top_digits(keys, top)
     ranks = list(ranks_for(total, nonzero))
+    return _low_digits(top, ranks, lambda: (keys for keys, _ in key_chunks())), (total, nonzero)
+
+
+def _low_digits(
+    top: np.ndarray, ranks: Sequence[int], sources: Callable[[], Iterable[np.ndarray]]
+) -> list[tuple[int, int]]:
+    """From the histogram of the keys' top digits, a second pass over ``sources()`` for the
+    low digits under each rank's prefix: (key, ties to skip) per rank."""
     if not ranks:
-        return [], (total, nonzero)
-    states = [list(_digit(counts[0], rank)) for rank in ranks]  # [prefix, rank within it]
+        return []
+    states = [list(_digit(top, rank)) for rank in ranks]  # [prefix, rank within it]
     prefixes = sorted({prefix for prefix, _ in states})
-    counts = np.zeros((len(prefixes), buckets), dtype=np.int64)
-    for keys, _ in key_chunks():
-        catalog_kernels.histogram(
-            keys, np.array(prefixes, dtype=np.uint32), 16, 0, buckets - 1, counts
-        )
+    slots = np.full(_BUCKETS, -1, dtype=np.int32)
+    slots[prefixes] = np.arange(len(prefixes), dtype=np.int32)
+    counts = np.zeros((len(prefixes), _BUCKETS), dtype=np.int64)
+    for keys in sources():
+        catalog_kernels.low_digits(keys, slots, counts)
     for state in states:
-        digit, state[1] = _digit(counts[prefixes.index(state[0])], state[1])
+        digit, state[1] = _digit(counts[slots[state[0]]], state[1])
         state[0] = (state[0] << 16) | digit
-    return [(prefix, remaining) for prefix, remaining in states], (total, nonzero)
+    return [(prefix, remaining) for prefix, remaining in states]
 
 
-def kept_keys(key_chunks: KeyChunks) -> tuple[np.ndarray, int]:
-    """Every key of a tensor in position order, and how many are of nonzero scores."""
-    parts, nonzero = [], 0
+def kept_keys(key_chunks: KeyChunks, numel: int) -> tuple[np.ndarray, int]:
+    """Every key of a tensor of ``numel`` entries in position order, and how many are of
+    nonzero scores."""
+    kept = np.empty(numel, dtype=np.uint32)
+    position = nonzero = 0
     for keys, found in key_chunks():
-        parts.append(keys.copy())
+        kept[position : position + keys.size] = keys
+        position += keys.size
         nonzero += found
-    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)), nonzero
+    return kept[:position], nonzero
 
 
 def select_kept(keys: np.ndarray, ranks: Sequence[int]) -> list[tuple[int, int]]:
-    """(key, ties to skip) of each ascending rank among ``keys``, by partition (a 6K-entry
-    tensor: a radix selection's passes cost more than its merge)."""
+    """(key, ties to skip) of each ascending rank among the kept ``keys``: by partition under
+    ``PARTITION_BELOW`` keys (a 6K-entry tensor: a radix selection's histograms cost more
+    than its merge), else by the two radix digits, over memory."""
     ranks = list(ranks)
     if not ranks:
         return []
     if max(ranks) >= keys.size:
         raise ValueError(f"Rank {max(ranks)} is out of range for {keys.size} scores.")
+    if keys.size >= PARTITION_BELOW:
+        top = np.zeros(_BUCKETS, dtype=np.int64)
+        catalog_kernels.top_digits(keys, top)
+        return _low_digits(top, ranks, lambda: [keys])
     ordered = np.partition(keys, ranks)
     found = []
     for rank in ranks:

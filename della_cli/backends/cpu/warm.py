@@ -77,7 +77,8 @@ def catalog_missing(pairs: frozenset) -> bool:
     float32_only = (
         catalog_kernels.subtract_base,
         catalog_kernels.sce_keys,
-        catalog_kernels.histogram,
+        catalog_kernels.top_digits,
+        catalog_kernels.low_digits,
         catalog_kernels.top_rank_keep,
         catalog_kernels.masked_squares,
         catalog_kernels.ram_counts,
@@ -182,9 +183,11 @@ def warm(pairs: set[tuple[str, str]], selects: set[str], catalogs: frozenset = f
 def warm_catalog(dtype: np.dtype, out_dtype: np.dtype) -> None:
     """The catalog kernels (``backends.cpu.catalog``) on a small block of ``dtype`` inputs
     written as ``out_dtype``: every kernel of sce, ram, ramplus_tl and arcee_fusion."""
-    from della_cli.backends.cpu import catalog
+    from della_cli.backends.cpu import catalog, catalog_select
 
     rng = np.random.default_rng(0)
+    radix = np.arange(catalog_select.PARTITION_BELOW, dtype=np.uint32)  # the 16-bit digits
+    catalog_select.select_kept(radix, [7])
     loaded = [rng.standard_normal((4, 8)).astype(dtype) for _ in range(3)]
     out = np.empty((4, 8), dtype=out_dtype)
     catalog.sce_apply(catalog.sce_prepare(0.5, lambda: iter([loaded]), 32, (4, 8)), loaded, out)
