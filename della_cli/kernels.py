@@ -14,6 +14,9 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
 - ``torch/merge``: the torch backend, the reference: CUDA, float16 or float64 inputs, inputs of
   mixed dtypes (but for weighted sums), the L1 rescale, MAGPRUNE rows of one entry, or numba
   not installed;
+- ``cpu/<method>``: sce, ram, ramplus_tl and arcee_fusion in numba (``backends.cpu.catalog``),
+  in the passes of their torch kernels, with the same bytes; ``cpu/passthrough``: a copy of
+  the input as stored (no scale, the same dtype), which imports neither numba nor torch;
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
   in the passes over the row blocks its statistics need (``methods.streamed``);
 - ``cpu/<method>``: slerp, nuslerp, multislerp, karcher and model_stock on the CPU backend's
@@ -39,7 +42,7 @@ from della_cli.methods import ExpertParams, GlobalParams, Rescale, Sparsifier
 from della_cli.methods.catalog import BasePolicy
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import derive_key
-from della_cli.methods.streamed import BASE_INPUT
+from della_cli.methods.streamed import BASE_INPUT, KEYS_KEPT_BELOW
 from della_cli.methods.streamed import passes as method_passes
 
 if TYPE_CHECKING:
@@ -51,12 +54,14 @@ BASE = -1  # as plan.BASE
 CPU_DTYPES = ("BF16", "F32")  # what the CPU kernels read and write
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
+# The catalog methods the CPU backend runs that select (``backends.cpu.catalog``).
+CPU_SELECTING_METHODS = ("sce", "ram", "ramplus_tl", "arcee_fusion")
 # The kernels of the generalized pipeline; any other name is a catalog method's.
 PIPELINE_KERNELS = ("merge", "block", "weighted_sum", "streamed_sum", "chunked_sum")
 
 # The catalog methods the CPU backend runs by coefficients (``backends.cpu.spherical_methods``,
 # not imported to plan).
-CPU_CATALOG = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
+CPU_SPHERICAL_METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
 
 # How an expert's task vector is sparsified.
 KEEP, RANDOM, MAGPRUNE, WINDOW = "keep", "random", "magprune", "window"
@@ -97,9 +102,9 @@ class Kernel:
 
     @property
     def compiled(self) -> bool:
-        """Whether numba compiles what runs this job (every CPU kernel: the block kernel, the
-        weighted sums, ``cpu/<method>``)."""
-        return self.backend == "cpu"
+        """Whether numba compiles what runs this job: every CPU kernel (the block kernel, the
+        weighted sums, ``cpu/<method>``) but ``cpu/passthrough``, a copy."""
+        return self.backend == "cpu" and self.name != "passthrough"
 
     @property
     def settings(self) -> dict[str, object]:
@@ -137,7 +142,9 @@ class _Chooser:
     def __init__(self, recipe, base, experts, device, backend, stream_reads):
         self.recipe = recipe
         self.readers = {BASE: base, **dict(enumerate(experts))}
-        self.numba = device == "cpu" and backend != "torch" and cpu_backend_installed()
+        cpu = device == "cpu" and backend != "torch"
+        self.cpu = cpu
+        self.numba = cpu and cpu_backend_installed()
         self.stream_reads = stream_reads and streamed_sum.AVAILABLE
 
     def assign(self, job: TensorJob) -> TensorJob:
@@ -152,29 +159,17 @@ class _Chooser:
                 listed = schema.base_model in self.recipe.model_refs
                 values[BASE_INPUT] = job.has_base and not listed
             compute = "F64" if self.recipe.schema.dtype == "float64" else "F32"
-            passes = method_passes(method.name, values, len(steps), compute)
             shared = self.recipe.global_params(job.name)
-            backend = "cpu" if self.catalog_on_cpu(job, method.name, values) else "torch"
+            on_cpu = self.catalog_on_cpu(job, method.name, values, compute, steps)
+            backend = "cpu" if on_cpu else "torch"
+            kept = on_cpu and job.numel < KEYS_KEPT_BELOW
+            passes = method_passes(method.name, values, len(steps), compute, kept)
             kernel = Kernel(backend, method.name, steps, shared, passes, tuple(values.items()))
             return dataclasses.replace(job, kernel=kernel)
         shared = self.recipe.global_params(job.name)
         name = self.cpu_kernel(job, steps, shared)
         backend = "torch" if name is None else "cpu"
         return dataclasses.replace(job, kernel=Kernel(backend, name or "merge", steps, shared))
-
-    def catalog_on_cpu(self, job: TensorJob, method: str, values: dict) -> bool:
-        """Whether the CPU backend runs this job of a catalog method: one of its methods,
-        inputs of one CPU dtype (float32 math: not a float64 recipe), and vectors that are
-        the tensor's rows (nuslerp per column, and per-row methods on tensors of more than
-        two dimensions, whose rows are their last dimension, stay on torch)."""
-        if not self.numba or method not in CPU_CATALOG or self.recipe.schema.dtype == "float64":
-            return False
-        dtypes = [*self.loaded_dtypes(job), job.out_dtype]
-        if not all(dtype in CPU_DTYPES for dtype in dtypes) or len(set(dtypes[:-1])) != 1:
-            return False
-        if method == "nuslerp" and not values["nuslerp_flatten"]:
-            return not values["nuslerp_row_wise"] and len(job.shape) <= 2
-        return not (method == "model_stock" and values["filter_wise"] and len(job.shape) > 2)
 
     def step(self, job: TensorJob, model: int) -> ExpertStep:
         params = self.recipe.expert_params(model, job.name)
@@ -207,6 +202,35 @@ class _Chooser:
                 stored = stored if fill == stored else None
             dtypes.append(stored)
         return dtypes
+
+    def catalog_on_cpu(
+        self,
+        job: TensorJob,
+        method: str,
+        values: dict,
+        compute: str,
+        steps: tuple[ExpertStep, ...],
+    ) -> bool:
+        """Whether the CPU backend runs this job of a catalog method: a passthrough without a
+        scale into its own dtype (a copy: no numba, no torch); else one of its methods, numba,
+        float32 math, inputs of one CPU dtype and an output it writes, and, for the spherical
+        ones, vectors that are the tensor's rows (nuslerp per column, and per-row methods on
+        tensors of more than two dimensions, whose rows are their last dimension, stay on
+        torch)."""
+        inputs = self.loaded_dtypes(job)
+        if method == "passthrough":
+            unscaled = steps[0].params.scale is None
+            return self.cpu and unscaled and inputs[-1] == job.out_dtype
+        if not self.numba or compute != "F32":
+            return False
+        if method not in (*CPU_SELECTING_METHODS, *CPU_SPHERICAL_METHODS):
+            return False
+        dtypes = [*inputs, job.out_dtype]
+        if not all(dtype in CPU_DTYPES for dtype in dtypes) or len(set(inputs)) != 1:
+            return False
+        if method == "nuslerp" and not values["nuslerp_flatten"]:
+            return not values["nuslerp_row_wise"] and len(job.shape) <= 2
+        return not (method == "model_stock" and values["filter_wise"] and len(job.shape) > 2)
 
     def cpu_kernel(
         self, job: TensorJob, steps: tuple[ExpertStep, ...], shared: GlobalParams

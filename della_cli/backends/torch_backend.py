@@ -25,14 +25,6 @@ from della_cli.methods.sparsify import middle_magnitude_mask, top_magnitude_mask
 
 Mask = np.ndarray | torch.Tensor
 
-# Entries of the row chunks a catalog method merges a CPU block in (at least one row): each
-# of its float32 temporaries then stays in the core's L2 cache (256 KiB of 2 MiB here), where
-# the same chain of elementwise torch ops over a whole 4M-entry block streams every
-# temporary through memory and faults in its fresh pages. Statistics (summed per row, then
-# over rows in float64) and order statistics do not depend on how the rows are split. On
-# CUDA a block goes whole: small kernels would only add launches.
-CPU_CHUNK_ELEMENTS = 1 << 16
-
 
 class SimulatedOutOfMemory(torch.OutOfMemoryError):
     """The out-of-memory error a test's ``TorchBackend.fault_injector`` raises: before the
@@ -118,7 +110,7 @@ class TorchBackend:
         rows, row_length = _rows(first)
         step = rows
         if self.device.type == "cpu" and first.dim() > 1:
-            step = max(1, CPU_CHUNK_ELEMENTS // max(row_length, 1))
+            step = max(1, catalog_methods.CPU_CHUNK_ELEMENTS // max(row_length, 1))
         widen = lambda t: t if t is None else t.to(self.compute_dtype)  # noqa: E731
         if step >= rows:
             yield 0, rows, widen(base), [widen(m) for m in models]

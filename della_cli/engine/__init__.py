@@ -33,6 +33,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
+from della_cli.engine.catalog_jobs import CatalogJobs
 from della_cli.engine.cpu_jobs import CpuJobs
 from della_cli.engine.masks import global_keep_masks
 from della_cli.engine.reporting import Reporter
@@ -127,6 +128,7 @@ class MergeEngine:
             self.devices, plan.compute_dtype, recipe.method, self.threads, self.report.on_warning
         )
         self.torch: TorchJobs = self.workers.workers[0]
+        self.catalog = CatalogJobs(self.torch, self.output_buffer, self.threads)
         self._masks: dict[str, list | None] = {}
         self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer
@@ -267,6 +269,7 @@ class MergeEngine:
         the CPU backend, or wholly on torch where it began while its kernels compiled."""
         job = task.job
         on_cpu = job.kernel.backend == "cpu" and not self.cpu.stands_in(task)
+        runner = self.catalog if on_cpu else self.workers
         if task.start == 0 and job.kernel.passes > 1:
             if task.last:
                 blocks = lambda: iter([loaded])  # noqa: E731
@@ -274,18 +277,11 @@ class MergeEngine:
                 blocks = lambda: self._recycled_blocks(job)  # noqa: E731
             else:
                 blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
-            backend = self.cpu if on_cpu else self.workers
-            self._statistics[job.name] = backend.prepare(job, blocks)
+            self._statistics[job.name] = runner.prepare(job, blocks)
         state = self._statistics.get(job.name)
         if task.last:
             self._statistics.pop(job.name, None)
-        if not on_cpu:
-            return self.workers.streamed_block(task, loaded, state, self.report)
-        out = self.output_buffer(task, loaded[0].shape)
-        merged, nonfinite = self.cpu.streamed_block(task, loaded, state, out)
-        if nonfinite.any():
-            self.report.nonfinite(job, [bool(flag) for flag in nonfinite])
-        return merged
+        return runner.streamed_block(task, loaded, state, self.report)
 
     def _recycled_blocks(self, job: TensorJob) -> Iterator[list[np.ndarray]]:
         """A job's blocks for a CPU kernel's statistics pass, read into the recycled buffers

@@ -43,22 +43,15 @@ class CpuJobs:
         them in a child process (``backends.cpu.warm``) rather than make the merge wait."""
         pairs, selects, sums, catalog = set(), set(), set(), set()
         for job in jobs:
-            if job.kernel is None or job.kernel.backend != "cpu":
+            if job.kernel is None or not job.kernel.compiled:
                 continue
             if job.kernel.streamed:  # a catalog method: compiled per (input, output) dtypes
-                first = job.experts[0]
-                dtype = inputs.reader(first.model).tensors[first.tensor].dtype
-                catalog.add((dtype, job.out_dtype))
+                catalog.add((self.stored_dtype(job, inputs), job.out_dtype))
                 continue
             if job.kernel.name != "block":
                 sums.add(job.out_dtype)  # a weighted sum: compiled per output dtype
                 continue
-            first = job.experts[0]
-            dtype = (
-                "F32"
-                if first.rows is not None
-                else inputs.reader(first.model).tensors[first.tensor].dtype
-            )  # fitted rows arrive in the compute dtype, float32
+            dtype = self.stored_dtype(job, inputs)
             pairs.add((dtype, job.out_dtype))
             if any(step.sparsify == WINDOW for step in job.kernel.experts):
                 selects.add(dtype)
@@ -69,6 +62,15 @@ class CpuJobs:
         if warm.missing(pairs, selects, sums, catalog):
             self._compiler = warm.start(pairs, selects, sums, catalog)
 
+    @staticmethod
+    def stored_dtype(job: TensorJob, inputs) -> str:
+        """The dtype of a job's first expert as its rows arrive: fitted rows in the compute
+        dtype, float32."""
+        first = job.experts[0]
+        if first.rows is not None:
+            return "F32"
+        return inputs.reader(first.model).tensors[first.tensor].dtype
+
     def compiling(self) -> bool:
         """Whether the kernels are still being compiled beside the merge."""
         return self._compiler is not None and self._compiler.poll() is None
@@ -78,7 +80,10 @@ class CpuJobs:
         compile: any block of a weighted sum, each on its own; a ``cpu/block`` or catalog job
         begun meanwhile, to its last block (its whole-tensor selection, or its statistics,
         were made for it)."""
-        if task.job.kernel.name != "block" and not task.job.kernel.streamed:
+        kernel = task.job.kernel
+        if not kernel.compiled:
+            return False
+        if kernel.name != "block" and not kernel.streamed:
             return self.compiling()
         name = task.job.name
         if task.start == 0 and self.compiling():
@@ -178,44 +183,6 @@ class CpuJobs:
             out=out,
         )
 
-    def prepare(self, job: TensorJob, blocks) -> np.ndarray | None:
-        """A ``cpu/<method>`` job's coefficients of the whole tensor, from a pass over its
-        blocks (``blocks()``: each block's raw rows, reference first, as ``RowLoader.load``
-        gives them)."""
-        from della_cli.backends.cpu import spherical_methods  # numba: imported only when needed
-
-        self.threads.limit_numba()
-        kernel = job.kernel
-        weights = [step.params.weight for step in kernel.experts]
-
-        def split():
-            for loaded in blocks():
-                reference, *experts = _as_rows(loaded)
-                yield reference, experts
-
-        return spherical_methods.prepare(kernel.name, kernel.settings, weights, split, job.has_base)
-
-    def streamed_block(self, task: BlockTask, loaded: list[np.ndarray], state, out) -> Merged:
-        """One output block of a ``cpu/<method>`` job, and its inputs' non-finite flags."""
-        from della_cli.backends.cpu import spherical_methods
-
-        self.threads.limit_numba()
-        job = task.job
-        kernel = job.kernel
-        weights = [step.params.weight for step in kernel.experts]
-        reference, *experts = _as_rows(loaded)
-        return spherical_methods.apply(
-            kernel.name,
-            kernel.settings,
-            weights,
-            state,
-            reference,
-            experts,
-            job.has_base,
-            NUMPY_DTYPES[job.out_dtype],
-            out,
-        )
-
     def keep_mask(self, expert: np.ndarray, reference: np.ndarray, window: tuple[int, int]):
         """A whole-tensor selection (TIES, breadcrumbs) from the two inputs as stored."""
         from della_cli.backends.cpu import select  # numba: imported only when needed
@@ -223,11 +190,3 @@ class CpuJobs:
         self.threads.limit_numba()
         low, high = window
         return select.window_keep_mask(expert, reference, low, high)
-
-
-def _as_rows(loaded: list[np.ndarray]) -> list[np.ndarray]:
-    """A block's arrays as (rows, row length): a 1-D tensor's block is one row."""
-    return [
-        array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
-        for array in loaded
-    ]

@@ -14,6 +14,8 @@ from della_cli.plan import BASE, Source, TensorJob
 from della_cli.recipe import Recipe
 from della_cli.recipe_slices import layer_index
 
+COPIED = "it is copied into the output as is"
+
 
 class Reporter:
     """Warns once per input tensor; under ``strict``, a non-finite input fails the merge."""
@@ -28,11 +30,11 @@ class Reporter:
         self._reported_nonfinite: set[tuple[int, str]] = set()
         self.saw_nonfinite = False  # an input held NaN or Inf: the output may too
 
-    def copied_values(self, job: TensorJob, values: np.ndarray) -> None:
+    def copied_values(self, job: TensorJob, values: np.ndarray, outcome: str = COPIED) -> None:
         """A copied tensor meets no merge kernel, whose pass over the inputs flags NaN and
         Inf; a NaN in a base tensor no expert has would reach the output unannounced."""
-        if is_floating(job.out_dtype) and not np.isfinite(values).all():
-            self.nonfinite(job, [True], "it is copied into the output as is")
+        if is_floating(job.out_dtype) and has_nonfinite(values):
+            self.nonfinite(job, [True] * (1 + len(job.experts)), outcome)
 
     def nonfinite(
         self,
@@ -73,3 +75,23 @@ class Reporter:
                     f"'{self.recipe.model_refs[index]}' differs from the base in "
                     f"non-float tensor '{job.name}'; the base's is kept"
                 )
+
+
+# The exponent bits of each float dtype that has them all set only for NaN and Inf.
+_EXPONENTS = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}
+_BFLOAT16_EXPONENT = 0x7F80
+
+
+def has_nonfinite(values: np.ndarray) -> bool:
+    """Whether a float array holds a NaN or an Inf, from the largest masked exponent of its
+    bits: 0.2 ns an entry, where ``np.isfinite`` takes 7.5 on bfloat16 (1.8 s on a 250M
+    model's copy)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if flat.size == 0:
+        return False
+    size = flat.dtype.itemsize
+    mask = _BFLOAT16_EXPONENT if flat.dtype.name == "bfloat16" else _EXPONENTS.get(size)
+    if mask is None:
+        return not bool(np.isfinite(flat).all())
+    bits = flat.view(f"u{size}")
+    return int(np.bitwise_and(bits, np.array(mask, dtype=bits.dtype)).max()) == mask

@@ -27,6 +27,19 @@ if TYPE_CHECKING:
 
 # The key of a kernel's values saying that the base_model is one of the inputs (karcher).
 BASE_INPUT = "base_input"
+# Entries of the row chunks a catalog method merges a CPU block in (at least one row): each
+# of its float32 temporaries then stays in the core's L2 cache (256 KiB of 2 MiB here), where
+# the same chain of elementwise torch ops over a whole 4M-entry block streams every
+# temporary through memory and faults in its fresh pages. Statistics (summed per row, then
+# over rows in float64) and order statistics do not depend on how the rows are split. On
+# CUDA a block goes whole: small kernels would only add launches.
+# The CPU backend's kernels (``backends.cpu.catalog``) merge in the same chunks, so that sums
+# made per chunk are the same there.
+CPU_CHUNK_ELEMENTS = 1 << 16
+# Tensors of fewer entries (a CPU block) have the keys of their order statistics kept by the
+# CPU kernels after their first pass (``backends.cpu.catalog_select``; 16 MiB at most): the
+# later digits read no block and make no score again.
+KEYS_KEPT_BELOW = 1 << 22
 # Radix digits of an order statistic per compute dtype (16 bits a pass).
 _DIGITS = {"F32": 2, "F64": 4}
 
@@ -37,10 +50,18 @@ def _layout(values: Mapping[str, Any]) -> str:
     return nuslerp_layout(values["nuslerp_flatten"], values["nuslerp_row_wise"])
 
 
-def passes(method: str, values: Mapping[str, Any], models: int, compute: str = "F32") -> int:
+def passes(
+    method: str,
+    values: Mapping[str, Any],
+    models: int,
+    compute: str = "F32",
+    keys_kept: bool = False,
+) -> int:
     """Passes over a tensor's row blocks, the merge pass included, for ``models`` inputs
-    besides the base."""
-    digits = _DIGITS.get(compute, 2)
+    besides the base. ``keys_kept``: the order statistic's keys are kept after its first pass
+    (the CPU kernels do so below ``KEYS_KEPT_BELOW`` entries), so its later digits read no
+    block."""
+    digits = 1 if keys_kept else _DIGITS.get(compute, 2)
     if method in ("passthrough", "nearswap", "ram"):
         return 1
     if method == "nuslerp" and not values["nuslerp_flatten"] and not values["nuslerp_row_wise"]:
@@ -66,7 +87,9 @@ def statistics_bytes(method: str, values: Mapping[str, Any], shape: tuple[int, .
     if method in ("multislerp", "karcher", "model_stock"):
         return 8 * n * n
     if method in ("sce", "arcee_fusion"):
-        return 8 * (1 << 16)  # a radix histogram
+        numel = math.prod(shape)
+        kept = 4 * numel if numel < KEYS_KEPT_BELOW else 0  # the CPU kernels' kept keys
+        return 8 * (1 << 16) + kept  # a radix histogram
     return 8 * 3 * max(n, 1)
 
 
@@ -226,4 +249,12 @@ def _arcee_fusion_threshold(blocks: Blocks, numel: int) -> torch.Tensor | None:
     )
 
 
-__all__ = ["BASE_INPUT", "apply", "passes", "prepare", "statistics_bytes"]
+__all__ = [
+    "BASE_INPUT",
+    "CPU_CHUNK_ELEMENTS",
+    "KEYS_KEPT_BELOW",
+    "apply",
+    "passes",
+    "prepare",
+    "statistics_bytes",
+]

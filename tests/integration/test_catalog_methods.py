@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 
 import della_cli.engine.shared as engine_shared
 from della_cli.api import MergeOptions, run_merge
-from della_cli.backends import torch_backend
-from della_cli.methods import interpolation, selection, stock
+from della_cli.methods import interpolation, selection, stock, streamed
 
 
 def load_model(folder: Path) -> dict[str, torch.Tensor]:
@@ -197,7 +196,7 @@ def test_a_catalog_method_equals_its_reference_in_any_blocks(
     # rows of 8 entries in the tiny Llama's smallest matrices: blocks of one to a few rows,
     # each merged one row at a time (the backend's row chunks)
     monkeypatch.setattr(engine_shared, "CPU_BLOCK_ELEMENTS", 16)
-    monkeypatch.setattr(torch_backend, "CPU_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(streamed, "CPU_CHUNK_ELEMENTS", 1)  # torch's and the CPU's chunks
     blocked = load_model(merged(write_recipe, tmp_path, recipe, "blocks"))
     assert blocked.keys() == ours.keys()
     for name, tensor in ours.items():

@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 from della_cli.api import MergeOptions, prepare
 from della_cli.backends.cpu import rules, warm
 from della_cli.engine import MergeEngine, cpu_jobs
+from della_cli.engine.catalog_jobs import CatalogJobs
 from della_cli.io.writer import ShardWriter
 
 pytestmark = pytest.mark.skipif(not rules.available(), reason="needs numba")
@@ -25,31 +26,45 @@ class Compiling:
         return None if self.polls >= 0 else 0
 
 
-@pytest.mark.parametrize(("method", "polls"), [("ties", 10**9), ("ties", 5), ("della", 7)])
+PARAMETERS = {
+    "ties": {"density": 0.3},
+    "della": {"density": 0.6, "epsilon": 0.1},
+    "sce": {"select_topk": 0.5},
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "polls"), [("ties", 10**9), ("ties", 5), ("della", 7), ("sce", 9)]
+)
 def test_jobs_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
     method, polls, bf16_recipe, tmp_path, monkeypatch
 ):
-    parameters = {"density": 0.3} if method == "ties" else {"density": 0.6, "epsilon": 0.1}
-    recipe, inputs, plan = prepare(bf16_recipe(method, parameters, seed=3), MergeOptions())
-    assert sum(job.kernel is not None and job.kernel.name == "block" for job in plan.jobs) > 10
+    recipe, inputs, plan = prepare(bf16_recipe(method, PARAMETERS[method], seed=3), MergeOptions())
+    assert sum(job.kernel is not None and job.kernel.compiled for job in plan.jobs) > 10
     expected = MergeEngine(recipe, plan, inputs, "cpu")  # numba, in this process
     expected_bytes = {job.name: expected.compute(job).tobytes() for job in plan.jobs}
 
     started, numba_jobs = [], []
     real_block = cpu_jobs.CpuJobs.block
+    real_streamed = CatalogJobs.streamed_block
 
     def block(self, task, *args):
         numba_jobs.append(task.job.name)
         return real_block(self, task, *args)
 
+    def streamed_block(self, task, *args):
+        numba_jobs.append(task.job.name)
+        return real_streamed(self, task, *args)
+
     def start(pairs, selects, sums=frozenset(), catalog=frozenset()):
-        started.append((pairs, selects, sums))
+        started.append((pairs, selects, sums, catalog))
         return Compiling(polls)
 
     monkeypatch.delenv("DELLA_COMPILE_INLINE")
     monkeypatch.setattr(warm, "missing", lambda pairs, selects, sums=(), catalog=(): True)
     monkeypatch.setattr(warm, "start", start)
     monkeypatch.setattr(cpu_jobs.CpuJobs, "block", block)
+    monkeypatch.setattr(CatalogJobs, "streamed_block", streamed_block)
     engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=256)
     writer = ShardWriter(tmp_path, plan.shards)
     engine.run(writer)
@@ -58,7 +73,11 @@ def test_jobs_begun_while_compiling_are_merged_by_torch_to_the_same_bytes(
         written.update(load_file(tmp_path / file_name))
 
     selects = {"BF16"} if method == "ties" else set()
-    assert started == [({("BF16", "BF16")}, selects, set())]
+    pairs = {("BF16", "BF16")}
+    if method == "sce":
+        assert started == [(set(), set(), set(), pairs)]
+    else:
+        assert started == [(pairs, selects, set(), set())]
     if polls > 10**6:
         assert numba_jobs == []  # nothing waited for a compilation
     else:
@@ -111,8 +130,8 @@ def test_weighted_sums_begun_while_compiling_are_merged_by_torch_to_the_same_byt
 
 
 def test_kernels_the_child_compiled_are_found_in_the_cache():
-    warm.main(["BF16:BF16", "select:BF16", "sum:BF16"])  # compiled once, else loaded
-    assert not warm.missing({("BF16", "BF16")}, {"BF16"}, {"BF16"})
+    warm.main(["BF16:BF16", "select:BF16", "sum:BF16", "catalog:BF16:BF16"])  # once, else loaded
+    assert not warm.missing({("BF16", "BF16")}, {"BF16"}, {"BF16"}, {("BF16", "BF16")})
 
 
 def test_a_merge_waits_for_another_merges_compilation_instead_of_repeating_it(

@@ -178,7 +178,8 @@ def test_jobs_begun_while_the_kernels_compile_run_on_torch_to_the_same_bytes(
 
     from della_cli.api import MergeOptions, prepare
     from della_cli.backends.cpu import warm
-    from della_cli.engine import MergeEngine, cpu_jobs
+    from della_cli.engine import MergeEngine
+    from della_cli.engine.catalog_jobs import CatalogJobs
     from della_cli.io.writer import ShardWriter
 
     recipe, inputs, plan = prepare(bf16_recipe("nuslerp", {"weight": 0.6}), MergeOptions())
@@ -190,12 +191,12 @@ def test_jobs_begun_while_the_kernels_compile_run_on_torch_to_the_same_bytes(
             return None  # compiling throughout
 
     started, cpu_blocks = [], []
-    real = cpu_jobs.CpuJobs.streamed_block
+    real = CatalogJobs.streamed_block
     monkeypatch.delenv("DELLA_COMPILE_INLINE")
     monkeypatch.setattr(warm, "missing", lambda pairs, selects, sums=(), catalog=(): compiling)
     monkeypatch.setattr(warm, "start", lambda *words: started.append(words) or Compiling())
     monkeypatch.setattr(
-        cpu_jobs.CpuJobs,
+        CatalogJobs,
         "streamed_block",
         lambda self, task, *args: cpu_blocks.append(task) or real(self, task, *args),
     )

@@ -19,7 +19,7 @@ import numpy as np
 
 from della_cli.backends.cpu import coefficients, spherical
 
-# The catalog methods this backend runs are ``kernels.CPU_CATALOG`` (planned without numba).
+# The methods this module runs are ``kernels.CPU_SPHERICAL_METHODS`` (planned without numba).
 # Rows whose Gram matrices are computed at a time: at most 64K × n² float64 (8 MiB for n = 4).
 GRAM_ROWS = 1 << 16
 Blocks = Callable[[], Iterable[tuple[np.ndarray, list[np.ndarray]]]]

@@ -48,9 +48,12 @@ def missing(
 ) -> bool:
     """Whether a kernel for any of these (input, output) dtype pairs of the block kernel, of
     the TIES selection of these input dtypes, of the weighted sum into these output dtypes, or
-    of these (input, output) pairs of the catalog methods' kernels (``spherical``), is not in
-    numba's cache."""
+    of these (input, output) pairs of the catalog methods' kernels (``spherical``,
+    ``catalog_kernels``), is not in numba's cache."""
     from della_cli.backends.cpu import block, select, spherical, sum_kernel
+
+    if catalog and catalog_missing(frozenset(catalog)):
+        return True
 
     pairs = {(a, b) for a, b in pairs if a in DTYPES and b in DTYPES}
     selects = {a for a in selects if a in DTYPES}
@@ -71,6 +74,33 @@ def missing(
     return not (
         wanted <= merges and chosen <= pivots and chosen <= marks and summed <= added and ready
     )
+
+
+def catalog_missing(pairs: frozenset) -> bool:
+    """Whether a kernel of ``backends.cpu.catalog`` for these (input, output) pairs is not in
+    numba's cache: ``widen`` per input dtype, the fusions per output dtype, the rest (float32
+    only) at all."""
+    from della_cli.backends.cpu import block, catalog_kernels
+
+    views = {name: str(np.dtype(block._KERNEL_VIEWS[dtype])) for name, dtype in DTYPES.items()}
+    inputs = {(views[a],) for a, _ in pairs if a in views}
+    outputs = {(views[b],) for _, b in pairs if b in views}
+    if not inputs <= _cached_views(catalog_kernels.widen, (0,)):
+        return True
+    for fuse in (catalog_kernels.sce_fuse, catalog_kernels.ram_fuse, catalog_kernels.arcee_fuse):
+        if not outputs <= _cached_views(fuse, (-1,)):
+            return True
+    float32_only = (
+        catalog_kernels.subtract_base,
+        catalog_kernels.sce_keys,
+        catalog_kernels.top_digits,
+        catalog_kernels.low_digits,
+        catalog_kernels.top_rank_keep,
+        catalog_kernels.masked_squares,
+        catalog_kernels.ram_counts,
+        catalog_kernels.float_keys,
+    )
+    return any(not _cached_views(kernel, ()) for kernel in float32_only)
 
 
 def _cached_views(dispatcher, positions: tuple[int, ...]) -> set[tuple[str, ...]]:
@@ -141,6 +171,9 @@ def warm(
     each output dtype, the catalog methods' kernels for each (input, output) pair."""
     from della_cli.backends.cpu import block, select, spherical, weighted_sum
 
+    for name, out_name in sorted(catalog):
+        warm_catalog(DTYPES[name], DTYPES[out_name])
+
     rng = np.random.default_rng(0)
     plans = [
         block.ExpertPlan(block.MAGPRUNE, 0.5, 0.1, 1.0, (1, 2, 3)),
@@ -186,6 +219,24 @@ def warm(
             add_reference=True,
             out_dtype=DTYPES[out_name],
         )
+
+
+def warm_catalog(dtype: np.dtype, out_dtype: np.dtype) -> None:
+    """The catalog kernels (``backends.cpu.catalog``) on a small block of ``dtype`` inputs
+    written as ``out_dtype``: every kernel of sce, ram, ramplus_tl and arcee_fusion."""
+    from della_cli.backends.cpu import catalog, catalog_select
+
+    rng = np.random.default_rng(0)
+    radix = np.arange(catalog_select.PARTITION_BELOW, dtype=np.uint32)  # the 16-bit digits
+    catalog_select.select_kept(radix, [7])
+    loaded = [rng.standard_normal((4, 8)).astype(dtype) for _ in range(3)]
+    out = np.empty((4, 8), dtype=out_dtype)
+    catalog.sce_apply(catalog.sce_prepare(0.5, lambda: iter([loaded]), 32, (4, 8)), loaded, out)
+    values = {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2}
+    lambdas = catalog.ramplus_tl_prepare(values, lambda: iter([loaded]), 2)
+    catalog.ram_apply(lambdas, 1e-5, loaded, out)
+    state = catalog.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
+    catalog.arcee_fusion_apply(state, loaded[:2], 0, out)
 
 
 def main(words: list[str]) -> None:
