@@ -10,8 +10,10 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
   weighted sums that one thread reads, merges and writes) and the order of the writes;
 - ``rows``: a block's rows from the input files, fitted to the job's vocabulary
   (``aligned_rows``: re-indexed, token by token, to a tokenizer the merge builds);
+- ``computing``: a block through its job's kernel (``BlockComputation``, which the engine
+  is built on): a chunk of a weighted sum, a pipeline block, a catalog method's block;
 - ``masks``: the whole-tensor selections (TIES, breadcrumbs) made before a job's blocks;
-- ``cpu_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
+- ``cpu_jobs``, ``catalog_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
   needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
   tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
   ``torch_workers``: one torch worker per device (on several, ``schedule.run_on_devices``),
@@ -28,14 +30,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
 from della_cli.engine.catalog_jobs import CatalogJobs
+from della_cli.engine.computing import BlockComputation
 from della_cli.engine.cpu_jobs import CpuJobs
-from della_cli.engine.masks import global_keep_masks
 from della_cli.engine.reporting import Reporter
 from della_cli.engine.rows import RowLoader
 from della_cli.engine.schedule import InOrder, run_in_chunks, run_on_devices, run_pipeline
@@ -47,7 +48,6 @@ from della_cli.engine.shared import (
     MAX_ITEMSIZE,
     SMALL_TASK_ELEMENTS,
     BlockTask,
-    Merged,
     MergeInputs,
     ProgressCallback,
     WarningCallback,
@@ -60,7 +60,7 @@ from della_cli.engine.threads import ThreadBudget
 from della_cli.engine.torch_jobs import TorchJobs
 from della_cli.engine.torch_workers import TorchWorkers
 from della_cli.io.buffers import BufferPool, write_offset
-from della_cli.io.dtypes import NUMPY_DTYPES, cast
+from della_cli.io.dtypes import NUMPY_DTYPES
 from della_cli.io.writer import ShardWriter
 from della_cli.kernels import WHOLE_TENSOR_SPARSIFIERS
 from della_cli.methods import Rescale
@@ -84,7 +84,7 @@ __all__ = [
 ]
 
 
-class MergeEngine:
+class MergeEngine(BlockComputation):
     """Runs a plan in blocks of rows, on ``device``, in plan order, each job by its kernel.
 
     ``threads``: the compute threads the merge may use (default: the cores this process may
@@ -213,86 +213,6 @@ class MergeEngine:
             self.report.nonfinite(task.job, [bool(flag) for flag in nonfinite])
         self.write(task, merged)
 
-    def merge_chunk(self, task: BlockTask) -> Merged:
-        """One chunk of a weighted sum in chunks: read and merged by the streamed reader, or
-        read into buffers and merged by the kernel, as the plan says."""
-        if self.cpu.stands_in(task):  # the kernel compiles beside the merge: the reference
-            loaded = self.load(task)
-            merged = self.torch.block(task, loaded, None, self.report)  # reports non-finites
-            self.release(task, loaded)
-            return merged, np.zeros(len(loaded), dtype=np.bool_)
-        out = self.output_buffer(task, (task.stop - task.start, rows_shape(task.job.shape)[1]))
-        if task.job.kernel.name == "streamed_sum":
-            return self.cpu.streamed_sum(task, self.inputs, out)
-        loaded = self.load(task)
-        merged = self.cpu.weighted_sum(task.job, loaded, out)
-        self.release(task, loaded)
-        return merged
-
-    def compute_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray:
-        """The output rows of one block, in the output dtype, by the job's kernel."""
-        job = task.job
-        if job.action == "copy":
-            self.report.experts_differ(job, loaded[0])
-            self.report.copied_values(job, loaded[0])
-            return cast(loaded[0], job.out_dtype)
-        if job.kernel.streamed:
-            return self.streamed_block(task, loaded)
-        on_torch = job.kernel.backend == "torch" or self.cpu.stands_in(task)
-        if task.start == 0:
-            # The block is the whole tensor: the numba selection only reads it (torch's
-            # works on its inputs in place, a float32 block's memory among them).
-            whole = loaded if task.last and not on_torch else None
-            self._masks[job.name] = self.global_keep_masks(job, on_torch, whole)
-        masks = self._masks[job.name]
-        if task.last:
-            del self._masks[job.name]
-        if on_torch:
-            return self.workers.block(task, loaded, masks, self.report)
-        mask_blocks = None if masks is None else [m[task.start : task.stop] for m in masks]
-        kernel = job.kernel
-        out = self.output_buffer(task, loaded[0].shape)
-        if kernel.name == "block":
-            merged, nonfinite = self.cpu.block(task, loaded, mask_blocks, out)
-        else:  # a weighted sum in the pipeline's blocks, its spans split among the helpers
-            helpers = self.threads.chunk_helpers if self._helpers else 0
-            merged, nonfinite = self.cpu.weighted_sum(job, loaded, out, self._helpers, helpers)
-        if nonfinite.any():
-            self.report.nonfinite(job, [bool(flag) for flag in nonfinite])
-        return merged
-
-    def streamed_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray:
-        """One block of a catalog method's job. At its first block, a job whose method needs
-        the whole tensor first (slerp's norms, sce's selection) makes its passes over the row
-        blocks, each read in turn (one at a time, so memory holds a block, not the tensor); a
-        tensor of one block reuses the block already read. A ``cpu/<method>`` job runs on
-        the CPU backend, or wholly on torch where it began while its kernels compiled."""
-        job = task.job
-        on_cpu = job.kernel.backend == "cpu" and not self.cpu.stands_in(task)
-        runner = self.catalog if on_cpu else self.workers
-        if task.start == 0 and job.kernel.passes > 1:
-            if task.last:
-                blocks = lambda: iter([loaded])  # noqa: E731
-            elif on_cpu:
-                blocks = lambda: self._recycled_blocks(job)  # noqa: E731
-            else:
-                blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
-            self._statistics[job.name] = runner.prepare(job, blocks)
-        state = self._statistics.get(job.name)
-        if task.last:
-            self._statistics.pop(job.name, None)
-        return runner.streamed_block(task, loaded, state, self.report)
-
-    def _recycled_blocks(self, job: TensorJob) -> Iterator[list[np.ndarray]]:
-        """A job's blocks for a CPU kernel's statistics pass, read into the recycled buffers
-        and given back as the next is read (fresh arrays cost a page fault every 4 KiB: at
-        1.1B, model_stock's statistics pass spent more time in the kernel's faults than in
-        its arithmetic). The CPU kernels keep nothing of a block once it is summed."""
-        for other in self.block_tasks(job):
-            block = self.load(other)
-            yield block
-            self.release(other, block)
-
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);
         recycled once written."""
@@ -304,18 +224,6 @@ class MergeEngine:
             return np.empty(shape, dtype=dtype)
         offset = self._writer.file_offset(job.name, task.start * (nbytes // max(shape[0], 1)))
         return pool.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
-
-    def global_keep_masks(
-        self, job: TensorJob, on_torch: bool = False, whole: list[np.ndarray] | None = None
-    ) -> list | None:
-        """Whole-tensor selections (TIES trim, breadcrumbs) as (rows, n) masks
-        (``masks.global_keep_masks``); ``whole``: the tensor's rows, when one block holds it."""
-        return global_keep_masks(self, job, on_torch, whole)
-
-    def compute(self, job: TensorJob) -> np.ndarray:
-        """One job's whole output tensor, in its output dtype (blocks joined)."""
-        chunks = [self.compute_block(task, self.load(task)) for task in self.block_tasks(job)]
-        return np.concatenate([chunk.reshape(-1) for chunk in chunks]).reshape(job.shape)
 
     def block_tasks(self, job: TensorJob) -> list[BlockTask]:
         if job.action != "merge":
