@@ -13,9 +13,10 @@ The plan gives each job its backend and kernel (``della_cli.kernels``); the engi
 - ``computing``: a block through its job's kernel (``BlockComputation``, which the engine
   is built on): a chunk of a weighted sum, a pipeline block, a catalog method's block;
 - ``masks``: the whole-tensor selections (TIES, breadcrumbs) made before a job's blocks;
-- ``cpu_jobs``, ``catalog_jobs`` and ``torch_jobs``: the two backends applied to blocks; a catalog method that
-  needs whole-tensor statistics (slerp's norms and dot product) first sums them over the
-  tensor's row blocks, read one at a time, then merges block by block (``streamed_block``);
+- ``cpu_jobs``, ``catalog_jobs`` and ``torch_jobs``: the two backends applied to blocks; a
+  catalog method that needs whole-tensor statistics (slerp's norms and dot product) first
+  sums them over the tensor's row blocks, read one at a time, then merges block by block
+  (``streamed_block``);
   ``torch_workers``: one torch worker per device (on several, ``schedule.run_on_devices``),
   each merging the jobs the plan gave its device, and ``memory_retry``: a block a device had
   no memory for, merged again in halves, then on the CPU;

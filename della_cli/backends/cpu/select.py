@@ -89,11 +89,52 @@ if numba is not None:
         for j in range(count):
             keys[j] = bits[j] & np.uint32(0x7FFFFFFF)
 
+    @numba.njit(cache=True)
+    def _count_chunk(
+        expert, base, first, last, shift, digit_mask, prefix, prefix_mask, active, counts
+    ):
+        """Add to ``counts`` (2, buckets) the digits at ``shift`` of the keys of entries
+        ``first:last`` that match each selection's prefix so far."""
+        scratch_expert, scratch_base, keys = _scratch()
+        for start in range(first, last, _CHUNK):
+            stop = min(start + _CHUNK, last)
+            _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
+            for j in range(stop - start):
+                key = keys[j]
+                digit = (key >> np.uint32(shift)) & digit_mask
+                for selection in range(2):
+                    if active[selection] and (key & prefix_mask) == prefix[selection]:
+                        counts[selection, digit] += 1
+
     @numba.njit(parallel=True, cache=True)
+    def _count_in_parallel(
+        expert, base, chunks, shift, digit_mask, prefix, prefix_mask, active, partial
+    ):
+        """``_count_chunk`` over ``chunks`` shares of the tensor, one ``partial`` row each."""
+        n = expert.shape[0]
+        for chunk in numba.prange(chunks):
+            first, last = chunk * n // chunks, (chunk + 1) * n // chunks
+            _count_chunk(
+                expert,
+                base,
+                first,
+                last,
+                shift,
+                digit_mask,
+                prefix,
+                prefix_mask,
+                active,
+                partial[chunk],
+            )
+
+    @numba.njit(cache=True)
     def _pivots(expert, base, wanted, active, chunks, digit_bits):
         """Radix selection of the magnitude at each of the two ranks, ``digit_bits`` (8 or 16)
         a pass from the top: returns each pivot and how many entries equal to it are still to
-        be kept."""
+        be kept. Only the counting runs in parallel (``_count_in_parallel``), and a tensor of
+        one chunk is counted on the calling thread: in a parallel function numba runs every
+        array operation (each pass's zeroed counts, their sum) on the thread pool too, and
+        waking it a dozen times cost a small tensor three times its selection."""
         n = expert.shape[0]
         wanted = wanted.copy()
         prefix = np.zeros(2, dtype=np.uint32)
@@ -102,18 +143,14 @@ if numba is not None:
         digit_mask = np.uint32(buckets - 1)
         for shift in range(32 - digit_bits, -digit_bits, -digit_bits):
             partial = np.zeros((chunks, 2, buckets), dtype=np.int64)
-            for chunk in numba.prange(chunks):
-                first, last = chunk * n // chunks, (chunk + 1) * n // chunks
-                scratch_expert, scratch_base, keys = _scratch()
-                for start in range(first, last, _CHUNK):
-                    stop = min(start + _CHUNK, last)
-                    _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
-                    for j in range(stop - start):
-                        key = keys[j]
-                        digit = (key >> np.uint32(shift)) & digit_mask
-                        for selection in range(2):
-                            if active[selection] and (key & prefix_mask) == prefix[selection]:
-                                partial[chunk, selection, digit] += 1
+            if chunks == 1:
+                _count_chunk(
+                    expert, base, 0, n, shift, digit_mask, prefix, prefix_mask, active, partial[0]
+                )
+            else:
+                _count_in_parallel(
+                    expert, base, chunks, shift, digit_mask, prefix, prefix_mask, active, partial
+                )
             counts = np.zeros((2, buckets), dtype=np.int64)
             for chunk in range(chunks):
                 counts += partial[chunk]
@@ -128,21 +165,29 @@ if numba is not None:
             prefix_mask |= digit_mask << np.uint32(shift)
         return prefix, wanted
 
+    @numba.njit(cache=True)
+    def _mark_above(expert, base, first, last, pivots, active, keep):
+        """keep = above the low pivot and not above the high one, for ``first:last``."""
+        scratch_expert, scratch_base, keys = _scratch()
+        for start in range(first, last, _CHUNK):
+            stop = min(start + _CHUNK, last)
+            _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
+            for j in range(stop - start):
+                above_low = keys[j] > pivots[0] if active[0] else True
+                above_high = keys[j] > pivots[1] if active[1] else False
+                keep[start + j] = above_low and not above_high
+
     @numba.njit(parallel=True, cache=True)
     def _mark(expert, base, pivots, wanted, active, keep, chunks):
         """keep = (rank >= low) and not (rank >= high): entries above each pivot in parallel,
         then, of those equal to a pivot, the last ones by position, low first."""
         n = expert.shape[0]
-        for chunk in numba.prange(chunks):
-            first, last = chunk * n // chunks, (chunk + 1) * n // chunks
-            scratch_expert, scratch_base, keys = _scratch()
-            for start in range(first, last, _CHUNK):
-                stop = min(start + _CHUNK, last)
-                _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
-                for j in range(stop - start):
-                    above_low = keys[j] > pivots[0] if active[0] else True
-                    above_high = keys[j] > pivots[1] if active[1] else False
-                    keep[start + j] = above_low and not above_high
+        if chunks == 1:  # on the calling thread, as in ``_pivots``
+            _mark_above(expert, base, 0, n, pivots, active, keep)
+        else:
+            for chunk in numba.prange(chunks):
+                first, last = chunk * n // chunks, (chunk + 1) * n // chunks
+                _mark_above(expert, base, first, last, pivots, active, keep)
         scratch_expert, scratch_base, keys = _scratch()
         for selection in range(2):
             remaining = wanted[selection] if active[selection] else 0

@@ -59,7 +59,7 @@ def missing(
     selects = {a for a in selects if a in DTYPES}
     merges = _cached_views(block._merge_rows, (0, -2))
     pivots = _cached_views(select._pivots, (0,))
-    marks = _cached_views(select._mark, (0,))
+    marks = _cached_views(select._mark, (0,)) & _cached_views(select._count_in_parallel, (0,))
     views = {name: block._KERNEL_VIEWS[dtype] for name, dtype in DTYPES.items()}
     wanted = {(str(np.dtype(views[a])), str(np.dtype(views[b]))) for a, b in pairs}
     chosen = {(str(np.dtype(views[a])),) for a in selects}
@@ -192,6 +192,8 @@ def warm(
     for name in sorted(selects):
         expert, base = inputs(name)
         select.window_keep_mask(expert, base, 3, 20)
+        large = rng.standard_normal((2, 4 * select._CHUNK)).astype(DTYPES[name])
+        select.window_keep_mask(large[0], large[1], 3, 20)  # counted in parallel: 2+ chunks
     for name, out_name in sorted(pairs):
         expert, base = inputs(name)
         block.merge_block(
