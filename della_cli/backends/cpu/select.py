@@ -48,9 +48,10 @@ def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) 
         # Entries to keep counted from the top, for "rank >= low" and "rank >= high".
         wanted = np.array([numel - max(low, 0), numel - min(high, numel)], dtype=np.int64)
         active = np.array([low > 0, high < numel], dtype=np.bool_)
-        chunks = max(1, min(numba.get_num_threads() * 4, numel // _CHUNK))
+        threads = numba.get_num_threads()
+        chunks = max(1, min(threads * 4, numel // _CHUNK))
         # one histogram per thread's share: 1 MiB each to clear and sum per pass
-        shares = max(1, min(numba.get_num_threads(), numel // _CHUNK))
+        shares = max(1, min(threads, numel // _CHUNK))
         digit_bits = _NARROW_DIGIT_BITS if numel < _SMALL else _WIDE_DIGIT_BITS
         pivots, wanted = _pivots(e, b, wanted, active, shares, digit_bits)
         _mark(e, b, pivots, wanted, active, keep, chunks)
