@@ -81,22 +81,29 @@ def tiny_config(
 
 def save_tokenizer(folder: Path, vocab_size: int = VOCAB_SIZE) -> None:
     """A word-level tokenizer over ``vocab_size`` made-up words, saved the transformers way."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tokenizer = word_level_tokenizer(
+        specials + [f"w{i}" for i in range(vocab_size - len(specials))]
+    )
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(folder)
+
+
+def word_level_tokenizer(words: list[str]):
+    """A fast tokenizer that splits on whitespace and maps each of ``words`` to its position
+    (the first four being <pad>, <s>, </s> and <unk>, its special tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = specials + [f"w{i}" for i in range(vocab_size - len(specials))]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
     )
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    tokenizer.save_pretrained(folder)
 
 
 def make_base(

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from della_cli.tiny import save_tokenizer
+from della_cli.tiny import save_tokenizer, word_level_tokenizer
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -44,18 +44,9 @@ def save_words(folder: Path, words: list[str], added: tuple[tuple[str, bool], ..
     """A word-level tokenizer over ``words`` (ids in that order; the first four are the
     special tokens <pad>, <s>, </s>, <unk> as ``della_cli.tiny`` has them), then ``added``
     tokens (content, special) at the next ids, saved the transformers way."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken
 
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
+    tokenizer = word_level_tokenizer(words)
     for content, special in added:
         tokenizer.add_tokens([AddedToken(content, special=special, normalized=not special)])
     folder.mkdir(parents=True, exist_ok=True)
