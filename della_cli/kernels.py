@@ -15,7 +15,8 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
   mixed dtypes (but for weighted sums), the L1 rescale, MAGPRUNE rows of one entry, or numba
   not installed;
 - ``cpu/<method>``: sce, ram, ramplus_tl and arcee_fusion in numba (``backends.cpu.catalog``),
-  in the passes of their torch kernels, with the same bytes; ``cpu/passthrough``: a copy of
+  in the passes of their torch kernels, with the same bytes; ``cpu/nearswap``, one compiled
+  pass entry by entry (``backends.cpu.nearswap``); ``cpu/passthrough``: a copy of
   the input as stored (no scale, the same dtype), which imports neither numba nor torch;
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
   in the passes over the row blocks its statistics need (``methods.streamed``);
@@ -56,6 +57,8 @@ WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
 # The catalog methods the CPU backend runs that select (``backends.cpu.catalog``).
 CPU_SELECTING_METHODS = ("sce", "ram", "ramplus_tl", "arcee_fusion")
+# The catalog methods the CPU backend runs entry by entry (``backends.cpu.nearswap``).
+CPU_ENTRYWISE_METHODS = ("nearswap",)
 # The kernels of the generalized pipeline; any other name is a catalog method's.
 PIPELINE_KERNELS = ("merge", "block", "weighted_sum", "streamed_sum", "chunked_sum")
 
@@ -223,7 +226,7 @@ class _Chooser:
             return self.cpu and unscaled and inputs[-1] == job.out_dtype
         if not self.numba or compute != "F32":
             return False
-        if method not in (*CPU_SELECTING_METHODS, *CPU_SPHERICAL_METHODS):
+        if method not in (*CPU_SELECTING_METHODS, *CPU_ENTRYWISE_METHODS, *CPU_SPHERICAL_METHODS):
             return False
         dtypes = [*inputs, job.out_dtype]
         if not all(dtype in CPU_DTYPES for dtype in dtypes) or len(set(inputs)) != 1:

@@ -78,15 +78,19 @@ def missing(
 
 def catalog_missing(pairs: frozenset) -> bool:
     """Whether a kernel of ``backends.cpu.catalog`` for these (input, output) pairs is not in
-    numba's cache: ``widen`` per input dtype, the fusions per output dtype, the rest (float32
-    only) at all."""
-    from della_cli.backends.cpu import block, catalog_kernels
+    numba's cache: ``widen`` per input dtype, the fusions per output dtype, nearswap's passes
+    per pair, the rest (float32 only) at all."""
+    from della_cli.backends.cpu import block, catalog_kernels, nearswap
 
     views = {name: str(np.dtype(block._KERNEL_VIEWS[dtype])) for name, dtype in DTYPES.items()}
     inputs = {(views[a],) for a, _ in pairs if a in views}
     outputs = {(views[b],) for _, b in pairs if b in views}
     if not inputs <= _cached_views(catalog_kernels.widen, (0,)):
         return True
+    combined = {(views[a], views[b]) for a, b in pairs if a in views and b in views}
+    for entrywise in (nearswap._nearswap_span, nearswap._nearswap_spans):
+        if not combined <= _cached_views(entrywise, (0, -2)):
+            return True
     for fuse in (catalog_kernels.sce_fuse, catalog_kernels.ram_fuse, catalog_kernels.arcee_fuse):
         if not outputs <= _cached_views(fuse, (-1,)):
             return True
@@ -225,8 +229,9 @@ def warm(
 
 def warm_catalog(dtype: np.dtype, out_dtype: np.dtype) -> None:
     """The catalog kernels (``backends.cpu.catalog``) on a small block of ``dtype`` inputs
-    written as ``out_dtype``: every kernel of sce, ram, ramplus_tl and arcee_fusion."""
-    from della_cli.backends.cpu import catalog, catalog_select
+    written as ``out_dtype``: every kernel of sce, ram, ramplus_tl, arcee_fusion and nearswap
+    (a block of one span and one of two)."""
+    from della_cli.backends.cpu import catalog, catalog_select, nearswap
 
     rng = np.random.default_rng(0)
     radix = np.arange(catalog_select.PARTITION_BELOW, dtype=np.uint32)  # the 16-bit digits
@@ -239,6 +244,9 @@ def warm_catalog(dtype: np.dtype, out_dtype: np.dtype) -> None:
     catalog.ram_apply(lambdas, 1e-5, loaded, out)
     state = catalog.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
     catalog.arcee_fusion_apply(state, loaded[:2], 0, out)
+    nearswap.nearswap_block(loaded[0], loaded[1], 0.1, out_dtype, out)
+    spans = rng.standard_normal((2, nearswap.SPAN + 1)).astype(dtype)
+    nearswap.nearswap_block(spans[0], spans[1], 0.1, out_dtype)
 
 
 def main(words: list[str]) -> None:

@@ -1,0 +1,200 @@
+"""nearswap on the CPU backend (``cpu/nearswap``, issue 17): the kernel gives the torch
+backend's bytes for every stored dtype, shape and t, equal inputs and NaN or Inf among them
+included, reports the inputs that hold NaN or Inf, and the plan gives it to CPU merges."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import ml_dtypes
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from della_cli.kernels import cpu_backend_installed
+
+pytestmark = pytest.mark.skipif(not cpu_backend_installed(), reason="numba is not installed")
+
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype(np.float32)}
+CODES = {"bf16": "BF16", "f32": "F32"}
+T_VALUES = [0.0, 1e-3, 0.1, 0.37, 1.0, -0.25, 40.0]
+SHAPES = [(1, 1), (7,), (37, 41), (3, 4, 5)]
+
+
+def pair(shape, dtype, seed=0, special=False):
+    """(base, other): other = base + small changes, a seventh of the entries equal to the
+    base's; with ``special``, NaN and ±Inf in either or both at the first entries."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape).astype(np.float32)
+    other = base + (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    other.reshape(-1)[::7] = base.reshape(-1)[::7]
+    if special and base.size >= 8:
+        inf, nan = np.inf, np.nan
+        base.reshape(-1)[:8] = [nan, inf, -inf, inf, 1.0, nan, 0.0, -0.0]
+        other.reshape(-1)[:8] = [1.0, inf, nan, -inf, inf, nan, -0.0, 0.0]
+    return base.astype(dtype), other.astype(dtype)
+
+
+def torch_block(base, other, t, out_code):
+    """The torch backend's block (``TorchBackend.streamed``) and its non-finite flags."""
+    from della_cli.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend("cpu", "F32")
+    kernel = SimpleNamespace(name="nearswap", settings={"t": t})
+    tensors = [backend.as_stored(a) for a in (base, other)]
+    out = backend.streamed(kernel, [], None, tensors[0], [tensors[1]], out_code)
+    return out, backend.nonfinite(tensors)
+
+
+def cpu_block(base, other, t, out_dtype):
+    from della_cli.backends.cpu import nearswap
+
+    return nearswap.nearswap_block(base, other, t, out_dtype)
+
+
+def same_bytes(ours, expected):
+    return ours.dtype == expected.dtype and np.array_equal(
+        ours.reshape(-1).view(np.uint8), expected.reshape(-1).view(np.uint8)
+    )
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-inf"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["one", "1d", "2d", "3d"])
+@pytest.mark.parametrize("out", list(DTYPES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_the_cpu_kernel_gives_the_torch_backends_bytes(dtype, out, shape, special):
+    base, other = pair(shape, DTYPES[dtype], special=special)
+    for t in T_VALUES:
+        expected, expected_flags = torch_block(base, other, t, CODES[out])
+        ours, flags = cpu_block(base, other, t, DTYPES[out])
+        assert ours.shape == base.shape
+        assert same_bytes(ours, expected), (t, ours, expected)
+        assert list(flags) == (expected_flags or [False, False])
+
+
+def test_equal_inputs_give_the_base_and_t_zero_gives_the_base():
+    """|θ₀ − θ₁| = 0 is floored at 1e-6, so the weight is 1 (t > 0) and the result θ₁ = θ₀;
+    t = 0 gives weight 0 and θ₀ exactly (no division by zero either way)."""
+    base, other = pair((64, 33), np.dtype(np.float32))
+    ours, flags = cpu_block(base, base, 0.5, np.dtype(np.float32))
+    assert np.array_equal(ours, base) and not flags.any()
+    ours, _ = cpu_block(base, other, 0.0, np.dtype(np.float32))
+    assert np.array_equal(ours, base)
+
+
+def test_an_empty_block_is_empty():
+    base, other = pair((0, 8), DTYPES["bf16"])
+    ours, flags = cpu_block(base, other, 0.5, DTYPES["f32"])
+    assert ours.shape == (0, 8) and ours.dtype == DTYPES["f32"] and not flags.any()
+
+
+def test_algorithms_e11_by_hand():
+    """θ₀ = [1, 2, 3, 4], θ₁ = [1.05, 2.5, 2, 4], t = 0.1: w = [1, 0.2, 0.1, 1]."""
+    base = np.float32([1, 2, 3, 4])
+    other = np.float32([1.05, 2.5, 2, 4])
+    ours, _ = cpu_block(base, other, 0.1, np.dtype(np.float32))
+    np.testing.assert_allclose(ours, [1.05, 2.1, 2.9, 4.0], rtol=1e-6)
+
+
+def test_a_block_of_several_spans_runs_in_parallel_to_the_same_bytes(monkeypatch):
+    """Spans of 1,000 entries (not a multiple of the 4,096-entry pieces), NaN in the last
+    span only: the flags of every span are gathered."""
+    from della_cli.backends.cpu import nearswap
+
+    base, other = pair((97, 131), DTYPES["bf16"], seed=3)
+    other.reshape(-1)[-1] = np.nan
+    expected, _ = cpu_block(base, other, 0.02, DTYPES["bf16"])
+    reference, _ = torch_block(base, other, 0.02, "BF16")
+    monkeypatch.setattr(nearswap, "SPAN", 1000)
+    ours, flags = cpu_block(base, other, 0.02, DTYPES["bf16"])
+    assert same_bytes(ours, expected) and same_bytes(ours, reference)
+    assert list(flags) == [False, True]
+
+
+def test_the_plan_gives_nearswap_the_cpu_kernel(model_zoo, write_recipe):
+    """``della plan`` shows ``cpu/nearswap`` for bfloat16 models on the CPU; CUDA and a
+    float64 recipe stay on torch."""
+    import torch
+
+    from della_cli.api import MergeOptions, prepare
+    from della_cli.cli import app
+    from della_cli.kernels import assign_kernels
+
+    recipe = {
+        "merge_method": "nearswap",
+        "base_model": str(model_zoo("llama", dtype=torch.bfloat16)),
+        "models": [{"model": str(model_zoo("llama", expert=1, dtype=torch.bfloat16))}],
+        "parameters": {"t": 0.01},
+    }
+    path = write_recipe(recipe)
+    result = CliRunner().invoke(app, ["plan", str(path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "[cpu/nearswap]" in result.stdout and "torch/nearswap" not in result.stdout
+    report = json.loads(
+        CliRunner().invoke(app, ["plan", str(path), "--device", "cpu", "--json"]).stdout
+    )
+    assert "cpu/nearswap" in json.dumps(report)
+    parsed, models, plan = prepare(path, MergeOptions(device="cpu"))
+    on_cuda = assign_kernels(plan, parsed, models.base, models.experts, "cuda")
+    assert {job.kernel.label for job in on_cuda.jobs if job.action == "merge"} == {"torch/nearswap"}
+    _, _, wide = prepare(write_recipe({**recipe, "dtype": "float64"}), MergeOptions(device="cpu"))
+    assert {job.kernel.backend for job in wide.jobs if job.action == "merge"} == {"torch"}
+
+
+def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(model_zoo, write_recipe, tmp_path):
+    """A bf16 nearswap merge on the CPU writes the reference's bytes, names the tensor whose
+    input holds a NaN, and never imports torch."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from della_cli.methods.interpolation import nearswap
+
+    base_path = model_zoo("llama", dtype=torch.bfloat16)
+    source = model_zoo("llama", expert=1, dtype=torch.bfloat16)
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in source.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    weights = next(model.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(n for n, t in tensors.items() if t.ndim == 2)
+    tensors[name] = tensors[name].copy()
+    tensors[name].view(np.uint16)[0, 0] = 0x7FC0  # a bfloat16 NaN
+    save_file(tensors, weights, metadata={"format": "pt"})
+    recipe = write_recipe(
+        {
+            "merge_method": "nearswap",
+            "base_model": str(base_path),
+            "models": [{"model": str(model)}],
+            "parameters": {"t": 0.01},
+        }
+    )
+    out = tmp_path / "out"
+    code = (
+        "import sys; from pathlib import Path; from della_cli.api import MergeOptions, run_merge\n"
+        "warnings = []\n"
+        f"run_merge(Path({str(recipe)!r}), Path({str(out)!r}),"
+        " MergeOptions(device='cpu', progress=False, allow_nonfinite=True),"
+        " on_warning=warnings.append)\n"
+        "print(warnings)\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    warnings, imported = result.stdout.strip().splitlines()[-2:]
+    assert "NaN or Inf" in warnings and name in warnings
+    assert imported == "False"
+    merged = load_file(next(out.glob("*.safetensors")))
+    base = load_file(next(base_path.glob("*.safetensors")))
+    for key, tensor in merged.items():
+        if key not in tensors:
+            continue
+        stored = [
+            torch.from_numpy(a[key].view(np.uint16)).view(torch.bfloat16) for a in (base, tensors)
+        ]
+        expected = nearswap(*stored, 0.01).to(torch.bfloat16).view(torch.uint16).numpy()
+        assert np.array_equal(tensor.view(np.uint16), expected), key
