@@ -151,7 +151,7 @@ def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(model_zoo, write_r
     import torch
     from safetensors.numpy import load_file, save_file
 
-    from della_cli.methods.interpolation import nearswap
+    from della_cli.methods.entrywise import nearswap
 
     base_path = model_zoo("llama", dtype=torch.bfloat16)
     source = model_zoo("llama", expert=1, dtype=torch.bfloat16)
