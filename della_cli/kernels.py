@@ -16,7 +16,7 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
   not installed;
 - ``cpu/<method>``: sce, ram, ramplus_tl and arcee_fusion in numba (``backends.cpu.catalog``),
   in the passes of their torch kernels, with the same bytes; ``cpu/nearswap``, one compiled
-  pass entry by entry (``backends.cpu.nearswap``); ``cpu/passthrough``: a copy of
+  pass entry by entry (``backends.cpu.nearswap``; float16 too); ``cpu/passthrough``: a copy of
   the input as stored (no scale, the same dtype), which imports neither numba nor torch;
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
   in the passes over the row blocks its statistics need (``methods.streamed``);
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 BASE = -1  # as plan.BASE
 CPU_DTYPES = ("BF16", "F32")  # what the CPU kernels read and write
+ENTRYWISE_DTYPES = ("BF16", "F16", "F32")  # and what ``cpu/nearswap`` reads and writes
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
 # The catalog methods the CPU backend runs that select (``backends.cpu.catalog``).
@@ -229,7 +230,8 @@ class _Chooser:
         if method not in (*CPU_SELECTING_METHODS, *CPU_ENTRYWISE_METHODS, *CPU_SPHERICAL_METHODS):
             return False
         dtypes = [*inputs, job.out_dtype]
-        if not all(dtype in CPU_DTYPES for dtype in dtypes) or len(set(inputs)) != 1:
+        readable = ENTRYWISE_DTYPES if method in CPU_ENTRYWISE_METHODS else CPU_DTYPES
+        if not all(dtype in readable for dtype in dtypes) or len(set(inputs)) != 1:
             return False
         if method == "nuslerp" and not values["nuslerp_flatten"]:
             return not values["nuslerp_row_wise"] and len(job.shape) <= 2

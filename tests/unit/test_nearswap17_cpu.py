@@ -1,6 +1,8 @@
 """nearswap on the CPU backend (``cpu/nearswap``, issue 17): the kernel gives the torch
-backend's bytes for every stored dtype, shape and t, equal inputs and NaN or Inf among them
-included, reports the inputs that hold NaN or Inf, and the plan gives it to CPU merges."""
+backend's bytes for every stored dtype (bfloat16, float16, float32, in and out), shape and t,
+equal inputs and NaN or Inf among them included, reports the inputs that hold NaN or Inf, and
+the plan gives it to CPU merges. Also the float16 rules it reads and writes with
+(``backends.cpu.bits``), against torch's conversions for every float16 value."""
 
 from __future__ import annotations
 
@@ -16,8 +18,12 @@ from della_cli.kernels import cpu_backend_installed
 
 pytestmark = pytest.mark.skipif(not cpu_backend_installed(), reason="numba is not installed")
 
-DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype(np.float32)}
-CODES = {"bf16": "BF16", "f32": "F32"}
+DTYPES = {
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+    "f16": np.dtype(np.float16),
+    "f32": np.dtype(np.float32),
+}
+CODES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 T_VALUES = [0.0, 1e-3, 0.1, 0.37, 1.0, -0.25, 40.0]
 SHAPES = [(1, 1), (7,), (37, 41), (3, 4, 5)]
 
@@ -73,6 +79,58 @@ def test_the_cpu_kernel_gives_the_torch_backends_bytes(dtype, out, shape, specia
         assert list(flags) == (expected_flags or [False, False])
 
 
+@pytest.mark.parametrize("out", list(DTYPES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_magnitudes_at_float16s_limits_round_as_torch(dtype, out):
+    """Entries from 1e-9 to 1e6: float16 outputs round to subnormals, to zero and to Inf."""
+    rng = np.random.default_rng(5)
+    scale = 10.0 ** rng.integers(-9, 7, size=(64, 48))
+    base = (rng.standard_normal((64, 48)) * scale).astype(np.float32)
+    other = (base * (1 + 0.1 * rng.standard_normal((64, 48)))).astype(np.float32)
+    with np.errstate(over="ignore"):  # float16 inputs: the largest are Inf
+        base, other = base.astype(DTYPES[dtype]), other.astype(DTYPES[dtype])
+    for t in (1e-7, 0.5, 3e4):
+        expected, _ = torch_block(base, other, t, CODES[out])
+        ours, _ = cpu_block(base, other, t, DTYPES[out])
+        assert same_bytes(ours, expected), t
+
+
+def test_the_float16_rules_are_torchs_conversions():
+    """Every float16 value widened, and float32 values around every float16 value, its
+    rounding boundaries and Inf's, and over the subnormal range, rounded back."""
+    import numba
+    import torch
+
+    from della_cli.backends.cpu import rules
+    from della_cli.backends.cpu.bits import HALF_BITS
+
+    @numba.njit
+    def widen_all(source, target):
+        rules.widen_row(source, target)
+
+    @numba.njit
+    def store_all(values, target):
+        rules.store_row(values, target)
+
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    widened = np.empty(halves.size, dtype=np.float32)
+    widen_all(halves.view(HALF_BITS), widened)
+    expected = torch.from_numpy(halves.copy()).to(torch.float32).numpy()
+    assert np.array_equal(widened.view(np.uint32), expected.view(np.uint32))
+    centers = expected.view(np.uint32).astype(np.int64)
+    steps = np.array([-0x1001, -0x1000, -0xFFF, -1, 0, 1, 0xFFF, 0x1000, 0x1001, 0x2000])
+    bits = (centers[:, None] + steps).reshape(-1)
+    subnormal = np.arange(0, 0x38800000 + (1 << 16), 4099, dtype=np.int64)
+    bits = np.concatenate([bits, subnormal, subnormal | 0x80000000])
+    bits = bits[(bits >= 0) & (bits < 1 << 32)].astype(np.uint32)
+    bits = bits[: bits.size // 64 * 64]  # torch's vectorized loop for every entry
+    values = bits.view(np.float32)
+    rounded = np.empty(values.size, dtype=HALF_BITS)
+    store_all(values, rounded)
+    expected = torch.from_numpy(values.copy()).to(torch.float16).view(torch.int16).numpy()
+    assert np.array_equal(rounded, expected)
+
+
 def test_equal_inputs_give_the_base_and_t_zero_gives_the_base():
     """|θ₀ − θ₁| = 0 is floored at 1e-6, so the weight is 1 (t > 0) and the result θ₁ = θ₀;
     t = 0 gives weight 0 and θ₀ exactly (no division by zero either way)."""
@@ -113,8 +171,8 @@ def test_a_block_of_several_spans_runs_in_parallel_to_the_same_bytes(monkeypatch
 
 
 def test_the_plan_gives_nearswap_the_cpu_kernel(model_zoo, write_recipe):
-    """``della plan`` shows ``cpu/nearswap`` for bfloat16 models on the CPU; CUDA and a
-    float64 recipe stay on torch."""
+    """``della plan`` shows ``cpu/nearswap`` for bfloat16 (and float16) models on the CPU;
+    CUDA and a float64 recipe stay on torch."""
     import torch
 
     from della_cli.api import MergeOptions, prepare
@@ -140,11 +198,21 @@ def test_the_plan_gives_nearswap_the_cpu_kernel(model_zoo, write_recipe):
     assert {job.kernel.label for job in on_cuda.jobs if job.action == "merge"} == {"torch/nearswap"}
     _, _, wide = prepare(write_recipe({**recipe, "dtype": "float64"}), MergeOptions(device="cpu"))
     assert {job.kernel.backend for job in wide.jobs if job.action == "merge"} == {"torch"}
+    half = {
+        **recipe,
+        "base_model": str(model_zoo("llama", dtype=torch.float16)),
+        "models": [{"model": str(model_zoo("llama", expert=1, dtype=torch.float16))}],
+    }
+    _, _, plan = prepare(write_recipe(half), MergeOptions(device="cpu"))
+    assert {job.kernel.label for job in plan.jobs if job.action == "merge"} == {"cpu/nearswap"}
 
 
-def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(model_zoo, write_recipe, tmp_path):
-    """A bf16 nearswap merge on the CPU writes the reference's bytes, names the tensor whose
-    input holds a NaN, and never imports torch."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(
+    dtype, model_zoo, write_recipe, tmp_path
+):
+    """A bf16 (or f16) nearswap merge on the CPU writes the reference's bytes, names the
+    tensor whose input holds a NaN, and never imports torch."""
     import subprocess
     import sys
 
@@ -153,8 +221,9 @@ def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(model_zoo, write_r
 
     from della_cli.methods.entrywise import nearswap
 
-    base_path = model_zoo("llama", dtype=torch.bfloat16)
-    source = model_zoo("llama", expert=1, dtype=torch.bfloat16)
+    stored_dtype = getattr(torch, dtype)
+    base_path = model_zoo("llama", dtype=stored_dtype)
+    source = model_zoo("llama", expert=1, dtype=stored_dtype)
     model = tmp_path / "model"
     model.mkdir()
     for path in source.iterdir():
@@ -163,7 +232,7 @@ def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(model_zoo, write_r
     tensors = load_file(weights)
     name = next(n for n, t in tensors.items() if t.ndim == 2)
     tensors[name] = tensors[name].copy()
-    tensors[name].view(np.uint16)[0, 0] = 0x7FC0  # a bfloat16 NaN
+    tensors[name].view(np.uint16)[0, 0] = 0x7FC0 if dtype == "bfloat16" else 0x7E00  # a NaN
     save_file(tensors, weights, metadata={"format": "pt"})
     recipe = write_recipe(
         {
@@ -194,7 +263,7 @@ def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(model_zoo, write_r
         if key not in tensors:
             continue
         stored = [
-            torch.from_numpy(a[key].view(np.uint16)).view(torch.bfloat16) for a in (base, tensors)
+            torch.from_numpy(a[key].view(np.uint16)).view(stored_dtype) for a in (base, tensors)
         ]
-        expected = nearswap(*stored, 0.01).to(torch.bfloat16).view(torch.uint16).numpy()
+        expected = nearswap(*stored, 0.01).to(stored_dtype).view(torch.uint16).numpy()
         assert np.array_equal(tensor.view(np.uint16), expected), key

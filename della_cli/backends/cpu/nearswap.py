@@ -9,7 +9,9 @@ with the non-finite check of each input (``rules.has_nonfinite``) in the same pa
 clamps keep a NaN as torch's do, so NaN and Inf inputs give the reference's bytes too.
 
 nearswap is entry by entry, so a block is one flat run of entries, split into spans that run
-in parallel threads (a block of one span on the calling thread).
+in parallel threads (a block of one span on the calling thread). Unlike the other kernels it
+reads and writes float16 too (as its bits, ``bits.HALF_BITS``): one rule each way and nothing
+else to it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from della_cli.backends.cpu import block, output_array, rules
+from della_cli.backends.cpu.bits import HALF_BITS
 
 try:
     import numba
@@ -29,6 +32,8 @@ PIECE = 4096
 # Entries of a span, the unit of the threads' work: large enough that waking a thread costs
 # little beside it.
 SPAN = 1 << 18
+# How the kernel sees each dtype it reads and writes: bfloat16 and float16 as their bits.
+VIEWS = {**block._KERNEL_VIEWS, np.dtype(np.float16): HALF_BITS}
 # The reference's floor under |θ₀ − θ₁| (mergekit's), as the float32 torch clamps with.
 FLOOR = np.float32(1e-6)
 
@@ -40,14 +45,14 @@ def nearswap_block(
     out_dtype: np.dtype,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """nearswap of a block of ``base`` and ``other`` (one shape, bfloat16 or float32 each, as
-    stored) in ``out_dtype``, in ``out`` if given. Returns the merged entries in the blocks'
-    shape and, per input (base first), whether it held a NaN or an Inf."""
+    """nearswap of a block of ``base`` and ``other`` (one shape and dtype, bfloat16, float16 or
+    float32, as stored) in ``out_dtype`` (one of those), in ``out`` if given. Returns the merged
+    entries in the blocks' shape and, per input (base first), whether it held a NaN or an Inf."""
     if base.shape != other.shape or base.dtype != other.dtype:
         raise ValueError("nearswap's inputs must be blocks of one shape and dtype")
     out = output_array(out, base.shape, np.dtype(out_dtype))
-    first, second = (block.kernel_view(x).reshape(-1) for x in (base, other))
-    target = block.kernel_view(out).reshape(-1)
+    first, second = (_view(x) for x in (base, other))
+    target = _view(out)
     spans = max(1, -(-first.shape[0] // SPAN))
     flags = np.zeros((spans, 2), dtype=np.bool_)
     if spans == 1:
@@ -55,6 +60,11 @@ def nearswap_block(
     else:
         _nearswap_spans(first, second, np.float32(t), spans, target, flags)
     return out, flags.any(axis=0)
+
+
+def _view(array: np.ndarray) -> np.ndarray:
+    """The entries of an array as the kernel takes them, flat."""
+    return np.ascontiguousarray(array).view(VIEWS[array.dtype]).reshape(-1)
 
 
 if numba is not None:
