@@ -217,10 +217,10 @@ class _Chooser:
     ) -> bool:
         """Whether the CPU backend runs this job of a catalog method: a passthrough without a
         scale into its own dtype (a copy: no numba, no torch); else one of its methods, numba,
-        float32 math, inputs of one CPU dtype and an output it writes, and, for the spherical
-        ones, vectors that are the tensor's rows (nuslerp per column, and per-row methods on
-        tensors of more than two dimensions, whose rows are their last dimension, stay on
-        torch)."""
+        float32 math, inputs of one CPU dtype and an output it writes (float16 too for
+        nearswap, ``ENTRYWISE_DTYPES``), and, for the spherical ones, vectors that are the
+        tensor's rows (nuslerp per column, and per-row methods on tensors of more than two
+        dimensions, whose rows are their last dimension, stay on torch)."""
         inputs = self.loaded_dtypes(job)
         if method == "passthrough":
             unscaled = steps[0].params.scale is None

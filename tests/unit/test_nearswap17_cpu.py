@@ -170,6 +170,19 @@ def test_a_block_of_several_spans_runs_in_parallel_to_the_same_bytes(monkeypatch
     assert list(flags) == [False, True]
 
 
+def test_warm_compiles_nearswap_for_float16_and_finds_it_cached(monkeypatch):
+    """``warm.warm`` compiles nearswap for a float16 pair (the other catalog kernels take
+    none), after which ``missing`` finds nothing to compile for it; with an empty cache it
+    finds the pair missing."""
+    from della_cli.backends.cpu import warm
+
+    warm.warm(set(), set(), set(), {("F16", "BF16")})
+    assert not warm.catalog_missing(frozenset({("F16", "BF16")}))
+    assert not warm.missing(set(), set(), set(), {("F16", "BF16")})
+    monkeypatch.setattr(warm, "_cached_views", lambda dispatcher, positions: set())
+    assert warm.catalog_missing(frozenset({("F16", "BF16")}))
+
+
 def test_the_plan_gives_nearswap_the_cpu_kernel(model_zoo, write_recipe):
     """``della plan`` shows ``cpu/nearswap`` for bfloat16 (and float16) models on the CPU;
     CUDA and a float64 recipe stay on torch."""
