@@ -15,7 +15,8 @@ Decided once, at plan time, from the recipe, the headers and the device (docs/BA
   mixed dtypes (but for weighted sums), the L1 rescale, MAGPRUNE rows of one entry, or numba
   not installed;
 - ``cpu/<method>``: sce, ram, ramplus_tl and arcee_fusion in numba (``backends.cpu.catalog``),
-  in the passes of their torch kernels, with the same bytes; ``cpu/passthrough``: a copy of
+  in the passes of their torch kernels, with the same bytes; ``cpu/nearswap``, one compiled
+  pass entry by entry (``backends.cpu.nearswap``; float16 too); ``cpu/passthrough``: a copy of
   the input as stored (no scale, the same dtype), which imports neither numba nor torch;
 - ``torch/<method>``: a method of the catalog (slerp, passthrough, ...) on the torch backend,
   in the passes over the row blocks its statistics need (``methods.streamed``);
@@ -52,10 +53,13 @@ if TYPE_CHECKING:
 
 BASE = -1  # as plan.BASE
 CPU_DTYPES = ("BF16", "F32")  # what the CPU kernels read and write
+ENTRYWISE_DTYPES = ("BF16", "F16", "F32")  # and what ``cpu/nearswap`` reads and writes
 WHOLE_TENSOR_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 
 # The catalog methods the CPU backend runs that select (``backends.cpu.catalog``).
 CPU_SELECTING_METHODS = ("sce", "ram", "ramplus_tl", "arcee_fusion")
+# The catalog methods the CPU backend runs entry by entry (``backends.cpu.nearswap``).
+CPU_ENTRYWISE_METHODS = ("nearswap",)
 # The kernels of the generalized pipeline; any other name is a catalog method's.
 PIPELINE_KERNELS = ("merge", "block", "weighted_sum", "streamed_sum", "chunked_sum")
 
@@ -213,20 +217,21 @@ class _Chooser:
     ) -> bool:
         """Whether the CPU backend runs this job of a catalog method: a passthrough without a
         scale into its own dtype (a copy: no numba, no torch); else one of its methods, numba,
-        float32 math, inputs of one CPU dtype and an output it writes, and, for the spherical
-        ones, vectors that are the tensor's rows (nuslerp per column, and per-row methods on
-        tensors of more than two dimensions, whose rows are their last dimension, stay on
-        torch)."""
+        float32 math, inputs of one CPU dtype and an output it writes (float16 too for
+        nearswap, ``ENTRYWISE_DTYPES``), and, for the spherical ones, vectors that are the
+        tensor's rows (nuslerp per column, and per-row methods on tensors of more than two
+        dimensions, whose rows are their last dimension, stay on torch)."""
         inputs = self.loaded_dtypes(job)
         if method == "passthrough":
             unscaled = steps[0].params.scale is None
             return self.cpu and unscaled and inputs[-1] == job.out_dtype
         if not self.numba or compute != "F32":
             return False
-        if method not in (*CPU_SELECTING_METHODS, *CPU_SPHERICAL_METHODS):
+        if method not in (*CPU_SELECTING_METHODS, *CPU_ENTRYWISE_METHODS, *CPU_SPHERICAL_METHODS):
             return False
         dtypes = [*inputs, job.out_dtype]
-        if not all(dtype in CPU_DTYPES for dtype in dtypes) or len(set(inputs)) != 1:
+        readable = ENTRYWISE_DTYPES if method in CPU_ENTRYWISE_METHODS else CPU_DTYPES
+        if not all(dtype in readable for dtype in dtypes) or len(set(inputs)) != 1:
             return False
         if method == "nuslerp" and not values["nuslerp_flatten"]:
             return not values["nuslerp_row_wise"] and len(job.shape) <= 2

@@ -1,7 +1,8 @@
 """The CPU backend's catalog kernels applied to a job's blocks (``cpu/<method>``): the
 spherical and stock methods (slerp, nuslerp, multislerp, karcher, model_stock;
 ``backends.cpu.spherical_methods``), the selecting ones (sce, ram, ramplus_tl, arcee_fusion;
-``backends.cpu.catalog``), and ``cpu/passthrough``, a copy of the rows as stored.
+``backends.cpu.catalog``), ``cpu/nearswap`` (``backends.cpu.nearswap``, one pass entry by
+entry), and ``cpu/passthrough``, a copy of the rows as stored.
 
 The counterpart of ``TorchJobs.prepare`` and ``TorchJobs.streamed_block`` for these kernels:
 blocks stay numpy arrays as stored; the output block is written into a buffer of the engine's
@@ -79,6 +80,8 @@ class CatalogJobs:
         self.threads.limit_numba()
         if name in CPU_SPHERICAL_METHODS:
             out, flags = _spherical_apply(job, loaded, state, out)
+        elif name == "nearswap":
+            out, flags = _nearswap_apply(job, loaded, out)
         else:
             flags = _selecting_apply(task, loaded, state, out)
         if flags.any():
@@ -99,6 +102,14 @@ def _selecting_apply(task: BlockTask, loaded: list[np.ndarray], state, out: np.n
         return catalog.arcee_fusion_apply(state, loaded, first, out)
     lambdas = state if name == "ramplus_tl" else None
     return catalog.ram_apply(lambdas, job.kernel.settings["epsilon"], loaded, out)
+
+
+def _nearswap_apply(job: TensorJob, loaded: list[np.ndarray], out: np.ndarray):
+    """One block of nearswap (the base first, then the one model) into ``out``; the flags."""
+    from della_cli.backends.cpu import nearswap
+
+    base, other = loaded
+    return nearswap.nearswap_block(base, other, job.kernel.settings["t"], out.dtype, out)
 
 
 def _spherical_prepare(job: TensorJob, blocks: Blocks) -> np.ndarray | None:

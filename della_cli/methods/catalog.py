@@ -3,8 +3,9 @@
 For each: its parameters (scope, default, range), its input contract, its reference, the
 statistics it needs over the whole tensor and the passes a streaming engine makes over row
 blocks (ALGORITHMS.md, sections S1-S11). The torch reference of each lives in
-``interpolation``, ``stock`` and ``selection``, and ``streamed`` runs them in passes. The methods
-the engine runs join ``registry.METHODS`` from here (``registry.RUNNING``).
+``spherical_pairs``, ``spherical_means``, ``entrywise``, ``stock`` and ``selection``, and
+``streamed`` runs them in passes. The methods the engine runs join ``registry.METHODS`` from
+here (``registry.RUNNING``).
 """
 
 from __future__ import annotations

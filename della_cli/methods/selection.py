@@ -1,4 +1,4 @@
-"""Methods that choose entries, or one input (ALGORITHMS.md, sections S7-S11).
+"""Methods that choose entries (ALGORITHMS.md, sections S7-S10).
 
 - sce: select the task-vector entries of largest variance across models, elect signs by the
   sum, fuse with per-model weights ∝ the mean square of each masked task vector (FuseChat,
@@ -8,7 +8,6 @@
   (Reinforced Agent Merging, arXiv:2601.13572).
 - arcee_fusion: keep a model's change where its importance |Δ|·KL(row) is an outlier above
   median + 1.5·IQR of the tensor's importances (arcee.ai, "Arcee Fusion").
-- passthrough: one input, optionally scaled.
 
 Per-entry scores (variance, importance) are recomputed in each pass from the inputs, and the
 whole-tensor selections come from ``order_statistics`` (exact, ties by position). Inputs are
@@ -22,8 +21,8 @@ from typing import Literal
 
 import torch
 
+from della_cli.methods.block_sums import whole_sum, widen
 from della_cli.methods.counts import fraction_count
-from della_cli.methods.interpolation import whole_sum, widen
 from della_cli.methods.order_statistics import order_statistics, top_rank_mask
 
 
@@ -274,23 +273,12 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return arcee_fusion_apply(arcee_fusion_threshold(lambda: [importance]), base, other)
 
 
-# ---------------------------------------------------------------- passthrough
-
-
-def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """The single input as stored, or × ``scale`` in the compute dtype. One pass, no base."""
-    if scale is None:
-        return tensor
-    return widen([tensor])[0] * scale
-
-
 __all__ = [
     "QUANTILES",
     "arcee_fusion",
     "arcee_fusion_apply",
     "arcee_fusion_importance",
     "arcee_fusion_threshold",
-    "passthrough",
     "quantile_ranks",
     "ram",
     "ramplus_tl",

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from della_cli.methods.interpolation import gram_statistics, widen
+from della_cli.methods.block_sums import widen
 from della_cli.methods.row_sums import row_dots
+from della_cli.methods.spherical_means import gram_statistics
 
 
 def row_gram(models: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,11 @@ For a method and its settled parameters: how many passes it makes over a tensor'
 (``passes``); what it learns of the whole tensor before merging (``prepare``: partial sums added
 over the blocks, or the radix passes of an exact order statistic, each pass reading every
 block again through ``blocks()``); and one output block from that and the block's inputs
-(``apply``, called on the blocks in order). The math is the reference's (``interpolation``,
-``stock``, ``selection``); here only the dispatch. Blocks arrive as slices along dim 0 in their
-tensor's own shape (a 1-D tensor whole), in the compute dtype; ``base`` is None for a merge
-without one. Planning reads ``passes`` without importing torch (the reference modules are
-imported on first use).
+(``apply``, called on the blocks in order). The math is the reference's
+(``spherical_pairs``, ``spherical_means``, ``entrywise``, ``stock``, ``selection``); here only
+the dispatch. Blocks arrive as slices along dim 0 in their tensor's own shape (a 1-D tensor
+whole), in the compute dtype; ``base`` is None for a merge without one. Planning reads
+``passes`` without importing torch (the reference modules are imported on first use).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _DIGITS = {"F32": 2, "F64": 4}
 
 
 def _layout(values: Mapping[str, Any]) -> str:
-    from della_cli.methods.interpolation import nuslerp_layout
+    from della_cli.methods.spherical_pairs import nuslerp_layout
 
     return nuslerp_layout(values["nuslerp_flatten"], values["nuslerp_row_wise"])
 
@@ -101,35 +101,42 @@ def prepare(
     numel: int,
 ) -> Any:
     """What ``apply`` needs of the whole tensor, from passes over its blocks."""
-    from della_cli.methods import interpolation as ip
     from della_cli.methods import selection
+    from della_cli.methods import spherical_means as means
+    from della_cli.methods import spherical_pairs as pairs
 
     weights = [p.weight for p in params]
     if method == "slerp":
         return _folded(
-            blocks, lambda total, base, models: ip.slerp_statistics(base, models[0], total)
+            blocks, lambda total, base, models: pairs.slerp_statistics(base, models[0], total)
         )
     if method == "nuslerp":
         layout = _layout(values)
         return _folded(
             blocks,
-            lambda total, base, models: ip.nuslerp_statistics(*models[:2], base, layout, total),
+            lambda total, base, models: pairs.nuslerp_statistics(*models[:2], base, layout, total),
         )
     if method == "multislerp":
-        gram = _folded(blocks, lambda total, base, models: ip.gram_statistics(models, base, total))
-        return ip.multislerp_coefficients(gram, weights, values["normalize_weights"], values["eps"])
+        gram = _folded(
+            blocks, lambda total, base, models: means.gram_statistics(models, base, total)
+        )
+        return means.multislerp_coefficients(
+            gram, weights, values["normalize_weights"], values["eps"]
+        )
     if method == "karcher":
         gram = _folded(
             blocks,
-            lambda total, base, models: ip.gram_statistics(
+            lambda total, base, models: means.gram_statistics(
                 _karcher_inputs(values, base, models), None, total
             ),
         )
-        return ip.karcher_coefficients(gram, values["max_iter"], values["tol"])
+        return means.karcher_coefficients(gram, values["max_iter"], values["tol"])
     if method == "model_stock":
         from della_cli.methods.stock import model_stock_t
 
-        gram = _folded(blocks, lambda total, base, models: ip.gram_statistics(models, base, total))
+        gram = _folded(
+            blocks, lambda total, base, models: means.gram_statistics(models, base, total)
+        )
         return model_stock_t(gram)
     if method == "ramplus_tl":
         counts = _summed(
@@ -155,23 +162,25 @@ def apply(
     """One output block, in the compute dtype: always a new tensor, never an input's memory
     (the engine recycles the input buffers before the output is written). Called on the
     blocks in order (sce counts the ties of its selection as it goes)."""
-    from della_cli.methods import interpolation as ip
-    from della_cli.methods import selection
+    from della_cli.methods import entrywise, selection
+    from della_cli.methods import spherical_means as means
+    from della_cli.methods import spherical_pairs as pairs
+    from della_cli.methods.block_sums import widen
 
     if method == "slerp":
-        return ip.slerp_apply(state, base, models[0], values["t"])
+        return pairs.slerp_apply(state, base, models[0], values["t"])
     if method == "passthrough":
         scale = params[0].scale
-        (model,) = ip.widen([models[0]])
+        (model,) = widen([models[0]])
         return model.clone() if scale is None else model * scale
     if method == "nuslerp":
-        t = ip.nuslerp_t([p.weight for p in params])
-        return ip.nuslerp_apply(state, models[0], models[1], t, base, _layout(values))
+        t = pairs.nuslerp_t([p.weight for p in params])
+        return pairs.nuslerp_apply(state, models[0], models[1], t, base, _layout(values))
     if method in ("multislerp", "karcher"):
         inputs = _karcher_inputs(values, base, models) if method == "karcher" else models
         if state is None:  # one input: itself
-            return ip.widen(inputs)[0].clone()
-        return ip.combine(state, inputs, base if method == "multislerp" else None)
+            return widen(inputs)[0].clone()
+        return means.combine(state, inputs, base if method == "multislerp" else None)
     if method == "model_stock":
         from della_cli.methods import stock
 
@@ -179,7 +188,7 @@ def apply(
         t = stock.model_stock_t(stock.row_gram(models, base)) if filter_wise else state
         return stock.model_stock_apply(t, models, base, filter_wise)
     if method == "nearswap":
-        return ip.nearswap(base, models[0], values["t"])
+        return entrywise.nearswap(base, models[0], values["t"])
     if method in ("ram", "ramplus_tl"):
         return selection.ramplus_tl_apply(state, models, base, values["epsilon"])
     if method == "sce":
@@ -189,7 +198,7 @@ def apply(
         return selection.sce_apply(state["weights"], deltas, keep, base)
     if method == "arcee_fusion":
         if state is None:  # an empty tensor
-            return ip.widen([base])[0].clone()
+            return widen([base])[0].clone()
         return selection.arcee_fusion_apply(state, base, models[0])
     raise ValueError(f"della does not run {method} yet")
 

@@ -11,7 +11,11 @@ from typer.testing import CliRunner
 
 from della_cli.cli import app
 from della_cli.engine import threads as engine_threads
-from della_cli.kernels import CPU_SELECTING_METHODS, CPU_SPHERICAL_METHODS
+from della_cli.kernels import (
+    CPU_ENTRYWISE_METHODS,
+    CPU_SELECTING_METHODS,
+    CPU_SPHERICAL_METHODS,
+)
 
 # method: (parameters, experts besides the base, whether the base is an input)
 CATALOG = {
@@ -57,7 +61,8 @@ def test_catalog_bytes_do_not_depend_on_the_thread_count(
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         outputs.append([p.read_bytes() for p in sorted(out.glob("*.safetensors"))])
-    on_torch = method not in (*CPU_SPHERICAL_METHODS, *CPU_SELECTING_METHODS, "passthrough")
+    cpu_methods = (*CPU_SPHERICAL_METHODS, *CPU_SELECTING_METHODS, *CPU_ENTRYWISE_METHODS)
+    on_torch = method not in (*cpu_methods, "passthrough")
     threads_after = torch.get_num_threads()
     torch.set_num_threads(before)
     if on_torch:

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 import della_cli.engine.shared as engine_shared
 from della_cli.api import MergeOptions, run_merge
-from della_cli.methods import interpolation, selection, stock, streamed
+from della_cli.methods import entrywise, selection, stock, streamed
+from della_cli.methods import spherical_means as means
+from della_cli.methods import spherical_pairs as pairs
 
 
 def load_model(folder: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +48,7 @@ def _slerp(t: float) -> Case:
             "models": [{"model": str(experts[0])}],
             "parameters": {"t": t},
         },
-        lambda base, models: interpolation.slerp(base, models[0], t),
+        lambda base, models: pairs.slerp(base, models[0], t),
     )
 
 
@@ -88,7 +90,7 @@ def _nuslerp(flatten: bool, row_wise: bool, base: bool) -> Case:
             (1.0, 0.6),
             base,
         ),
-        lambda b, models: interpolation.nuslerp(
+        lambda b, models: pairs.nuslerp(
             models[0], models[1], [1.0, 0.6], b if base else None, flatten, row_wise
         ),
         experts=2,
@@ -121,27 +123,27 @@ CASES: dict[str, Case] = {
     ),
     "multislerp": Case(
         _recipe("multislerp", {}, (1.0, 2.0, 0.5)),
-        lambda base, models: interpolation.multislerp(models, [1.0, 2.0, 0.5], base),
+        lambda base, models: means.multislerp(models, [1.0, 2.0, 0.5], base),
         experts=3,
     ),
     "multislerp-no-base": Case(
         _recipe("multislerp", {"normalize_weights": False}, (0.7, 0.4), base=False),
-        lambda base, models: interpolation.multislerp(models, [0.7, 0.4], normalize_weights=False),
+        lambda base, models: means.multislerp(models, [0.7, 0.4], normalize_weights=False),
         experts=2,
     ),
     "karcher": Case(
         _recipe("karcher", {}, base=False),
-        lambda base, models: interpolation.karcher(models),
+        lambda base, models: means.karcher(models),
         experts=3,
     ),
     "karcher-base-input": Case(
         _recipe("karcher", {"max_iter": 20}),
-        lambda base, models: interpolation.karcher([*models, base], max_iter=20),
+        lambda base, models: means.karcher([*models, base], max_iter=20),
         experts=2,
     ),
     "nearswap": Case(
         _recipe("nearswap", {"t": 0.01}),
-        lambda base, models: interpolation.nearswap(base, models[0], 0.01),
+        lambda base, models: entrywise.nearswap(base, models[0], 0.01),
     ),
     "arcee_fusion": Case(
         _recipe("arcee_fusion", {}),

@@ -9,7 +9,9 @@ import pytest
 import torch
 from worked_examples import DTYPES, assert_printed, row_blocks, t
 
-from della_cli.methods import interpolation as ip
+from della_cli.methods import block_sums, entrywise
+from della_cli.methods import spherical_means as means
+from della_cli.methods import spherical_pairs as pairs
 
 
 def blocks_of(tensors, bounds):
@@ -26,23 +28,23 @@ def randn(*shape, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_e7_slerp(dtype):
     base, other = t([1, 0, 1, 0], dtype), t([0, 1, 1, 0], dtype)
-    assert_printed(ip.slerp(base, other, 0.5), [0.5774, 0.5774, 1.1547, 0])
-    assert_printed(ip.slerp(base, other, 0.25), [0.8165, 0.2989, 1.1154, 0])
-    assert_printed(ip.slerp(base, t([-2, 0, -2, 0], dtype), 0.25), [0.25, 0, 0.25, 0])
-    assert_printed(ip.slerp(t([0, 0, 0, 0], dtype), other, 0.5), [0, 0.7071, 0.7071, 0])
+    assert_printed(pairs.slerp(base, other, 0.5), [0.5774, 0.5774, 1.1547, 0])
+    assert_printed(pairs.slerp(base, other, 0.25), [0.8165, 0.2989, 1.1154, 0])
+    assert_printed(pairs.slerp(base, t([-2, 0, -2, 0], dtype), 0.25), [0.25, 0, 0.25, 0])
+    assert_printed(pairs.slerp(t([0, 0, 0, 0], dtype), other, 0.5), [0, 0.7071, 0.7071, 0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_e8_nuslerp(dtype):
     base = t([1, 1, 1, 1], dtype)
     first, second = t([2, 1, 1, 1], dtype), t([1, 2, 1, 1], dtype)
-    assert_printed(ip.nuslerp(first, second, [1, 3], base=base), [1.3827, 1.9239, 1, 1])
+    assert_printed(pairs.nuslerp(first, second, [1, 3], base=base), [1.3827, 1.9239, 1, 1])
     v1, v2 = t([[1, 0], [1, 0]], dtype), t([[0, 1], [2, 0]], dtype)
-    assert_printed(ip.nuslerp(v1, v2, [1, 1]), [[0.5534, 0.5534], [1.6603, 0]])
-    assert_printed(ip.nuslerp(v1, v2, [1, 1], flatten=False), [[0.7071, 0.7071], [1.5, 0]])
-    columns = ip.nuslerp(v1, v2, [1, 1], flatten=False, row_wise=True)
+    assert_printed(pairs.nuslerp(v1, v2, [1, 1]), [[0.5534, 0.5534], [1.6603, 0]])
+    assert_printed(pairs.nuslerp(v1, v2, [1, 1], flatten=False), [[0.7071, 0.7071], [1.5, 0]])
+    columns = pairs.nuslerp(v1, v2, [1, 1], flatten=False, row_wise=True)
     assert_printed(columns, [[0.5412, 0.7071], [1.6236, 0]])
-    antiparallel = ip.nuslerp(t([1, 2, 0, 0], dtype), t([-0.5, -1, 0, 0], dtype), [1, 3])
+    antiparallel = pairs.nuslerp(t([1, 2, 0, 0], dtype), t([-0.5, -1, 0, 0], dtype), [1, 3])
     assert_printed(antiparallel, [-0.125, -0.25, 0, 0])
 
 
@@ -50,24 +52,24 @@ def test_e8_nuslerp(dtype):
 def test_e9_multislerp(dtype):
     base = t([1, 1, 1, 1], dtype)
     first, second = t([4, 1, 1, 1], dtype), t([1, 5, 1, 1], dtype)
-    assert_printed(ip.multislerp([first, second], [1, 1], base), [3.4749, 3.4749, 1, 1])
-    assert_printed(ip.multislerp([first, second], [1, 3], base), [2.1859, 4.5576, 1, 1])
+    assert_printed(means.multislerp([first, second], [1, 1], base), [3.4749, 3.4749, 1, 1])
+    assert_printed(means.multislerp([first, second], [1, 3], base), [2.1859, 4.5576, 1, 1])
     antipodal = t([-2, 1, 1, 1], dtype)
-    assert_printed(ip.multislerp([first, antipodal], [1, 1], base), [1, 1, 1, 1])
+    assert_printed(means.multislerp([first, antipodal], [1, 1], base), [1, 1, 1, 1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_e10_karcher(dtype):
     x1, x2 = t([2, 0, 0, 0], dtype), t([0, 2, 0, 0], dtype)
-    assert_printed(ip.karcher([x1, x2]), [1.4142, 1.4142, 0, 0])
-    assert_printed(ip.karcher([x1, x2, t([0, 0, 0, 0], dtype)]), [0.9428, 0.9428, 0, 0])
+    assert_printed(means.karcher([x1, x2]), [1.4142, 1.4142, 0, 0])
+    assert_printed(means.karcher([x1, x2, t([0, 0, 0, 0], dtype)]), [0.9428, 0.9428, 0, 0])
     three = [t([1, 0, 0, 0], dtype), t([0, 2, 0, 0], dtype), t([0, 0, 3, 0], dtype)]
-    assert_printed(ip.karcher(three), [1.1547, 1.1547, 1.1547, 0])
+    assert_printed(means.karcher(three), [1.1547, 1.1547, 1.1547, 0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_e11_nearswap(dtype):
-    result = ip.nearswap(t([1, 2, 3, 4], dtype), t([1.05, 2.5, 2, 4], dtype), 0.1)
+    result = entrywise.nearswap(t([1, 2, 3, 4], dtype), t([1.05, 2.5, 2, 4], dtype), 0.1)
     assert_printed(result, [1.05, 2.1, 2.9, 4])
 
 
@@ -77,11 +79,11 @@ def test_e11_nearswap(dtype):
 @pytest.mark.parametrize("shape", [(7, 5), (7,), (7, 2, 3)])
 def test_slerp_streaming_equals_whole(shape):
     base, other = randn(*shape, seed=1), randn(*shape, seed=2)
-    whole = ip.slerp(base, other, 0.3)
+    whole = pairs.slerp(base, other, 0.3)
     for bounds in row_blocks(shape[0]):
         blocks = blocks_of([base, other], bounds)
-        stats = sum(ip.slerp_statistics(*b) for b in blocks)
-        streamed = torch.cat([ip.slerp_apply(stats, *b, 0.3) for b in blocks])
+        stats = sum(pairs.slerp_statistics(*b) for b in blocks)
+        streamed = torch.cat([pairs.slerp_apply(stats, *b, 0.3) for b in blocks])
         torch.testing.assert_close(streamed, whole)
 
 
@@ -96,17 +98,17 @@ NUSLERP_CASES = [
 @pytest.mark.parametrize(("flatten", "row_wise", "shape"), NUSLERP_CASES)
 def test_nuslerp_streaming_equals_whole(flatten, row_wise, shape):
     first, second, base = (randn(*shape, seed=s) for s in (3, 4, 5))
-    layout = ip.nuslerp_layout(flatten, row_wise)
+    layout = pairs.nuslerp_layout(flatten, row_wise)
     for around in (None, base):
-        whole = ip.nuslerp(first, second, [1, 2], around, flatten, row_wise)
+        whole = pairs.nuslerp(first, second, [1, 2], around, flatten, row_wise)
         for bounds in row_blocks(shape[0]):
             inputs = [first, second] if around is None else [first, second, around]
             blocks = blocks_of(inputs, bounds)
             stats = None
-            if layout != ip.ROWS:
-                stats = sum(ip.nuslerp_statistics(*b[:2], *b[2:], layout=layout) for b in blocks)
+            if layout != block_sums.ROWS:
+                stats = sum(pairs.nuslerp_statistics(*b[:2], *b[2:], layout=layout) for b in blocks)
             streamed = torch.cat(
-                [ip.nuslerp_apply(stats, *b[:2], 2 / 3, *b[2:], layout=layout) for b in blocks]
+                [pairs.nuslerp_apply(stats, *b[:2], 2 / 3, *b[2:], layout=layout) for b in blocks]
             )
             torch.testing.assert_close(streamed, whole)
 
@@ -115,17 +117,17 @@ def test_nuslerp_streaming_equals_whole(flatten, row_wise, shape):
 def test_multislerp_and_karcher_streaming_equal_whole(shape):
     models = [randn(*shape, seed=s) for s in (6, 7, 8)]
     base = randn(*shape, seed=9)
-    ms_whole = ip.multislerp(models, [1, 2, 3], base)
-    k_whole = ip.karcher(models)
+    ms_whole = means.multislerp(models, [1, 2, 3], base)
+    k_whole = means.karcher(models)
     for bounds in row_blocks(shape[0]):
         blocks = blocks_of([*models, base], bounds)
-        gram = sum(ip.gram_statistics(b[:3], b[3]) for b in blocks)
-        c = ip.multislerp_coefficients(gram, [1, 2, 3])
-        streamed = torch.cat([ip.combine(c, b[:3], b[3]) for b in blocks])
+        gram = sum(means.gram_statistics(b[:3], b[3]) for b in blocks)
+        c = means.multislerp_coefficients(gram, [1, 2, 3])
+        streamed = torch.cat([means.combine(c, b[:3], b[3]) for b in blocks])
         torch.testing.assert_close(streamed, ms_whole)
-        gram = sum(ip.gram_statistics(b[:3]) for b in blocks)
-        c = ip.karcher_coefficients(gram)
-        torch.testing.assert_close(torch.cat([ip.combine(c, b[:3]) for b in blocks]), k_whole)
+        gram = sum(means.gram_statistics(b[:3]) for b in blocks)
+        c = means.karcher_coefficients(gram)
+        torch.testing.assert_close(torch.cat([means.combine(c, b[:3]) for b in blocks]), k_whole)
 
 
 # ---------------------------------------------------------------- properties
@@ -134,12 +136,12 @@ def test_multislerp_and_karcher_streaming_equal_whole(shape):
 @pytest.mark.parametrize("shape", [(5, 3), (6,)])
 def test_slerp_endpoints_and_identity(shape):
     base, other = randn(*shape, seed=10), randn(*shape, seed=11)
-    torch.testing.assert_close(ip.slerp(base, other, 0.0), base)
-    torch.testing.assert_close(ip.slerp(base, other, 1.0), other)
-    torch.testing.assert_close(ip.slerp(base, base, 0.37), base)
-    torch.testing.assert_close(ip.nuslerp(base, other, [1, 0]), base)
-    torch.testing.assert_close(ip.nuslerp(base, other, [0, 1]), other)
-    torch.testing.assert_close(ip.nearswap(base, base, 0.5), base)
+    torch.testing.assert_close(pairs.slerp(base, other, 0.0), base)
+    torch.testing.assert_close(pairs.slerp(base, other, 1.0), other)
+    torch.testing.assert_close(pairs.slerp(base, base, 0.37), base)
+    torch.testing.assert_close(pairs.nuslerp(base, other, [1, 0]), base)
+    torch.testing.assert_close(pairs.nuslerp(base, other, [0, 1]), other)
+    torch.testing.assert_close(entrywise.nearswap(base, base, 0.5), base)
 
 
 def test_slerp_keeps_the_norm_of_equal_norm_inputs():
@@ -147,39 +149,41 @@ def test_slerp_keeps_the_norm_of_equal_norm_inputs():
     base, other = randn(64, seed=12), randn(64, seed=13)
     other = other / other.norm() * base.norm()
     for step in (0.2, 0.5, 0.8):
-        assert ip.slerp(base, other, step).norm() == pytest.approx(float(base.norm()), rel=1e-5)
+        assert pairs.slerp(base, other, step).norm() == pytest.approx(float(base.norm()), rel=1e-5)
 
 
 def test_multislerp_and_karcher_are_permutation_invariant():
     models = [randn(4, 3, seed=s) for s in (14, 15, 16)]
     weights = [0.5, 1.0, 2.0]
-    reference = ip.multislerp(models, weights)
-    karcher = ip.karcher(models)
+    reference = means.multislerp(models, weights)
+    karcher = means.karcher(models)
     for order in itertools.permutations(range(3)):
         permuted = [models[i] for i in order]
-        torch.testing.assert_close(ip.multislerp(permuted, [weights[i] for i in order]), reference)
-        torch.testing.assert_close(ip.karcher(permuted), karcher)
+        torch.testing.assert_close(
+            means.multislerp(permuted, [weights[i] for i in order]), reference
+        )
+        torch.testing.assert_close(means.karcher(permuted), karcher)
 
 
 def test_nuslerp_swapping_the_models_and_weights_changes_nothing():
     first, second, base = (randn(5, 4, seed=s) for s in (25, 26, 27))
     for around, flatten, row_wise in itertools.product((None, base), (True, False), (False, True)):
-        forward = ip.nuslerp(first, second, [0.3, 0.9], around, flatten, row_wise)
-        backward = ip.nuslerp(second, first, [0.9, 0.3], around, flatten, row_wise)
+        forward = pairs.nuslerp(first, second, [0.3, 0.9], around, flatten, row_wise)
+        backward = pairs.nuslerp(second, first, [0.9, 0.3], around, flatten, row_wise)
         torch.testing.assert_close(forward, backward)
 
 
 def test_identical_inputs_give_themselves():
     x = randn(4, 3, seed=17)
-    torch.testing.assert_close(ip.multislerp([x, x.clone()], [1, 3]), x)
-    torch.testing.assert_close(ip.karcher([x, x.clone(), x.clone()]), x)
-    torch.testing.assert_close(ip.multislerp([x], [5.0]), x)
+    torch.testing.assert_close(means.multislerp([x, x.clone()], [1, 3]), x)
+    torch.testing.assert_close(means.karcher([x, x.clone(), x.clone()]), x)
+    torch.testing.assert_close(means.multislerp([x], [5.0]), x)
 
 
 def test_karcher_converges_to_a_point_with_zero_tangent():
     """The Karcher mean is where the weighted log maps cancel: Σ Ωᵢ/sin Ωᵢ (uᵢ − cos Ωᵢ μ) = 0."""
     models = [randn(32, seed=s) for s in (18, 19, 20)]
-    mean = ip.karcher(models, max_iter=50, tol=1e-12).double()
+    mean = means.karcher(models, max_iter=50, tol=1e-12).double()
     mu = mean / mean.norm()
     tangent = torch.zeros_like(mu)
     for x in models:
@@ -196,13 +200,13 @@ def test_multislerp_cancelling_directions_fall_back_to_the_weighted_sum():
     x = t([1.0, 0, 0, 0])
     y = t([-0.5, 0.8660254037844386, 0, 0])
     z = t([-0.5, -0.8660254037844386, 0, 0])
-    result = ip.multislerp([x, 2 * y, 3 * z], [1, 1, 1])
+    result = means.multislerp([x, 2 * y, 3 * z], [1, 1, 1])
     torch.testing.assert_close(result, (x + 2 * y + 3 * z) / 3)
 
 
 def test_multislerp_refuses_weights_summing_to_zero():
     with pytest.raises(ValueError, match="sum to 0"):
-        ip.multislerp([randn(3, seed=1), randn(3, seed=2)], [1.0, -1.0])
+        means.multislerp([randn(3, seed=1), randn(3, seed=2)], [1.0, -1.0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -210,29 +214,29 @@ def test_compute_dtype(dtype):
     base, other = randn(4, 3, seed=21).to(dtype), randn(4, 3, seed=22).to(dtype)
     expected = torch.float64 if dtype == torch.float64 else torch.float32
     results = [
-        ip.slerp(base, other, 0.5),
-        ip.nuslerp(base, other, [1, 1]),
-        ip.multislerp([base, other], [1, 1]),
-        ip.karcher([base, other]),
-        ip.nearswap(base, other, 0.1),
+        pairs.slerp(base, other, 0.5),
+        pairs.nuslerp(base, other, [1, 1]),
+        means.multislerp([base, other], [1, 1]),
+        means.karcher([base, other]),
+        entrywise.nearswap(base, other, 0.1),
     ]
     assert all(r.dtype == expected for r in results)
     # a bfloat16 input is widened exactly, so the result matches the float32 computation
-    widened = ip.slerp(base.float(), other.float(), 0.5)
+    widened = pairs.slerp(base.float(), other.float(), 0.5)
     if dtype != torch.float64:
         torch.testing.assert_close(results[0], widened)
 
 
 def test_empty_tensors():
     empty = torch.zeros(0, 4)
-    assert ip.slerp(empty, empty, 0.5).shape == (0, 4)
-    assert ip.nuslerp(empty, empty, [1, 1], flatten=False).shape == (0, 4)
-    assert ip.nearswap(empty, empty, 0.5).shape == (0, 4)
+    assert pairs.slerp(empty, empty, 0.5).shape == (0, 4)
+    assert pairs.nuslerp(empty, empty, [1, 1], flatten=False).shape == (0, 4)
+    assert entrywise.nearswap(empty, empty, 0.5).shape == (0, 4)
 
 
 def test_nan_spreads_to_the_whole_tensor():
     base, other = randn(5, seed=23), randn(5, seed=24)
     other[2] = float("nan")
-    assert torch.isnan(ip.slerp(base, other, 0.5)).all()
-    swapped = ip.nearswap(base, other, 0.5)
+    assert torch.isnan(pairs.slerp(base, other, 0.5)).all()
+    swapped = entrywise.nearswap(base, other, 0.5)
     assert torch.isnan(swapped[2]) and not torch.isnan(swapped[[0, 1, 3, 4]]).any()

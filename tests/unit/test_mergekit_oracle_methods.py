@@ -21,9 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from della_cli.methods import interpolation as ip
+from della_cli.methods import entrywise, stock
 from della_cli.methods import selection as sel
-from della_cli.methods import stock
+from della_cli.methods import spherical_means as means
+from della_cli.methods import spherical_pairs as pairs
 
 pytestmark = pytest.mark.oracle
 
@@ -82,7 +83,7 @@ def _cases() -> list[Case]:
                     f"slerp-{s}-{step}",
                     "slerp",
                     [f"{s}0", f"{s}1"],
-                    lambda b, o, step=step: ip.slerp(b, o, step),
+                    lambda b, o, step=step: pairs.slerp(b, o, step),
                     0,
                     {"t": step},
                 )
@@ -92,18 +93,22 @@ def _cases() -> list[Case]:
                 f"nearswap-{s}",
                 "nearswap",
                 [f"{s}0", f"{s}1"],
-                lambda b, o: ip.nearswap(b, o, 0.4),
+                lambda b, o: entrywise.nearswap(b, o, 0.4),
                 0,
                 {"t": 0.4},
             )
         )
-        add(Case(f"karcher-{s}", "karcher", [f"{s}1", f"{s}2", f"{s}3"], lambda *x: ip.karcher(x)))
+        add(
+            Case(
+                f"karcher-{s}", "karcher", [f"{s}1", f"{s}2", f"{s}3"], lambda *x: means.karcher(x)
+            )
+        )
         add(
             Case(
                 f"karcher-base-{s}",
                 "karcher",
                 [f"{s}0", f"{s}1", f"{s}2"],
-                lambda *x: ip.karcher(x),
+                lambda *x: means.karcher(x),
                 0,
             )
         )
@@ -112,7 +117,7 @@ def _cases() -> list[Case]:
                 f"multislerp-{s}",
                 "multislerp",
                 [f"{s}1", f"{s}2", f"{s}3"],
-                lambda *x: ip.multislerp(x, [0.2, 0.5, 1.3]),
+                lambda *x: means.multislerp(x, [0.2, 0.5, 1.3]),
                 None,
                 {"weight": [0.2, 0.5, 1.3]},
             )
@@ -122,7 +127,7 @@ def _cases() -> list[Case]:
                 f"multislerp-base-{s}",
                 "multislerp",
                 [f"{s}0", f"{s}1", f"{s}2"],
-                lambda b, *x: ip.multislerp(x, [1.0, 2.0], b),
+                lambda b, *x: means.multislerp(x, [1.0, 2.0], b),
                 0,
                 {"weight": [1.0, 2.0]},
             )
@@ -169,7 +174,7 @@ def _cases() -> list[Case]:
                     f"nuslerp-{s}-{flatten}-{row_wise}",
                     "nuslerp",
                     [f"{s}1", f"{s}2"],
-                    lambda a, b, f=flatten, r=row_wise: ip.nuslerp(a, b, [0.7, 0.4], None, f, r),
+                    lambda a, b, f=flatten, r=row_wise: pairs.nuslerp(a, b, [0.7, 0.4], None, f, r),
                     None,
                     parameters,
                 )
@@ -179,7 +184,7 @@ def _cases() -> list[Case]:
                     f"nuslerp-base-{s}-{flatten}-{row_wise}",
                     "nuslerp",
                     [f"{s}0", f"{s}1", f"{s}2"],
-                    lambda c, a, b, f=flatten, r=row_wise: ip.nuslerp(a, b, [0.7, 0.4], c, f, r),
+                    lambda c, a, b, f=flatten, r=row_wise: pairs.nuslerp(a, b, [0.7, 0.4], c, f, r),
                     0,
                     parameters,
                 )
@@ -191,7 +196,7 @@ def _cases() -> list[Case]:
                 f"slerp-{other}",
                 "slerp",
                 ["m0", other],
-                lambda b, o: ip.slerp(b, o, 0.35),
+                lambda b, o: pairs.slerp(b, o, 0.35),
                 0,
                 {"t": 0.35},
             )
@@ -201,7 +206,7 @@ def _cases() -> list[Case]:
                 f"slerp-zero-base-{other}",
                 "slerp",
                 ["m_zero", other],
-                lambda b, o: ip.slerp(b, o, 0.35),
+                lambda b, o: pairs.slerp(b, o, 0.35),
                 0,
                 {"t": 0.35},
             )
@@ -212,18 +217,18 @@ def _cases() -> list[Case]:
                     f"nuslerp-{other}",
                     "nuslerp",
                     ["m0", other],
-                    lambda a, b: ip.nuslerp(a, b, [1.0, 3.0]),
+                    lambda a, b: pairs.nuslerp(a, b, [1.0, 3.0]),
                     None,
                     {"weight": [1.0, 3.0]},
                 )
             )
-        add(Case(f"karcher-{other}", "karcher", ["m0", other, "m1"], lambda *x: ip.karcher(x)))
+        add(Case(f"karcher-{other}", "karcher", ["m0", other, "m1"], lambda *x: means.karcher(x)))
     add(
         Case(
             "nuslerp-rows-parallel",
             "nuslerp",
             ["m0", "m_rows"],
-            lambda a, b: ip.nuslerp(a, b, [1.0, 1.0], None, False, False),
+            lambda a, b: pairs.nuslerp(a, b, [1.0, 1.0], None, False, False),
             None,
             {"weight": [1.0, 1.0], "nuslerp_flatten": False},
         )
@@ -233,7 +238,7 @@ def _cases() -> list[Case]:
             "nuslerp-zero-weights",
             "nuslerp",
             ["m1", "m2"],
-            lambda a, b: ip.nuslerp(a, b, [1.0, -1.0]),
+            lambda a, b: pairs.nuslerp(a, b, [1.0, -1.0]),
             None,
             {"weight": [1.0, -1.0]},
         )
@@ -243,7 +248,7 @@ def _cases() -> list[Case]:
             "multislerp-one",
             "multislerp",
             ["m0", "m1"],
-            lambda b, x: ip.multislerp([x], [2.0], b),
+            lambda b, x: means.multislerp([x], [2.0], b),
             0,
             {"weight": [2.0]},
         )
@@ -253,7 +258,7 @@ def _cases() -> list[Case]:
             "multislerp-antipodal-pair",
             "multislerp",
             ["m0", "m_anti"],
-            lambda a, b: ip.multislerp([a, b], [1.0, 5.0]),
+            lambda a, b: means.multislerp([a, b], [1.0, 5.0]),
             None,
             {"weight": [1.0, 5.0]},
         )
@@ -263,7 +268,7 @@ def _cases() -> list[Case]:
             "multislerp-raw-weights",
             "multislerp",
             ["m1", "m2"],
-            lambda a, b: ip.multislerp([a, b], [0.3, 0.9], normalize_weights=False),
+            lambda a, b: means.multislerp([a, b], [0.3, 0.9], normalize_weights=False),
             None,
             {"weight": [0.3, 0.9], "normalize_weights": False},
         )
@@ -273,7 +278,7 @@ def _cases() -> list[Case]:
             "karcher-params",
             "karcher",
             ["m1", "m2", "m3"],
-            lambda *x: ip.karcher(x, max_iter=2, tol=1e-3),
+            lambda *x: means.karcher(x, max_iter=2, tol=1e-3),
             None,
             {"max_iter": 2, "tol": 1e-3},
         )
@@ -332,7 +337,7 @@ def _cases() -> list[Case]:
                 f"nearswap-{other}-{step}",
                 "nearswap",
                 ["m0", other],
-                lambda b, o, step=step: ip.nearswap(b, o, step),
+                lambda b, o, step=step: entrywise.nearswap(b, o, step),
                 0,
                 {"t": step},
             )
@@ -354,13 +359,13 @@ def _cases() -> list[Case]:
             {"r": 0.5, "alpha": 0.9, "epsilon": 0.3},
         )
     )
-    add(Case("passthrough", "passthrough", ["m1"], sel.passthrough))
+    add(Case("passthrough", "passthrough", ["m1"], entrywise.passthrough))
     add(
         Case(
             "passthrough-scale",
             "passthrough",
             ["c1"],
-            lambda x: sel.passthrough(x, -0.75),
+            lambda x: entrywise.passthrough(x, -0.75),
             None,
             {"scale": -0.75},
         )
@@ -473,7 +478,7 @@ def test_nuslerp_antiparallel_mergekit_divides_by_a_vanishing_sine(mergekit_outp
     """S2: v₂ = −0.5·v₁. della lerps (cos Ω < −0.9995); mergekit, whose float32 cosine misses
     −1 by rounding, divides by sin Ω ≈ 3e-4 and returns about 1000·v₁."""
     first, second = TENSORS["m0"], TENSORS["m_anti"]
-    ours = ip.nuslerp(first, second, [1, 3])
+    ours = pairs.nuslerp(first, second, [1, 3])
     torch.testing.assert_close(ours, 0.25 * first + 0.75 * second)
     theirs = mergekit_outputs[NUSLERP_ANTI.id]
     assert float(theirs.norm() / first.norm()) > 10

@@ -10,9 +10,9 @@ import pytest
 import torch
 from worked_examples import DTYPES, assert_printed, row_blocks, t
 
-from della_cli.methods import catalog, stock
-from della_cli.methods import interpolation as ip
+from della_cli.methods import catalog, entrywise, stock
 from della_cli.methods import selection as sel
+from della_cli.methods import spherical_means as means
 from della_cli.methods.order_statistics import order_statistic, sortable_keys, top_rank_mask
 
 
@@ -87,8 +87,8 @@ def test_e15_arcee_fusion(dtype):
 
 def test_e16_passthrough():
     x = t([1, -2, 0.5, 4], torch.bfloat16)
-    assert sel.passthrough(x) is x
-    assert_printed(sel.passthrough(x, 0.5), [0.5, -1, 0.25, 2])
+    assert entrywise.passthrough(x) is x
+    assert_printed(entrywise.passthrough(x, 0.5), [0.5, -1, 0.25, 2])
 
 
 # ---------------------------------------------------------------- streaming passes
@@ -278,7 +278,7 @@ def test_compute_dtype(dtype):
         sel.sce(models, base, 0.5),
         sel.ramplus_tl(models, base),
         sel.arcee_fusion(base, models[0]),
-        sel.passthrough(base, 2.0),
+        entrywise.passthrough(base, 2.0),
     ):
         assert result.dtype == expected
 
@@ -317,8 +317,8 @@ def test_catalog_declares_every_method():
 def test_empty_tensors_merge_to_empty_tensors():
     empty = [torch.zeros(0, 3) for _ in range(3)]
     results = [
-        ip.multislerp(empty[:2], [1, 2], empty[2]),
-        ip.karcher(empty),
+        means.multislerp(empty[:2], [1, 2], empty[2]),
+        means.karcher(empty),
         stock.model_stock(empty[:2], empty[2]),
         stock.model_stock(empty[:2], empty[2], filter_wise=True),
         sel.sce(empty[:2], empty[2], 0.5),

@@ -90,11 +90,11 @@ def _sce_keys(
 
 def sce_prepare(select_topk: float, blocks: Blocks, numel: int, shape: tuple[int, ...]) -> dict:
     """``streamed._sce_prepare``: the selection (count and radix passes), then the model
-    weights from Σ(keep·δᵢ)², summed per chunk by ``interpolation.whole_sum`` as there."""
+    weights from Σ(keep·δᵢ)², summed per chunk by ``block_sums.whole_sum`` as there."""
     import torch
 
     from della_cli.methods import selection as reference
-    from della_cli.methods.interpolation import whole_sum
+    from della_cli.methods.block_sums import whole_sum
 
     chosen: object = None if select_topk >= 1 else "none"
     if 0 < select_topk < 1:

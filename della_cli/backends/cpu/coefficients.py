@@ -1,7 +1,7 @@
 """The coefficients of slerp, nuslerp, multislerp, karcher and model_stock from their Gram
 matrices, in numpy float64: the CPU backend's copy of the reference's formulas
-(``methods.interpolation``, ``methods.stock``), so that a merge on the CPU never imports torch
-(about 1.4 s of a merge that otherwise takes one or two).
+(``methods.spherical_pairs``, ``methods.spherical_means``, ``methods.stock``), so that a merge
+on the CPU never imports torch (about 1.4 s of a merge that otherwise takes one or two).
 
 The operations are the reference's, in its order. Where numpy's float64 ``arccos``, ``sin``
 or a small matrix product rounds differently from torch's, a coefficient can differ in its
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# As methods.interpolation.ANTIPARALLEL_COS: nuslerp lerps vectors with cos Ω below its negation.
+# As methods.spherical_pairs.ANTIPARALLEL_COS: nuslerp lerps vectors with cos Ω below its negation.
 ANTIPARALLEL_COS = 0.9995
 
 
 def slerp(stats: np.ndarray, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
-    """(c_base, c_other) from [Σb², Σo², Σbo] (…, 3), as ``interpolation.slerp_coefficients``."""
+    """(c_base, c_other) from [Σb², Σo², Σbo] (…, 3), as ``spherical_pairs.slerp_coefficients``."""
     norm_a = np.sqrt(stats[..., 0])
     norm_b = np.sqrt(stats[..., 1])
     norm_a = np.where(norm_a > eps, norm_a, 1.0)
@@ -36,7 +36,7 @@ def slerp(stats: np.ndarray, t: float, dot_threshold: float = 0.9995, eps: float
 
 
 def nuslerp(stats: np.ndarray, t: float):
-    """(c₀, c₁) from [Σv₀², Σv₁², Σv₀v₁] (…, 3), as ``interpolation.nuslerp_apply``."""
+    """(c₀, c₁) from [Σv₀², Σv₁², Σv₀v₁] (…, 3), as ``spherical_pairs.nuslerp_apply``."""
     norm0 = np.maximum(np.sqrt(stats[..., 0]), 1e-7)
     norm1 = np.maximum(np.sqrt(stats[..., 1]), 1e-7)
     cos = np.clip(stats[..., 2] / (norm0 * norm1), -1.0, 1.0)
@@ -51,7 +51,7 @@ def nuslerp(stats: np.ndarray, t: float):
 def multislerp(
     gram: np.ndarray, weights: Sequence[float], normalize_weights: bool = True, eps: float = 1e-8
 ) -> np.ndarray:
-    """Coefficients (n,), as ``interpolation.multislerp_coefficients``."""
+    """Coefficients (n,), as ``spherical_means.multislerp_coefficients``."""
     w = np.array(list(weights), dtype=np.float64)
     if normalize_weights:
         if w.sum() == 0:
@@ -66,7 +66,7 @@ def multislerp(
 
 
 def karcher(gram: np.ndarray, max_iter: int = 10, tol: float = 1e-5) -> np.ndarray:
-    """Coefficients (n,), as ``interpolation.karcher_coefficients``: the Riemannian gradient
+    """Coefficients (n,), as ``spherical_means.karcher_coefficients``: the Riemannian gradient
     iteration on coefficients over the unit inputs, their dot products read from ``gram``."""
     n = gram.shape[0]
     norms = np.sqrt(np.maximum(np.diagonal(gram), 0))

@@ -4,7 +4,8 @@ Every kernel of the CPU backend (``block``: a whole merge of a block of rows; ``
 whole-tensor selections of TIES and breadcrumbs; ``weighted_sum``: task arithmetic and linear)
 is built from these functions, which numba inlines into them:
 
-- widen: a stored bfloat16 or float32 value into float32 (``widen``; a row, ``widen_row``);
+- widen: a stored bfloat16, float16 or float32 value into float32 (``widen``; a row,
+  ``widen_row``);
 - round: a float32 row into the output dtype, to nearest even, NaN as torch writes it
   (``store_row``);
 - non-finite check: whether a float32 row holds a NaN or an Inf (``has_nonfinite``, from the
@@ -32,9 +33,10 @@ ensure_numba_cache()  # before numba reads its configuration
 
 try:
     import numba
-    from llvmlite import ir
     from numba.core import types
-    from numba.extending import intrinsic, overload
+    from numba.extending import overload
+
+    from della_cli.backends.cpu.bits import float_of_bits, float_to_half_bits, half_to_float_bits
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -57,22 +59,16 @@ def available() -> bool:
 
 if numba is not None:
 
-    @intrinsic
-    def _float_of_bits(typingctx, bits):
-        """The float32 whose bits are the uint32 ``bits``."""
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
-
-        return types.float32(types.uint32), codegen
-
     def widen(value):
-        """A stored value (bfloat16 bits, or a float32) as a float32."""
+        """A stored value (bfloat16 bits, float16 bits as ``bits.HALF_BITS``, or a float32) as a
+        float32."""
 
     @overload(widen, inline="always")
     def _widen_impl(value):
         if value == types.uint16:  # bfloat16 bits: the top half of a float32
-            return lambda value: _float_of_bits(np.uint32(np.uint32(value) << np.uint32(16)))
+            return lambda value: float_of_bits(np.uint32(np.uint32(value) << np.uint32(16)))
+        if value == types.int16:  # float16 bits
+            return lambda value: float_of_bits(half_to_float_bits(value))
         return lambda value: np.float32(value)
 
     def widen_row(source, target):
@@ -105,6 +101,15 @@ if numba is not None:
                     target[i] = np.uint16(rounded | (np.uint32(0) - nan))
 
             return store_bfloat16
+
+        if target.dtype == types.int16:  # float16 bits (``HALF_BITS``)
+
+            def store_float16(values, target):
+                bits = values.view(np.uint32)
+                for i in range(values.shape[0]):
+                    target[i] = np.int16(float_to_half_bits(bits[i]))
+
+            return store_float16
 
         def store_float32(values, target):
             for i in range(values.shape[0]):

@@ -1,5 +1,6 @@
 """The CPU kernels of the methods that merge by sums of products: slerp, nuslerp, multislerp,
-karcher and model_stock (``methods.interpolation``, ``methods.stock``).
+karcher and model_stock (``methods.spherical_pairs``, ``methods.spherical_means``,
+``methods.stock``).
 
 Each of these methods reads Gram matrices of its vectors (dot products and squared norms,
 over the whole tensor or per row), computes a few coefficients from them, then writes

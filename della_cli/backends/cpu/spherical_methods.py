@@ -112,7 +112,7 @@ def _row_chunks(rows: int) -> list[tuple[int, int]]:
 
 
 def nuslerp_t(weights: Sequence[float]) -> float:
-    """As ``interpolation.nuslerp_t``."""
+    """As ``spherical_pairs.nuslerp_t``."""
     total = weights[0] + weights[1]
     return 0.5 if abs(total) < 1e-6 else weights[1] / total
 

@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - Windows: no lock, at worst two childre
 
 # Every dtype pair of inputs and output the block kernel takes (``block._KERNEL_VIEWS``).
 DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32)}
+# ``cpu/nearswap`` reads and writes float16 too (``kernels.ENTRYWISE_DTYPES``).
+ENTRYWISE_DTYPES = {**DTYPES, "F16": np.dtype(np.float16)}
 # Held by the compiling child, so that merges started meanwhile wait for it.
 _UID = os.getuid() if hasattr(os, "getuid") else "user"
 LOCK = Path(tempfile.gettempdir()) / f"della-numba-compiling-{_UID}.lock"
@@ -77,14 +79,22 @@ def missing(
 
 
 def catalog_missing(pairs: frozenset) -> bool:
-    """Whether a kernel of ``backends.cpu.catalog`` for these (input, output) pairs is not in
-    numba's cache: ``widen`` per input dtype, the fusions per output dtype, the rest (float32
-    only) at all."""
-    from della_cli.backends.cpu import block, catalog_kernels
+    """Whether a kernel of ``backends.cpu.catalog`` or ``nearswap`` for these (input, output)
+    pairs is not in numba's cache: nearswap's passes per pair (float16 too), ``widen`` per input
+    dtype, the fusions per output dtype, the rest (float32 only) at all."""
+    from della_cli.backends.cpu import block, catalog_kernels, nearswap
 
+    entrywise = {name: str(np.dtype(nearswap.VIEWS[d])) for name, d in ENTRYWISE_DTYPES.items()}
+    combined = {(entrywise[a], entrywise[b]) for a, b in pairs if a in entrywise and b in entrywise}
+    for kernel in (nearswap._nearswap_span, nearswap._nearswap_spans):
+        if not combined <= _cached_views(kernel, (0, -2)):
+            return True
     views = {name: str(np.dtype(block._KERNEL_VIEWS[dtype])) for name, dtype in DTYPES.items()}
-    inputs = {(views[a],) for a, _ in pairs if a in views}
-    outputs = {(views[b],) for _, b in pairs if b in views}
+    pairs = {(a, b) for a, b in pairs if a in views and b in views}
+    if not pairs:
+        return False  # float16: nearswap alone
+    inputs = {(views[a],) for a, _ in pairs}
+    outputs = {(views[b],) for _, b in pairs}
     if not inputs <= _cached_views(catalog_kernels.widen, (0,)):
         return True
     for fuse in (catalog_kernels.sce_fuse, catalog_kernels.ram_fuse, catalog_kernels.arcee_fuse):
@@ -172,6 +182,10 @@ def warm(
     from della_cli.backends.cpu import block, select, spherical, weighted_sum
 
     for name, out_name in sorted(catalog):
+        if name in ENTRYWISE_DTYPES and out_name in ENTRYWISE_DTYPES:
+            warm_nearswap(ENTRYWISE_DTYPES[name], ENTRYWISE_DTYPES[out_name])
+    catalog = {(a, b) for a, b in catalog if a in DTYPES and b in DTYPES}
+    for name, out_name in sorted(catalog):
         warm_catalog(DTYPES[name], DTYPES[out_name])
 
     rng = np.random.default_rng(0)
@@ -241,13 +255,24 @@ def warm_catalog(dtype: np.dtype, out_dtype: np.dtype) -> None:
     catalog.arcee_fusion_apply(state, loaded[:2], 0, out)
 
 
+def warm_nearswap(dtype: np.dtype, out_dtype: np.dtype) -> None:
+    """``cpu/nearswap`` on ``dtype`` inputs written as ``out_dtype``: a block of one span (on
+    the calling thread) and one of two (in parallel)."""
+    from della_cli.backends.cpu import nearswap
+
+    rng = np.random.default_rng(0)
+    for size in (8, nearswap.SPAN + 1):
+        base, other = rng.standard_normal((2, size)).astype(dtype)
+        nearswap.nearswap_block(base, other, 0.1, out_dtype)
+
+
 def main(words: list[str]) -> None:
     """``warm.py [IN:OUT ...] [select:IN ...] [sum:OUT ...] [catalog:IN:OUT ...]``; with no
     words, every kernel."""
     if not words:
         words = [f"{a}:{b}" for a in DTYPES for b in DTYPES]
         words += [f"{kind}:{a}" for kind in ("select", "sum") for a in DTYPES]
-        words += [f"catalog:{a}:{b}" for a in DTYPES for b in DTYPES]
+        words += [f"catalog:{a}:{b}" for a in ENTRYWISE_DTYPES for b in ENTRYWISE_DTYPES]
     pairs = {tuple(w.split(":")) for w in words if ":" in w and w.split(":")[0] in DTYPES}
     selects = {w.split(":")[1] for w in words if w.startswith("select:")}
     sums = {w.split(":")[1] for w in words if w.startswith("sum:")}
