@@ -9,7 +9,8 @@ of each end of its window by an 8-bit radix over the keys held in memory, keepin
 candidates that share the prefix found so far, and marks its mask. The keys, the digit choice,
 the window test and the tie-break by position are ``select``'s (``top_digit``, ``in_window``,
 ``mark_ties``), so the masks are the same; the keys of one expert (4 bytes an entry) are all
-the memory added, which ``SMALL_BELOW`` bounds.
+the memory added (the engine calls it for small tensors only:
+``CpuJobs.SMALL_SELECTION_BELOW``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ try:
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
-# Tensors under this many entries are selected here: 256 KiB of keys at most. Above it the
-# streamed selection's parallel counting and 16-bit digits pay off.
-SMALL_BELOW = 1 << 16
 _DIGIT_BITS = 8
 _LANES = 4  # interleaved histograms
 
