@@ -8,9 +8,9 @@ expert of the tensor, makes each one's uint32 |δ| keys once (``select._keys``),
 of each end of its window by an 8-bit radix over the keys held in memory, keeping only the
 candidates that share the prefix found so far, and marks its mask. The keys, the digit choice,
 the window test and the tie-break by position are ``select``'s (``top_digit``, ``in_window``,
-``mark_ties``), so the masks are the same; the keys of one expert (4 bytes an entry) are all
-the memory added (the engine calls it for small tensors only:
-``CpuJobs.SMALL_SELECTION_BELOW``).
+``mark_ties``), so the masks are the same; the keys of one expert and their candidates (8
+bytes an entry, reused from expert to expert) are all the memory added (the engine calls it
+for small tensors only: ``CpuJobs.SMALL_SELECTION_BELOW``).
 """
 
 from __future__ import annotations
