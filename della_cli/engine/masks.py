@@ -53,8 +53,8 @@ def global_keep_masks(
 
 def _one_call(job: TensorJob, whole: list[np.ndarray]) -> bool:
     """Whether the CPU backend selects this tensor's masks in one call: a small one (its
-    keys and candidates, 8 bytes an entry, are held), its inputs all of the reference's dtype (an expert's
-    vocabulary-fitted rows are float32)."""
+    keys and candidates, 8 bytes an entry, are held), its inputs all of the reference's
+    dtype (an expert's vocabulary-fitted rows are float32)."""
     dtype = whole[0].dtype
     return job.numel < CpuJobs.SMALL_SELECTION_BELOW and all(a.dtype == dtype for a in whole)
 
