@@ -59,9 +59,7 @@ def reference(expert, base, density, gamma):
     [(0.5, None), (0.01, None), (0.0, None), (1.0, None), (0.3, 0.05), (0.9, 0.2), (0.5, 0.0)],
 )
 @pytest.mark.parametrize("shape", [(96, 64), (7,), (3, 5), (300, 70), (1, 1)])
-def test_masks_equal_the_streamed_selection_and_the_reference(
-    dtype, coarse, density, gamma, shape
-):
+def test_masks_equal_the_streamed_selection_and_the_reference(dtype, coarse, density, gamma, shape):
     experts, base = experts_and_base(shape, dtype, seed=sum(shape), coarse=coarse)
     window = magnitude_rank_window(base.numel(), density, gamma)
     masks = one_call(experts, base, [window] * len(experts))
