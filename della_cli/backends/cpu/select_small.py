@@ -2,8 +2,8 @@
 
 A mixture-of-experts checkpoint holds tens of thousands of tensors of a few thousand entries
 (a 96x64 expert matrix); there the streamed selection of ``select`` spent its time on fixed
-costs, not on the entries: four radix passes that each recompute |δ| from the inputs, fresh
-histograms a pass, a dispatch per expert and per pass. Here one compiled call takes every
+costs, not on the entries: two compiled calls per expert, four radix passes that each
+recompute |δ| from the inputs into fresh histograms. Here one compiled call takes every
 expert of the tensor, makes each one's uint32 |δ| keys once (``select._keys``), finds the pivot
 of each end of its window by an 8-bit radix over the keys held in memory, keeping only the
 candidates that share the prefix found so far, and marks its mask. The keys, the digit choice,
