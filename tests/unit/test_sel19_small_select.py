@@ -159,3 +159,20 @@ def test_a_merge_selects_each_small_tensor_in_one_call_with_the_same_bytes(
     written = (tmp_path / "one_call" / "model.safetensors").read_bytes()
     assert written == (tmp_path / "streamed" / "model.safetensors").read_bytes()
     assert written == (tmp_path / "torch" / "model.safetensors").read_bytes()
+
+
+def test_the_engine_selects_in_one_call_only_small_tensors_of_one_dtype():
+    """Above ``SMALL_SELECTION_BELOW`` entries, or with an expert's rows fitted to another
+    vocabulary (float32 beside a bfloat16 base), each expert goes to the streamed selection."""
+    from types import SimpleNamespace
+
+    from della_cli.engine.cpu_jobs import CpuJobs
+    from della_cli.engine.masks import _one_call
+
+    small = SimpleNamespace(numel=CpuJobs.SMALL_SELECTION_BELOW - 1)
+    large = SimpleNamespace(numel=CpuJobs.SMALL_SELECTION_BELOW)
+    bf16 = [from_torch(torch.zeros(2, dtype=torch.bfloat16))] * 3
+    fitted = [*bf16[:2], np.zeros(2, dtype=np.float32)]
+    assert _one_call(small, bf16)
+    assert not _one_call(large, bf16)
+    assert not _one_call(small, fitted)
