@@ -30,6 +30,13 @@ class CpuJobs:
     """Runs the CPU kernels of a merge's jobs (``method`` is the recipe's; the merge-wide
     parameters are each job's, settled in its kernel)."""
 
+    # Whole-tensor selections of tensors under this many entries are made every expert's in
+    # one call (``keep_masks``), on the calling thread, over keys held in memory (8 bytes an
+    # entry: 2 MiB at most). A 256x256 bf16 tensor of 3 experts took 0.6 ms of CPU there
+    # against 2.4 ms in the streamed selection, whose parallel counting and 16-bit digits are
+    # for the tensors larger than a block.
+    SMALL_SELECTION_BELOW = 1 << 18
+
     def __init__(self, method: MethodSpec, threads: ThreadBudget):
         self.method = method
         self.threads = threads
@@ -190,3 +197,13 @@ class CpuJobs:
         self.threads.limit_numba()
         low, high = window
         return select.window_keep_mask(expert, reference, low, high)
+
+    def keep_masks(
+        self, experts: list[np.ndarray], reference: np.ndarray, windows: list[tuple[int, int]]
+    ) -> np.ndarray:
+        """Every expert's whole-tensor selection of a small tensor in one call, (experts,
+        *shape)."""
+        from della_cli.backends.cpu import select_small  # numba: imported only when needed
+
+        self.threads.limit_numba()
+        return select_small.window_keep_masks(experts, reference, windows)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from della_cli.engine.cpu_jobs import CpuJobs
 from della_cli.engine.shared import rows_shape
 from della_cli.kernels import WINDOW
 from della_cli.methods import Sparsifier
@@ -26,6 +27,8 @@ def global_keep_masks(
     steps = job.kernel.experts
     if not any(step.sparsify == WINDOW for step in steps):
         return None
+    if whole is not None and not on_torch and _one_call(job, whole):
+        return _small_tensor_masks(engine, job, whole)
     total_rows, _ = rows_shape(job.shape)
     rows = engine.rows
     # as stored: smaller than widened
@@ -46,3 +49,21 @@ def global_keep_masks(
             masks.append(engine.workers.keep_mask(job, expert, reference, step, gamma))
         del expert
     return masks
+
+
+def _one_call(job: TensorJob, whole: list[np.ndarray]) -> bool:
+    """Whether the CPU backend selects this tensor's masks in one call: a small one (its
+    keys and candidates, 8 bytes an entry, are held), its inputs all of the reference's
+    dtype (an expert's vocabulary-fitted rows are float32)."""
+    dtype = whole[0].dtype
+    return job.numel < CpuJobs.SMALL_SELECTION_BELOW and all(a.dtype == dtype for a in whole)
+
+
+def _small_tensor_masks(engine: MergeEngine, job: TensorJob, whole: list[np.ndarray]) -> list:
+    """A small tensor's masks, every expert's in one call of the CPU backend: its inputs are
+    loaded already and a call per expert cost more than the selection. An expert kept whole
+    gets the window of every rank."""
+    every_rank = (0, job.numel)
+    steps = job.kernel.experts
+    windows = [step.window if step.sparsify == WINDOW else every_rank for step in steps]
+    return list(engine.cpu.keep_masks(whole[1:], whole[0], windows))

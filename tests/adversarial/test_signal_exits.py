@@ -78,6 +78,7 @@ def test_an_interrupt_inside_a_compiled_kernel_exits_130(ties_recipe, tmp_path, 
     CPUDispatcher(<function _pivots ...>) returned a result with an exception set`, the
     KeyboardInterrupt as its context; it was reported as an unexpected error, exit 1."""
     from della_cli.backends.cpu import select as trim_select
+    from della_cli.backends.cpu import select_small
 
     def interrupted_kernel(*args, **kwargs):
         try:
@@ -90,6 +91,7 @@ def test_an_interrupt_inside_a_compiled_kernel_exits_130(ties_recipe, tmp_path, 
         raise AssertionError("the SIGTERM handler did not run")
 
     monkeypatch.setattr(trim_select, "window_keep_mask", interrupted_kernel)
+    monkeypatch.setattr(select_small, "window_keep_masks", interrupted_kernel)  # small tensors
     monkeypatch.setattr(trim_select, "supports", lambda *args: True)
     result = CliRunner().invoke(app, ["merge", str(ties_recipe), str(tmp_path / "merged")])
     assert result.exit_code == 130, result.output

@@ -124,16 +124,23 @@ def test_lean_ties_selection_writes_the_bytes_of_the_torch_path(bf16_recipe, tmp
     path's bytes."""
     from della_cli.api import run_merge
     from della_cli.backends.cpu import select as trim_select
+    from della_cli.backends.cpu import select_small
 
     recipe_path = bf16_recipe("ties", {"density": 0.3})
     selections = []
     window_keep_mask = trim_select.window_keep_mask
+    window_keep_masks = select_small.window_keep_masks
 
     def counted(*args):
         selections.append(args[0].shape)
         return window_keep_mask(*args)
 
+    def counted_together(experts, *args):  # a small tensor: every expert's in one call
+        selections.extend(expert.shape for expert in experts)
+        return window_keep_masks(experts, *args)
+
     monkeypatch.setattr(trim_select, "window_keep_mask", counted)
+    monkeypatch.setattr(select_small, "window_keep_masks", counted_together)
     run_merge(recipe_path, tmp_path / "lean", MergeOptions(device="cpu"))
     _, inputs, plan = prepare(recipe_path, MergeOptions())
     for reader in [inputs.base, *inputs.experts]:

@@ -45,9 +45,7 @@ def window_keep_mask(expert: np.ndarray, base: np.ndarray, low: int, high: int) 
     else:
         e = block.kernel_view(expert).reshape(-1)
         b = block.kernel_view(base).reshape(-1)
-        # Entries to keep counted from the top, for "rank >= low" and "rank >= high".
-        wanted = np.array([numel - max(low, 0), numel - min(high, numel)], dtype=np.int64)
-        active = np.array([low > 0, high < numel], dtype=np.bool_)
+        wanted, active = window_ends(numel, low, high)
         threads = numba.get_num_threads()
         chunks = max(1, min(threads * 4, numel // _CHUNK))
         # one histogram per thread's share: 1 MiB each to clear and sum per pass
@@ -89,6 +87,51 @@ if numba is not None:
         bits = scratch_expert.view(np.uint32)
         for j in range(count):
             keys[j] = bits[j] & np.uint32(0x7FFFFFFF)
+
+    @numba.njit(cache=True)
+    def window_ends(numel, low, high):
+        """For the window ``[low, high)`` of ranks, the entries to keep counted from the
+        top for "rank >= low" and "rank >= high", and whether each end bounds anything."""
+        wanted = np.empty(2, dtype=np.int64)
+        wanted[0] = numel - max(low, 0)
+        wanted[1] = numel - min(high, numel)
+        active = np.empty(2, dtype=np.bool_)
+        active[0] = low > 0
+        active[1] = high < numel
+        return wanted, active
+
+    @numba.njit(cache=True)
+    def top_digit(counts, wanted):
+        """The digit, from the top of the histogram ``counts``, whose bucket holds the
+        ``wanted``-th largest key, and how many of that bucket's keys are still wanted."""
+        digit = counts.shape[0] - 1
+        while counts[digit] < wanted:
+            wanted -= counts[digit]
+            digit -= 1
+        return digit, wanted
+
+    @numba.njit(cache=True)
+    def in_window(key, pivots, active):
+        """Whether a key lies above the low pivot and not above the high one (an inactive
+        end bounds nothing); the keys equal to a pivot are settled by ``mark_ties``."""
+        above_low = key > pivots[0] if active[0] else True
+        above_high = key > pivots[1] if active[1] else False
+        return above_low and not above_high
+
+    @numba.njit(cache=True)
+    def mark_ties(keys, start, stop, pivot, remaining, inside, keep):
+        """Of the entries ``start:stop`` (``keys`` indexed from ``start``) equal to a pivot,
+        the last ``remaining`` by position are the ones ranked at or above it: set their
+        ``keep`` to ``inside`` (in the window's low end, or out at its high end); returns how
+        many are still to set, in earlier entries. Ties rank by position, as in the torch
+        reference's stable sort."""
+        for j in range(stop - start - 1, -1, -1):
+            if remaining <= 0:
+                break
+            if keys[j] == pivot:
+                keep[start + j] = inside
+                remaining -= 1
+        return remaining
 
     @numba.njit(cache=True)
     def _count_chunk(
@@ -158,10 +201,7 @@ if numba is not None:
             for selection in range(2):
                 if not active[selection]:
                     continue
-                digit = buckets - 1
-                while counts[selection, digit] < wanted[selection]:
-                    wanted[selection] -= counts[selection, digit]
-                    digit -= 1
+                digit, wanted[selection] = top_digit(counts[selection], wanted[selection])
                 prefix[selection] |= np.uint32(digit) << np.uint32(shift)
             prefix_mask |= digit_mask << np.uint32(shift)
         return prefix, wanted
@@ -174,9 +214,7 @@ if numba is not None:
             stop = min(start + _CHUNK, last)
             _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
             for j in range(stop - start):
-                above_low = keys[j] > pivots[0] if active[0] else True
-                above_high = keys[j] > pivots[1] if active[1] else False
-                keep[start + j] = above_low and not above_high
+                keep[start + j] = in_window(keys[j], pivots, active)
 
     @numba.njit(parallel=True, cache=True)
     def _mark(expert, base, pivots, wanted, active, keep, chunks):
@@ -196,8 +234,7 @@ if numba is not None:
             while remaining > 0:
                 start = max(0, stop - _CHUNK)
                 _keys(expert, base, start, stop, scratch_expert, scratch_base, keys)
-                for j in range(stop - start - 1, -1, -1):
-                    if remaining > 0 and keys[j] == pivots[selection]:
-                        keep[start + j] = selection == 0  # in the window's low end, or out
-                        remaining -= 1
+                remaining = mark_ties(
+                    keys, start, stop, pivots[selection], remaining, selection == 0, keep
+                )
                 stop = start

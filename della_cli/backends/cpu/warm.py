@@ -52,7 +52,7 @@ def missing(
     the TIES selection of these input dtypes, of the weighted sum into these output dtypes, or
     of these (input, output) pairs of the catalog methods' kernels (``spherical``,
     ``catalog_kernels``), is not in numba's cache."""
-    from della_cli.backends.cpu import block, select, spherical, sum_kernel
+    from della_cli.backends.cpu import block, select, select_small, spherical, sum_kernel
 
     if catalog and catalog_missing(frozenset(catalog)):
         return True
@@ -62,6 +62,7 @@ def missing(
     merges = _cached_views(block._merge_rows, (0, -2))
     pivots = _cached_views(select._pivots, (0,))
     marks = _cached_views(select._mark, (0,)) & _cached_views(select._count_in_parallel, (0,))
+    marks &= _cached_views(select_small._select_experts, (1,))  # (1,): the base's
     views = {name: block._KERNEL_VIEWS[dtype] for name, dtype in DTYPES.items()}
     wanted = {(str(np.dtype(views[a])), str(np.dtype(views[b]))) for a, b in pairs}
     chosen = {(str(np.dtype(views[a])),) for a in selects}
@@ -179,7 +180,7 @@ def warm(
     """Call each kernel once, so that numba compiles and caches it: the block kernel for each
     (input, output) dtype pair, the TIES selection for each input dtype, the weighted sum for
     each output dtype, the catalog methods' kernels for each (input, output) pair."""
-    from della_cli.backends.cpu import block, select, spherical, weighted_sum
+    from della_cli.backends.cpu import block, select, select_small, spherical, weighted_sum
 
     for name, out_name in sorted(catalog):
         if name in ENTRYWISE_DTYPES and out_name in ENTRYWISE_DTYPES:
@@ -208,6 +209,7 @@ def warm(
         select.window_keep_mask(expert, base, 3, 20)
         large = rng.standard_normal((2, 4 * select._CHUNK)).astype(DTYPES[name])
         select.window_keep_mask(large[0], large[1], 3, 20)  # counted in parallel: 2+ chunks
+        select_small.window_keep_masks([expert, expert], base, [(3, 20), (0, 32)])
     for name, out_name in sorted(pairs):
         expert, base = inputs(name)
         block.merge_block(
