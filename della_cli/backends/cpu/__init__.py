@@ -37,6 +37,16 @@ def ensure_numba_cache() -> None:
     os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"della-numba-{uid}")
 
 
+def prepare_numba() -> None:
+    """What must happen before a module of this package imports numba and decorates its
+    kernels: the cache folder (``ensure_numba_cache``), and stamps of the whole package on
+    della's cached kernels (``cache_stamp``), so that a changed rule compiles them again."""
+    ensure_numba_cache()
+    from della_cli.backends.cpu import cache_stamp
+
+    cache_stamp.install()
+
+
 COMPILE_NOTICE = (
     "compiling della's CPU kernels for this kind of merge (once after install: about 10 s; "
     "later merges load them in under a second)"

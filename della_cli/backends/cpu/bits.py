@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from della_cli.backends.cpu import prepare_numba
+
+prepare_numba()  # imported by ``rules``, or first (a test): the cache folder and stamps first
+
 try:
     import numba
     from llvmlite import ir

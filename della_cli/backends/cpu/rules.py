@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from della_cli.backends.cpu import ensure_numba_cache
+from della_cli.backends.cpu import prepare_numba
 
-ensure_numba_cache()  # before numba reads its configuration
+prepare_numba()  # before numba reads its configuration, and before any kernel is decorated
 
 try:
     import numba
