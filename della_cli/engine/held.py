@@ -141,22 +141,21 @@ def block_count(job: TensorJob, block_elements: int) -> int:
     return -(-rows // step)
 
 
-def held_peak_bytes(
+def held_jobs(
     jobs: list[TensorJob], inputs: MergeInputs, block_elements: int, budget: int
-) -> int:
-    """The memory the tensors read once may add: the two largest (the one merging and the
-    next, read ahead), so at most ``2 × budget``."""
-    sizes = sorted(
-        (
-            held_input_bytes(job, inputs)
-            for job in jobs
-            if has_passes(job)
-            and block_count(job, block_elements) > 1
-            and reads_once(job, inputs, block_count(job, block_elements), budget)
-        ),
-        reverse=True,
-    )
-    return sum(sizes[:2])
+) -> tuple[list[TensorJob], list[TensorJob]]:
+    """The jobs with statistics passes over several blocks, in plan order, and those of them
+    read once (their inputs kept in memory)."""
+    several = [job for job in jobs if has_passes(job) and block_count(job, block_elements) > 1]
+    held = [job for job in several if reads_once(job, inputs, 2, budget)]
+    return several, held
+
+
+def held_peak_bytes(held: list[TensorJob], inputs: MergeInputs) -> int:
+    """The most memory tensors read once hold at a time: one merging and the next, read
+    ahead (so at most two budgets)."""
+    sizes = [held_input_bytes(job, inputs) for job in held]
+    return max((a + b for a, b in zip(sizes, [*sizes[1:], 0], strict=True)), default=0)
 
 
 __all__ = [
@@ -165,6 +164,7 @@ __all__ = [
     "block_count",
     "budget_of",
     "held_input_bytes",
+    "held_jobs",
     "held_peak_bytes",
     "read_note",
     "reads_once",
