@@ -17,6 +17,7 @@ pipeline's blocks.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -154,8 +155,8 @@ def held_jobs(
 def held_peak_bytes(held: list[TensorJob], inputs: MergeInputs) -> int:
     """The most memory tensors read once hold at a time: one merging and the next, read
     ahead (so at most two budgets)."""
-    sizes = [held_input_bytes(job, inputs) for job in held]
-    return max((a + b for a, b in zip(sizes, [*sizes[1:], 0], strict=True)), default=0)
+    sizes = [held_input_bytes(job, inputs) for job in held] + [0]
+    return max((a + b for a, b in itertools.pairwise(sizes)), default=0)
 
 
 __all__ = [
