@@ -82,16 +82,21 @@ def read_note(job: TensorJob, inputs: MergeInputs, blocks: int, budget: int) -> 
 
 
 class HeldBlocks:
-    """The blocks of the tensors read once: filled by the reader thread at a job's first
-    block (``load``), the whole list taken once by the merging thread for the statistics
-    passes (``take``), and each later block handed to the reader's ``load`` in turn, so that
-    each structure has one consumer."""
+    """The blocks of the tensors read once, filled by the reader thread: at a job's first
+    block (``load``), or earlier, while the merging thread works on the job before (the next
+    job's blocks are read when the reader hands over that job's first kept block, so the reads
+    overlap its statistics passes instead of following its merge). The whole list is taken
+    once by the merging thread for the statistics passes (``take``), and each later block is
+    handed to the reader's ``load`` in turn, so that each structure has one consumer."""
 
-    def __init__(self, inputs: MergeInputs, budget: int):
+    def __init__(self, inputs: MergeInputs, budget: int, jobs: list[TensorJob] = ()):
         self.inputs = inputs
         self.budget = budget
+        # The job after each one, in the order of the writes (that of the reads).
+        self._next = {job.name: after for job, after in itertools.pairwise(jobs)}
         self._for_passes: dict[str, list[list[np.ndarray]]] = {}
         self._for_merge: dict[str, deque[list[np.ndarray]]] = {}
+        self._first: dict[str, list[np.ndarray]] = {}  # a first block read ahead
         self._lock = threading.Lock()
 
     def load(
@@ -101,31 +106,47 @@ class HeldBlocks:
         read: Callable[[BlockTask], list[np.ndarray]],
     ) -> list[np.ndarray]:
         """A block's rows: at the first block of a tensor read once, all of its blocks
-        (``read``), kept; a later block of such a tensor from those kept; else ``read``."""
+        (``read``), kept, unless read ahead; a later block of such a tensor from those kept
+        (at the first of them, the next job's blocks are read ahead if it is read once too);
+        else ``read``."""
         job = task.job
         with self._lock:
-            waiting = self._for_merge.get(job.name)
-            if waiting is not None and task.start > 0:
-                loaded = waiting.popleft()
-                if not waiting:
-                    del self._for_merge[job.name]
-                return loaded
-        if task.start > 0 or task.last or not self._holds(job):
+            waiting = self._for_merge.get(job.name) if task.start > 0 else None
+            loaded = None if waiting is None else waiting.popleft()
+            first_kept = waiting is not None and len(waiting) == len(tasks(job)) - 2
+            if waiting is not None and not waiting:
+                del self._for_merge[job.name]
+            ahead = self._first.pop(job.name, None) if task.start == 0 else None
+        if loaded is not None:
+            after = self._next.get(job.name)
+            if first_kept and after is not None and self._holds(after, tasks):
+                self._keep(after, [read(block) for block in tasks(after)])
+            return loaded
+        if ahead is not None:
+            return ahead
+        if task.start > 0 or not self._holds(job, tasks):
             return read(task)
         blocks = [read(block) for block in tasks(job)]
+        self._keep(job, blocks)
+        with self._lock:
+            return self._first.pop(job.name)
+
+    def _keep(self, job: TensorJob, blocks: list[list[np.ndarray]]) -> None:
         with self._lock:
             self._for_passes[job.name] = blocks
             self._for_merge[job.name] = deque(blocks[1:])
-        return blocks[0]
+            self._first[job.name] = blocks[0]
 
     def take(self, job: TensorJob) -> list[list[np.ndarray]] | None:
         """All of a job's blocks for its statistics passes (None: it is not read once)."""
         with self._lock:
             return self._for_passes.pop(job.name, None)
 
-    def _holds(self, job: TensorJob) -> bool:
+    def _holds(self, job: TensorJob, tasks: Callable[[TensorJob], list[BlockTask]]) -> bool:
+        """Whether a job is read once by this: statistics passes on the CPU backend, over
+        several blocks, its inputs within the budget."""
         on_cpu = has_passes(job) and job.kernel.backend == "cpu"
-        return on_cpu and held_input_bytes(job, self.inputs) <= self.budget
+        return on_cpu and held_input_bytes(job, self.inputs) <= self.budget and len(tasks(job)) > 1
 
 
 def budget_of(read_once_bytes: int | None) -> int:

@@ -4,6 +4,7 @@ inputs fit in the budget, the budget respected, and ``della plan`` saying which.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
@@ -151,3 +152,34 @@ def test_the_plan_says_which_tensors_are_read_once(method_recipe, monkeypatch):
     assert "[cpu/nuslerp, 2 passes, inputs read 2 times]" in shown.output
     assert "statistics passes: 0 of " in shown.output
     assert "the others read again for each pass" in shown.output
+
+
+def test_the_next_tensor_is_read_while_this_one_is_merged(method_recipe, tmp_path):
+    """Where two tensors read once follow each other, the reader reads the second when it
+    hands over the first's second block, so the reads overlap the first's passes: every read
+    of the second comes before the first's second block is merged."""
+    events: list[tuple[str, str, int]] = []
+
+    def watch(engine):
+        read_block, compute_block = engine.read_block, engine.compute_block
+
+        def read(task):
+            events.append(("read", task.job.name, task.start))
+            return read_block(task)
+
+        def compute(task, loaded):
+            events.append(("merge", task.job.name, task.start))
+            return compute_block(task, loaded)
+
+        engine.read_block, engine.compute_block = read, compute
+
+    plan, _, _, _ = run_merge(method_recipe("model_stock"), None, tmp_path / "ahead", watch)
+    kept = [job.name for job in plan.jobs if job.kernel.passes > 1 and job.numel > 3 * 256]
+    pairs = [
+        (a.name, b.name) for a, b in itertools.pairwise(plan.jobs) if {a.name, b.name} <= set(kept)
+    ]
+    assert pairs
+    for first, second in pairs:
+        second_block = [e for e in events if e[:2] == ("merge", first)][1]
+        reads = [i for i, e in enumerate(events) if e[:2] == ("read", second)]
+        assert reads and max(reads) < events.index(second_block), (first, second)
