@@ -5,9 +5,12 @@ the CPU backend need whole-tensor statistics (norms, Gram matrices, a selection)
 first output row, so their passes go over each tensor's row blocks more than once. Read from
 the files each pass, every input is copied from the page cache two to four times. Where a
 tensor's stored inputs fit in ``READ_ONCE_BYTES`` (``Plan.read_once_bytes``), the reader
-thread reads all of its blocks when the pipeline asks for its first one, the passes run over
-those blocks in memory, and the merge pass takes each block from there, in order, giving its
-buffers back once merged. A larger tensor is read again for each pass, a block at a time.
+thread reads all of its blocks at once, the passes run over those blocks in memory, and the
+merge pass takes each block from there, in order, giving its buffers back once merged. The
+reads happen ahead: where the tensor before is read once too, while the merging thread runs
+that one's statistics passes (when the reader hands over its second block), else when the
+pipeline asks for the tensor's first block. A larger tensor is read again for each pass, a
+block at a time.
 
 At ~1.1B (bf16 base + 3 experts) every MLP matrix (4 × 23 MB) and the embeddings (4 ×
 131 MB) fit in the default; the plan reports which tensors are read once. Memory: the blocks of
