@@ -120,6 +120,8 @@ class HeldBlocks:
             if waiting is not None and not waiting:
                 del self._for_merge[job.name]
             ahead = self._first.pop(job.name, None) if task.start == 0 else None
+            if task.start == 0:
+                self._drop_unasked()
         if loaded is not None:
             after = self._next.get(job.name)
             if first_kept and after is not None and self._holds(after, tasks):
@@ -139,6 +141,15 @@ class HeldBlocks:
             self._for_passes[job.name] = blocks
             self._for_merge[job.name] = deque(blocks[1:])
             self._first[job.name] = blocks[0]
+
+    def _drop_unasked(self) -> None:
+        """Forget tensors read ahead whose first block was not asked for next (a sweep's
+        batch may read the next job through another candidate's engine), so that at most
+        one is kept beyond the tensor merging. Called with the lock held."""
+        for name in list(self._first):
+            del self._first[name]
+            self._for_passes.pop(name, None)
+            self._for_merge.pop(name, None)
 
     def take(self, job: TensorJob) -> list[list[np.ndarray]] | None:
         """All of a job's blocks for its statistics passes (None: it is not read once)."""

@@ -183,3 +183,24 @@ def test_the_next_tensor_is_read_while_this_one_is_merged(method_recipe, tmp_pat
         second_block = [e for e in events if e[:2] == ("merge", first)][1]
         reads = [i for i, e in enumerate(events) if e[:2] == ("read", second)]
         assert reads and max(reads) < events.index(second_block), (first, second)
+
+
+def test_a_tensor_read_ahead_but_not_asked_for_next_is_dropped(method_recipe):
+    """A sweep's batch may read the next job through another engine: the tensor this engine
+    read ahead is forgotten at the next first block it is asked for, and read again if asked
+    for later, to the same bytes."""
+    from della_cli.api import MergeOptions, prepare
+    from della_cli.engine import MergeEngine
+
+    recipe, inputs, plan = prepare(method_recipe("model_stock"), MergeOptions())
+    engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=BLOCK_ELEMENTS)
+    expected = {job.name: engine.compute(job).tobytes() for job in plan.jobs}
+    kept = [job.numel > 3 * BLOCK_ELEMENTS for job in plan.jobs]
+    index = next(i for i in range(len(kept) - 2) if kept[i] and kept[i + 1])
+    first, ahead, other = plan.jobs[index], plan.jobs[index + 1], plan.jobs[-1]
+    engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=BLOCK_ELEMENTS)
+    assert engine.compute(first).tobytes() == expected[first.name]
+    assert set(engine.held._first) == {ahead.name}  # read while the first was merged
+    assert engine.compute(other).tobytes() == expected[other.name]
+    assert not engine.held._first and ahead.name not in engine.held._for_merge
+    assert engine.compute(ahead).tobytes() == expected[ahead.name]
