@@ -157,7 +157,8 @@ def test_the_plan_says_which_tensors_are_read_once(method_recipe, monkeypatch):
 def test_the_next_tensor_is_read_while_this_one_is_merged(method_recipe, tmp_path):
     """Where two tensors read once follow each other, the reader reads the second when it
     hands over the first's second block, so the reads overlap the first's passes: every read
-    of the second comes before the first's second block is merged."""
+    of the second comes before the first's second block is merged. After a tensor of one
+    block, the next is read with it."""
     events: list[tuple[str, str, int]] = []
 
     def watch(engine):
@@ -183,6 +184,16 @@ def test_the_next_tensor_is_read_while_this_one_is_merged(method_recipe, tmp_pat
         second_block = [e for e in events if e[:2] == ("merge", first)][1]
         reads = [i for i, e in enumerate(events) if e[:2] == ("read", second)]
         assert reads and max(reads) < events.index(second_block), (first, second)
+    # after a tensor of one block, the next kept one is read with it, before its merge
+    after_one = [
+        (a.name, b.name)
+        for a, b in itertools.pairwise(plan.jobs)
+        if b.name in kept and a.numel <= BLOCK_ELEMENTS
+    ]
+    assert after_one
+    for first, second in after_one:
+        reads = [i for i, e in enumerate(events) if e[:2] == ("read", second)]
+        assert max(reads) < events.index(("merge", first, 0)), (first, second)
 
 
 def test_a_tensor_read_ahead_but_not_asked_for_next_is_dropped(method_recipe):
