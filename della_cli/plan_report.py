@@ -31,6 +31,9 @@ class PlanReport:
     disk: list[dict] = field(default_factory=list)
     # Per device of a CUDA or several-device merge (``preflight.device_report``).
     devices: list[dict] = field(default_factory=list)
+    # Tensors of several blocks whose method makes statistics passes: how many are read once,
+    # their inputs kept in memory up to ``budget_bytes`` a tensor (``engine.held``).
+    read_once: dict | None = None
     # A merge by slices: the output's num_hidden_layers and where each layer comes from.
     layers: dict | None = None
 
@@ -76,6 +79,8 @@ class PlanReport:
                 else ""
             )
         )
+        if self.read_once is not None:
+            lines.append(read_once_line(self.read_once))
         lines += [device_line(entry) for entry in self.devices]
         for entry in self.disk:
             verb = "needs" if len(entry["holds"]) == 1 else "need"
@@ -84,6 +89,16 @@ class PlanReport:
                 f"on {entry['path']}, {human_size(entry['free_bytes'])} free"
             )
         return lines
+
+
+def read_once_line(read_once: dict) -> str:
+    """How the statistics passes read tensors of several blocks."""
+    held, several = read_once["tensors"], read_once["of"]
+    return (
+        f"statistics passes: {held} of {several} tensors of several blocks read once, their "
+        f"inputs kept in memory (up to {human_size(read_once['budget_bytes'])} a tensor); "
+        f"{'the others' if held < several else 'none'} read again for each pass"
+    )
 
 
 def device_line(entry: dict) -> str:

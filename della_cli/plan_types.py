@@ -76,6 +76,9 @@ class Plan:
     # the plan chose to fit their free memory (None: the engine's default for the device).
     devices: tuple[str, ...] = ("cpu",)
     block_elements: int | None = None
+    # The most bytes of one tensor's inputs kept in memory between a method's statistics
+    # passes and its merge pass (``engine.held``; None: ``READ_ONCE_BYTES``).
+    read_once_bytes: int | None = None
 
     @property
     def output_bytes(self) -> int:

@@ -14,13 +14,14 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from della_cli.device_plan import device_loads, fit_device_blocks
 from della_cli.errors import PlanError
 from della_cli.hub import cache_dir
 from della_cli.io.lora import LoraModelReader, input_folders
-from della_cli.plan import Plan
+from della_cli.plan import Plan, TensorJob
 from della_cli.plan_parameters import group_parameters
 from della_cli.plan_report import PlanReport
 from della_cli.session import MergeSession, merge_fingerprint_of
@@ -45,6 +46,7 @@ def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | 
     """The plan report of the session's recipe over its models (opened from headers), and
     the plan itself (None when the tensors cannot be merged), which the session keeps."""
     from della_cli.engine import WHOLE_TENSOR_SPARSIFIERS, block_elements_for
+    from della_cli.engine.held import budget_of, held_jobs, held_peak_bytes
     from della_cli.io.output import check_destination
 
     recipe, inputs, options, device = (
@@ -71,12 +73,12 @@ def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | 
         report.problems = list(error.problems)
         return report, None
     whole = recipe.method.sparsifier in WHOLE_TENSOR_SPARSIFIERS
-    _describe_plan(report, plan, recipe.model_refs)
+    block_elements = block_elements_for(device)
+    _describe_plan(report, plan, recipe.model_refs, _read_notes(plan, inputs, block_elements))
     if plan.layer_map is not None:
         report.layers = {"count": plan.layer_map.layers, "map": plan.layer_map.description}
     if recipe.varies_by_tensor:
         _describe_parameters(report, plan, recipe)
-    block_elements = block_elements_for(device)
     if any(name.startswith("cuda") for name in plan.devices):
         # The host holds the read-ahead and output blocks; each device its blocks' working
         # set, which sets the block size (``device_plan.fit_device_blocks``).
@@ -89,6 +91,11 @@ def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | 
         figures, device_problems = [], []
     report.devices = device_report(plan, figures, block_elements)
     report.working_memory_bytes = plan.working_memory_bytes(block_elements, whole)
+    budget = budget_of(plan.read_once_bytes)
+    several, held = held_jobs(plan.jobs, inputs, block_elements, budget)
+    report.working_memory_bytes += held_peak_bytes(held, inputs)
+    if several:
+        report.read_once = {"budget_bytes": budget, "tensors": len(held), "of": len(several)}
     report.available_memory_bytes = available_memory(device)
     to_write = plan.output_bytes
     if out is not None and options.resume:
@@ -154,7 +161,22 @@ def architecture_warnings(inputs) -> list[str]:
     return warnings
 
 
-def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
+def _read_notes(plan: Plan, inputs, block_elements: int) -> Callable[[TensorJob], str]:
+    """Each job's reads where its method makes several passes (``engine.held``): once, or
+    once a pass. (A CUDA plan's block size may shrink later; its jobs are torch's, which read
+    a tensor of several blocks once a pass either way.)"""
+    from della_cli.engine.held import block_count, budget_of, read_note
+
+    budget = budget_of(plan.read_once_bytes)
+    return lambda job: read_note(job, inputs, block_count(job, block_elements), budget)
+
+
+def _describe_plan(
+    report: PlanReport,
+    plan: Plan,
+    refs: list[str],
+    reads: Callable[[TensorJob], str] = lambda job: "",
+) -> None:
     report.warnings += list(plan.warnings)
     report.tensors = len(plan.jobs)
     report.merged = sum(job.action == "merge" for job in plan.jobs)
@@ -165,7 +187,7 @@ def _describe_plan(report: PlanReport, plan: Plan, refs: list[str]) -> None:
     for job in plan.jobs:
         pattern = _LAYER_INDEX.sub(".*.", job.name)
         action = "merged" if job.action == "merge" else "copied from base"
-        kernel = job.kernel.label if job.kernel else ""
+        kernel = job.kernel.label + reads(job) if job.kernel else ""
         if any(source.on_device for source in (job.reference, *job.experts)):
             kernel += f", dequantized on {report.device}"  # quantized rows sent as stored
         counts[(pattern, action, kernel)] += 1

@@ -38,6 +38,7 @@ import numpy as np
 from della_cli.engine.catalog_jobs import CatalogJobs
 from della_cli.engine.computing import BlockComputation
 from della_cli.engine.cpu_jobs import CpuJobs
+from della_cli.engine.held import HeldBlocks, budget_of
 from della_cli.engine.reporting import Reporter
 from della_cli.engine.rows import RowLoader
 from della_cli.engine.schedule import InOrder, run_in_chunks, run_on_devices, run_pipeline
@@ -123,6 +124,7 @@ class MergeEngine(BlockComputation):
             raise ValueError(f"the plan was made for the CPU, not for {self.device}")
         self.threads = ThreadBudget(threads)
         self.rows = RowLoader(inputs, plan.compute_dtype, plan.vocabulary)
+        self.held = HeldBlocks(inputs, budget_of(plan.read_once_bytes), plan.jobs)
         self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
         self.cpu = CpuJobs(recipe.method, self.threads)
         self.workers = TorchWorkers(
@@ -178,7 +180,12 @@ class MergeEngine(BlockComputation):
                 run_pipeline(self, tasks, reads, writes)
 
     def load(self, task: BlockTask) -> list[np.ndarray]:
-        """The raw rows of a block (reference first, then each expert), as stored."""
+        """The raw rows of a block (reference first, then each expert), as stored; of a
+        tensor read once (``engine.held``), all its blocks at its first."""
+        return self.held.load(task, self.block_tasks, self.read_block)
+
+    def read_block(self, task: BlockTask) -> list[np.ndarray]:
+        """A block's raw rows from the files, into the recycled buffers."""
         return self.rows.load(task, self._pool_for(task))
 
     def load_ahead(self, task: BlockTask) -> list[np.ndarray]:

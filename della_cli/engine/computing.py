@@ -76,17 +76,19 @@ class BlockComputation:
     def streamed_block(self, task: BlockTask, loaded: list[np.ndarray]) -> np.ndarray:
         """One block of a catalog method's job. At its first block, a job whose method needs
         the whole tensor first (slerp's norms, sce's selection) makes its passes over the row
-        blocks, each read in turn (one at a time, so memory holds a block, not the tensor); a
-        tensor of one block reuses the block already read. A ``cpu/<method>`` job runs on
-        the CPU backend, or wholly on torch where it began while its kernels compiled."""
+        blocks: those the reader kept where the tensor is read once (``engine.held``; a
+        tensor of one block is that block), else each read again in turn (one at a time, so
+        memory holds a block, not the tensor). A ``cpu/<method>`` job runs on the CPU
+        backend, or wholly on torch where it began while its kernels compiled."""
         job = task.job
         on_cpu = job.kernel.backend == "cpu" and not self.cpu.stands_in(task)
         runner = self.catalog if on_cpu else self.workers
         if task.start == 0 and job.kernel.passes > 1:
-            if task.last:
-                blocks = lambda: iter([loaded])  # noqa: E731
+            held = [loaded] if task.last else self.held.take(job)
+            if held is not None:
+                blocks = lambda: iter(held)  # noqa: E731
             elif on_cpu:
-                blocks = lambda: self._recycled_blocks(job)  # noqa: E731
+                blocks = lambda: self._recycled_blocks(job, loaded)  # noqa: E731
             else:
                 blocks = lambda: (self.rows.load(other) for other in self.block_tasks(job))  # noqa: E731
             self._statistics[job.name] = runner.prepare(job, blocks)
@@ -95,13 +97,17 @@ class BlockComputation:
             self._statistics.pop(job.name, None)
         return runner.streamed_block(task, loaded, state, self.report)
 
-    def _recycled_blocks(self, job: TensorJob) -> Iterator[list[np.ndarray]]:
-        """A job's blocks for a CPU kernel's statistics pass, read into the recycled buffers
-        and given back as the next is read (fresh arrays cost a page fault every 4 KiB: at
-        1.1B, model_stock's statistics pass spent more time in the kernel's faults than in
-        its arithmetic). The CPU kernels keep nothing of a block once it is summed."""
-        for other in self.block_tasks(job):
-            block = self.load(other)
+    def _recycled_blocks(
+        self, job: TensorJob, first: list[np.ndarray]
+    ) -> Iterator[list[np.ndarray]]:
+        """A job's blocks for a CPU kernel's statistics pass: the first as the pipeline read
+        it, the others read into the recycled buffers and given back as the next is read
+        (fresh arrays cost a page fault every 4 KiB: at 1.1B, model_stock's statistics pass
+        spent more time in the kernel's faults than in its arithmetic). The CPU kernels keep
+        nothing of a block once it is summed."""
+        yield first
+        for other in self.block_tasks(job)[1:]:
+            block = self.read_block(other)
             yield block
             self.release(other, block)
 

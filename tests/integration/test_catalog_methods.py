@@ -223,8 +223,9 @@ def test_each_pass_reads_one_block_at_a_time_as_often_as_the_plan_says(
     case, model_zoo, write_recipe, tmp_path, monkeypatch
 ):
     """Memory stays a few blocks: no read of a merge job spans more rows than a block, and a
-    tensor of several blocks is read once per pass the plan reports (the first block of a
-    tensor of one block is reused by its passes)."""
+    tensor of several blocks is read once per pass the plan reports, or once for all its
+    passes where the CPU backend keeps its inputs in memory (``engine.held``; the plan says
+    "inputs read once"). The first block of a tensor of one block is reused by its passes."""
     from della_cli.engine.rows import RowLoader
     from della_cli.engine.shared import rows_shape
 
@@ -253,7 +254,9 @@ def test_each_pass_reads_one_block_at_a_time_as_often_as_the_plan_says(
         blocks = -(-rows // block_rows) if rows * length > 64 else 1
         if blocks > 1:
             several += 1
-            assert len(spans) == job.kernel.passes * blocks, (name, len(spans), blocks)
+            kept = job.kernel.backend == "cpu" and job.kernel.passes > 1
+            reads_per_block = 1 if kept else job.kernel.passes
+            assert len(spans) == reads_per_block * blocks, (name, len(spans), blocks)
         else:
             assert len(spans) == 1, (name, spans)
     assert several > 0
