@@ -43,7 +43,7 @@ from della_cli.methods import ExpertParams, GlobalParams, Rescale, Sparsifier
 from della_cli.methods.catalog import BasePolicy
 from della_cli.methods.counts import magnitude_rank_window
 from della_cli.methods.randomness import derive_key
-from della_cli.methods.streamed import BASE_INPUT, KEYS_KEPT_BELOW
+from della_cli.methods.streamed import BASE_INPUT, keys_kept
 from della_cli.methods.streamed import passes as method_passes
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class _Chooser:
             shared = self.recipe.global_params(job.name)
             on_cpu = self.catalog_on_cpu(job, method.name, values, compute, steps)
             backend = "cpu" if on_cpu else "torch"
-            kept = on_cpu and job.numel < KEYS_KEPT_BELOW
+            kept = on_cpu and keys_kept(method.name, job.numel)
             passes = method_passes(method.name, values, len(steps), compute, kept)
             kernel = Kernel(backend, method.name, steps, shared, passes, tuple(values.items()))
             return dataclasses.replace(job, kernel=kernel)

@@ -235,10 +235,13 @@ def arcee_fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Te
     """|θ − θ₀| × KL(softmax(θ row) + 1e-8 ‖ softmax(θ₀ row) + 1e-8), rows along the last
     dimension (a 1-D tensor is one row): ``(*shape)``. Row-local, so any row block works."""
     base, other = widen([base, other])
-    p = torch.softmax(other, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    return (other - base).abs() * kl
+    # in place on the fresh temporaries: the same float32 operations (p·log(p/q) as
+    # log(p/q)·p, a commuted product), a third fewer allocations; the CPU backend makes
+    # every importance with this (issue 17: 12-28% of its time per 64K-entry chunk)
+    p = torch.softmax(other, dim=-1).add_(1e-8)
+    q = torch.softmax(base, dim=-1).add_(1e-8)
+    kl = torch.div(p, q).log_().mul_(p).sum(dim=-1, keepdim=True)
+    return torch.sub(other, base).abs_().mul_(kl)
 
 
 def quantile_ranks(numel: int) -> tuple[int, int, int]:

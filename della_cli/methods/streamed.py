@@ -40,6 +40,12 @@ CPU_CHUNK_ELEMENTS = 1 << 16
 # CPU kernels after their first pass (``backends.cpu.catalog_select``; 16 MiB at most): the
 # later digits read no block and make no score again.
 KEYS_KEPT_BELOW = 1 << 22
+# arcee_fusion's CPU kernels keep the keys of a larger tensor too where they fit in this budget
+# (issue 17): its importance is torch's softmax, several times the cost of reading the block,
+# so made once, not again for the second radix digit and the merge pass. At ~1.1B every
+# attention and MLP matrix is kept (at most 46 MB of keys); the embeddings and lm_head (250 MiB
+# of keys each) are made afresh in each pass, so memory stays bounded by the budget.
+ARCEE_KEYS_KEPT_BYTES = 64 << 20
 # Radix digits of an order statistic per compute dtype (16 bits a pass).
 _DIGITS = {"F32": 2, "F64": 4}
 
@@ -48,6 +54,14 @@ def _layout(values: Mapping[str, Any]) -> str:
     from della_cli.methods.spherical_pairs import nuslerp_layout
 
     return nuslerp_layout(values["nuslerp_flatten"], values["nuslerp_row_wise"])
+
+
+def keys_kept(method: str, numel: int) -> bool:
+    """Whether the CPU kernels keep a tensor's order-statistic keys after their first pass:
+    below ``KEYS_KEPT_BELOW`` entries, and arcee_fusion's within ``ARCEE_KEYS_KEPT_BYTES``."""
+    if numel < KEYS_KEPT_BELOW:
+        return True
+    return method == "arcee_fusion" and 4 * numel <= ARCEE_KEYS_KEPT_BYTES
 
 
 def passes(
@@ -59,8 +73,7 @@ def passes(
 ) -> int:
     """Passes over a tensor's row blocks, the merge pass included, for ``models`` inputs
     besides the base. ``keys_kept``: the order statistic's keys are kept after its first pass
-    (the CPU kernels do so below ``KEYS_KEPT_BELOW`` entries), so its later digits read no
-    block."""
+    (the CPU kernels do so where ``keys_kept``), so its later digits read no block."""
     digits = 1 if keys_kept else _DIGITS.get(compute, 2)
     if method in ("passthrough", "nearswap", "ram"):
         return 1
@@ -88,7 +101,7 @@ def statistics_bytes(method: str, values: Mapping[str, Any], shape: tuple[int, .
         return 8 * n * n
     if method in ("sce", "arcee_fusion"):
         numel = math.prod(shape)
-        kept = 4 * numel if numel < KEYS_KEPT_BELOW else 0  # the CPU kernels' kept keys
+        kept = 4 * numel if keys_kept(method, numel) else 0  # the CPU kernels' kept keys
         return 8 * (1 << 16) + kept  # a radix histogram
     return 8 * 3 * max(n, 1)
 
@@ -259,10 +272,12 @@ def _arcee_fusion_threshold(blocks: Blocks, numel: int) -> torch.Tensor | None:
 
 
 __all__ = [
+    "ARCEE_KEYS_KEPT_BYTES",
     "BASE_INPUT",
     "CPU_CHUNK_ELEMENTS",
     "KEYS_KEPT_BELOW",
     "apply",
+    "keys_kept",
     "passes",
     "prepare",
     "statistics_bytes",

@@ -134,6 +134,7 @@ def test_a_large_tensor_is_selected_in_16_bit_radix_passes_to_the_same_bytes(
     assert np.prod(shape) >= catalog_select.PARTITION_BELOW
     if not kept:
         monkeypatch.setattr(streamed, "KEYS_KEPT_BELOW", catalog_select.PARTITION_BELOW)
+        monkeypatch.setattr(streamed, "ARCEE_KEYS_KEPT_BYTES", 0)
     loaded = inputs(shape, models, DTYPES["bf16"], "ties")
     expected_state, expected = torch_merge(case, values, loaded, shape, 2)
     _, blocked = split(loaded, 2)

@@ -22,7 +22,6 @@ import numpy as np
 
 from della_cli.backends.cpu import block, catalog_kernels, catalog_select
 from della_cli.backends.cpu.catalog_select import (
-    kept_keys,
     key_value,
     order_statistics,
     select_kept,
@@ -181,19 +180,28 @@ def ram_apply(
 # ---------------------------------------------------------------- arcee_fusion
 
 
-def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]) -> dict | None:
+def arcee_fusion_prepare(
+    blocks: Blocks, numel: int, shape: tuple[int, ...], keep: bool | None = None
+) -> dict | None:
     """{"threshold": median + 1.5·IQR of the importances (a float32 0-dim tensor, as the
-    reference's), "keys": the importances' keys of a small tensor, else None}: the
-    importances torch's, their quartiles selected here."""
+    reference's), "keys": the importances' keys where kept (``keep``, by default
+    ``streamed.keys_kept``), else None}: the importances torch's, their quartiles selected
+    here. Kept keys make the importance once: the radix digits and the merge read them."""
     import torch
 
     from della_cli.methods import selection as reference
 
     if numel == 0:
         return None
+    if keep is None:
+        keep = streamed.keys_kept("arcee_fusion", numel)
+
+    kept = np.empty(numel, dtype=np.uint32) if keep else None
 
     def key_chunks():
-        keys = None
+        """Each chunk's importance keys, made into ``kept`` in position order where kept."""
+        scratch = None
+        position = 0
         for loaded in blocks():
             for start, stop, base, models in chunks(loaded[:2], task_vectors=False):
                 rows_shape = (stop - start, *shape[1:]) if len(shape) > 1 else shape
@@ -201,17 +209,22 @@ def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]) -> 
                     torch.from_numpy(base).reshape(rows_shape),
                     torch.from_numpy(models[0]).reshape(rows_shape),
                 ).reshape(-1)
-                if keys is None or keys.size < importance.numel():
-                    keys = np.empty(importance.numel(), dtype=np.uint32)
-                chunk_keys = keys[: importance.numel()]
+                size = importance.numel()
+                if kept is not None:
+                    chunk_keys = kept[position : position + size]
+                else:
+                    if scratch is None or scratch.size < size:
+                        scratch = np.empty(size, dtype=np.uint32)
+                    chunk_keys = scratch[:size]
+                position += size
                 if not catalog_kernels.float_keys(importance.numpy(), chunk_keys):
                     raise catalog_select.nan_score()
                 yield chunk_keys, 0
 
     ranks = reference.quantile_ranks(numel)
-    kept = None
-    if numel < streamed.KEYS_KEPT_BELOW:
-        kept, _ = kept_keys(key_chunks, numel)
+    if kept is not None:
+        for _ in key_chunks():  # the keys land in ``kept``
+            pass
         found = select_kept(kept, ranks)
     else:
         found, _ = order_statistics(key_chunks, numel, lambda total, _: ranks)
@@ -220,7 +233,7 @@ def arcee_fusion_prepare(blocks: Blocks, numel: int, shape: tuple[int, ...]) -> 
 
 
 def arcee_fusion_apply(state: dict, loaded: Sequence[np.ndarray], first: int, out: np.ndarray):
-    """One block of a small tensor's arcee_fusion into ``out`` from its kept keys (the block
+    """One block of arcee_fusion into ``out`` from its tensor's kept keys (the block
     starts at flat entry ``first``); the input flags."""
     threshold = np.array([float(state["threshold"])], dtype=np.float32) + np.float32(0.0)
     pivot = np.empty(1, dtype=np.uint32)

@@ -57,13 +57,15 @@ if numba is not None:
 
     @numba.njit(cache=True)
     def float_keys(values, keys):
-        """Keys of a float32 row (arcee_fusion's importances); False where a value is NaN."""
+        """Keys of a float32 row (arcee_fusion's importances); False where a value is NaN.
+        Without a branch out of the loop, which vectorizes: 20x faster (issue 17)."""
         bits = values.view(np.uint32)
+        nan = False
         for j in range(values.shape[0]):
-            if values[j] != values[j]:
-                return False
-            keys[j] = _key(bits[j]) if values[j] != 0 else np.uint32(0x80000000)
-        return True
+            value = values[j]
+            nan |= value != value
+            keys[j] = _key(bits[j] if value != 0 else np.uint32(0))  # −0.0 as +0.0
+        return not nan
 
     @numba.njit(cache=True)
     def sce_keys(deltas, keys):
