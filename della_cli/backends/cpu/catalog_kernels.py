@@ -176,41 +176,62 @@ if numba is not None:
         rules.store_row(numerator, out)
 
     @numba.njit(cache=True)
+    def _contributing(deltas, epsilon, contributing):
+        """How many models change each entry (|δ| > ε), into ``contributing`` (n,), float32:
+        a loop per model, so that it vectorizes."""
+        count, n = deltas.shape
+        contributing[:] = np.float32(0.0)
+        for i in range(count):
+            row = deltas[i]
+            for j in range(n):
+                contributing[j] += np.float32(1.0 if abs(row[j]) > epsilon else 0.0)
+
+    @numba.njit(cache=True)
     def ram_counts(deltas, epsilon, counts):
         """``selection.ramplus_tl_statistics`` added into ``counts`` (n, 2): per model, its
         contributing entries (|δ| > ε) that others share, and those it alone has."""
         count, n = deltas.shape
-        for j in range(n):
-            contributing = 0
-            for i in range(count):
-                contributing += abs(deltas[i, j]) > epsilon
-            for i in range(count):
-                if abs(deltas[i, j]) > epsilon:
-                    counts[i, 0 if contributing > 1 else 1] += 1
+        contributing = np.empty(n, dtype=np.float32)
+        _contributing(deltas, epsilon, contributing)
+        for i in range(count):
+            row = deltas[i]
+            shared = 0
+            alone = 0
+            for j in range(n):
+                changed = 1 if abs(row[j]) > epsilon else 0
+                several = 1 if contributing[j] > np.float32(1.0) else 0
+                shared += changed * several
+                alone += changed * (1 - several)
+            counts[i, 0] += shared
+            counts[i, 1] += alone
 
     @numba.njit(cache=True)
     def ram_fuse(deltas, base, epsilon, lambdas, boosted, out):
         """``selection.ramplus_tl_apply`` on one chunk: a change one model alone makes, × its
-        λ where ``boosted`` (ramplus_tl); changes several make, averaged; plus the base."""
+        λ where ``boosted`` (ramplus_tl); changes several make, averaged; plus the base. Per
+        entry the float32 steps of the reference in its order (the models' terms added from
+        zero in model order, then the base); the loops run model by model so they vectorize."""
         count, n = deltas.shape
-        merged = np.empty(n, dtype=np.float32)
-        for j in range(n):
-            contributing = np.float32(0.0)
-            for i in range(count):
-                contributing += np.float32(1.0 if abs(deltas[i, j]) > epsilon else 0.0)
-            alone = np.float32(1.0) if contributing == 1 else np.float32(0.0)
-            several = np.float32(1.0) if contributing > 1 else np.float32(0.0)
-            divisor = max(contributing, np.float32(1.0))
-            total = np.float32(0.0)
-            for i in range(count):
-                delta = deltas[i, j]
+        contributing = np.empty(n, dtype=np.float32)
+        _contributing(deltas, epsilon, contributing)
+        total = np.zeros(n, dtype=np.float32)
+        for i in range(count):
+            row = deltas[i]
+            factor = lambdas[i]
+            for j in range(n):
+                delta = row[j]
+                many = contributing[j]
                 changed = delta * (np.float32(1.0) if abs(delta) > epsilon else np.float32(0.0))
+                alone = np.float32(1.0) if many == np.float32(1.0) else np.float32(0.0)
+                several = np.float32(1.0) if many > np.float32(1.0) else np.float32(0.0)
+                divisor = max(many, np.float32(1.0))
                 unique = changed * alone
                 if boosted:
-                    unique = unique * lambdas[i]
-                total += unique + changed * several / divisor
-            merged[j] = base[j] + total
-        rules.store_row(merged, out)
+                    unique = unique * factor
+                total[j] += unique + changed * several / divisor
+        for j in range(n):
+            total[j] = base[j] + total[j]
+        rules.store_row(total, out)
 
     @numba.njit(cache=True)
     def arcee_fuse(deltas, base, keys, pivot, keep_none, out):
