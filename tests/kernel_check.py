@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +43,22 @@ def on_backend(plan, recipe, inputs, backend, stream_reads=True):
 def without_cpu_backend(monkeypatch) -> None:
     """Plans made from here on give every job the torch backend, as without numba."""
     monkeypatch.setattr(kernels, "cpu_backend_installed", lambda: False)
+
+
+def merge_in_child(recipe: Path, out: Path) -> tuple[str, list[str]]:
+    """Merge ``recipe`` into ``out`` with ``run_merge`` in a fresh interpreter, NaN and Inf
+    outputs allowed: its warnings (as printed), and which of torch and numba it imported
+    (the CPU backend's merges of some methods import neither)."""
+    code = (
+        "import sys; from pathlib import Path; from della_cli.api import MergeOptions, run_merge\n"
+        "warnings = []\n"
+        f"run_merge(Path({str(recipe)!r}), Path({str(out)!r}),"
+        " MergeOptions(device='cpu', progress=False, allow_nonfinite=True),"
+        " on_warning=warnings.append)\n"
+        "print(warnings)\n"
+        "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    warnings, imported = result.stdout.strip().splitlines()[-2:]
+    return warnings, ast.literal_eval(imported)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import ml_dtypes
 import numpy as np
 import pytest
+from kernel_check import merge_in_child
 
 from della_cli.api import MergeOptions, prepare
 from della_cli.kernels import cpu_backend_installed
@@ -230,8 +231,6 @@ def test_passthrough_copies_its_input_as_stored_without_torch_or_numba(
 ):
     """No scale: ``cpu/passthrough``, the bytes of the input (a NaN in it reported); with a
     scale, the torch reference."""
-    import subprocess
-    import sys
 
     from safetensors.numpy import load_file, save_file
 
@@ -249,20 +248,9 @@ def test_passthrough_copies_its_input_as_stored_without_torch_or_numba(
     recipe = write_recipe({"merge_method": "passthrough", "models": [{"model": str(model)}]})
     _, _, plan = prepare(recipe, MergeOptions(device="cpu"))
     assert {job.kernel.label for job in plan.jobs if job.action == "merge"} == {"cpu/passthrough"}
-    code = (
-        "import sys; from pathlib import Path; from della_cli.api import MergeOptions, run_merge\n"
-        "warnings = []\n"
-        f"run_merge(Path({str(recipe)!r}), Path({str(tmp_path / 'out')!r}),"
-        " MergeOptions(device='cpu', progress=False, allow_nonfinite=True),"
-        " on_warning=warnings.append)\n"
-        "print(warnings)\n"
-        "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    warnings, imported = result.stdout.strip().splitlines()[-2:]
+    warnings, imported = merge_in_child(recipe, tmp_path / "out")
     assert "NaN or Inf" in warnings and name in warnings
-    assert imported == "[]"
+    assert imported == []
     out = load_file(next((tmp_path / "out").glob("*.safetensors")))
     assert all(
         np.array_equal(out[n].view(np.uint16), t.view(np.uint16)) for n, t in tensors.items()
