@@ -62,3 +62,21 @@ def merge_in_child(recipe: Path, out: Path) -> tuple[str, list[str]]:
     assert result.returncode == 0, result.stderr
     warnings, imported = result.stdout.strip().splitlines()[-2:]
     return warnings, ast.literal_eval(imported)
+
+
+def copy_with_nan(source: Path, model: Path, nan_bits: int) -> str:
+    """A copy of the model folder ``source`` at ``model`` whose first 2-D tensor starts with a
+    NaN (``nan_bits``: its 16-bit pattern, bfloat16 or float16); that tensor's name."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    model.mkdir()
+    for path in source.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    weights = next(model.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(n for n, t in tensors.items() if t.ndim == 2)
+    tensors[name] = tensors[name].copy()
+    tensors[name].view(np.uint16)[0, 0] = nan_bits
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return name

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import ml_dtypes
 import numpy as np
 import pytest
-from kernel_check import merge_in_child
+from kernel_check import copy_with_nan, merge_in_child
 from typer.testing import CliRunner
 
 from della_cli.kernels import cpu_backend_installed
@@ -229,7 +229,7 @@ def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(
     tensor whose input holds a NaN, and never imports torch."""
 
     import torch
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     from della_cli.methods.entrywise import nearswap
 
@@ -237,15 +237,8 @@ def test_a_cpu_merge_imports_no_torch_and_reports_a_nan_input(
     base_path = model_zoo("llama", dtype=stored_dtype)
     source = model_zoo("llama", expert=1, dtype=stored_dtype)
     model = tmp_path / "model"
-    model.mkdir()
-    for path in source.iterdir():
-        (model / path.name).write_bytes(path.read_bytes())
-    weights = next(model.glob("*.safetensors"))
-    tensors = load_file(weights)
-    name = next(n for n, t in tensors.items() if t.ndim == 2)
-    tensors[name] = tensors[name].copy()
-    tensors[name].view(np.uint16)[0, 0] = 0x7FC0 if dtype == "bfloat16" else 0x7E00  # a NaN
-    save_file(tensors, weights, metadata={"format": "pt"})
+    name = copy_with_nan(source, model, 0x7FC0 if dtype == "bfloat16" else 0x7E00)
+    tensors = load_file(next(model.glob("*.safetensors")))  # with the NaN
     recipe = write_recipe(
         {
             "merge_method": "nearswap",

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import ml_dtypes
 import numpy as np
 import pytest
-from kernel_check import merge_in_child
+from kernel_check import copy_with_nan, merge_in_child
 
 from della_cli.api import MergeOptions, prepare
 from della_cli.kernels import cpu_backend_installed
@@ -232,19 +232,12 @@ def test_passthrough_copies_its_input_as_stored_without_torch_or_numba(
     """No scale: ``cpu/passthrough``, the bytes of the input (a NaN in it reported); with a
     scale, the torch reference."""
 
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     source = model_zoo("llama", expert=1, dtype=__import__("torch").bfloat16)
     model = tmp_path / "model"
-    model.mkdir()
-    for path in source.iterdir():
-        (model / path.name).write_bytes(path.read_bytes())
-    weights = next(model.glob("*.safetensors"))
-    tensors = load_file(weights)
-    name = next(n for n, t in tensors.items() if t.ndim == 2)
-    tensors[name] = tensors[name].copy()
-    tensors[name].view(np.uint16)[0, 0] = 0x7FC0  # a bfloat16 NaN
-    save_file(tensors, weights, metadata={"format": "pt"})
+    name = copy_with_nan(source, model, 0x7FC0)  # a bfloat16 NaN
+    tensors = load_file(next(model.glob("*.safetensors")))  # with the NaN
     recipe = write_recipe({"merge_method": "passthrough", "models": [{"model": str(model)}]})
     _, _, plan = prepare(recipe, MergeOptions(device="cpu"))
     assert {job.kernel.label for job in plan.jobs if job.action == "merge"} == {"cpu/passthrough"}
