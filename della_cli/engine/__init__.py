@@ -38,7 +38,7 @@ import numpy as np
 from della_cli.engine.catalog_jobs import CatalogJobs
 from della_cli.engine.computing import BlockComputation
 from della_cli.engine.cpu_jobs import CpuJobs
-from della_cli.engine.held import HeldBlocks, budget_of
+from della_cli.engine.held import HeldBlocks, budget_of, held_buffers
 from della_cli.engine.reporting import Reporter
 from della_cli.engine.rows import RowLoader
 from della_cli.engine.schedule import InOrder, run_in_chunks, run_on_devices, run_pipeline
@@ -68,6 +68,10 @@ from della_cli.kernels import WHOLE_TENSOR_SPARSIFIERS
 from della_cli.methods import Rescale
 from della_cli.plan import Plan, TensorJob
 from della_cli.recipe import Recipe
+
+# Free buffers the pool keeps for the pipeline's blocks (the reader's, the merging thread's
+# and the writer's, a few each), beyond those of the tensors read once.
+PIPELINE_FREE_BUFFERS = 32
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -149,7 +153,7 @@ class MergeEngine(BlockComputation):
             ThreadPoolExecutor(max(helpers, 1), thread_name_prefix="della-sum") as sums,
         ):
             self._helpers = sums if helpers > 0 else None
-            self._buffers = BufferPool(self.block_elements * MAX_ITEMSIZE)
+            self._buffers = self.block_pool()
             self._writer = writer
             try:
                 self.cpu.start_compiling(self.plan.jobs[start:], self.inputs)
@@ -157,6 +161,12 @@ class MergeEngine(BlockComputation):
                     self._run_jobs(start, reads, writes, helpers)
             finally:
                 self._helpers = self._buffers = self._writer = None
+
+    def block_pool(self) -> BufferPool:
+        """Recycled buffers of a block each, enough kept free for the pipeline's blocks and
+        for the tensors read once (``held.held_buffers``)."""
+        kept = PIPELINE_FREE_BUFFERS + held_buffers(self.held.budget, self.block_elements)
+        return BufferPool(self.block_elements * MAX_ITEMSIZE, max_free=kept)
 
     def _compile_notice(self) -> contextlib.AbstractContextManager:
         """Say so once when numba compiles (``backends.cpu.compile_notice``)."""

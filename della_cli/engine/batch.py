@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from della_cli.engine.schedule import run_in_chunks, run_pipeline
-from della_cli.engine.shared import MAX_ITEMSIZE, BlockTask
-from della_cli.io.buffers import BufferPool
+from della_cli.engine.shared import BlockTask
 from della_cli.io.writer import ShardWriter
 
 if TYPE_CHECKING:
@@ -183,7 +182,7 @@ def _attached(
     """Give ``engine`` what ``MergeEngine.run`` gives it while it runs: its writer, recycled
     block buffers and the helpers that split weighted sums."""
     engine._writer = writer
-    engine._buffers = BufferPool(engine.block_elements * MAX_ITEMSIZE)
+    engine._buffers = engine.block_pool()
     engine._helpers = helpers
     try:
         yield

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +216,50 @@ def test_a_tensor_read_ahead_but_not_asked_for_next_is_dropped(method_recipe):
     assert engine.compute(other).tobytes() == expected[other.name]
     assert not engine.held._first and ahead.name not in engine.held._for_merge
     assert engine.compute(ahead).tobytes() == expected[ahead.name]
+
+
+def _count_pool_buffers(monkeypatch) -> dict[str, int]:
+    """Buffers the engine's pool made, and the most taken and not yet given back at once;
+    every block uses the pool (no task counts as small)."""
+    import della_cli.engine as engine_module
+    from della_cli.io.buffers import BufferPool
+
+    monkeypatch.setattr(engine_module, "SMALL_TASK_ELEMENTS", 0)
+    counts = {"made": 0, "in_use": 0, "peak": 0}
+    take, give = BufferPool.take, BufferPool.give
+
+    def counted_take(pool, nbytes, page_offset):
+        counts["made"] += not pool._free and nbytes <= pool.capacity
+        counts["in_use"] += 1
+        counts["peak"] = max(counts["peak"], counts["in_use"])
+        return take(pool, nbytes, page_offset)
+
+    def counted_give(pool, array):
+        raw = array
+        while isinstance(raw.base, np.ndarray):
+            raw = raw.base
+        counts["in_use"] -= pool._owned.get(id(raw)) is raw
+        give(pool, array)
+
+    monkeypatch.setattr(BufferPool, "take", counted_take)
+    monkeypatch.setattr(BufferPool, "give", counted_give)
+    return counts
+
+
+def test_the_buffers_of_a_tensor_read_once_serve_the_next(method_recipe, tmp_path, monkeypatch):
+    """The pool keeps free the buffers of the tensors read once, so it makes no more than it
+    ever lends at once: a buffer given back to the allocator is faulted in and zeroed again
+    when the next tensor needs it. With only the pipeline's buffers kept, it makes more."""
+    import della_cli.engine as engine_module
+
+    counts = _count_pool_buffers(monkeypatch)
+    _, _, kept_shards, reads = run_merge(method_recipe("model_stock"), None, tmp_path / "kept")
+    assert counts["peak"] > engine_module.PIPELINE_FREE_BUFFERS  # held tensors need more
+    assert counts["made"] == counts["peak"]
+    assert set(reads.values()) == {1}
+
+    counts.update(made=0, in_use=0, peak=0)
+    monkeypatch.setattr(engine_module, "held_buffers", lambda budget, elements: 0)
+    _, _, shards, _ = run_merge(method_recipe("model_stock"), None, tmp_path / "pipeline only")
+    assert counts["made"] > counts["peak"]
+    assert shards == kept_shards
