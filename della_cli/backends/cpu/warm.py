@@ -180,7 +180,7 @@ def warm(
     """Call each kernel once, so that numba compiles and caches it: the block kernel for each
     (input, output) dtype pair, the TIES selection for each input dtype, the weighted sum for
     each output dtype, the catalog methods' kernels for each (input, output) pair."""
-    from della_cli.backends.cpu import block, select, select_small, spherical, weighted_sum
+    from della_cli.backends.cpu import block, select, select_small, weighted_sum
 
     for name, out_name in sorted(catalog):
         if name in ENTRYWISE_DTYPES and out_name in ENTRYWISE_DTYPES:
@@ -226,35 +226,78 @@ def warm(
             out_dtype=DTYPES[out_name],
         )
     for name, out_name in sorted(catalog):
-        expert, base = inputs(name)
-        spherical.gram_rows(base, [expert, expert], subtract=True)
-        spherical.combine_rows(
-            base,
-            [expert, expert],
-            np.ones((1, 2), dtype=np.float32),
-            mode=spherical.SUM,
-            subtract=True,
-            add_reference=True,
-            out_dtype=DTYPES[out_name],
-        )
+        warm_spherical(DTYPES[name], DTYPES[out_name])
 
 
-def warm_catalog(dtype: np.dtype, out_dtype: np.dtype) -> None:
-    """The catalog kernels (``backends.cpu.catalog``) on a small block of ``dtype`` inputs
-    written as ``out_dtype``: every kernel of sce, ram, ramplus_tl and arcee_fusion."""
+def load(
+    pairs: set[tuple[str, str]],
+    selects: set[str],
+    sums: set[str],
+    methods: set[tuple[str, str, str]],
+) -> None:
+    """Call once, in this process, the cached kernels a merge's jobs run: those ``warm``
+    calls for ``pairs``, ``selects`` and ``sums``, and per (catalog method, input, output)
+    of ``methods`` that method's own (numba loads a kernel at its first call: 0.3 s for
+    model_stock's two, 1.5 s for every catalog kernel of one dtype pair)."""
+    warm(pairs, selects, sums)
+    for method, name, out_name in sorted(methods):
+        if method == "nearswap" and {name, out_name} <= ENTRYWISE_DTYPES.keys():
+            warm_nearswap(ENTRYWISE_DTYPES[name], ENTRYWISE_DTYPES[out_name])
+        elif {name, out_name} <= DTYPES.keys() and method in SELECTING_METHODS:
+            warm_catalog(DTYPES[name], DTYPES[out_name], (method,))
+        elif {name, out_name} <= DTYPES.keys() and method in SPHERICAL_METHODS:
+            warm_spherical(DTYPES[name], DTYPES[out_name])
+
+
+# The catalog methods whose kernels ``warm_catalog`` calls, and those ``warm_spherical``'s.
+SELECTING_METHODS = ("sce", "ram", "ramplus_tl", "arcee_fusion")
+SPHERICAL_METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
+
+
+def warm_catalog(
+    dtype: np.dtype, out_dtype: np.dtype, methods: tuple[str, ...] = SELECTING_METHODS
+) -> None:
+    """The catalog kernels (``backends.cpu.catalog``) of ``methods`` (sce, ram, ramplus_tl,
+    arcee_fusion; default all) on a small block of ``dtype`` inputs written as ``out_dtype``."""
     from della_cli.backends.cpu import catalog, catalog_select
 
     rng = np.random.default_rng(0)
-    radix = np.arange(catalog_select.PARTITION_BELOW, dtype=np.uint32)  # the 16-bit digits
-    catalog_select.select_kept(radix, [7])
     loaded = [rng.standard_normal((4, 8)).astype(dtype) for _ in range(3)]
     out = np.empty((4, 8), dtype=out_dtype)
-    catalog.sce_apply(catalog.sce_prepare(0.5, lambda: iter([loaded]), 32, (4, 8)), loaded, out)
-    values = {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2}
-    lambdas = catalog.ramplus_tl_prepare(values, lambda: iter([loaded]), 2)
-    catalog.ram_apply(lambdas, 1e-5, loaded, out)
-    state = catalog.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
-    catalog.arcee_fusion_apply(state, loaded[:2], 0, out)
+    if "sce" in methods or "arcee_fusion" in methods:
+        radix = np.arange(catalog_select.PARTITION_BELOW, dtype=np.uint32)  # 16-bit digits
+        catalog_select.select_kept(radix, [7])
+    if "sce" in methods:
+        state = catalog.sce_prepare(0.5, lambda: iter([loaded]), 32, (4, 8))
+        catalog.sce_apply(state, loaded, out)
+    if "ramplus_tl" in methods:
+        values = {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2}
+        lambdas = catalog.ramplus_tl_prepare(values, lambda: iter([loaded]), 2)
+        catalog.ram_apply(lambdas, 1e-5, loaded, out)
+    if "ram" in methods:
+        catalog.ram_apply(None, 1e-5, loaded, out)
+    if "arcee_fusion" in methods:
+        state = catalog.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
+        catalog.arcee_fusion_apply(state, loaded[:2], 0, out)
+
+
+def warm_spherical(dtype: np.dtype, out_dtype: np.dtype) -> None:
+    """The Gram and weighted-sum kernels of slerp, nuslerp, multislerp, karcher and
+    model_stock (``spherical``) for ``dtype`` inputs written as ``out_dtype``."""
+    from della_cli.backends.cpu import spherical
+
+    rng = np.random.default_rng(0)
+    expert, base = rng.standard_normal((2, 4, 8)).astype(dtype)
+    spherical.gram_rows(base, [expert, expert], subtract=True)
+    spherical.combine_rows(
+        base,
+        [expert, expert],
+        np.ones((1, 2), dtype=np.float32),
+        mode=spherical.SUM,
+        subtract=True,
+        add_reference=True,
+        out_dtype=out_dtype,
+    )
 
 
 def warm_nearswap(dtype: np.dtype, out_dtype: np.dtype) -> None:
