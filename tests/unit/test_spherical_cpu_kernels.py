@@ -5,12 +5,14 @@ blocks; and the sums of products bit for bit (``methods.row_sums``)."""
 
 from __future__ import annotations
 
+import itertools
+
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
-from della_cli.backends.cpu import spherical, spherical_methods
+from della_cli.backends.cpu import coefficients, spherical, spherical_methods
 from della_cli.io.dtypes import from_torch, to_torch
 from della_cli.methods import ExpertParams
 from della_cli.methods import streamed as reference
@@ -123,17 +125,23 @@ def test_a_one_dimensional_tensor_is_one_row():
 
 
 @pytest.mark.parametrize("length", [0, 1, 2, 3, 4, 5, 6, 7, 9, 13, 1001, 1024])
-def test_the_sums_of_products_are_the_torch_backends_bits(length):
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_the_sums_of_products_are_the_torch_backends_bits(length, count):
+    """Every pair's sum, whether made with the other pairs (two or three vectors) or on its
+    own (one, four), as the torch backend adds it."""
     rng = np.random.default_rng(length)
-    x = rng.standard_normal((5, length)).astype(np.float32)
-    y = rng.standard_normal((5, length)).astype(np.float32)
-    gram = spherical.gram_rows(x, [x, y], subtract=False)
-    expected = row_dots(torch.from_numpy(x), torch.from_numpy(y)).numpy()
-    np.testing.assert_array_equal(gram[:, 0, 1], expected)
-    folded = spherical.fold_rows(None, gram[:, 0, 1])
+    rows = [rng.standard_normal((5, length)).astype(np.float32) for _ in range(count)]
+    gram = spherical.gram_rows(rows[0], rows, subtract=False)
+    for a, b in itertools.product(range(count), repeat=2):
+        expected = row_dots(torch.from_numpy(rows[a]), torch.from_numpy(rows[b])).numpy()
+        np.testing.assert_array_equal(gram[:, a, b], expected, err_msg=f"{a}, {b}")
+    expected = row_dots(torch.from_numpy(rows[0]), torch.from_numpy(rows[-1])).numpy()
+    folded = spherical.fold_rows(None, gram[:, 0, -1])
     assert folded == fold_rows(torch.zeros(()), torch.from_numpy(expected)).item()
     # folding in two blocks is folding whole
-    assert spherical.fold_rows(spherical.fold_rows(None, gram[:2, 0, 1]), gram[2:, 0, 1]) == folded
+    assert (
+        spherical.fold_rows(spherical.fold_rows(None, gram[:2, 0, -1]), gram[2:, 0, -1]) == folded
+    )
 
 
 @pytest.mark.parametrize(
@@ -224,3 +232,14 @@ def test_gram_matrices_in_row_chunks_give_the_same_bytes(case, monkeypatch):
     monkeypatch.setattr(spherical_methods, "GRAM_ROWS", 2)
     ours, _ = cpu_merge(method, settings, blocks, has_base, DTYPES["bf16"])
     np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))
+
+
+def test_arccos_passes_a_nan_on_with_its_sign_as_torch_does():
+    """The angle of a NaN cosine is that NaN, bit for bit, as torch's ``acos`` gives it (numpy's
+    vectorized arccos flipped its sign on AVX-512, and the merged NaNs' bits with it)."""
+    values = np.array([np.nan, -np.nan, 0.5, -1.0, 1.0, 0.0] * 4)
+    ours = coefficients.arccos(values)
+    theirs = torch.acos(torch.from_numpy(values)).numpy()
+    np.testing.assert_array_equal(ours.view(np.uint64)[:2], values.view(np.uint64)[:2])
+    np.testing.assert_array_equal(ours.view(np.uint64)[:2], theirs.view(np.uint64)[:2])
+    np.testing.assert_allclose(ours[2:], np.arccos(values[2:]), rtol=0, atol=0)

@@ -16,6 +16,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+
+def arccos(x: np.ndarray) -> np.ndarray:
+    """``np.arccos``, a NaN passed on as it came, as torch's ``acos`` and numpy's other
+    functions pass it: numpy's vectorized float64 arccos on AVX-512 (numpy 2.4) returns a
+    NaN of the other sign, which reached the output's NaN bits."""
+    return np.where(np.isnan(x), x, np.arccos(x))
+
+
 # As methods.spherical_pairs.ANTIPARALLEL_COS: nuslerp lerps vectors with cos Ω below its negation.
 ANTIPARALLEL_COS = 0.9995
 
@@ -28,7 +36,7 @@ def slerp(stats: np.ndarray, t: float, dot_threshold: float = 0.9995, eps: float
     norm_b = np.where(norm_b > eps, norm_b, 1.0)
     cos = np.clip(stats[..., 2] / (norm_a * norm_b), -1.0, 1.0)
     linear = np.abs(cos) > dot_threshold
-    theta = np.arccos(np.where(linear, 0.0, cos))
+    theta = arccos(np.where(linear, 0.0, cos))
     sin_theta = np.where(linear, 1.0, np.sin(theta))
     coef_a = np.where(linear, 1.0 - t, np.sin((1.0 - t) * theta) / sin_theta)
     coef_b = np.where(linear, t, np.sin(t * theta) / sin_theta)
@@ -41,7 +49,7 @@ def nuslerp(stats: np.ndarray, t: float):
     norm1 = np.maximum(np.sqrt(stats[..., 1]), 1e-7)
     cos = np.clip(stats[..., 2] / (norm0 * norm1), -1.0, 1.0)
     colinear = ((1 - np.square(cos)) <= 1e-16) | (cos < -ANTIPARALLEL_COS)
-    theta = np.arccos(np.where(colinear, 0.0, cos))
+    theta = arccos(np.where(colinear, 0.0, cos))
     sin_theta = np.where(colinear, 1.0, np.sin(theta))
     coef0 = np.where(colinear, 1.0 - t, np.sin((1.0 - t) * theta) / sin_theta)
     coef1 = np.where(colinear, t, np.sin(t * theta) / sin_theta)
@@ -89,7 +97,7 @@ def karcher(gram: np.ndarray, max_iter: int = 10, tol: float = 1e-5) -> np.ndarr
         dots = np.clip(units @ mean, -1.0, 1.0)
         tangent = np.zeros_like(mean)
         for i in range(len(valid)):
-            theta = np.arccos(dots[i])
+            theta = arccos(dots[i])
             if theta < tol:
                 continue
             step = -dots[i] * mean
