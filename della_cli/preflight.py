@@ -91,7 +91,7 @@ def assess(session: MergeSession, out: Path | None) -> tuple[PlanReport, Plan | 
         figures, device_problems = [], []
     report.devices = device_report(plan, figures, block_elements)
     report.working_memory_bytes = plan.working_memory_bytes(block_elements, whole)
-    budget = budget_of(plan.read_once_bytes)
+    budget = budget_of(plan.read_once_bytes, plan.jobs, inputs, block_elements)
     several, held = held_jobs(plan.jobs, inputs, block_elements, budget)
     report.working_memory_bytes += held_peak_bytes(held, inputs)
     if several:
@@ -167,7 +167,7 @@ def _read_notes(plan: Plan, inputs, block_elements: int) -> Callable[[TensorJob]
     a tensor of several blocks once a pass either way.)"""
     from della_cli.engine.held import block_count, budget_of, read_note
 
-    budget = budget_of(plan.read_once_bytes)
+    budget = budget_of(plan.read_once_bytes, plan.jobs, inputs, block_elements)
     return lambda job: read_note(job, inputs, block_count(job, block_elements), budget)
 
 

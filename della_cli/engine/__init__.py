@@ -128,7 +128,8 @@ class MergeEngine(BlockComputation):
             raise ValueError(f"the plan was made for the CPU, not for {self.device}")
         self.threads = ThreadBudget(threads)
         self.rows = RowLoader(inputs, plan.compute_dtype, plan.vocabulary)
-        self.held = HeldBlocks(inputs, budget_of(plan.read_once_bytes), plan.jobs)
+        budget = budget_of(plan.read_once_bytes, plan.jobs, inputs, self.block_elements)
+        self.held = HeldBlocks(inputs, budget, plan.jobs)
         self.report = Reporter(recipe, inputs, on_warning or (lambda message: None), strict)
         self.cpu = CpuJobs(recipe.method, self.threads)
         self.workers = TorchWorkers(

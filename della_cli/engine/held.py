@@ -12,10 +12,11 @@ that one's statistics passes (when the reader hands over its second block), else
 reader reads the last block of the tensor before. A larger tensor is read again for each pass, a
 block at a time.
 
-At ~1.1B (bf16 base + 3 experts) every MLP matrix (4 × 23 MB) and the embeddings (4 ×
-131 MB) fit in the default; the plan reports which tensors are read once. Memory: the blocks of
-the tensor being merged and of the next one, read ahead, so at most two budgets beyond the
-pipeline's blocks.
+The default budget is also no more than the tensors of a layer need (``budget_of``): at
+~1.1B (bf16 base + 3 experts) every MLP matrix (4 × 23 MB) is read once, and the embeddings
+and output head (4 × 131 MB, two tensors of their size) are read for each pass; the plan
+reports which. Memory: the blocks of the tensor being merged and of the next one, read ahead,
+so at most two budgets beyond the pipeline's blocks.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from della_cli.io.dtypes import NUMPY_DTYPES, itemsize
 from della_cli.plan import Source, TensorJob
 
 READ_ONCE_BYTES = 512 << 20
+# Tensors at least this many share a size class with (or exceed), for the default budget.
+REPEATED_TENSORS = 4
 
 
 def has_passes(job: TensorJob) -> bool:
@@ -185,9 +188,26 @@ def held_buffers(budget: int, block_elements: int) -> int:
     return 2 * -(-budget // max(block_elements, 1))
 
 
-def budget_of(read_once_bytes: int | None) -> int:
-    """The plan's budget, or the default where it sets none."""
-    return READ_ONCE_BYTES if read_once_bytes is None else read_once_bytes
+def budget_of(
+    read_once_bytes: int | None,
+    jobs: list[TensorJob] = (),
+    inputs: MergeInputs | None = None,
+    block_elements: int = 0,
+) -> int:
+    """The plan's budget where it sets one; else ``READ_ONCE_BYTES``, lowered to what the
+    ``REPEATED_TENSORS``-th largest of ``jobs`` with statistics passes over several blocks
+    holds. So a tensor without peers (a model's embeddings and output head, whose inputs
+    are the largest) is read again for each pass: kept, its inputs took memory faulted in and
+    zeroed for it alone, which cost more than a second copy from the page cache (at ~1.1B,
+    model_stock with the 4 × 131 MB embeddings kept: 5.7-6.4 s and 0.73 GB; read twice:
+    4.7-5.2 s and 0.39 GB), while the buffers of the tensors of each layer serve the next."""
+    if read_once_bytes is not None:
+        return read_once_bytes
+    several = [job for job in jobs if has_passes(job) and block_count(job, block_elements) > 1]
+    sizes = sorted((held_input_bytes(job, inputs) for job in several), reverse=True)
+    if not sizes:
+        return READ_ONCE_BYTES
+    return min(READ_ONCE_BYTES, sizes[min(REPEATED_TENSORS, len(sizes)) - 1])
 
 
 def block_count(job: TensorJob, block_elements: int) -> int:

@@ -226,6 +226,7 @@ def test_each_pass_reads_one_block_at_a_time_as_often_as_the_plan_says(
     tensor of several blocks is read once per pass the plan reports, or once for all its
     passes where the CPU backend keeps its inputs in memory (``engine.held``; the plan says
     "inputs read once"). The first block of a tensor of one block is reused by its passes."""
+    from della_cli.engine import held
     from della_cli.engine.rows import RowLoader
     from della_cli.engine.shared import rows_shape
 
@@ -244,6 +245,8 @@ def test_each_pass_reads_one_block_at_a_time_as_often_as_the_plan_says(
 
     monkeypatch.setattr(RowLoader, "load", recording)
     monkeypatch.setattr(engine_shared, "CPU_BLOCK_ELEMENTS", 64)
+    # every tensor within the default budget kept, the largest too (``held.budget_of``)
+    monkeypatch.setattr(held, "REPEATED_TENSORS", 1)
     merged(write_recipe, tmp_path, recipe, "out")
     several = 0
     for name, spans in reads.items():

@@ -25,6 +25,7 @@ METHODS = {
     "arcee_fusion": ({}, 1),
 }
 BLOCK_ELEMENTS = 256  # the tiny Llama's matrices in several blocks
+ALL_KEPT = 1 << 30  # a budget every tensor's inputs fit in
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ def test_read_once_gives_the_bytes_of_reading_each_pass(method, method_recipe, t
     """Kept or read again, the blocks are the same rows: the same shards. Kept, every block is
     read once; read again, each block after a tensor's first is read once a pass."""
     recipe = method_recipe(method)
-    plan, _, kept, once = run_merge(recipe, None, tmp_path / "kept")
+    plan, _, kept, once = run_merge(recipe, ALL_KEPT, tmp_path / "kept")
     _, _, again, each = run_merge(recipe, 0, tmp_path / "again")
     assert kept == again
     several = [job for job in plan.jobs if job.kernel and job.kernel.passes > 1]
@@ -103,7 +104,7 @@ def test_only_tensors_within_the_budget_are_kept_and_they_hold_what_the_plan_cou
     from della_cli.engine.held import HeldBlocks, held_input_bytes
 
     recipe = method_recipe("model_stock")
-    plan, inputs, _, _ = run_merge(recipe, None, tmp_path / "sizes")
+    plan, inputs, _, _ = run_merge(recipe, ALL_KEPT, tmp_path / "sizes")
     sizes = {
         job.name: held_input_bytes(job, inputs)
         for job in plan.jobs
@@ -133,7 +134,8 @@ def test_only_tensors_within_the_budget_are_kept_and_they_hold_what_the_plan_cou
 
 
 def test_the_plan_says_which_tensors_are_read_once(method_recipe, monkeypatch):
-    """``della plan``: each statistics-pass group's reads, and the budget."""
+    """``della plan``: each statistics-pass group's reads, and the budget (the default's, as
+    ``budget_of`` lowers it to the tiny Llama's MLP matrices, 3 × 4 KiB)."""
     from typer.testing import CliRunner
 
     import della_cli.engine
@@ -145,9 +147,12 @@ def test_the_plan_says_which_tensors_are_read_once(method_recipe, monkeypatch):
     shown = CliRunner().invoke(app, ["plan", str(recipe)])
     assert shown.exit_code == 0, shown.output
     assert "[cpu/nuslerp, 2 passes, inputs read once]" in shown.output
-    assert "read again for each pass" in shown.output
-    assert "tensors of several blocks read once" in shown.output
-    assert "(up to 536.9 MB a tensor); none read again" in shown.output
+    # the default budget is what the layers' tensors need: the embeddings and head, the two
+    # largest, are read again
+    assert "lm_head.weight  [cpu/nuslerp, 2 passes, inputs read 2 times]" in shown.output
+    assert "embed_tokens.weight  [cpu/nuslerp, 2 passes, inputs read 2 times]" in shown.output
+    assert "statistics passes: 14 of 16 tensors of several blocks read once" in shown.output
+    assert "(up to 12.3 kB a tensor); the others read again for each pass" in shown.output
     monkeypatch.setattr(held, "READ_ONCE_BYTES", 0)
     shown = CliRunner().invoke(app, ["plan", str(recipe)])
     assert "[cpu/nuslerp, 2 passes, inputs read 2 times]" in shown.output
@@ -175,7 +180,7 @@ def test_the_next_tensor_is_read_while_this_one_is_merged(method_recipe, tmp_pat
 
         engine.read_block, engine.compute_block = read, compute
 
-    plan, _, _, _ = run_merge(method_recipe("model_stock"), None, tmp_path / "ahead", watch)
+    plan, _, _, _ = run_merge(method_recipe("model_stock"), ALL_KEPT, tmp_path / "ahead", watch)
     kept = [job.name for job in plan.jobs if job.kernel.passes > 1 and job.numel > 3 * 256]
     pairs = [
         (a.name, b.name) for a, b in itertools.pairwise(plan.jobs) if {a.name, b.name} <= set(kept)
@@ -205,6 +210,7 @@ def test_a_tensor_read_ahead_but_not_asked_for_next_is_dropped(method_recipe):
     from della_cli.engine import MergeEngine
 
     recipe, inputs, plan = prepare(method_recipe("model_stock"), MergeOptions())
+    plan.read_once_bytes = ALL_KEPT
     engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=BLOCK_ELEMENTS)
     expected = {job.name: engine.compute(job).tobytes() for job in plan.jobs}
     kept = [job.numel > 3 * BLOCK_ELEMENTS for job in plan.jobs]
@@ -253,13 +259,38 @@ def test_the_buffers_of_a_tensor_read_once_serve_the_next(method_recipe, tmp_pat
     import della_cli.engine as engine_module
 
     counts = _count_pool_buffers(monkeypatch)
-    _, _, kept_shards, reads = run_merge(method_recipe("model_stock"), None, tmp_path / "kept")
+    recipe = method_recipe("model_stock")
+    _, _, kept_shards, reads = run_merge(recipe, ALL_KEPT, tmp_path / "kept")
     assert counts["peak"] > engine_module.PIPELINE_FREE_BUFFERS  # held tensors need more
     assert counts["made"] == counts["peak"]
     assert set(reads.values()) == {1}
 
     counts.update(made=0, in_use=0, peak=0)
     monkeypatch.setattr(engine_module, "held_buffers", lambda budget, elements: 0)
-    _, _, shards, _ = run_merge(method_recipe("model_stock"), None, tmp_path / "pipeline only")
+    _, _, shards, _ = run_merge(recipe, ALL_KEPT, tmp_path / "pipeline only")
     assert counts["made"] > counts["peak"]
     assert shards == kept_shards
+
+
+def test_the_default_budget_keeps_the_tensors_that_repeat(method_recipe, tmp_path):
+    """By default a tensor is read once where at least ``REPEATED_TENSORS`` tensors need as
+    much or more (their buffers serve each other); the larger ones without such peers are read
+    for each pass. A budget the plan sets is taken as it is."""
+    from della_cli.engine.held import REPEATED_TENSORS, budget_of, held_input_bytes
+
+    recipe = method_recipe("model_stock")
+    plan, inputs, shards, reads = run_merge(recipe, None, tmp_path / "default")
+    sizes = {
+        job.name: held_input_bytes(job, inputs)
+        for job in plan.jobs
+        if job.kernel.passes > 1 and job.numel > BLOCK_ELEMENTS
+    }
+    budget = budget_of(None, plan.jobs, inputs, BLOCK_ELEMENTS)
+    assert budget == sorted(sizes.values(), reverse=True)[REPEATED_TENSORS - 1]
+    larger = {name for name, size in sizes.items() if size > budget}
+    assert larger == {"lm_head.weight", "model.embed_tokens.weight"}
+    for name in sizes:
+        again = max(count for (job, _), count in reads.items() if job == name)
+        assert again == (2 if name in larger else 1), name
+    assert budget_of(12345, plan.jobs, inputs, BLOCK_ELEMENTS) == 12345
+    assert shards == run_merge(recipe, ALL_KEPT, tmp_path / "all kept")[2]
