@@ -195,6 +195,10 @@ class MergeEngine(BlockComputation):
         tensor read once (``engine.held``), all its blocks at its first."""
         return self.held.load(task, self.block_tasks, self.read_block)
 
+    def load_kernels(self) -> None:
+        """Load the cached CPU kernels the merge will call (``CpuJobs.load_kernels``)."""
+        self.cpu.load_kernels()
+
     def read_block(self, task: BlockTask) -> list[np.ndarray]:
         """A block's raw rows from the files, into the recycled buffers."""
         return self.rows.load(task, self._pool_for(task))

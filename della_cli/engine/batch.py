@@ -136,6 +136,10 @@ class _Fanned:
     def load(self, fanned: FannedTask) -> list[np.ndarray]:
         return self.engines[fanned.targets[0]].load(fanned.tasks[0])
 
+    def load_kernels(self) -> None:
+        for engine in self.engines:
+            engine.load_kernels()
+
     def load_ahead(self, fanned: FannedTask) -> list[np.ndarray]:
         """``load``: the rows go to several engines, so none copies them to a device ahead
         (each takes them from the host, as a block of its own that was not staged)."""

@@ -52,7 +52,7 @@ def run_pipeline(
     tasks travel in batches (``task_batches``)."""
     batches = task_batches(tasks, min(engine.block_elements, BATCH_ELEMENTS))
     prefetched = reads.submit(_load_batch, engine, batches[0]) if batches else None
-    engine.cpu.load_kernels()  # while the first batch is read
+    engine.load_kernels()  # while the first batch is read
     in_flight: deque[Future] = deque()
     for index, batch in enumerate(batches):
         loaded_batch = prefetched.result()
