@@ -136,7 +136,9 @@ class MergeEngine(BlockComputation):
             self.devices, plan.compute_dtype, recipe.method, self.threads, self.report.on_warning
         )
         self.torch: TorchJobs = self.workers.workers[0]
-        self.catalog = CatalogJobs(self.torch, self.output_buffer, self.threads)
+        self.catalog = CatalogJobs(
+            self.torch, self.output_buffer, self.threads, lambda: self._helpers
+        )
         self._masks: dict[str, list | None] = {}
         self._statistics: dict[str, object] = {}  # per job of a catalog method, while it runs
         # Set while ``run`` runs: helper threads, recycled block buffers, and the writer

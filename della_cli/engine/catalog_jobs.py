@@ -14,6 +14,7 @@ keys were kept from its selection.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +23,7 @@ from della_cli.engine.shared import BlockTask
 from della_cli.engine.threads import ThreadBudget
 from della_cli.io.dtypes import NUMPY_DTYPES
 from della_cli.kernels import CPU_SPHERICAL_METHODS
+from della_cli.methods import streamed
 from della_cli.plan import TensorJob
 
 if TYPE_CHECKING:
@@ -39,10 +41,14 @@ class CatalogJobs:
         torch: TorchJobs,
         output_buffer: Callable[[BlockTask, tuple], np.ndarray],
         threads: ThreadBudget,
+        helpers: Callable[[], Executor | None] = lambda: None,
     ):
         self.torch = torch
         self.output_buffer = output_buffer
         self.threads = threads
+        self.helpers = helpers  # the engine's helper threads while it runs
+        # arcee_fusion's kept importance keys, reused by each tensor (one is merged at a time)
+        self._keys = np.empty(0, dtype=np.uint32)
 
     def prepare(self, job: TensorJob, blocks: Blocks):
         """What the job's method needs of the whole tensor, from passes over its blocks
@@ -60,7 +66,13 @@ class CatalogJobs:
         if name == "ramplus_tl":
             return catalog.ramplus_tl_prepare(values, blocks, len(job.experts))
         if name == "arcee_fusion":
-            return catalog.arcee_fusion_prepare(blocks, job.numel, job.shape)
+            helpers = self.helpers()
+            count = self.threads.chunk_helpers if helpers is not None else 0
+            if self._keys.size < job.numel and streamed.keys_kept(name, job.numel):
+                self._keys = np.empty(job.numel, dtype=np.uint32)  # the largest kept so far
+            return catalog.arcee_fusion_prepare(
+                blocks, job.numel, job.shape, None, helpers, count, self._keys
+            )
         raise ValueError(f"cpu/{name} makes no pass before its merge")
 
     def streamed_block(

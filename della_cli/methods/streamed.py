@@ -43,9 +43,11 @@ KEYS_KEPT_BELOW = 1 << 22
 # arcee_fusion's CPU kernels keep the keys of a larger tensor too where they fit in this budget
 # (issue 17): its importance is torch's softmax, several times the cost of reading the block,
 # so made once, not again for the second radix digit and the merge pass. At ~1.1B every
-# attention and MLP matrix is kept (at most 46 MB of keys); the embeddings and lm_head (250 MiB
-# of keys each) are made afresh in each pass, so memory stays bounded by the budget.
-ARCEE_KEYS_KEPT_BYTES = 64 << 20
+# tensor is kept, the embeddings and lm_head too (250 MiB of keys each: made afresh in each
+# pass under a 64 MiB budget, they took a quarter of the merge's time); at ~7B all but the
+# embeddings of a large vocabulary (Llama 3's, 2 GiB of keys), which are made afresh in each
+# pass, so memory stays bounded by the budget.
+ARCEE_KEYS_KEPT_BYTES = 512 << 20
 # Radix digits of an order statistic per compute dtype (16 bits a pass).
 _DIGITS = {"F32": 2, "F64": 4}
 

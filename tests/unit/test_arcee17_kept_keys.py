@@ -6,6 +6,7 @@ give the torch reference's bytes; the in-place importance gives the out-of-place
 from __future__ import annotations
 
 import itertools
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -153,8 +154,8 @@ def engine_merge(recipe_path, folder, budget):
     kept: list[bool] = []  # per prepared tensor of 64 entries or more
     original = catalog.arcee_fusion_prepare
 
-    def recorded(blocks, numel, shape, keep=None):
-        state = original(blocks, numel, shape, keep)
+    def recorded(blocks, numel, shape, *options):
+        state = original(blocks, numel, shape, *options)
         if numel >= 64:
             kept.append(state["keys"] is not None)
         return state
@@ -182,3 +183,68 @@ def test_a_merge_with_kept_keys_has_the_bytes_of_one_that_makes_them_again(arcee
     assert kept_kept and all(kept_kept)
     assert fresh_passes == {3} and kept_passes == {2}
     assert kept == fresh
+
+
+@pytest.mark.parametrize("helper_count", [1, 2])
+@pytest.mark.parametrize(
+    "shape, bounds",
+    [((37, 41), (0, 16, 32, 37)), ((300, 7), (0, 128, 256, 300)), ((5, 3, 8), (0, 2, 4, 5))],
+    ids=["ragged-2d", "ragged-narrow", "3d"],
+)
+def test_keys_made_on_several_threads_are_those_made_on_one(
+    shape, bounds, helper_count, monkeypatch
+):
+    """A block's rows split in whole chunks among the calling thread and the helpers give
+    every key of the one-thread run, in its place; a NaN found by a helper is an error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from della_cli.backends.cpu import catalog
+
+    monkeypatch.setattr(catalog, "IMPORTANCE_ELEMENTS", 40)  # blocks of several chunks
+    loaded = two_models(shape, BF16, seed=7)
+    pieces = blocks_of(loaded, bounds)
+    numel = int(np.prod(shape))
+    alone = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
+    split = []
+    real = catalog._importance_keys
+
+    def watched(base, model, start, stop, shape, keys):
+        split.append(threading.current_thread().name)
+        return real(base, model, start, stop, shape, keys)
+
+    monkeypatch.setattr(catalog, "_importance_keys", watched)
+    with ThreadPoolExecutor(helper_count, thread_name_prefix="helper") as helpers:
+        shared = catalog.arcee_fusion_prepare(
+            lambda: iter(pieces), numel, shape, True, helpers, helper_count
+        )
+        assert np.array_equal(shared["keys"], alone["keys"])
+        assert float(shared["threshold"]) == float(alone["threshold"])
+        assert any(name.startswith("helper") for name in split)
+        assert "MainThread" in split
+        poisoned = [[a.copy() for a in piece] for piece in pieces]
+        poisoned[0][1].reshape(-1)[-1] = np.nan  # in the last rows of the first block
+        with pytest.raises(ValueError):
+            catalog.arcee_fusion_prepare(
+                lambda: iter(poisoned), numel, shape, True, helpers, helper_count
+            )
+
+
+def test_kept_keys_go_into_the_buffer_given_where_it_is_large_enough():
+    """The engine hands each tensor the buffer of the largest kept so far: the keys land in
+    it (no fresh memory), the same keys; a buffer too small is left alone."""
+    from della_cli.backends.cpu import catalog
+
+    shape = (37, 41)
+    loaded = two_models(shape, BF16, seed=3)
+    pieces = blocks_of(loaded, (0, 16, 32, 37))
+    numel = int(np.prod(shape))
+    fresh = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
+    large = np.zeros(numel + 100, dtype=np.uint32)
+    reused = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, True, None, 0, large)
+    assert np.shares_memory(reused["keys"], large) and reused["keys"].size == numel
+    assert np.array_equal(reused["keys"], fresh["keys"])
+    assert float(reused["threshold"]) == float(fresh["threshold"])
+    small = np.zeros(numel - 1, dtype=np.uint32)
+    alone = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, True, None, 0, small)
+    assert not np.shares_memory(alone["keys"], small)
+    assert np.array_equal(alone["keys"], fresh["keys"]) and not small.any()

@@ -17,6 +17,7 @@ merge), where arcee_fusion's merge pass then reads the kept keys too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -30,22 +31,32 @@ from della_cli.methods import streamed
 from della_cli.methods.counts import fraction_count
 
 Blocks = Callable[[], Iterable[list[np.ndarray]]]
+# arcee_fusion's importances are made in chunks of this many entries: each row's is the same
+# in chunks of any size (a softmax and a sum along the row), and larger chunks hand the GIL
+# between the threads that make them less often (1 << 16: 3.6 ns an entry on one thread;
+# 1 << 18: 3.3).
+IMPORTANCE_ELEMENTS = 1 << 18
 # (start row, stop row, base float32 (c,), task vectors float32 (n, c)) of one row chunk
 Chunk = tuple[int, int, np.ndarray, np.ndarray]
 
 
 def chunks(
-    loaded: Sequence[np.ndarray], flags: np.ndarray | None = None, task_vectors: bool = True
+    loaded: Sequence[np.ndarray],
+    flags: np.ndarray | None = None,
+    task_vectors: bool = True,
+    elements: int | None = None,
 ) -> Iterator[Chunk]:
     """The row chunks of one block ``[reference, *models]``, widened, the models made task
     vectors (unless ``task_vectors`` is False); the chunks of ``TorchBackend.row_chunks`` (a
-    1-D tensor, one row, whole). ``flags`` (n + 1,): set where an input holds a NaN or Inf."""
+    1-D tensor, one row, whole), or of about ``elements`` entries where the work is row by row.
+    ``flags`` (n + 1,): set where an input holds a NaN or Inf."""
     reference, *models = (block.kernel_view(raw) for raw in loaded)
     rows = reference.shape[0] if reference.ndim > 1 else 1
     row_length = reference.size // max(rows, 1)
     step = rows
     if reference.ndim > 1:
-        step = min(rows, max(1, streamed.CPU_CHUNK_ELEMENTS // max(row_length, 1)))
+        elements = elements or streamed.CPU_CHUNK_ELEMENTS
+        step = min(rows, max(1, elements // max(row_length, 1)))
     scratch = np.empty((len(models) + 1) * step * row_length, dtype=np.float32)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
@@ -181,55 +192,101 @@ def ram_apply(
 
 
 def arcee_fusion_prepare(
-    blocks: Blocks, numel: int, shape: tuple[int, ...], keep: bool | None = None
+    blocks: Blocks,
+    numel: int,
+    shape: tuple[int, ...],
+    keep: bool | None = None,
+    helpers: Executor | None = None,
+    helper_count: int = 0,
+    keys: np.ndarray | None = None,
 ) -> dict | None:
     """{"threshold": median + 1.5·IQR of the importances (a float32 0-dim tensor, as the
     reference's), "keys": the importances' keys where kept (``keep``, by default
     ``streamed.keys_kept``), else None}: the importances torch's, their quartiles selected
-    here. Kept keys make the importance once: the radix digits and the merge read them."""
-    import torch
-
+    here. Kept keys make the importance once: the radix digits and the merge read them; each
+    block's are then made by the calling thread and ``helper_count`` of ``helpers``, into
+    ``keys`` where given (a buffer of ``numel`` entries or more, reused from tensor to tensor:
+    fresh, each tensor's keys were faulted in and zeroed, 9% of the time at ~1.1B)."""
     from della_cli.methods import selection as reference
 
     if numel == 0:
         return None
     if keep is None:
         keep = streamed.keys_kept("arcee_fusion", numel)
-
-    kept = np.empty(numel, dtype=np.uint32) if keep else None
-
-    def key_chunks():
-        """Each chunk's importance keys, made into ``kept`` in position order where kept."""
-        scratch = None
+    ranks = reference.quantile_ranks(numel)
+    if keep:
+        reuse = keys is not None and keys.size >= numel
+        kept = keys[:numel] if reuse else np.empty(numel, dtype=np.uint32)
         position = 0
         for loaded in blocks():
-            for start, stop, base, models in chunks(loaded[:2], task_vectors=False):
-                rows_shape = (stop - start, *shape[1:]) if len(shape) > 1 else shape
-                importance = reference.arcee_fusion_importance(
-                    torch.from_numpy(base).reshape(rows_shape),
-                    torch.from_numpy(models[0]).reshape(rows_shape),
-                ).reshape(-1)
-                size = importance.numel()
-                if kept is not None:
-                    chunk_keys = kept[position : position + size]
-                else:
-                    if scratch is None or scratch.size < size:
-                        scratch = np.empty(size, dtype=np.uint32)
-                    chunk_keys = scratch[:size]
-                position += size
-                if not catalog_kernels.float_keys(importance.numpy(), chunk_keys):
-                    raise catalog_select.nan_score()
-                yield chunk_keys, 0
-
-    ranks = reference.quantile_ranks(numel)
-    if kept is not None:
-        for _ in key_chunks():  # the keys land in ``kept``
-            pass
+            size = loaded[0].size
+            _block_keys(loaded[:2], shape, kept[position : position + size], helpers, helper_count)
+            position += size
         found = select_kept(kept, ranks)
     else:
+        kept = None
+
+        def key_chunks():
+            """Each chunk's importance keys, made afresh for each radix digit."""
+            scratch = np.empty(0, dtype=np.uint32)
+            for loaded in blocks():
+                pair = loaded[:2]
+                for start, stop, base, models in chunks(pair, None, False, IMPORTANCE_ELEMENTS):
+                    if scratch.size < base.size:
+                        scratch = np.empty(base.size, dtype=np.uint32)
+                    yield _importance_keys(base, models[0], start, stop, shape, scratch), 0
+
         found, _ = order_statistics(key_chunks, numel, lambda total, _: ranks)
+    import torch
+
     q1, median, q3 = (torch.tensor(key_value(key)) for key, _ in found)
     return {"threshold": median + 1.5 * (q3 - q1), "keys": kept}
+
+
+def _importance_keys(base, model, start: int, stop: int, shape, keys: np.ndarray) -> np.ndarray:
+    """The keys (``float_keys``) of the importances of rows ``start:stop`` (float32, flat)
+    into the head of ``keys``; those keys. The importance is torch's, row by row."""
+    import torch
+
+    from della_cli.methods import selection as reference
+
+    rows_shape = (stop - start, *shape[1:]) if len(shape) > 1 else shape
+    importance = reference.arcee_fusion_importance(
+        torch.from_numpy(base).reshape(rows_shape), torch.from_numpy(model).reshape(rows_shape)
+    ).reshape(-1)
+    chunk_keys = keys[: importance.numel()]
+    if not catalog_kernels.float_keys(importance.numpy(), chunk_keys):
+        raise catalog_select.nan_score()
+    return chunk_keys
+
+
+def _block_keys(pair, shape, keys: np.ndarray, helpers: Executor | None, helper_count: int):
+    """The importance keys of one block (reference, model) into ``keys``, its rows split in
+    whole chunks between the calling thread and the helpers: torch's operations let go of
+    the GIL, and each row's importance is the same whichever thread makes it (at ~1.1B the
+    importance, about 3.6 ns an entry on one thread, was most of the merge)."""
+    rows = pair[0].shape[0] if pair[0].ndim > 1 else 1
+    parts = [(0, rows)]
+    if helpers is not None and helper_count > 0 and pair[0].ndim > 1:
+        step = max(1, IMPORTANCE_ELEMENTS // max(pair[0].size // max(rows, 1), 1))
+        chunk_count = -(-rows // step)
+        share = -(-chunk_count // (helper_count + 1)) * step  # whole chunks each
+        parts = [(a, min(a + share, rows)) for a in range(0, rows, share)]
+    row_length = pair[0].size // max(rows, 1)
+
+    def fill(first: int, last: int) -> None:
+        part = [x[first:last] for x in pair] if len(parts) > 1 else pair
+        position = first * row_length
+        for start, stop, base, models in chunks(part, None, False, IMPORTANCE_ELEMENTS):
+            made = _importance_keys(base, models[0], start, stop, shape, keys[position:])
+            position += made.size
+
+    waiting = [helpers.submit(fill, a, b) for a, b in parts[1:]]
+    try:
+        fill(*parts[0])
+    finally:
+        for future in waiting:
+            future.result()
 
 
 def arcee_fusion_apply(state: dict, loaded: Sequence[np.ndarray], first: int, out: np.ndarray):

@@ -26,8 +26,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is not inst
 
 
 if numba is not None:
-
-    @numba.njit(cache=True)
+    # nogil (widen, float_keys): arcee_fusion's importance keys are made on two threads
+    @numba.njit(cache=True, nogil=True)
     def widen(source, target):
         """A stored row (bfloat16 bits or float32) into ``target`` (float32); whether it holds
         a NaN or an Inf."""
@@ -55,7 +55,7 @@ if numba is not None:
             return np.uint32(~bits)
         return np.uint32(bits | np.uint32(0x80000000))
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, nogil=True)
     def float_keys(values, keys):
         """Keys of a float32 row (arcee_fusion's importances); False where a value is NaN.
         Without a branch out of the loop, which vectorizes: 20x faster (issue 17)."""
