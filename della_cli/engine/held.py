@@ -196,7 +196,7 @@ def budget_of(
 ) -> int:
     """The plan's budget where it sets one; else ``READ_ONCE_BYTES``, lowered to what the
     ``REPEATED_TENSORS``-th largest of ``jobs`` with statistics passes over several blocks
-    holds. So a tensor without peers (a model's embeddings and output head, whose inputs
+    holds (0 where there are fewer). So a tensor without peers (a model's embeddings and output head, whose inputs
     are the largest) is read again for each pass: kept, its inputs took memory faulted in and
     zeroed for it alone, which cost more than a second copy from the page cache (at ~1.1B,
     model_stock with the 4 × 131 MB embeddings kept: 5.7-6.4 s and 0.73 GB; read twice:
@@ -205,9 +205,9 @@ def budget_of(
         return read_once_bytes
     several = [job for job in jobs if has_passes(job) and block_count(job, block_elements) > 1]
     sizes = sorted((held_input_bytes(job, inputs) for job in several), reverse=True)
-    if not sizes:
-        return READ_ONCE_BYTES
-    return min(READ_ONCE_BYTES, sizes[min(REPEATED_TENSORS, len(sizes)) - 1])
+    if len(sizes) < REPEATED_TENSORS:
+        return 0  # none repeats: at ~250M, only the embeddings and head have several blocks
+    return min(READ_ONCE_BYTES, sizes[REPEATED_TENSORS - 1])
 
 
 def block_count(job: TensorJob, block_elements: int) -> int:

@@ -293,4 +293,7 @@ def test_the_default_budget_keeps_the_tensors_that_repeat(method_recipe, tmp_pat
         again = max(count for (job, _), count in reads.items() if job == name)
         assert again == (2 if name in larger else 1), name
     assert budget_of(12345, plan.jobs, inputs, BLOCK_ELEMENTS) == 12345
+    # fewer tensors of several blocks than REPEATED_TENSORS: none has peers, none is kept
+    few = [job for job in plan.jobs if job.name in sizes][: REPEATED_TENSORS - 1]
+    assert budget_of(None, few, inputs, BLOCK_ELEMENTS) == 0
     assert shards == run_merge(recipe, ALL_KEPT, tmp_path / "all kept")[2]
