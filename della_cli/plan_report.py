@@ -94,6 +94,11 @@ class PlanReport:
 def read_once_line(read_once: dict) -> str:
     """How the statistics passes read tensors of several blocks."""
     held, several = read_once["tensors"], read_once["of"]
+    if held == 0:
+        return (
+            f"statistics passes: the {several} tensors of several blocks read again for each "
+            "pass (none kept in memory)"
+        )
     return (
         f"statistics passes: {held} of {several} tensors of several blocks read once, their "
         f"inputs kept in memory (up to {human_size(read_once['budget_bytes'])} a tensor); "

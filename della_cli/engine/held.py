@@ -196,11 +196,12 @@ def budget_of(
 ) -> int:
     """The plan's budget where it sets one; else ``READ_ONCE_BYTES``, lowered to what the
     ``REPEATED_TENSORS``-th largest of ``jobs`` with statistics passes over several blocks
-    holds (0 where there are fewer). So a tensor without peers (a model's embeddings and output head, whose inputs
-    are the largest) is read again for each pass: kept, its inputs took memory faulted in and
-    zeroed for it alone, which cost more than a second copy from the page cache (at ~1.1B,
-    model_stock with the 4 × 131 MB embeddings kept: 5.7-6.4 s and 0.73 GB; read twice:
-    4.7-5.2 s and 0.39 GB), while the buffers of the tensors of each layer serve the next."""
+    holds (0 where there are fewer). So a tensor without peers (a model's embeddings and
+    output head, whose inputs are the largest) is read again for each pass: kept, its inputs
+    took memory faulted in and zeroed for it alone, which cost more than a second copy from
+    the page cache (at ~1.1B, model_stock with the 4 × 131 MB embeddings kept: 5.7-6.4 s and
+    0.73 GB; read twice: 4.7-5.2 s and 0.39 GB), while the buffers of the tensors of each
+    layer serve the next."""
     if read_once_bytes is not None:
         return read_once_bytes
     several = [job for job in jobs if has_passes(job) and block_count(job, block_elements) > 1]

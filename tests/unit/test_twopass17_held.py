@@ -156,8 +156,10 @@ def test_the_plan_says_which_tensors_are_read_once(method_recipe, monkeypatch):
     monkeypatch.setattr(held, "READ_ONCE_BYTES", 0)
     shown = CliRunner().invoke(app, ["plan", str(recipe)])
     assert "[cpu/nuslerp, 2 passes, inputs read 2 times]" in shown.output
-    assert "statistics passes: 0 of " in shown.output
-    assert "the others read again for each pass" in shown.output
+    assert "statistics passes: the 16 tensors of several blocks read again for each pass" in (
+        shown.output
+    )
+    assert "(none kept in memory)" in shown.output
 
 
 def test_the_next_tensor_is_read_while_this_one_is_merged(method_recipe, tmp_path):
