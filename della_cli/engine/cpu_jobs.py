@@ -49,14 +49,12 @@ class CpuJobs:
     def start_compiling(self, jobs: list[TensorJob], inputs) -> None:
         """Where the kernels of the jobs on the CPU backend are not in numba's cache, compile
         them in a child process (``backends.cpu.warm``) rather than make the merge wait."""
-        pairs, selects, sums, catalog, methods = set(), set(), set(), set(), set()
+        pairs, selects, sums, methods = set(), set(), set(), set()
         for job in jobs:
             if job.kernel is None or not job.kernel.compiled:
                 continue
             if job.kernel.streamed:  # a catalog method: compiled per (input, output) dtypes
-                dtypes = (self.stored_dtype(job, inputs), job.out_dtype)
-                catalog.add(dtypes)
-                methods.add((job.kernel.name, *dtypes))
+                methods.add((job.kernel.name, self.stored_dtype(job, inputs), job.out_dtype))
                 continue
             if job.kernel.name != "block":
                 sums.add(job.out_dtype)  # a weighted sum: compiled per output dtype
@@ -65,6 +63,7 @@ class CpuJobs:
             pairs.add((dtype, job.out_dtype))
             if any(step.sparsify == WINDOW for step in job.kernel.experts):
                 selects.add(dtype)
+        catalog = {(dtype, out_dtype) for _, dtype, out_dtype in methods}
         if not (pairs or sums or catalog) or os.environ.get("DELLA_COMPILE_INLINE"):
             return
         from della_cli.backends.cpu import warm  # numba: imported only when needed

@@ -266,13 +266,13 @@ def _block_keys(pair, shape, keys: np.ndarray, helpers: Executor | None, helper_
     the GIL, and each row's importance is the same whichever thread makes it (at ~1.1B the
     importance, about 3.6 ns an entry on one thread, was most of the merge)."""
     rows = pair[0].shape[0] if pair[0].ndim > 1 else 1
+    row_length = pair[0].size // max(rows, 1)
     parts = [(0, rows)]
     if helpers is not None and helper_count > 0 and pair[0].ndim > 1:
-        step = max(1, IMPORTANCE_ELEMENTS // max(pair[0].size // max(rows, 1), 1))
+        step = max(1, IMPORTANCE_ELEMENTS // max(row_length, 1))
         chunk_count = -(-rows // step)
         share = -(-chunk_count // (helper_count + 1)) * step  # whole chunks each
         parts = [(a, min(a + share, rows)) for a in range(0, rows, share)]
-    row_length = pair[0].size // max(rows, 1)
 
     def fill(first: int, last: int) -> None:
         part = [x[first:last] for x in pair] if len(parts) > 1 else pair
