@@ -33,6 +33,13 @@ def widen(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to(dtype) for t in tensors]
 
 
+def angle_of(cos: torch.Tensor) -> torch.Tensor:
+    """``torch.acos``, a NaN passed on bit for bit: the vectorized acos of some CPUs (AVX-512)
+    returns a NaN of the other sign, which reached the merged NaNs' bits, so the output of a
+    NaN input differed between machines (``backends.cpu.coefficients.arccos`` does the same)."""
+    return torch.where(torch.isnan(cos), cos, torch.acos(cos))
+
+
 def whole_sum(values: torch.Tensor) -> torch.Tensor:
     """Σ values in float64 (a 0-dim tensor): each row (a slice along dim 0; a 1-D tensor is one
     row) summed in the compute dtype, then the row sums in float64 (sce's statistics)."""
@@ -75,6 +82,7 @@ __all__ = [
     "COLUMNS",
     "ROWS",
     "WHOLE",
+    "angle_of",
     "compute_dtype",
     "pair_rows",
     "pair_sums",

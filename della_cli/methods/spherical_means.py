@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from della_cli.methods.block_sums import widen
+from della_cli.methods.block_sums import angle_of, widen
 from della_cli.methods.row_sums import as_rows, fold_rows, row_dots
 
 # ---------------------------------------------------------------- Gram matrices
@@ -135,7 +135,7 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int = 10, tol: float = 1e
         dots = (units @ mean).clamp(-1.0, 1.0)
         tangent = torch.zeros_like(mean)
         for i in range(len(valid)):
-            theta = torch.acos(dots[i])
+            theta = angle_of(dots[i])
             if theta < tol:
                 continue
             step = -dots[i] * mean

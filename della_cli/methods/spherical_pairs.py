@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from della_cli.methods.block_sums import COLUMNS, ROWS, WHOLE, pair_sums, widen
+from della_cli.methods.block_sums import COLUMNS, ROWS, WHOLE, angle_of, pair_sums, widen
 
 # nuslerp lerps vectors with cos Ω below −ANTIPARALLEL_COS, the bound slerp uses on both sides.
 ANTIPARALLEL_COS = 0.9995
@@ -47,7 +47,7 @@ def slerp_coefficients(
     norm_b = torch.where(norm_b > eps, norm_b, torch.ones_like(norm_b))
     cos = (stats[..., 2] / (norm_a * norm_b)).clamp(-1.0, 1.0)
     linear = cos.abs() > dot_threshold
-    theta = torch.acos(torch.where(linear, torch.zeros_like(cos), cos))
+    theta = angle_of(torch.where(linear, torch.zeros_like(cos), cos))
     sin_theta = torch.where(linear, torch.ones_like(theta), torch.sin(theta))
     coef_a = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
     coef_b = torch.where(linear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta)
@@ -129,7 +129,7 @@ def nuslerp_apply(
     # mergekit lerps only exactly colinear vectors; near-antiparallel ones of unequal norms
     # would be scaled by up to 1/sin Ω, so they are lerped as in slerp (ALGORITHMS.md S2).
     colinear = ((1 - cos.square()) <= 1e-16) | (cos < -ANTIPARALLEL_COS)
-    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    theta = angle_of(torch.where(colinear, torch.zeros_like(cos), cos))
     sin_theta = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
     coef0 = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
     coef1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta)

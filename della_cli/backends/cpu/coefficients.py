@@ -18,9 +18,9 @@ import numpy as np
 
 
 def arccos(x: np.ndarray) -> np.ndarray:
-    """``np.arccos``, a NaN passed on as it came, as torch's ``acos`` and numpy's other
-    functions pass it: numpy's vectorized float64 arccos on AVX-512 (numpy 2.4) returns a
-    NaN of the other sign, which reached the output's NaN bits."""
+    """``np.arccos``, a NaN passed on as it came, as the reference's ``block_sums.angle_of``
+    passes it: numpy's vectorized float64 arccos on AVX-512 (numpy 2.4) returns a NaN of the
+    other sign, as torch's ``acos`` does on some CPUs, which reached the output's NaN bits."""
     return np.where(np.isnan(x), x, np.arccos(x))
 
 
