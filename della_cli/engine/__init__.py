@@ -35,7 +35,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
-from della_cli.engine.catalog_jobs import CatalogJobs
+from della_cli.engine.catalog_jobs import CatalogJobs, relays_rows
 from della_cli.engine.computing import BlockComputation
 from della_cli.engine.cpu_jobs import CpuJobs
 from della_cli.engine.held import HeldBlocks, budget_of, held_buffers
@@ -61,7 +61,7 @@ from della_cli.engine.shared import (
 from della_cli.engine.threads import ThreadBudget
 from della_cli.engine.torch_jobs import TorchJobs
 from della_cli.engine.torch_workers import TorchWorkers
-from della_cli.io.buffers import BufferPool, write_offset
+from della_cli.io.buffers import BufferPool, RelayPool, write_offset
 from della_cli.io.dtypes import NUMPY_DTYPES
 from della_cli.io.writer import ShardWriter
 from della_cli.kernels import WHOLE_TENSOR_SPARSIFIERS
@@ -212,17 +212,32 @@ class MergeEngine(BlockComputation):
         self.workers.stage(task, loaded)
         return loaded
 
-    def _pool_for(self, task: BlockTask) -> BufferPool | None:
+    def _pool_for(self, task: BlockTask) -> BufferPool | RelayPool | None:
         """The recycled block buffers, for all but small tasks (``SMALL_TASK_ELEMENTS``): a
-        batch of small tasks would otherwise hold a block-sized buffer for each input."""
-        return None if task_elements(task) <= SMALL_TASK_ELEMENTS else self._buffers
+        batch of small tasks would otherwise hold a block-sized buffer for each input. Rows
+        that go to the writer as read (``relays_rows``) are placed for their write too."""
+        if task_elements(task) <= SMALL_TASK_ELEMENTS:
+            return None
+        if self._writer is None or not relays_rows(task.job):
+            return self._buffers
+        row_bytes = rows_shape(task.job.shape)[1] * NUMPY_DTYPES[task.job.out_dtype].itemsize
+        write_at = self._writer.file_offset(task.job.name, task.start * row_bytes)
+        return RelayPool(self._buffers, write_at)
 
-    def release(self, task: BlockTask, loaded: list[np.ndarray]) -> None:
-        """Give a merged block's input buffers back (a copy's output is its input)."""
-        if task.job.action == "merge" and self._buffers is not None:
-            for array in loaded:
-                if isinstance(array, np.ndarray):  # not rows sent as stored to the device
-                    self._buffers.give(array)
+    def release(self, task: BlockTask, loaded: list[np.ndarray], merged=None) -> None:
+        """Give a merged block's input buffers back (a copy's output is its input), each once
+        (the reference's rows are an expert's too where it is one of them: given twice, a
+        buffer the reader took again between the two gives went back to the pool while in
+        use), but for ``merged``, the output, where the kernel passed an input on as it (the
+        writer gives it back once written)."""
+        if task.job.action != "merge" or self._buffers is None:
+            return
+        given: set[int] = set()
+        for array in loaded:
+            # not rows sent as stored to the device
+            if isinstance(array, np.ndarray) and array is not merged and id(array) not in given:
+                given.add(id(array))
+                self._buffers.give(array)
 
     def write(self, task: BlockTask, chunk: np.ndarray) -> None:
         self._writer.write_part(task.job.name, chunk)

@@ -146,12 +146,21 @@ class _Fanned:
         return self.load(fanned)
 
     def compute_block(self, fanned: FannedTask, loaded: list[np.ndarray]) -> list[np.ndarray]:
-        return [
-            self.engines[k].compute_block(task, loaded)
-            for k, task in zip(fanned.targets, fanned.tasks, strict=True)
-        ]
+        """Each target's output rows. The block's buffers are shared and given back after
+        all have merged, so an engine that passed an input on as its output (passthrough)
+        gets a copy of its own."""
+        merged = []
+        for k, task in zip(fanned.targets, fanned.tasks, strict=True):
+            engine = self.engines[k]
+            rows = engine.compute_block(task, loaded)
+            if any(rows is array for array in loaded):
+                out = engine.output_buffer(task, rows.shape)
+                np.copyto(out, rows)
+                rows = out
+            merged.append(rows)
+        return merged
 
-    def release(self, fanned: FannedTask, loaded: list[np.ndarray]) -> None:
+    def release(self, fanned: FannedTask, loaded: list[np.ndarray], merged=None) -> None:
         self.engines[fanned.targets[0]].release(fanned.tasks[0], loaded)
 
     def write(self, fanned: FannedTask, chunks: list[np.ndarray]) -> None:

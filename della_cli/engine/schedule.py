@@ -60,9 +60,10 @@ def run_pipeline(
             prefetched = reads.submit(_load_batch, engine, batches[index + 1])
         merged = []
         for task, loaded in zip(batch, loaded_batch, strict=True):
-            merged.append((task, engine.compute_block(task, loaded)))
-            engine.release(task, loaded)  # the output is a new array: the inputs are free
-        del loaded_batch, loaded
+            rows = engine.compute_block(task, loaded)
+            merged.append((task, rows))
+            engine.release(task, loaded, rows)  # the inputs are free, unless passed on as rows
+        del loaded_batch, loaded, rows
         in_flight.append(writes.submit(_write_batch, engine, merged))
         del merged
         while len(in_flight) > MAX_WRITES_IN_FLIGHT:
@@ -109,7 +110,7 @@ def _device_worker(
             if position + 1 < len(indices):
                 ahead = reads.submit(engine.load_ahead, tasks[indices[position + 1]])
             merged = engine.compute_block(task, loaded)
-            engine.release(task, loaded)
+            engine.release(task, loaded, merged)
             del loaded
             order.deliver(index, functools.partial(engine.write, task, merged))
 

@@ -33,6 +33,22 @@ def write_offset(file_offset: int) -> int:
     return -(-(file_offset % PAGE_BYTES) // ALIGNMENT) * ALIGNMENT % PAGE_BYTES
 
 
+# The copy is slow where its destination lies 1 to this many bytes past its source, modulo a page.
+SLOW_GAP = 32
+
+
+def relay_offset(read_page_offset: int, write_file_offset: int) -> int:
+    """Where in a page to put a buffer read into (at ``read_page_offset``, ``read_offset`` of
+    the file offset read) and then written out as it is at ``write_file_offset``: the read's
+    place, or 64 bytes before it where the write would find its destination 1 to
+    ``SLOW_GAP`` bytes past the buffer. Both copies are then fast: the read's destination lies
+    0 to 127 bytes before its source, and the write's anywhere but 1 to 32 bytes past."""
+    gap = (write_file_offset - read_page_offset) % PAGE_BYTES
+    if 1 <= gap <= SLOW_GAP:
+        return (read_page_offset - ALIGNMENT) % PAGE_BYTES
+    return read_page_offset
+
+
 def placed(nbytes: int, page_offset: int) -> np.ndarray:
     """A new buffer of ``nbytes`` (uint8) whose address is ``page_offset`` modulo a page."""
     return _place(np.empty(nbytes + PAGE_BYTES, dtype=np.uint8), nbytes, page_offset)
@@ -83,3 +99,20 @@ class BufferPool:
             already_free = any(free is raw for free in self._free)
             if owned and not already_free and len(self._free) < self.max_free:
                 self._free.append(raw)
+
+
+class RelayPool:
+    """A pool's buffers for rows that are written out as they were read (passthrough, which
+    hands the read buffer to the writer instead of copying it), each placed for both of its
+    copies (``relay_offset``); ``write_at``: the output file offset of the buffer's first
+    byte."""
+
+    def __init__(self, pool: BufferPool, write_at: int):
+        self.pool = pool
+        self.write_at = write_at
+
+    def take(self, nbytes: int, page_offset: int) -> np.ndarray:
+        return self.pool.take(nbytes, relay_offset(page_offset, self.write_at))
+
+    def give(self, array: np.ndarray) -> None:
+        self.pool.give(array)

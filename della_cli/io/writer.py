@@ -25,6 +25,9 @@ from della_cli.io.reader import INDEX_NAME, SINGLE_NAME
 
 # Output bytes between two write-back starts (see ``EarlyWriteback``).
 WRITEBACK_BYTES = 64 << 20
+# Bytes written and then hashed at a time, so that the hash reads them from the core's cache
+# (``ShardWriter.write_part``).
+HASHED_SLICE_BYTES = 512 << 10
 SHARD_METADATA = {"format": "pt"}
 
 
@@ -177,8 +180,7 @@ class ShardWriter:
             raise RuntimeError(f"writer got more bytes for '{name}' than its shape holds")
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
-        self._handle.write(data)
-        self._digest.update(data)
+        self._append(data)
         self._writeback.advance(self._handle, data.nbytes)
         self._part_bytes += data.nbytes
         if self._part_bytes < expected.nbytes:
@@ -188,6 +190,15 @@ class ShardWriter:
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
             self._finish_shard()
+
+    def _append(self, data: memoryview) -> None:
+        """Write bytes to the open shard and add them to its digest, a slice at a time: the
+        write brings each slice into the cache, where the hash finds it (hashing a 32 MB
+        block after writing it read it from memory twice; the writer took 15% longer)."""
+        for start in range(0, data.nbytes, HASHED_SLICE_BYTES):
+            piece = data[start : start + HASHED_SLICE_BYTES]
+            self._handle.write(piece)
+            self._digest.update(piece)
 
     def _start_shard(self, shard_index: int) -> None:
         self._open_shard = shard_index

@@ -273,6 +273,24 @@ def test_writer_round_trips_any_dtype_and_shard_size(specs, max_shard_bytes):
         assert_same(read_all(ModelReader(folder, "written")), tensors)
 
 
+def test_writer_hashes_in_slices_what_it_writes(tmp_path, monkeypatch):
+    """The shard's digest, made a slice at a time beside the writes, is that of the file's
+    bytes, for a tensor that spans several slices and a short last one."""
+    from della_cli.io import writer as writer_module
+    from della_cli.io.journal import file_digest
+
+    monkeypatch.setattr(writer_module, "HASHED_SLICE_BYTES", 96)
+    finished = {}
+    tensor = random_tensor(torch.float32, (7, 13), seed=3)
+    outputs = [OutputTensor("t.weight", torch_code(tensor.dtype), tuple(tensor.shape))]
+    writer = ShardWriter(tmp_path, split_into_shards(outputs, 10**9), 0, finished.__setitem__)
+    writer.write("t.weight", from_torch(tensor))
+    writer.close()
+    path = tmp_path / "model.safetensors"
+    assert finished == {"model.safetensors": file_digest(path)}
+    assert_same(load_file(path), {"t.weight": tensor})
+
+
 def test_shards_follow_hugging_face_names_and_index(tmp_path):
     tensors = {f"layer.{i}.weight": torch.full((4, 4), float(i)) for i in range(5)}  # 64 B each
     shards = write_model(tmp_path, tensors, max_shard_bytes=128)

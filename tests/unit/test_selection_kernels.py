@@ -226,6 +226,23 @@ def test_the_bit_test_for_nan_and_inf_agrees_with_isfinite(dtype):
         assert has_nonfinite(changed.reshape(2, 2))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_bit_test_finds_a_nan_or_inf_in_any_chunk(dtype, monkeypatch):
+    """The check goes a chunk at a time: a bad entry anywhere, in a chunk of its own or a
+    short last one, is found; an array of finite values is not flagged."""
+    from della_cli.engine import reporting
+
+    monkeypatch.setattr(reporting, "NONFINITE_CHUNK", 4)
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    values = np.linspace(-3.0, 3.0, 10, dtype=np.float32).astype(dtype)
+    assert not reporting.has_nonfinite(values)
+    for index in range(values.size):
+        for bad in (np.nan, -np.inf):
+            changed = values.copy()
+            changed[index] = bad
+            assert reporting.has_nonfinite(changed), (index, bad)
+
+
 def test_passthrough_copies_its_input_as_stored_without_torch_or_numba(
     model_zoo, write_recipe, tmp_path
 ):
