@@ -36,7 +36,12 @@ try:
     from numba.core import types
     from numba.extending import overload
 
-    from della_cli.backends.cpu.bits import float_of_bits, float_to_half_bits, half_to_float_bits
+    from della_cli.backends.cpu.bits import (
+        bits_of_float,
+        float_of_bits,
+        float_to_half_bits,
+        half_to_float_bits,
+    )
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
     numba = None
 
@@ -131,6 +136,17 @@ if numba is not None:
     def has_nonfinite(values):
         """Whether a float32 row holds a NaN or an Inf (all ones in its exponent)."""
         return largest_magnitude(values) >= _INFINITY
+
+    @numba.njit(cache=True, inline="always")
+    def magnitude(value):
+        """A float32's magnitude as its bits, for a loop that keeps the largest as it goes
+        (``largest_magnitude`` of one entry; ``nonfinite`` tells of the largest)."""
+        return np.uint32(bits_of_float(value) & _MAGNITUDE)
+
+    @numba.njit(cache=True, inline="always")
+    def nonfinite(largest):
+        """Whether the largest ``magnitude`` of a row is that of a NaN or an Inf."""
+        return largest >= _INFINITY
 
     @numba.njit(cache=True)
     def fuse_row(vectors, reference, weights, consensus, normalize, total_weight, lam, on_deltas):
