@@ -161,6 +161,8 @@ class _Fanned:
         return merged
 
     def release(self, fanned: FannedTask, loaded: list[np.ndarray], merged=None) -> None:
+        """Give the shared block's buffers back, all of them: ``merged`` (what
+        ``run_pipeline`` passes) holds no input, as ``compute_block`` copied any."""
         self.engines[fanned.targets[0]].release(fanned.tasks[0], loaded)
 
     def write(self, fanned: FannedTask, chunks: list[np.ndarray]) -> None:
