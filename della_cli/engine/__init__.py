@@ -220,9 +220,12 @@ class MergeEngine(BlockComputation):
             return None
         if self._writer is None or not relays_rows(task.job):
             return self._buffers
+        return RelayPool(self._buffers, self._write_at(task))
+
+    def _write_at(self, task: BlockTask) -> int:
+        """Where the first byte of a block's output lands in its shard file."""
         row_bytes = rows_shape(task.job.shape)[1] * NUMPY_DTYPES[task.job.out_dtype].itemsize
-        write_at = self._writer.file_offset(task.job.name, task.start * row_bytes)
-        return RelayPool(self._buffers, write_at)
+        return self._writer.file_offset(task.job.name, task.start * row_bytes)
 
     def release(self, task: BlockTask, loaded: list[np.ndarray], merged=None) -> None:
         """Give a merged block's input buffers back (a copy's output is its input), each once
@@ -256,14 +259,13 @@ class MergeEngine(BlockComputation):
     def output_buffer(self, task: BlockTask, shape: tuple[int, ...]) -> np.ndarray:
         """An array for a block's output, placed for the write of its bytes (``io.buffers``);
         recycled once written."""
-        job = task.job
-        dtype = NUMPY_DTYPES[job.out_dtype]
+        dtype = NUMPY_DTYPES[task.job.out_dtype]
         nbytes = math.prod(shape) * dtype.itemsize
-        pool = self._pool_for(task)
-        if self._writer is None or pool is None:
+        small = task_elements(task) <= SMALL_TASK_ELEMENTS  # as ``_pool_for`` says
+        if self._writer is None or self._buffers is None or small:
             return np.empty(shape, dtype=dtype)
-        offset = self._writer.file_offset(job.name, task.start * (nbytes // max(shape[0], 1)))
-        return pool.take(nbytes, write_offset(offset)).view(dtype).reshape(shape)
+        placement = write_offset(self._write_at(task))
+        return self._buffers.take(nbytes, placement).view(dtype).reshape(shape)
 
     def block_tasks(self, job: TensorJob) -> list[BlockTask]:
         if job.action != "merge":

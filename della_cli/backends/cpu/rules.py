@@ -135,7 +135,7 @@ if numba is not None:
     @numba.njit(cache=True, inline="always")
     def has_nonfinite(values):
         """Whether a float32 row holds a NaN or an Inf (all ones in its exponent)."""
-        return largest_magnitude(values) >= _INFINITY
+        return nonfinite(largest_magnitude(values))
 
     @numba.njit(cache=True, inline="always")
     def magnitude(value):
