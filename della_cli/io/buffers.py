@@ -88,9 +88,15 @@ class BufferPool:
                 self._owned[id(raw)] = raw
         return _place(raw, nbytes, page_offset)
 
+    def maps_well(self, file_offset: int) -> bool:
+        """Whether rows read from ``file_offset`` may be mapped where they lie instead of
+        read into one of these buffers (``io.mapped``): always, as a mapping is never copied
+        out of; its pages go when its last view does."""
+        return True
+
     def give(self, array: np.ndarray) -> None:
         """Take back the buffer under ``array`` (any view of a taken buffer); arrays that did
-        not come from this pool are ignored."""
+        not come from this pool (mapped rows among them) are ignored."""
         raw = array
         while isinstance(raw.base, np.ndarray):
             raw = raw.base
@@ -113,6 +119,12 @@ class RelayPool:
 
     def take(self, nbytes: int, page_offset: int) -> np.ndarray:
         return self.pool.take(nbytes, relay_offset(page_offset, self.write_at))
+
+    def maps_well(self, file_offset: int) -> bool:
+        """Whether rows read from ``file_offset`` may be mapped where they lie and written out
+        from there: unless the write would find its destination 1 to ``SLOW_GAP`` bytes past
+        them, modulo a page (a mapping sits at its file offset's place in a page)."""
+        return not 1 <= (self.write_at - file_offset) % PAGE_BYTES <= SLOW_GAP
 
     def give(self, array: np.ndarray) -> None:
         self.pool.give(array)

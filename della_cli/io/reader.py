@@ -4,8 +4,9 @@ A folder holds either one ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json``. Headers are read and checked up front (cheap: JSON only), so a
 plan can be made from shapes alone; tensor data is read on demand, one tensor at a time, with
 positioned reads into a fresh buffer, as a numpy array of the stored dtype (see
-``io.dtypes``). Reading instead of memory-mapping keeps the process's resident memory bounded by
-the tensors in flight, whatever the model's size.
+``io.dtypes``). The engine's blocks, read into a pool, are mapped where they lie in the page
+cache instead (``io.mapped``), a mapping per block released with it. Either way the process's
+resident memory stays bounded by the tensors in flight, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from della_cli.io.bounded import (
     read_bounded,
 )
 from della_cli.io.buffers import BufferPool, placed, read_offset
-from della_cli.io.dtypes import NUMPY_DTYPES
+from della_cli.io.dtypes import NUMPY_DTYPES, itemsize
 from della_cli.io.header import CONTROL, TensorInfo, parse_header, read_header
+from della_cli.io.mapped import AVAILABLE as MAPPING
+from della_cli.io.mapped import MAP_MIN_BYTES, FileTooShort, mapped_bytes
 from della_cli.io.streamed_sum import FileSpan
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -210,6 +213,7 @@ class ModelReader:
         self.weight_map = weight_map
         self.config = self._read_json("config.json")
         self._handles: dict[Path, int] = {}
+        self._maps = MAPPING  # cleared where the file system refuses a mapping
 
     def _read_json(self, name: str) -> dict | None:
         path = self.folder / name
@@ -265,10 +269,18 @@ class ModelReader:
     def _read_bytes(
         self, info: TensorInfo, begin: int, count: int, pool: BufferPool | None = None
     ) -> np.ndarray:
+        descriptor = self._descriptor(info.path)
+        if pool is not None and self._maps_block(info, begin, count, pool):
+            try:
+                mapped = mapped_bytes(descriptor, info.offset + begin, count)
+            except FileTooShort:
+                raise ModelError(f"{info.path}: ended early while reading '{info.name}'") from None
+            if mapped is not None:
+                return mapped.view(NUMPY_DTYPES[info.dtype])
+            self._maps = False  # copied from now on
         offset = read_offset(info.offset + begin)
         buffer = pool.take(count, offset) if pool is not None else placed(count, offset)
         view = memoryview(buffer)
-        descriptor = self._descriptor(info.path)
         done = 0
         while done < count:
             got = os.preadv(descriptor, [view[done:]], info.offset + begin + done)
@@ -276,6 +288,18 @@ class ModelReader:
                 raise ModelError(f"{info.path}: ended early while reading '{info.name}'")
             done += got
         return buffer.view(NUMPY_DTYPES[info.dtype])
+
+    def _maps_block(self, info: TensorInfo, begin: int, count: int, pool: BufferPool) -> bool:
+        """Whether a block read into ``pool`` is mapped rather than copied: enough bytes to
+        gain, aligned to their dtype in the file (as the kernels take them), and placed where
+        the pool's copies out of it are fast (``BufferPool.maps_well``)."""
+        offset = info.offset + begin
+        return (
+            self._maps
+            and count >= MAP_MIN_BYTES
+            and offset % itemsize(info.dtype) == 0
+            and pool.maps_well(offset)
+        )
 
     def _descriptor(self, path: Path) -> int:
         """The open file ``path``; threads may ask at once, and all get the same descriptor."""
