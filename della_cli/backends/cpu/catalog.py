@@ -16,6 +16,7 @@ merge), where arcee_fusion's merge pass then reads the kept keys too.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 
@@ -36,6 +37,9 @@ Blocks = Callable[[], Iterable[list[np.ndarray]]]
 # between the threads that make them less often (1 << 16: 3.6 ns an entry on one thread;
 # 1 << 18: 3.3).
 IMPORTANCE_ELEMENTS = 1 << 18
+# Each thread's chunk scratch, kept from block to block (``_take_scratch``), up to 64 MiB.
+SCRATCH_KEPT_ENTRIES = 1 << 24
+_scratches = threading.local()
 # (start row, stop row, base float32 (c,), task vectors float32 (n, c)) of one row chunk
 Chunk = tuple[int, int, np.ndarray, np.ndarray]
 
@@ -57,7 +61,16 @@ def chunks(
     if reference.ndim > 1:
         elements = elements or streamed.CPU_CHUNK_ELEMENTS
         step = min(rows, max(1, elements // max(row_length, 1)))
-    scratch = np.empty((len(models) + 1) * step * row_length, dtype=np.float32)
+    scratch = _take_scratch((len(models) + 1) * step * row_length)
+    try:
+        yield from _widened_chunks(
+            reference, models, rows, row_length, step, scratch, flags, task_vectors
+        )
+    finally:
+        _give_scratch(scratch)
+
+
+def _widened_chunks(reference, models, rows, row_length, step, scratch, flags, task_vectors):
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         size = (stop - start) * row_length
@@ -72,6 +85,27 @@ def chunks(
         if task_vectors:
             catalog_kernels.subtract_base(deltas, base)
         yield start, stop, base, deltas
+
+
+def _take_scratch(entries: int) -> np.ndarray:
+    """A float32 scratch of ``entries`` for the chunks of one block: the calling thread's
+    last one where large enough. A fresh one is faulted in and zeroed by the kernel on first
+    touch: at ~1.1B, arcee_fusion spent 3.5% of its time zeroing the pages of a new scratch
+    for every block."""
+    free = getattr(_scratches, "free", None)
+    if free is None:
+        free = _scratches.free = []
+    scratch = free.pop() if free else None
+    if scratch is None or scratch.size < entries:
+        scratch = np.empty(entries, dtype=np.float32)
+    return scratch
+
+
+def _give_scratch(scratch: np.ndarray) -> None:
+    """Keep a thread's scratch for its next block (a generator still running keeps its own;
+    one larger than ``SCRATCH_KEPT_ENTRIES`` goes)."""
+    if scratch.size <= SCRATCH_KEPT_ENTRIES:
+        _scratches.free.append(scratch)
 
 
 def _output_rows(out: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -217,12 +251,18 @@ def arcee_fusion_prepare(
     if keep:
         reuse = keys is not None and keys.size >= numel
         kept = keys[:numel] if reuse else np.empty(numel, dtype=np.uint32)
+        # the keys' top radix digits, counted as they are made (one histogram a thread)
+        tops = None
+        if numel >= catalog_select.PARTITION_BELOW:
+            tops = [catalog_select.digit_counts() for _ in range(helper_count + 1)]
         position = 0
         for loaded in blocks():
             size = loaded[0].size
-            _block_keys(loaded[:2], shape, kept[position : position + size], helpers, helper_count)
+            part = kept[position : position + size]
+            _block_keys(loaded[:2], shape, part, helpers, helper_count, tops)
             position += size
-        found = select_kept(kept, ranks)
+        top = None if tops is None else sum(tops[1:], tops[0])
+        found = select_kept(kept, ranks, top, helpers, helper_count)
     else:
         kept = None
 
@@ -260,11 +300,21 @@ def _importance_keys(base, model, start: int, stop: int, shape, keys: np.ndarray
     return chunk_keys
 
 
-def _block_keys(pair, shape, keys: np.ndarray, helpers: Executor | None, helper_count: int):
+def _block_keys(
+    pair,
+    shape,
+    keys: np.ndarray,
+    helpers: Executor | None,
+    helper_count: int,
+    tops: list[np.ndarray] | None = None,
+):
     """The importance keys of one block (reference, model) into ``keys``, its rows split in
     whole chunks between the calling thread and the helpers: torch's operations let go of
     the GIL, and each row's importance is the same whichever thread makes it (at ~1.1B the
-    importance, about 3.6 ns an entry on one thread, was most of the merge)."""
+    importance, about 3.6 ns an entry on one thread, was most of the merge). With ``tops``
+    (one histogram a thread, the calling thread's first), each thread also counts the top
+    radix digits of the keys it made, while they are in cache: a pass of its own over the
+    kept keys had taken the merging thread alone ~1 s at ~1.1B."""
     rows = pair[0].shape[0] if pair[0].ndim > 1 else 1
     row_length = pair[0].size // max(rows, 1)
     parts = [(0, rows)]
@@ -274,16 +324,22 @@ def _block_keys(pair, shape, keys: np.ndarray, helpers: Executor | None, helper_
         share = -(-chunk_count // (helper_count + 1)) * step  # whole chunks each
         parts = [(a, min(a + share, rows)) for a in range(0, rows, share)]
 
-    def fill(first: int, last: int) -> None:
+    def fill(first: int, last: int, top: np.ndarray | None) -> None:
         part = [x[first:last] for x in pair] if len(parts) > 1 else pair
         position = first * row_length
         for start, stop, base, models in chunks(part, None, False, IMPORTANCE_ELEMENTS):
             made = _importance_keys(base, models[0], start, stop, shape, keys[position:])
+            if top is not None:
+                catalog_kernels.top_digits(made, top)
             position += made.size
 
-    waiting = [helpers.submit(fill, a, b) for a, b in parts[1:]]
+    histograms = tops or [None] * len(parts)
+    waiting = [
+        helpers.submit(fill, a, b, top)
+        for (a, b), top in zip(parts[1:], histograms[1:], strict=False)
+    ]
     try:
-        fill(*parts[0])
+        fill(*parts[0], histograms[0])
     finally:
         for future in waiting:
             future.result()

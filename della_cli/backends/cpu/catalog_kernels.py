@@ -103,13 +103,14 @@ if numba is not None:
             keys[j] = _key(keys[j])
         return nonzero, nan
 
-    @numba.njit(cache=True)
+    # nogil (top_digits, low_digits): arcee_fusion counts digits on two threads
+    @numba.njit(cache=True, nogil=True)
     def top_digits(keys, counts):
         """Add to ``counts`` (65,536) the top 16 bits of each key: the first radix digit."""
         for j in range(keys.shape[0]):
             counts[keys[j] >> np.uint32(16)] += 1
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, nogil=True)
     def low_digits(keys, slots, counts):
         """Add to ``counts[slots[top]]`` the low 16 bits of each key whose top 16 bits have a
         slot (``slots[top]`` ≥ 0: a prefix a rank is in); one lookup a key, however many

@@ -13,6 +13,7 @@ many ties before it to skip, as the torch selection gives them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -43,14 +44,23 @@ def order_statistics(
         nonzero += found
         catalog_kernels.top_digits(keys, top)
     ranks = list(ranks_for(total, nonzero))
-    return _low_digits(top, ranks, lambda: (keys for keys, _ in key_chunks())), (total, nonzero)
+
+    def pieces() -> Iterable[list[np.ndarray]]:
+        return ([keys] for keys, _ in key_chunks())
+
+    return _low_digits(top, ranks, pieces), (total, nonzero)
 
 
 def _low_digits(
-    top: np.ndarray, ranks: Sequence[int], sources: Callable[[], Iterable[np.ndarray]]
+    top: np.ndarray,
+    ranks: Sequence[int],
+    sources: Callable[[], Iterable[list[np.ndarray]]],
+    helpers: Executor | None = None,
 ) -> list[tuple[int, int]]:
-    """From the histogram of the keys' top digits, a second pass over ``sources()`` for the
-    low digits under each rank's prefix: (key, ties to skip) per rank."""
+    """From the histogram of the keys' top digits, a second pass over ``sources()`` (lists
+    of key arrays, the first counted by the calling thread, the others by ``helpers``, each
+    into counts of its own: the kernel lets go of the GIL) for the low digits under each
+    rank's prefix: (key, ties to skip) per rank."""
     if not ranks:
         return []
     states = [list(_digit(top, rank)) for rank in ranks]  # [prefix, rank within it]
@@ -58,8 +68,19 @@ def _low_digits(
     slots = np.full(_BUCKETS, -1, dtype=np.int32)
     slots[prefixes] = np.arange(len(prefixes), dtype=np.int32)
     counts = np.zeros((len(prefixes), _BUCKETS), dtype=np.int64)
-    for keys in sources():
-        catalog_kernels.low_digits(keys, slots, counts)
+    for pieces in sources():
+        theirs = [np.zeros_like(counts) for _ in pieces[1:]]
+        waiting = [
+            helpers.submit(catalog_kernels.low_digits, piece, slots, own)
+            for piece, own in zip(pieces[1:], theirs, strict=True)
+        ]
+        try:
+            catalog_kernels.low_digits(pieces[0], slots, counts)
+        finally:
+            for future in waiting:
+                future.result()
+        for own in theirs:
+            counts += own
     for state in states:
         digit, state[1] = _digit(counts[slots[state[0]]], state[1])
         state[0] = (state[0] << 16) | digit
@@ -78,19 +99,36 @@ def kept_keys(key_chunks: KeyChunks, numel: int) -> tuple[np.ndarray, int]:
     return kept[:position], nonzero
 
 
-def select_kept(keys: np.ndarray, ranks: Sequence[int]) -> list[tuple[int, int]]:
+def digit_counts() -> np.ndarray:
+    """A histogram of one 16-bit radix digit, empty."""
+    return np.zeros(_BUCKETS, dtype=np.int64)
+
+
+def select_kept(
+    keys: np.ndarray,
+    ranks: Sequence[int],
+    top: np.ndarray | None = None,
+    helpers: Executor | None = None,
+    helper_count: int = 0,
+) -> list[tuple[int, int]]:
     """(key, ties to skip) of each ascending rank among the kept ``keys``: by partition under
     ``PARTITION_BELOW`` keys (a 6K-entry tensor: a radix selection's histograms cost more
-    than its merge), else by the two radix digits, over memory."""
+    than its merge), else by the two radix digits, over memory: ``top``, the histogram of
+    the keys' top digits where counted already, the low digits' pass shared with
+    ``helper_count`` of ``helpers``."""
     ranks = list(ranks)
     if not ranks:
         return []
     if max(ranks) >= keys.size:
         raise ValueError(f"Rank {max(ranks)} is out of range for {keys.size} scores.")
     if keys.size >= PARTITION_BELOW:
-        top = np.zeros(_BUCKETS, dtype=np.int64)
-        catalog_kernels.top_digits(keys, top)
-        return _low_digits(top, ranks, lambda: [keys])
+        if top is None:
+            top = digit_counts()
+            catalog_kernels.top_digits(keys, top)
+        parts = helper_count + 1 if helpers is not None else 1
+        share = -(-keys.size // parts)
+        slices = [keys[start : start + share] for start in range(0, keys.size, share)]
+        return _low_digits(top, ranks, lambda: [slices], helpers)
     ordered = np.partition(keys, ranks)
     found = []
     for rank in ranks:
