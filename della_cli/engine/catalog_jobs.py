@@ -68,6 +68,7 @@ class CatalogJobs:
         if name == "arcee_fusion":
             helpers = self.helpers()
             count = self.threads.chunk_helpers if helpers is not None else 0
+            self.threads.limit_torch_per_caller()
             if self._keys.size < job.numel and streamed.keys_kept(name, job.numel):
                 self._keys = np.empty(job.numel, dtype=np.uint32)  # the largest kept so far
             return catalog.arcee_fusion_prepare(

@@ -65,6 +65,17 @@ class ThreadBudget:
         takes the core the merging thread needs (see the module's note)."""
         return max(1, self.total - 2)
 
+    def limit_torch_per_caller(self) -> None:
+        """One torch thread for each thread that calls torch at once (arcee_fusion's
+        importances, made by the merging thread and its helpers): they already use every
+        core. Left at torch's default (every core), each caller's softmax forked OpenMP
+        threads of its own: at ~1.1B on 2 cores, perf found two such threads running beside
+        the merging thread and its helper, and the threads' waking and switching took 5% of
+        the merge's CPU time."""
+        import torch
+
+        torch.set_num_threads(1)
+
     def limit_torch(self) -> None:
         """Give torch's CPU kernels their threads (a process-wide setting). The catalog
         methods write the same bytes on one thread and on two (test_threads_catalog.py)."""

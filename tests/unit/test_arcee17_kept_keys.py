@@ -248,3 +248,89 @@ def test_kept_keys_go_into_the_buffer_given_where_it_is_large_enough():
     alone = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, True, None, 0, small)
     assert not np.shares_memory(alone["keys"], small)
     assert np.array_equal(alone["keys"], fresh["keys"]) and not small.any()
+
+
+@pytest.mark.parametrize("helper_count", [1, 2])
+def test_radix_digits_counted_on_every_thread_select_what_one_thread_selects(
+    helper_count, monkeypatch
+):
+    """A tensor selected by radix digits: each thread counts the top digits of the keys it
+    makes (no pass of their own over the kept keys), the helpers count part of the low
+    digits, and the quartiles, the threshold and the keys are those of one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from della_cli.backends.cpu import catalog, catalog_kernels, catalog_select
+
+    monkeypatch.setattr(catalog, "IMPORTANCE_ELEMENTS", 40)
+    monkeypatch.setattr(catalog_select, "PARTITION_BELOW", 64)  # radix from 64 keys
+    shape, bounds = (300, 7), (0, 128, 256, 300)
+    loaded = two_models(shape, BF16, seed=11)
+    pieces = blocks_of(loaded, bounds)
+    numel = int(np.prod(shape))
+    alone = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
+    counted = {"top": [], "low": []}
+    top, low = catalog_kernels.top_digits, catalog_kernels.low_digits
+
+    def watched_top(keys, counts):
+        counted["top"].append((threading.current_thread().name, keys.size))
+        return top(keys, counts)
+
+    def watched_low(keys, slots, counts):
+        counted["low"].append((threading.current_thread().name, keys.size))
+        return low(keys, slots, counts)
+
+    monkeypatch.setattr(catalog_kernels, "top_digits", watched_top)
+    monkeypatch.setattr(catalog_kernels, "low_digits", watched_low)
+    with ThreadPoolExecutor(helper_count, thread_name_prefix="helper") as helpers:
+        shared = catalog.arcee_fusion_prepare(
+            lambda: iter(pieces), numel, shape, True, helpers, helper_count
+        )
+    assert np.array_equal(shared["keys"], alone["keys"])
+    assert float(shared["threshold"]) == float(alone["threshold"])
+    assert max(size for _, size in counted["top"]) < numel  # chunks only
+    assert sum(size for _, size in counted["top"]) == numel
+    assert {name.split("_")[0] for name, _ in counted["top"]} == {"MainThread", "helper"}
+    assert sum(size for _, size in counted["low"]) == numel
+    assert len(counted["low"]) == helper_count + 1  # a share each
+    assert {name.split("_")[0] for name, _ in counted["low"]} == {"MainThread", "helper"}
+
+
+def test_a_selection_given_the_top_digits_and_helpers_finds_the_partitions_ranks():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from della_cli.backends.cpu import catalog_kernels, catalog_select
+
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 1 << 20, catalog_select.PARTITION_BELOW + 1001, dtype=np.uint32)
+    keys[::7] = keys[3]  # ties at a rank
+    ranks = [0, 17, keys.size // 2, keys.size - 1]
+    ordered = np.sort(keys)
+    top = catalog_select.digit_counts()
+    catalog_kernels.top_digits(keys, top)
+    with ThreadPoolExecutor(2) as helpers:
+        found = catalog_select.select_kept(keys, ranks, top, helpers, 2)
+    assert found == catalog_select.select_kept(keys, ranks)
+    for (key, ties), rank in zip(found, ranks, strict=True):
+        assert key == ordered[rank]
+        assert ties == rank - int(np.searchsorted(ordered, key))
+
+
+def test_arcee_fusion_runs_torch_on_one_thread_per_caller(monkeypatch):
+    """The importances are made by the merging thread and its helpers at once: torch gets
+    one thread each, whatever it had (its default is every core)."""
+    from della_cli.engine.catalog_jobs import CatalogJobs
+    from della_cli.engine.threads import ThreadBudget
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        jobs = CatalogJobs(None, None, ThreadBudget(2))
+        job = type("Job", (), {})()
+        job.kernel = type("Kernel", (), {"name": "arcee_fusion", "settings": {}})()
+        job.numel, job.shape = 6, (2, 3)
+        loaded = two_models((2, 3), BF16, seed=1)
+        state = jobs.prepare(job, lambda: iter([loaded]))
+        assert torch.get_num_threads() == 1
+        assert state["keys"].size == 6
+    finally:
+        torch.set_num_threads(threads)
