@@ -35,6 +35,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
+from della_cli.engine.allocator import keep_freed_memory
 from della_cli.engine.catalog_jobs import CatalogJobs, relays_rows
 from della_cli.engine.computing import BlockComputation
 from della_cli.engine.cpu_jobs import CpuJobs
@@ -150,6 +151,7 @@ class MergeEngine(BlockComputation):
     def run(self, writer: ShardWriter, start: int = 0) -> None:
         """Compute and write the jobs from position ``start`` on (later ones on resume)."""
         helpers = self.threads.chunk_helpers
+        keep_freed_memory()
         with (
             ThreadPoolExecutor(1, thread_name_prefix="della-read") as reads,
             ThreadPoolExecutor(1, thread_name_prefix="della-write") as writes,
