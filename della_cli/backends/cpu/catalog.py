@@ -16,7 +16,6 @@ merge), where arcee_fusion's merge pass then reads the kept keys too.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 
@@ -37,9 +36,6 @@ Blocks = Callable[[], Iterable[list[np.ndarray]]]
 # between the threads that make them less often (1 << 16: 3.6 ns an entry on one thread;
 # 1 << 18: 3.3).
 IMPORTANCE_ELEMENTS = 1 << 18
-# Each thread's chunk scratch, kept from block to block (``_take_scratch``), up to 64 MiB.
-SCRATCH_KEPT_ENTRIES = 1 << 24
-_scratches = threading.local()
 # (start row, stop row, base float32 (c,), task vectors float32 (n, c)) of one row chunk
 Chunk = tuple[int, int, np.ndarray, np.ndarray]
 
@@ -61,16 +57,7 @@ def chunks(
     if reference.ndim > 1:
         elements = elements or streamed.CPU_CHUNK_ELEMENTS
         step = min(rows, max(1, elements // max(row_length, 1)))
-    scratch = _take_scratch((len(models) + 1) * step * row_length)
-    try:
-        yield from _widened_chunks(
-            reference, models, rows, row_length, step, scratch, flags, task_vectors
-        )
-    finally:
-        _give_scratch(scratch)
-
-
-def _widened_chunks(reference, models, rows, row_length, step, scratch, flags, task_vectors):
+    scratch = np.empty((len(models) + 1) * step * row_length, dtype=np.float32)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         size = (stop - start) * row_length
@@ -85,27 +72,6 @@ def _widened_chunks(reference, models, rows, row_length, step, scratch, flags, t
         if task_vectors:
             catalog_kernels.subtract_base(deltas, base)
         yield start, stop, base, deltas
-
-
-def _take_scratch(entries: int) -> np.ndarray:
-    """A float32 scratch of ``entries`` for the chunks of one block: the calling thread's
-    last one where large enough. A fresh one is faulted in and zeroed by the kernel on first
-    touch: at ~1.1B, arcee_fusion spent 3.5% of its time zeroing the pages of a new scratch
-    for every block."""
-    free = getattr(_scratches, "free", None)
-    if free is None:
-        free = _scratches.free = []
-    scratch = free.pop() if free else None
-    if scratch is None or scratch.size < entries:
-        scratch = np.empty(entries, dtype=np.float32)
-    return scratch
-
-
-def _give_scratch(scratch: np.ndarray) -> None:
-    """Keep a thread's scratch for its next block (a generator still running keeps its own;
-    one larger than ``SCRATCH_KEPT_ENTRIES`` goes)."""
-    if scratch.size <= SCRATCH_KEPT_ENTRIES:
-        _scratches.free.append(scratch)
 
 
 def _output_rows(out: np.ndarray, start: int, stop: int) -> np.ndarray:
