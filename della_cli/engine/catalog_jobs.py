@@ -58,7 +58,7 @@ class CatalogJobs:
         name = job.kernel.name
         if name in CPU_SPHERICAL_METHODS:
             return _spherical_prepare(job, blocks)
-        from della_cli.backends.cpu import catalog  # numba: imported only when needed
+        from della_cli.backends.cpu import arcee, catalog  # numba: imported only when needed
 
         values = job.kernel.settings
         if name == "sce":
@@ -71,7 +71,7 @@ class CatalogJobs:
             self.threads.limit_torch_per_caller()
             if self._keys.size < job.numel and streamed.keys_kept(name, job.numel):
                 self._keys = np.empty(job.numel, dtype=np.uint32)  # the largest kept so far
-            return catalog.arcee_fusion_prepare(
+            return arcee.arcee_fusion_prepare(
                 blocks, job.numel, job.shape, None, helpers, count, self._keys
             )
         raise ValueError(f"cpu/{name} makes no pass before its merge")
@@ -94,10 +94,27 @@ class CatalogJobs:
         elif name == "nearswap":
             out, flags = _nearswap_apply(job, loaded, out)
         else:
-            flags = _selecting_apply(task, loaded, state, out)
+            flags = self._selecting_apply(task, loaded, state, out)
         if flags.any():
             reporter.nonfinite(job, [bool(flag) for flag in flags])
         return out
+
+    def _selecting_apply(self, task: BlockTask, loaded: list[np.ndarray], state, out):
+        """One block of sce, ram, ramplus_tl or arcee_fusion into ``out``; the non-finite
+        flags. arcee_fusion's shares its rows with the engine's helper threads."""
+        from della_cli.backends.cpu import arcee, catalog
+
+        job = task.job
+        name = job.kernel.name
+        if name == "sce":
+            return catalog.sce_apply(state, loaded, out)
+        if name == "arcee_fusion":
+            first = task.start * (loaded[0].size // max(loaded[0].shape[0], 1))
+            helpers = self.helpers()
+            count = self.threads.chunk_helpers if helpers is not None else 0
+            return arcee.arcee_fusion_apply(state, loaded, first, out, helpers, count)
+        lambdas = state if name == "ramplus_tl" else None
+        return catalog.ram_apply(lambdas, job.kernel.settings["epsilon"], loaded, out)
 
     def _passed_on(self, task: BlockTask, rows: np.ndarray, reporter: Reporter) -> np.ndarray:
         """A passthrough block: its rows themselves, handed to the writer (the reader placed
@@ -118,21 +135,6 @@ def relays_rows(job: TensorJob) -> bool:
     written (``MergeEngine.release``)."""
     kernel = job.kernel
     return job.action == "merge" and kernel.backend == "cpu" and kernel.name == "passthrough"
-
-
-def _selecting_apply(task: BlockTask, loaded: list[np.ndarray], state, out: np.ndarray):
-    """One block of sce, ram, ramplus_tl or arcee_fusion into ``out``; the non-finite flags."""
-    from della_cli.backends.cpu import catalog
-
-    job = task.job
-    name = job.kernel.name
-    if name == "sce":
-        return catalog.sce_apply(state, loaded, out)
-    if name == "arcee_fusion":
-        first = task.start * (loaded[0].size // max(loaded[0].shape[0], 1))
-        return catalog.arcee_fusion_apply(state, loaded, first, out)
-    lambdas = state if name == "ramplus_tl" else None
-    return catalog.ram_apply(lambdas, job.kernel.settings["epsilon"], loaded, out)
 
 
 def _nearswap_apply(job: TensorJob, loaded: list[np.ndarray], out: np.ndarray):

@@ -54,17 +54,15 @@ def reference_merge(loaded, shape):
 
 def kept_merge(loaded, shape, pieces):
     """The CPU kernels with the keys kept: the threshold, the state and the merged rows."""
-    from della_cli.backends.cpu import catalog
+    from della_cli.backends.cpu import arcee
 
     numel = int(np.prod(shape))
-    state = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
+    state = arcee.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
     out = np.empty_like(loaded[0])
     start = 0
     for piece in pieces:
         rows = piece[0].shape[0]
-        catalog.arcee_fusion_apply(
-            state, piece, start * piece[0].shape[1], out[start : start + rows]
-        )
+        arcee.arcee_fusion_apply(state, piece, start * piece[0].shape[1], out[start : start + rows])
         start += rows
     return state, out
 
@@ -78,13 +76,13 @@ def kept_merge(loaded, shape, pieces):
 def test_kept_and_recomputed_keys_give_the_same_threshold_and_the_references_bytes(
     shape, bounds, dtype
 ):
-    from della_cli.backends.cpu import catalog
+    from della_cli.backends.cpu import arcee
 
     loaded = two_models(shape, dtype, seed=sum(shape))
     pieces = blocks_of(loaded, bounds)
     numel = int(np.prod(shape))
     kept_state, merged = kept_merge(loaded, shape, pieces)
-    fresh = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=False)
+    fresh = arcee.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=False)
     assert kept_state["keys"] is not None and kept_state["keys"].size == numel
     assert fresh["keys"] is None
     assert kept_state["threshold"].dtype == fresh["threshold"].dtype == torch.float32
@@ -146,13 +144,13 @@ def engine_merge(recipe_path, folder, budget):
     several, ragged at its end), tensors of 64 entries or more over ``KEYS_KEPT_BELOW``, with
     ``budget`` bytes of arcee_fusion keys; and whether each prepared tensor kept its keys."""
     from della_cli.api import MergeOptions, prepare
-    from della_cli.backends.cpu import catalog
+    from della_cli.backends.cpu import arcee
     from della_cli.engine import MergeEngine
     from della_cli.io.writer import ShardWriter
     from della_cli.methods import streamed
 
     kept: list[bool] = []  # per prepared tensor of 64 entries or more
-    original = catalog.arcee_fusion_prepare
+    original = arcee.arcee_fusion_prepare
 
     def recorded(blocks, numel, shape, *options):
         state = original(blocks, numel, shape, *options)
@@ -163,7 +161,7 @@ def engine_merge(recipe_path, folder, budget):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(streamed, "KEYS_KEPT_BELOW", 64)
         patch.setattr(streamed, "ARCEE_KEYS_KEPT_BYTES", budget)
-        patch.setattr(catalog, "arcee_fusion_prepare", recorded)
+        patch.setattr(arcee, "arcee_fusion_prepare", recorded)
         recipe, inputs, plan = prepare(recipe_path, MergeOptions())
         engine = MergeEngine(recipe, plan, inputs, "cpu", block_elements=256)
         folder.mkdir()
@@ -198,23 +196,23 @@ def test_keys_made_on_several_threads_are_those_made_on_one(
     every key of the one-thread run, in its place; a NaN found by a helper is an error."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from della_cli.backends.cpu import catalog
+    from della_cli.backends.cpu import arcee
 
-    monkeypatch.setattr(catalog, "IMPORTANCE_ELEMENTS", 40)  # blocks of several chunks
+    monkeypatch.setattr(arcee, "IMPORTANCE_ELEMENTS", 40)  # blocks of several chunks
     loaded = two_models(shape, BF16, seed=7)
     pieces = blocks_of(loaded, bounds)
     numel = int(np.prod(shape))
-    alone = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
+    alone = arcee.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
     split = []
-    real = catalog._importance_keys
+    real = arcee._importance_keys
 
     def watched(base, model, start, stop, shape, keys):
         split.append(threading.current_thread().name)
         return real(base, model, start, stop, shape, keys)
 
-    monkeypatch.setattr(catalog, "_importance_keys", watched)
+    monkeypatch.setattr(arcee, "_importance_keys", watched)
     with ThreadPoolExecutor(helper_count, thread_name_prefix="helper") as helpers:
-        shared = catalog.arcee_fusion_prepare(
+        shared = arcee.arcee_fusion_prepare(
             lambda: iter(pieces), numel, shape, True, helpers, helper_count
         )
         assert np.array_equal(shared["keys"], alone["keys"])
@@ -224,7 +222,7 @@ def test_keys_made_on_several_threads_are_those_made_on_one(
         poisoned = [[a.copy() for a in piece] for piece in pieces]
         poisoned[0][1].reshape(-1)[-1] = np.nan  # in the last rows of the first block
         with pytest.raises(ValueError):
-            catalog.arcee_fusion_prepare(
+            arcee.arcee_fusion_prepare(
                 lambda: iter(poisoned), numel, shape, True, helpers, helper_count
             )
 
@@ -232,20 +230,20 @@ def test_keys_made_on_several_threads_are_those_made_on_one(
 def test_kept_keys_go_into_the_buffer_given_where_it_is_large_enough():
     """The engine hands each tensor the buffer of the largest kept so far: the keys land in
     it (no fresh memory), the same keys; a buffer too small is left alone."""
-    from della_cli.backends.cpu import catalog
+    from della_cli.backends.cpu import arcee
 
     shape = (37, 41)
     loaded = two_models(shape, BF16, seed=3)
     pieces = blocks_of(loaded, (0, 16, 32, 37))
     numel = int(np.prod(shape))
-    fresh = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
+    fresh = arcee.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
     large = np.zeros(numel + 100, dtype=np.uint32)
-    reused = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, True, None, 0, large)
+    reused = arcee.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, True, None, 0, large)
     assert np.shares_memory(reused["keys"], large) and reused["keys"].size == numel
     assert np.array_equal(reused["keys"], fresh["keys"])
     assert float(reused["threshold"]) == float(fresh["threshold"])
     small = np.zeros(numel - 1, dtype=np.uint32)
-    alone = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, True, None, 0, small)
+    alone = arcee.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, True, None, 0, small)
     assert not np.shares_memory(alone["keys"], small)
     assert np.array_equal(alone["keys"], fresh["keys"]) and not small.any()
 
@@ -259,15 +257,15 @@ def test_radix_digits_counted_on_every_thread_select_what_one_thread_selects(
     digits, and the quartiles, the threshold and the keys are those of one thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from della_cli.backends.cpu import catalog, catalog_kernels, catalog_select
+    from della_cli.backends.cpu import arcee, catalog_kernels, catalog_select
 
-    monkeypatch.setattr(catalog, "IMPORTANCE_ELEMENTS", 40)
+    monkeypatch.setattr(arcee, "IMPORTANCE_ELEMENTS", 40)
     monkeypatch.setattr(catalog_select, "PARTITION_BELOW", 64)  # radix from 64 keys
     shape, bounds = (300, 7), (0, 128, 256, 300)
     loaded = two_models(shape, BF16, seed=11)
     pieces = blocks_of(loaded, bounds)
     numel = int(np.prod(shape))
-    alone = catalog.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
+    alone = arcee.arcee_fusion_prepare(lambda: iter(pieces), numel, shape, keep=True)
     counted = {"top": [], "low": []}
     top, low = catalog_kernels.top_digits, catalog_kernels.low_digits
 
@@ -282,7 +280,7 @@ def test_radix_digits_counted_on_every_thread_select_what_one_thread_selects(
     monkeypatch.setattr(catalog_kernels, "top_digits", watched_top)
     monkeypatch.setattr(catalog_kernels, "low_digits", watched_low)
     with ThreadPoolExecutor(helper_count, thread_name_prefix="helper") as helpers:
-        shared = catalog.arcee_fusion_prepare(
+        shared = arcee.arcee_fusion_prepare(
             lambda: iter(pieces), numel, shape, True, helpers, helper_count
         )
     assert np.array_equal(shared["keys"], alone["keys"])

@@ -75,14 +75,14 @@ def torch_merge(method, values, loaded, shape, blocks):
 
 
 def cpu_merge(method, values, loaded, shape, blocks):
-    from della_cli.backends.cpu import catalog
+    from della_cli.backends.cpu import arcee, catalog
 
     pieces, blocked = split(loaded, blocks)
     numel = int(np.prod(shape))
     out = np.empty_like(loaded[0])
     state = None
     if method == "arcee_fusion":
-        state = catalog.arcee_fusion_prepare(blocked, numel, shape)
+        state = arcee.arcee_fusion_prepare(blocked, numel, shape)
     if method == "sce":
         state = catalog.sce_prepare(values["select_topk"], blocked, numel, shape)
     elif method == "ramplus_tl":
@@ -94,7 +94,7 @@ def cpu_merge(method, values, loaded, shape, blocks):
             catalog.sce_apply(state, piece, out[start : start + rows])
         elif method == "arcee_fusion":
             first = start * piece[0].shape[1]
-            catalog.arcee_fusion_apply(state, piece, first, out[start : start + rows])
+            arcee.arcee_fusion_apply(state, piece, first, out[start : start + rows])
         else:
             catalog.ram_apply(state, values["epsilon"], piece, out[start : start + rows])
         start += rows
@@ -127,7 +127,7 @@ def test_a_large_tensor_is_selected_in_16_bit_radix_passes_to_the_same_bytes(
 ):
     """From 262,144 entries the selection takes two 16-bit radix digits: over the keys kept
     from the first pass, or (above ``KEYS_KEPT_BELOW`` entries) made afresh in each pass."""
-    from della_cli.backends.cpu import catalog, catalog_select
+    from della_cli.backends.cpu import arcee, catalog_select
     from della_cli.methods import streamed
 
     values, models = METHODS[case]
@@ -140,7 +140,7 @@ def test_a_large_tensor_is_selected_in_16_bit_radix_passes_to_the_same_bytes(
     expected_state, expected = torch_merge(case, values, loaded, shape, 2)
     _, blocked = split(loaded, 2)
     if case == "arcee_fusion":
-        state = catalog.arcee_fusion_prepare(blocked, int(np.prod(shape)), shape)
+        state = arcee.arcee_fusion_prepare(blocked, int(np.prod(shape)), shape)
         assert (state["keys"] is not None) == kept
         assert float(state["threshold"]) == float(expected_state)
         if not kept:

@@ -234,7 +234,7 @@ if numba is not None:
             total[j] = base[j] + total[j]
         rules.store_row(total, out)
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, nogil=True)  # blocks split between threads
     def arcee_fuse(deltas, base, keys, pivot, keep_none, out):
         """``selection.arcee_fusion_apply`` on one chunk from its importances' kept keys:
         θ₀ + δ·[importance ≥ threshold], the threshold's key ``pivot`` (none kept where the

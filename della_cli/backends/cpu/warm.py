@@ -259,7 +259,7 @@ def warm_catalog(
 ) -> None:
     """The catalog kernels (``backends.cpu.catalog``) of ``methods`` (sce, ram, ramplus_tl,
     arcee_fusion; default all) on a small block of ``dtype`` inputs written as ``out_dtype``."""
-    from della_cli.backends.cpu import catalog, catalog_select
+    from della_cli.backends.cpu import arcee, catalog, catalog_select
 
     rng = np.random.default_rng(0)
     loaded = [rng.standard_normal((4, 8)).astype(dtype) for _ in range(3)]
@@ -277,8 +277,8 @@ def warm_catalog(
     if "ram" in methods:
         catalog.ram_apply(None, 1e-5, loaded, out)
     if "arcee_fusion" in methods:
-        state = catalog.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
-        catalog.arcee_fusion_apply(state, loaded[:2], 0, out)
+        state = arcee.arcee_fusion_prepare(lambda: iter([loaded[:2]]), 32, (4, 8))
+        arcee.arcee_fusion_apply(state, loaded[:2], 0, out)
 
 
 def warm_spherical(dtype: np.dtype, out_dtype: np.dtype) -> None:
