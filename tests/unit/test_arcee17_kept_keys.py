@@ -332,3 +332,36 @@ def test_arcee_fusion_runs_torch_on_one_thread_per_caller(monkeypatch):
         assert state["keys"].size == 6
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("helper_count", [1, 2])
+def test_a_block_merged_on_several_threads_is_the_one_threads(helper_count, monkeypatch):
+    """The merge pass splits a block's rows in whole chunks among the calling thread and the
+    helpers: the same bytes and input flags as one thread, a NaN flagged whichever thread
+    meets it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from della_cli.backends.cpu import arcee, catalog_kernels
+    from della_cli.methods import streamed
+
+    monkeypatch.setattr(streamed, "CPU_CHUNK_ELEMENTS", 41 * 3)  # chunks of 3 rows
+    shape = (37, 41)
+    loaded = two_models(shape, BF16, seed=9)
+    loaded[1][-1, -1] = np.nan  # in the last chunk, a helper's
+    state = arcee.arcee_fusion_prepare(lambda: iter([[loaded[0], loaded[0]]]), 37 * 41, shape)
+    alone = np.empty_like(loaded[0])
+    flags_alone = arcee.arcee_fusion_apply(state, loaded, 0, alone)
+    threads = []
+    fuse = catalog_kernels.arcee_fuse
+
+    def watched(*args):
+        threads.append(threading.current_thread().name)
+        return fuse(*args)
+
+    monkeypatch.setattr(catalog_kernels, "arcee_fuse", watched)
+    shared = np.empty_like(loaded[0])
+    with ThreadPoolExecutor(helper_count, thread_name_prefix="helper") as helpers:
+        flags = arcee.arcee_fusion_apply(state, loaded, 0, shared, helpers, helper_count)
+    assert np.array_equal(shared.view(np.uint16), alone.view(np.uint16))
+    assert flags.tolist() == flags_alone.tolist() == [False, True]
+    assert {name.split("_")[0] for name in threads} == {"MainThread", "helper"}
