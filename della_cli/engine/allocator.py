@@ -13,7 +13,6 @@ large buffers of the merge stay off the heap, and what the heap keeps is bounded
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 
 # mallopt's parameters (malloc.h).

@@ -50,6 +50,11 @@ class CatalogJobs:
         # arcee_fusion's kept importance keys, reused by each tensor (one is merged at a time)
         self._keys = np.empty(0, dtype=np.uint32)
 
+    def _helper_threads(self) -> tuple[Executor | None, int]:
+        """The engine's helper threads while it runs, and how many of them to use."""
+        helpers = self.helpers()
+        return helpers, self.threads.chunk_helpers if helpers is not None else 0
+
     def prepare(self, job: TensorJob, blocks: Blocks):
         """What the job's method needs of the whole tensor, from passes over its blocks
         (``blocks()``: each block's raw rows, reference first, as ``RowLoader.load`` gives
@@ -66,8 +71,7 @@ class CatalogJobs:
         if name == "ramplus_tl":
             return catalog.ramplus_tl_prepare(values, blocks, len(job.experts))
         if name == "arcee_fusion":
-            helpers = self.helpers()
-            count = self.threads.chunk_helpers if helpers is not None else 0
+            helpers, count = self._helper_threads()
             self.threads.limit_torch_per_caller()
             if self._keys.size < job.numel and streamed.keys_kept(name, job.numel):
                 self._keys = np.empty(job.numel, dtype=np.uint32)  # the largest kept so far
@@ -110,8 +114,7 @@ class CatalogJobs:
             return catalog.sce_apply(state, loaded, out)
         if name == "arcee_fusion":
             first = task.start * (loaded[0].size // max(loaded[0].shape[0], 1))
-            helpers = self.helpers()
-            count = self.threads.chunk_helpers if helpers is not None else 0
+            helpers, count = self._helper_threads()
             return arcee.arcee_fusion_apply(state, loaded, first, out, helpers, count)
         lambdas = state if name == "ramplus_tl" else None
         return catalog.ram_apply(lambdas, job.kernel.settings["epsilon"], loaded, out)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from functools import partial
 
 import numpy as np
 
 from della_cli.backends.cpu import catalog_kernels, catalog_select
 from della_cli.backends.cpu.catalog import Blocks, chunks, output_rows
 from della_cli.backends.cpu.catalog_select import key_value, order_statistics, select_kept
+from della_cli.backends.cpu.shared_work import run_shared
 from della_cli.methods import streamed
 
 # arcee_fusion's importances are made in chunks of this many entries: each row's is the same
@@ -130,15 +132,8 @@ def _block_keys(
             position += made.size
 
     histograms = tops or [None] * len(parts)
-    waiting = [
-        helpers.submit(fill, a, b, top)
-        for (a, b), top in zip(parts[1:], histograms[1:], strict=False)
-    ]
-    try:
-        fill(*parts[0], histograms[0])
-    finally:
-        for future in waiting:
-            future.result()
+    calls = [partial(fill, a, b, top) for (a, b), top in zip(parts, histograms, strict=False)]
+    run_shared(helpers, calls)
 
 
 def _row_parts(
@@ -185,11 +180,4 @@ def arcee_fusion_apply(
             catalog_kernels.arcee_fuse(deltas, base, keys, pivot[0], keep_none, target)
         return flags
 
-    waiting = [helpers.submit(fuse, a, b) for a, b in parts[1:]]
-    try:
-        flags = fuse(*parts[0])
-    finally:
-        found = [future.result() for future in waiting]
-    for other in found:
-        flags |= other
-    return flags
+    return np.logical_or.reduce(run_shared(helpers, [partial(fuse, a, b) for a, b in parts]))

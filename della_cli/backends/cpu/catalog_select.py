@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
+from functools import partial
 
 import numpy as np
 
 from della_cli.backends.cpu import catalog_kernels
+from della_cli.backends.cpu.shared_work import run_shared
 from della_cli.methods import streamed
 
 _BUCKETS = 1 << 16  # a 16-bit radix digit
@@ -69,17 +71,13 @@ def _low_digits(
     slots[prefixes] = np.arange(len(prefixes), dtype=np.int32)
     counts = np.zeros((len(prefixes), _BUCKETS), dtype=np.int64)
     for pieces in sources():
-        theirs = [np.zeros_like(counts) for _ in pieces[1:]]
-        waiting = [
-            helpers.submit(catalog_kernels.low_digits, piece, slots, own)
-            for piece, own in zip(pieces[1:], theirs, strict=True)
+        owns = [counts] + [np.zeros_like(counts) for _ in pieces[1:]]
+        calls = [
+            partial(catalog_kernels.low_digits, piece, slots, own)
+            for piece, own in zip(pieces, owns, strict=True)
         ]
-        try:
-            catalog_kernels.low_digits(pieces[0], slots, counts)
-        finally:
-            for future in waiting:
-                future.result()
-        for own in theirs:
+        run_shared(helpers, calls)
+        for own in owns[1:]:
             counts += own
     for state in states:
         digit, state[1] = _digit(counts[slots[state[0]]], state[1])

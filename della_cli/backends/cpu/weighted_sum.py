@@ -23,12 +23,14 @@ import itertools
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 
 import ml_dtypes
 import numpy as np
 
 from della_cli.backends.cpu import output_array, rules
 from della_cli.backends.cpu.pointers import addresses
+from della_cli.backends.cpu.shared_work import run_shared
 from della_cli.backends.cpu.sum_kernel import sum_entries
 from della_cli.io import streamed_sum
 from della_cli.io.streamed_sum import FileSpan
@@ -118,9 +120,7 @@ def merge_block(
     parts = max(1, min(threads, -(-size // CHUNK)))
     bounds = [size * part // parts for part in range(parts + 1)]
     spans = list(itertools.pairwise(bounds))
-    others = [helpers.submit(_merge_span, block, *span) for span in spans[1:]]
-    flags = [_merge_span(block, *spans[0])]
-    flags += [future.result() for future in others]
+    flags = run_shared(helpers, [partial(_merge_span, block, *span) for span in spans])
     return result, np.logical_or.reduce(flags)
 
 
